@@ -1,0 +1,29 @@
+"""The loss library: pure functions, usable from any training loop.
+
+    from daro_lab.algorithms import compute_advantages, policy_loss, PolicyBatch, DaroWeights
+"""
+
+from daro_lab.algorithms.advantages import ADVANTAGES, compute_advantages, kept_prompts, register_advantage
+from daro_lab.algorithms.aggregation import AGGREGATIONS, constant_normaliser, seq_mean_token_mean, token_mean
+from daro_lab.algorithms.daro_weights import DaroWeights
+from daro_lab.algorithms.losses import (
+    METHODS,
+    GroupView,
+    LossSettings,
+    Method,
+    PolicyBatch,
+    Scaling,
+    group_keys,
+    mu_key,
+    policy_loss,
+    register_method,
+    static_shape,
+)
+from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
+
+__all__ = [
+    "ADVANTAGES", "AGGREGATIONS", "METHODS", "DaroWeights", "GroupView", "LossSettings", "Method",
+    "PolicyBatch", "Scaling", "clipped_surrogate", "compute_advantages", "constant_normaliser",
+    "group_keys", "kept_prompts", "kl_k3", "mu_key", "policy_loss", "register_advantage",
+    "register_method", "seq_mean_token_mean", "static_shape", "token_mean",
+]

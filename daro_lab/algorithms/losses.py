@@ -1,0 +1,382 @@
+"""The five methods of the paper (and `static`) as one registry, with per-pass-rate accounting.
+
+A method is one function: given the mini-batch grouped by pass rate, it returns the per-token
+coefficient c [B, T] of its aggregation and, for DARO, a per-group offset. `policy_loss` does the
+rest, identically for every method:
+
+    l = clipped surrogate (+ beta * k3 KL)                      [B, T]
+    loss = sum_{b,t} c_{b,t} l_{b,t} + sum_mu offset_mu
+    C_mu = the part of that sum over the group's tokens and offset   (sum_mu C_mu = loss, exactly)
+    S_mu = sum over the group's tokens of c |A|                       (the loss scale)
+    L_mu = token-mean of l over the group's tokens
+
+Groups are keyed by the integer k = number of correct responses of the prompt (mu = k/K), never by
+a binned float. Responses of prompts with k = 0 or k = K are counted, then dropped from the update.
+Pure: tensors in, (loss, metrics) out; no logging, no globals beyond the registry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from daro_lab.algorithms.aggregation import constant_normaliser, seq_mean_token_mean, token_mean
+from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
+
+
+def mu_key(k: int, K: int) -> str:
+    """Metric-key suffix of a pass-rate group: 'mu_3of8' (DESIGN.md: never 'mu=3/8')."""
+    return f"mu_{k}of{K}"
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The numbers the loss needs, a view of `AlgoConfig` and `RolloutConfig`."""
+
+    eps_low: float = 0.2  # lower clip range
+    eps_high: float = 0.28  # upper clip range (clip-higher)
+    dual_clip: float | None = None  # dual-clip constant c > 1, or None
+    kl_beta: float = 0.0  # coefficient of the k3 KL term
+    max_response_length: int = 0  # Dr. GRPO's constant normaliser L_max (0: the batch's T)
+    weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed' or 'grad'
+
+
+@dataclass
+class PolicyBatch:
+    """One mini-batch of B responses, T padded response tokens. Rows of one prompt share `prompt_index`."""
+
+    logp: Tensor  # [B, T] log pi_theta of each response token (differentiable)
+    old_logp: Tensor  # [B, T] log pi_old, the sampling policy's log-probs
+    mask: Tensor  # [B, T] 1 on response tokens, 0 on padding
+    advantages: Tensor  # [B] one advantage per response (computed per step, before the split)
+    num_correct: Tensor  # [B] long, k of the response's prompt, in 0..K
+    rewards: Tensor  # [B] the response's reward in {0, 1}
+    prompt_index: Tensor  # [B] long, which prompt the response answers
+    ref_logp: Tensor | None = None  # [B, T] reference log-probs, needed when kl_beta > 0
+
+
+@dataclass
+class GroupView:
+    """What a method sees: the kept tokens and the per-group token-mean losses."""
+
+    K: int
+    k: Tensor  # [B] long
+    mask: Tensor  # [B, T] float, kept tokens only
+    n_responses: Tensor  # [] kept responses with at least one token
+    group_loss: Tensor  # [K+1] L_mu, differentiable; 0 for absent groups
+    present: Tensor  # [K+1] bool: interior groups with tokens in this mini-batch
+    weights: Tensor | None  # [K-1] DARO weights for k = 1..K-1
+    signal: Tensor | None  # [K+1] what drives the DARO weights, detached
+
+
+class Scaling(NamedTuple):
+    coef: Tensor  # [B, T] the aggregation coefficient c
+    offset: Tensor | None = None  # [K+1] a per-group additive term (DARO's -ln w)
+
+
+MethodFn = Callable[[GroupView, LossSettings], Scaling]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    advantage: str  # key of ADVANTAGES
+    weights: str  # 'none', 'learned' (DARO) or 'frozen' (static)
+    doc: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, advantage: str, weights: str = "none") -> Callable[[MethodFn], MethodFn]:
+    """Add a method to the registry: `@register_method("mine", advantage="group_std")`."""
+
+    def deco(fn: MethodFn) -> MethodFn:
+        METHODS[name] = Method(name, fn, advantage, weights, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods
+
+
+@register_method("grpo", advantage="group_std")
+def grpo(g: GroupView, s: LossSettings) -> Scaling:
+    """GRPO (arXiv 2402.03300): group-std advantage, mean over responses of per-response token-means."""
+    return Scaling(seq_mean_token_mean(g.mask))
+
+
+@register_method("dapo", advantage="group_std")
+def dapo(g: GroupView, s: LossSettings) -> Scaling:
+    """DAPO (arXiv 2503.14476): group-std advantage, token-mean over the mini-batch."""
+    return Scaling(token_mean(g.mask))
+
+
+@register_method("dr_grpo", advantage="mean_only")
+def dr_grpo(g: GroupView, s: LossSettings) -> Scaling:
+    """Dr. GRPO (arXiv 2503.20783): r - mu advantage, sum / (responses * max response length)."""
+    L_max = s.max_response_length or g.mask.shape[1]
+    return Scaling(constant_normaliser(g.mask, L_max, g.n_responses))
+
+
+@register_method("lipo", advantage="batch_std")
+def lipo(g: GroupView, s: LossSettings) -> Scaling:
+    """LIPO as Lite PPO (arXiv 2508.08221): group mean, batch std, token-mean."""
+    return Scaling(token_mean(g.mask))
+
+
+def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
+    """sum_mu (w_mu L_mu - ln w_mu) over the present groups.
+
+    theta sees sum_mu sg(w_mu) grad L_mu; w sees signal_mu - 1/w_mu (fixed point w_mu = 1/signal_mu).
+    The offset (w - sg(w)) sg(signal) - ln w is worth -ln w and routes the signal into w's gradient.
+    """
+    K = g.K
+    ones = w.new_ones(1)
+    w_full = torch.cat([ones, w, ones])  # [K+1], index by k
+    tokens = torch.zeros(K + 1, dtype=g.mask.dtype, device=g.mask.device).index_add_(0, g.k, g.mask.sum(1))
+    coef = g.mask * (w_full.detach() / tokens.clamp(min=1))[g.k][:, None]  # [B, T]
+    signal = g.signal if g.signal is not None else g.group_loss.detach().abs()
+    offset = (w_full - w_full.detach()) * signal - torch.log(w_full)
+    return Scaling(coef, torch.where(g.present, offset, torch.zeros_like(offset)))
+
+
+@register_method("daro", advantage="group_std", weights="learned")
+def daro(g: GroupView, s: LossSettings) -> Scaling:
+    """DARO (arXiv 2510.09001): sum over pass-rate groups of w_mu L_mu - ln w_mu, w learned."""
+    if g.weights is None:
+        raise ValueError("method 'daro' needs weights: pass weights=DaroWeights(K)()")
+    return _weighted_groups(g, g.weights)
+
+
+@register_method("static", advantage="group_std", weights="frozen")
+def static(g: GroupView, s: LossSettings) -> Scaling:
+    """Static ablation: DARO's code path with the weights frozen (no gradient reaches them)."""
+    if g.weights is None:
+        raise ValueError("method 'static' needs weights: pass the frozen weights [K-1]")
+    return _weighted_groups(g, g.weights.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared path
+
+
+def _validate(b: PolicyBatch, K: int) -> None:
+    if K < 2:
+        raise ValueError(f"K = {K} responses per prompt: a pass rate strictly between 0 and 1 needs K >= 2")
+    B, T = b.logp.shape
+    for name in ("old_logp", "mask"):
+        if getattr(b, name).shape != (B, T):
+            raise ValueError(f"{name} has shape {tuple(getattr(b, name).shape)}, logp has {(B, T)}")
+    for name in ("advantages", "num_correct", "rewards", "prompt_index"):
+        if getattr(b, name).shape != (B,):
+            raise ValueError(f"{name} must have shape [{B}], got {tuple(getattr(b, name).shape)}")
+    if B and (b.num_correct.min() < 0 or b.num_correct.max() > K):
+        raise ValueError(f"num_correct must lie in 0..{K}, got {b.num_correct.min()}..{b.num_correct.max()}")
+    on = b.mask.bool()
+    for name in ("logp", "old_logp"):
+        t = getattr(b, name)
+        bad = on & ~torch.isfinite(t.detach())
+        if bad.any():
+            i, j = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"non-finite {name} at response {i}, token {j}: {t[i, j].item()}")
+    if not torch.isfinite(b.advantages).all():
+        i = torch.nonzero(~torch.isfinite(b.advantages))[0].item()
+        raise ValueError(f"non-finite advantage at response {i}")
+
+
+def policy_loss(
+    method: str,
+    batch: PolicyBatch,
+    K: int,
+    settings: LossSettings = LossSettings(),
+    weights: Tensor | None = None,
+    group_grad_norms: Tensor | None = None,
+    return_groups: bool = False,
+):
+    """Loss and per-pass-rate metrics of `method` on one mini-batch.
+
+    Args:
+        method: a key of METHODS.
+        batch: the mini-batch, B responses x T tokens (see PolicyBatch).
+        K: responses per prompt; groups are k = 0..K.
+        settings: clip ranges, KL, Dr. GRPO's L_max, DARO's weight signal.
+        weights: [K-1] DARO weights for k = 1..K-1 ('daro': differentiable; 'static': frozen).
+        group_grad_norms: [K-1] ||grad_theta L_mu||, the DARO signal when settings.weight_signal='grad'.
+        return_groups: also return (C_mu [K+1], L_mu [K+1]), both differentiable, for G_mu.
+
+    Returns:
+        (loss [] scalar, metrics dict[str, float]) or (loss, metrics, (C, L)) with return_groups.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    _validate(batch, K)
+    spec = METHODS[method]
+    k = batch.num_correct.long()
+    B, T = batch.logp.shape
+    dt = batch.logp.dtype
+    interior = (k > 0) & (k < K)  # [B]
+    mask = batch.mask.to(dt) * interior[:, None].to(dt)  # [B, T] kept tokens
+    lengths = mask.sum(1)  # [B]
+
+    # padding may hold anything (even NaN): zero it before exp(), so no NaN reaches a gradient
+    on = batch.mask.bool()
+    logp = torch.where(on, batch.logp, torch.zeros_like(batch.logp))
+    old_logp = torch.where(on, batch.old_logp.to(dt), torch.zeros_like(logp))
+    sur = clipped_surrogate(logp, old_logp, batch.advantages.to(dt), settings.eps_low,
+                            settings.eps_high, settings.dual_clip)
+    l = sur.loss  # [B, T]
+    if settings.kl_beta > 0:
+        if batch.ref_logp is None:
+            raise ValueError("kl_beta > 0 needs batch.ref_logp")
+        kl = kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))
+        l = l + settings.kl_beta * kl
+    l = torch.where(mask.bool(), l, torch.zeros_like(l))  # no NaN from padding can leak
+
+    def per_group(x: Tensor) -> Tensor:  # [B] -> [K+1], sum within each k
+        return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
+
+    tokens = per_group(lengths)  # [K+1]
+    group_loss = per_group(l.sum(1)) / tokens.clamp(min=1)  # [K+1] L_mu
+    present = (tokens > 0) & (torch.arange(K + 1, device=k.device) > 0) & (torch.arange(K + 1, device=k.device) < K)
+
+    signal = None
+    if spec.weights != "none":
+        if weights is None or weights.shape != (K - 1,):
+            raise ValueError(f"method {method!r} needs weights of shape [{K - 1}], got "
+                             f"{None if weights is None else tuple(weights.shape)}")
+        weights = weights.to(dt)
+        if settings.weight_signal == "abs":
+            signal = group_loss.detach().abs()
+        elif settings.weight_signal == "signed":
+            signal = group_loss.detach()
+        elif settings.weight_signal == "grad":
+            if group_grad_norms is None or group_grad_norms.shape != (K - 1,):
+                raise ValueError("weight_signal='grad' needs group_grad_norms of shape [K-1]")
+            z = group_grad_norms.new_zeros(1)
+            signal = torch.cat([z, group_grad_norms.detach(), z]).to(dt)
+        else:
+            raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: 'abs', 'signed' or 'grad'")
+
+    view = GroupView(K, k, mask, (lengths > 0).sum(), group_loss, present, weights, signal)
+    scaling = spec.fn(view, settings)
+    contrib = per_group((scaling.coef * l).sum(1))  # [K+1] C_mu without offsets
+    if scaling.offset is not None:
+        contrib = contrib + scaling.offset
+    if B == 0 or not present.any():
+        loss = l.sum() * 0.0  # defined, zero, and still attached to the graph
+    else:
+        loss = contrib.sum()
+
+    metrics = _metrics(K, k, batch, mask, lengths, l, scaling, sur, group_loss, contrib, present, loss,
+                       weights, signal)
+    if return_groups:
+        return loss, metrics, (contrib, group_loss)
+    return loss, metrics
+
+
+@torch.no_grad()
+def _metrics(K, k, batch, mask, lengths, l, scaling, sur, group_loss, contrib, present, loss, weights, signal):
+    """Per-group and batch metrics, as plain floats keyed by the DESIGN.md convention."""
+    def per_group(x: Tensor) -> Tensor:
+        return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
+
+    dt = mask.dtype
+    adv = batch.advantages.to(dt)
+    scale = per_group((scaling.coef.detach() * adv.abs()[:, None]).sum(1))  # [K+1] S_mu
+    tokens = per_group(lengths)
+    correct = (batch.rewards > 0.5).to(dt)
+    raw_len = batch.mask.to(dt).sum(1)  # lengths before dropping mu in {0, 1}
+    n_corr = per_group(correct)
+    n_inc = per_group(1 - correct)
+    len_corr = per_group(raw_len * correct) / n_corr.clamp(min=1)
+    len_inc = per_group(raw_len * (1 - correct)) / n_inc.clamp(min=1)
+    pos = (adv > 0)[:, None].to(dt) * mask
+    neg = (adv < 0)[:, None].to(dt) * mask
+    clipped = sur.clipped.to(dt)
+    clip_pos = per_group((clipped * pos).sum(1)) / per_group(pos.sum(1)).clamp(min=1)
+    clip_neg = per_group((clipped * neg).sum(1)) / per_group(neg.sum(1)).clamp(min=1)
+
+    # prompts per k: one k per prompt index
+    uniq, inv = torch.unique(batch.prompt_index, return_inverse=True)
+    k_of_prompt = torch.zeros(len(uniq), dtype=torch.long, device=k.device).scatter_(0, inv, k)
+    prompts = torch.bincount(k_of_prompt, minlength=K + 1)
+
+    cols = {
+        "loss": group_loss, "contrib": contrib, "scale": scale, "prompts": prompts, "tokens": tokens,
+        "len_correct": len_corr, "len_incorrect": len_inc, "clipfrac_pos": clip_pos, "clipfrac_neg": clip_neg,
+    }
+    if weights is not None:
+        w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)])
+        cols["daro/w"] = w_full
+        cols["daro/wL"] = w_full * group_loss
+        cols["daro/signal"] = signal
+    cols = {name: v.detach().double().tolist() for name, v in cols.items()}
+    out: dict[str, float] = {}
+    for kk in torch.nonzero(present).flatten().tolist():
+        key = mu_key(kk, K)
+        for name, v in cols.items():
+            out[f"{name}/{key}"] = v[kk]
+    n_tok = mask.sum()
+    all_on = batch.mask.bool()
+    out.update({
+        "loss/total": float(loss.detach()),
+        "batch/responses": float((lengths > 0).sum()),
+        "batch/tokens": float(n_tok),
+        "batch/empty_responses": float((raw_len == 0).sum()),
+        "batch/prompts": float(len(uniq)),
+        "batch/prompts_mu0": float(prompts[0]),
+        "batch/prompts_mu1": float(prompts[K]),
+        "clipfrac/pos": float((clipped * pos).sum() / pos.sum().clamp(min=1)),
+        "clipfrac/neg": float((clipped * neg).sum() / neg.sum().clamp(min=1)),
+        "clipfrac/all": float((clipped * mask).sum() / n_tok.clamp(min=1)),
+        "ratio/max": float(sur.ratio[all_on].max()) if all_on.any() else 1.0,
+        "ratio/mean": float((sur.ratio * mask).sum() / n_tok.clamp(min=1)),
+    })
+    if weights is not None and signal is not None:
+        # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound
+        out["daro/nonpositive_signal"] = float(((signal <= 0) & present).sum())
+    return out
+
+
+def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
+    """{k: value} of one per-group quantity, e.g. group_keys(m, 'loss') -> {3: L_3of8, ...}."""
+    out = {}
+    prefix = f"{name}/mu_"
+    for key, v in metrics.items():
+        if key.startswith(prefix) and "/" not in key[len(prefix):]:
+            k_str = key[len(prefix):].split("of")[0]
+            if k_str.isdigit():
+                out[int(k_str)] = v
+    return out
+
+
+def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: float = 1.0,
+                 token_share: float | None = None, sigma_batch: float | None = None):
+    """Reference loss scale S_mu per prompt at equal lengths and population std (DESIGN.md).
+
+    grpo 2 sqrt(mu(1-mu)) / N; dapo 2 sqrt(mu(1-mu)) * token_share; dr_grpo 2 mu(1-mu) L/L_max / N;
+    lipo 2 mu(1-mu) / sigma_batch * token_share. token_share = prompt tokens / batch tokens (1/N at
+    equal lengths); length_ratio = L / L_max.
+    """
+    sqrt = torch.sqrt if isinstance(mu, Tensor) else math.sqrt
+    share = 1.0 / n_prompts if token_share is None else token_share
+    var = mu * (1 - mu)
+    if method == "grpo":
+        return 2 * sqrt(var) / n_prompts
+    if method == "dapo":
+        return 2 * sqrt(var) * share
+    if method == "dr_grpo":
+        return 2 * var * length_ratio / n_prompts
+    if method == "lipo":
+        if sigma_batch is None:
+            raise ValueError("lipo's static shape needs sigma_batch")
+        return 2 * var / sigma_batch * share
+    raise ValueError(f"no static shape for method {method!r}; defined for grpo, dapo, dr_grpo, lipo")

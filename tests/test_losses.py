@@ -1,0 +1,330 @@
+"""The vectorised loss library against a naive loop over prompts and tokens (DESIGN.md section 1)."""
+
+import math
+
+import pytest
+import torch
+
+from daro_lab.algorithms import (
+    METHODS,
+    DaroWeights,
+    LossSettings,
+    PolicyBatch,
+    compute_advantages,
+    group_keys,
+    policy_loss,
+    static_shape,
+)
+
+DT = torch.float64
+
+
+def random_batch(P, K, T, seed, p_extreme=0.25):
+    """P prompts x K responses with ragged lengths (some empty), some prompts with mu in {0, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    pr = torch.rand(P, generator=g)
+    rewards = (torch.rand(P, K, generator=g) < pr[:, None]).to(DT)
+    extreme = torch.rand(P, generator=g) < p_extreme
+    rewards[extreme] = (torch.rand(int(extreme.sum()), 1, generator=g) < 0.5).to(DT).expand(-1, K)
+    lengths = torch.randint(0, T + 1, (P * K,), generator=g)
+    lengths[0] = T
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(DT)
+    old = -torch.rand(P * K, T, generator=g, dtype=DT) * 3
+    logp = old + 0.4 * torch.randn(P * K, T, generator=g, dtype=DT)  # ratios spread over both clips
+    ref = old + 0.1 * torch.randn(P * K, T, generator=g, dtype=DT)
+    return rewards, mask, logp, old, ref
+
+
+def make_batch(method, rewards, mask, logp, old, ref=None, std="unbiased"):
+    P, K = rewards.shape
+    adv = compute_advantages(rewards, METHODS[method].advantage, std=std)
+    return PolicyBatch(
+        logp=logp, old_logp=old, mask=mask, advantages=adv.flatten(),
+        num_correct=rewards.sum(1).long().repeat_interleave(K), rewards=rewards.flatten(),
+        prompt_index=torch.arange(P).repeat_interleave(K), ref_logp=ref,
+    )
+
+
+def naive_loss(method, rewards, mask, logp, old, ref, s: LossSettings, w=None, eps=1e-6):
+    """Loop over prompts, responses and tokens; nothing shared with the vectorised code."""
+    P, K = rewards.shape
+    T = mask.shape[1]
+    r = rewards.tolist()
+    kept = [p for p in range(P) if 0 < sum(r[p]) < K]
+    adv_kind = METHODS[method].advantage
+    if adv_kind == "batch_std":
+        allr = [x for p in kept for x in r[p]]
+        m = sum(allr) / len(allr)
+        sd_b = math.sqrt(sum((x - m) ** 2 for x in allr) / (len(allr) - 1))
+    A = {}
+    for p in kept:
+        mu = sum(r[p]) / K
+        sd = math.sqrt(sum((x - mu) ** 2 for x in r[p]) / (K - 1))
+        for i in range(K):
+            if adv_kind == "group_std":
+                A[p * K + i] = (r[p][i] - mu) / (sd + eps)
+            elif adv_kind == "mean_only":
+                A[p * K + i] = r[p][i] - mu
+            else:
+                A[p * K + i] = (r[p][i] - mu) / (sd_b + eps)
+
+    def token_loss(b, t):
+        a = A[b]
+        rho = torch.exp(logp[b, t] - old[b, t])
+        v = torch.maximum(-rho * a, -torch.clamp(rho, 1 - s.eps_low, 1 + s.eps_high) * a)
+        if s.dual_clip is not None and a < 0:
+            v = torch.minimum(v, torch.tensor(-s.dual_clip * a, dtype=DT))
+        if s.kl_beta > 0:
+            d = ref[b, t] - logp[b, t]
+            v = v + s.kl_beta * (torch.exp(d) - d - 1)
+        return v
+
+    resp = {}  # b -> list of token losses
+    for p in kept:
+        for i in range(K):
+            b = p * K + i
+            resp[b] = [token_loss(b, t) for t in range(T) if mask[b, t] > 0]
+    zero = logp.sum() * 0
+    nonempty = [b for b in resp if resp[b]]
+    n_tok = sum(len(v) for v in resp.values())
+    if not nonempty:
+        return zero
+    if method == "grpo":
+        return sum(sum(resp[b]) / len(resp[b]) for b in nonempty) / len(nonempty)
+    if method in ("dapo", "lipo"):
+        return sum(sum(v) for v in resp.values()) / n_tok
+    if method == "dr_grpo":
+        return sum(sum(v) for v in resp.values()) / (len(nonempty) * s.max_response_length)
+    # daro / static: sum_mu (w L_mu - ln w), w detached for theta, signal routed into w
+    total = zero
+    for k in range(1, K):
+        toks = [x for p in kept if sum(r[p]) == k for i in range(K) for x in resp[p * K + i]]
+        if not toks:
+            continue
+        L = sum(toks) / len(toks)
+        wk = w[k - 1]
+        sig = abs(L.item()) if s.weight_signal == "abs" else L.item()
+        wd = wk.detach()
+        total = total + wd * L + (wk - wd) * sig - torch.log(wk)
+    return total
+
+
+SETTINGS = [
+    LossSettings(max_response_length=7),
+    LossSettings(max_response_length=9, dual_clip=3.0, kl_beta=0.05),
+    LossSettings(max_response_length=7, eps_low=0.1, eps_high=0.4, weight_signal="signed"),
+]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("K", [2, 4, 8, 16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_matches_naive_loop(method, K, seed):
+    s = SETTINGS[seed % len(SETTINGS)]
+    rewards, mask, logp0, old, ref = random_batch(P=6, K=K, T=7, seed=seed * 100 + K)
+    if not (0 < rewards.mean(1)).logical_and(rewards.mean(1) < 1).any():
+        rewards[0, 0], rewards[0, 1] = 1.0, 0.0  # at least one interior prompt
+    uses_w = METHODS[method].weights != "none"
+    g = torch.Generator().manual_seed(seed)
+    w_init = torch.exp(torch.randn(K - 1, generator=g, dtype=DT) * 0.5)
+
+    logp_v = logp0.clone().requires_grad_()
+    w_v = w_init.clone().requires_grad_() if uses_w else None
+    loss_v, metrics = policy_loss(method, make_batch(method, rewards, mask, logp_v, old, ref), K, s, weights=w_v)
+    loss_v.backward()
+
+    logp_n = logp0.clone().requires_grad_()
+    w_n = w_init.clone().requires_grad_() if uses_w else None
+    loss_n = naive_loss(method, rewards, mask, logp_n, old, ref, s, w=w_n)
+    loss_n.backward()
+
+    assert loss_v.item() == pytest.approx(loss_n.item(), abs=1e-6, rel=1e-6)
+    torch.testing.assert_close(logp_v.grad, logp_n.grad, atol=1e-6, rtol=1e-6)
+    if method == "daro":
+        torch.testing.assert_close(w_v.grad, w_n.grad, atol=1e-6, rtol=1e-6)
+    if method == "static":
+        assert w_v.grad is None or torch.all(w_v.grad == 0)
+    # the sum of the group contributions C_mu is the loss, exactly
+    assert sum(group_keys(metrics, "contrib").values()) == pytest.approx(loss_v.item(), abs=1e-9)
+
+
+def test_daro_weight_gradient_is_signal_minus_inverse_weight():
+    rewards, mask, logp, old, _ = random_batch(P=8, K=4, T=5, seed=7, p_extreme=0)
+    w = torch.full((3,), 2.0, dtype=DT, requires_grad=True)
+    loss, m = policy_loss("daro", make_batch("daro", rewards, mask, logp, old), 4, weights=w)
+    loss.backward()
+    L = group_keys(m, "loss")
+    for k in range(1, 4):
+        expected = abs(L[k]) - 0.5 if k in L else 0.0
+        assert w.grad[k - 1].item() == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", "lipo"])
+@pytest.mark.parametrize("K", [4, 8, 16])
+def test_scale_matches_static_shapes(method, K):
+    """Equal lengths, rho = 1, population std: S_mu per prompt equals DESIGN.md's static shape."""
+    P, L, L_max = 2 * (K - 1), 5, 11
+    rewards = torch.zeros(P, K, dtype=DT)
+    for p in range(P):  # two prompts at every interior k
+        rewards[p, : 1 + p % (K - 1)] = 1.0
+    mask = torch.ones(P * K, L, dtype=DT)
+    logp = torch.full((P * K, L), -1.0, dtype=DT)
+    b = make_batch(method, rewards, mask, logp, logp.clone(), std="population")
+    # eps = 0 in the advantage, so that the comparison is against the exact formula
+    b.advantages = compute_advantages(rewards, METHODS[method].advantage, std="population", eps=0.0).flatten()
+    _, m = policy_loss(method, b, K, LossSettings(max_response_length=L_max))
+    sigma_b = rewards.flatten().std(correction=0).item()
+    S, prompts = group_keys(m, "scale"), group_keys(m, "prompts")
+    assert sorted(S) == list(range(1, K))
+    for k, s_k in S.items():
+        ref = static_shape(method, k / K, n_prompts=P, length_ratio=L / L_max, sigma_batch=sigma_b)
+        assert s_k / prompts[k] == pytest.approx(ref, abs=1e-6, rel=1e-9)
+
+
+def fixed_batch(K, L_target, T=4):
+    """A batch whose per-group token-mean loss L_mu is fixed: rho = 1, chosen advantages."""
+    ks = list(L_target)
+    n = len(ks)
+    adv = torch.tensor([-L_target[k] for k in ks], dtype=DT)  # at rho = 1, l = -A on every token
+    return PolicyBatch(
+        logp=torch.zeros(n, T, dtype=DT), old_logp=torch.zeros(n, T, dtype=DT),
+        mask=torch.ones(n, T, dtype=DT), advantages=adv, num_correct=torch.tensor(ks),
+        rewards=torch.ones(n, dtype=DT), prompt_index=torch.arange(n),
+    )
+
+
+@pytest.mark.parametrize("param,lr,steps", [("log", 0.05, 1500), ("direct", 0.05, 3000)])
+def test_daro_weights_converge_to_inverse_loss(param, lr, steps):
+    """L_mu held fixed and positive: AdamW (lr, steps as given) drives w_mu to 1/L_mu."""
+    K = 4
+    L_target = {1: 0.5, 2: 2.0, 3: 0.2}
+    batch = fixed_batch(K, L_target)
+    dw = DaroWeights(K, param=param, dtype=DT)
+    opt = torch.optim.AdamW(dw.param_group(lr=lr)["params"], lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, m = policy_loss("daro", batch, K, weights=dw())
+        loss.backward()
+        dw.release_absent(m)
+        opt.step()
+        dw.project_()
+    w = dw.as_dict()
+    for k, L in L_target.items():
+        assert w[k] == pytest.approx(1 / L, rel=1e-2)
+        assert m[f"daro/wL/mu_{k}of{K}"] == pytest.approx(1.0, rel=2e-2)
+
+
+@pytest.mark.parametrize("param", ["log", "direct"])
+def test_signed_signal_with_nonpositive_loss_hits_bound(param):
+    K = 4
+    batch = fixed_batch(K, {1: -0.3, 2: 0.0, 3: 0.5})
+    dw = DaroWeights(K, param=param, w_max=50.0, dtype=DT)
+    opt = torch.optim.AdamW(dw.param_group(lr=0.5)["params"], lr=0.5, weight_decay=0.0)
+    s = LossSettings(weight_signal="signed")
+    for _ in range(400):
+        opt.zero_grad()
+        loss, m = policy_loss("daro", batch, K, s, weights=dw())
+        loss.backward()
+        opt.step()
+        pm = dw.project_()
+    w = dw.as_dict()
+    assert w[1] == pytest.approx(50.0) and w[2] == pytest.approx(50.0)
+    assert w[3] == pytest.approx(2.0, rel=5e-2)
+    assert pm["daro/at_bound"] == 2.0
+    assert m["daro/nonpositive_signal"] == 2.0
+    assert math.isfinite(loss.item())
+
+
+def test_absent_group_weight_is_not_stepped():
+    K = 4
+    dw = DaroWeights(K, dtype=DT)
+    opt = torch.optim.AdamW(**{"params": dw.param_group(0.1)["params"]}, lr=0.1, weight_decay=0.0)
+    batch = fixed_batch(K, {1: 0.5, 3: 0.5})  # k = 2 absent
+    for _ in range(5):
+        opt.zero_grad()
+        loss, m = policy_loss("daro", batch, K, weights=dw())
+        loss.backward()
+        dw.release_absent(m)
+        opt.step()
+    w = dw.as_dict()
+    assert w[2] == 1.0 and w[1] != 1.0 and w[3] != 1.0
+    assert len(opt.state[dw.raw[1]]) == 0  # AdamW never touched it
+
+
+def test_k_equal_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="K >= 2"):
+        compute_advantages(torch.ones(3, 1), "group_std")
+    with pytest.raises(ValueError, match="K >= 2"):
+        DaroWeights(1)
+    b = fixed_batch(2, {1: 0.5})
+    with pytest.raises(ValueError, match="K >= 2"):
+        policy_loss("dapo", b, 1)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_all_padding_response_is_defined(method):
+    rewards, mask, logp, old, _ = random_batch(P=3, K=4, T=5, seed=3, p_extreme=0)
+    rewards[:, 0], rewards[:, 1] = 1.0, 0.0
+    mask[1] = 0.0  # an all-padding response
+    logp = logp.clone()
+    logp[1] = float("nan")  # whatever sits in padding must not leak
+    logp.requires_grad_()
+    w = torch.ones(3, dtype=DT, requires_grad=True) if METHODS[method].weights != "none" else None
+    loss, m = policy_loss(method, make_batch(method, rewards, mask, logp, old), 4,
+                          LossSettings(max_response_length=5), weights=w)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert m["batch/empty_responses"] == float((mask.sum(1) == 0).sum()) >= 1
+    # every response empty: a zero loss, still differentiable, no NaN
+    logp2 = old.clone().requires_grad_()
+    loss2, m2 = policy_loss(method, make_batch(method, rewards, torch.zeros_like(mask), logp2, old), 4,
+                            LossSettings(max_response_length=5), weights=w)
+    loss2.backward()
+    assert loss2.item() == 0.0 and m2["batch/tokens"] == 0.0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_prompt_solved_or_failed_gives_zero_loss_and_counts(method):
+    K = 4
+    rewards = torch.tensor([[1.0] * K, [0.0] * K, [1.0] * K], dtype=DT)
+    mask = torch.ones(3 * K, 3, dtype=DT)
+    logp = torch.full((3 * K, 3), -1.0, dtype=DT, requires_grad=True)
+    w = torch.ones(K - 1, dtype=DT, requires_grad=True) if METHODS[method].weights != "none" else None
+    loss, m = policy_loss(method, make_batch(method, rewards, mask, logp, logp.detach() - 0.1), K,
+                          LossSettings(max_response_length=3), weights=w)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logp.grad == 0)
+    assert m["batch/prompts_mu0"] == 1.0 and m["batch/prompts_mu1"] == 2.0
+    assert group_keys(m, "loss") == {}
+
+
+def test_nan_logprob_is_a_clear_error():
+    rewards, mask, logp, old, _ = random_batch(P=2, K=4, T=3, seed=0, p_extreme=0)
+    logp = logp.clone()
+    logp[5, 0] = float("nan")
+    mask[5, 0] = 1.0
+    with pytest.raises(ValueError, match=r"non-finite logp at response 5, token 0"):
+        policy_loss("dapo", make_batch("dapo", rewards, mask, logp, old), 4)
+
+
+def test_per_group_lengths_and_clip_fractions_by_sign():
+    K = 4
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=DT)  # k = 1
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=DT)
+    old = torch.zeros(4, 4, dtype=DT)
+    logp = torch.zeros(4, 4, dtype=DT)
+    logp[0, 0] = math.log(1.5)  # A > 0, rho 1.5 > 1.28: clipped
+    logp[1, 0] = math.log(0.5)  # A < 0, rho 0.5 < 0.8: clipped
+    logp[1, 1] = math.log(1.5)  # A < 0, rho 1.5: not clipped
+    _, m = policy_loss("grpo", make_batch("grpo", rewards, mask, logp, old), K)
+    assert m["len_correct/mu_1of4"] == 2.0
+    assert m["len_incorrect/mu_1of4"] == pytest.approx((4 + 3 + 4) / 3)
+    assert m["clipfrac_pos/mu_1of4"] == pytest.approx(1 / 2)
+    assert m["clipfrac_neg/mu_1of4"] == pytest.approx(1 / 11)
+    assert m["prompts/mu_1of4"] == 1.0 and m["tokens/mu_1of4"] == 13.0
+
+
+def test_unknown_method_names_it():
+    b = fixed_batch(4, {1: 0.5})
+    with pytest.raises(ValueError, match="unknown method 'ppo'"):
+        policy_loss("ppo", b, 4)
