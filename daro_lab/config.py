@@ -30,6 +30,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - `help` reads 
 @dataclass
 class ModelConfig:
     path: str = _f("", "local Hugging Face model directory; empty builds the tiny preset from this section")
+    arch: str = _f("llama", "tiny preset: architecture, 'llama' or 'qwen2'")
+    init_seed: int = _f(0, "tiny preset: seed of its initialisation and warm start (shared by every training seed)")
     hidden_size: int = _f(64, "tiny preset: hidden size of the Llama-architecture model")
     num_layers: int = _f(2, "tiny preset: number of decoder layers")
     num_heads: int = _f(4, "tiny preset: attention heads")
@@ -37,8 +39,8 @@ class ModelConfig:
     intermediate_size: int = _f(256, "tiny preset: MLP width")
     tie_embeddings: bool = _f(False, "tiny preset: tie input and output embeddings")
     dtype: str = _f("float32", "parameter dtype: float32 on CPU, bfloat16 on GPU")
-    warmstart_steps: int = _f(400, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)")
-    warmstart_lr: float = _f(3e-3, "tiny preset: warm-start learning rate")
+    warmstart_steps: int = _f(1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)")
+    warmstart_lr: float = _f(1e-3, "tiny preset: warm-start learning rate")
     warmstart_batch: int = _f(64, "tiny preset: warm-start batch size")
     cache_dir: str = _f(".daro_cache", "where warm-started tiny models are cached, keyed by a hash of their config")
 
@@ -102,6 +104,8 @@ class TrainerConfig:
     eval_every: int = _f(20, "evaluate on the held-out prompts every n steps (0: only at start and end)")
     grad_norm_every: int = _f(10, "log per-group gradient norms G_mu every n steps (0: never); costs a backward per group")
     checkpoint_every: int = _f(20, "save a checkpoint every n steps (and always at the end)")
+    checkpoint_dir: str = _f("checkpoints", "checkpoints go to <checkpoint_dir>/<run id>/")
+    log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
     threads: int = _f(0, "torch intra-op threads; 0 leaves torch's default")
 

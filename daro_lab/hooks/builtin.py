@@ -1,0 +1,137 @@
+"""The built-in hooks: step metrics, per-mu tables, Hoeffding statistics, sample completions.
+
+Each writes through a tracker with `log_metrics(dict, step)` and `log_table(name, rows, step)`
+(daro_lab.tracking.Tracker, or anything with those two methods).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from daro_lab.algorithms import group_keys
+from daro_lab.hooks.base import Hook, MiniBatchView
+
+# per-group quantities of the loss's metrics, and the column each becomes in the per_mu table
+PER_MU_COLUMNS = {
+    "loss": "L", "contrib": "C", "scale": "S", "prompts": "prompts", "tokens": "tokens",
+    "len_correct": "len_correct", "len_incorrect": "len_incorrect", "clipfrac_pos": "clipfrac_pos",
+    "clipfrac_neg": "clipfrac_neg", "daro/w": "w", "daro/wL": "wL", "gradnorm": "G", "gradnorm_L": "G_L",
+}
+
+
+def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
+    """One row per group k present in `metrics`, columns of PER_MU_COLUMNS, plus `fixed` columns."""
+    cols = {col: group_keys(metrics, name) for name, col in PER_MU_COLUMNS.items()}
+    return [
+        {**fixed, "k": k, "K": K, "mu": k / K, **{c: v[k] for c, v in cols.items() if k in v}}
+        for k in sorted(cols["L"])
+    ]
+
+
+class MetricsHook(Hook):
+    """Every step's metrics and every evaluation, as MLflow metrics by step."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, step)
+
+    def on_eval(self, step: int, metrics: dict[str, float], table: list[dict]) -> None:
+        self.tracker.log_metrics(metrics, step)
+        self.tracker.log_table("eval", table, step)
+
+    def on_checkpoint(self, step: int) -> None:
+        self.tracker.flush()
+
+    def on_train_end(self, step: int, status: str) -> None:
+        self.tracker.flush()
+
+
+class PerMuTableHook(Hook):
+    """Table `per_mu`: one row per (step, mini-batch, k) with L, C, S, G, w, lengths, clip fractions."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    def on_minibatch(self, view: MiniBatchView) -> None:
+        rows = per_mu_rows(view.metrics, view.K, step=view.step, minibatch=view.index)
+        if rows:
+            self.tracker.log_table("per_mu", rows, view.step)
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        """Table `mu_hist`: the pass-rate distribution of every prompt generated this step."""
+        hist = {int(key.rsplit("_", 1)[1].split("of")[0]): v for key, v in metrics.items()
+                if key.startswith("rollout/prompts/mu_")}
+        if hist:
+            K = int(next(iter(k for k in metrics if k.startswith("rollout/prompts/mu_"))).split("of")[1])
+            self.tracker.log_table("mu_hist", [{"step": step, "k": k, "K": K, "mu": k / K, "prompts": n}
+                                               for k, n in sorted(hist.items())], step)
+
+
+class HoeffdingHook(Hook):
+    """Table `hoeffding`: per response of every off-policy mini-batch, the token-mean of the clipped factor.
+
+    g_t = min(rho_t, 1 + eps_high) where A > 0 and max(rho_t, 1 - eps_low) where A < 0 (DESIGN.md); the
+    row holds the response's length n, its mean g, the mean over its (k, sign of A) group, the largest
+    ratio, and A: enough to measure deviations against the bound and the factorised loss's error.
+    On the first mini-batch of a step rho = 1 exactly, so only mini-batches with index >= 1 are read.
+    """
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+
+    @torch.no_grad()
+    def on_minibatch(self, view: MiniBatchView) -> None:
+        if view.index == 0:
+            return
+        a = view.advantages[:, None]
+        m = view.mask.to(torch.float64)
+        rho = torch.exp((view.logp - view.old_logp).to(torch.float64)) * m
+        g = torch.where(a > 0, rho.clamp(max=1 + view.eps_high), rho.clamp(min=1 - view.eps_low))
+        if view.dual_clip is not None:
+            g = torch.where(a < 0, g.clamp(max=view.dual_clip), g)
+        n = m.sum(1)
+        keep = (n > 0) & (view.advantages != 0)
+        if not keep.any():
+            return
+        g_mean = (g * m).sum(1) / n.clamp(min=1)
+        sign = torch.sign(view.advantages).long()
+        group = view.num_correct * 2 + (sign > 0).long()  # (k, sign) -> one id
+        ids = group[keep]
+        sums = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, ids, g_mean[keep])
+        cnts = torch.zeros_like(sums).index_add_(0, ids, torch.ones_like(g_mean[keep]))
+        group_mean = (sums / cnts.clamp(min=1))[group]
+        rho_max = torch.where(m > 0, rho, torch.zeros_like(rho)).max(1).values
+        cols = {
+            "k": view.num_correct, "prompt": view.prompt_index, "adv": view.advantages, "sign": sign,
+            "length": n, "g_mean": g_mean, "g_group_mean": group_mean, "rho_max": rho_max,
+        }
+        cols = {c: v[keep].tolist() for c, v in cols.items()}
+        rows = [{"step": view.step, "minibatch": view.index, "K": view.K,
+                 **{c: cols[c][i] for c in cols}} for i in range(len(cols["k"]))]
+        self.tracker.log_table("hoeffding", rows, view.step)
+
+
+class SamplesHook(Hook):
+    """Table `samples`: the first `prompts` prompts' completions at step 1 and every `every` steps."""
+
+    def __init__(self, tracker: Any, every: int = 10, prompts: int = 4):
+        self.tracker, self.every, self.prompts = tracker, every, prompts
+
+    def on_rollout(self, step, prompts, responses, rewards, answers) -> None:
+        if step % self.every and step != 1:
+            return
+        K = rewards.shape[1]
+        rows = [
+            {"step": step, "prompt": prompts[p], "answer": answers[p], "response": responses[p * K + i],
+             "reward": float(rewards[p, i])}
+            for p in range(min(self.prompts, len(prompts))) for i in range(K)
+        ]
+        self.tracker.log_table("samples", rows, step)
+
+
+def default_hooks(tracker: Any) -> list[Hook]:
+    return [MetricsHook(tracker), PerMuTableHook(tracker), HoeffdingHook(tracker), SamplesHook(tracker)]

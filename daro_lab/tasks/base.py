@@ -1,0 +1,54 @@
+"""Tasks: prompts with verifiable answers, and the reward that checks a response against them.
+
+A task is two functions: `build(cfg) -> (train, eval)` problem lists, deterministic from
+`cfg.data_seed`, and `reward_batch(responses, answers) -> rewards` in {0.0, 1.0}. A response is
+the model's completion text after the prompt, already cut at the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from daro_lab.config import TaskConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt and its reference answer; `level` is the difficulty (arithmetic: operand digits)."""
+
+    prompt: str
+    answer: str
+    level: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task: how to build its problems and how to score responses."""
+
+    name: str
+    build: Callable[[TaskConfig], tuple[list[Problem], list[Problem]]]
+    reward_batch: Callable[[list[str], list[str]], list[float]]
+
+
+def _registry() -> dict[str, Task]:
+    from daro_lab.tasks import arithmetic  # local import: arithmetic imports Problem from here
+
+    return {"arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch)}
+
+
+def task_names() -> list[str]:
+    return sorted(_registry())
+
+
+def get_task(name: str) -> Task:
+    """The registered task called `name`; ValueError naming the known tasks otherwise."""
+    tasks = _registry()
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r} (config key 'task.name'); known tasks: {', '.join(sorted(tasks))}")
+    return tasks[name]
+
+
+def build_task(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems of the task `cfg.name`: deterministic from cfg.data_seed, disjoint prompts."""
+    return get_task(cfg.name).build(cfg)

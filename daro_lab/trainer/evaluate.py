@@ -1,0 +1,44 @@
+"""Held-out evaluation: greedy and sampled accuracy, overall and by difficulty level."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from daro_lab.config import Config
+
+
+@torch.no_grad()
+def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: int, batch_size: int = 256):
+    """(metrics, table): `eval/greedy_acc`, `eval/sampled_acc` and per level; one table row per level.
+
+    Sampling uses its own generator seeded by `seed`, so evaluating never moves the training RNG.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    r = cfg.rollout
+    scores: dict[str, list[float]] = {"greedy": [], "sampled": []}
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        ids = tokenizer.encode_prompts([p.prompt for p in chunk])
+        answers = [p.answer for p in chunk]
+        for mode in ("greedy", "sampled"):
+            out = engine.generate(ids, 1, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                  top_p=r.top_p, generator=gen, greedy=mode == "greedy")
+            scores[mode] += task.reward_batch(tokenizer.decode_responses(out.response_ids), answers)
+    by_level: dict[int, dict[str, list[float]]] = defaultdict(lambda: {"greedy": [], "sampled": []})
+    for i, p in enumerate(problems):
+        for mode in scores:
+            by_level[p.level][mode].append(scores[mode][i])
+    n = max(len(problems), 1)
+    metrics = {f"eval/{mode}_acc": sum(v) / n for mode, v in scores.items()}
+    table = []
+    for level in sorted(by_level):
+        d = by_level[level]
+        row = {"level": level, "n": len(d["greedy"])}
+        for mode in scores:
+            acc = sum(d[mode]) / len(d[mode])
+            metrics[f"eval/{mode}_acc/level_{level}"] = acc
+            row[f"{mode}_acc"] = acc
+        table.append(row)
+    return metrics, table

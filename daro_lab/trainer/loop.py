@@ -1,0 +1,337 @@
+"""The RL loop: generate, score, compute advantages, update mini-batch by mini-batch.
+
+One step (DESIGN.md section 1):
+    N prompts x K responses          (DAPO dynamic sampling: more batches until N have 0 < mu < 1)
+    rewards [N, K] -> keep 0 < mu < 1 -> advantages over the kept prompts, once
+    old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
+    for each mini-batch: loss from the registry -> backward -> clip -> AdamW (policy + DARO weights)
+Hooks see every stage and change nothing; the trainer never logs by itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, mu_key, policy_loss
+from daro_lab.config import Config
+from daro_lab.hooks.base import Hook, MiniBatchView
+from daro_lab.rollout import RolloutBatch
+from daro_lab.rollout.logprobs import sequence_logprobs
+from daro_lab.trainer.checkpoint import load_checkpoint, save_checkpoint
+from daro_lab.trainer.evaluate import evaluate
+from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
+
+
+def _rows(b: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
+    """The rows `idx` of a rollout batch, trimmed to their longest response."""
+    rm = b.response_mask[idx]
+    T = int(rm.sum(1).max()) if len(idx) else 0
+    pm = b.prompt_mask[idx]
+    P0 = int((~pm).all(0).sum()) if len(idx) else 0  # columns of padding in every row (left)
+    return RolloutBatch(b.prompt_ids[idx][:, P0:], pm[:, P0:], b.response_ids[idx][:, :T], rm[:, :T],
+                        b.logprobs[idx][:, :T], b.prompt_index[idx])
+
+
+def _cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Concatenate rollout batches (prompt indices renumbered), padding to the widest."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_ids.shape[1] for b in batches)
+    T = max(b.response_ids.shape[1] for b in batches)
+    out, offset = [], 0
+    for b in batches:
+        dp, dt = P - b.prompt_ids.shape[1], T - b.response_ids.shape[1]
+        pad = torch.nn.functional.pad
+        out.append((pad(b.prompt_ids, (dp, 0), value=pad_id), pad(b.prompt_mask, (dp, 0), value=False),
+                    pad(b.response_ids, (0, dt), value=pad_id), pad(b.response_mask, (0, dt), value=False),
+                    pad(b.logprobs, (0, dt)), b.prompt_index + offset))
+        offset += int(b.prompt_index.max()) + 1
+    return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
+
+
+class Trainer:
+    """Owns the model, the optimizer, the data position and the RNG; `step()` runs one RL step."""
+
+    def __init__(self, cfg: Config, hooks: list[Hook] | None = None):
+        self.cfg = cfg
+        self.hooks = list(hooks or [])
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.seed)
+        c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
+        self.model, self.tokenizer, self.task = c.model, c.tokenizer, c.task
+        self.train_set, self.eval_set = c.train_set, c.eval_set
+        self.device = torch.device(cfg.trainer.device)
+        self.model.to(self.device)
+        self.engine = build_engine(cfg, self.model, self.tokenizer)
+        self.method = METHODS[cfg.algo.method]
+        self.K = cfg.rollout.num_responses
+        self.settings = LossSettings(
+            eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, dual_clip=cfg.algo.dual_clip,
+            kl_beta=cfg.algo.kl_beta, max_response_length=cfg.rollout.max_new_tokens,
+            weight_signal=cfg.algo.daro.signal,
+        )
+        d = cfg.algo.daro
+        self.weights: DaroWeights | None = None
+        if self.method.weights != "none":
+            self.weights = DaroWeights(self.K, d.param, d.init, d.w_min, d.w_max).to(self.device)
+            if self.method.weights == "frozen":
+                self.weights.load_values(build_static_weights(cfg))
+                self.weights.requires_grad_(False)
+        self.ref_model = None
+        if cfg.algo.kl_beta > 0:
+            import copy
+
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.trainer.lr,
+                   "weight_decay": cfg.trainer.weight_decay, "name": "policy"}]
+        if self.weights is not None and self.method.weights == "learned":
+            groups.append(self.weights.param_group(d.lr_w))
+        self.opt = torch.optim.AdamW(groups, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas))
+        self.rollout_gen = torch.Generator().manual_seed(cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.order = torch.randperm(len(self.train_set), generator=self.data_gen)
+        self.cursor = 0
+        self.step = 0  # steps completed
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def next_problems(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            if self.cursor >= len(self.order):
+                self.order = torch.randperm(len(self.train_set), generator=self.data_gen)
+                self.cursor = 0
+            take = self.order[self.cursor : self.cursor + n - len(out)].tolist()
+            self.cursor += len(take)
+            out += [self.train_set[i] for i in take]
+        return out
+
+    def generate(self, problems: list) -> tuple[RolloutBatch, torch.Tensor, list[str]]:
+        """K responses per problem, scored: (rollout, rewards [P, K], response texts)."""
+        r = self.cfg.rollout
+        ids = self.tokenizer.encode_prompts([p.prompt for p in problems])
+        batch = self.engine.generate(ids, self.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                     top_p=r.top_p, generator=self.rollout_gen)
+        texts = self.tokenizer.decode_responses(batch.response_ids)
+        answers = [p.answer for p in problems for _ in range(self.K)]
+        rewards = torch.tensor(self.task.reward_batch(texts, answers), dtype=torch.float32).view(-1, self.K)
+        return batch, rewards, texts
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        cfg, K = self.cfg, self.K
+        step = self.step + 1  # steps are numbered from 1; step 0 is the starting policy
+        N = cfg.trainer.prompts_per_step
+        self.opt.param_groups[0]["lr"] = policy_lr(cfg.trainer, step)
+        t0 = time.perf_counter()
+        rollouts, rewards, problems, texts = [], [], [], []
+        n_kept, n_batches = 0, 0
+        while True:  # one batch, or more under dynamic sampling
+            probs = self.next_problems(N)
+            b, r, tx = self.generate(probs)
+            rollouts.append(b), rewards.append(r), problems.extend(probs), texts.extend(tx)
+            n_batches += 1
+            n_kept += int(kept_prompts(r).sum())
+            if not cfg.trainer.dynamic_sampling or n_kept >= N or n_batches >= cfg.trainer.dynamic_sampling_max_batches:
+                break
+        roll = _cat(rollouts, self.tokenizer.pad_token_id)
+        rewards = torch.cat(rewards)  # [P, K]
+        for h in self.hooks:
+            h.on_rollout(step, [p.prompt for p in problems], texts, rewards, [p.answer for p in problems])
+        keep = kept_prompts(rewards)
+        kept_idx = torch.nonzero(keep).flatten()[:N]  # dynamic sampling: at most N prompts per step
+        t_gen = time.perf_counter() - t0
+
+        m: dict[str, float] = self._rollout_metrics(roll, rewards, keep, n_batches)
+        mb_metrics: list[dict[str, float]] = []
+        t_old = t_upd = 0.0
+        if len(kept_idx):
+            adv = compute_advantages(rewards[kept_idx], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)
+            mbp = cfg.trainer.mini_batch_prompts
+            chunks = [kept_idx[i : i + mbp] for i in range(0, len(kept_idx), mbp)]
+            adv_chunks = [adv[i : i + mbp] for i in range(0, len(kept_idx), mbp)]
+            rows = [(c[:, None] * K + torch.arange(K)).flatten() for c in chunks]
+            subs = [_rows(roll, r_) for r_ in rows]
+            t1 = time.perf_counter()
+            olds: list[torch.Tensor | None] = [None]  # the first mini-batch is on-policy
+            refs: list[torch.Tensor | None] = []
+            with torch.no_grad():
+                for i, s in enumerate(subs):
+                    if i > 0:
+                        olds.append(self._logprobs(self.model, s))
+                    refs.append(self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
+            t_old = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            for i, (s, a, c) in enumerate(zip(subs, adv_chunks, chunks)):
+                mb_metrics.append(self._update(step, i, s, a, rewards[c], olds[i], refs[i]))
+            t_upd = time.perf_counter() - t2
+        self.step = step
+
+        m.update(_mean_metrics(mb_metrics))
+        if self.weights is not None:
+            m.update(self.weights.metrics())
+        m["lr/policy"] = self.opt.param_groups[0]["lr"]
+        if self.weights is not None and self.method.weights == "learned":
+            m["lr/weights"] = self.opt.param_groups[1]["lr"]
+        dt = time.perf_counter() - t0
+        m.update({"time/generate": t_gen, "time/old_logprobs": t_old, "time/update": t_upd, "time/step": dt,
+                  "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9)})
+        for h in self.hooks:
+            h.on_step_end(step, dict(m))
+        return m
+
+    def _logprobs(self, model, s: RolloutBatch):
+        # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once
+        return sequence_logprobs(model, s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
+                                 temperature=self.cfg.rollout.temperature, group_size=self.K)
+
+    def _update(self, step: int, index: int, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor,
+                old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
+        """One optimizer step on one mini-batch. adv, rewards: [prompts, K]."""
+        cfg, K = self.cfg, self.K
+        self.model.train()
+        logp = self._logprobs(self.model, s)  # [B, T]
+        mask = s.response_mask.to(logp.dtype)
+        k = rewards.sum(1).round().long().repeat_interleave(K)
+        batch = PolicyBatch(
+            logp=logp, old_logp=logp.detach() if old is None else old, mask=mask, advantages=adv.flatten(),
+            num_correct=k, rewards=rewards.flatten(), prompt_index=s.prompt_index, ref_logp=ref,
+        )
+        w = self.weights() if self.weights is not None else None
+        every = cfg.trainer.grad_norm_every
+        want_g = index == 0 and every > 0 and (step % every == 0 or step == 1)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group_norms = None
+        if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
+            # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
+            _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
+                                       group_grad_norms=torch.zeros(K - 1), return_groups=True)
+            group_norms = torch.tensor([_grad_norm(L[kk], params) for kk in range(1, K)])
+        loss, metrics, (C, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
+                                            group_grad_norms=group_norms, return_groups=True)
+        if want_g:
+            # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
+            for kk in range(1, K):
+                if f"loss/{mu_key(kk, K)}" in metrics:
+                    metrics[f"gradnorm/{mu_key(kk, K)}"] = _grad_norm(C[kk], params)
+                    metrics[f"gradnorm_L/{mu_key(kk, K)}"] = _grad_norm(L[kk], params)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+        metrics["grad/norm"] = float(gnorm)
+        if not math.isfinite(metrics["grad/norm"]):
+            raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
+        if self.weights is not None and self.method.weights == "learned":
+            self.weights.release_absent(metrics)
+        self.opt.step()
+        if self.weights is not None:
+            metrics.update(self.weights.project_())
+        self.engine.sync_weights(self.model)
+        view = MiniBatchView(step, index, K, logp.detach(), batch.old_logp.detach(), mask, batch.advantages,
+                             k, s.prompt_index, self.settings.eps_low, self.settings.eps_high, self.settings.dual_clip,
+                             metrics)
+        for h in self.hooks:
+            h.on_minibatch(view)
+        return metrics
+
+    def _rollout_metrics(self, roll: RolloutBatch, rewards: torch.Tensor, keep: torch.Tensor, n_batches: int):
+        K = self.K
+        lengths = roll.response_mask.sum(1).float()
+        correct = rewards.flatten() > 0.5
+        k_all = rewards.sum(1).round().long()
+        hist = torch.bincount(k_all, minlength=K + 1)
+        m = {
+            "reward/mean": float(rewards.mean()),
+            "rollout/prompts": float(len(rewards)),
+            "rollout/kept_prompts": float(keep.sum()),
+            "rollout/prompts_mu0": float(hist[0]),
+            "rollout/prompts_mu1": float(hist[K]),
+            "rollout/batches": float(n_batches),
+            "length/mean": float(lengths.mean()),
+            "length/correct": float(lengths[correct].mean()) if correct.any() else float("nan"),
+            "length/incorrect": float(lengths[~correct].mean()) if (~correct).any() else float("nan"),
+        }
+        for kk in range(K + 1):
+            m[f"rollout/prompts/{mu_key(kk, K)}"] = float(hist[kk])
+        return m
+
+    # -- evaluation and state -----------------------------------------------------------------
+
+    def evaluate(self) -> tuple[dict[str, float], list[dict]]:
+        m, table = evaluate(self.model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
+                            seed=self.cfg.seed + 7919 * (self.step + 1))
+        for h in self.hooks:
+            h.on_eval(self.step, m, table)
+        return m, table
+
+    @torch.no_grad()
+    def start_distribution(self) -> dict[str, float]:
+        """How the held-out prompts spread over pass rates under the current policy: {mu_key: prompts}."""
+        r = self.cfg.rollout
+        gen = torch.Generator().manual_seed(self.cfg.seed + 104729)
+        ids = self.tokenizer.encode_prompts([p.prompt for p in self.eval_set])
+        out = self.engine.generate(ids, self.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                   top_p=r.top_p, generator=gen)
+        texts = self.tokenizer.decode_responses(out.response_ids)
+        answers = [p.answer for p in self.eval_set for _ in range(self.K)]
+        k = torch.tensor(self.task.reward_batch(texts, answers)).view(-1, self.K).sum(1).round().long()
+        hist = torch.bincount(k, minlength=self.K + 1).tolist()
+        return {mu_key(kk, self.K): float(n) for kk, n in enumerate(hist)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "cursor": self.cursor, "order": self.order,
+            "optimizer": self.opt.state_dict(),
+            "weights": self.weights.state_dict() if self.weights is not None else {},
+            "rollout_gen": self.rollout_gen.get_state(), "data_gen": self.data_gen.get_state(),
+        }
+
+    def save(self, directory, meta: dict | None = None):
+        path = save_checkpoint(directory, self.model, self.state_dict(), {"step": self.step, **(meta or {})})
+        for h in self.hooks:
+            h.on_checkpoint(self.step)
+        return path
+
+    def load(self, directory) -> None:
+        st = load_checkpoint(directory, self.model)
+        self.step, self.cursor, self.order = st["step"], st["cursor"], st["order"]
+        self.opt.load_state_dict(st["optimizer"])
+        if self.weights is not None:
+            self.weights.load_state_dict(st["weights"])
+        self.rollout_gen.set_state(st["rollout_gen"])
+        self.data_gen.set_state(st["data_gen"])
+        self.engine.sync_weights(self.model)
+
+
+def policy_lr(t, step: int) -> float:
+    """Learning rate of step `step` (1-based): linear warm-up, then constant or cosine to 10%."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        frac = min(1.0, (step - 1 - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
+        return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return t.lr
+
+
+def _grad_norm(x: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """||d x / d params||, keeping the graph for the update's own backward."""
+    if not x.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over mini-batches of each metric, over the mini-batches that have it (absent groups)."""
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            acc.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}

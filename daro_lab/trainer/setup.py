@@ -1,0 +1,67 @@
+"""Building what a run needs from its config, failing early (before any MLflow run exists)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daro_lab.algorithms import METHODS, static_shape
+from daro_lab.config import Config, ConfigError
+
+
+@dataclass
+class Components:
+    model: Any
+    tokenizer: Any
+    task: Any
+    train_set: list
+    eval_set: list
+
+
+def load_components(cfg: Config) -> Components:
+    """Task problems, then the policy: a bad data file or model path fails here, naming itself."""
+    from daro_lab.models import load_policy
+    from daro_lab.tasks import build_task, get_task
+
+    task = get_task(cfg.task.name)
+    train_set, eval_set = build_task(cfg.task)
+    if not train_set:
+        raise ConfigError(f"task '{cfg.task.name}' has no training prompts")
+    model, tokenizer = load_policy(cfg.model, cfg.model.init_seed, cfg.task)
+    return Components(model, tokenizer, task, train_set, eval_set)
+
+
+def build_engine(cfg: Config, model, tokenizer):
+    if cfg.rollout.engine == "hf":
+        from daro_lab.rollout.hf import HFEngine
+
+        return HFEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    raise ConfigError(f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available yet; use 'hf'")
+
+
+def build_static_weights(cfg: Config) -> dict[int, float]:
+    """The frozen weights of the 'static' method, {k: w} for k = 1..K-1, from `algo.daro.static`.
+
+    'ones': every group weighs 1. A method name (grpo, dapo, dr_grpo, lipo): that method's static
+    shape of the loss scale at equal lengths, normalised to mean 1 over the K-1 groups, so that
+    DARO's code path weighs the groups the way that baseline does. Otherwise a JSON file {k: w}
+    (for instance the final weights of a DARO run).
+    """
+    K = cfg.rollout.num_responses
+    spec = cfg.algo.daro.static
+    if spec == "ones":
+        return {k: 1.0 for k in range(1, K)}
+    if spec in METHODS:
+        shape = [float(static_shape(spec, k / K, n_prompts=1, sigma_batch=1.0)) for k in range(1, K)]
+        mean = sum(shape) / len(shape)
+        return {k: v / mean for k, v in enumerate(shape, start=1)}
+    p = Path(spec)
+    if not p.is_file():
+        raise ConfigError(f"config key 'algo.daro.static': {spec!r} is neither 'ones', a method name, nor a file")
+    try:
+        data = json.loads(p.read_text())
+        return {int(k): float(v) for k, v in data.items()}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"algo.daro.static: {p} is not a JSON object {{k: weight}}: {e}") from e

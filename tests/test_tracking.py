@@ -1,0 +1,299 @@
+"""Tests of daro_lab.tracking: a Tracker over MlflowClient on a temporary sqlite store.
+
+Creating a fresh MLflow sqlite database runs all its migrations (seconds), so one migrated
+template database is made per session and copied for each test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import pandas as pd
+import pytest
+
+from daro_lab.tracking import (
+    TAG_PARENT_RUN_ID,
+    Tracker,
+    TrackingError,
+    list_tables,
+    open_client,
+    read_metrics,
+    read_table,
+    resolve_tracking_uri,
+)
+
+CONFIG = json.dumps({"trainer": {"lr": 1e-6}, "algo": {"method": "daro"}})
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    open_client(f"sqlite:///{path}")  # runs MLflow's migrations once
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, template_db, monkeypatch):
+    """(tracking uri, artifact location) of a fresh store for this test."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    shutil.copy(template_db, db)
+    return f"sqlite:///{db}", str(tmp_path / "artifacts")
+
+
+def start(store, run_name="run", params=None, **kw):
+    uri, art = store
+    return Tracker.start(
+        uri,
+        kw.pop("experiment", "exp"),
+        run_name,
+        params if params is not None else {"trainer.lr": 1e-6},
+        kw.pop("config_json", CONFIG),
+        kw.pop("tags", None),
+        artifact_location=art,
+        context_tags=False,
+        **kw,
+    )
+
+
+def status(store, run_id):
+    return open_client(store[0]).get_run(run_id).info.status
+
+
+def artifact_text(store, run_id, path, tmp_path):
+    local = open_client(store[0]).download_artifacts(run_id, path, str(tmp_path))
+    with open(local) as f:
+        return f.read()
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri("") == "sqlite:///env.db"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_params_config_and_tags_logged(store, tmp_path):
+    params = {f"p.{i:03d}": i for i in range(150)}  # more than one batch of 100
+    params["nested"] = {"a": 1, "b": {"c": "x"}}
+    params["long"] = "y" * 7000
+    with start(store, "arm-a", params, tags={"method": "daro", "seed": 3}) as tr:
+        run_id = tr.run_id
+        assert status(store, run_id) == "RUNNING"
+        tr.log_params({"late": {"param": 2}})
+        tr.set_tags({"note": "hello"})
+    run = open_client(store[0]).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "arm-a"
+    assert run.data.params["p.149"] == "149"
+    assert run.data.params["nested.a"] == "1" and run.data.params["nested.b.c"] == "x"
+    assert run.data.params["long"] == "y" * 6000
+    assert len(run.data.params) == 154 and run.data.params["late.param"] == "2"
+    assert run.data.tags["method"] == "daro" and run.data.tags["seed"] == "3"
+    assert run.data.tags["note"] == "hello"
+    assert json.loads(artifact_text(store, run_id, "config.json", tmp_path)) == json.loads(CONFIG)
+    assert tr.artifact_dir() is not None and (tr.artifact_dir() / "config.json").is_file()
+
+
+def test_bad_input_creates_no_run(store):
+    with pytest.raises(ValueError, match="mu=3/8"):
+        start(store, params={"mu=3/8": 1})
+    with pytest.raises(ValueError, match="JSON"):
+        start(store, config_json="{not json")
+    client = open_client(store[0])
+    exp = client.get_experiment_by_name("exp")
+    assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_metrics_by_step_read_back(store):
+    with start(store, max_buffered_metrics=10**9, flush_interval_s=1e9) as tr:
+        for step in range(3):
+            tr.log_metrics({f"m/{i}": step * 1000 + i for i in range(600)}, step=step)
+        tr.log_metrics({"loss/mu_3of8": float("nan"), "w/mu_1of8": float("inf")}, step=3)
+        tr.log_metric("w/mu_1of8", -math.inf, step=4)
+        client = open_client(store[0])
+        assert client.get_metric_history(tr.run_id, "m/0") == []  # still buffered
+        tr.flush()  # 1803 metrics: two log_batch calls
+        assert len(client.get_metric_history(tr.run_id, "m/0")) == 3
+    assert tr.nonfinite_count == 3 and tr.nonfinite_counts["w/mu_1of8"] == 2
+    df = read_metrics(store[0], tr.run_id)
+    assert list(df.columns) == ["key", "step", "value", "timestamp"]
+    m = df.set_index(["key", "step"])["value"]
+    assert len(df) == 1803
+    assert m[("m/599", 2)] == 2599
+    assert math.isnan(m[("loss/mu_3of8", 3)])
+    assert m[("w/mu_1of8", 3)] == math.inf and m[("w/mu_1of8", 4)] == -math.inf
+    assert len(read_metrics(store[0], tr.run_id, keys=["m/1"])) == 3
+
+
+def test_metrics_flush_automatically(store):
+    tr = start(store, max_buffered_metrics=50, flush_interval_s=1e9)
+    client = open_client(store[0])
+    for step in range(4):
+        tr.log_metrics({f"a/{i}": float(i) for i in range(20)}, step=step)
+    assert len(client.get_metric_history(tr.run_id, "a/0")) == 3  # flushed at 60 buffered
+    tr.finish()
+    assert len(client.get_metric_history(tr.run_id, "a/0")) == 4
+
+
+def test_bad_metric_key_rejected(store):
+    with start(store) as tr:
+        for bad in ["mu=3/8", "a//b", "loss/", "/x", "é", ""]:
+            with pytest.raises(ValueError) as err:
+                tr.log_metrics({"ok": 1.0, bad: 1.0}, step=0)
+            assert repr(bad) in str(err.value)
+        with pytest.raises(ValueError, match="step"):
+            tr.log_metrics({"ok": 1.0}, step=1.5)
+        tr.log_metrics({"loss/mu_3of8": 1.0, "time: rollout s": 2.0, "a-b.c_d": 3.0}, step=0)
+    keys = set(read_metrics(store[0], tr.run_id)["key"])
+    assert keys == {"loss/mu_3of8", "time: rollout s", "a-b.c_d"}  # nothing of the bad calls
+
+
+def test_table_parquet_round_trip(store):
+    with start(store) as tr:
+        tr.log_table("per_mu", [{"k": k, "L": 0.1 * k} for k in range(1, 4)], step=0)
+        tr.log_table("per_mu", pd.DataFrame({"k": [1, 2], "L": [0.5, 0.6]}), step=1)
+        tr.log_table("hoeffding/coverage", [{"step": 2, "n": 8, "covered": True}])
+        tr.flush()
+        assert len(read_table(store[0], tr.run_id, "per_mu")) == 5
+        tr.log_table("per_mu", [{"k": 3, "L": 0.7}], step=2)
+    df = read_table(store[0], tr.run_id, "per_mu")
+    assert list(df.columns) == ["step", "k", "L"]
+    assert df["step"].tolist() == [0, 0, 0, 1, 1, 2]
+    assert df["L"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.5, 0.6, 0.7])
+    assert read_table(store[0], tr.run_id, "hoeffding/coverage")["covered"].tolist() == [True]
+    assert list_tables(store[0], tr.run_id) == ["hoeffding/coverage", "per_mu"]
+    with pytest.raises(TrackingError, match="nope"):
+        read_table(store[0], tr.run_id, "nope")
+
+
+def test_resume_truncates_tables_and_stale_metrics(store):
+    old = int(time.time() * 1000) - 60_000  # the crashed run logged a minute ago
+    tr = start(store)
+    for step in range(1, 6):
+        tr.log_metrics({"loss": float(step)}, step=step, timestamp_ms=old + step)
+        tr.log_table("per_mu", [{"k": 1, "L": float(step)}], step=step)
+    tr.flush()
+    run_id = tr.run_id  # the process "crashes" here: no finish, run stays RUNNING
+
+    with pytest.raises(TrackingError, match="0123456789abcdef0123456789abcdef"):
+        Tracker.resume(store[0], "0123456789abcdef0123456789abcdef")
+
+    tr2 = Tracker.resume(store[0], run_id, truncate_after_step=3)
+    assert read_table(store[0], run_id, "per_mu")["step"].tolist() == [1, 2, 3]  # rewritten at once
+    tr2.log_metrics({"loss": 40.0}, step=4)
+    tr2.log_table("per_mu", [{"k": 1, "L": 40.0}], step=4)
+    tr2.finish()
+    assert status(store, run_id) == "FINISHED"
+
+    df = read_table(store[0], run_id, "per_mu")
+    assert df["step"].tolist() == [1, 2, 3, 4] and df["L"].tolist() == [1.0, 2.0, 3.0, 40.0]
+    m = read_metrics(store[0], run_id)
+    assert m["step"].tolist() == [1, 2, 3, 4] and m["value"].tolist() == [1.0, 2.0, 3.0, 40.0]
+    raw = read_metrics(store[0], run_id, apply_resumes=False)  # MLflow still holds the old points
+    assert raw["step"].tolist() == [1, 2, 3, 4, 5] and raw["value"].tolist()[3:] == [40.0, 5.0]
+
+    tr3 = Tracker.resume(store[0], run_id)  # a resume of a finished run, no truncation
+    assert status(store, run_id) == "RUNNING"
+    tr3.log_table("per_mu", [{"k": 2, "L": 5.0}], step=5)
+    tr3.finish()
+    assert read_table(store[0], run_id, "per_mu")["step"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_context_manager_marks_failed_with_traceback(store, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with start(store) as tr:
+            tr.log_metrics({"loss": 1.0}, step=0)
+            tr.log_table("t", [{"a": 1}], step=0)
+            raise RuntimeError("boom")
+    assert status(store, tr.run_id) == "FAILED"
+    text = artifact_text(store, tr.run_id, "traceback.txt", tmp_path)
+    assert "RuntimeError: boom" in text and "Traceback" in text
+    assert read_metrics(store[0], tr.run_id)["value"].tolist() == [1.0]  # flushed before failing
+    assert len(read_table(store[0], tr.run_id, "t")) == 1
+    with pytest.raises(TrackingError, match="finished"):
+        tr.log_metrics({"loss": 2.0}, step=1)
+    tr.finish()  # a second finish does nothing
+    assert status(store, tr.run_id) == "FAILED"
+
+
+def test_context_manager_marks_killed_on_keyboard_interrupt(store):
+    with pytest.raises(KeyboardInterrupt):
+        with start(store) as tr:
+            raise KeyboardInterrupt
+    assert status(store, tr.run_id) == "KILLED"
+
+
+def test_fail_and_finish_status(store):
+    tr = start(store)
+    with pytest.raises(ValueError, match="DONE"):
+        tr.finish("DONE")
+    try:
+        raise ValueError("bad batch")
+    except ValueError as exc:
+        tr.fail(exc)
+    assert status(store, tr.run_id) == "FAILED"
+
+
+def test_unopenable_uri_raises_and_creates_nothing(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir"
+    uri = f"sqlite:///{missing}/mlflow.db"
+    with pytest.raises(TrackingError) as err:
+        Tracker.start(uri, "exp", "run", {}, CONFIG, None, context_tags=False)
+    assert uri in str(err.value)
+    assert not (tmp_path / "no").exists()  # MLflow alone would have created the directory
+    with pytest.raises(TrackingError, match="foo://bar"):
+        Tracker.start("foo://bar", "exp", "run", {}, CONFIG, None, context_tags=False)
+    with pytest.raises(TrackingError, match="foo://bar"):
+        Tracker.resume("foo://bar", "0123456789abcdef0123456789abcdef")
+    with pytest.raises(TrackingError, match="http://127.0.0.1:1"):  # refused: fails at once
+        Tracker.start("http://127.0.0.1:1", "exp", "run", {}, CONFIG, None, context_tags=False)
+
+
+def test_nested_run_carries_parent_tag(store):
+    with start(store, "ablation") as parent:
+        with start(store, "arm-1", parent_run_id=parent.run_id) as child:
+            pass
+    client = open_client(store[0])
+    assert client.get_run(child.run_id).data.tags[TAG_PARENT_RUN_ID] == parent.run_id
+    assert TAG_PARENT_RUN_ID not in client.get_run(parent.run_id).data.tags
+    with pytest.raises(TrackingError, match="ffffffffffffffffffffffffffffffff"):
+        start(store, parent_run_id="ffffffffffffffffffffffffffffffff")
+
+
+def test_runs_in_threads(store):
+    errors = []
+
+    def arm(i):
+        try:
+            with start(store, f"arm-{i}", max_buffered_metrics=100) as tr:
+                for step in range(20):
+                    tr.log_metrics({f"x/{j}": float(i) for j in range(30)}, step=step)
+                    tr.log_table("t", [{"i": i}], step=step)
+            results[i] = tr.run_id
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    results = {}
+    threads = [threading.Thread(target=arm, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, run_id in results.items():
+        df = read_metrics(store[0], run_id)
+        assert len(df) == 600 and set(df["value"]) == {float(i)}
+        assert len(read_table(store[0], run_id, "t")) == 20

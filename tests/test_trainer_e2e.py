@@ -1,0 +1,146 @@
+"""End to end: a few real RL steps of every method on a very small preset, recorded in MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from daro_lab.algorithms import METHODS
+from daro_lab.config import load_config
+from daro_lab.tracking import list_tables, open_client, read_metrics, read_table
+from daro_lab.trainer import train
+from daro_lab.trainer.checkpoint import latest
+
+pytestmark = pytest.mark.slow
+
+# very small: one-digit addition, a 2-layer width-32 model, 4 prompts x 4 responses per step
+SMALL = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.warmstart_steps=150",
+    "model.warmstart_batch=32", "task.max_digits=1", "task.num_train=80", "task.num_eval=16",
+    "rollout.num_responses=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=8",
+    "trainer.mini_batch_prompts=4", "trainer.eval_every=2", "trainer.grad_norm_every=2",
+    "trainer.checkpoint_every=2", "trainer.lr=3e-3",
+]
+VOLATILE = ("time/", "perf/")  # wall-clock metrics: the only ones allowed to differ between runs
+
+
+@pytest.fixture(scope="session")
+def small_env(tmp_path_factory):
+    """Shared warm-start cache, so the tiny model is warm-started once per session."""
+    cache = tmp_path_factory.mktemp("cache")
+    return [*SMALL, f"model.cache_dir={cache}"]
+
+
+def cfg_for(tmp_path, small_env, *extra):
+    return load_config(None, [*small_env, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                              f"trainer.checkpoint_dir={tmp_path}/ckpt", *extra])
+
+
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def stable(df):
+    return df[~df.key.str.startswith(VOLATILE)].set_index(["key", "step"]).value.sort_index()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_and_is_recorded(tmp_path, small_env, method):
+    cfg = cfg_for(tmp_path, small_env, f"algo.method={method}", "trainer.steps=3", "algo.daro.static=grpo")
+    from daro_lab.models import load_policy
+
+    before, _ = load_policy(cfg.model, cfg.model.init_seed, cfg.task)
+    run_id = train(cfg, progress=False)
+    client = open_client(uri(tmp_path))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algo.method"] == method
+    m = read_metrics(uri(tmp_path), run_id)
+    keys = set(m.key)
+    per_mu = read_table(uri(tmp_path), run_id, "per_mu")
+    assert len(per_mu), "no per-mu rows: no interior pass rate in 3 steps"
+    for k in sorted(set(per_mu.k)):
+        key = f"mu_{k}of4"
+        for q in ("loss", "contrib", "scale", "prompts", "tokens", "len_correct", "clipfrac_pos"):
+            assert f"{q}/{key}" in keys, f"{q}/{key} missing"
+    assert {"reward/mean", "eval/greedy_acc", "grad/norm", "time/generate", "rollout/prompts_mu0"} <= keys
+    assert any(k.startswith("gradnorm/mu_") for k in keys)
+    if METHODS[method].weights != "none":
+        assert any(k.startswith("daro/weight/mu_") for k in keys)
+    tables = set(list_tables(uri(tmp_path), run_id))
+    assert {"per_mu", "eval", "mu_hist", "start_mu_hist", "samples"} <= tables
+    # the final checkpoint is an artifact, and the policy moved
+    ckpt = Path(client.download_artifacts(run_id, "checkpoint"))
+    after = load_file(str(ckpt / "model.safetensors"))
+    changed = [n for n, p in before.state_dict().items() if n in after and not torch.equal(p, after[n])]
+    assert changed, "no policy parameter changed"
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path, small_env):
+    ids = [train(cfg_for(tmp_path, small_env, "trainer.steps=3", "algo.method=daro"), progress=False)
+           for _ in range(2)]
+    a, b = (stable(read_metrics(uri(tmp_path), i)) for i in ids)
+    assert len(a) > 50
+    assert a.index.equals(b.index), set(a.index) ^ set(b.index)
+    assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env):
+    steps = 6
+    extra = ["algo.method=daro", f"trainer.steps={steps}", "trainer.checkpoint_every=2"]
+    ref = train(cfg_for(tmp_path, small_env, *extra), progress=False)
+
+    # the same run in a subprocess, slowed by a hook (hooks never change numbers), killed with SIGKILL
+    # once its step-4 checkpoint exists
+    overrides = [*small_env, *extra, f"tracking.uri={uri(tmp_path)}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
+    script = (
+        "import sys, time\n"
+        "from daro_lab.config import load_config\n"
+        "from daro_lab.hooks import Hook, default_hooks\n"
+        "from daro_lab.trainer import train\n"
+        "class Slow(Hook):\n"
+        "    def on_step_end(self, step, metrics): time.sleep(0.4)\n"
+        "train(load_config(None, sys.argv[1:]), hooks=lambda t: default_hooks(t) + [Slow()], progress=False)\n"
+    )
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *overrides], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    client = open_client(uri(tmp_path))
+    deadline = time.time() + 300
+    run_id = None
+    while time.time() < deadline:
+        runs = client.search_runs([client.get_experiment_by_name("daro-lab").experiment_id],
+                                  filter_string="attributes.status = 'RUNNING'")
+        if runs:
+            run_id = runs[0].info.run_id
+            root = runs[0].data.tags.get("daro_lab.checkpoint_dir")
+            d = latest(root) if root else None
+            if d is not None and d.name >= "step_000004":
+                break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited before it was killed: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    else:
+        pytest.fail("no step-4 checkpoint within 300 s")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it as it was
+
+    resumed = train(resume=run_id, progress=False, tracking_uri=uri(tmp_path))
+    assert resumed == run_id and client.get_run(run_id).info.status == "FINISHED"
+    a, b = stable(read_metrics(uri(tmp_path), ref)), stable(read_metrics(uri(tmp_path), run_id))
+    assert a.index.equals(b.index), set(a.index) ^ set(b.index)
+    assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
+    ta = read_table(uri(tmp_path), ref, "per_mu")
+    tb = read_table(uri(tmp_path), run_id, "per_mu")
+    assert ta.sort_values(["step", "minibatch", "k"]).reset_index(drop=True).equals(
+        tb.sort_values(["step", "minibatch", "k"]).reset_index(drop=True))
