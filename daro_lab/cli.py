@@ -186,3 +186,5 @@ def demo(
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     sys.exit(app())
+if __name__ == "__main__":
+    main()

@@ -15,38 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from daro_lab.algorithms import METHODS
-from daro_lab.config import load_config
 from daro_lab.tracking import list_tables, open_client, read_metrics, read_table
 from daro_lab.trainer import train
 from daro_lab.trainer.checkpoint import latest
 
 pytestmark = pytest.mark.slow
 
-# very small: one-digit addition, a 2-layer width-32 model, 4 prompts x 4 responses per step
-SMALL = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.warmstart_steps=150",
-    "model.warmstart_batch=32", "task.max_digits=1", "task.num_train=80", "task.num_eval=16",
-    "rollout.num_responses=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=8",
-    "trainer.mini_batch_prompts=4", "trainer.eval_every=2", "trainer.grad_norm_every=2",
-    "trainer.checkpoint_every=2", "trainer.lr=3e-3",
-]
 VOLATILE = ("time/", "perf/")  # wall-clock metrics: the only ones allowed to differ between runs
-
-
-@pytest.fixture(scope="session")
-def small_env(tmp_path_factory):
-    """Shared warm-start cache, so the tiny model is warm-started once per session."""
-    cache = tmp_path_factory.mktemp("cache")
-    return [*SMALL, f"model.cache_dir={cache}"]
-
-
-def cfg_for(tmp_path, small_env, *extra):
-    return load_config(None, [*small_env, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                              f"trainer.checkpoint_dir={tmp_path}/ckpt", *extra])
-
-
-def uri(tmp_path):
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 def stable(df):
@@ -54,19 +29,19 @@ def stable(df):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_and_is_recorded(tmp_path, small_env, method):
-    cfg = cfg_for(tmp_path, small_env, f"algo.method={method}", "trainer.steps=3", "algo.daro.static=grpo")
+def test_every_method_trains_and_is_recorded(small_cfg, store, method):
+    cfg = small_cfg(f"algo.method={method}", "trainer.steps=3", "algo.daro.static=grpo")
     from daro_lab.models import load_policy
 
     before, _ = load_policy(cfg.model, cfg.model.init_seed, cfg.task)
     run_id = train(cfg, progress=False)
-    client = open_client(uri(tmp_path))
+    client = open_client(store)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["algo.method"] == method
-    m = read_metrics(uri(tmp_path), run_id)
+    m = read_metrics(store, run_id)
     keys = set(m.key)
-    per_mu = read_table(uri(tmp_path), run_id, "per_mu")
+    per_mu = read_table(store, run_id, "per_mu")
     assert len(per_mu), "no per-mu rows: no interior pass rate in 3 steps"
     for k in sorted(set(per_mu.k)):
         key = f"mu_{k}of4"
@@ -76,7 +51,7 @@ def test_every_method_trains_and_is_recorded(tmp_path, small_env, method):
     assert any(k.startswith("gradnorm/mu_") for k in keys)
     if METHODS[method].weights != "none":
         assert any(k.startswith("daro/weight/mu_") for k in keys)
-    tables = set(list_tables(uri(tmp_path), run_id))
+    tables = set(list_tables(store, run_id))
     assert {"per_mu", "eval", "mu_hist", "start_mu_hist", "samples"} <= tables
     # the final checkpoint is an artifact, and the policy moved
     ckpt = Path(client.download_artifacts(run_id, "checkpoint"))
@@ -85,23 +60,23 @@ def test_every_method_trains_and_is_recorded(tmp_path, small_env, method):
     assert changed, "no policy parameter changed"
 
 
-def test_same_config_and_seed_give_identical_metrics(tmp_path, small_env):
-    ids = [train(cfg_for(tmp_path, small_env, "trainer.steps=3", "algo.method=daro"), progress=False)
+def test_same_config_and_seed_give_identical_metrics(small_cfg, store):
+    ids = [train(small_cfg("trainer.steps=3", "algo.method=daro"), progress=False)
            for _ in range(2)]
-    a, b = (stable(read_metrics(uri(tmp_path), i)) for i in ids)
+    a, b = (stable(read_metrics(store, i)) for i in ids)
     assert len(a) > 50
     assert a.index.equals(b.index), set(a.index) ^ set(b.index)
     assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cfg, store):
     steps = 6
     extra = ["algo.method=daro", f"trainer.steps={steps}", "trainer.checkpoint_every=2"]
-    ref = train(cfg_for(tmp_path, small_env, *extra), progress=False)
+    ref = train(small_cfg(*extra), progress=False)
 
     # the same run in a subprocess, slowed by a hook (hooks never change numbers), killed with SIGKILL
     # once its step-4 checkpoint exists
-    overrides = [*small_env, *extra, f"tracking.uri={uri(tmp_path)}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
+    overrides = [*small_env, *extra, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     script = (
         "import sys, time\n"
         "from daro_lab.config import load_config\n"
@@ -114,7 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-c", script, *overrides], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=tmp_path)
-    client = open_client(uri(tmp_path))
+    client = open_client(store)
     deadline = time.time() + 300
     run_id = None
     while time.time() < deadline:
@@ -135,12 +110,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env):
     proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it as it was
 
-    resumed = train(resume=run_id, progress=False, tracking_uri=uri(tmp_path))
+    resumed = train(resume=run_id, progress=False, tracking_uri=store)
     assert resumed == run_id and client.get_run(run_id).info.status == "FINISHED"
-    a, b = stable(read_metrics(uri(tmp_path), ref)), stable(read_metrics(uri(tmp_path), run_id))
+    a, b = stable(read_metrics(store, ref)), stable(read_metrics(store, run_id))
     assert a.index.equals(b.index), set(a.index) ^ set(b.index)
     assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
-    ta = read_table(uri(tmp_path), ref, "per_mu")
-    tb = read_table(uri(tmp_path), run_id, "per_mu")
+    ta = read_table(store, ref, "per_mu")
+    tb = read_table(store, run_id, "per_mu")
     assert ta.sort_values(["step", "minibatch", "k"]).reset_index(drop=True).equals(
         tb.sort_values(["step", "minibatch", "k"]).reset_index(drop=True))

@@ -1,0 +1,122 @@
+"""Bad input and failures: clear errors naming the bad thing, nothing half-written left RUNNING."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from typer.testing import CliRunner
+
+from daro_lab.cli import app
+from daro_lab.hooks import Hook, default_hooks
+from daro_lab.tracking import open_client, read_metrics
+from daro_lab.trainer import train
+
+runner = CliRunner()
+
+
+def runs_in(u: str):
+    c = open_client(u)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(exps) if exps else []
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config", "nope.toml"], "config file not found: nope.toml"),
+        (["--set", "algo.method=ppo"], "unknown method 'ppo'"),
+        (["--algo", "ppo"], "unknown method 'ppo'"),
+        (["--set", "model.path=/no/such/model"], "/no/such/model"),
+        (["--set", "trainer.stpes=3"], "unknown config key 'trainer.stpes'"),
+    ],
+)
+def test_bad_input_exits_nonzero_naming_it_and_leaves_no_run(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    u = f"sqlite:///{tmp_path}/mlflow.db"
+    res = runner.invoke(app, ["train", "--tracking-uri", u, *args])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert all(r.info.status != "RUNNING" for r in runs_in(u))
+    assert runs_in(u) == []
+
+
+def test_malformed_config_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text("[trainer\nsteps = 3\n")
+    res = runner.invoke(app, ["train", "--config", "bad.toml"])
+    assert res.exit_code == 2 and "bad.toml is not valid TOML" in res.output
+
+
+def test_tracking_uri_that_cannot_be_opened(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["train", "--tracking-uri", "sqlite:////no/such/dir/m.db"])
+    assert res.exit_code == 2 and "sqlite:////no/such/dir/m.db" in res.output
+    res = runner.invoke(app, ["train", "--resume", "0123abcd", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert res.exit_code == 2 and "0123abcd" in res.output
+
+
+class Boom(Hook):
+    def __init__(self, exc):
+        self.exc = exc
+
+    def on_step_end(self, step, metrics):
+        if step == 2:
+            raise self.exc
+
+
+def test_crash_marks_run_failed_with_traceback(small_cfg, store):
+    cfg = small_cfg("trainer.steps=4")
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        train(cfg, hooks=lambda t: default_hooks(t) + [Boom(RuntimeError("boom at step 2"))], progress=False)
+    (run,) = runs_in(store)
+    assert run.info.status == "FAILED"
+    tb = open_client(store).download_artifacts(run.info.run_id, "traceback.txt")
+    assert "boom at step 2" in open(tb).read()
+    # what was logged before the crash is intact
+    m = read_metrics(store, run.info.run_id)
+    assert 1 in set(m[m.key == "reward/mean"].step)
+
+
+def test_ctrl_c_saves_checkpoint_marks_killed_and_resumes(small_cfg, store):
+    cfg = small_cfg("trainer.steps=3", "trainer.checkpoint_every=0")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, hooks=lambda t: default_hooks(t) + [Boom(KeyboardInterrupt())], progress=False)
+    (run,) = runs_in(store)
+    assert run.info.status == "KILLED"
+    run_id = train(resume=run.info.run_id, progress=False, tracking_uri=store)
+    assert open_client(store).get_run(run_id).info.status == "FINISHED"
+    steps = read_metrics(store, run_id)
+    assert set(steps[steps.key == "reward/mean"].step) == {1, 2, 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_localhost(tmp_path):
+    port = _free_port()
+    u = f"sqlite:///{tmp_path}/mlflow.db"
+    open_client(u)  # create the store
+    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", u],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(proc.stdout.read().decode()[-2000:])
+                time.sleep(0.5)
+        assert body is not None and "OK" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
