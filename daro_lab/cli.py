@@ -87,6 +87,7 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id to continue from its last checkpoint"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="resolve the config, build the architecture on the meta device, print the memory plan; no training, no GPU, no weights"),
 ) -> None:
     """Train one method and record the run in MLflow."""
     _quiet()
@@ -101,32 +102,178 @@ def train(
             _fail(str(e))
     elif config or algo or set_:
         _fail("--resume continues a run with the config it logged; drop --config/--algo/--set")
+    if dry_run:
+        from daro_lab.models.memory import dry_run as plan_run
+
+        if cfg is None:
+            _fail("--dry-run needs a config (--config/--set), not --resume")
+        try:
+            typer.echo(plan_run(cfg, config)[1])
+        except ConfigError as e:
+            _fail(str(e))
+        return
     run_id = _run_training(cfg, resume=resume, tracking_uri=tracking_uri)
     typer.echo(f"run {run_id} finished")
 
 
 @app.command("eval")
-def eval_cmd() -> None:
-    """Evaluate a model or a run on benchmarks (avg@k, pass@k)."""
-    _not_built("eval", 6)
+def eval_cmd(
+    model: Optional[List[str]] = typer.Option(None, "--model", help="local Hugging Face model directory (repeatable)"),
+    run: Optional[List[str]] = typer.Option(None, "--run", help="MLflow run id of a training run: its final checkpoint (repeatable)"),
+    benchmarks: Optional[List[str]] = typer.Option(None, "--benchmarks", "-b", help="name=path.jsonl (repeatable; default: eval.benchmarks of the config)"),
+    k: Optional[int] = typer.Option(None, "--k", help="samples per problem: avg@k and pass@1..k (default eval.k = 4)"),
+    greedy: bool = typer.Option(False, "--greedy", help="one greedy response per problem"),
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda when available, else cpu)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+) -> None:
+    """Evaluate models or runs on benchmarks (avg@k, pass@k), recorded in MLflow in the paper's table layout."""
+    from daro_lab.tracking import TrackingError
+
+    _quiet()
+    overrides = list(set_ or [])
+    if benchmarks:
+        overrides.append("eval.benchmarks=[" + ", ".join(_toml_str(b) for b in benchmarks) + "]")
+    if k is not None:
+        overrides.append(f"eval.k={k}")
+    if greedy:
+        overrides.append("eval.greedy=true")
+    try:
+        from daro_lab.eval.run import run_eval
+
+        cfg = load_config(config, overrides)
+        run_id, table = run_eval(cfg, models=model or [], runs=run or [], tracking_uri=tracking_uri, device=device,
+                                 echo=lambda m: typer.echo(m, err=True))
+    except (ConfigError, FileNotFoundError, TrackingError) as e:
+        _fail(str(e))
+    typer.echo(table)
+    typer.echo(f"eval run {run_id} in experiment '{cfg.eval.experiment}'")
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string holding `text` (for building --set values)."""
+    import json
+
+    return json.dumps(text)
 
 
 @run_app.command("ablation")
-def ablation(name: str = typer.Argument(..., help="static-weights, k, weight-lr, weight-signal, weight-param, methods")) -> None:
-    """Run an ablation grid as a parent MLflow run with one child per arm and seed."""
-    _not_built(f"run ablation {name}", 5)
+def ablation(
+    name: str = typer.Argument(..., help="grid experiments/ablations/NAME.toml: static-weights, k, weight-lr, weight-signal, weight-param, methods (or a grid file)"),
+    preset: str = typer.Option("tiny", "--preset", help="base config: 'tiny' (embedded demo preset), 'paper' (experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>', or a .toml path"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per arm (default: the grid's)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="training steps per run (default: the preset's)"),
+    executor: str = typer.Option("local", "--executor", help="'local' (sequential, or a process pool when the cores allow) or 'ray' (one Ray task per arm and seed)"),
+    set_: Optional[List[str]] = SetOpt,
+    resume: Optional[str] = typer.Option(None, "--resume", help="parent run id of an interrupted ablation: finished arms are kept, the others continue"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: also rerun FAILED arms (from their checkpoint if they have one)"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="local executor: parallel processes (default: usable cores // the grid's num_cpus)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray executor: cluster address ('auto' joins a running one; default starts a local instance)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    report_: bool = typer.Option(True, "--report/--no-report", help="when the sweep ends, also write the paper-style report (analyses) to reports/ablation-<name>-<id>/"),
+) -> None:
+    """Run an ablation grid as a parent MLflow run with one child per arm and seed; print its summary."""
+    _quiet()
+    from daro_lab.ablation import AblationError, run_ablation
+    from daro_lab.tracking import TrackingError
+
+    if resume and (set_ or seeds is not None or steps is not None or preset != "tiny"):
+        _fail("--resume continues the ablation with the plan its parent run logged; drop --preset/--seeds/--steps/--set")
+    try:
+        res = run_ablation(name, preset=preset, seeds=seeds, steps=steps, overrides=list(set_ or []),
+                           executor=executor, tracking_uri=tracking_uri, resume=resume, retry_failed=retry_failed,
+                           workers=workers, ray_address=ray_address, progress=True,
+                           echo=lambda m: typer.echo(m, err=True))
+    except (AblationError, ConfigError, TrackingError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted: the running arm saved a checkpoint and is KILLED; continue the sweep with "
+              "--resume PARENT_RUN_ID (printed above)", code=130)
+    typer.echo(res.markdown)
+    typer.echo(f"parent run {res.parent_run_id}: {res.status}; summary artifacts tables/ablation_summary.parquet "
+               f"and ablation_summary.md on it")
+    if report_:
+        try:
+            from daro_lab.ablation.report import write_ablation_report
+
+            rep, _ = write_ablation_report(res.uri, res.parent_run_id)
+            typer.echo(f"report  {rep.html}")
+        except Exception as e:  # noqa: BLE001 - the sweep and its summary are recorded; the report is extra
+            typer.secho(f"warning: the report could not be written ({type(e).__name__}: {e}); "
+                        f"the summary is on the parent run", fg=typer.colors.YELLOW, err=True)
+    if res.status != "FINISHED":
+        raise typer.Exit(1)
+
+
+def _quiet_analysis() -> None:
+    """Like _quiet, without importing transformers (the analyses never need it)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _split_ids(values: Optional[List[str]]) -> List[str]:
+    """Run ids from repeated and/or comma-separated --runs values."""
+    return [v for item in values or [] for v in item.replace(",", " ").split()]
+
+
+ExperimentOpt = typer.Option(None, "--experiment", "-e", help="MLflow experiment: its FINISHED runs (default: the store's only experiment)")
+RunsOpt = typer.Option(None, "--runs", help="run ids, repeated or comma-separated; a parent (ablation) run expands to its children")
 
 
 @app.command()
-def plot(figure: str = typer.Argument(..., help="loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms")) -> None:
-    """Draw one of the paper's figures from finished runs."""
-    _not_built(f"plot {figure}", 4)
+def plot(
+    figure: str = typer.Argument(..., help="loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms"),
+    experiment: Optional[str] = ExperimentOpt,
+    runs: Optional[List[str]] = RunsOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: reports/<experiment>/figures)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+) -> None:
+    """Draw one of the paper's figures from finished runs: PNG, SVG, PDF and the table behind it (CSV)."""
+    _quiet_analysis()
+    from analyses import FIGURES, AnalysisError, select_runs
+    from analyses import plot as plot_figure
+    from daro_lab.tracking import TrackingError
+
+    if figure not in FIGURES:
+        _fail(f"unknown figure {figure!r}; known: {', '.join(FIGURES)}")
+    try:
+        selected = select_runs(tracking_uri, experiment=experiment, run_ids=_split_ids(runs))
+        result = plot_figure(figure, selected, out or Path("reports") / selected.slug() / "figures")
+    except (AnalysisError, TrackingError) as e:
+        _fail(str(e))
+    for note in result.notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    for kind, path in result.paths.items():
+        typer.echo(f"{kind:26s} {path}")
+    typer.echo(f"\n{result.caption}")
 
 
 @app.command()
-def report() -> None:
-    """Write a paper-style HTML/PDF report of an experiment or an ablation."""
-    _not_built("report", 4)
+def report(
+    experiment: Optional[str] = ExperimentOpt,
+    runs: Optional[List[str]] = RunsOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: reports/<experiment>)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+) -> None:
+    """Write a paper-style report (self-contained HTML and a PDF) of an experiment or an ablation."""
+    _quiet_analysis()
+    from analyses import AnalysisError, select_runs
+    from analyses.report import write_report
+    from daro_lab.tracking import TrackingError
+
+    try:
+        selected = select_runs(tracking_uri, experiment=experiment, run_ids=_split_ids(runs))
+        rep = write_report(selected, out)
+    except (AnalysisError, TrackingError) as e:
+        _fail(str(e))
+    for item in rep.missing:
+        typer.secho(f"missing: {item}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"html    {rep.html}\npdf     {rep.pdf}\nfigures {rep.out_dir / 'figures'} "
+               f"({len(rep.figures)} of {len(rep.figures) + len(rep.errors)} drawn)")
 
 
 @app.command()

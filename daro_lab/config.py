@@ -38,22 +38,35 @@ class ModelConfig:
     num_kv_heads: int = _f(2, "tiny preset: key/value heads (grouped-query attention)")
     intermediate_size: int = _f(256, "tiny preset: MLP width")
     tie_embeddings: bool = _f(False, "tiny preset: tie input and output embeddings")
-    dtype: str = _f("float32", "parameter dtype: float32 on CPU, bfloat16 on GPU")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16, or 'auto' (bfloat16 on GPU, float32 on CPU; issue 6)")
     warmstart_steps: int = _f(1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)")
     warmstart_lr: float = _f(1e-3, "tiny preset: warm-start learning rate")
     warmstart_batch: int = _f(64, "tiny preset: warm-start batch size")
     cache_dir: str = _f(".daro_cache", "where warm-started tiny models are cached, keyed by a hash of their config")
+    prompt_template: str = _f("plain", "'plain' ({prompt}), 'qwen_math' (Qwen2.5-Math's boxed CoT prompt, QwenLM/Qwen2.5-Math evaluation), 'chat' (the tokenizer's chat template), or a string with {prompt}")
+    stop_token: str = _f("", "token that ends a response; empty: '<|im_end|>' or '<|eot_id|>' when the prompt uses it, else the tokenizer's eos")
+    gradient_checkpointing: bool = _f(False, "recompute decoder-layer activations in backward: less memory, ~1/3 more compute (off: the tiny preset needs none)")
+    logprob_chunk_size: int = _f(0, "tokens per lm_head + fp32 log-softmax chunk in the trainer's log-probs; 0 unchunked (fine at the tiny preset's 18 tokens; 150k vocabularies need it, issue 6)")
+    arch_file: str = _f("", "HF config.json of the architecture, for `train --dry-run` when model.path has none (experiments/paper/arch/)")
 
 
 @dataclass
 class TaskConfig:
-    name: str = _f("arithmetic", "built-in task ('arithmetic') or a data loader name")
+    name: str = _f("arithmetic", "'arithmetic' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)")
     min_digits: int = _f(1, "arithmetic: fewest digits of an operand")
     max_digits: int = _f(3, "arithmetic: most digits of an operand; more digits, harder and longer answers")
     ops: list[str] = _f(["+"], "arithmetic: operations drawn from ('+', '-', '*')")
-    num_train: int = _f(4096, "number of training prompts")
-    num_eval: int = _f(256, "number of held-out prompts for periodic evaluation")
+    num_train: int = _f(4096, "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)")
+    num_eval: int = _f(256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)")
     data_seed: int = _f(1234, "seed of the prompt generator (independent of the training seed)")
+    train_file: str = _f("", "math/file tasks: local JSONL or parquet of training problems (MATH, DAPO-Math-17k, OpenR1-Math layouts)")
+    eval_file: str = _f("", "math/file tasks: held-out problems; empty holds out num_eval rows of train_file")
+    prompt_field: str = _f("", "field of the problem text, dotted for nesting ('a.b.0'); empty: first of problem, prompt, question")
+    answer_field: str = _f("", "field of the answer, dotted (DAPO-Math-17k: reward_model.ground_truth); empty: first of answer, reward_model.ground_truth, solution, ground_truth")
+    level_field: str = _f("", "optional difficulty field ('Level 3' -> 3); empty: 'level' when the row has it, else 0")
+    answer_extract: str = _f("auto", "'boxed': the last \\boxed{} of the answer field (MATH solutions); 'none': as is; 'auto': boxed when it has one")
+    reward_workers: int = _f(2, "math task: processes verifying answers with math-verify, 2 for the 2-core default machine (DESIGN.md); 0: in-process, no hard timeout")
+    reward_timeout_s: float = _f(5.0, "math task: seconds per answer before it scores 0 (math-verify's own per-call default is 5 s)")
 
 
 @dataclass
@@ -102,12 +115,26 @@ class TrainerConfig:
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: regenerate until N prompts have 0 < mu < 1")
     dynamic_sampling_max_batches: int = _f(3, "most generation batches per step under dynamic sampling")
     eval_every: int = _f(20, "evaluate on the held-out prompts every n steps (0: only at start and end)")
+    eval_samples: int = _f(8, "responses sampled per held-out prompt for eval/sampled_acc (avg@n at the rollout temperature)")
     grad_norm_every: int = _f(10, "log per-group gradient norms G_mu every n steps (0: never); costs a backward per group")
     checkpoint_every: int = _f(20, "save a checkpoint every n steps (and always at the end)")
     checkpoint_dir: str = _f("checkpoints", "checkpoints go to <checkpoint_dir>/<run id>/")
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
     threads: int = _f(0, "torch intra-op threads; 0 leaves torch's default")
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = _f([], "benchmarks as name=path (JSONL/parquet, problem/answer), e.g. MATH500=data/math500.jsonl; also run at the trainer's evaluations")
+    k: int = _f(4, "samples per problem for avg@k and pass@k (4 as in issue 6; pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)")
+    greedy: bool = _f(False, "one greedy response per problem instead of k samples (avg@1 = pass@1)")
+    temperature: float = _f(0.6, "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)")
+    top_p: float = _f(0.95, "nucleus threshold of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)")
+    max_new_tokens: int = _f(0, "longest evaluation response; 0: rollout.max_new_tokens")
+    batch_size: int = _f(64, "prompts generated at once during evaluation (64: our choice, half the paper's 128-prompt batch)")
+    reward: str = _f("math", "task whose verifier scores benchmark answers: 'math' (math-verify), 'file' (exact match), 'arithmetic'")
+    experiment: str = _f("daro-lab-eval", "MLflow experiment of `daro-lab eval` runs")
 
 
 @dataclass
@@ -125,6 +152,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "response generation"})
     algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "loss and DARO weights"})
     trainer: TrainerConfig = field(default_factory=TrainerConfig, metadata={"help": "RL loop"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "benchmark evaluation (daro-lab eval)"})
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={"help": "MLflow"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +327,37 @@ def validate(cfg: Config) -> None:
         bad("trainer.lr_schedule", f"expected 'constant' or 'cosine', got {t.lr_schedule!r}")
     if len(t.betas) != 2:
         bad("trainer.betas", f"expected two numbers, got {t.betas}")
+    m = cfg.model
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad("model.dtype", f"expected 'auto', 'float32', 'bfloat16' or 'float16', got {m.dtype!r}")
+    if m.prompt_template not in ("plain", "qwen_math", "chat") and "{prompt}" not in m.prompt_template:
+        bad("model.prompt_template", f"expected 'plain', 'qwen_math', 'chat' or a string containing {{prompt}}, got {m.prompt_template!r}")
+    if m.logprob_chunk_size < 0:
+        bad("model.logprob_chunk_size", f"must be >= 0 (0: unchunked), got {m.logprob_chunk_size}")
+    tk = cfg.task
+    if tk.answer_extract not in ("auto", "none", "boxed"):
+        bad("task.answer_extract", f"expected 'auto', 'none' or 'boxed', got {tk.answer_extract!r}")
+    if tk.num_train < 0 or tk.num_eval < 0:
+        bad("task.num_train", f"num_train and num_eval must be >= 0, got {tk.num_train}, {tk.num_eval}")
+    if tk.reward_workers < 0:
+        bad("task.reward_workers", f"must be >= 0, got {tk.reward_workers}")
+    if not tk.reward_timeout_s > 0:
+        bad("task.reward_timeout_s", f"must be > 0, got {tk.reward_timeout_s}")
+    e = cfg.eval
+    from daro_lab.tasks import task_names  # local import: tasks import this module
+
+    if e.reward not in task_names():
+        bad("eval.reward", f"unknown task {e.reward!r}; choose one of {', '.join(task_names())}")
+    if e.k < 1:
+        bad("eval.k", f"must be >= 1, got {e.k}")
+    if e.batch_size < 1 or e.max_new_tokens < 0:
+        bad("eval.batch_size", "batch_size must be >= 1 and max_new_tokens >= 0")
+    if not e.temperature > 0 or not 0 < e.top_p <= 1:
+        bad("eval.temperature", f"need temperature > 0 and 0 < top_p <= 1, got {e.temperature}, {e.top_p}")
+    for i, item in enumerate(e.benchmarks):
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            bad(f"eval.benchmarks[{i}]", f"expected name=path, got {item!r}")
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

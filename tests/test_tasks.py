@@ -30,8 +30,12 @@ def test_sizes_and_disjoint_unique_prompts():
     assert not set(tp) & set(ep)
 
 
-def test_eval_set_does_not_depend_on_num_train():
-    assert build_task(cfg(num_train=50))[1] == build_task(cfg(num_train=500))[1]
+def test_eval_set_follows_the_training_distribution_of_levels():
+    train, ev = build_task(cfg(min_digits=1, max_digits=3, num_train=3000, num_eval=600))
+    share = lambda ps, lvl: sum(p.level == lvl for p in ps) / len(ps)  # noqa: E731
+    for lvl in (1, 2, 3):
+        assert abs(share(train, lvl) - share(ev, lvl)) < 0.05
+    assert share(ev, 1) < 0.1  # only 100 one-digit prompts exist: eval does not use them up
 
 
 @pytest.mark.parametrize("ops", [["+"], ["-"], ["*"], ["+", "-", "*"]])

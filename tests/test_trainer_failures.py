@@ -120,3 +120,16 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_demo_trains_grpo_and_daro_and_says_where_they_are(tmp_path, monkeypatch, small_env, store):
+    monkeypatch.chdir(tmp_path)
+    sets = [x for kv in [*small_env, "trainer.eval_every=0"] for x in ("--set", kv)]
+    res = runner.invoke(app, ["demo", "--steps", "2", "--tracking-uri", store, *sets])
+    assert res.exit_code == 0, res.output
+    runs = {r.data.tags["daro_lab.method"]: r for r in runs_in(store)}
+    assert set(runs) == {"grpo", "daro"} and all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["grpo"].data.params["seed"] == runs["daro"].data.params["seed"]
+    for r in runs.values():
+        assert r.info.run_id in res.output
+    assert "daro-lab ui" in res.output

@@ -34,17 +34,24 @@ from daro_lab.tasks.arithmetic import num_distinct, sample_problem
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the training recipe below changes, so old caches are not reused
+RECIPE_VERSION = 2  # bump when the training recipe below changes, so old caches are not reused
 INFO_FILE = "warmstart.json"
 GRAD_CLIP = 1.0  # max global gradient norm
 
 
+# Fields that do not change the warm-started model (how it is run, or data-file options of other tasks);
+# left out of the key so that, e.g., a different log-prob chunk size reuses the same cached model.
+_MODEL_NOT_IN_KEY = ("path", "cache_dir", "prompt_template", "stop_token", "gradient_checkpointing",
+                     "logprob_chunk_size", "arch_file")
+_TASK_NOT_IN_KEY = ("train_file", "eval_file", "prompt_field", "answer_field", "level_field", "answer_extract",
+                    "reward_workers", "reward_timeout_s")
+
+
 def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> str:
-    """16 hex chars naming the warm-started model; `path` and `cache_dir` do not change the model."""
-    m = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("path", "cache_dir")}
-    blob = json.dumps(
-        {"recipe": RECIPE_VERSION, "model": m, "task": dataclasses.asdict(task_cfg), "seed": seed}, sort_keys=True
-    )
+    """16 hex chars naming the warm-started model; `path`, `cache_dir` and run-time options do not change it."""
+    m = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in _MODEL_NOT_IN_KEY}
+    t = {k: v for k, v in dataclasses.asdict(task_cfg).items() if k not in _TASK_NOT_IN_KEY}
+    blob = json.dumps({"recipe": RECIPE_VERSION, "model": m, "task": t, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -56,7 +56,9 @@ def num_distinct(cfg: TaskConfig) -> int:
 def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problem lists with disjoint prompts, deterministic from cfg.data_seed.
 
-    Eval is drawn first, so the eval set does not change with num_train. When the request is a
+    All num_train + num_eval distinct problems are drawn by one process and then split at random,
+    so the held-out set follows the training distribution: a level with few distinct prompts
+    (one-digit operands give only 100) is not used up by the eval set. When the request is a
     large share of all possible prompts, they are enumerated and shuffled instead of sampled.
     """
     _check(cfg)
@@ -74,18 +76,14 @@ def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
         rng.shuffle(every)
         return every[cfg.num_eval : need], every[: cfg.num_eval]
     seen: set[str] = set()
-
-    def draw(n: int) -> list[Problem]:
-        out = []
-        while len(out) < n:
-            p = sample_problem(rng, cfg)
-            if p.prompt not in seen:
-                seen.add(p.prompt)
-                out.append(p)
-        return out
-
-    eval_set = draw(cfg.num_eval)
-    return draw(cfg.num_train), eval_set
+    drawn: list[Problem] = []
+    while len(drawn) < need:
+        p = sample_problem(rng, cfg)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            drawn.append(p)
+    rng.shuffle(drawn)
+    return drawn[cfg.num_eval :], drawn[: cfg.num_eval]
 
 
 def parse_answer(text: str) -> str | None:

@@ -32,9 +32,14 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-    from daro_lab.tasks import arithmetic  # local import: arithmetic imports Problem from here
+    from daro_lab.tasks import arithmetic, files  # local import: they import Problem from here
+    from daro_lab.tasks import math as math_task
 
-    return {"arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch)}
+    return {
+        "arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch),
+        "math": Task("math", math_task.build, math_task.reward_batch),  # data files, math-verify on the last \\boxed{}
+        "file": Task("file", files.build, files.reward_batch),  # data files, exact match of the stripped response
+    }
 
 
 def task_names() -> list[str]:

@@ -13,6 +13,12 @@ from daro_lab.config import Config
 def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: int, batch_size: int = 256):
     """(metrics, table): `eval/greedy_acc`, `eval/sampled_acc` and per level; one table row per level.
 
+    greedy: one argmax response per prompt; sampled: the mean reward of `trainer.eval_samples`
+    responses per prompt at the rollout temperature (avg@n).
+
+    When the config names benchmarks (`eval.benchmarks`), they are evaluated too: metrics
+    `bench/<name>/avg_at_<k>`, `bench/<name>/pass_at_<j>`, `bench/avg/...` (daro_lab.eval).
+
     Sampling uses its own generator seeded by `seed`, so evaluating never moves the training RNG.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -22,10 +28,12 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
         chunk = problems[start : start + batch_size]
         ids = tokenizer.encode_prompts([p.prompt for p in chunk])
         answers = [p.answer for p in chunk]
-        for mode in ("greedy", "sampled"):
-            out = engine.generate(ids, 1, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+        for mode, n in (("greedy", 1), ("sampled", cfg.trainer.eval_samples)):
+            out = engine.generate(ids, n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_p=r.top_p, generator=gen, greedy=mode == "greedy")
-            scores[mode] += task.reward_batch(tokenizer.decode_responses(out.response_ids), answers)
+            texts = tokenizer.decode_responses(out.response_ids)
+            rewards = task.reward_batch(texts, [a for a in answers for _ in range(n)])
+            scores[mode] += [sum(rewards[i * n : (i + 1) * n]) / n for i in range(len(chunk))]
     by_level: dict[int, dict[str, list[float]]] = defaultdict(lambda: {"greedy": [], "sampled": []})
     for i, p in enumerate(problems):
         for mode in scores:
@@ -41,4 +49,8 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
             metrics[f"eval/{mode}_acc/level_{level}"] = acc
             row[f"{mode}_acc"] = acc
         table.append(row)
+    if cfg.eval.benchmarks:  # the benchmarks of `eval` (avg@k, pass@k), as metrics 'bench/<name>/<metric>'
+        from daro_lab.eval import benchmark_metrics, evaluate_on_benchmarks
+
+        metrics.update(benchmark_metrics(evaluate_on_benchmarks(model, engine, tokenizer, cfg, seed=seed)))
     return metrics, table

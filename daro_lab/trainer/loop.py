@@ -189,19 +189,21 @@ class Trainer:
     def _logprobs(self, model, s: RolloutBatch):
         # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once
         return sequence_logprobs(model, s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
-                                 temperature=self.cfg.rollout.temperature, group_size=self.K)
+                                 temperature=self.cfg.rollout.temperature, group_size=self.K,
+                                 chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
     def _update(self, step: int, index: int, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor,
                 old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
         """One optimizer step on one mini-batch. adv, rewards: [prompts, K]."""
         cfg, K = self.cfg, self.K
         self.model.train()
-        logp = self._logprobs(self.model, s)  # [B, T]
-        mask = s.response_mask.to(logp.dtype)
-        k = rewards.sum(1).round().long().repeat_interleave(K)
+        logp = self._logprobs(self.model, s)  # [B, T], on the model's device
+        dev = logp.device
+        mask = s.response_mask.to(dev, logp.dtype)
+        k = rewards.sum(1).round().long().repeat_interleave(K).to(dev)
         batch = PolicyBatch(
-            logp=logp, old_logp=logp.detach() if old is None else old, mask=mask, advantages=adv.flatten(),
-            num_correct=k, rewards=rewards.flatten(), prompt_index=s.prompt_index, ref_logp=ref,
+            logp=logp, old_logp=logp.detach() if old is None else old, mask=mask, advantages=adv.flatten().to(dev),
+            num_correct=k, rewards=rewards.flatten().to(dev), prompt_index=s.prompt_index.to(dev), ref_logp=ref,
         )
         w = self.weights() if self.weights is not None else None
         every = cfg.trainer.grad_norm_every
@@ -211,8 +213,8 @@ class Trainer:
         if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
             # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
             _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
-                                       group_grad_norms=torch.zeros(K - 1), return_groups=True)
-            group_norms = torch.tensor([_grad_norm(L[kk], params) for kk in range(1, K)])
+                                       group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True)
+            group_norms = torch.tensor([_grad_norm(L[kk], params) for kk in range(1, K)], device=dev)
         loss, metrics, (C, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
                                             group_grad_norms=group_norms, return_groups=True)
         if want_g:
@@ -255,6 +257,8 @@ class Trainer:
             "rollout/prompts_mu1": float(hist[K]),
             "rollout/batches": float(n_batches),
             "length/mean": float(lengths.mean()),
+            # mean of -log pi(sampled token): a Monte Carlo estimate of the per-token policy entropy
+            "entropy/token_mc": float(-(roll.logprobs * roll.response_mask).sum() / roll.response_mask.sum().clamp(min=1)),
             "length/correct": float(lengths[correct].mean()) if correct.any() else float("nan"),
             "length/incorrect": float(lengths[~correct].mean()) if (~correct).any() else float("nan"),
         }

@@ -22,15 +22,30 @@ class Components:
 
 def load_components(cfg: Config) -> Components:
     """Task problems, then the policy: a bad data file or model path fails here, naming itself."""
-    from daro_lab.models import load_policy
     from daro_lab.tasks import build_task, get_task
 
     task = get_task(cfg.task.name)
     train_set, eval_set = build_task(cfg.task)
     if not train_set:
         raise ConfigError(f"task '{cfg.task.name}' has no training prompts")
-    model, tokenizer = load_policy(cfg.model, cfg.model.init_seed, cfg.task)
+    model, tokenizer = load_model_and_tokenizer(cfg)
     return Components(model, tokenizer, task, train_set, eval_set)
+
+
+def load_model_and_tokenizer(cfg: Config):
+    """The policy and the trainer-facing tokenizer: model.dtype 'auto' resolved for trainer.device
+    (bfloat16 on CUDA, float32 on CPU), gradient checkpointing, prompt template and stop token applied."""
+    import dataclasses
+
+    from daro_lab.models import load_policy
+    from daro_lab.models.prompting import prepare_policy, resolve_dtype
+
+    mcfg = dataclasses.replace(cfg.model, dtype=resolve_dtype(cfg.model.dtype, cfg.trainer.device))
+    model, tokenizer = load_policy(mcfg, cfg.model.init_seed, cfg.task)
+    try:
+        return prepare_policy(model, tokenizer, cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def build_engine(cfg: Config, model, tokenizer):
@@ -38,7 +53,14 @@ def build_engine(cfg: Config, model, tokenizer):
         from daro_lab.rollout.hf import HFEngine
 
         return HFEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
-    raise ConfigError(f"config key 'rollout.engine': {cfg.rollout.engine!r} is not available yet; use 'hf'")
+    if cfg.rollout.engine == "vllm":
+        from daro_lab.rollout.vllm_engine import VLLMEngine, VLLMNotInstalledError, VLLMUnsupportedModelError
+
+        try:  # colocated: vLLM is built from the live policy and receives its weights after every update
+            return VLLMEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed)
+        except (VLLMNotInstalledError, VLLMUnsupportedModelError) as e:
+            raise ConfigError(f"config key 'rollout.engine': {e}") from e
+    raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
 
 
 def build_static_weights(cfg: Config) -> dict[int, float]:

@@ -1,0 +1,153 @@
+"""Figure `convergence`: held-out accuracy and training reward against step for every arm (mean
+over seeds with a 95% t-interval band when there are several), and the steps each arm needs to
+reach a given accuracy.
+
+Metrics: `eval/greedy_acc` (held-out, greedy; step 0 is the starting policy) and `reward/mean`
+(mean verifier reward of the step's rollouts). At each step the mean and CI are over the arm's runs
+that logged that step (`n_runs`). Steps to target: the first step at which the arm's mean curve
+reaches `target`; per run, the first step at which that run does. The default target is halfway
+from the mean starting accuracy to the best mean accuracy any arm reaches.
+Tables: `convergence.csv` (arm, method, metric, step, mean, ci, n_runs), `convergence_steps.csv`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analyses import style
+from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, mean_ci
+
+NAME = "convergence"
+ACC = "eval/greedy_acc"
+REWARD = "reward/mean"
+
+
+def curves(runs: RunSet, metrics: Sequence[str] = (ACC, REWARD)) -> pd.DataFrame:
+    """Mean and CI over each arm's runs of each metric by step."""
+    rows = []
+    for arm, members in runs.arms().items():
+        for key in metrics:
+            per_run = [r.series(key) for r in members]
+            per_run = [s for s in per_run if len(s)]
+            if not per_run:
+                continue
+            wide = pd.concat(per_run, axis=1)
+            for step, vals in wide.iterrows():
+                m, ci, n = mean_ci(vals.to_numpy())
+                if n:
+                    rows.append({"arm": arm, "method": members[0].method, "metric": key, "step": int(step),
+                                 "mean": m, "ci": ci, "n_runs": n})
+    return pd.DataFrame(rows, columns=["arm", "method", "metric", "step", "mean", "ci", "n_runs"])
+
+
+def default_target(acc: pd.DataFrame) -> float:
+    """Halfway from the mean starting accuracy (the first logged step) to the best mean accuracy any
+    arm reaches after it; if no arm improves on the start, that best accuracy itself."""
+    first = acc.step.min()
+    start = acc[acc.step == first]["mean"].mean()
+    later = acc[acc.step > first]["mean"]
+    best = later.max() if len(later) else start
+    return float(start + 0.5 * (best - start)) if best > start else float(best)
+
+
+def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float) -> pd.DataFrame:
+    rows = []
+    for arm, members in runs.arms().items():
+        a = acc[acc.arm == arm].sort_values("step")
+        if a.empty:
+            continue
+        hit = a[(a["mean"] >= target - 1e-12) & (a.step >= 1)]
+        per_run = []
+        for r in members:
+            s = r.series(ACC).sort_index()
+            h = s[(s >= target - 1e-12) & (s.index >= 1)]
+            per_run.append(int(h.index[0]) if len(h) else None)
+        reached = [s for s in per_run if s is not None]
+        rows.append({"arm": arm, "method": members[0].method, "target": target,
+                     "step_mean_curve": int(hit.step.iloc[0]) if len(hit) else None,
+                     "n_reached": len(reached), "n_runs": len(per_run),
+                     "steps_per_run": ";".join("-" if s is None else str(s) for s in per_run),
+                     "last_step": int(a.step.max())})
+    return pd.DataFrame(rows, columns=["arm", "method", "target", "step_mean_curve", "n_reached", "n_runs",
+                                       "steps_per_run", "last_step"])
+
+
+def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float) -> str:
+    parts = []
+    acc = c[c.metric == ACC]
+    for arm, a in acc.groupby("arm", sort=False):
+        a = a.sort_values("step")
+        last = a.iloc[-1]
+        s = steps[steps.arm == arm].iloc[0]
+        reach = (f"first reaches {target:.3f} at step {int(s.step_mean_curve)}" if pd.notna(s.step_mean_curve)
+                 else f"does not reach {target:.3f} within {int(s.last_step)} steps")
+        parts.append(f"{arm} goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step {int(last.step)} "
+                     f"(best {a['mean'].max():.3f}) and {reach}")
+    n = int(c.n_runs.max()) if len(c) else 0
+    band = ("bands: 95% t-interval over seeds, clipped to [0, 1]" + (" — wide with 2 seeds (t = 12.7)" if n == 2 else "")
+            if n > 1 else "one seed per arm, so no confidence band")
+    first = acc.step.min()
+    improved = (acc[acc.step > first]["mean"] > acc[acc.step == first]["mean"].mean()).any()
+    if not improved:
+        band += "; no arm improved on its starting accuracy, so the target is the best accuracy reached after the start"
+    return (f"Held-out greedy accuracy (left) and training reward (middle) against step, mean over seeds ({band}); "
+            f"right: training steps (≥ 1) until the mean curve first reaches accuracy {target:.3f}. " + "; ".join(parts) + ".")
+
+
+def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
+                     experiment: str | None = None, run_ids: Sequence[str] | None = None,
+                     target: float | None = None) -> FigureResult:
+    """Draw the convergence figure; save it and its tables in `out_dir`."""
+    runs = as_runset(runs, uri, experiment, run_ids)
+    c = curves(runs)
+    acc = c[c.metric == ACC]
+    if acc.empty:
+        raise AnalysisError(f"{NAME}: no run of {runs.source} logged held-out accuracy ({ACC})")
+    notes = [f"run {r.name} ({r.run_id}) logged no {ACC}" for r in runs if not r.has_metric(ACC)]
+    if target is None:
+        target = default_target(acc)
+    steps = steps_to_target(runs, acc, target)
+    arms = list(dict.fromkeys(c.arm))
+    with style.paper_style():
+        fig, axes = style.new_figure(1, 3, height=2.5)
+        for ax, key, title in ((axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
+                               (axes[0, 1], REWARD, "(b) training reward")):
+            d = c[c.metric == key]
+            for arm in arms:
+                a = d[d.arm == arm].sort_values("step")
+                if a.empty:
+                    continue
+                st = runs.arm_style(arm)
+                ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"],
+                        marker=st["marker"] if key == ACC else None, markersize=2.5)
+                if a.ci.notna().any():
+                    style.band(ax, a.step, a["mean"], a.ci, st["color"], lower=0.0, upper=1.0)
+            ax.set(title=title, xlabel="training step", ylabel="accuracy" if key == ACC else "mean reward")
+            if d.empty:
+                style.empty_panel(ax, f"no {key} logged")
+        axes[0, 0].axhline(target, color="0.4", linestyle=":", linewidth=0.9)
+        axes[0, 0].annotate(f"target {target:.3f}", (0.02, target), xycoords=("axes fraction", "data"),
+                            fontsize=6, color="0.35", va="bottom")
+        ax = axes[0, 2]
+        y = np.arange(len(steps))
+        vals = [v if pd.notna(v) else np.nan for v in steps.step_mean_curve]
+        colors = [runs.arm_style(a)["color"] for a in steps.arm]
+        ax.barh(y, [0 if math.isnan(v) else v for v in vals], color=colors, height=0.6)
+        for yi, v, last in zip(y, vals, steps.last_step):
+            ax.text(0 if math.isnan(v) else v, yi, f" not reached (≤{last})" if math.isnan(v) else f" {int(v)}",
+                    va="center", fontsize=6)
+        ax.set_yticks(y, steps.arm)
+        ax.invert_yaxis()
+        ax.set(title=f"(c) steps to accuracy {target:.3f}", xlabel="training step")
+        xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])
+        ax.set_xlim(0, xmax * 1.35)
+        ax.grid(axis="y", visible=False)
+        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=min(len(arms), 6))
+    result = FigureResult(NAME, fig, {"convergence": c, "convergence_steps": steps},
+                          caption=_caption(c, steps, target), notes=notes, summary={"target": target})
+    return finish_figure(result, out_dir)

@@ -1,0 +1,207 @@
+"""The paper style shared by every figure: seaborn's paper context, one fixed colour per method.
+
+    with paper_style():
+        fig, axes = new_figure(1, 2)                       # a matplotlib Figure, no pyplot state
+        axes[0].plot(x, y, color=method_color("daro"), label=method_label("daro"))
+        paths = save_figure(fig, out_dir, "my-figure")    # PNG + SVG + PDF
+
+Figures are built on `matplotlib.figure.Figure` directly (never pyplot), so that an analysis
+leaves no global figure behind and works on any backend, head-less included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+# Width of one column / of the full page of a two-column paper, in inches.
+COLUMN_WIDTH = 3.4
+PAGE_WIDTH = 7.0
+
+# Every figure draws the methods in this order and in these colours (seaborn "colorblind").
+METHOD_ORDER = ("grpo", "dapo", "dr_grpo", "lipo", "daro", "static")
+METHOD_COLORS = {
+    "grpo": "#0173B2",
+    "dapo": "#DE8F05",
+    "dr_grpo": "#029E73",
+    "lipo": "#CC78BC",
+    "daro": "#D55E00",
+    "static": "#949494",
+}
+METHOD_LABELS = {
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "dr_grpo": "Dr. GRPO",
+    "lipo": "LIPO",
+    "daro": "DARO",
+    "static": "DARO, frozen w",
+}
+# Colours for methods registered by users, picked by a stable hash of the name.
+_EXTRA_COLORS = ("#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#8C564B", "#17BECF", "#7F7F7F")
+# Arms of one method (an ablation) share its colour and differ in line style.
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+FORMATS = ("png", "svg", "pdf")
+PNG_DPI = 200
+
+
+def method_color(method: str) -> str:
+    """The fixed colour of a method (a stable fallback colour for unknown methods)."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[zlib.crc32(method.encode()) % len(_EXTRA_COLORS)]
+
+
+def method_label(method: str) -> str:
+    """The display name of a method: 'dr_grpo' -> 'Dr. GRPO'."""
+    return METHOD_LABELS.get(method, method)
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key putting methods in METHOD_ORDER, unknown ones after, alphabetically."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def mu_colors(K: int) -> dict[int, tuple]:
+    """{k: colour} for the interior pass rates k = 1..K-1, from hard (dark) to easy (light)."""
+    cmap = matplotlib.colormaps["viridis"]
+    n = max(K - 1, 1)
+    return {k: cmap(0.9 * (k - 1) / max(n - 1, 1)) for k in range(1, K)}
+
+
+def mu_label(k: int, K: int) -> str:
+    return f"μ={k}/{K}"
+
+
+def _rc() -> dict:
+    import seaborn as sns
+
+    rc = {}
+    rc.update(sns.axes_style("whitegrid"))
+    rc.update(sns.plotting_context("paper", font_scale=1.0))
+    rc.update({
+        "font.family": "sans-serif",
+        "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
+        "axes.titlesize": 8.5,
+        "axes.labelsize": 8,
+        "xtick.labelsize": 7,
+        "ytick.labelsize": 7,
+        "legend.fontsize": 6.5,
+        "legend.title_fontsize": 7,
+        "legend.frameon": True,
+        "legend.framealpha": 0.85,
+        "lines.linewidth": 1.3,
+        "lines.markersize": 3.5,
+        "grid.linewidth": 0.5,
+        "axes.linewidth": 0.6,
+        "svg.fonttype": "none",  # text stays text in the SVG
+        "pdf.fonttype": 42,  # embed TrueType fonts: editable and accepted by publishers
+        "savefig.dpi": PNG_DPI,
+    })
+    return rc
+
+
+@contextlib.contextmanager
+def paper_style() -> Iterator[None]:
+    """Apply the paper style for the duration of the block (the global rcParams are restored)."""
+    with matplotlib.rc_context(_rc()):
+        yield
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, width: float = PAGE_WIDTH, height: float | None = None,
+               **subplot_kw) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout Figure and a 2-D array of its axes. Call inside `paper_style()`."""
+    if height is None:
+        height = 2.2 * nrows
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    return fig, axes
+
+
+def empty_panel(ax, message: str) -> None:
+    """Mark a panel that has no data, saying why, instead of leaving it blank."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=7, color="0.35", wrap=True,
+            transform=ax.transAxes)
+
+
+def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write `fig` as <stem>.png, .svg and .pdf into `out_dir`; {format: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    engine = fig.get_layout_engine()
+    try:
+        for i, fmt in enumerate(FORMATS):
+            path = out / f"{stem}.{fmt}"
+            meta = {"Creator": "daro-lab"} if fmt in ("pdf", "svg") else None
+            fig.savefig(path, format=fmt, dpi=PNG_DPI, metadata=meta)
+            paths[fmt] = path
+            if i == 0 and engine is not None:
+                fig.set_layout_engine("none")  # the layout is done: the other formats reuse it (faster)
+    finally:
+        if engine is not None:
+            fig.set_layout_engine(engine)
+    return paths
+
+
+def save_table(df: pd.DataFrame, out_dir: str | Path, stem: str) -> Path:
+    """Write the table behind a figure as <stem>.csv (full float precision) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.csv"
+    df.to_csv(path, index=False, float_format="%.17g")
+    return path
+
+
+def arm_handles(runs, arms) -> list:
+    """Legend entries, one per arm, in its colour, line style and marker."""
+    from matplotlib.lines import Line2D
+
+    out = []
+    for arm in arms:
+        st = runs.arm_style(arm)
+        out.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], marker=st["marker"], label=arm))
+    return out
+
+
+def mu_handles(K: int) -> list:
+    """Legend entries for the pass-rate groups k = 1..K-1."""
+    from matplotlib.lines import Line2D
+
+    colors = mu_colors(K)
+    return [Line2D([], [], color=colors[k], marker="o", markersize=3, label=mu_label(k, K)) for k in range(1, K)]
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """Log scale with plain tick labels ('0.5', '2', '30', not '5×10⁻¹'), minor ticks labelled
+    where matplotlib would label them (axes spanning about a decade or less)."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class _Plain(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log", nonpositive="mask")
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_formatter(_Plain())
+    a.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def band(ax, x, mean, half, color, lower: float | None = None, upper: float | None = None) -> None:
+    """Shade mean ± half (the CI over seeds), clipped to the quantity's feasible range."""
+    lo, hi = np.asarray(mean) - np.asarray(half), np.asarray(mean) + np.asarray(half)
+    if lower is not None:
+        lo = np.maximum(lo, lower)
+    if upper is not None:
+        hi = np.minimum(hi, upper)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)

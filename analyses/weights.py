@@ -1,0 +1,126 @@
+"""Figure `weights`: DARO's weight trajectories w_mu over steps (one line per mu), and w_mu * |L_mu|,
+the balance the method aims for (w_mu * |L_mu| -> 1 with the default 'abs' signal).
+
+w_mu: metric `daro/weight/mu_{k}of{K}`, the weights after each step (logged every step, for every
+k, present or not). w_mu * L_mu: column `wL` of the `per_mu` table (the weight the step used times
+the group's loss), averaged over the step's mini-batches where the group is present; the figure
+shows its magnitude |w L|. Both are averaged over the arm's runs (seeds). Arms whose runs have
+no weights (GRPO, DAPO, ...) are left out; `static` arms (frozen weights) are drawn, flat.
+Table `weights.csv`: arm, method, step, k, K, mu, w, w_ci, wL, wL_abs, n_runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analyses import style
+from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, mean_ci
+
+NAME = "weights"
+PREFIX = "daro/weight/mu_"
+
+
+def _k_of(key: str) -> tuple[int, int]:
+    k, K = key[len(PREFIX):].split("of")
+    return int(k), int(K)
+
+
+def weights_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
+    notes = []
+    frames = []
+    for arm, members in runs.arms().items():
+        for r in members:
+            keys = r.keys_with_prefix(PREFIX)
+            if not keys:
+                continue
+            m = r.metrics_frame(keys)
+            kk = m.key.map(_k_of)
+            m["k"], m["K"] = [k for k, _ in kk], [K for _, K in kk]
+            m = m.rename(columns={"value": "w"})[["step", "k", "K", "w"]]
+            pm = r.table("per_mu")
+            if pm is not None and "wL" in pm.columns:
+                wl = pm.dropna(subset=["wL"]).assign(wL_abs=lambda d: d.wL.abs())
+                wl = wl.groupby(["step", "k"])[["wL", "wL_abs"]].mean().reset_index()
+                m = m.merge(wl, on=["step", "k"], how="left")
+            else:
+                m["wL"] = m["wL_abs"] = np.nan
+                notes.append(f"run {r.name} ({r.run_id}) has no per_mu table: no w_mu * L_mu")
+            m["arm"], m["method"], m["run_id"] = arm, r.method, r.run_id
+            frames.append(m)
+    if not frames:
+        raise AnalysisError(
+            f"{NAME}: none of the selected runs ({runs.source}) has DARO weights (metrics daro/weight/*); "
+            f"methods selected: {', '.join(runs.methods())}. Train with --algo daro (or static).")
+    df = pd.concat(frames, ignore_index=True)
+    g = df.groupby(["arm", "method", "step", "k", "K"], sort=False)
+    out = g[["w", "wL", "wL_abs"]].mean()
+    out["w_ci"] = g.w.agg(lambda s: mean_ci(s)[1])
+    out["n_runs"] = g.run_id.nunique()
+    out = out.reset_index()
+    out["mu"] = out.k / out.K
+    return out[["arm", "method", "step", "k", "K", "mu", "w", "w_ci", "wL", "wL_abs", "n_runs"]], notes
+
+
+def _caption(t: pd.DataFrame) -> str:
+    parts = []
+    for arm, d in t.groupby("arm", sort=False):
+        last = d[d.step == d.step.max()]
+        lo, hi = last.loc[last.w.idxmin()], last.loc[last.w.idxmax()]
+        txt = (f"{arm} at step {int(last.step.iloc[0])}: w ranges from {lo.w:.3g} (μ={int(lo.k)}/{int(lo.K)}) "
+               f"to {hi.w:.3g} (μ={int(hi.k)}/{int(hi.K)})")
+        wl = d.dropna(subset=["wL_abs"])
+        if len(wl):
+            wl_last = wl[wl.step == wl.step.max()]
+            txt += (f"; w·|L| at step {int(wl_last.step.iloc[0])} spans {wl_last.wL_abs.min():.3g}–"
+                    f"{wl_last.wL_abs.max():.3g} (balance: 1)")
+        parts.append(txt)
+    return ("DARO weights w_μ after each step (top; log scale when they spread over more than a factor 3) and "
+            "w_μ·|L_μ| per step (bottom, log scale; the method drives it towards 1 for every group), mean over "
+            "seeds (95% intervals in the table). " + "; ".join(parts) + ".")
+
+
+def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
+                 experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+    """Draw the weights figure; save it and its table `weights.csv` in `out_dir`."""
+    runs = as_runset(runs, uri, experiment, run_ids)
+    table, notes = weights_table(runs)
+    arms = list(dict.fromkeys(table.arm))
+    n = len(arms)
+    width = min(style.PAGE_WIDTH, max(style.COLUMN_WIDTH, 2.6 * n))
+    with style.paper_style():
+        fig, axes = style.new_figure(2, n, width=width, height=4.4, sharex="col")
+        Ks = sorted(table.K.unique())
+        for j, arm in enumerate(arms):
+            d = table[table.arm == arm]
+            K = int(d.K.iloc[0])
+            colors = style.mu_colors(K)
+            ax_w, ax_l = axes[0, j], axes[1, j]
+            for k, dk in d.groupby("k"):
+                dk = dk.sort_values("step")
+                ax_w.plot(dk.step, dk.w, color=colors[int(k)], label=style.mu_label(int(k), K))
+                wl = dk.dropna(subset=["wL_abs"])
+                wl = wl[wl.wL_abs > 0]
+                ax_l.plot(wl.step, wl.wL_abs, color=colors[int(k)], marker="o", markersize=2)
+            log_w = d.w.max() / max(d.w.min(), 1e-300) > 3
+            if log_w:
+                style.log_axis(ax_w)
+            ax_w.set(title=f"{arm}: weights w$_\\mu$", ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
+            ax_l.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9)
+            style.log_axis(ax_l)
+            ax_l.set(title=f"{arm}: w$_\\mu$·|L$_\\mu$|", xlabel="training step",
+                     ylabel="w$_\\mu$·|L$_\\mu$| (log)" if j == 0 else None)
+            if len(Ks) > 1:
+                ax_w.legend(loc="best", ncol=2, fontsize=5.5)
+        if len(Ks) == 1:
+            from matplotlib.lines import Line2D
+
+            handles = style.mu_handles(int(Ks[0])) + [
+                Line2D([], [], color="0.4", linestyle=":", label="w·|L| = 1")]
+            ncol = min(len(handles), 8 if n > 1 else 4)
+            fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
+    result = FigureResult(NAME, fig, {"weights": table}, caption=_caption(table), notes=notes)
+    return finish_figure(result, out_dir)

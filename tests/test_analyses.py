@@ -1,0 +1,492 @@
+"""Analyses on synthetic MLflow runs whose per-mu values are known: every figure's saved table holds
+exactly those values after aggregation, the reference curves are static_shape, the report's results
+table matches the runs, incomplete runs still give a report that names what is missing, and the
+CLI's errors exit with code 2.
+
+One sqlite store per session holds every synthetic experiment; the report of the main experiment
+draws every figure once, and the figure tests read the tables it saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from typer.testing import CliRunner
+
+from analyses import AnalysisError, select_runs
+from daro_lab.algorithms.losses import static_shape
+from daro_lab.tracking import Tracker
+
+K = 4
+N_MB = 2  # trainer.mini_batch_prompts
+T975_1 = float(stats.t.ppf(0.975, 1))  # the t quantile of a 95% interval over two seeds
+
+
+def ci2(a, b):
+    """Half-width of the 95% t-interval of two values."""
+    return T975_1 * np.std([a, b], ddof=1) / math.sqrt(2)
+
+
+def pm(step, mb, k, S, C, P, G=np.nan, w=np.nan, wL=np.nan, lc=3.0, li=5.0):
+    return {"step": step, "minibatch": mb, "k": k, "K": K, "mu": k / K, "L": C, "C": C, "S": S, "prompts": float(P),
+            "tokens": 10.0, "len_correct": lc, "len_incorrect": li, "clipfrac_pos": 0.0, "clipfrac_neg": 0.0,
+            "w": w, "wL": wL, "G": G, "G_L": G}
+
+
+# The per_mu tables of the main experiment. GRPO seed 0 has three mini-batches, (1,0), (1,1), (2,0):
+#   (1,0): k1 S=1 C=-2 G=1 P=1 | k2 S=3 C=1 G=3 P=1              S shares 1/4, 3/4; |C| 2/3, 1/3; G 1/4, 3/4
+#   (1,1): k1 S=2 C=1 P=2      | k3 S=2 C=-3 P=1  (no G)          S 1/2, 1/2; |C| 1/4, 3/4
+#   (2,0): k2 S=1 C=1 G=2 P=1  | k3 S=1 C=1 G=2 P=1              S 1/2, 1/2; |C| 1/2, 1/2; G 1/2, 1/2
+GRPO0 = [pm(1, 0, 1, 1, -2, 1, G=1, lc=2, li=4), pm(1, 0, 2, 3, 1, 1, G=3, lc=3, li=5),
+         pm(1, 1, 1, 2, 1, 2, lc=4, li=6), pm(1, 1, 3, 2, -3, 1, lc=3, li=3),
+         pm(2, 0, 2, 1, 1, 1, G=2, lc=5, li=7), pm(2, 0, 3, 1, 1, 1, G=2, lc=3, li=9)]
+# GRPO seed 1: one mini-batch, (1,0): k1 S=1 C=1 G=1 P=1 | k2 S=1 C=1 G=1 P=1 (k3 never appears)
+GRPO1 = [pm(1, 0, 1, 1, 1, 1, G=1, lc=6, li=6), pm(1, 0, 2, 1, 1, 1, G=1, lc=3, li=5)]
+DARO0 = [pm(1, 0, 1, 1, 1, 1, G=1, w=1.1, wL=0.5), pm(1, 0, 2, 1, -2, 1, G=1, w=0.9, wL=-2.0),
+         pm(2, 0, 1, 1, 1, 1, G=4, w=1.2, wL=1.5)]
+DARO1 = [pm(1, 0, 1, 1, 1, 1, G=2, w=1.3, wL=0.25), pm(2, 0, 3, 1, 1, 1, G=2, w=1.0, wL=0.75)]
+# held-out accuracy by step (overall and two levels), reward, total grad norm
+ACC = {("grpo", 0): {0: 0.5, 2: 0.6}, ("grpo", 1): {0: 0.5, 2: 0.8},
+       ("daro", 0): {0: 0.5, 2: 0.7}, ("daro", 1): {0: 0.5, 2: 0.9}, ("dapo", 0): {0: 0.5, 1: 0.65, 2: 0.55}}
+LEVEL = {1: 0.2, 2: -0.1}  # level_n accuracy = overall + LEVEL[n]
+REWARD = {("grpo", 0): {1: 0.1, 2: 0.2}, ("grpo", 1): {1: 0.3, 2: 0.4}, ("daro", 0): {1: 0.2, 2: 0.5},
+          ("daro", 1): {1: 0.2, 2: 0.7}, ("dapo", 0): {1: 0.5, 2: 0.6}}
+GNORM = {("grpo", 0): {1: 2.0, 2: 4.0}, ("grpo", 1): {1: 6.0, 2: 8.0}, ("daro", 0): {1: 1.0, 2: 3.0},
+         ("daro", 1): {1: 5.0, 2: 7.0}, ("dapo", 0): {1: 1.0, 2: 1.0}}
+WEIGHTS = {("daro", 0): {1: (1.1, 0.9, 1.0), 2: (1.2, 0.8, 1.0)}, ("daro", 1): {1: (1.3, 1.0, 1.0), 2: (1.4, 1.0, 1.1)}}
+PER_MU = {("grpo", 0): GRPO0, ("grpo", 1): GRPO1, ("daro", 0): DARO0, ("daro", 1): DARO1,
+          ("dapo", 0): [pm(1, 0, 1, 1, 1, 2, G=1), pm(1, 0, 2, 1, 1, 1, G=1)]}
+
+
+def make_run(uri, art, experiment, method, seed, per_mu=None, acc=None, reward=None, gnorm=None, weights=None,
+             hoeffding=None, **params):
+    p = {"algo.method": method, "seed": seed, "rollout.num_responses": K, "trainer.mini_batch_prompts": N_MB,
+         "algo.eps_low": 0.2, "algo.eps_high": 0.28, "algo.dual_clip": None, "trainer.steps": 2,
+         "model.arch": "llama", "task.name": "arithmetic", **params}
+    tr = Tracker.start(uri, experiment, f"{method}-seed{seed}", p, json.dumps(p),
+                       tags={"daro_lab.method": method, "daro_lab.seed": seed}, artifact_location=art,
+                       context_tags=False)
+    for step, v in (acc or {}).items():
+        tr.log_metrics({"eval/greedy_acc": v, **{f"eval/greedy_acc/level_{n}": v + d for n, d in LEVEL.items()}},
+                       step)
+    for step, v in (reward or {}).items():
+        tr.log_metrics({"reward/mean": v}, step)
+    for step, v in (gnorm or {}).items():
+        tr.log_metrics({"grad/norm": v}, step)
+    for step, ws in (weights or {}).items():
+        tr.log_metrics({f"daro/weight/mu_{k}of{K}": w for k, w in enumerate(ws, start=1)}, step)
+    if per_mu:
+        tr.log_table("per_mu", per_mu)
+    if hoeffding is not None:
+        tr.log_table("hoeffding", hoeffding)
+    tr.finish()
+    return tr.run_id
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A sqlite store with experiments: 'full' (GRPO x2, DARO x2, DAPO x1 seeds), 'solo' (one GRPO
+    run), 'noperm' (metrics but no per_mu table), 'empty' (no runs)."""
+    root = tmp_path_factory.mktemp("analyses")
+    uri, art = f"sqlite:///{root}/mlflow.db", str(root / "artifacts")
+    ids = {}
+    hoef = synthetic_hoeffding(np.random.default_rng(1), correlated=False, steps=1, per_group=12)
+    for (method, seed), rows in PER_MU.items():
+        key = (method, seed)
+        ids[key] = make_run(uri, art, "full", method, seed, rows, ACC[key], REWARD[key], GNORM[key],
+                            WEIGHTS.get(key), hoeffding=hoef if key == ("grpo", 0) else None)
+    ids["solo"] = make_run(uri, art, "solo", "grpo", 0, GRPO1, ACC[("grpo", 0)], REWARD[("grpo", 0)])
+    ids["noperm"] = make_run(uri, art, "noperm", "grpo", 0, None, ACC[("grpo", 0)])
+    from daro_lab.tracking import open_client
+
+    open_client(uri).create_experiment("empty", artifact_location=art)
+    return {"uri": uri, "root": root, "ids": ids}
+
+
+@pytest.fixture(scope="session")
+def full_report(store):
+    from analyses.report import write_report
+
+    return write_report(uri=store["uri"], experiment="full", out_dir=store["root"] / "report-full")
+
+
+def saved(report, name):
+    return pd.read_csv(report.out_dir / "figures" / f"{name}.csv")
+
+
+# --------------------------------------------------------------------------------------------
+# selecting runs
+
+
+def test_select_runs_and_arms(store):
+    runs = select_runs(store["uri"], experiment="full")
+    assert len(runs) == 5
+    assert list(runs.arms()) == ["GRPO", "DAPO", "DARO"]  # the paper's method order
+    assert [r.seed for r in runs.arms()["GRPO"]] == [0, 1]
+    assert runs.arm_style("GRPO")["color"] != runs.arm_style("DARO")["color"]
+    by_ids = select_runs(store["uri"], run_ids=[store["ids"][("daro", 1)]])
+    assert [r.method for r in by_ids] == ["daro"] and by_ids.experiment == "full"
+
+
+def test_select_runs_errors_name_what_is_missing(store):
+    with pytest.raises(AnalysisError, match="experiment 'nope' not found.*full"):
+        select_runs(store["uri"], experiment="nope")
+    with pytest.raises(AnalysisError, match="'empty'.*has no runs"):
+        select_runs(store["uri"], experiment="empty")
+    with pytest.raises(AnalysisError, match="run 'deadbeef' not found"):
+        select_runs(store["uri"], run_ids=["deadbeef"])
+    with pytest.raises(AnalysisError, match="name an experiment"):
+        select_runs(store["uri"])
+
+
+def test_parent_run_expands_to_children(store):
+    uri, art = store["uri"], str(store["root"] / "artifacts")
+    parent = Tracker.start(uri, "ablation", "parent", {"x": 1}, "{}", artifact_location=art, context_tags=False)
+    kids = []
+    for seed in (0, 1):
+        tr = Tracker.start(uri, "ablation", f"daro-{seed}", {"algo.method": "daro", "seed": seed, "algo.daro.lr_w": 0.01 * (seed + 1)},
+                           "{}", tags={"daro_lab.method": "daro", "daro_lab.seed": seed}, parent_run_id=parent.run_id,
+                           artifact_location=art, context_tags=False)
+        tr.finish()
+        kids.append(tr.run_id)
+    parent.finish()
+    runs = select_runs(uri, run_ids=[parent.run_id])
+    assert sorted(r.run_id for r in runs) == sorted(kids)
+    # two arms: the lr_w differs (an ablation), the seed does not make an arm
+    assert sorted(runs.arms()) == ["DARO (lr_w=0.01)", "DARO (lr_w=0.02)"]
+    exp = select_runs(uri, experiment="ablation")
+    assert sorted(r.run_id for r in exp) == sorted(kids)  # the parent holds no training data
+    assert exp.slug() == "ablation" and select_runs(uri, run_ids=[parent.run_id]).slug() == f"ablation-{parent.run_id[:8]}"
+    # children of `daro-lab run ablation` carry their arm's label: it names the arm
+    tr = Tracker.start(uri, "ablation", "static-grpo-seed0", {"algo.method": "static", "seed": 0}, "{}",
+                       tags={"daro_lab.method": "static", "daro_lab.arm": "static-grpo",
+                             "daro_lab.arm_label": "w frozen at GRPO's shape"}, parent_run_id=parent.run_id,
+                       artifact_location=art, context_tags=False)
+    tr.finish()
+    assert "w frozen at GRPO's shape" in select_runs(uri, run_ids=[parent.run_id]).arms()
+
+
+# --------------------------------------------------------------------------------------------
+# loss-scale
+
+
+def test_loss_scale_table_holds_the_known_shares(full_report):
+    t = saved(full_report, "loss_scale").set_index(["arm", "k"])
+    g = t.loc["GRPO"]
+    np.testing.assert_allclose(g.S_share.to_numpy(), [3 / 8, 11 / 24, 1 / 6], rtol=1e-12)
+    np.testing.assert_allclose(g.C_abs_share.to_numpy(), [29 / 72, 7 / 18, 5 / 24], rtol=1e-12)
+    np.testing.assert_allclose(g.G_share.to_numpy(), [5 / 16, 9 / 16, 1 / 8], rtol=1e-12)
+    np.testing.assert_allclose(g.S_per_prompt.to_numpy(), [1.0, 1.5, 1.5], rtol=1e-12)
+    np.testing.assert_allclose(g.S_share_per_prompt.to_numpy(), [0.25, 0.375, 0.375], rtol=1e-12)
+    assert g.n_runs.tolist() == [2, 2, 1]
+    for arm in ("GRPO", "DARO", "DAPO"):
+        assert t.loc[arm].S_share.sum() == pytest.approx(1.0)
+        assert t.loc[arm].C_abs_share.sum() == pytest.approx(1.0)
+    d = t.loc["DARO"]
+    # w*L: mean over the window's rows where the group is present, then over seeds
+    np.testing.assert_allclose(d.wL.to_numpy(), [(1.0 + 0.25) / 2, -2.0, 0.75], rtol=1e-12)
+    np.testing.assert_allclose(d.wL_abs.to_numpy(), [(1.0 + 0.25) / 2, 2.0, 0.75], rtol=1e-12)
+    assert d.ref_share.isna().all()  # DARO has no static shape
+
+
+def test_loss_scale_reference_curves_are_static_shape(full_report):
+    t = saved(full_report, "loss_scale").set_index(["arm", "k"])
+    ref = saved(full_report, "loss_scale_reference")
+    for method, arm in (("grpo", "GRPO"), ("dapo", "DAPO")):
+        r = ref[ref.method == method].sort_values("k")
+        want = np.array([static_shape(method, k / K, N_MB) for k in r.k])
+        np.testing.assert_allclose(r.static_shape.to_numpy(), want, rtol=1e-12)
+        np.testing.assert_allclose(r.ref_share.to_numpy(), want / want.sum(), rtol=1e-12)
+        np.testing.assert_allclose(t.loc[arm].ref_share.to_numpy(), want / want.sum(), rtol=1e-12)
+    # GRPO's shape is 2 sqrt(mu(1-mu)) / N (DESIGN.md), written out
+    r = ref[ref.method == "grpo"].sort_values("k")
+    np.testing.assert_allclose(r.static_shape, [2 * math.sqrt(m * (1 - m)) / N_MB for m in r.mu], rtol=1e-12)
+
+
+def test_loss_scale_steps_and_window(store):
+    from analyses.loss_scale import loss_scale_tables
+
+    runs = select_runs(store["uri"], experiment="full")
+    table, steps, _, _ = loss_scale_tables(runs)
+    s = steps[steps.arm == "GRPO"].set_index(["step", "k"]).C_abs_share
+    # step 1: seed 0 averages (1,0) and (1,1); seed 1 has one mini-batch; then the mean over seeds
+    assert s[(1, 1)] == pytest.approx(((2 / 3 + 1 / 4) / 2 + 1 / 2) / 2)
+    assert s[(1, 3)] == pytest.approx(((0 + 3 / 4) / 2 + 0) / 2)
+    assert s[(2, 2)] == pytest.approx(1 / 2)  # only seed 0 logged step 2
+    win, _, _, _ = loss_scale_tables(runs, window=(2, 2))
+    g = win[win.arm == "GRPO"].set_index("k")
+    assert g.S_share.to_dict() == pytest.approx({2: 0.5, 3: 0.5})
+
+
+# --------------------------------------------------------------------------------------------
+# the other figures
+
+
+def test_length_vs_mu_weighted_means(store, full_report):
+    from analyses.length_vs_mu import length_table
+
+    # the report's figure: two phases (steps 1 and 2); here one phase over both steps
+    phases = saved(full_report, "length_vs_mu")
+    assert sorted(set(zip(phases.step_first, phases.step_last))) == [(1, 1), (2, 2)]
+    assert phases.set_index(["arm", "phase", "k"]).loc[("GRPO", 2, 3)].len_incorrect == pytest.approx(9.0)
+    t, _ = length_table(select_runs(store["uri"], experiment="full"), n_phases=1)
+    t = t.set_index(["arm", "k"])
+    # GRPO k=1: rows (P=1, lc 2, li 4), (P=2, lc 4, li 6) of seed 0 and (P=1, lc 6, li 6) of seed 1;
+    # correct responses P*k, incorrect P*(K-k)
+    assert t.loc[("GRPO", 1)].len_correct == pytest.approx((1 * 2 + 2 * 4 + 1 * 6) / (1 + 2 + 1))
+    assert t.loc[("GRPO", 1)].len_incorrect == pytest.approx((3 * 4 + 6 * 6 + 3 * 6) / (3 + 6 + 3))
+    assert t.loc[("GRPO", 3)].len_incorrect == pytest.approx((1 * 3 + 1 * 9) / 2)
+    assert t.loc[("GRPO", 1)].n_runs == 2
+    paths = full_report.figures["length-vs-mu"].paths
+    assert {p.suffix for p in paths.values()} == {".png", ".svg", ".pdf", ".csv"}
+
+
+def test_phases_split_steps():
+    from analyses.length_vs_mu import phases_of
+
+    assert phases_of([1, 2, 3, 4, 5, 6, 7], 3) == [(1, 3), (4, 5), (6, 7)]
+    assert phases_of([5, 5, 6], 3) == [(5, 5), (6, 6)]
+
+
+def test_weights_table(full_report):
+    t = saved(full_report, "weights").set_index(["step", "k"])
+    assert t.loc[(1, 1)].w == pytest.approx((1.1 + 1.3) / 2)
+    assert t.loc[(2, 3)].w == pytest.approx((1.0 + 1.1) / 2)
+    assert t.loc[(2, 1)].w_ci == pytest.approx(ci2(1.2, 1.4))
+    assert t.loc[(1, 1)].wL == pytest.approx((0.5 + 0.25) / 2)
+    assert t.loc[(2, 1)].wL == pytest.approx(1.5)  # only seed 0 had k=1 at step 2
+    assert set(t.arm) == {"DARO"}
+
+
+def test_convergence_curves_and_steps_to_target(full_report, store):
+    c = saved(full_report, "convergence").set_index(["arm", "metric", "step"])
+    assert c.loc[("GRPO", "eval/greedy_acc", 2)]["mean"] == pytest.approx(0.7)
+    assert c.loc[("GRPO", "eval/greedy_acc", 2)].ci == pytest.approx(ci2(0.6, 0.8))
+    assert c.loc[("DARO", "reward/mean", 2)]["mean"] == pytest.approx(0.6)
+    assert np.isnan(c.loc[("DAPO", "eval/greedy_acc", 1)].ci)  # one seed: no interval
+    from analyses.convergence import curves, steps_to_target
+
+    runs = select_runs(store["uri"], experiment="full")
+    acc = curves(runs, ["eval/greedy_acc"])
+    s = steps_to_target(runs, acc, 0.62).set_index("arm")
+    assert s.loc["DAPO"].step_mean_curve == 1 and s.loc["GRPO"].step_mean_curve == 2
+    assert s.loc["GRPO"].steps_per_run == "-;2" and s.loc["GRPO"].n_reached == 1
+    never = steps_to_target(runs, acc, 0.95).set_index("arm")
+    assert never.step_mean_curve.isna().all()
+
+
+def test_grad_norms_table(full_report):
+    t = saved(full_report, "grad_norms")
+    tot = t[t.quantity == "total"].set_index(["arm", "step"])
+    assert tot.loc[("GRPO", 1)]["mean"] == pytest.approx(4.0)
+    assert tot.loc[("GRPO", 1)].ci == pytest.approx(ci2(2.0, 6.0))
+    g = t[t.quantity == "G"].set_index(["arm", "step", "k"])
+    assert g.loc[("DARO", 1, 1)]["mean"] == pytest.approx(1.5)  # seeds: 1 and 2
+    assert g.loc[("DARO", 2, 1)]["mean"] == pytest.approx(4.0)
+    assert g.loc[("GRPO", 2, 3)].n_runs == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the Hoeffding check, both ways
+
+
+def synthetic_hoeffding(rng, correlated: bool, steps: int = 3, per_group: int = 40, b_neg: float = 1.6):
+    """Rows like the trainer's hoeffding table. Tokens of a response are independent draws in the
+    clipped factor's range, or (correlated) one draw repeated over the whole response."""
+    rows = []
+    for step in range(1, steps + 1):
+        for k in (1, 2, 3):
+            for sign in (1, -1):
+                a, b = (0.0, 1.28) if sign > 0 else (0.8, b_neg)
+                for p in range(per_group):
+                    n = int(rng.integers(8, 65))
+                    g = np.full(n, rng.uniform(a, b)) if correlated else rng.uniform(a, b, n)
+                    rows.append({"step": step, "minibatch": 1, "K": K, "k": k, "prompt": p, "adv": 0.7 * sign,
+                                 "sign": sign, "length": float(n), "g_mean": float(g.mean()),
+                                 "rho_max": b if sign < 0 else 1.1})
+    df = pd.DataFrame(rows)
+    df["g_group_mean"] = df.groupby(["step", "minibatch", "k", "sign"]).g_mean.transform("mean")
+    return df
+
+
+def test_hoeffding_holds_for_independent_tokens():
+    from analyses.hoeffding import hoeffding_check
+
+    c = hoeffding_check(synthetic_hoeffding(np.random.default_rng(0), correlated=False))
+    cov = c.coverage[c.coverage.scope == "all"].set_index("delta")
+    for delta in (0.01, 0.05, 0.1):
+        assert cov.loc[delta].coverage >= 1 - delta
+        assert c.verdicts[delta] == "holds"
+    assert c.holds and not c.fails
+    assert int(c.tail.significant.sum()) == 0
+    assert "HOLDS" in c.text and "not independent" in c.text
+    # the negative-advantage range ends at the largest ratio observed (no dual clip), and says so
+    neg = c.ranges[c.ranges.sign == "-"]
+    assert neg.b.tolist() == [1.6] and "largest ratio observed" in neg.b_source.iloc[0]
+
+
+def test_hoeffding_detects_correlated_tokens():
+    from analyses.hoeffding import hoeffding_check
+
+    c = hoeffding_check(synthetic_hoeffding(np.random.default_rng(0), correlated=True))
+    assert c.fails and not c.holds
+    assert all(v == "fails" for v in c.verdicts.values())
+    cov = c.coverage[(c.coverage.scope == "all") & (c.coverage.delta == 0.05)].iloc[0]
+    assert cov.cp_high < 0.95
+    assert int(c.tail.significant.sum()) > 0
+    assert "FAILS" in c.text
+
+
+def test_hoeffding_few_responses_give_no_firm_verdict():
+    from analyses.hoeffding import hoeffding_check
+
+    c = hoeffding_check(synthetic_hoeffding(np.random.default_rng(3), correlated=False, steps=1, per_group=5))
+    assert len(c.responses) == 30
+    assert set(c.verdicts.values()) == {"consistent"}  # met, but 30 responses cannot establish 1 - delta
+    assert not c.holds and not c.fails and "NO FIRM VERDICT" in c.text
+
+
+def test_hoeffding_dual_clip_sets_the_range_and_singletons_are_left_out():
+    from analyses.hoeffding import hoeffding_check
+
+    df = synthetic_hoeffding(np.random.default_rng(2), correlated=False, steps=1, per_group=5)
+    lone = df.iloc[[0]].assign(k=2, step=9, g_group_mean=df.g_mean.iloc[0])  # alone in its group
+    c = hoeffding_check(pd.concat([df, lone], ignore_index=True), dual_clip=3.0)
+    assert c.ranges[c.ranges.sign == "-"].b.tolist() == [3.0]
+    assert c.excluded_singletons == 1 and len(c.responses) == len(df)
+
+
+def test_hoeffding_factorised_loss_error():
+    from analyses.hoeffding import hoeffding_check
+
+    # one group (k=1): two A>0 responses (n 2 and 4, mean g 1.0 and 1.3) and two A<0 ones (g 0.9, 0.9)
+    df = pd.DataFrame({"step": 1, "minibatch": 1, "K": 4, "k": 1, "prompt": [0, 0, 1, 1],
+                       "adv": [1.0, 1.0, -1.0, -1.0], "sign": [1, 1, -1, -1], "length": [2.0, 4.0, 2.0, 2.0],
+                       "g_mean": [1.0, 1.3, 0.9, 0.9], "rho_max": [1.0, 1.3, 0.95, 0.95]})
+    df["g_group_mean"] = df.groupby("sign").g_mean.transform("mean")
+    f = hoeffding_check(df).factorisation.iloc[0]
+    exact = -(2 * 1.0 + 4 * 1.3 - 2 * 0.9 - 2 * 0.9) / 10
+    fact = -(2 * 1.15 + 4 * 1.15 - 2 * 0.9 - 2 * 0.9) / 10
+    assert f.exact == pytest.approx(exact) and f.factorised == pytest.approx(fact)
+    assert f.rel_err == pytest.approx(abs(exact - fact) / abs(exact))
+    assert f.err_vs_mass == pytest.approx(abs(exact - fact) / ((2 * 1.0 + 4 * 1.3 + 2 * 0.9 + 2 * 0.9) / 10))
+
+
+def test_hoeffding_figure_from_runs(full_report):
+    res = full_report.figures["hoeffding"]
+    cov = saved(full_report, "hoeffding_coverage")
+    assert set(cov.scope) >= {"all", "length", "sign", "method"}
+    assert res.summary["verdicts"].keys() == {0.01, 0.05, 0.1}
+    assert res.paths["png"].stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+def test_report_results_table_matches_the_runs(full_report):
+    r = full_report.results.set_index(["arm", "level"])
+    g = r.loc[("GRPO", "all")]
+    assert (g.n_seeds, g.start_mean, g.final_mean, g.best_mean) == (2, 0.5, pytest.approx(0.7), pytest.approx(0.7))
+    assert g.final_ci == pytest.approx(ci2(0.6, 0.8))
+    d = r.loc[("DAPO", "all")]  # best over steps >= 1 (0.65 at step 1), final at step 2
+    assert (d.final_mean, d.best_mean) == (pytest.approx(0.55), pytest.approx(0.65)) and np.isnan(d.final_ci)
+    lvl = r.loc[("DARO", "2")]
+    assert lvl.final_mean == pytest.approx(0.8 - 0.1) and lvl.final_ci == pytest.approx(ci2(0.6, 0.8))
+    on_disk = pd.read_csv(full_report.out_dir / "results.csv")
+    assert len(on_disk) == len(full_report.results) == 3 * 3  # 3 arms x (all + 2 levels)
+
+
+def test_report_html_is_self_contained_and_has_every_figure(full_report):
+    from analyses import FIGURES
+
+    html = full_report.html.read_text(encoding="utf-8")
+    assert not full_report.errors
+    for name in FIGURES:
+        assert f"id='fig-{name}'" in html
+    assert html.count("data:image/png;base64,") == len(FIGURES)
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    assert "0.700 ± " in html  # GRPO's final accuracy, mean ± CI
+    assert "Hoeffding verdict" in html
+    assert full_report.pdf.read_bytes()[:5] == b"%PDF-"
+    assert any("Methods of the paper with no run here: Dr. GRPO, LIPO" in m for m in full_report.missing)
+
+
+def test_report_renders_for_incomplete_runs_and_says_what_is_missing(store, tmp_path):
+    from analyses.report import write_report
+
+    rep = write_report(uri=store["uri"], experiment="solo", out_dir=tmp_path, figures=["convergence", "weights"])
+    text = " ".join(rep.missing)
+    assert "Only one method (GRPO)" in text
+    assert "No DARO run" in text
+    assert "One seed only for GRPO" in text
+    assert "weights" in rep.errors and "DARO weights" in rep.errors["weights"]
+    html = rep.html.read_text(encoding="utf-8")
+    assert "What these runs lack" in html and "No DARO run" in html
+    assert "NO VERDICT" in html  # the Hoeffding check was not possible, and the report says so
+    assert rep.pdf.stat().st_size > 0
+    assert rep.results.set_index("level").loc["all"].final_mean == pytest.approx(0.6)
+
+
+def test_report_refuses_runs_without_per_mu_data(store, tmp_path):
+    from analyses.report import write_report
+
+    with pytest.raises(AnalysisError, match="per_mu"):
+        write_report(uri=store["uri"], experiment="noperm", out_dir=tmp_path)
+
+
+def test_figures_name_the_missing_table(store):
+    from analyses.loss_scale import plot_loss_scale
+    from analyses.weights import plot_weights
+
+    with pytest.raises(AnalysisError, match="none of the selected runs.*'per_mu'"):
+        plot_loss_scale(uri=store["uri"], experiment="noperm")
+    with pytest.raises(AnalysisError, match="DARO weights"):
+        plot_weights(uri=store["uri"], experiment="solo")
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    from daro_lab.cli import app
+
+    return runner.invoke(app, list(args))
+
+
+def test_cli_errors_exit_2_naming_what_is_missing(store, tmp_path):
+    uri = store["uri"]
+    r = _cli("plot", "no-such-figure", "--tracking-uri", uri)
+    assert r.exit_code == 2 and "unknown figure 'no-such-figure'" in r.output and "loss-scale" in r.output
+    r = _cli("plot", "loss-scale", "--experiment", "nope", "--tracking-uri", uri)
+    assert r.exit_code == 2 and "experiment 'nope' not found" in r.output
+    r = _cli("report", "--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path))
+    assert r.exit_code == 2 and "experiment 'nope' not found" in r.output
+    r = _cli("plot", "loss-scale", "--experiment", "noperm", "--tracking-uri", uri, "--out", str(tmp_path))
+    assert r.exit_code == 2 and "per_mu" in r.output
+    r = _cli("report", "--experiment", "noperm", "--tracking-uri", uri, "--out", str(tmp_path))
+    assert r.exit_code == 2 and "per-mu data" in r.output
+    r = _cli("plot", "weights", "--runs", "deadbeef", "--tracking-uri", uri)
+    assert r.exit_code == 2 and "run 'deadbeef' not found" in r.output
+
+
+def test_cli_plot_writes_the_figure_and_its_table(store, tmp_path):
+    ids = store["ids"]
+    r = _cli("plot", "weights", "--runs", f"{ids[('daro', 0)]},{ids[('daro', 1)]}", "--tracking-uri", store["uri"],
+             "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    for ext in ("png", "svg", "pdf", "csv"):
+        assert (tmp_path / f"weights.{ext}").stat().st_size > 0
+    assert (tmp_path / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "weights.svg").read_bytes()[:2000]
