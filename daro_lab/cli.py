@@ -258,6 +258,7 @@ def report(
     runs: Optional[List[str]] = RunsOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: reports/<experiment>)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    ablation: Optional[str] = typer.Option(None, "--ablation", help="parent run id of an ablation: its summary, then every figure"),
 ) -> None:
     """Write a paper-style report (self-contained HTML and a PDF) of an experiment or an ablation."""
     _quiet_analysis()
@@ -265,6 +266,16 @@ def report(
     from analyses.report import write_report
     from daro_lab.tracking import TrackingError
 
+    if ablation:
+        from daro_lab.ablation import AblationError
+        from daro_lab.ablation.report import write_ablation_report
+
+        try:
+            rep, _ = write_ablation_report(tracking_uri, ablation, out)
+        except (AnalysisError, TrackingError, AblationError) as e:
+            _fail(str(e))
+        typer.echo(f"html    {rep.html}\npdf     {rep.pdf}")
+        return
     try:
         selected = select_runs(tracking_uri, experiment=experiment, run_ids=_split_ids(runs))
         rep = write_report(selected, out)
@@ -321,12 +332,12 @@ def demo(
             _fail(str(e))
         run_id = _run_training(cfg, tracking_uri=uri)
         m = read_metrics(uri, run_id)
-        acc = m[m.key == "eval/greedy_acc"].sort_values("step")
-        results.append((method, run_id, acc.value.iloc[0], acc.value.iloc[-1]))
-    typer.echo(f"\nexperiment '{cfg.tracking.experiment}' in {uri}")
-    typer.echo(f"{'method':8s} {'run id':34s} {'greedy acc at start':>20s} {'at end':>8s}")
-    for method, run_id, a0, a1 in results:
-        typer.echo(f"{method:8s} {run_id:34s} {a0:20.3f} {a1:8.3f}")
+        acc = {k: m[m.key == f"eval/{k}_acc"].sort_values("step").value for k in ("sampled", "greedy")}
+        results.append((method, run_id, *(a.iloc[i] for a in acc.values() for i in (0, -1))))
+    typer.echo(f"\nexperiment '{cfg.tracking.experiment}' in {uri}; held-out accuracy at start -> end")
+    typer.echo(f"{'method':8s} {'run id':34s} {'sampled (avg@' + str(cfg.trainer.eval_samples) + ')':>18s} {'greedy':>16s}")
+    for method, run_id, s0, s1, g0, g1 in results:
+        typer.echo(f"{method:8s} {run_id:34s} {s0:8.3f} -> {s1:.3f} {g0:8.3f} -> {g1:.3f}")
     typer.echo("\nOpen them side by side: daro-lab ui" + (f" --tracking-uri {uri}" if tracking_uri else ""))
 
 

@@ -1,0 +1,509 @@
+"""Ablation grids: `experiments/ablations/NAME.toml` -> a validated plan of arms x seeds.
+
+A grid file (every key but `arms` optional):
+
+    description = "what the ablation asks"    # the parent run's note in the MLflow UI
+    reference = "learned"                     # arm the paired tests compare against (default: first)
+    seeds = 3                                 # default seed count (--seeds N overrides): seeds 0..N-1
+                                              #   offset by the preset's `seed`; or a list [0, 1, 2]
+    set = ["trainer.eval_every=10"]           # overrides for every arm, applied before the arms' own
+    target_acc = "reference_final"            # steps-to-target: a number, or the reference arm's
+                                              #   mean final held-out accuracy (the default)
+    balance_window = 10                       # last steps over which the loss-balance spread is averaged
+    test = "t"                                # paired test against the reference: "t" or "wilcoxon"
+    weight_stats = false                      # add weight variance / balance gap / stability columns
+    num_cpus = 2                              # CPUs per arm: a Ray task's resources; process-pool size
+    num_gpus = 1                              # GPUs per arm (Ray); default 1 for arms on trainer.device
+                                              #   'cuda...', else 0. Arms on a GPU run one at a time locally
+
+    [[arms]]
+    name = "learned"                          # letters, digits, '-', '_', '.'; unique
+    label = "DARO, learned weights"           # optional, shown in the summary and as a tag
+    set = ["algo.method=daro"]                # the arm's config overrides
+
+    [[arms]]
+    name = "optimal-static"
+    set = ["algo.method=static"]
+    static_from = "learned"                   # frozen at the final weights of arm 'learned' (same seed)
+
+Overrides are `section.key=value` (TOML values, as `--set`), or relative to the value before the
+arm's overrides: `key*=2`, `key/=2` (integers stay integers; a non-integer result is an error).
+The order is: preset file -> grid `set` -> command-line `--set`/`--steps` -> the arm's `set`; a
+command-line override of a key that an arm sets is an error (it would silently undo the ablation).
+
+Every error names the grid file and the key (or arm) at fault, and is raised before any run exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daro_lab.config import Config, ConfigError, apply_overrides, config_from_dict
+
+
+class AblationError(ValueError):
+    """A grid, preset, plan or resume that cannot be used; the message names the file, key or run."""
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = PACKAGE_DIR.parent
+TINY_PRESET = PACKAGE_DIR / "presets" / "demo.toml"
+# `--preset paper` is the smallest model of the paper's setups; `paper/<model>` picks another one.
+PAPER_DEFAULT_MODEL = "qwen2.5-math-1.5b"
+PRESETS = ("tiny", "paper")
+
+GRID_KEYS = {
+    "description": str, "reference": str, "seeds": (int, list), "set": list, "target_acc": (int, float, str),
+    "balance_window": int, "test": str, "weight_stats": bool, "num_cpus": (int, float), "num_gpus": (int, float),
+    "arms": list,
+}
+ARM_KEYS = {"name": str, "label": str, "set": list, "static_from": str}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass
+class Arm:
+    """One arm of a grid: a name, a label, its overrides, and where its frozen weights come from."""
+
+    name: str
+    label: str = ""
+    set: list[str] = field(default_factory=list)
+    static_from: str | None = None
+
+
+@dataclass
+class Grid:
+    """A parsed grid file (see the module docstring)."""
+
+    name: str
+    path: str
+    arms: list[Arm]
+    description: str = ""
+    reference: str = ""
+    seeds: int | list[int] = 3
+    set: list[str] = field(default_factory=list)
+    target_acc: float | str = "reference_final"
+    balance_window: int = 10
+    test: str = "t"
+    weight_stats: bool = False
+    num_cpus: float = 2
+    num_gpus: float | None = None
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+
+
+def _experiments_dirs() -> list[Path]:
+    """Where `experiments/` is looked for: the working directory, then the repository of this package."""
+    out = [Path.cwd() / "experiments", REPO_DIR / "experiments"]
+    seen, uniq = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            uniq.append(p)
+    return uniq
+
+
+def grid_path(name: str | Path) -> Path:
+    """The grid file of ablation `name` (experiments/ablations/NAME.toml), or `name` itself if it is a file."""
+    p = Path(name)
+    if p.suffix == ".toml" or p.is_file():
+        if not p.is_file():
+            raise AblationError(f"grid file not found: {p}")
+        return p
+    if not _NAME_RE.match(str(name)):
+        raise AblationError(f"ablation name {str(name)!r} is not a file and not a grid name (letters, digits, '-', '_')")
+    tried = [d / "ablations" / f"{name}.toml" for d in _experiments_dirs()]
+    for t in tried:
+        if t.is_file():
+            return t
+    known = sorted({f.stem for d in _experiments_dirs() for f in (d / "ablations").glob("*.toml")})
+    raise AblationError(f"no ablation grid {str(name)!r}: looked for {', '.join(str(t) for t in tried)} "
+                        f"(known grids: {', '.join(known) or 'none'})")
+
+
+def list_grids() -> list[str]:
+    """Names of the grid files under experiments/ablations/."""
+    return sorted({f.stem for d in _experiments_dirs() for f in (d / "ablations").glob("*.toml")})
+
+
+def preset_path(preset: str | Path) -> Path:
+    """The base config of a sweep: 'tiny' (the embedded demo preset), 'paper' (the paper's setup
+    of its smallest model, experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>'
+    (experiments/paper/<model>/daro.toml), or a path to a TOML config."""
+    s = str(preset)
+    if s == "tiny":
+        return TINY_PRESET
+    if s == "paper" or s.startswith("paper/"):
+        model = s.split("/", 1)[1] if "/" in s else PAPER_DEFAULT_MODEL
+        tried = [d / "paper" / model / "daro.toml" for d in _experiments_dirs()]
+        for t in tried:
+            if t.is_file():
+                return t
+        have = sorted({p.name for d in _experiments_dirs() if (d / "paper").is_dir()
+                       for p in (d / "paper").iterdir() if (p / "daro.toml").is_file()})
+        raise AblationError(f"preset {s!r}: no paper config at {', '.join(str(t) for t in tried)} "
+                            f"(paper models with a daro.toml: {', '.join(have) or 'none yet'}); "
+                            f"use --preset tiny, --preset paper/<model>, or a config path")
+    p = Path(s)
+    if p.suffix == ".toml":
+        if not p.is_file():
+            raise AblationError(f"preset config file not found: {p}")
+        return p
+    raise AblationError(f"unknown preset {s!r}: use 'tiny', 'paper', 'paper/<model>' or a path to a .toml config")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing a grid
+
+
+def _type_name(tp) -> str:
+    tps = tp if isinstance(tp, tuple) else (tp,)
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
+    return " or ".join(names.get(t, t.__name__) for t in tps)
+
+
+def _check_type(where: str, key: str, value: Any, tp) -> None:
+    tps = tp if isinstance(tp, tuple) else (tp,)
+    if isinstance(value, bool) and bool not in tps:
+        ok = False
+    else:
+        ok = isinstance(value, tps)
+    if not ok:
+        raise AblationError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_overrides(where: str, key: str, items: list) -> list[str]:
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or "=" not in item:
+            raise AblationError(f"{where}: {key}[{i}] must be a string 'section.key=value', got {item!r}")
+        out.append(item)
+    return out
+
+
+def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
+    """A Grid from the TOML data of `path`; AblationError naming the file and key on any problem."""
+    where = str(path)
+    unknown = sorted(set(data) - set(GRID_KEYS))
+    if unknown:
+        raise AblationError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(GRID_KEYS))})")
+    for key, tp in GRID_KEYS.items():
+        if key in data:
+            _check_type(where, key, data[key], tp)
+    arms_data = data.get("arms")
+    if not arms_data:
+        raise AblationError(f"{where}: the grid is empty: key 'arms' defines no arms (add [[arms]] tables)")
+    arms: list[Arm] = []
+    for i, a in enumerate(arms_data):
+        aw = f"{where}: arms[{i}]"
+        if not isinstance(a, dict):
+            raise AblationError(f"{aw}: must be a table ([[arms]]), got {a!r}")
+        if "name" in a and isinstance(a["name"], str):
+            aw += f" ('{a['name']}')"
+        bad = sorted(set(a) - set(ARM_KEYS))
+        if bad:
+            raise AblationError(f"{aw}: unknown key '{bad[0]}' (known arm keys: {', '.join(sorted(ARM_KEYS))})")
+        if "name" not in a:
+            raise AblationError(f"{aw}: missing key 'name'")
+        for key, tp in ARM_KEYS.items():
+            if key in a:
+                _check_type(aw, key, a[key], tp)
+        if not _NAME_RE.match(a["name"]):
+            raise AblationError(f"{aw}: key 'name' {a['name']!r} must be letters, digits, '-', '_', '.'")
+        if any(x.name == a["name"] for x in arms):
+            raise AblationError(f"{aw}: key 'name': arm {a['name']!r} is defined twice")
+        src = a.get("static_from")
+        if src is not None and not any(x.name == src for x in arms):
+            later = any(isinstance(x, dict) and x.get("name") == src for x in arms_data)
+            raise AblationError(f"{aw}: key 'static_from': arm {src!r} "
+                                + ("must come before this arm (it must finish first)" if later else "is not defined"))
+        arms.append(Arm(a["name"], a.get("label", ""), _check_overrides(aw, "set", a.get("set", [])), src))
+    g = Grid(name=name, path=where, arms=arms, description=data.get("description", ""),
+             reference=data.get("reference", arms[0].name), seeds=data.get("seeds", 3),
+             set=_check_overrides(where, "set", data.get("set", [])),
+             target_acc=data.get("target_acc", "reference_final"), balance_window=data.get("balance_window", 10),
+             test=data.get("test", "t"), weight_stats=data.get("weight_stats", False),
+             num_cpus=data.get("num_cpus", 2), num_gpus=data.get("num_gpus"))
+    if g.reference not in [a.name for a in arms]:
+        raise AblationError(f"{where}: key 'reference': no arm named {g.reference!r} "
+                            f"(arms: {', '.join(a.name for a in arms)})")
+    if isinstance(g.seeds, list):
+        if not g.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in g.seeds):
+            raise AblationError(f"{where}: key 'seeds' must be a positive integer or a non-empty list of integers")
+        if len(set(g.seeds)) != len(g.seeds):
+            raise AblationError(f"{where}: key 'seeds' lists a seed twice: {g.seeds}")
+    elif g.seeds < 1:
+        raise AblationError(f"{where}: key 'seeds' must be >= 1, got {g.seeds}")
+    if isinstance(g.target_acc, str) and g.target_acc != "reference_final":
+        raise AblationError(f"{where}: key 'target_acc' must be a number or 'reference_final', got {g.target_acc!r}")
+    if g.test not in ("t", "wilcoxon"):
+        raise AblationError(f"{where}: key 'test' must be 't' (paired t-test) or 'wilcoxon', got {g.test!r}")
+    if g.balance_window < 1:
+        raise AblationError(f"{where}: key 'balance_window' must be >= 1, got {g.balance_window}")
+    if not g.num_cpus > 0:
+        raise AblationError(f"{where}: key 'num_cpus' must be > 0, got {g.num_cpus}")
+    if g.num_gpus is not None and g.num_gpus < 0:
+        raise AblationError(f"{where}: key 'num_gpus' must be >= 0, got {g.num_gpus}")
+    return g
+
+
+def load_grid(name: str | Path) -> Grid:
+    """Read and check the grid of ablation `name` (or a grid file path)."""
+    path = grid_path(name)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise AblationError(f"grid file {path} is not valid TOML: {e}") from e
+    stem = path.stem
+    return parse_grid(data, stem, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides, including relative ones
+
+
+_DEFAULTS = Config().flat()
+
+
+def _get(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for p in dotted.split("."):
+        if not isinstance(node, dict) or p not in node:
+            if dotted in _DEFAULTS:
+                return _DEFAULTS[dotted]
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node = node[p]
+    return node
+
+
+def override_key(item: str) -> str:
+    """The dotted key an override sets ('a.b*=2' -> 'a.b')."""
+    return item.split("=", 1)[0].strip().rstrip("*/").strip()
+
+
+def apply_arm_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`apply_overrides`, plus relative `key*=x` and `key/=x` against the value in `data` (or its default)."""
+    plain: list[str] = []
+
+    def flush() -> None:
+        if plain:
+            apply_overrides(data, list(plain))
+            plain.clear()
+
+    for item in overrides:
+        head = item.split("=", 1)[0].rstrip()
+        if "=" in item and head.endswith(("*", "/")):
+            flush()
+            key, op = head[:-1].strip(), head[-1]
+            text = item.split("=", 1)[1].strip()
+            try:
+                factor = float(tomllib.loads(f"v = {text}")["v"])
+            except (tomllib.TOMLDecodeError, TypeError, ValueError):
+                raise ConfigError(f"override '{item}': {text!r} is not a number") from None
+            cur = _get(data, key)
+            if isinstance(cur, bool) or not isinstance(cur, (int, float)):
+                raise ConfigError(f"override '{item}': config key '{key}' is not a number ({cur!r})")
+            if op == "/" and factor == 0:
+                raise ConfigError(f"override '{item}': division by zero")
+            new = cur * factor if op == "*" else cur / factor
+            if isinstance(cur, int):
+                if not math.isclose(new, round(new)):
+                    raise ConfigError(f"override '{item}': config key '{key}' is an integer; {cur} {op} {text} = {new}")
+                new = int(round(new))
+            apply_overrides(data, [f"{key}={json.dumps(new)}"])
+        else:
+            plain.append(item)
+    flush()
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class PlannedArm:
+    """An arm with its resolved config (seed left to the job)."""
+
+    name: str
+    label: str
+    overrides: list[str]
+    config: dict[str, Any]  # resolved Config.to_dict() with seed of the preset
+    method: str
+    static_from: str | None = None
+
+
+@dataclass
+class Plan:
+    """Everything a sweep needs, JSON-serialisable: logged as the parent run's config.json, so
+    that a resume runs exactly what was planned even if the grid or preset file changed since."""
+
+    name: str
+    grid_path: str
+    preset: str
+    preset_path: str
+    seeds: list[int]
+    steps: int | None
+    cli_set: list[str]
+    experiment: str
+    arms: list[PlannedArm]
+    reference: str
+    description: str = ""
+    target_acc: float | str = "reference_final"
+    balance_window: int = 10
+    test: str = "t"
+    weight_stats: bool = False
+    num_cpus: float = 2
+    num_gpus: float | None = None  # None: 1 for arms on a CUDA device, else 0
+    version: int = 1
+
+    def gpus(self, arm: str) -> float:
+        """GPUs one job of `arm` asks for (Ray resources)."""
+        if self.num_gpus is not None:
+            return float(self.num_gpus)
+        return 1.0 if str(self.arm(arm).config["trainer"]["device"]).startswith("cuda") else 0.0
+
+    def arm(self, name: str) -> PlannedArm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps({"daro_lab_ablation_plan": asdict(self)}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        if not isinstance(d, dict) or "daro_lab_ablation_plan" not in d:
+            raise AblationError("not an ablation plan (config.json has no 'daro_lab_ablation_plan')")
+        d = dict(d["daro_lab_ablation_plan"])
+        d["arms"] = [PlannedArm(**a) for a in d["arms"]]
+        return cls(**d)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise AblationError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def make_plan(
+    grid: Grid | str | Path,
+    preset: str = "tiny",
+    seeds: int | list[int] | None = None,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+    experiment: str | None = None,
+    check_paths: bool = True,
+) -> Plan:
+    """Resolve a grid against a preset: one validated Config per arm, and the seeds.
+
+    `overrides` (the command line's `--set`) apply to every arm, before the arm's own overrides;
+    overriding a key that an arm sets is an error. `steps` sets trainer.steps. `experiment` is the
+    MLflow experiment (default `daro-lab-ablation-<name>-<preset>`, or tracking.experiment when an
+    override sets it). `check_paths` checks model.path and the data files on this machine (turn it
+    off when the arms run elsewhere, e.g. on a Ray cluster).
+    """
+    g = grid if isinstance(grid, Grid) else load_grid(grid)
+    ppath = preset_path(preset)
+    base = _read_toml(ppath)
+    cli = list(overrides or [])
+    if steps is not None:
+        if steps < 1:
+            raise AblationError(f"--steps must be >= 1, got {steps}")
+        cli.append(f"trainer.steps={int(steps)}")
+    arm_keys: dict[str, str] = {}
+    for a in g.arms:
+        for o in a.set:
+            arm_keys.setdefault(override_key(o), a.name)
+    for o in cli:
+        k = override_key(o)
+        if k in arm_keys:
+            raise AblationError(f"override '{o}' sets '{k}', which arm '{arm_keys[k]}' of {g.path} sets: "
+                                f"it would undo the ablation; edit the grid instead")
+    try:
+        common = apply_arm_overrides(copy.deepcopy(base), list(g.set))
+    except ConfigError as e:
+        raise AblationError(f"{g.path}: key 'set': {e}") from None
+    try:
+        common = apply_arm_overrides(common, cli)
+        base_cfg = config_from_dict(copy.deepcopy(common))
+    except ConfigError as e:
+        raise AblationError(f"{e} (preset {ppath}, grid {g.path}, command-line overrides)") from None
+    exp = experiment or (base_cfg.tracking.experiment if any(override_key(o) == "tracking.experiment" for o in cli)
+                         else f"daro-lab-ablation-{g.name}-{_slug(preset)}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise AblationError(f"--seeds must be >= 1, got {seeds}")
+        seed_list = [base_cfg.seed + i for i in range(seeds)]
+    elif seeds is not None:
+        seed_list = [int(s) for s in seeds]
+    elif isinstance(g.seeds, list):
+        seed_list = list(g.seeds)
+    else:
+        seed_list = [base_cfg.seed + i for i in range(g.seeds)]
+    planned: list[PlannedArm] = []
+    for a in g.arms:
+        try:
+            data = apply_arm_overrides(copy.deepcopy(common), list(a.set))
+            data.setdefault("tracking", {})["experiment"] = exp
+            cfg = config_from_dict(data)
+        except ConfigError as e:
+            raise AblationError(f"{g.path}: arm '{a.name}': {e}") from None
+        if a.static_from is not None:
+            src = next(p for p in planned if p.name == a.static_from)
+            if cfg.algo.method != "static":
+                raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from' needs algo.method = 'static', "
+                                    f"the arm has {cfg.algo.method!r}")
+            if src.method != "daro":
+                raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has method "
+                                    f"{src.method!r}; its weights are learned only with 'daro'")
+            if src.config["rollout"]["num_responses"] != cfg.rollout.num_responses:
+                raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has a different K")
+        if check_paths:
+            _preflight(cfg, f"{g.path}: arm '{a.name}'")
+        planned.append(PlannedArm(a.name, a.label, list(a.set), _absolute_paths(cfg).to_dict(), cfg.algo.method,
+                                  a.static_from))
+    return Plan(name=g.name, grid_path=str(Path(g.path).resolve()), preset=str(preset), preset_path=str(ppath.resolve()),
+                seeds=seed_list, steps=steps, cli_set=list(overrides or []), experiment=exp, arms=planned,
+                reference=g.reference, description=g.description, target_acc=g.target_acc,
+                balance_window=g.balance_window, test=g.test, weight_stats=g.weight_stats, num_cpus=float(g.num_cpus),
+                num_gpus=None if g.num_gpus is None else float(g.num_gpus))
+
+
+def _slug(text: str) -> str:
+    s = Path(str(text)).stem if str(text).endswith(".toml") else str(text)
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Relative directories resolved now, so every arm (in any worker, on resume) uses the same ones."""
+    cfg.trainer.checkpoint_dir = str(Path(cfg.trainer.checkpoint_dir).resolve())
+    cfg.model.cache_dir = str(Path(cfg.model.cache_dir).resolve())
+    return cfg
+
+
+def _preflight(cfg: Config, where: str) -> None:
+    """Cheap checks of local paths, so that a missing model or data file fails before any run exists."""
+    for key, value in (("model.path", cfg.model.path), ("task.train_file", cfg.task.train_file),
+                       ("task.eval_file", cfg.task.eval_file)):
+        if value and not Path(value).exists():
+            raise AblationError(f"{where}: config key '{key}': {value} does not exist on this machine "
+                                f"(point it elsewhere with --set {key}=...)")

@@ -1,0 +1,65 @@
+"""The paper-style report of an ablation: the analyses' report of its finished child runs, with the
+ablation's statistical summary as its first section.
+
+    from daro_lab.ablation.report import write_ablation_report
+    rep, res = write_ablation_report("sqlite:///mlflow.db", PARENT_RUN_ID)   # -> reports/ablation-<name>-<id8>/
+
+This is the one function `daro-lab report --ablation RUN_ID` needs. It calls into `analyses` only
+through `analyses.report.write_report(uri=..., run_ids=..., out_dir=..., figures=...)`; the summary
+is recomputed from the store (daro_lab.ablation.summarize_ablation) and saved beside the report as
+ablation_summary.md / .csv and ablation_per_seed.csv.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from daro_lab.ablation.summary import display_table, verdict
+from daro_lab.ablation.sweep import AblationResult, summarize_ablation
+
+
+def summary_html(res: AblationResult) -> str:
+    """The summary as an HTML section (table, verdicts, and the markdown's reading notes)."""
+    disp = display_table(res.summary, bold="")
+    table = disp.to_html(index=False, escape=True, classes="results", border=0)
+    verdicts = "".join(f"<li><code>{html.escape(str(r.arm))}</code>: {html.escape(verdict(r))}</li>"
+                       for _, r in res.summary.iterrows())
+    notes = res.markdown.split("How to read it:", 1)[-1].strip().splitlines()
+    notes_html = "".join(f"<li>{html.escape(line.lstrip('- ').strip())}</li>" for line in notes
+                         if line.strip().startswith("- "))
+    p = res.plan
+    head = (f"<p>Ablation <b>{html.escape(p.name)}</b>: parent run <code>{html.escape(res.parent_run_id)}</code>, "
+            f"preset {html.escape(p.preset)}, seeds {html.escape(str(p.seeds))}, reference arm "
+            f"<code>{html.escape(p.reference)}</code>.</p>")
+    if p.description:
+        head += f"<p>{html.escape(p.description)}</p>"
+    return (f"<section id='ablation'><h2>Ablation summary</h2>\n{head}\n{table}\n<h3>Verdicts</h3><ul>{verdicts}</ul>"
+            f"<h3>How to read it</h3><ul>{notes_html}</ul></section>\n")
+
+
+def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Path | None = None,
+                          figures: list[str] | None = None) -> tuple[Any, AblationResult]:
+    """Write the report of the ablation `parent_run_id` into `out_dir` (default
+    reports/ablation-<name>-<first 8 of the id>); return (analyses' ReportResult, the summary).
+
+    The summary files are written first, so they exist even when the analyses cannot draw a
+    report (AnalysisError, e.g. no child finished), which is then re-raised."""
+    res = summarize_ablation(uri, parent_run_id)
+    out = Path(out_dir) if out_dir else Path("reports") / f"ablation-{res.plan.name}-{parent_run_id[:8]}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation_summary.md").write_text(res.markdown)
+    res.summary.to_csv(out / "ablation_summary.csv", index=False)
+    res.per_seed.to_csv(out / "ablation_per_seed.csv", index=False)
+    from analyses.report import write_report
+
+    finished = res.per_seed.loc[res.per_seed.status == "FINISHED", "run_id"].tolist()
+    rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures)
+    page = Path(rep.html).read_text(encoding="utf-8")
+    section = summary_html(res)
+    at = page.find("<section")
+    page = page[:at] + section + page[at:] if at >= 0 else page.replace("</body>", section + "</body>")
+    page = page.replace("<ol>", "<ol><li><a href='#ablation'>Ablation summary</a></li>", 1)
+    Path(rep.html).write_text(page, encoding="utf-8")
+    return rep, res

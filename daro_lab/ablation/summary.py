@@ -1,0 +1,337 @@
+"""The statistical summary of an ablation: per arm, mean and 95% CI over seeds, and a paired test
+against the reference arm. Everything is read back from what the child runs logged in MLflow.
+
+Per child run (table `per_seed`, one row per arm and seed):
+- `final_acc`: held-out greedy accuracy (`eval/greedy_acc`) at the last evaluation;
+- `best_acc`: the best of the evaluations after the start (step >= 1; step 0 is the starting policy,
+  the same convention as analyses.report);
+- `steps_to_target`: the first evaluation step whose accuracy is >= the target (the grid's
+  `target_acc`, or by default the reference arm's mean final accuracy); NaN when never reached.
+  Evaluations happen every `trainer.eval_every` steps, so this is resolved only to that grid;
+- `balance_cv`: loss-balance spread, the coefficient of variation (population std / mean) across the
+  pass-rate groups present at a step of |w_mu * L_mu| (metric `daro/wL/mu_k` of arms on DARO's code
+  path, methods daro and static) or of |C_mu| (metric `contrib/mu_k`, every other method), averaged
+  over the last `balance_window` training steps (steps with fewer than two groups are left out).
+  0 means every group contributes the same; DARO's fixed point w_mu |L_mu| = 1 gives 0;
+- with `weight_stats` (runs that logged DARO weights): `weight_var`, the variance across groups of the
+  final weights w_mu; `balance_gap`, the mean over the last window and the groups of
+  | |w_mu L_mu| - 1 | (how close DARO gets to its fixed point); `at_bound`, 1 if any weight sat on
+  w_min or w_max at any step (metric `daro/at_bound`); `nonfinite`, 1 if any weight, w*L or loss was
+  NaN/inf, or the run failed on a non-finite value (FloatingPointError in its traceback).
+
+Per arm (table `summary`): for each of these, the mean over seeds and a 95% bootstrap CI of the
+mean (scipy.stats.bootstrap, percentile method, 9999 resamples, fixed seed); with one seed there is
+no CI (NaN), never a made-up one. With very few seeds a bootstrap CI is narrow (with 3 seeds only
+10 distinct resampled means exist): read it with the seed count beside it. Paired test against the
+reference arm, pairing runs by seed: the paired t-test (scipy.stats.ttest_rel, two-sided) or the
+Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact for small n; it cannot reach p < 0.05 with
+fewer than 6 pairs); the column `test` names it. `<metric>_diff` is the mean of arm minus reference
+over the pairs. Fewer than two pairs: no p-value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ACC = "eval/greedy_acc"
+DARO_PATH_METHODS = ("daro", "static")
+STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv")
+WEIGHT_METRICS = ("weight_var", "balance_gap")
+TESTED = ("final_acc", "best_acc", "balance_cv")
+TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95, n_resamples: int = 9999,
+            seed: int = 0) -> tuple[float, float, float, int]:
+    """(mean, CI low, CI high, n) over the finite values: a bootstrap percentile interval of the
+    mean. n = 1: (v, NaN, NaN, 1), no interval. All values equal: the interval is that value."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    m = float(v.mean())
+    if n == 1:
+        return m, math.nan, math.nan, 1
+    if np.ptp(v) == 0:
+        return m, m, m, n
+    from scipy import stats
+
+    res = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
+                          rng=np.random.default_rng(seed), vectorized=True)
+    return m, float(res.confidence_interval.low), float(res.confidence_interval.high), n
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], test: str = "t") -> tuple[float, float, int]:
+    """(mean of a - b, two-sided p-value, pairs) over the pairs where both are finite.
+
+    Fewer than two pairs: p NaN. Every difference zero: p = 1 (no evidence of a difference).
+    Constant non-zero differences (zero variance): the t-test is undefined, p NaN."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    d = x[ok] - y[ok]
+    n = len(d)
+    if n == 0:
+        return math.nan, math.nan, 0
+    diff = float(d.mean())
+    if n < 2:
+        return diff, math.nan, n
+    if np.all(d == 0):
+        return diff, 1.0, n
+    from scipy import stats
+
+    if test == "t":
+        if np.ptp(d) == 0:
+            return diff, math.nan, n
+        p = float(stats.ttest_rel(x[ok], y[ok]).pvalue)
+    elif test == "wilcoxon":
+        p = float(stats.wilcoxon(x[ok], y[ok]).pvalue)
+    else:
+        raise ValueError(f"unknown paired test {test!r}: 't' or 'wilcoxon'")
+    return diff, p, n
+
+
+def coefficient_of_variation(values: Sequence[float]) -> float:
+    """Population std / mean of |values| (NaN with fewer than two values or a zero mean)."""
+    v = np.abs(np.asarray([x for x in values if np.isfinite(x)], dtype=float))
+    if len(v) < 2 or v.mean() == 0:
+        return math.nan
+    return float(v.std(ddof=0) / v.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Per run
+
+
+def _wide(metrics: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Metrics `prefix/mu_kofK` as a step x k table."""
+    d = metrics[metrics.key.str.startswith(prefix + "/mu_")]
+    if d.empty:
+        return pd.DataFrame()
+    d = d.assign(k=d.key.str.slice(len(prefix) + 4).str.split("of").str[0].astype(int))
+    return d.pivot_table(index="step", columns="k", values="value", aggfunc="last").sort_index()
+
+
+def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
+              w_bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The per-run numbers of the module docstring from a run's `read_metrics` frame (except
+    steps_to_target, which needs the target: see `steps_to_target`)."""
+    out: dict[str, Any] = {}
+    acc = metrics[metrics.key == ACC].sort_values("step")
+    out["start_acc"] = float(acc.value[acc.step == 0].iloc[0]) if (acc.step == 0).any() else math.nan
+    out["final_acc"] = float(acc.value.iloc[-1]) if len(acc) else math.nan
+    later = acc[acc.step >= 1]
+    out["best_acc"] = float(later.value.max()) if len(later) else math.nan
+    out["final_step"] = int(acc.step.iloc[-1]) if len(acc) else -1
+    source = "wL" if method in DARO_PATH_METHODS else "C"
+    wide = _wide(metrics, "daro/wL" if source == "wL" else "contrib")
+    out["balance_source"] = source
+    if len(wide):
+        last = int(wide.index.max())
+        win = wide[wide.index > last - window]
+        cvs = [coefficient_of_variation(row.dropna().to_numpy()) for _, row in win.iterrows()]
+        cvs = [c for c in cvs if np.isfinite(c)]
+        out["balance_cv"] = float(np.mean(cvs)) if cvs else math.nan
+        out["balance_steps"] = len(cvs)
+    else:
+        out["balance_cv"], out["balance_steps"] = math.nan, 0
+    if weight_stats:
+        weights = _wide(metrics, "daro/weight")
+        wl = _wide(metrics, "daro/wL")
+        if len(weights):
+            final = weights.iloc[-1].dropna().to_numpy()
+            out["weight_var"] = float(np.var(final)) if len(final) else math.nan
+            out["weight_final"] = json.dumps({int(k): float(v) for k, v in weights.iloc[-1].dropna().items()})
+            if len(wl):
+                last = int(wl.index.max())
+                win = wl[wl.index > last - window].to_numpy().ravel()
+                win = win[np.isfinite(win)]
+                out["balance_gap"] = float(np.mean(np.abs(np.abs(win) - 1.0))) if len(win) else math.nan
+            else:
+                out["balance_gap"] = math.nan
+            bound = metrics[metrics.key == "daro/at_bound"].value
+            hit = bool((bound > 0).any())
+            if w_bounds is not None:
+                lo, hi = w_bounds
+                allw = weights.to_numpy().ravel()
+                allw = allw[np.isfinite(allw)]
+                hit = hit or bool(((allw <= lo * (1 + 1e-6)) | (allw >= hi * (1 - 1e-6))).any())
+            out["at_bound"] = int(hit)
+            watched = metrics[metrics.key.str.startswith(("daro/weight/", "daro/wL/")) | (metrics.key == "loss/total")]
+            out["nonfinite"] = int(not np.isfinite(watched.value.to_numpy()).all())
+        else:
+            out.update(weight_var=math.nan, balance_gap=math.nan, at_bound=math.nan, nonfinite=math.nan,
+                       weight_final="")
+    return out
+
+
+def steps_to_target(metrics: pd.DataFrame, target: float) -> float:
+    """First evaluation step (>= 1) with held-out accuracy >= target; NaN if never (or no target)."""
+    if target is None or not np.isfinite(target):
+        return math.nan
+    acc = metrics[(metrics.key == ACC) & (metrics.step >= 1)].sort_values("step")
+    hit = acc[acc.value >= target - 1e-12]
+    return float(hit.step.iloc[0]) if len(hit) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Per arm
+
+
+def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test: str = "t",
+              weight_stats: bool = False, labels: dict[str, str] | None = None,
+              methods: dict[str, str] | None = None, target: float = math.nan) -> pd.DataFrame:
+    """One row per arm from the per-seed table (rows with status FINISHED count): n_seeds, failed,
+    `<m>_mean`, `<m>_lo`, `<m>_hi` for each metric, `steps_to_target_reached` ('k/n'), and the
+    paired test against `reference` (`<m>_diff`, `<m>_p`, `pairs`, `test`)."""
+    labels, methods = labels or {}, methods or {}
+    metrics = list(STAT_METRICS) + (list(WEIGHT_METRICS) if weight_stats else [])
+    done = per_seed[per_seed.status == "FINISHED"] if len(per_seed) else per_seed
+    ref = done[done.arm == reference].set_index("seed") if len(done) else pd.DataFrame()
+    rows = []
+    for arm in arms:
+        all_rows = per_seed[per_seed.arm == arm] if len(per_seed) else per_seed
+        d = done[done.arm == arm] if len(done) else done
+        row: dict[str, Any] = {"arm": arm, "label": labels.get(arm, ""), "method": methods.get(arm, ""),
+                               "reference": arm == reference, "n_seeds": int(len(d)),
+                               "failed": int((all_rows.status == "FAILED").sum()) if len(all_rows) else 0,
+                               "not_run": int((~all_rows.status.isin(["FINISHED", "FAILED"])).sum()) if len(all_rows) else 0}
+        for m in metrics:
+            vals = d[m].to_numpy(dtype=float) if m in d else np.array([])
+            row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"], _ = mean_ci(vals)
+        n_reach = int(np.isfinite(d["steps_to_target"].to_numpy(dtype=float)).sum()) if len(d) else 0
+        row["steps_to_target_reached"] = f"{n_reach}/{len(d)}"
+        row["target_acc"] = target
+        if weight_stats:
+            for flag in ("at_bound", "nonfinite"):
+                col = all_rows[flag].to_numpy(dtype=float) if flag in all_rows else np.array([])
+                known = col[np.isfinite(col)]
+                row[flag] = f"{int(known.sum())}/{len(known)}" if len(known) else "n/a"
+        row["test"] = TEST_NAMES[test]
+        pairs = 0
+        for m in TESTED:
+            if arm == reference or ref.empty or not len(d):
+                row[f"{m}_diff"], row[f"{m}_p"] = math.nan, math.nan
+                continue
+            mine = d.set_index("seed")[m]
+            common = sorted(set(mine.index) & set(ref.index))
+            diff, p, n = paired_test(mine.loc[common].to_numpy(dtype=float),
+                                     ref.loc[common, m].to_numpy(dtype=float), test)
+            row[f"{m}_diff"], row[f"{m}_p"] = diff, p
+            pairs = max(pairs, n)
+        row["pairs"] = pairs
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(mean: float, lo: float, hi: float, digits: int | None = 3) -> str:
+    """'0.512 [0.480, 0.540]'; digits None: 3 significant digits; no brackets without an interval."""
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    f = "{:.3g}" if digits is None else "{:.%df}" % digits
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f.format(mean)
+    return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _fmt_p(diff: float, p: float) -> str:
+    if diff is None or not np.isfinite(diff):
+        return "–"
+    s = f"{diff:+.3f}"
+    return s + (f" (p={p:.3g})" if np.isfinite(p) else " (no p)")
+
+
+def verdict(row: pd.Series, alpha: float = 0.05) -> str:
+    """One honest line on the arm's final accuracy against the reference."""
+    if row["reference"]:
+        return "reference"
+    if row["n_seeds"] == 0:
+        return "no finished run"
+    p, diff = row.get("final_acc_p", math.nan), row.get("final_acc_diff", math.nan)
+    if not np.isfinite(diff):
+        return "no paired seeds"
+    if not np.isfinite(p):
+        return f"{'higher' if diff > 0 else 'lower' if diff < 0 else 'equal'} by {abs(diff):.3f}, untested (fewer than 2 paired seeds or zero variance)"
+    if p < alpha:
+        return f"{'higher' if diff > 0 else 'lower'} than the reference (p={p:.3g} < {alpha})"
+    return f"within noise of the reference (p={p:.3g})"
+
+
+def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
+    """The summary as shown: one row per arm, formatted cells (mean [95% CI]), the reference arm in `bold`."""
+    ws = any(c.startswith("weight_var") for c in summary.columns)
+    rows = []
+    for _, r in summary.iterrows():
+        arm = f"{bold}{r.arm}{bold}" if r.reference else r.arm
+        if r.label:
+            arm += f" ({r.label})"
+        seeds = str(r.n_seeds) + (f" ({r.failed} failed)" if r.failed else "") + (f" ({r.not_run} not run)" if r.not_run else "")
+        row = {"arm": arm, "method": r.method, "seeds": seeds,
+               "final acc": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
+               "best acc": _fmt(r.best_acc_mean, r.best_acc_lo, r.best_acc_hi),
+               "steps to target (reached)": _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
+               + f" ({r.steps_to_target_reached})",
+               "balance CV": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)}
+        if ws:
+            row.update({"weight var": _fmt(r.weight_var_mean, r.weight_var_lo, r.weight_var_hi, None),
+                        "balance gap": _fmt(r.balance_gap_mean, r.balance_gap_lo, r.balance_gap_hi),
+                        "at bound": str(r.at_bound), "non-finite": str(r.nonfinite)})
+        row["Δ final acc vs ref"] = _fmt_p(r.final_acc_diff, r.final_acc_p)
+        row["Δ balance CV vs ref"] = _fmt_p(r.balance_cv_diff, r.balance_cv_p)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
+    """The summary as a Markdown document: a table and the notes needed to read it."""
+    ws = any(c.startswith("weight_var") for c in summary.columns)
+    lines = [f"# Ablation `{meta.get('name', '')}`", ""]
+    if meta.get("description"):
+        lines += [meta["description"].strip(), ""]
+    lines += [f"Parent run `{meta.get('parent_run_id', '')}`, experiment `{meta.get('experiment', '')}`, preset "
+              f"`{meta.get('preset', '')}`, seeds {meta.get('seeds', '')}, reference arm `{meta.get('reference', '')}`.", ""]
+    disp = display_table(summary)
+    lines += ["| " + " | ".join(disp.columns) + " |", "|" + "---|" * len(disp.columns)]
+    for _, r in disp.iterrows():
+        lines.append("| " + " | ".join(str(v) for v in r) + " |")
+    lines += ["", "**Verdicts (final held-out accuracy against the reference):**", ""]
+    for _, r in summary.iterrows():
+        lines.append(f"- `{r.arm}`: {verdict(r)}")
+    target = meta.get("target_acc")
+    tdesc = (f"{target:.3f}" if isinstance(target, float) and np.isfinite(target) else "n/a")
+    lines += [
+        "",
+        "How to read it:",
+        "",
+        "- Accuracy: greedy held-out accuracy; *final* at the last evaluation, *best* over the evaluations after "
+        "step 0. Mean over seeds with a 95% bootstrap percentile CI of the mean in brackets; no brackets with one "
+        "seed (no interval is possible). With few seeds the bootstrap CI is optimistic.",
+        f"- Steps to target: first evaluation step with accuracy >= {tdesc} ({meta.get('target_desc', '')}); "
+        "mean over the seeds that reached it, (reached/finished) beside it; resolved to the evaluation interval.",
+        f"- Balance CV: coefficient of variation across pass-rate groups of w_mu·abs(L_mu) (DARO's code path) or of "
+        f"abs(C_mu) (other methods), averaged over the last {meta.get('balance_window', '')} steps; 0 = perfectly "
+        "balanced; n/a when no step of the window had two groups present. The two sources are not the same "
+        "quantity: compare it within one method family.",
+        f"- Δ vs ref: mean over seeds of (arm − reference), paired by seed; p from the two-sided "
+        f"{TEST_NAMES.get(meta.get('test', 't'), '')} over the paired seeds; 'no p' with fewer than two pairs.",
+    ]
+    if ws:
+        lines.append("- Weight var: variance across groups of the final weights; balance gap: mean distance of "
+                     "w_mu·abs(L_mu) from DARO's fixed point 1 over the last window; at bound / non-finite: seeds with a "
+                     "weight on w_min/w_max at any step / with a NaN or inf (including a run that failed on one).")
+    if meta.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
+    return "\n".join(lines) + "\n"

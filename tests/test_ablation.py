@@ -1,0 +1,537 @@
+"""Ablations: grid files, the parent/child runs, the summary against what the children logged,
+resume after a kill, crashed arms, and the Ray executor on a local instance."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from daro_lab.ablation import AblationError, load_grid, make_plan, run_ablation, summarize_ablation
+from daro_lab.ablation.summary import coefficient_of_variation, mean_ci, paired_test, run_stats
+from daro_lab.cli import app
+from daro_lab.tracking import open_client, read_metrics, read_table
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+description = "test grid"
+reference = "learned"
+seeds = [0, 1]
+weight_stats = true
+balance_window = 2
+
+[[arms]]
+name = "learned"
+label = "DARO"
+set = ["algo.method=daro"]
+
+[[arms]]
+name = "grpo"
+set = ["algo.method=grpo"]
+
+[[arms]]
+name = "optimal"
+set = ["algo.method=static"]
+static_from = "learned"
+"""
+
+
+class chdir_to:
+    """MLflow puts a new experiment's artifacts under ./mlruns of the process that creates it: keep
+    them in the test's folder, not the repository."""
+
+    def __init__(self, folder):
+        self.folder, self.old = folder, None
+
+    def __enter__(self):
+        self.old = os.getcwd()
+        os.chdir(self.folder)
+
+    def __exit__(self, *exc):
+        os.chdir(self.old)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory):
+    """An empty MLflow sqlite store, created once (creating one takes ~10 s), copied per test."""
+    d = tmp_path_factory.mktemp("tmpl")
+    with chdir_to(d):
+        open_client(f"sqlite:///{d}/mlflow.db")
+    return d / "mlflow.db"
+
+
+def new_store(template_db, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template_db, folder / "mlflow.db")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def small(env, folder: Path, *extra):
+    """The small preset as command-line overrides (the sweep's --set), checkpoints in `folder`."""
+    return [*env, f"trainer.checkpoint_dir={folder}/ckpt", "trainer.log_checkpoint=false", *extra]
+
+
+def write_grid(folder: Path, text: str, name: str = "g") -> Path:
+    p = folder / f"{name}.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def all_runs(uri):
+    c = open_client(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(exps) if exps else []
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny sweep: two seeds, three arms (learned DARO, GRPO, and DARO frozen at the learned weights)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, template_db, small_env):
+    d = tmp_path_factory.mktemp("sweep")
+    uri = new_store(template_db, d)
+    grid = write_grid(d, GRID)
+    with chdir_to(d):
+        res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, d), tracking_uri=uri)
+    return uri, res
+
+
+def test_sweep_creates_parent_and_tagged_children(sweep):
+    uri, res = sweep
+    c = open_client(uri)
+    parent = c.get_run(res.parent_run_id)
+    assert res.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert parent.data.tags["daro_lab.ablation"] == "g"
+    assert parent.data.tags["daro_lab.role"] == "ablation-parent"
+    exp = c.get_experiment(parent.info.experiment_id).name
+    assert exp == "daro-lab-ablation-g-tiny"
+    children = [r for r in all_runs(uri) if r.info.run_id != res.parent_run_id]
+    assert len(children) == 6
+    seen = set()
+    for r in children:
+        t = r.data.tags
+        assert t["mlflow.parentRunId"] == res.parent_run_id
+        assert t["daro_lab.ablation"] == "g"
+        assert r.info.status == "FINISHED"
+        assert r.info.run_name == f"{t['daro_lab.arm']}-seed{t['daro_lab.seed']}"
+        assert r.data.params["seed"] == t["daro_lab.seed"]
+        seen.add((t["daro_lab.arm"], int(t["daro_lab.seed"])))
+    assert seen == {(a, s) for a in ("learned", "grpo", "optimal") for s in (0, 1)}
+    # jobs run seed by seed, arms in grid order: learned DARO before the arm that freezes its weights
+    order = [(r.data.tags["daro_lab.seed"], r.data.tags["daro_lab.arm"])
+             for r in sorted(children, key=lambda r: r.info.start_time)]
+    assert order == [("0", "learned"), ("0", "grpo"), ("0", "optimal"), ("1", "learned"), ("1", "grpo"), ("1", "optimal")]
+
+
+def test_optimal_static_arm_uses_the_final_weights_of_learned_daro(sweep):
+    uri, res = sweep
+    ps = res.per_seed.set_index(["arm", "seed"])
+    c = open_client(uri)
+    for seed in (0, 1):
+        learned, optimal = ps.loc[("learned", seed), "run_id"], ps.loc[("optimal", seed), "run_id"]
+        m = read_metrics(uri, learned)
+        w = m[m.key.str.startswith("daro/weight/")].sort_values("step").groupby("key").value.last()
+        final = {int(k.split("mu_")[1].split("of")[0]): v for k, v in w.items()}
+        run = c.get_run(optimal)
+        assert run.data.tags["daro_lab.static_from"] == learned
+        tagged = {int(k): v for k, v in json.loads(run.data.tags["daro_lab.static_weights"]).items()}
+        assert tagged == pytest.approx(final)
+        assert run.data.params["algo.method"] == "static"
+        # the frozen run logged exactly those weights at every step
+        mo = read_metrics(uri, optimal)
+        for k, v in final.items():
+            vals = mo[mo.key == f"daro/weight/mu_{k}of4"].value
+            assert len(vals) and np.allclose(vals, v, rtol=1e-5)
+        assert json.loads(Path(run.data.params["algo.daro.static"]).read_text()) == pytest.approx(
+            {str(k): v for k, v in final.items()})
+
+
+def _balance(m, prefix, window):
+    d = m[m.key.str.startswith(prefix + "/mu_")]
+    last = d.step.max()
+    cvs = []
+    for step, g in d[d.step > last - window].groupby("step"):
+        v = np.abs(g.value.to_numpy())
+        if len(v) >= 2 and v.mean() > 0:
+            cvs.append(v.std() / v.mean())
+    return float(np.mean(cvs)) if cvs else math.nan
+
+
+def test_summary_equals_what_the_children_logged(sweep):
+    from scipy import stats
+
+    uri, res = sweep
+    c = open_client(uri)
+    per_arm = {}
+    for r in all_runs(uri):
+        if r.info.run_id == res.parent_run_id:
+            continue
+        arm, seed = r.data.tags["daro_lab.arm"], int(r.data.tags["daro_lab.seed"])
+        m = read_metrics(uri, r.info.run_id)
+        acc = m[m.key == "eval/greedy_acc"].sort_values("step")
+        assert list(acc.step) == [0, 2]
+        prefix = "contrib" if arm == "grpo" else "daro/wL"
+        per_arm.setdefault(arm, {})[seed] = {
+            "final": acc.value.iloc[-1], "best": acc[acc.step >= 1].value.max(), "balance": _balance(m, prefix, 2)}
+    s = res.summary.set_index("arm")
+    for arm, seeds in per_arm.items():
+        for q, col in (("final", "final_acc"), ("best", "best_acc"), ("balance", "balance_cv")):
+            vals = [seeds[0][q], seeds[1][q]]
+            finite = [v for v in vals if np.isfinite(v)]
+            assert s.loc[arm, f"{col}_mean"] == pytest.approx(np.mean(finite) if finite else math.nan, nan_ok=True)
+            lo, hi = s.loc[arm, f"{col}_lo"], s.loc[arm, f"{col}_hi"]
+            if not np.isfinite(vals).all():  # e.g. no step with two groups present: no balance, no CI
+                assert math.isnan(lo) and math.isnan(hi)
+            elif vals[0] != vals[1]:
+                boot = stats.bootstrap((np.array(vals),), np.mean, method="percentile", rng=np.random.default_rng(0))
+                assert (lo, hi) == pytest.approx((boot.confidence_interval.low, boot.confidence_interval.high))
+            else:
+                assert lo == hi == vals[0]
+        assert s.loc[arm, "n_seeds"] == 2
+    # paired t-test against the reference, by seed
+    for arm in ("grpo", "optimal"):
+        a = [per_arm[arm][i]["final"] for i in (0, 1)]
+        b = [per_arm["learned"][i]["final"] for i in (0, 1)]
+        d = np.subtract(a, b)
+        assert s.loc[arm, "final_acc_diff"] == pytest.approx(d.mean())
+        if np.all(d == 0):
+            assert s.loc[arm, "final_acc_p"] == 1.0
+        elif np.ptp(d) == 0:
+            assert math.isnan(s.loc[arm, "final_acc_p"])
+        else:
+            assert s.loc[arm, "final_acc_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+        assert s.loc[arm, "test"] == "paired t-test"
+    assert math.isnan(s.loc["learned", "final_acc_p"]) and bool(s.loc["learned", "reference"])
+    # steps to target: the reference arm's mean final accuracy, reached at an evaluation step
+    target = np.mean([per_arm["learned"][i]["final"] for i in (0, 1)])
+    assert s.loc["grpo", "target_acc"] == pytest.approx(target)
+    # weight statistics (weight_stats = true): learned DARO has weights, GRPO none
+    assert np.isfinite(s.loc["learned", "weight_var_mean"]) and s.loc["learned", "nonfinite"] == "0/2"
+    assert s.loc["grpo", "at_bound"] == "n/a"
+    # stored on the parent run: parquet tables and markdown, equal to what was returned
+    stored = read_table(uri, res.parent_run_id, "ablation_summary").set_index("arm")
+    assert stored.loc["grpo", "final_acc_mean"] == pytest.approx(s.loc["grpo", "final_acc_mean"])
+    md = Path(c.download_artifacts(res.parent_run_id, "ablation_summary.md")).read_text()
+    assert "| **learned** (DARO)" in md and "paired t-test" in md
+    # recomputed from the store alone, it is the same
+    again = summarize_ablation(uri, res.parent_run_id).summary.set_index("arm")
+    assert again.loc["optimal", "balance_cv_mean"] == pytest.approx(s.loc["optimal", "balance_cv_mean"], nan_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Killed halfway (SIGKILL: parent and child left RUNNING), then resumed
+
+
+KILL_SCRIPT = """
+import os, sys, time
+from daro_lab.ablation import run_ablation
+from daro_lab.hooks import Hook, default_hooks
+
+MARKER = {marker!r}
+
+class Hang(Hook):
+    def __init__(self, tracker):
+        self.tracker = tracker
+    def on_step_end(self, step, metrics):
+        if step == 3:  # the step-2 checkpoint is on disk; wait here to be killed
+            open(MARKER, "w").write(self.tracker.run_id)
+            time.sleep(600)
+
+def hooks(tracker):
+    arm = tracker.client.get_run(tracker.run_id).data.tags.get("daro_lab.arm")
+    return default_hooks(tracker) + ([Hang(tracker)] if arm == "b" else [])
+
+run_ablation({grid!r}, preset="tiny", steps=3, overrides={overrides!r}, tracking_uri={uri!r}, hooks=hooks,
+             echo=lambda m: print(m, flush=True))
+"""
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_arms(tmp_path, template_db, small_env):
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, """
+        reference = "a"
+        seeds = [0]
+        [[arms]]
+        name = "a"
+        set = ["algo.method=grpo"]
+        [[arms]]
+        name = "b"
+        set = ["algo.method=dapo"]
+        [[arms]]
+        name = "c"
+        set = ["algo.method=dr_grpo"]
+    """)
+    marker = tmp_path / "hung"
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT.format(marker=str(marker), grid=str(grid), overrides=small(small_env, tmp_path),
+                                         uri=uri))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "the sweep never reached arm b's step 3"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    c = open_client(uri)
+    before = {r.data.tags["daro_lab.arm"]: r for r in all_runs(uri) if "daro_lab.arm" in r.data.tags}
+    assert set(before) == {"a", "b"}
+    assert before["a"].info.status == "FINISHED" and before["b"].info.status == "RUNNING"
+    parent_id = before["a"].data.tags["mlflow.parentRunId"]
+    assert c.get_run(parent_id).info.status == "RUNNING"
+
+    res = run_ablation("g", resume=parent_id, tracking_uri=uri)
+
+    assert res.status == "FINISHED" and c.get_run(parent_id).info.status == "FINISHED"
+    after = [r for r in all_runs(uri) if "daro_lab.arm" in r.data.tags]
+    assert sorted(r.data.tags["daro_lab.arm"] for r in after) == ["a", "b", "c"], "a duplicate or missing child"
+    by_arm = {r.data.tags["daro_lab.arm"]: r for r in after}
+    a = by_arm["a"]
+    assert a.info.run_id == before["a"].info.run_id
+    assert (a.info.start_time, a.info.end_time) == (before["a"].info.start_time, before["a"].info.end_time)
+    assert "daro_lab.resumes" not in a.data.tags
+    b = by_arm["b"]  # continued from its step-2 checkpoint, in the same run
+    assert b.info.run_id == before["b"].info.run_id and b.info.status == "FINISHED"
+    assert json.loads(b.data.tags["daro_lab.resumes"])[0]["step"] == 2
+    acc = read_metrics(uri, b.info.run_id, ["eval/greedy_acc"])
+    assert list(acc.step) == [0, 2, 3]
+    assert by_arm["c"].info.status == "FINISHED"
+    assert {r.action for r in res.results} == {"kept", "resumed", "ran"}
+    assert list(res.summary.n_seeds) == [1, 1, 1]
+
+
+def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, template_db, small_env):
+    """A child killed before its first checkpoint: deleted (tagged superseded) and run afresh."""
+    from daro_lab.ablation.sweep import TAG_SUPERSEDED
+    from daro_lab.tracking import Tracker
+
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, """
+        seeds = [0]
+        [[arms]]
+        name = "only"
+        set = ["algo.method=grpo"]
+    """)
+    plan = make_plan(grid, "tiny", steps=2, overrides=small(small_env, tmp_path))
+    parent = Tracker.start(uri, plan.experiment, "ablation-g", {}, plan.to_json(),
+                           tags={"daro_lab.ablation": "g", "daro_lab.role": "ablation-parent"})
+    stale = Tracker.start(uri, plan.experiment, "only-seed0", {}, "{}", parent_run_id=parent.run_id,
+                          tags={"daro_lab.ablation": "g", "daro_lab.arm": "only", "daro_lab.seed": "0"})
+    res = run_ablation(None, resume=parent.run_id, tracking_uri=uri)
+    c = open_client(uri)
+    gone = c.get_run(stale.run_id)
+    assert gone.info.lifecycle_stage == "deleted" and TAG_SUPERSEDED in gone.data.tags
+    (child,) = [r for r in all_runs(uri) if r.data.tags.get("daro_lab.arm") == "only"]
+    assert child.info.run_id != stale.run_id and child.info.status == "FINISHED"
+    assert res.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad grids: clear errors naming the file and key, before any run exists
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("refrence = 'a'\n[[arms]]\nname = 'a'\n", "unknown key 'refrence'"),
+    ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown key 'sett'"),
+    ("[[arms]]\nname = 'a'\nset = ['algo.daro.lrw=1e-3']\n", "arm 'a': unknown config key 'algo.daro.lrw'"),
+    ("[[arms]]\nname = 'a'\nset = ['algo.method=ppo']\n", "arm 'a': config key 'algo.method': unknown method 'ppo'"),
+    ("arms = []\n", "the grid is empty"),
+    ("description = 'nothing'\n", "the grid is empty"),
+    ("reference = 'x'\n[[arms]]\nname = 'a'\n", "key 'reference': no arm named 'x'"),
+    ("[[arms]]\nname = 'o'\nset = ['algo.method=static']\nstatic_from = 'l'\n[[arms]]\nname = 'l'\n",
+     "must come before this arm"),
+    ("[[arms]]\nname = 'a'\nset = ['trainer.prompts_per_step*=1.3']\n", "is an integer"),
+    ("seeds = 0\n[[arms]]\nname = 'a'\n", "key 'seeds' must be >= 1"),
+])
+def test_bad_grid_is_a_clear_error_naming_file_and_key(tmp_path, text, needle):
+    grid = write_grid(tmp_path, text, "bad")
+    with pytest.raises(AblationError) as e:
+        make_plan(grid, "tiny")
+    assert needle in str(e.value) and str(grid) in str(e.value)
+
+
+def test_bad_grid_on_the_command_line_exits_2_and_creates_no_run(tmp_path, template_db):
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, "arms = []\n", "empty")
+    res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--tracking-uri", uri])
+    assert res.exit_code == 2 and "the grid is empty" in res.output and "empty.toml" in res.output
+    res = CliRunner().invoke(app, ["run", "ablation", "no-such-grid", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "no ablation grid 'no-such-grid'" in res.output
+    res = CliRunner().invoke(app, ["run", "ablation", "weight-lr", "--tracking-uri", uri, "--set", "algo.daro.lr_w=1"])
+    assert res.exit_code == 2 and "arm 'lr_w-1e-4'" in res.output
+    res = CliRunner().invoke(app, ["run", "ablation", "methods", "--preset", "paper/no-such-model", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "paper/no-such-model/daro.toml" in res.output
+    assert all_runs(uri) == []
+
+
+def test_every_shipped_grid_resolves_against_the_tiny_preset():
+    for name in ("static-weights", "k", "weight-lr", "weight-signal", "weight-param", "methods"):
+        plan = make_plan(name, "tiny")
+        assert plan.reference in [a.name for a in plan.arms] and len(plan.seeds) == 3
+    k = {a.name: a.config for a in make_plan("k", "tiny").arms}
+    budget = {n: c["rollout"]["num_responses"] * c["trainer"]["prompts_per_step"] for n, c in k.items()}
+    assert budget["K4-matched-budget"] == budget["K8"] == budget["K16-matched-budget"]
+    assert {c["trainer"]["prompts_per_step"] for n, c in k.items() if "prompts" in n or n == "K8"} == {
+        k["K8"]["trainer"]["prompts_per_step"]}
+    assert load_grid("static-weights").arm("optimal-static").static_from == "learned"
+
+
+# --------------------------------------------------------------------------------------------
+# A crashing arm: FAILED, and the others go on
+
+
+def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, small_env):
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, """
+        reference = "ok"
+        seeds = [0]
+        weight_stats = true
+        [[arms]]
+        name = "diverges"
+        set = ["algo.method=daro", "algo.daro.lr_w=inf"]
+        [[arms]]
+        name = "bad-static"
+        set = ["algo.method=static", "algo.daro.static=/no/such/weights.json"]
+        [[arms]]
+        name = "ok"
+        set = ["algo.method=daro"]
+    """)
+    res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri)
+    c = open_client(uri)
+    assert res.status == "FAILED"
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["daro_lab.arms_failed"] == "diverges/seed0, bad-static/seed0"
+    runs = {r.data.tags["daro_lab.arm"]: r for r in all_runs(uri) if "daro_lab.arm" in r.data.tags}
+    assert {a: r.info.status for a, r in runs.items()} == {"diverges": "FAILED", "bad-static": "FAILED", "ok": "FINISHED"}
+    tb = Path(c.download_artifacts(runs["diverges"].info.run_id, "traceback.txt")).read_text()
+    assert "FloatingPointError" in tb
+    # failed before its run existed (the weights file is missing): still a FAILED child with the traceback
+    tb = Path(c.download_artifacts(runs["bad-static"].info.run_id, "traceback.txt")).read_text()
+    assert "/no/such/weights.json" in tb
+    assert runs["bad-static"].data.tags["mlflow.parentRunId"] == res.parent_run_id
+    s = res.summary.set_index("arm")
+    assert s.loc["diverges", "n_seeds"] == 0 and s.loc["diverges", "failed"] == 1
+    assert s.loc["diverges", "nonfinite"] == "1/1"
+    assert s.loc["ok", "n_seeds"] == 1 and np.isfinite(s.loc["ok", "final_acc_mean"])
+    assert math.isnan(s.loc["ok", "final_acc_lo"]), "one seed: no confidence interval"
+    assert "diverges seed 0: FAILED" in res.markdown and "One seed" in res.markdown
+
+
+# --------------------------------------------------------------------------------------------
+# Ray: each arm a task on a local instance
+
+
+def test_ray_executor_on_a_local_instance(tmp_path, template_db, small_env):
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'daro-lab[ray]'")
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, """
+        seeds = [0]
+        num_cpus = 1
+        [[arms]]
+        name = "daro"
+        set = ["algo.method=daro"]
+        [[arms]]
+        name = "grpo"
+        set = ["algo.method=grpo"]
+    """)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri,
+                           executor="ray")
+    finally:
+        ray.shutdown()
+    assert res.status == "FINISHED"
+    runs = [r for r in all_runs(uri) if "daro_lab.arm" in r.data.tags]
+    assert sorted(r.data.tags["daro_lab.arm"] for r in runs) == ["daro", "grpo"]
+    assert all(r.info.status == "FINISHED" and r.data.params["trainer.threads"] == "1" for r in runs)
+    assert open_client(uri).get_run(res.parent_run_id).data.params["ablation.executor"] == "ray"
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics on known numbers
+
+
+def test_statistics_on_known_numbers():
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for step, wl in ((1, [0.5, 1.0, 1.5]), (2, [1.0, 1.0]), (3, [2.0, -2.0, 4.0])):  # step 2: one group absent
+        rows += [{"key": f"daro/wL/mu_{k}of4", "step": step, "value": v} for k, v in zip((1, 2, 3), wl)]
+        rows += [{"key": f"daro/weight/mu_{k}of4", "step": step, "value": 1.0 + k} for k in (1, 2, 3)]
+        rows.append({"key": "daro/at_bound", "step": step, "value": float(step == 2)})
+    rows += [{"key": "eval/greedy_acc", "step": s, "value": v} for s, v in ((0, 0.1), (2, 0.4), (3, 0.3))]
+    rows.append({"key": "loss/total", "step": 3, "value": float("nan")})
+    m = pd.DataFrame(rows)
+    out = run_stats(m, "daro", window=2, weight_stats=True)
+    assert (out["start_acc"], out["final_acc"], out["best_acc"]) == (0.1, 0.3, 0.4)
+    cv3 = np.std([2.0, 2.0, 4.0]) / np.mean([2.0, 2.0, 4.0])  # |w L|: the sign does not count
+    assert out["balance_cv"] == pytest.approx((0.0 + cv3) / 2)  # mean over steps 2 and 3
+    assert out["weight_var"] == pytest.approx(np.var([2.0, 3.0, 4.0]))
+    assert out["balance_gap"] == pytest.approx(np.mean(np.abs(np.abs([1.0, 1.0, 2.0, -2.0, 4.0]) - 1)))
+    assert out["at_bound"] == 1 and out["nonfinite"] == 1
+    assert coefficient_of_variation([3.0]) != coefficient_of_variation([3.0])  # NaN: one group
+    # mean and CI: one value has no interval; equal values a zero-width one
+    assert mean_ci([0.5])[:3] == (0.5, pytest.approx(math.nan, nan_ok=True), pytest.approx(math.nan, nan_ok=True))
+    assert mean_ci([0.2, 0.2, float("nan")]) == (0.2, 0.2, 0.2, 2)
+    # paired tests
+    a, b = [0.5, 0.6, 0.7, 0.65], [0.4, 0.55, 0.5, 0.6]
+    diff, p, n = paired_test(a, b, "t")
+    assert (diff, p, n) == (pytest.approx(np.mean(np.subtract(a, b))), pytest.approx(stats.ttest_rel(a, b).pvalue), 4)
+    assert paired_test(a, b, "wilcoxon")[1] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert math.isnan(paired_test([0.5], [0.4])[1])  # one pair: no p-value
+    assert paired_test([0.5, 0.6], [0.5, 0.6])[1] == 1.0  # no difference at all
+
+
+def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
+    pytest.importorskip("analyses.report")
+    from daro_lab.ablation.report import write_ablation_report
+
+    uri, res = sweep
+    rep, again = write_ablation_report(uri, res.parent_run_id, tmp_path / "rep", figures=["convergence"])
+    page = Path(rep.html).read_text()
+    assert "<section id='ablation'>" in page and "Ablation summary" in page
+    assert page.index("id='ablation'") < page.index("id='results'")
+    for arm in ("learned", "grpo", "optimal"):
+        assert f"<code>{arm}</code>" in page
+    assert (tmp_path / "rep" / "ablation_summary.md").read_text() == again.markdown
+    assert len(rep.results), "the analyses' results table is empty"
+
+
+def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):
+    uri = new_store(template_db, tmp_path)
+    grid = write_grid(tmp_path, """
+        seeds = [3]
+        [[arms]]
+        name = "solo"
+        set = ["algo.method=grpo"]
+    """)
+    sets = [x for o in small(small_env, tmp_path) for x in ("--set", o)]
+    res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--steps", "1", "--tracking-uri", uri, "--no-report",
+                                   *sets])
+    assert res.exit_code == 0, res.output
+    assert "| **solo**" in res.output and "One seed: no confidence intervals" in res.output
+    (child,) = [r for r in all_runs(uri) if r.data.tags.get("daro_lab.arm") == "solo"]
+    assert child.data.params["seed"] == "3" and child.data.params["trainer.steps"] == "1"
