@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
 import torch
 
 from daro_lab.algorithms import group_keys
@@ -109,10 +110,10 @@ class HoeffdingHook(Hook):
             "k": view.num_correct, "prompt": view.prompt_index, "adv": view.advantages, "sign": sign,
             "length": n, "g_mean": g_mean, "g_group_mean": group_mean, "rho_max": rho_max,
         }
-        cols = {c: v[keep].tolist() for c, v in cols.items()}
-        rows = [{"step": view.step, "minibatch": view.index, "K": view.K,
-                 **{c: cols[c][i] for c in cols}} for i in range(len(cols["k"]))]
-        self.tracker.log_table("hoeffding", rows, view.step)
+        n_rows = int(keep.sum())
+        table = pd.DataFrame({"step": [view.step] * n_rows, "minibatch": [view.index] * n_rows, "K": [view.K] * n_rows,
+                              **{c: v[keep].cpu().numpy() for c, v in cols.items()}})
+        self.tracker.log_table("hoeffding", table, view.step)
 
 
 class SamplesHook(Hook):
