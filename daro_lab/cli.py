@@ -26,10 +26,6 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _not_built(what: str, issue: int) -> None:
-    _fail(f"'{what}' is not built yet (planned in issue {issue}); nothing was run.", code=3)
-
-
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (see experiments/)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --set algo.eps_high=0.28")
 

@@ -66,7 +66,7 @@ def test_every_field_has_help():
     assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
 
 
-def test_cli_lists_command_groups_and_unbuilt_commands_exit_nonzero():
+def test_cli_lists_command_groups_and_config_errors_exit_2():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
     for cmd in ("train", "eval", "run", "plot", "report", "ui", "demo"):

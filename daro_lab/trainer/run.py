@@ -105,7 +105,7 @@ def _log_start(trainer: Trainer, tracker) -> None:
     info = warm_start_info(cfg.model, cfg.task, cfg.model.init_seed) if not cfg.model.path else None
     if info:
         tracker.log_dict(info, "warmstart.json")
-    m, _ = trainer.evaluate()
+    trainer.evaluate()
     hist = trainer.start_distribution()
     tracker.log_metrics({f"start/prompts/{k}": v for k, v in hist.items()}, 0)
     tracker.log_table("start_mu_hist", [{"k": int(k.split("_")[1].split("of")[0]), "K": trainer.K,
