@@ -45,8 +45,9 @@ def test_every_method_trains_and_is_recorded(small_cfg, store, method):
     assert len(per_mu), "no per-mu rows: no interior pass rate in 3 steps"
     for k in sorted(set(per_mu.k)):
         key = f"mu_{k}of4"
-        for q in ("loss", "contrib", "scale", "prompts", "tokens", "len_correct", "clipfrac_pos"):
+        for q in ("loss", "contrib", "scale", "len_correct", "clipfrac_pos"):
             assert f"{q}/{key}" in keys, f"{q}/{key} missing"
+    assert {"L", "C", "S", "prompts", "tokens", "len_correct", "clipfrac_pos", "clipfrac_neg"} <= set(per_mu.columns)
     assert {"reward/mean", "eval/greedy_acc", "grad/norm", "time/generate", "rollout/prompts_mu0"} <= keys
     assert any(k.startswith("gradnorm/mu_") for k in keys)
     if METHODS[method].weights != "none":
