@@ -118,8 +118,11 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
                 time.sleep(0.5)
         assert body is not None and "OK" in body
     finally:
-        proc.terminate()
+        proc.terminate()  # SIGTERM: the command stops the server and its workers
         proc.wait(timeout=30)
+    time.sleep(1)
+    with pytest.raises(OSError):  # nothing is left serving on the port
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
 def test_demo_trains_grpo_and_daro_and_says_where_they_are(tmp_path, monkeypatch, small_env, store):

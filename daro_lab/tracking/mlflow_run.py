@@ -249,7 +249,7 @@ class Tracker:
         run_id: str,
         tracking_uri: str,
         *,
-        max_buffered_metrics: int = 1000,
+        max_buffered_metrics: int = 5000,
         flush_interval_s: float = 30.0,
     ) -> None:
         """Wrap an existing run; use `start` or `resume` rather than calling this directly."""
@@ -259,8 +259,6 @@ class Tracker:
         self.max_buffered_metrics = int(max_buffered_metrics)
         self.flush_interval_s = float(flush_interval_s)
         self._lock = threading.RLock()
-        self._writer: Any = None  # one background thread that writes metric batches (see log_metrics)
-        self._inflight: Any = None  # the Future of the batch being written
         self._metrics: list[tuple[str, float, int, int]] = []  # key, value, timestamp_ms, step
         self._last_flush = time.monotonic()
         self._tables_base: dict[str, pd.DataFrame] = {}  # what is (or will be) in the artifact
@@ -287,7 +285,7 @@ class Tracker:
         *,
         artifact_location: str | None = None,
         context_tags: bool = True,
-        max_buffered_metrics: int = 1000,
+        max_buffered_metrics: int = 5000,
         flush_interval_s: float = 30.0,
     ) -> Tracker:
         """Create a run in `experiment` (created if missing) and log its params, config and tags.
@@ -375,7 +373,7 @@ class Tracker:
         run_id: str,
         truncate_after_step: int | None = None,
         *,
-        max_buffered_metrics: int = 1000,
+        max_buffered_metrics: int = 5000,
         flush_interval_s: float = 30.0,
     ) -> Tracker:
         """Reopen an existing run (status back to RUNNING) to continue logging into it.
@@ -474,8 +472,8 @@ class Tracker:
             due = len(self._metrics) >= self.max_buffered_metrics or (
                 time.monotonic() - self._last_flush >= self.flush_interval_s
             )
-            if due and (self._inflight is None or self._inflight.done()):
-                self._write_metrics_in_background()
+            if due:
+                self._flush_metrics()
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         """One metric; buffered like `log_metrics`."""
@@ -643,38 +641,7 @@ class Tracker:
         if self.nonfinite_counts:
             self.client.set_tag(self.run_id, TAG_NONFINITE, str(self.nonfinite_count))
 
-    def _write_metrics_in_background(self) -> None:
-        """Hand the buffer to the writer thread, so training does not wait for MLflow's SQL store
-        (about 0.2 ms per value); an error is raised at the next flush. Called with the lock held."""
-        self._raise_writer_error()
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="daro-lab-mlflow")
-        pending, self._metrics = self._metrics, []
-        self._last_flush = time.monotonic()
-        self._inflight = self._writer.submit(self._write_batches, pending)
-
-    def _write_batches(self, pending: list) -> None:
-        from mlflow.entities import Metric
-
-        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            batch = [Metric(k, v, ts, s) for k, v, ts, s in pending[i : i + MAX_METRICS_PER_BATCH]]
-            try:
-                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-            except Exception:
-                with self._lock:  # keep what was not written, ahead of newer rows, for a retry
-                    self._metrics = pending[i:] + self._metrics
-                raise
-
-    def _raise_writer_error(self) -> None:
-        """Wait for the background write, if any; re-raise its error."""
-        fut, self._inflight = self._inflight, None
-        if fut is not None:
-            fut.result()
-
     def _flush_metrics(self) -> None:
-        self._raise_writer_error()
         if not self._metrics:
             self._last_flush = time.monotonic()
             return
@@ -762,9 +729,6 @@ class Tracker:
             _logger.error("could not write %s for run %s: %s", name, self.run_id, inner)
 
     def _set_terminated(self, status: str) -> None:
-        if self._writer is not None:  # flushed before this; let the thread go
-            self._writer.shutdown(wait=True)
-            self._writer = None
         self.client.set_terminated(self.run_id, status)
         self._finished = True
         self.status = status
