@@ -209,11 +209,15 @@ class VerifierPool:
         attempts = [0] * n
         pending = collections.deque(range(n))
         inflight: dict[cf.Future, tuple[int, float]] = {}  # future -> (index, deadline)
+        suspects: set[int] = set()  # answers in flight when the pool broke: retried one at a time
         while pending or inflight:
             assert self._ex is not None
             # At most `workers` answers in flight, so each one starts running when submitted and its
-            # deadline counts from then.
+            # deadline counts from then. A suspect runs alone, so that an answer that kills its
+            # worker cannot use up the attempts of an innocent one beside it.
             while pending and len(inflight) < self.workers:
+                if inflight and (pending[0] in suspects or any(j in suspects for j, _ in inflight.values())):
+                    break
                 i = pending.popleft()
                 attempts[i] += 1
                 fut = self._ex.submit(self.score_fn, responses[i], answers[i], self.inner_timeout)
@@ -227,6 +231,7 @@ class VerifierPool:
                     out[i] = float(f.result())
                 except cf.process.BrokenProcessPool:
                     broken = True
+                    suspects.add(i)
                     if attempts[i] < MAX_ATTEMPTS:
                         pending.appendleft(i)
                 except Exception:  # noqa: BLE001 - a failing verifier scores 0
