@@ -56,9 +56,32 @@ class RolloutBatch:
                 )
 
 
+def check_generate_args(prompts: list[list[int]], num_responses: int, max_new_tokens: int, temperature: float,
+                        top_p: float) -> None:
+    """The argument checks every engine's `generate` shares: ValueError naming the bad one."""
+    if num_responses < 1:
+        raise ValueError(f"num_responses must be >= 1, got {num_responses}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt_ids [n, P] long, prompt_mask [n, P] bool, lengths [n] long): prompts LEFT-padded with pad_id."""
+    n, P = len(prompts), max((len(p) for p in prompts), default=0)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long).reshape(n, P)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return ids, torch.arange(P) >= (P - lens).unsqueeze(1), lens
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples K responses per prompt. Implementations: `daro_lab.rollout.hf.HFEngine` (vLLM later)."""
+    """Samples K responses per prompt. Implementations: `daro_lab.rollout.hf.HFEngine`, `vllm_engine.VLLMEngine`."""
 
     def generate(
         self,

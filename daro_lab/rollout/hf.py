@@ -15,7 +15,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from daro_lab.rollout.base import RolloutBatch
+from daro_lab.rollout.base import RolloutBatch, check_generate_args, left_pad
 from daro_lab.rollout.logprobs import _new_cache
 
 __all__ = ["HFEngine"]
@@ -62,23 +62,10 @@ class HFEngine:
         generator: a torch.Generator on the model's device drives all randomness (a generator on another device
         seeds a fresh one on the model's device from one draw of it); None uses the global RNG.
         """
-        if num_responses < 1:
-            raise ValueError(f"num_responses must be >= 1, got {num_responses}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        check_generate_args(prompts, num_responses, max_new_tokens, temperature, top_p)
 
         n, k = len(prompts), num_responses
-        P = max((len(p) for p in prompts), default=0)
-        prompt_ids = torch.tensor([[self.pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)
-        prompt_ids = prompt_ids.reshape(n, P)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        prompt_mask = torch.arange(P) >= (P - lens).unsqueeze(1)  # [n, P]
+        prompt_ids, prompt_mask, lens = left_pad(prompts, self.pad_id)  # [n, P], [n, P], [n]
 
         if n == 0 or max_new_tokens == 0:
             resp = torch.full((n * k, 0), self.pad_id, dtype=torch.long)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from daro_lab.rollout.base import RolloutBatch
+from daro_lab.rollout.base import RolloutBatch, check_generate_args, left_pad
 
 __all__ = ["INSTALL_HINT", "VLLMEngine", "VLLMNotInstalledError", "VLLMUnsupportedModelError", "vllm_available"]
 
@@ -252,24 +252,11 @@ class VLLMEngine:
         logprobs are log_softmax(logits / temperature) of the sampled tokens, before top-p, also when greedy.
         generator: drives the per-row seeds (one draw per row); None uses torch's global RNG.
         """
-        if num_responses < 1:
-            raise ValueError(f"num_responses must be >= 1, got {num_responses}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        check_generate_args(prompts, num_responses, max_new_tokens, temperature, top_p)
 
         n, k = len(prompts), num_responses
         B = n * k
-        P = max((len(p) for p in prompts), default=0)
-        prompt_ids = torch.tensor([[self.pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)
-        prompt_ids = prompt_ids.reshape(n, P)
-        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        prompt_mask = torch.arange(P) >= (P - lens).unsqueeze(1)
+        prompt_ids, prompt_mask, _ = left_pad(prompts, self.pad_id)
 
         if B == 0 or max_new_tokens == 0:
             resp = torch.full((B, 0), self.pad_id, dtype=torch.long)
