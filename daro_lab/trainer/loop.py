@@ -54,7 +54,7 @@ def _cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 
 class Trainer:
-    """Owns the model, the optimizer, the data position and the RNG; `step()` runs one RL step."""
+    """Owns the model, the optimizer, the data position and the RNG; `train_step()` runs one RL step."""
 
     def __init__(self, cfg: Config, hooks: list[Hook] | None = None):
         self.cfg = cfg
