@@ -328,3 +328,74 @@ def test_unknown_method_names_it():
     b = fixed_batch(4, {1: 0.5})
     with pytest.raises(ValueError, match="unknown method 'ppo'"):
         policy_loss("ppo", b, 4)
+
+
+class ThreadReduce:
+    """A Shard.reduce for ranks simulated by threads: every rank's tensor, summed or maxed."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.slots: list = [None] * world
+        self.barrier = threading.Barrier(world)
+
+    def for_rank(self, rank: int):
+        def reduce(x, op="sum"):
+            self.slots[rank] = x.detach().clone()
+            self.barrier.wait()
+            stacked = torch.stack(self.slots)
+            out = stacked.sum(0) if op == "sum" else stacked.max(0).values
+            self.barrier.wait()  # every rank has read before the next call overwrites
+            return out
+
+        return reduce
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loss_shares_sum_to_the_whole_minibatch(method, world):
+    """Split by prompts over `world` ranks (threads): the rank losses and gradients (log-probs and DARO
+    weights) sum to the one-process loss and gradients, and every rank reports the one-process metrics.
+    The last rank holds only filler rows (no tokens, prompt index -1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daro_lab.algorithms import Shard
+
+    P, K, T = 5, 4, 6
+    rewards, mask, logp, old, ref = random_batch(P, K, T, seed=11)
+    rewards[0] = torch.tensor([1.0, 0, 0, 1])  # at least one kept prompt
+    s = LossSettings(kl_beta=0.05, max_response_length=0)
+    w0 = torch.tensor([0.5, 1.5, 2.0], dtype=DT)
+    full = make_batch(method, rewards, mask, logp, old, ref)  # advantages of the whole batch
+    filler = PolicyBatch(logp[:K], old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
+                         torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
+
+    def run(rows, shard):
+        b = filler if rows is None else PolicyBatch(
+            logp[rows], old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
+            full.rewards[rows], full.prompt_index[rows], ref[rows])
+        b.logp = b.logp.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True) if METHODS[method].weights != "none" else None
+        loss, m = policy_loss(method, b, K, s, weights=w, shard=shard)
+        loss.backward()
+        return float(loss.detach()), b.logp.grad, None if w is None else w.grad, m
+
+    one_loss, one_grad, one_wgrad, one_m = run(torch.arange(P * K), Shard())
+    prompts = [list(range(P))[r :: world - 1] for r in range(world - 1)]
+    rows = [torch.tensor([p * K + i for p in ps for i in range(K)]) for ps in prompts] + [None]
+    red = ThreadReduce(world)
+    with ThreadPoolExecutor(world) as ex:
+        outs = list(ex.map(lambda r: run(rows[r], Shard(world, red.for_rank(r))), range(world)))
+
+    assert sum(o[0] for o in outs) == pytest.approx(one_loss, rel=1e-12, abs=1e-12)
+    grad = torch.zeros_like(one_grad)
+    for r, o in zip(rows[:-1], outs):
+        grad[r] = o[1]
+    assert torch.allclose(grad, one_grad, rtol=1e-10, atol=1e-14)
+    assert not outs[-1][1].any()  # filler rows get no gradient
+    if one_wgrad is not None:
+        assert torch.allclose(sum(o[2] for o in outs), one_wgrad, rtol=1e-12)
+    for o in outs:
+        assert o[3].keys() == one_m.keys()
+        for key, v in one_m.items():
+            assert o[3][key] == pytest.approx(v, rel=1e-10, abs=1e-12), key

@@ -13,6 +13,7 @@ from daro_lab.algorithms.losses import (
     Method,
     PolicyBatch,
     Scaling,
+    Shard,
     group_keys,
     mu_key,
     policy_loss,
@@ -23,7 +24,7 @@ from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "METHODS", "DaroWeights", "GroupView", "LossSettings", "Method",
-    "PolicyBatch", "Scaling", "clipped_surrogate", "compute_advantages", "constant_normaliser",
+    "PolicyBatch", "Scaling", "Shard", "clipped_surrogate", "compute_advantages", "constant_normaliser",
     "group_keys", "kept_prompts", "kl_k3", "mu_key", "policy_loss", "register_advantage",
     "register_method", "seq_mean_token_mean", "static_shape", "token_mean",
 ]

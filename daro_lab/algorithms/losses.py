@@ -13,6 +13,11 @@ rest, identically for every method:
 Groups are keyed by the integer k = number of correct responses of the prompt (mu = k/K), never by
 a binned float. Responses of prompts with k = 0 or k = K are counted, then dropped from the update.
 Pure: tensors in, (loss, metrics) out; no logging, no globals beyond the registry.
+
+Data parallelism: with a `Shard`, each rank passes its part of the mini-batch; every normaliser
+(tokens per group, responses, L_mu) is summed over ranks, so the rank's loss is its exact share of
+the whole mini-batch's loss (the shares sum to it) and every metric is the whole mini-batch's.
+Rows with prompt_index -1 are filler (a rank with no prompt of this mini-batch): no tokens, no count.
 """
 
 from __future__ import annotations
@@ -45,6 +50,22 @@ class LossSettings:
     weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed' or 'grad'
 
 
+def _no_reduce(x: Tensor, op: str = "sum") -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this process's rows sit in a data-parallel mini-batch (one process: the default).
+
+    `reduce(x, op)` returns x ('sum' or 'max') combined over the ranks, detached; every rank must
+    call `policy_loss` for every mini-batch, since the reductions are collective.
+    """
+
+    world_size: int = 1
+    reduce: Callable[[Tensor, str], Tensor] = _no_reduce
+
+
 @dataclass
 class PolicyBatch:
     """One mini-batch of B responses, T padded response tokens. Rows of one prompt share `prompt_index`."""
@@ -55,22 +76,30 @@ class PolicyBatch:
     advantages: Tensor  # [B] one advantage per response (computed per step, before the split)
     num_correct: Tensor  # [B] long, k of the response's prompt, in 0..K
     rewards: Tensor  # [B] the response's reward in {0, 1}
-    prompt_index: Tensor  # [B] long, which prompt the response answers
+    prompt_index: Tensor  # [B] long, which prompt the response answers (-1: filler row, see Shard)
     ref_logp: Tensor | None = None  # [B, T] reference log-probs, needed when kl_beta > 0
 
 
 @dataclass
 class GroupView:
-    """What a method sees: the kept tokens and the per-group token-mean losses."""
+    """What a method sees: the kept tokens and the per-group token-mean losses.
+
+    Counts are the whole mini-batch's (summed over data-parallel ranks); `mask` and `group_loss`
+    are this rank's rows and share.
+    """
 
     K: int
     k: Tensor  # [B] long
     mask: Tensor  # [B, T] float, kept tokens only
     n_responses: Tensor  # [] kept responses with at least one token
-    group_loss: Tensor  # [K+1] L_mu, differentiable; 0 for absent groups
+    group_loss: Tensor  # [K+1] L_mu (this rank's share), differentiable; 0 for absent groups
     present: Tensor  # [K+1] bool: interior groups with tokens in this mini-batch
     weights: Tensor | None  # [K-1] DARO weights for k = 1..K-1
     signal: Tensor | None  # [K+1] what drives the DARO weights, detached
+    tokens: Tensor | None = None  # [K+1] kept tokens per group (None: counted in `mask`)
+    n_tokens: Tensor | None = None  # [] kept tokens (None: counted in `mask`)
+    width: int = 0  # padded response length of the mini-batch (0: mask.shape[1])
+    world_size: int = 1  # data-parallel ranks; a per-group offset is split evenly over them
 
 
 class Scaling(NamedTuple):
@@ -110,26 +139,26 @@ def register_method(name: str, advantage: str, weights: str = "none") -> Callabl
 @register_method("grpo", advantage="group_std")
 def grpo(g: GroupView, s: LossSettings) -> Scaling:
     """GRPO (arXiv 2402.03300): group-std advantage, mean over responses of per-response token-means."""
-    return Scaling(seq_mean_token_mean(g.mask))
+    return Scaling(seq_mean_token_mean(g.mask, g.n_responses))
 
 
 @register_method("dapo", advantage="group_std")
 def dapo(g: GroupView, s: LossSettings) -> Scaling:
     """DAPO (arXiv 2503.14476): group-std advantage, token-mean over the mini-batch."""
-    return Scaling(token_mean(g.mask))
+    return Scaling(token_mean(g.mask, g.n_tokens))
 
 
 @register_method("dr_grpo", advantage="mean_only")
 def dr_grpo(g: GroupView, s: LossSettings) -> Scaling:
     """Dr. GRPO (arXiv 2503.20783): r - mu advantage, sum / (responses * max response length)."""
-    L_max = s.max_response_length or g.mask.shape[1]
+    L_max = s.max_response_length or g.width or g.mask.shape[1]
     return Scaling(constant_normaliser(g.mask, L_max, g.n_responses))
 
 
 @register_method("lipo", advantage="batch_std")
 def lipo(g: GroupView, s: LossSettings) -> Scaling:
     """LIPO as Lite PPO (arXiv 2508.08221): group mean, batch std, token-mean."""
-    return Scaling(token_mean(g.mask))
+    return Scaling(token_mean(g.mask, g.n_tokens))
 
 
 def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
@@ -141,10 +170,12 @@ def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
     K = g.K
     ones = w.new_ones(1)
     w_full = torch.cat([ones, w, ones])  # [K+1], index by k
-    tokens = torch.zeros(K + 1, dtype=g.mask.dtype, device=g.mask.device).index_add_(0, g.k, g.mask.sum(1))
+    tokens = g.tokens
+    if tokens is None:
+        tokens = torch.zeros(K + 1, dtype=g.mask.dtype, device=g.mask.device).index_add_(0, g.k, g.mask.sum(1))
     coef = g.mask * (w_full.detach() / tokens.clamp(min=1))[g.k][:, None]  # [B, T]
     signal = g.signal if g.signal is not None else g.group_loss.detach().abs()
-    offset = (w_full - w_full.detach()) * signal - torch.log(w_full)
+    offset = ((w_full - w_full.detach()) * signal - torch.log(w_full)) / g.world_size  # each rank's share
     return Scaling(coef, torch.where(g.present, offset, torch.zeros_like(offset)))
 
 
@@ -200,6 +231,7 @@ def policy_loss(
     weights: Tensor | None = None,
     group_grad_norms: Tensor | None = None,
     return_groups: bool = False,
+    shard: Shard = Shard(),
 ):
     """Loss and per-pass-rate metrics of `method` on one mini-batch.
 
@@ -211,9 +243,12 @@ def policy_loss(
         weights: [K-1] DARO weights for k = 1..K-1 ('daro': differentiable; 'static': frozen).
         group_grad_norms: [K-1] ||grad_theta L_mu||, the DARO signal when settings.weight_signal='grad'.
         return_groups: also return (C_mu [K+1], L_mu [K+1]), both differentiable, for G_mu.
+        shard: data parallelism: `batch` is this rank's part of the mini-batch (see Shard).
 
     Returns:
         (loss [] scalar, metrics dict[str, float]) or (loss, metrics, (C, L)) with return_groups.
+        Under a Shard, loss, C and L are this rank's shares (they sum over ranks to the whole
+        mini-batch's) and the metrics are the whole mini-batch's, identical on every rank.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
@@ -243,9 +278,15 @@ def policy_loss(
     def per_group(x: Tensor) -> Tensor:  # [B] -> [K+1], sum within each k
         return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
 
-    tokens = per_group(lengths)  # [K+1]
-    group_loss = per_group(l.sum(1)) / tokens.clamp(min=1)  # [K+1] L_mu
+    # the whole mini-batch's counts: one collective for the sums, one for the padded width
+    local_l = per_group(l.sum(1))  # [K+1] sum of l over each group's tokens, differentiable
+    n_resp = (lengths > 0).sum().to(dt)
+    sums = shard.reduce(torch.cat([per_group(lengths), local_l.detach(), n_resp[None]]), "sum")
+    tokens, l_sum, n_resp = sums[: K + 1], sums[K + 1 : 2 * K + 2], sums[-1]  # [K+1], [K+1], []
+    width = T if shard.world_size == 1 else int(shard.reduce(torch.tensor(float(T), device=l.device), "max"))
+    group_loss = local_l / tokens.clamp(min=1)  # [K+1] L_mu (this rank's share)
     present = (tokens > 0) & (torch.arange(K + 1, device=k.device) > 0) & (torch.arange(K + 1, device=k.device) < K)
+    L_global = l_sum / tokens.clamp(min=1)  # [K+1] L_mu of the whole mini-batch, detached
 
     signal = None
     if spec.weights != "none":
@@ -254,9 +295,9 @@ def policy_loss(
                              f"{None if weights is None else tuple(weights.shape)}")
         weights = weights.to(dt)
         if settings.weight_signal == "abs":
-            signal = group_loss.detach().abs()
+            signal = L_global.abs()
         elif settings.weight_signal == "signed":
-            signal = group_loss.detach()
+            signal = L_global
         elif settings.weight_signal == "grad":
             if group_grad_norms is None or group_grad_norms.shape != (K - 1,):
                 raise ValueError("weight_signal='grad' needs group_grad_norms of shape [K-1]")
@@ -265,7 +306,8 @@ def policy_loss(
         else:
             raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: 'abs', 'signed' or 'grad'")
 
-    view = GroupView(K, k, mask, (lengths > 0).sum(), group_loss, present, weights, signal)
+    view = GroupView(K, k, mask, n_resp, group_loss, present, weights, signal, tokens, tokens.sum(), width,
+                     shard.world_size)
     scaling = spec.fn(view, settings)
     contrib = per_group((scaling.coef * l).sum(1))  # [K+1] C_mu without offsets
     if scaling.offset is not None:
@@ -275,70 +317,97 @@ def policy_loss(
     else:
         loss = contrib.sum()
 
-    metrics = _metrics(K, k, batch, mask, lengths, l, scaling, sur, group_loss, contrib, present, loss,
-                       weights, signal)
+    metrics = _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib, present, loss,
+                       weights, signal, shard)
     if return_groups:
         return loss, metrics, (contrib, group_loss)
     return loss, metrics
 
 
 @torch.no_grad()
-def _metrics(K, k, batch, mask, lengths, l, scaling, sur, group_loss, contrib, present, loss, weights, signal):
-    """Per-group and batch metrics, as plain floats keyed by the DESIGN.md convention."""
+def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib, present, loss, weights, signal,
+             shard):
+    """Per-group and batch metrics, as plain floats keyed by the DESIGN.md convention.
+
+    Every count and sum is taken over this rank's rows, then all of them are summed over the ranks
+    in one collective, so the metrics are the whole mini-batch's.
+    """
     def per_group(x: Tensor) -> Tensor:
         return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
 
-    dt = mask.dtype
+    dt = torch.float64
+    mask = mask.to(dt)
+    valid = (batch.prompt_index >= 0).to(dt)  # [B] 0 on filler rows
     adv = batch.advantages.to(dt)
-    scale = per_group((scaling.coef.detach() * adv.abs()[:, None]).sum(1))  # [K+1] S_mu
-    tokens = per_group(lengths)
-    correct = (batch.rewards > 0.5).to(dt)
+    correct = (batch.rewards > 0.5).to(dt) * valid
+    incorrect = (1 - correct) * valid
     raw_len = batch.mask.to(dt).sum(1)  # lengths before dropping mu in {0, 1}
-    n_corr = per_group(correct)
-    n_inc = per_group(1 - correct)
-    len_corr = per_group(raw_len * correct) / n_corr.clamp(min=1)
-    len_inc = per_group(raw_len * (1 - correct)) / n_inc.clamp(min=1)
     pos = (adv > 0)[:, None].to(dt) * mask
     neg = (adv < 0)[:, None].to(dt) * mask
     clipped = sur.clipped.to(dt)
-    clip_pos = per_group((clipped * pos).sum(1)) / per_group(pos.sum(1)).clamp(min=1)
-    clip_neg = per_group((clipped * neg).sum(1)) / per_group(neg.sum(1)).clamp(min=1)
+    ratio = sur.ratio.detach().to(dt)
+    # prompts per k: one k per prompt index (filler rows, index -1, count for nothing)
+    real = batch.prompt_index >= 0
+    uniq, inv = torch.unique(batch.prompt_index[real], return_inverse=True)
+    k_of_prompt = torch.zeros(len(uniq), dtype=torch.long, device=k.device).scatter_(0, inv, k[real])
+    prompts = torch.bincount(k_of_prompt, minlength=K + 1).to(dt)
 
-    # prompts per k: one k per prompt index
-    uniq, inv = torch.unique(batch.prompt_index, return_inverse=True)
-    k_of_prompt = torch.zeros(len(uniq), dtype=torch.long, device=k.device).scatter_(0, inv, k)
-    prompts = torch.bincount(k_of_prompt, minlength=K + 1)
+    group_sums = {  # name -> [K+1]
+        "scale": per_group((scaling.coef.detach().to(dt) * adv.abs()[:, None]).sum(1)),  # S_mu
+        "contrib": contrib.detach().to(dt), "prompts": prompts,
+        "n_corr": per_group(correct), "n_inc": per_group(incorrect),
+        "len_corr": per_group(raw_len * correct), "len_inc": per_group(raw_len * incorrect),
+        "clip_pos": per_group((clipped * pos).sum(1)), "pos": per_group(pos.sum(1)),
+        "clip_neg": per_group((clipped * neg).sum(1)), "neg": per_group(neg.sum(1)),
+    }
+    scalar_sums = {
+        "loss": loss.detach().to(dt), "responses": (lengths > 0).sum().to(dt), "empty": ((raw_len == 0).to(dt) * valid).sum(),
+        "clip_pos": (clipped * pos).sum(), "pos": pos.sum(), "clip_neg": (clipped * neg).sum(), "neg": neg.sum(),
+        "clip_all": (clipped * mask).sum(), "ratio": (ratio * mask).sum(),
+    }
+    flat = shard.reduce(torch.cat([torch.stack(list(group_sums.values())).flatten(),
+                                   torch.stack(list(scalar_sums.values()))]), "sum").tolist()
+    G = len(group_sums) * (K + 1)
+    g = {name: flat[i * (K + 1) : (i + 1) * (K + 1)] for i, name in enumerate(group_sums)}
+    t = dict(zip(scalar_sums, flat[G:]))
+    on = batch.mask.bool()
+    ratio_max = shard.reduce(ratio[on].max() if on.any() else ratio.new_tensor(-math.inf), "max").item()
+
+    def div(a: float, b: float) -> float:
+        return a / max(b, 1.0)
 
     cols = {
-        "loss": group_loss, "contrib": contrib, "scale": scale, "prompts": prompts, "tokens": tokens,
-        "len_correct": len_corr, "len_incorrect": len_inc, "clipfrac_pos": clip_pos, "clipfrac_neg": clip_neg,
+        "loss": L_global.double().tolist(), "contrib": g["contrib"], "scale": g["scale"], "prompts": g["prompts"],
+        "tokens": tokens.double().tolist(),
+        "len_correct": [div(a, b) for a, b in zip(g["len_corr"], g["n_corr"])],
+        "len_incorrect": [div(a, b) for a, b in zip(g["len_inc"], g["n_inc"])],
+        "clipfrac_pos": [div(a, b) for a, b in zip(g["clip_pos"], g["pos"])],
+        "clipfrac_neg": [div(a, b) for a, b in zip(g["clip_neg"], g["neg"])],
     }
     if weights is not None:
-        w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)])
-        cols["daro/w"] = w_full
-        cols["daro/wL"] = w_full * group_loss
-        cols["daro/signal"] = signal
-    cols = {name: v.detach().double().tolist() for name, v in cols.items()}
+        w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)]).double()
+        cols["daro/w"] = w_full.tolist()
+        cols["daro/wL"] = (w_full * L_global.double()).tolist()
+        cols["daro/signal"] = signal.double().tolist()
     out: dict[str, float] = {}
     for kk in torch.nonzero(present).flatten().tolist():
         key = mu_key(kk, K)
         for name, v in cols.items():
             out[f"{name}/{key}"] = v[kk]
-    n_tok = mask.sum()
-    all_on = batch.mask.bool()
+    n_tok = sum(cols["tokens"][1:K])
     out.update({
-        "loss/total": float(loss.detach()),
-        "batch/responses": float((lengths > 0).sum()),
-        "batch/tokens": float(n_tok),
-        "batch/empty_responses": float((raw_len == 0).sum()),
-        "batch/prompts": float(len(uniq)),
-        "batch/prompts_mu0": float(prompts[0]),
-        "batch/prompts_mu1": float(prompts[K]),
-        "clipfrac/pos": float((clipped * pos).sum() / pos.sum().clamp(min=1)),
-        "clipfrac/neg": float((clipped * neg).sum() / neg.sum().clamp(min=1)),
-        "clipfrac/all": float((clipped * mask).sum() / n_tok.clamp(min=1)),
-        "ratio/max": float(sur.ratio[all_on].max()) if all_on.any() else 1.0,
-        "ratio/mean": float((sur.ratio * mask).sum() / n_tok.clamp(min=1)),
+        "loss/total": t["loss"],
+        "batch/responses": t["responses"],
+        "batch/tokens": n_tok,
+        "batch/empty_responses": t["empty"],
+        "batch/prompts": sum(g["prompts"]),
+        "batch/prompts_mu0": g["prompts"][0],
+        "batch/prompts_mu1": g["prompts"][K],
+        "clipfrac/pos": div(t["clip_pos"], t["pos"]),
+        "clipfrac/neg": div(t["clip_neg"], t["neg"]),
+        "clipfrac/all": div(t["clip_all"], n_tok),
+        "ratio/max": ratio_max if math.isfinite(ratio_max) else 1.0,
+        "ratio/mean": div(t["ratio"], n_tok),
     })
     if weights is not None and signal is not None:
         # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound

@@ -147,10 +147,10 @@ def sequence_logprobs(
     tgt = targets[rmask]
     recompute = torch.is_grad_enabled() and h.requires_grad
     pieces = []
-    for s in range(0, h.shape[0], chunk_size):
+    for s in range(0, max(h.shape[0], 1), chunk_size):  # no tokens: one empty chunk keeps the graph (DDP)
         args = (h[s : s + chunk_size], tgt[s : s + chunk_size], head, temperature)
         pieces.append(checkpoint(_head_chunk, *args, use_reentrant=False) if recompute else _head_chunk(*args))
-    vals = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)
+    vals = torch.cat(pieces)
     return torch.zeros(B, T, dtype=torch.float32, device=device).masked_scatter(rmask, vals)
 
 

@@ -6,21 +6,25 @@ One step (DESIGN.md section 1):
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
     for each mini-batch: loss from the registry -> backward -> clip -> AdamW (policy + DARO weights)
 Hooks see every stage and change nothing; the trainer never logs by itself.
+Under torchrun the step is split over data-parallel ranks as `distributed.py` describes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from functools import partial
 from typing import Any
 
 import torch
 
 from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, mu_key, policy_loss
-from daro_lab.config import Config
+from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
+from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import load_checkpoint, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
@@ -61,12 +65,21 @@ class Trainer:
         self.hooks = list(hooks or [])
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
+        self.dist = dp.init_from_env()  # torchrun: rank and world size; one process: rank 0 of 1
+        if cfg.trainer.prompts_per_step < self.dist.world_size:
+            raise ConfigError(f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
+                              f"need at least one prompt per data-parallel rank ({self.dist.world_size})")
+        self.shard = dp.loss_shard(self.dist)
         torch.manual_seed(cfg.seed)
         c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
         self.model, self.tokenizer, self.task = c.model, c.tokenizer, c.task
         self.train_set, self.eval_set = c.train_set, c.eval_set
         self.device = torch.device(cfg.trainer.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.model.to(self.device)
+        # the differentiable log-prob forward: DDP-wrapped under torchrun (gradients averaged in backward)
+        self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist) if self.dist.enabled else None
         self.engine = build_engine(cfg, self.model, self.tokenizer)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
@@ -92,7 +105,8 @@ class Trainer:
         if self.weights is not None and self.method.weights == "learned":
             groups.append(self.weights.param_group(d.lr_w))
         self.opt = torch.optim.AdamW(groups, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas))
-        self.rollout_gen = torch.Generator().manual_seed(cfg.seed)
+        # every rank samples its own prompts with its own stream; rank 0 (or a single process) uses the seed
+        self.rollout_gen = torch.Generator().manual_seed(cfg.seed + 7_777_777 * self.dist.rank)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.order = torch.randperm(len(self.train_set), generator=self.data_gen)
         self.cursor = 0
@@ -133,8 +147,12 @@ class Trainer:
         rollouts, rewards, problems, texts = [], [], [], []
         n_kept, n_batches = 0, 0
         while True:  # one batch, or more under dynamic sampling
-            probs = self.next_problems(N)
-            b, r, tx = self.generate(probs)
+            probs = self.next_problems(N)  # the same N prompts on every data-parallel rank
+            b, r, tx = self.generate(probs[dp.split(len(probs), self.dist)])  # this rank's slice
+            if self.dist.enabled:  # every rank gets the whole batch, in prompt order
+                parts = dp.gather_objects((b, r, tx), self.dist)
+                b, r, tx = _cat([x[0] for x in parts], self.tokenizer.pad_token_id), torch.cat([x[1] for x in parts]), \
+                    [t for x in parts for t in x[2]]
             rollouts.append(b), rewards.append(r), problems.extend(probs), texts.extend(tx)
             n_batches += 1
             n_kept += int(kept_prompts(r).sum())
@@ -145,32 +163,10 @@ class Trainer:
         for h in self.hooks:
             h.on_rollout(step, [p.prompt for p in problems], texts, rewards, [p.answer for p in problems])
         keep = kept_prompts(rewards)
-        kept_idx = torch.nonzero(keep).flatten()[:N]  # dynamic sampling: at most N prompts per step
         t_gen = time.perf_counter() - t0
 
         m: dict[str, float] = self._rollout_metrics(roll, rewards, keep, n_batches)
-        mb_metrics: list[dict[str, float]] = []
-        t_old = t_upd = 0.0
-        if len(kept_idx):
-            adv = compute_advantages(rewards[kept_idx], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)
-            mbp = cfg.trainer.mini_batch_prompts
-            chunks = [kept_idx[i : i + mbp] for i in range(0, len(kept_idx), mbp)]
-            adv_chunks = [adv[i : i + mbp] for i in range(0, len(kept_idx), mbp)]
-            rows = [(c[:, None] * K + torch.arange(K)).flatten() for c in chunks]
-            subs = [_rows(roll, r_) for r_ in rows]
-            t1 = time.perf_counter()
-            olds: list[torch.Tensor | None] = [None]  # the first mini-batch is on-policy
-            refs: list[torch.Tensor | None] = []
-            with torch.no_grad():
-                for i, s in enumerate(subs):
-                    if i > 0:
-                        olds.append(self._logprobs(self.model, s))
-                    refs.append(self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
-            t_old = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            for i, (s, a, c) in enumerate(zip(subs, adv_chunks, chunks)):
-                mb_metrics.append(self._update(step, i, s, a, rewards[c], olds[i], refs[i]))
-            t_upd = time.perf_counter() - t2
+        mb_metrics, t_old, t_upd = self.update(step, roll, rewards)
         self.step = step
 
         m.update(_mean_metrics(mb_metrics))
@@ -186,11 +182,53 @@ class Trainer:
             h.on_step_end(step, dict(m))
         return m
 
+    def update(self, step: int, roll: RolloutBatch, rewards: torch.Tensor) -> tuple[list[dict[str, float]], float, float]:
+        """The policy (and DARO weights) update of one step on its scored rollouts, rewards [P, K].
+
+        Keeps the prompts with 0 < mu < 1 (at most N), computes their advantages once, and takes one
+        optimizer step per mini-batch of `mini_batch_prompts` (the first on-policy, later ones off-policy).
+        Data-parallel: every rank passes the whole batch and updates on its part of each mini-batch.
+        Returns (metrics of each mini-batch, seconds of old log-probs, seconds of updates).
+        """
+        cfg, K = self.cfg, self.K
+        kept_idx = torch.nonzero(kept_prompts(rewards)).flatten()[: cfg.trainer.prompts_per_step]
+        if not len(kept_idx):
+            return [], 0.0, 0.0
+        adv = compute_advantages(rewards[kept_idx], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)
+        mbp = cfg.trainer.mini_batch_prompts
+        parts = []  # (rows, advantages [p, K], rewards [p, K]) of this rank, one per mini-batch
+        for i in range(0, len(kept_idx), mbp):
+            c, a = kept_idx[i : i + mbp], adv[i : i + mbp]
+            mine = dp.split(len(c), self.dist)
+            c, a = c[mine], a[mine]
+            if len(c):
+                parts.append((_rows(roll, (c[:, None] * K + torch.arange(K)).flatten()), a, rewards[c]))
+            else:  # more ranks than prompts in this mini-batch: filler rows keep the collectives in step
+                first = _rows(roll, torch.arange(K) + K * int(kept_idx[i]))
+                filler = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
+                                             prompt_index=torch.full_like(first.prompt_index, -1))
+                parts.append((filler, torch.zeros(1, K), torch.zeros(1, K)))
+        t1 = time.perf_counter()
+        olds: list[torch.Tensor | None] = [None]  # the first mini-batch is on-policy
+        refs: list[torch.Tensor | None] = []
+        with torch.no_grad():
+            for i, (s, _, _) in enumerate(parts):
+                if i > 0:
+                    olds.append(self._logprobs(self.model, s))
+                refs.append(self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
+        t_old = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        out = [self._update(step, i, s, a, r, olds[i], refs[i]) for i, (s, a, r) in enumerate(parts)]
+        return out, t_old, time.perf_counter() - t2
+
     def _logprobs(self, model, s: RolloutBatch):
-        # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once
-        return sequence_logprobs(model, s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
-                                 temperature=self.cfg.rollout.temperature, group_size=self.K,
-                                 chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
+        # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once.
+        # The policy's differentiable forward goes through DDP under torchrun.
+        fn = self.policy_fwd if (model is self.model and self.policy_fwd is not None and torch.is_grad_enabled()) \
+            else partial(sequence_logprobs, model)
+        return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
+                  temperature=self.cfg.rollout.temperature, group_size=self.K,
+                  chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
     def _update(self, step: int, index: int, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor,
                 old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
@@ -200,7 +238,7 @@ class Trainer:
         logp = self._logprobs(self.model, s)  # [B, T], on the model's device
         dev = logp.device
         mask = s.response_mask.to(dev, logp.dtype)
-        k = rewards.sum(1).round().long().repeat_interleave(K).to(dev)
+        k = rewards.sum(1).round().long().repeat_interleave(K).to(dev)  # filler rows: k = 0, no tokens
         batch = PolicyBatch(
             logp=logp, old_logp=logp.detach() if old is None else old, mask=mask, advantages=adv.flatten().to(dev),
             num_correct=k, rewards=rewards.flatten().to(dev), prompt_index=s.prompt_index.to(dev), ref_logp=ref,
@@ -213,18 +251,20 @@ class Trainer:
         if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
             # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
             _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
-                                       group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True)
-            group_norms = torch.tensor([_grad_norm(L[kk], params) for kk in range(1, K)], device=dev)
+                                       group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True,
+                                       shard=self.shard)
+            group_norms = torch.tensor([_grad_norm(L[kk], params, self.shard) for kk in range(1, K)], device=dev)
         loss, metrics, (C, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
-                                            group_grad_norms=group_norms, return_groups=True)
+                                            group_grad_norms=group_norms, return_groups=True, shard=self.shard)
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
             for kk in range(1, K):
                 if f"loss/{mu_key(kk, K)}" in metrics:
-                    metrics[f"gradnorm/{mu_key(kk, K)}"] = _grad_norm(C[kk], params)
-                    metrics[f"gradnorm_L/{mu_key(kk, K)}"] = _grad_norm(L[kk], params)
+                    metrics[f"gradnorm/{mu_key(kk, K)}"] = _grad_norm(C[kk], params, self.shard)
+                    metrics[f"gradnorm_L/{mu_key(kk, K)}"] = _grad_norm(L[kk], params, self.shard)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
+        (loss * self.shard.world_size).backward()
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         metrics["grad/norm"] = float(gnorm)
@@ -290,26 +330,38 @@ class Trainer:
         return {mu_key(kk, self.K): float(n) for kk, n in enumerate(hist)}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; data-parallel: collective (each rank's sampling stream is gathered)."""
+        gens = dp.gather_objects(self.rollout_gen.get_state(), self.dist)
         return {
             "step": self.step, "cursor": self.cursor, "order": self.order,
             "optimizer": self.opt.state_dict(),
             "weights": self.weights.state_dict() if self.weights is not None else {},
-            "rollout_gen": self.rollout_gen.get_state(), "data_gen": self.data_gen.get_state(),
+            "rollout_gen": gens[0], "data_gen": self.data_gen.get_state(),
+            "world_size": self.dist.world_size, "rollout_gens": torch.stack(gens),
         }
 
     def save(self, directory, meta: dict | None = None):
-        path = save_checkpoint(directory, self.model, self.state_dict(), {"step": self.step, **(meta or {})})
+        """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
+        dp.check_in_sync([self.model] + ([self.weights] if self.weights is not None else []), self.dist)
+        state = self.state_dict()
+        if not self.dist.is_main:
+            return None
+        path = save_checkpoint(directory, self.model, state, {"step": self.step, **(meta or {})})
         for h in self.hooks:
             h.on_checkpoint(self.step)
         return path
 
     def load(self, directory) -> None:
         st = load_checkpoint(directory, self.model)
+        saved_world = int(st.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
+                              f"resume it with as many (this is {self.dist.world_size})")
         self.step, self.cursor, self.order = st["step"], st["cursor"], st["order"]
         self.opt.load_state_dict(st["optimizer"])
         if self.weights is not None:
             self.weights.load_state_dict(st["weights"])
-        self.rollout_gen.set_state(st["rollout_gen"])
+        self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank] if "rollout_gens" in st else st["rollout_gen"])
         self.data_gen.set_state(st["data_gen"])
         self.engine.sync_weights(self.model)
 
@@ -324,12 +376,18 @@ def policy_lr(t, step: int) -> float:
     return t.lr
 
 
-def _grad_norm(x: torch.Tensor, params: list[torch.Tensor]) -> float:
-    """||d x / d params||, keeping the graph for the update's own backward."""
-    if not x.requires_grad:
-        return 0.0
-    grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard) -> float:
+    """||d x / d params||, keeping the graph for the update's own backward.
+
+    Data-parallel: x is this rank's share; the gradients are summed over ranks before the norm.
+    """
+    grads = [None] * len(params)
+    if x.requires_grad:
+        grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
+    if shard.world_size == 1:
+        return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
+    return float(shard.reduce(flat, "sum").norm())
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 Order matters for "bad input loses nothing": the tracking store is opened and the model, data and
 config are built *before* a run is created, so a bad path or key never leaves a run RUNNING.
+Under torchrun only rank 0 touches MLflow (and evaluates, and writes checkpoints); the other ranks
+get the run id and, on resume, the config and checkpoint from it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable
 
 from daro_lab.config import Config, ConfigError, config_from_dict
 from daro_lab.hooks import Hook, default_hooks
+from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import latest, write_pointer
 from daro_lab.trainer.loop import Trainer
 
@@ -54,45 +57,54 @@ def train(
     """Train `cfg` (or continue run `resume` from its last checkpoint) and return the MLflow run id."""
     from daro_lab.tracking import Tracker, open_client, resolve_tracking_uri
 
+    d = dp.init_from_env()
     uri = resolve_tracking_uri(tracking_uri or (cfg.tracking.uri if cfg else None) or None)
-    open_client(uri)  # a store that cannot be opened fails here, before anything else
     ckpt = None
+    if d.is_main:
+        open_client(uri)  # a store that cannot be opened fails here, before anything else
+        if resume:
+            cfg = config_of_run(uri, resume)
+            client = open_client(uri)
+            root = client.get_run(resume).data.tags.get(TAG_CKPT)
+            ckpt = latest(root) if root else None
+            if ckpt is None:
+                raise ConfigError(f"run {resume!r} has no checkpoint to resume from (looked in {root})")
     if resume:
-        cfg = config_of_run(uri, resume)
-        client = open_client(uri)
-        root = client.get_run(resume).data.tags.get(TAG_CKPT)
-        ckpt = latest(root) if root else None
-        if ckpt is None:
-            raise ConfigError(f"run {resume!r} has no checkpoint to resume from (looked in {root})")
+        cfg, ckpt = dp.broadcast_object((cfg, ckpt), d)
     assert cfg is not None
     trainer = Trainer(cfg)  # model, data, engine: every bad input fails here
-    if resume:
+    tracker = None  # rank 0's record of the run; other data-parallel ranks keep none
+    if d.is_main and resume:
         tracker = Tracker.resume(uri, resume, truncate_after_step=int(ckpt.name.split("_")[-1]))
-    else:
+    elif d.is_main:
         tracker = Tracker.start(uri, cfg.tracking.experiment, _run_name(cfg), cfg.flat(), cfg.to_json(),
-                                tags={"daro_lab.method": cfg.algo.method, "daro_lab.seed": cfg.seed, **(tags or {})},
+                                tags={"daro_lab.method": cfg.algo.method, "daro_lab.seed": cfg.seed,
+                                      "daro_lab.world_size": d.world_size, **(tags or {})},
                                 parent_run_id=parent_run_id)
-    run_id = tracker.run_id
+    run_id = dp.broadcast_object(tracker.run_id if tracker else None, d)
     root = Path(cfg.trainer.checkpoint_dir).resolve() / run_id
-    trainer.hooks = hooks(tracker)
+    trainer.hooks = hooks(tracker) if tracker else []
     try:
         if resume:
             trainer.load(ckpt)
-        else:
+        elif tracker:
             tracker.set_tags({TAG_CKPT: str(root)})
             _log_start(trainer, tracker)
-        _loop(trainer, tracker, root, progress)
-        if cfg.trainer.log_checkpoint:
+        _loop(trainer, run_id, root, progress and d.is_main)
+        if tracker and cfg.trainer.log_checkpoint:
             tracker.log_artifact(latest(root), "checkpoint")
         for h in trainer.hooks:
             h.on_train_end(trainer.step, "FINISHED")
-        tracker.finish("FINISHED")
+        if tracker:
+            tracker.finish("FINISHED")
     except KeyboardInterrupt:
         _save(trainer, root, run_id)
-        tracker.finish("KILLED")
+        if tracker:
+            tracker.finish("KILLED")
         raise
     except BaseException as e:
-        tracker.fail(e)
+        if tracker:
+            tracker.fail(e)
         raise
     return run_id
 
@@ -112,13 +124,15 @@ def _log_start(trainer: Trainer, tracker) -> None:
                                          "prompts": v} for k, v in hist.items()], 0)
 
 
-def _save(trainer: Trainer, root: Path, run_id: str) -> Path:
+def _save(trainer: Trainer, root: Path, run_id: str) -> Path | None:
+    """Checkpoint the trainer (every data-parallel rank calls this; rank 0 writes)."""
     d = trainer.save(root / f"step_{trainer.step:06d}", {"run_id": run_id})
-    write_pointer(root, d)
+    if d is not None:
+        write_pointer(root, d)
     return d
 
 
-def _loop(trainer: Trainer, tracker, root: Path, progress: bool) -> None:
+def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool) -> None:
     t = trainer.cfg.trainer
     bar = None
     if progress:
@@ -132,10 +146,10 @@ def _loop(trainer: Trainer, tracker, root: Path, progress: bool) -> None:
         m = trainer.train_step()
         step = trainer.step
         last = step == t.steps
-        if (t.eval_every and step % t.eval_every == 0) or last:
+        if ((t.eval_every and step % t.eval_every == 0) or last) and trainer.dist.is_main:
             acc = trainer.evaluate()[0]["eval/greedy_acc"]
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
-            _save(trainer, root, tracker.run_id)
+            _save(trainer, root, run_id)
         if bar is not None:
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{acc:.3f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
             bar.update(1)

@@ -1,0 +1,143 @@
+"""Data-parallel training under torchrun: one process per GPU (NCCL), or per CPU slot (gloo).
+
+    torchrun --nproc_per_node 8 $(which daro-lab) train --config experiments/paper/daro-qwen2.5-math-1.5b.toml
+
+How a step is split (every rank runs the same loop, DESIGN.md section 1 holds for the global batch):
+
+    prompts   every rank draws the same N prompts and generates K responses for its contiguous slice;
+              the rollouts and rewards are all-gathered, so every rank holds the whole batch and
+              computes the same kept prompts and advantages (LIPO's batch std included)
+    update    each mini-batch's prompts are split over the ranks; the loss's normalisers (tokens per
+              group, responses, L_mu) are all-reduced inside `policy_loss` (a `Shard`), so each rank's
+              loss is its exact share of the mini-batch's; DDP averages the policy gradient, hence each
+              rank backpropagates world_size x its share; DARO's weights get the global L_mu as their
+              signal on every rank and take identical steps (checked at every checkpoint)
+    rank 0    logs to MLflow, evaluates, writes checkpoints; the other ranks wait at the next collective
+
+The policy is wrapped in torch DDP through a module whose forward is the whole log-prob computation,
+so the shared-prompt KV-cache path and the chunked head (several inner forwards) are one DDP forward.
+FSDP2 is not built: the transformers rollout engine generates from each rank's own prompts, a
+different number of forwards per rank, which sharded parameters cannot serve.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from daro_lab.algorithms import Shard
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); a single process otherwise.
+
+    Backend: gloo for CPU tensors, plus NCCL for CUDA tensors where CUDA is available.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def all_reduce(x: Tensor, op: str = "sum") -> Tensor:
+    """x summed ('sum') or maxed ('max') over the ranks, as a new detached tensor."""
+    import torch.distributed as dist
+
+    y = x.detach().clone()
+    dist.all_reduce(y, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return y
+
+
+def loss_shard(d: DistInfo) -> Shard:
+    return Shard(d.world_size, all_reduce) if d.enabled else Shard()
+
+
+def split(n: int, d: DistInfo) -> slice:
+    """This rank's contiguous part of n items (the first n % world ranks get one more)."""
+    base, extra = divmod(n, d.world_size)
+    start = d.rank * base + min(d.rank, extra)
+    return slice(start, start + base + (d.rank < extra))
+
+
+def gather_objects(obj: Any, d: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; pickled through CPU (gloo) tensors."""
+    if not d.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(d.world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()]))
+    width = max(int(s) for s in sizes)
+    bufs = [torch.empty(width, dtype=torch.uint8) for _ in range(d.world_size)]
+    dist.all_gather(bufs, torch.nn.functional.pad(data, (0, width - data.numel())))
+    return [pickle.loads(b[: int(s)].numpy().tobytes()) for b, s in zip(bufs, sizes)]
+
+
+def broadcast_object(obj: Any, d: DistInfo) -> Any:
+    """Rank 0's obj on every rank."""
+    return gather_objects(obj if d.is_main else None, d)[0]
+
+
+def check_in_sync(modules: list[torch.nn.Module], d: DistInfo) -> None:
+    """Raise if the parameters differ between ranks (a data-parallel bug, never expected)."""
+    if not d.enabled:
+        return
+    device = next(modules[0].parameters()).device
+    sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).to(device)
+    hi, neg_lo = all_reduce(sums, "max"), all_reduce(-sums, "max")
+    bad = torch.nonzero(hi != -neg_lo).flatten()
+    if len(bad):
+        names = [n for m in modules for n, _ in m.named_parameters()]
+        raise RuntimeError(f"data-parallel replicas diverged on rank {d.rank}: {len(bad)} parameters differ "
+                           f"between ranks, first {names[int(bad[0])]!r}")
+
+
+class LogprobModule(torch.nn.Module):
+    """The policy's log-prob computation as one module, so that DDP sees it as one forward."""
+
+    def __init__(self, policy: torch.nn.Module, fn):
+        super().__init__()
+        self.policy = policy
+        self.fn = fn
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.fn(self.policy, *args, **kwargs)
+
+
+def wrap_ddp(policy: torch.nn.Module, fn, d: DistInfo) -> torch.nn.Module:
+    """DDP around `fn(policy, ...)`: gradients of the policy averaged over ranks during backward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device = next(policy.parameters()).device
+    return DDP(LogprobModule(policy, fn), device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=False)

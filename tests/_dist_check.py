@@ -1,0 +1,73 @@
+"""Data-parallel equivalence check, run by tests/test_distributed.py.
+
+    python tests/_dist_check.py OUT.json OVERRIDES...                                   # one process
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_check.py OUT.json OVERRIDES...
+
+For each variant (every method; DARO also with the 'grad' signal, chunked log-probs, and one prompt
+per mini-batch so that rank 1 holds filler rows), the trainer takes two steps of updates on two fixed
+global batches, both sampled from the starting policy with one seed (identical on every rank) and
+given coin-flip rewards. Rank 0
+writes every mini-batch's metrics, the DARO weights and the policy parameters to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+VARIANTS = {
+    "grpo": ["algo.method=grpo"],
+    "dapo": ["algo.method=dapo"],
+    "dr_grpo": ["algo.method=dr_grpo"],
+    "lipo": ["algo.method=lipo"],
+    "static": ["algo.method=static", "algo.daro.static=grpo"],
+    "daro": ["algo.method=daro"],
+    "daro-grad-chunked": ["algo.method=daro", "algo.daro.signal=grad", "model.logprob_chunk_size=7"],
+    "daro-one-prompt-per-minibatch": ["algo.method=daro", "trainer.mini_batch_prompts=1"],
+}
+
+
+def batches(trainer, n_steps: int):
+    """n_steps global batches of N prompts x K responses from the starting policy, scored: [(roll, rewards)]."""
+    cfg, K = trainer.cfg, trainer.K
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for s in range(n_steps):
+        probs = trainer.train_set[s * cfg.trainer.prompts_per_step : (s + 1) * cfg.trainer.prompts_per_step]
+        ids = trainer.tokenizer.encode_prompts([p.prompt for p in probs])
+        roll = trainer.engine.generate(ids, K, max_new_tokens=cfg.rollout.max_new_tokens,
+                                       temperature=cfg.rollout.temperature, generator=gen)
+        # coin-flip rewards, not the verifier's: the check is about the update, and they keep most
+        # prompts (0 < mu < 1), so a step has several mini-batches split unevenly over the ranks
+        out.append((roll, (torch.rand(len(probs), K, generator=gen) < 0.5).float()))
+    return out
+
+
+def main(path: str, overrides: list[str]) -> None:
+    from daro_lab.config import load_config
+    from daro_lab.trainer.loop import Trainer
+
+    torch.set_num_threads(1)
+    results = {}
+    for name, extra in VARIANTS.items():
+        t = Trainer(load_config(None, [*overrides, *extra]))
+        steps = []
+        for step, (roll, rewards) in enumerate(batches(t, 2), start=1):
+            mb, _, _ = t.update(step, roll, rewards)
+            steps.append(mb)
+        results[name] = {
+            "world_size": t.dist.world_size,
+            "minibatches": steps,
+            "weights": t.weights.as_dict() if t.weights is not None else {},
+            "params": torch.cat([p.detach().double().flatten() for p in t.model.parameters()]).tolist(),
+        }
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
