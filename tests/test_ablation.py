@@ -535,3 +535,19 @@ def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db,
     assert "| **solo**" in res.output and "One seed: no confidence intervals" in res.output
     (child,) = [r for r in all_runs(uri) if r.data.tags.get("daro_lab.arm") == "solo"]
     assert child.data.params["seed"] == "3" and child.data.params["trainer.steps"] == "1"
+
+
+def test_mlflow_ui_lists_the_child_runs_in_headless_chromium(sweep, tmp_path):
+    """`daro-lab ui` serves the ablation; headless Chromium opens its experiment, expands the parent
+    and the page lists every child run (one per arm and seed)."""
+    pytest.importorskip("playwright.sync_api", reason="the ui-check extra (playwright) is not installed")
+    from analyses.mlflow_ui import ablation_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    uri, res = sweep
+    shot = tmp_path / "ui.png"
+    names = ablation_page(uri, res.parent_run_id, shot)
+    want = {r.info.run_name for r in all_runs(uri) if r.info.run_id != res.parent_run_id}
+    assert len(want) == 6 and set(names) == want
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
