@@ -59,6 +59,18 @@ _DATA_KEYS = ("task.name", "task.min_digits", "task.max_digits", "task.ops", "ta
 
 
 @dataclass
+class Preface:
+    """A first section a caller puts before the generic report (an ablation's statistical summary)."""
+
+    anchor: str  # its id in report.html
+    title: str  # its heading
+    html: str  # its body in report.html
+    table: pd.DataFrame | None = None  # report.pdf: a table on a page of its own, after the heading
+    note: str = ""  # report.pdf: the text above that table
+    lines: list[str] = field(default_factory=list)  # report.pdf: paragraphs after the table
+
+
+@dataclass
 class ReportResult:
     html: Path
     pdf: Path
@@ -245,11 +257,12 @@ def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_
 
 
 def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult], errors: dict[str, str],
-                missing: list[str], fig_dir: Path, out_dir: Path, template: Path | None = None) -> str:
+                missing: list[str], fig_dir: Path, out_dir: Path, template: Path | None = None,
+                title: str | None = None, preface: Preface | None = None) -> str:
     tpl_path = Path(template) if template else TEMPLATE
     tpl = string.Template(tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else _FALLBACK_TEMPLATE)
     common, varying = config_tables(runs)
-    sections = []
+    sections = [(preface.anchor, preface.title, preface.html)] if preface else []
     miss = ("<div class='missing'><p><b>What these runs lack.</b></p><ul>"
             + "".join(f"<li>{_esc(m)}</li>" for m in missing) + "</ul></div>") if missing else \
         "<p class='note'>Nothing is missing: every method of the paper, several seeds, every figure.</p>"
@@ -264,16 +277,15 @@ def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureRe
         "t-interval over seeds (no ± with a single seed).</p>" + res_html)))
     rel = _relpath(fig_dir, out_dir)
     for name in FIGURES:
-        title = FIGURE_TITLES.get(name, name)
         if name in figures:
             body = _figure_html(name, figures[name], rel)
         else:
             body = f"<div class='missing'>Not drawn: {_esc(errors.get(name, 'not requested'))}</div>"
-        sections.append((f"sec-{name}", title, body))
+        sections.append((f"sec-{name}", FIGURE_TITLES.get(name, name), body))
     sections.append(("verdict", "Hoeffding verdict", _verdict_html(figures.get("hoeffding"), errors.get("hoeffding"))))
     body = "\n".join(f"<section id='{sid}'><h2>{_esc(t)}</h2>\n{b}\n</section>" for sid, t, b in sections)
     toc = "".join(f"<li><a href='#{sid}'>{_esc(t)}</a></li>" for sid, t, _ in sections)
-    title = f"daro-lab report: {runs.title()}"
+    title = title or f"daro-lab report: {runs.title()}"
     subtitle = (f"{len(runs)} runs, methods {', '.join(style.method_label(m) for m in runs.methods())}; "
                 f"loss scale issue and DARO (arXiv 2510.09001)")
     generated = (f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by daro-lab "
@@ -320,11 +332,12 @@ def _table_page(pdf, title: str, df: pd.DataFrame, note: str) -> None:
     wide = len(df.columns) > 6
     fig = Figure(figsize=(11.69, 8.27) if wide else (8.27, 11.69))
     fig.text(0.05, 0.95, title, fontsize=12, fontweight="bold", va="top")
-    fig.text(0.05, 0.91, "\n".join(textwrap.wrap(note, 150 if wide else 105)), fontsize=8, va="top")
+    below = 0.91 - 0.03 * title.count("\n")  # a two-line title pushes the note down
+    fig.text(0.05, below, "\n".join(textwrap.wrap(note, 150 if wide else 105)), fontsize=8, va="top")
     if len(df):
-        ax = fig.add_axes([0.03, 0.1, 0.94, 0.72])
+        ax = fig.add_axes([0.03, 0.1, 0.94, 0.72 - (0.91 - below)])
         ax.axis("off")
-        cols = ["\n".join(textwrap.wrap(str(c), 14)) for c in df.columns]
+        cols = ["\n".join(textwrap.wrap(str(c), 18 if wide else 14)) for c in df.columns]
         tab = ax.table(cellText=df.astype(str).values, colLabels=cols, loc="upper center", cellLoc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(6.5 if wide else 7.5)
@@ -355,7 +368,8 @@ def _figure_page(pdf, name: str, res: FigureResult) -> None:
 
 
 def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult],
-               errors: dict[str, str], missing: list[str]) -> None:
+               errors: dict[str, str], missing: list[str], title: str | None = None,
+               preface: Preface | None = None) -> None:
     from matplotlib.backends.backend_pdf import PdfPages
 
     common, varying = config_tables(runs)
@@ -375,9 +389,14 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
         setup += [f"• {row['key']}: " + ", ".join(f"{c}={row[c]}" for c in varying.columns[1:]) for _, row in varying.iterrows()]
     setup.append("## Config shared by every run")
     setup += [f"• {row.key} = {row.value}" for row in common.itertuples()]
-    with PdfPages(path, metadata={"Title": f"daro-lab report: {runs.title()}",
-                                  "Creator": "daro-lab"}) as pdf:
-        _text_pages(pdf, f"daro-lab report: {runs.title()}",
+    title = title or f"daro-lab report: {runs.title()}"
+    with PdfPages(path, metadata={"Title": title, "Creator": "daro-lab"}) as pdf:
+        if preface is not None:
+            _table_page(pdf, f"{title}\n{preface.title}", preface.table if preface.table is not None else pd.DataFrame(),
+                        preface.note)
+            if preface.lines:
+                _text_pages(pdf, preface.title, preface.lines)
+        _text_pages(pdf, title if preface is None else "Setup and runs",
                     ["## What is missing", *(f"• {m}" for m in missing or ["Nothing is missing."]), "## Setup", *setup])
         _table_page(pdf, "Results: held-out accuracy (greedy)", results_display(results) if len(results) else results,
                     "Start (step 0), final (last evaluation) and best (over evaluations after the start) held-out "
@@ -397,9 +416,11 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
 
 def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
                  experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                 figures: Sequence[str] | None = None, template: str | Path | None = None) -> ReportResult:
+                 figures: Sequence[str] | None = None, template: str | Path | None = None,
+                 title: str | None = None, preface: Preface | None = None) -> ReportResult:
     """Draw every figure (or `figures`) and write report.html and report.pdf into `out_dir`
-    (default: reports/<experiment> under the current directory).
+    (default: reports/<experiment> under the current directory). `title` replaces the default
+    'daro-lab report: <runs>'; `preface` is a first section (e.g. an ablation's summary).
 
     Raises AnalysisError only when no run can be selected or none has per-mu data; a figure that
     cannot be drawn is reported in the document instead."""
@@ -427,8 +448,9 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
         style.save_table(varying, out, "config_varying")
     missing = missing_items(runs, done, errors)
     html_path = out / "report.html"
-    html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template), encoding="utf-8")
+    html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface),
+                         encoding="utf-8")
     pdf_path = out / "report.pdf"
     with style.paper_style():
-        render_pdf(pdf_path, runs, results, done, errors, missing)
+        render_pdf(pdf_path, runs, results, done, errors, missing, title, preface)
     return ReportResult(html_path, pdf_path, out, results, done, errors, missing)

@@ -513,6 +513,7 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
     rep, again = write_ablation_report(uri, res.parent_run_id, tmp_path / "rep", figures=["convergence"])
     page = Path(rep.html).read_text()
     assert "<section id='ablation'>" in page and "Ablation summary" in page
+    assert "daro-lab ablation &#x27;g&#x27;" in page or "daro-lab ablation 'g'" in page  # the report's title
     assert page.index("id='ablation'") < page.index("id='results'")
     for arm in ("learned", "grpo", "optimal"):
         assert f"<code>{arm}</code>" in page

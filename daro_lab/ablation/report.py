@@ -21,22 +21,40 @@ from daro_lab.ablation.sweep import AblationResult, summarize_ablation
 
 
 def summary_html(res: AblationResult) -> str:
-    """The summary as an HTML section (table, verdicts, and the markdown's reading notes)."""
+    """The summary as HTML: the ablation's description, table, verdicts and the markdown's reading notes."""
     disp = display_table(res.summary, bold="")
     table = disp.to_html(index=False, escape=True, classes="results", border=0)
     verdicts = "".join(f"<li><code>{html.escape(str(r.arm))}</code>: {html.escape(verdict(r))}</li>"
                        for _, r in res.summary.iterrows())
-    notes = res.markdown.split("How to read it:", 1)[-1].strip().splitlines()
-    notes_html = "".join(f"<li>{html.escape(line.lstrip('- ').strip())}</li>" for line in notes
-                         if line.strip().startswith("- "))
+    notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in _notes(res))
     p = res.plan
     head = (f"<p>Ablation <b>{html.escape(p.name)}</b>: parent run <code>{html.escape(res.parent_run_id)}</code>, "
             f"preset {html.escape(p.preset)}, seeds {html.escape(str(p.seeds))}, reference arm "
             f"<code>{html.escape(p.reference)}</code>.</p>")
     if p.description:
         head += f"<p>{html.escape(p.description)}</p>"
-    return (f"<section id='ablation'><h2>Ablation summary</h2>\n{head}\n{table}\n<h3>Verdicts</h3><ul>{verdicts}</ul>"
-            f"<h3>How to read it</h3><ul>{notes_html}</ul></section>\n")
+    return f"{head}\n{table}\n<h3>Verdicts</h3><ul>{verdicts}</ul><h3>How to read it</h3><ul>{notes_html}</ul>"
+
+
+def _notes(res: AblationResult) -> list[str]:
+    """The markdown's 'How to read it' bullets."""
+    lines = res.markdown.split("How to read it:", 1)[-1].strip().splitlines()
+    return [line.lstrip("- ").strip() for line in lines if line.strip().startswith("- ")]
+
+
+def summary_preface(res: AblationResult):
+    """The summary as the report's first section: HTML, and a table page plus verdicts in the PDF."""
+    from analyses.report import Preface
+
+    compact = display_table(res.summary, bold="").drop(columns=["method"])
+    compact["arm"] = [f"{a} (ref)" if ref else a for a, ref in zip(res.summary.arm, res.summary.reference)]
+    p = res.plan
+    note = (f"Parent run {res.parent_run_id}, preset {p.preset}, seeds {p.seeds}, reference arm '{p.reference}'. "
+            + " ".join((p.description or "").split()))
+    lines = ["## Arms", *(f"• {r.arm}: {r.label}" for _, r in res.summary.iterrows() if r.label),
+             "## Verdicts", *(f"• {r.arm}: {verdict(r)}" for _, r in res.summary.iterrows()),
+             "## How to read it", *(f"• {line}" for line in _notes(res))]
+    return Preface("ablation", "Ablation summary", summary_html(res), compact, note, lines)
 
 
 def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Path | None = None,
@@ -55,11 +73,7 @@ def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Pa
     from analyses.report import write_report
 
     finished = res.per_seed.loc[res.per_seed.status == "FINISHED", "run_id"].tolist()
-    rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures)
-    page = Path(rep.html).read_text(encoding="utf-8")
-    section = summary_html(res)
-    at = page.find("<section")
-    page = page[:at] + section + page[at:] if at >= 0 else page.replace("</body>", section + "</body>")
-    page = page.replace("<ol>", "<ol><li><a href='#ablation'>Ablation summary</a></li>", 1)
-    Path(rep.html).write_text(page, encoding="utf-8")
+    rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures,
+                       title=f"daro-lab ablation '{res.plan.name}' (parent run {parent_run_id[:8]})",
+                       preface=summary_preface(res))
     return rep, res
