@@ -1,5 +1,7 @@
 """Benchmark of the RL step on this machine: seconds per step and its split, tokens/s, peak memory,
-and the cost of the hooks (same config, hooks on vs off, steps interleaved so both see the same load).
+and the cost of the hooks (same config, hooks on vs off, steps interleaved so all see the same load):
+with MLflow metrics every step (tracking.log_every = 1, the default) and every 10 steps (TRL's
+logging_steps); the per-mu tables hold every step either way.
 
     python benchmarks/bench_trainer.py                      # both presets
     python benchmarks/bench_trainer.py --preset trl --steps 40
@@ -52,18 +54,25 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     overrides = [*PRESETS[preset], "trainer.grad_norm_every=0", f"trainer.steps={steps + warmup}"]
     cfg = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml", overrides)
     tmp = tempfile.mkdtemp()
-    tracker = Tracker.start(f"sqlite:///{tmp}/mlflow.db", "bench", preset, cfg.flat(), cfg.to_json(),
-                            artifact_location=f"{tmp}/artifacts", context_tags=False)
-    on = Trainer(cfg, hooks=default_hooks(tracker))
+    trackers = {every: Tracker.start(f"sqlite:///{tmp}/mlflow.db", "bench", f"{preset}-log-every-{every}", cfg.flat(),
+                                     cfg.to_json(), artifact_location=f"{tmp}/artifacts", context_tags=False)
+                for every in (1, 10)}
+    on = Trainer(cfg, hooks=default_hooks(trackers[1]))
+    cfg10 = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml",
+                        [*overrides, "tracking.log_every=10"])
+    on10 = Trainer(cfg10, hooks=default_hooks(trackers[10]))
+    for tr in (on, on10):
+        for h in tr.hooks:
+            h.on_train_start(tr)
     off = Trainer(cfg, hooks=[])
     gcfg = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml",
                        [*overrides[:-2], "trainer.grad_norm_every=1", f"trainer.steps={steps + warmup}"])
     with_g = Trainer(gcfg, hooks=[])
-    times: dict[str, list[float]] = {"on": [], "off": [], "g": []}
+    times: dict[str, list[float]] = {"on": [], "on10": [], "off": [], "g": []}
     split: dict[str, list[float]] = {"time/generate": [], "time/old_logprobs": [], "time/update": []}
     toks, kept = [], []
     for i in range(steps + warmup):
-        for name, tr in (("off", off), ("on", on), ("g", with_g)):
+        for name, tr in (("off", off), ("on", on), ("on10", on10), ("g", with_g)):
             t0 = time.perf_counter()
             m = tr.train_step()
             dt = time.perf_counter() - t0
@@ -74,16 +83,24 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
                         split[k].append(m[k])
                     toks.append(m["perf/tokens_per_s"] * m["time/step"])
                     kept.append(m["rollout/kept_prompts"])
-    t0 = time.perf_counter()
-    tracker.finish()  # the hooks' deferred MLflow writes count against the hooks
-    flush = time.perf_counter() - t0
+    flush = {}
+    for every, tracker in trackers.items():  # the hooks' deferred MLflow writes count against the hooks
+        t0 = time.perf_counter()
+        for h in (on if every == 1 else on10).hooks:
+            h.on_train_end(steps + warmup, "FINISHED")
+        tracker.finish()
+        flush[every] = time.perf_counter() - t0
     mean = {k: statistics.mean(v) for k, v in times.items()}
-    on_total = mean["on"] + flush / steps
+    on_total = mean["on"] + flush[1] / steps
+    on10_total = mean["on10"] + flush[10] / steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n== preset {preset}: {steps} timed steps after {warmup} warm-up, torch threads {torch.get_num_threads()}")
     print(f"  s/step, hooks on (incl. amortised MLflow flush): {on_total:.4f}  (median {statistics.median(times['on']):.4f})")
     print(f"  s/step, hooks off:                               {mean['off']:.4f}  (median {statistics.median(times['off']):.4f})")
     print(f"  hooks overhead, on/off ratio:                    {on_total / mean['off']:.3f}")
+    print(f"  s/step, hooks on, MLflow metrics every 10 steps: {on10_total:.4f}  (median {statistics.median(times['on10']):.4f})")
+    print(f"  hooks overhead at log_every=10, on/off ratio:    {on10_total / mean['off']:.3f}")
+    print(f"  final flush (pending metrics, parquet tables):   {flush[1]:.3f} s / {flush[10]:.3f} s at log_every 1 / 10")
     print(f"  G_mu every step (no hooks), ratio to off:        {mean['g'] / mean['off']:.3f}  (sampled every n steps in training)")
     for k, v in split.items():
         print(f"  {k:32s} {statistics.mean(v):.4f} s  ({100 * statistics.mean(v) / mean['on']:.0f}%)")

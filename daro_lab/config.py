@@ -142,6 +142,8 @@ class TrackingConfig:
     uri: str = _f("", "MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = _f("daro-lab", "MLflow experiment name")
     run_name: str = _f("", "MLflow run name; empty derives '<method>-seed<seed>'")
+    log_every: int = _f(1, "log the step metrics to MLflow every n steps, each as its mean over those n steps (as TRL's "
+                           "logging_steps); the per-mu tables keep every step and evaluations are logged when they run")
 
 
 @dataclass
@@ -343,6 +345,8 @@ def validate(cfg: Config) -> None:
         bad("task.reward_workers", f"must be >= 0, got {tk.reward_workers}")
     if not tk.reward_timeout_s > 0:
         bad("task.reward_timeout_s", f"must be > 0, got {tk.reward_timeout_s}")
+    if cfg.tracking.log_every < 1:
+        bad("tracking.log_every", f"must be >= 1, got {cfg.tracking.log_every}")
     e = cfg.eval
     from daro_lab.tasks import task_names  # local import: tasks import this module
 

@@ -297,3 +297,45 @@ def test_runs_in_threads(store):
         df = read_metrics(store[0], run_id)
         assert len(df) == 600 and set(df["value"]) == {float(i)}
         assert len(read_table(store[0], run_id, "t")) == 20
+
+
+def test_metrics_hook_logs_window_means_every_n_steps():
+    """tracking.log_every = 3: each metric's mean over the window (NaN skipped), state at its end; a
+    checkpoint and the end of training close a window early; TABLE_ONLY counts never go to MLflow."""
+    from types import SimpleNamespace
+
+    from daro_lab.hooks import MetricsHook
+
+    class Rec:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, m, step):
+            self.logged.append((step, dict(m)))
+
+        def flush(self):
+            pass
+
+    rec = Rec()
+    hook = MetricsHook(rec)
+    hook.on_train_start(SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(log_every=3))))
+    nan = float("nan")
+    for step in range(1, 9):
+        hook.on_step_end(step, {"reward/mean": float(step), "length/correct": nan if step < 3 else 10.0 * step,
+                                "prompts/mu_1of4": 5.0, "daro/weight/mu_1of4": 1.0 + step})
+        if step == 5:
+            hook.on_checkpoint(step)
+    hook.on_train_end(8, "FINISHED")
+    # windows end at multiples of 3; the checkpoint closes 4-5, the end closes 7-8
+    assert [s for s, _ in rec.logged] == [3, 5, 6, 8]
+    # means, but the DARO weights as they stand at the window's last step
+    assert rec.logged[0][1] == {"reward/mean": 2.0, "length/correct": 30.0, "daro/weight/mu_1of4": 4.0}
+    assert rec.logged[1][1] == {"reward/mean": 4.5, "length/correct": 45.0, "daro/weight/mu_1of4": 6.0}
+    assert rec.logged[2][1] == {"reward/mean": 6.0, "length/correct": 60.0, "daro/weight/mu_1of4": 7.0}
+    assert rec.logged[3][1] == {"reward/mean": 7.5, "length/correct": 75.0, "daro/weight/mu_1of4": 9.0}
+    # log_every = 1 (default): every step's own values, NaN kept
+    rec1 = Rec()
+    one = MetricsHook(rec1)
+    one.on_step_end(1, {"length/correct": nan, "loss/total": 0.25})
+    (step, m), = rec1.logged
+    assert step == 1 and m["loss/total"] == 0.25 and m["length/correct"] != m["length/correct"]  # NaN

@@ -30,7 +30,8 @@ class MiniBatchView:
 class Hook:
     """Override the events you need; every one defaults to doing nothing."""
 
-    def on_train_start(self, trainer: Any) -> None: ...
+    def on_train_start(self, trainer: Any) -> None:
+        """Once before the first step of `train()` (a resume included), with the Trainer and its cfg."""
 
     def on_rollout(self, step: int, prompts: list[str], responses: list[str], rewards: Tensor,
                    answers: list[str]) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
-from daro_lab.algorithms import group_keys
 from daro_lab.hooks.base import Hook, MiniBatchView
 
 # per-group quantities of the loss's metrics, and the column each becomes in the per_mu table
@@ -23,12 +23,17 @@ PER_MU_COLUMNS = {
 
 
 def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
-    """One row per group k present in `metrics`, columns of PER_MU_COLUMNS, plus `fixed` columns."""
-    cols = {col: group_keys(metrics, name) for name, col in PER_MU_COLUMNS.items()}
-    return [
-        {**fixed, "k": k, "K": K, "mu": k / K, **{c: v[k] for c, v in cols.items() if k in v}}
-        for k in sorted(cols["L"])
-    ]
+    """One row per group k present in `metrics` (it has 'loss/mu_kofK'), columns of PER_MU_COLUMNS,
+    plus `fixed` columns. One pass over the keys: this runs on every mini-batch."""
+    rows: dict[int, dict] = {}
+    for key, v in metrics.items():
+        name, sep, suffix = key.rpartition("/mu_")
+        col = PER_MU_COLUMNS.get(name) if sep else None
+        if col is not None:
+            k_str = suffix.partition("of")[0]
+            if k_str.isdigit():
+                rows.setdefault(int(k_str), {})[col] = v
+    return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k]} for k in sorted(rows) if "L" in rows[k]]
 
 
 # per-group counts that the tables hold (per_mu, mu_hist): not repeated as MLflow metrics, whose
@@ -36,23 +41,58 @@ def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
 TABLE_ONLY = ("prompts/mu_", "tokens/mu_", "daro/w/mu_", "daro/signal/mu_", "rollout/prompts/mu_")
 
 
-class MetricsHook(Hook):
-    """Every step's metrics (but the TABLE_ONLY counts) and every evaluation, as MLflow metrics by step."""
+# quantities that are a state after the step, not a per-step measurement: logged as they stand
+STATE_PREFIXES = ("daro/weight/", "lr/")
 
-    def __init__(self, tracker: Any):
+
+class MetricsHook(Hook):
+    """Step metrics (but the TABLE_ONLY counts) as MLflow metrics by step, and every evaluation.
+
+    With `tracking.log_every` = n > 1, each metric is logged every n steps as its mean over those
+    steps (NaN entries skipped), at the window's last step; state (STATE_PREFIXES: the DARO weights,
+    the learning rates) is logged as it stands at that step. A checkpoint and the end of training
+    close the window early, so a resumed run logs what an uninterrupted one does. The ablation
+    summary reads these metrics, so n > 1 coarsens its windows too.
+    """
+
+    def __init__(self, tracker: Any, log_every: int = 1):
         self.tracker = tracker
+        self.log_every = log_every
+        self._window: dict[str, list[float]] = {}
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.log_every = trainer.cfg.tracking.log_every
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith(TABLE_ONLY)}, step)
+        for k, v in metrics.items():
+            if not k.startswith(TABLE_ONLY):
+                self._window.setdefault(k, []).append(v)
+        if step % self.log_every == 0:
+            self._emit(step)
+
+    def _emit(self, step: int) -> None:
+        if not self._window:
+            return
+        out = {}
+        for k, vs in self._window.items():
+            finite = [v for v in vs if v == v]
+            if k.startswith(STATE_PREFIXES):
+                out[k] = vs[-1]
+            else:
+                out[k] = sum(finite) / len(finite) if finite else float("nan")
+        self._window = {}
+        self.tracker.log_metrics(out, step)
 
     def on_eval(self, step: int, metrics: dict[str, float], table: list[dict]) -> None:
         self.tracker.log_metrics(metrics, step)
         self.tracker.log_table("eval", table, step)
 
     def on_checkpoint(self, step: int) -> None:
+        self._emit(step)
         self.tracker.flush()
 
     def on_train_end(self, step: int, status: str) -> None:
+        self._emit(step)
         self.tracker.flush()
 
 
@@ -116,8 +156,8 @@ class HoeffdingHook(Hook):
             "length": n, "g_mean": g_mean, "g_group_mean": group_mean, "rho_max": rho_max,
         }
         n_rows = int(keep.sum())
-        table = pd.DataFrame({"step": [view.step] * n_rows, "minibatch": [view.index] * n_rows, "K": [view.K] * n_rows,
-                              **{c: v[keep].cpu().numpy() for c, v in cols.items()}})
+        table = pd.DataFrame({"step": np.full(n_rows, view.step), "minibatch": np.full(n_rows, view.index),
+                              "K": np.full(n_rows, view.K), **{c: v[keep].cpu().numpy() for c, v in cols.items()}})
         self.tracker.log_table("hoeffding", table, view.step)
 
 

@@ -84,6 +84,8 @@ def train(
     run_id = dp.broadcast_object(tracker.run_id if tracker else None, d)
     root = Path(cfg.trainer.checkpoint_dir).resolve() / run_id
     trainer.hooks = hooks(tracker) if tracker else []
+    for h in trainer.hooks:
+        h.on_train_start(trainer)
     try:
         if resume:
             trainer.load(ckpt)
