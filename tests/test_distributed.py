@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,52 @@ def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env
     state = torch.load(tmp_path / "ckpt" / run.info.run_id / "step_000002" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["rollout_gens"].shape[0] == 2
     assert not torch.equal(state["rollout_gens"][0], state["rollout_gens"][1])  # each rank samples its own stream
+
+
+def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env):
+    """2 gloo ranks, SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train
+    --resume`: every later step's metrics equal those of an uninterrupted 2-rank run (each rank's
+    sampling stream comes back from the checkpoint)."""
+    import signal
+    import time
+
+    from daro_lab.tracking import read_metrics
+    from daro_lab.trainer.checkpoint import latest
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    ov = [*small_env, "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
+          "trainer.log_checkpoint=false", f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
+    sets = [x for o in ov for x in ("--set", o)]
+    _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
+    client = open_client(store)
+    exp = client.get_experiment_by_name("daro-lab").experiment_id
+    proc = subprocess.Popen([*TORCHRUN, str(HERE / "_dist_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, run_id = time.time() + 300, None
+    while time.time() < deadline:
+        runs = client.search_runs([exp], filter_string="attributes.run_name = 'killed'")
+        root = runs[0].data.tags.get("daro_lab.checkpoint_dir") if runs else None
+        if root and latest(root) is not None:
+            run_id = runs[0].info.run_id
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited before it was killed: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.05)
+    else:
+        pytest.fail("no checkpoint within 300 s")
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert latest(root).name == "step_000002"
+    _run([*TORCHRUN, "-m", "daro_lab.cli", "train", "--resume", run_id, "--tracking-uri", store], tmp_path)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    whole = client.search_runs([exp], filter_string="attributes.run_name = 'whole'")[0].info.run_id
+
+    def later(rid):
+        df = read_metrics(store, rid)
+        df = df[(df.step > 2) & ~df.key.str.startswith(("time/", "perf/"))]
+        return df.set_index(["key", "step"]).value.sort_index()
+
+    a, b = later(whole), later(run_id)
+    assert len(a) > 20 and a.index.equals(b.index), set(a.index) ^ set(b.index)
+    assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)

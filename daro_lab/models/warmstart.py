@@ -141,10 +141,13 @@ def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple
     """(model, tokenizer) of the warm-started tiny preset: loaded from the cache, else trained and saved.
 
     The save goes to a temporary sibling directory renamed into place, so a crash or a concurrent
-    run never leaves a half-written cache entry.
+    run never leaves a half-written cache entry. Under torch.distributed (torchrun) rank 0 alone
+    builds it and the other ranks wait: transformers' save_pretrained writes no model files on the
+    other ranks, whose entry would otherwise win the rename with the tokenizer alone.
     """
     path = cache_path(model_cfg, task_cfg, seed)
-    if not (path / INFO_FILE).is_file():
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (path / INFO_FILE).is_file() and (not dist or torch.distributed.get_rank() == 0):
         log.info("warm-starting the tiny preset (%d steps), cache %s", model_cfg.warmstart_steps, path)
         model, tok, info = train(model_cfg, task_cfg, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +164,8 @@ def warm_start(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple
             shutil.rmtree(tmp, ignore_errors=True)
             if not (path / INFO_FILE).is_file():
                 raise
+    if dist:
+        torch.distributed.barrier()  # rank 0 has written the entry
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype(model_cfg.dtype))
     tok = CharTokenizer.from_pretrained(path)
     return model.eval(), tok

@@ -361,7 +361,8 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         if self.weights is not None:
             self.weights.load_state_dict(st["weights"])
-        self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank] if "rollout_gens" in st else st["rollout_gen"])
+        # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
+        self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank].clone() if "rollout_gens" in st else st["rollout_gen"])
         self.data_gen.set_state(st["data_gen"])
         self.engine.sync_weights(self.model)
 
