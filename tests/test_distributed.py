@@ -89,7 +89,10 @@ def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_
     from daro_lab.trainer.checkpoint import latest
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    ov = [*small_env, "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
+    # a cache of its own: the first torchrun run warm-starts the tiny model under torch.distributed
+    # (rank 0 builds the entry; transformers writes no model files from the other ranks)
+    env = [o for o in small_env if not o.startswith("model.cache_dir=")] + [f"model.cache_dir={tmp_path}/cache"]
+    ov = [*env, "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
           "trainer.log_checkpoint=false", f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     sets = [x for o in ov for x in ("--set", o)]
     _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
