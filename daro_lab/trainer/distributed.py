@@ -16,8 +16,9 @@ How a step is split (every rank runs the same loop, DESIGN.md section 1 holds fo
 
 The policy is wrapped in torch DDP through a module whose forward is the whole log-prob computation,
 so the shared-prompt KV-cache path and the chunked head (several inner forwards) are one DDP forward.
-FSDP2 is not built: the transformers rollout engine generates from each rank's own prompts, a
-different number of forwards per rank, which sharded parameters cannot serve.
+FSDP2 is not built yet. It would need the parameters unsharded around generation and evaluation
+(ranks sample different prompts, so their forwards are not in lockstep), the root module unsharded
+around the chunked head (which calls the decoder directly), and full-state-dict checkpoints.
 """
 
 from __future__ import annotations
