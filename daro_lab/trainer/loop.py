@@ -139,7 +139,7 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        cfg, K = self.cfg, self.K
+        cfg = self.cfg
         step = self.step + 1  # steps are numbered from 1; step 0 is the starting policy
         N = cfg.trainer.prompts_per_step
         self.opt.param_groups[0]["lr"] = policy_lr(cfg.trainer, step)
