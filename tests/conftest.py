@@ -36,3 +36,30 @@ def small_cfg(tmp_path, small_env, store):
         return load_config(None, [*small_env, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt", *extra])
 
     return make
+
+
+@pytest.fixture
+def wait_for_checkpoint():
+    """wait_for_checkpoint(client, filter_string, proc, min_step) -> (run_id, checkpoint root): polls the
+    'daro-lab' experiment until a run matching `filter_string` has a checkpoint of step >= min_step;
+    fails the test if `proc` (the training process) exits first or 300 s pass."""
+    import time
+
+    from daro_lab.trainer.checkpoint import latest
+
+    def wait(client, filter_string, proc, min_step, timeout=300):
+        exp = client.get_experiment_by_name("daro-lab")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            exp = exp or client.get_experiment_by_name("daro-lab")
+            runs = client.search_runs([exp.experiment_id], filter_string=filter_string) if exp else []
+            root = runs[0].data.tags.get("daro_lab.checkpoint_dir") if runs else None
+            d = latest(root) if root else None
+            if d is not None and d.name >= f"step_{min_step:06d}":
+                return runs[0].info.run_id, root
+            if proc.poll() is not None:
+                pytest.fail(f"training exited before it was killed: {proc.stdout.read().decode()[-3000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"no step-{min_step} checkpoint within {timeout} s")
+
+    return wait

@@ -78,12 +78,12 @@ def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env
     assert not torch.equal(state["rollout_gens"][0], state["rollout_gens"][1])  # each rank samples its own stream
 
 
-def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env):
+def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env,
+                                                                            wait_for_checkpoint):
     """2 gloo ranks, SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train
     --resume`: every later step's metrics equal those of an uninterrupted 2-rank run (each rank's
     sampling stream comes back from the checkpoint)."""
     import signal
-    import time
 
     from daro_lab.tracking import read_metrics
     from daro_lab.trainer.checkpoint import latest
@@ -98,20 +98,9 @@ def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_
     _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
     client = open_client(store)
     exp = client.get_experiment_by_name("daro-lab").experiment_id
-    proc = subprocess.Popen([*TORCHRUN, str(HERE / "_dist_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
+    proc = subprocess.Popen([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, run_id = time.time() + 300, None
-    while time.time() < deadline:
-        runs = client.search_runs([exp], filter_string="attributes.run_name = 'killed'")
-        root = runs[0].data.tags.get("daro_lab.checkpoint_dir") if runs else None
-        if root and latest(root) is not None:
-            run_id = runs[0].info.run_id
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"training exited before it was killed: {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.05)
-    else:
-        pytest.fail("no checkpoint within 300 s")
+    run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)
     os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
     proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"

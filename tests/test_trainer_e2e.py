@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from safetensors.torch import load_file
 from daro_lab.algorithms import METHODS
 from daro_lab.tracking import list_tables, open_client, read_metrics, read_table
 from daro_lab.trainer import train
-from daro_lab.trainer.checkpoint import latest
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +68,7 @@ def test_same_config_and_seed_give_identical_metrics(small_cfg, store):
     assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cfg, store):
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cfg, store, wait_for_checkpoint):
     steps = 6
     extra = ["algo.method=daro", f"trainer.steps={steps}", "trainer.checkpoint_every=2"]
     ref = train(small_cfg(*extra), progress=False)
@@ -78,35 +76,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cf
     # the same run in a subprocess, slowed by a hook (hooks never change numbers), killed with SIGKILL
     # once its step-4 checkpoint exists
     overrides = [*small_env, *extra, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
-    script = (
-        "import sys, time\n"
-        "from daro_lab.config import load_config\n"
-        "from daro_lab.hooks import Hook, default_hooks\n"
-        "from daro_lab.trainer import train\n"
-        "class Slow(Hook):\n"
-        "    def on_step_end(self, step, metrics): time.sleep(0.4)\n"
-        "train(load_config(None, sys.argv[1:]), hooks=lambda t: default_hooks(t) + [Slow()], progress=False)\n"
-    )
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-c", script, *overrides], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_slow_train.py"), *overrides], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     client = open_client(store)
-    deadline = time.time() + 300
-    run_id = None
-    while time.time() < deadline:
-        runs = client.search_runs([client.get_experiment_by_name("daro-lab").experiment_id],
-                                  filter_string="attributes.status = 'RUNNING'")
-        if runs:
-            run_id = runs[0].info.run_id
-            root = runs[0].data.tags.get("daro_lab.checkpoint_dir")
-            d = latest(root) if root else None
-            if d is not None and d.name >= "step_000004":
-                break
-        if proc.poll() is not None:
-            pytest.fail(f"training exited before it was killed: {proc.stdout.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    else:
-        pytest.fail("no step-4 checkpoint within 300 s")
+    run_id, _ = wait_for_checkpoint(client, "attributes.status = 'RUNNING'", proc, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it as it was

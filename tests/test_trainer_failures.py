@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -94,35 +91,18 @@ def test_ctrl_c_saves_checkpoint_marks_killed_and_resumes(small_cfg, store):
     assert set(steps[steps.key == "reward/mean"].step) == {1, 2, 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_serves_the_store_on_localhost(tmp_path):
-    port = _free_port()
+    from analyses.mlflow_ui import serve  # starts `daro-lab ui` on a free port, stops it with SIGTERM
+
     u = f"sqlite:///{tmp_path}/mlflow.db"
     open_client(u)  # create the store
-    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", u],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline, body = time.time() + 90, None
-        while time.time() < deadline and body is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    body = r.read().decode()
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(proc.stdout.read().decode()[-2000:])
-                time.sleep(0.5)
-        assert body is not None and "OK" in body
-    finally:
-        proc.terminate()  # SIGTERM: the command stops the server and its workers
-        proc.wait(timeout=30)
+    with serve(u) as base:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+            body = r.read().decode()
+        assert "OK" in body
     time.sleep(1)
-    with pytest.raises(OSError):  # nothing is left serving on the port
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    with pytest.raises(OSError):  # SIGTERM stopped the server and its workers: nothing is left serving
+        urllib.request.urlopen(f"{base}/health", timeout=2)
 
 
 def test_demo_trains_grpo_and_daro_and_says_where_they_are(tmp_path, monkeypatch, small_env, store):

@@ -16,6 +16,7 @@ from daro_lab.algorithms.losses import (
     Shard,
     group_keys,
     mu_key,
+    parse_group_key,
     policy_loss,
     register_method,
     static_shape,
@@ -25,6 +26,6 @@ from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "METHODS", "DaroWeights", "GroupView", "LossSettings", "Method",
     "PolicyBatch", "Scaling", "Shard", "clipped_surrogate", "compute_advantages", "constant_normaliser",
-    "group_keys", "kept_prompts", "kl_k3", "mu_key", "policy_loss", "register_advantage",
+    "group_keys", "kept_prompts", "kl_k3", "mu_key", "parse_group_key", "policy_loss", "register_advantage",
     "register_method", "seq_mean_token_mean", "static_shape", "token_mean",
 ]

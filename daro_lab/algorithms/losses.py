@@ -415,15 +415,22 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib
     return out
 
 
+def parse_group_key(key: str) -> tuple[str, int] | None:
+    """('loss', 3) for 'loss/mu_3of8'; None for a key that is not a per-group metric."""
+    name, sep, suffix = key.rpartition("/mu_")
+    k_str = suffix.partition("of")[0]
+    if not sep or "/" in suffix or not k_str.isdigit():
+        return None
+    return name, int(k_str)
+
+
 def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
     """{k: value} of one per-group quantity, e.g. group_keys(m, 'loss') -> {3: L_3of8, ...}."""
     out = {}
-    prefix = f"{name}/mu_"
     for key, v in metrics.items():
-        if key.startswith(prefix) and "/" not in key[len(prefix):]:
-            k_str = key[len(prefix):].split("of")[0]
-            if k_str.isdigit():
-                out[int(k_str)] = v
+        parsed = parse_group_key(key)
+        if parsed is not None and parsed[0] == name:
+            out[parsed[1]] = v
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from daro_lab.algorithms import parse_group_key
 from daro_lab.hooks.base import Hook, MiniBatchView
 
 # per-group quantities of the loss's metrics, and the column each becomes in the per_mu table
@@ -27,12 +28,10 @@ def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
     plus `fixed` columns. One pass over the keys: this runs on every mini-batch."""
     rows: dict[int, dict] = {}
     for key, v in metrics.items():
-        name, sep, suffix = key.rpartition("/mu_")
-        col = PER_MU_COLUMNS.get(name) if sep else None
+        parsed = parse_group_key(key)
+        col = PER_MU_COLUMNS.get(parsed[0]) if parsed else None
         if col is not None:
-            k_str = suffix.partition("of")[0]
-            if k_str.isdigit():
-                rows.setdefault(int(k_str), {})[col] = v
+            rows.setdefault(parsed[1], {})[col] = v
     return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k]} for k in sorted(rows) if "L" in rows[k]]
 
 

@@ -1,7 +1,8 @@
-"""`daro-lab train` under torchrun with a hook that slows every step (hooks never change numbers),
-so that tests/test_distributed.py can SIGKILL it mid-run.  Rank 0 alone has hooks.
+"""`daro-lab train` with a hook that slows every step (hooks never change numbers), so that a test
+can SIGKILL it mid-run. Under torchrun, rank 0 alone has hooks.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_train.py OVERRIDES...
+    python tests/_slow_train.py OVERRIDES...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_slow_train.py OVERRIDES...
 """
 
 import sys
