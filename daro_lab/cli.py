@@ -110,7 +110,8 @@ def train(
             _fail(str(e))
         return
     run_id = _run_training(cfg, resume=resume, tracking_uri=tracking_uri)
-    typer.echo(f"run {run_id} finished")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line for the job, not one per rank
+        typer.echo(f"run {run_id} finished")
 
 
 @app.command("eval")

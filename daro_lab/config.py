@@ -122,6 +122,10 @@ class TrainerConfig:
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
     threads: int = _f(0, "torch intra-op threads; 0 leaves torch's default")
+    parallel: str = _f("ddp", "data parallelism under torchrun: 'ddp' (torch DDP, a full replica per rank) or "
+                       "'fsdp' (FSDP2 fully_shard: parameters, gradients and AdamW states sharded over ranks, "
+                       "fp32 master weights with compute in model.dtype; verl's actor strategy 'fsdp2'); "
+                       "ignored in one process")
 
 
 @dataclass
@@ -327,6 +331,8 @@ def validate(cfg: Config) -> None:
             f"must divide prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
     if t.lr_schedule not in ("constant", "cosine"):
         bad("trainer.lr_schedule", f"expected 'constant' or 'cosine', got {t.lr_schedule!r}")
+    if t.parallel not in ("ddp", "fsdp"):
+        bad("trainer.parallel", f"expected 'ddp' or 'fsdp', got {t.parallel!r}")
     if len(t.betas) != 2:
         bad("trainer.betas", f"expected two numbers, got {t.betas}")
     m = cfg.model

@@ -2,9 +2,10 @@
 
     python tests/_dist_check.py OUT.json OVERRIDES...                                   # one process
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_check.py OUT.json OVERRIDES...
+    ... OVERRIDES... trainer.parallel=fsdp                                              # FSDP2 instead of DDP
 
-For each variant (every method; DARO also with the 'grad' signal, chunked log-probs, and one prompt
-per mini-batch so that rank 1 holds filler rows), the trainer takes two steps of updates on two fixed
+For each variant (every method; DARO also with the 'grad' signal, chunked log-probs, one prompt
+per mini-batch so that rank 1 holds filler rows, and tied embeddings), the trainer takes two steps of updates on two fixed
 global batches, both sampled from the starting policy with one seed (identical on every rank) and
 given coin-flip rewards. Rank 0
 writes every mini-batch's metrics, the DARO weights and the policy parameters to OUT.json.
@@ -27,6 +28,8 @@ VARIANTS = {
     "daro": ["algo.method=daro"],
     "daro-grad-chunked": ["algo.method=daro", "algo.daro.signal=grad", "model.logprob_chunk_size=7"],
     "daro-one-prompt-per-minibatch": ["algo.method=daro", "trainer.mini_batch_prompts=1"],
+    # tied input/output embeddings: one parameter used at both ends (FSDP keeps it in the root unit)
+    "daro-tied-embeddings": ["algo.method=daro", "model.tie_embeddings=true"],
 }
 
 
@@ -48,6 +51,7 @@ def batches(trainer, n_steps: int):
 
 def main(path: str, overrides: list[str]) -> None:
     from daro_lab.config import load_config
+    from daro_lab.trainer.fsdp import full
     from daro_lab.trainer.loop import Trainer
 
     torch.set_num_threads(1)
@@ -62,7 +66,7 @@ def main(path: str, overrides: list[str]) -> None:
             "world_size": t.dist.world_size,
             "minibatches": steps,
             "weights": t.weights.as_dict() if t.weights is not None else {},
-            "params": torch.cat([p.detach().double().flatten() for p in t.model.parameters()]).tolist(),
+            "params": torch.cat([full(p.detach()).double().flatten() for p in t.model.parameters()]).tolist(),
         }
     if int(os.environ.get("RANK", "0")) == 0:
         with open(path, "w") as f:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from daro_lab.tracking import open_client
 
@@ -26,17 +27,27 @@ def _run(cmd, cwd):
     return p
 
 
-def test_two_ranks_update_like_one_process_on_the_same_global_batch(tmp_path, small_env):
-    """Every method (DARO also with the grad signal and chunked log-probs, and with one prompt per
-    mini-batch, where rank 1 holds filler rows): the same per-mini-batch losses and metrics, the same
-    DARO weights and the same policy parameters after two steps, to float32 rounding."""
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, small_env):
+    """(overrides, results of tests/_dist_check.py in one process): the reference of the 2-rank runs."""
     # 9 prompts in mini-batches of 3: ranks hold 2 and 1 prompts, or 1 and a filler
     ov = [*small_env, "trainer.prompts_per_step=9", "trainer.mini_batch_prompts=3", "trainer.grad_norm_every=1"]
-    _run([sys.executable, str(HERE / "_dist_check.py"), str(tmp_path / "one.json"), *ov], tmp_path)  # warm-starts first
-    _run([*TORCHRUN, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov], tmp_path)
-    one = json.loads((tmp_path / "one.json").read_text())
+    out = tmp_path_factory.mktemp("one") / "one.json"
+    _run([sys.executable, str(HERE / "_dist_check.py"), str(out), *ov], out.parent)  # warm-starts first
+    return ov, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_update_like_one_process_on_the_same_global_batch(tmp_path, one_process, parallel):
+    """Every method (DARO also with the grad signal, chunked log-probs, one prompt per mini-batch, where
+    rank 1 holds filler rows, and tied embeddings), with DDP and with FSDP2: the same per-mini-batch losses
+    and metrics (G_mu included), the same DARO weights and the same policy parameters after two steps, to
+    float32 rounding."""
+    ov, one = one_process
+    _run([*TORCHRUN, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov, f"trainer.parallel={parallel}"],
+         tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
-    assert one.keys() == two.keys() and len(one) == 8
+    assert one.keys() == two.keys() and len(one) == 9
     for name in one:
         a, b = one[name], two[name]
         assert (a["world_size"], b["world_size"]) == (1, 2)
@@ -57,14 +68,28 @@ def test_two_ranks_update_like_one_process_on_the_same_global_batch(tmp_path, sm
     assert one["daro"]["weights"] != {k: 1.0 for k in one["daro"]["weights"]}
 
 
-def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env):
+# FSDP runs compute in bfloat16 with tied embeddings: the checkpoint must still hold fp32 master weights
+TRAIN_MODES = {"ddp": ["trainer.parallel=ddp"],
+               "fsdp": ["trainer.parallel=fsdp", "model.dtype=bfloat16", "model.tie_embeddings=true"]}
+
+
+@pytest.mark.parametrize("parallel", TRAIN_MODES)
+def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env, parallel):
     """`torchrun ... daro-lab train` on 2 gloo ranks: one FINISHED MLflow run (rank 0 logs), metrics of the
-    whole batch, a checkpoint holding both ranks' sampling streams; replicas checked equal at every save."""
+    whole batch, a checkpoint holding both ranks' sampling streams; replicas checked equal at every save.
+    FSDP: the checkpoint is the full model in fp32 (master weights, though compute ran in bf16), tied
+    embeddings once, loadable into a plain policy."""
+    from daro_lab.config import load_config
+    from daro_lab.trainer.checkpoint import load_checkpoint
+    from daro_lab.trainer.setup import load_model_and_tokenizer
+
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *[x for o in small_env for x in ("--set", o)],
-          "--set", "algo.method=daro", "--set", "trainer.steps=2", "--set", "trainer.checkpoint_every=1",
-          "--set", "trainer.threads=1", "--set", f"tracking.uri={store}",
-          "--set", f"trainer.checkpoint_dir={tmp_path}/ckpt"], tmp_path)
+    ov = [*small_env, *TRAIN_MODES[parallel]]
+    p = _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *[x for o in ov for x in ("--set", o)],
+              "--set", "algo.method=daro", "--set", "trainer.steps=2", "--set", "trainer.checkpoint_every=1",
+              "--set", "trainer.threads=1", "--set", f"tracking.uri={store}",
+              "--set", f"trainer.checkpoint_dir={tmp_path}/ckpt"], tmp_path)
+    assert p.stdout.count("finished") == 1  # rank 0 alone reports
     client = open_client(store)
     runs = client.search_runs([client.get_experiment_by_name("daro-lab").experiment_id])
     assert len(runs) == 1
@@ -76,13 +101,23 @@ def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env
     state = torch.load(tmp_path / "ckpt" / run.info.run_id / "step_000002" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["rollout_gens"].shape[0] == 2
     assert not torch.equal(state["rollout_gens"][0], state["rollout_gens"][1])  # each rank samples its own stream
+    ckpt = tmp_path / "ckpt" / run.info.run_id / "step_000002"
+    weights = load_file(ckpt / "model.safetensors")
+    policy, _ = load_model_and_tokenizer(load_config(None, [*ov, "model.dtype=float32"]))
+    load_checkpoint(ckpt, policy)  # every weight present (a tied alias may be stored once)
+    assert policy.model.embed_tokens.weight.abs().sum() > 0
+    if parallel == "fsdp":
+        assert {t.dtype for t in weights.values()} == {torch.float32}
+        assert policy.lm_head.weight is policy.model.embed_tokens.weight and len(weights) == len(dict(policy.named_parameters()))
+        assert torch.equal(policy.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
 
 
+@pytest.mark.parametrize("parallel", TRAIN_MODES)
 def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env,
-                                                                            wait_for_checkpoint):
+                                                                            wait_for_checkpoint, parallel):
     """2 gloo ranks, SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train
     --resume`: every later step's metrics equal those of an uninterrupted 2-rank run (each rank's
-    sampling stream comes back from the checkpoint)."""
+    sampling stream comes back from the checkpoint; FSDP: the full weights and AdamW states are re-sharded)."""
     import signal
 
     from daro_lab.tracking import read_metrics
@@ -92,7 +127,7 @@ def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_
     # a cache of its own: the first torchrun run warm-starts the tiny model under torch.distributed
     # (rank 0 builds the entry; transformers writes no model files from the other ranks)
     env = [o for o in small_env if not o.startswith("model.cache_dir=")] + [f"model.cache_dir={tmp_path}/cache"]
-    ov = [*env, "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
+    ov = [*env, *TRAIN_MODES[parallel], "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
           "trainer.log_checkpoint=false", f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     sets = [x for o in ov for x in ("--set", o)]
     _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)

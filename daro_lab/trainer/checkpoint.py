@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,14 +39,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, state: dict[str, Any], meta: dict) -> Path:
-    """Write a checkpoint atomically to `directory` (replacing one that is there)."""
+def save_checkpoint(directory: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any],
+                    meta: dict) -> Path:
+    """Write a checkpoint atomically to `directory` (replacing one that is there).
+
+    model: the policy, or its full state dict with tied parameters once (FSDP gathers one, `fsdp.model_state`).
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if isinstance(model, dict):
+        save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save({**state, "rng": rng_state()}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     old = directory.with_name(directory.name + ".old")
@@ -58,15 +65,22 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, state: dict[s
     return directory
 
 
-def load_checkpoint(directory: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into `model` and return the state (RNG states are restored here)."""
+def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dict[str, Any]:
+    """Load weights into `model` (None: leave them, see `load_weights`) and return the state (RNG states are
+    restored here)."""
     directory = Path(directory)
     if not (directory / "state.pt").is_file() or not (directory / "model.safetensors").is_file():
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    load_model(model, str(directory / "model.safetensors"))
+    if model is not None:
+        load_model(model, str(directory / "model.safetensors"))
     state = torch.load(directory / "state.pt", weights_only=True)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as a state dict on CPU (tied parameters once)."""
+    return load_file(str(Path(directory) / "model.safetensors"))
 
 
 def checkpoint_meta(directory: str | Path) -> dict:

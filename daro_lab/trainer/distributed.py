@@ -16,13 +16,12 @@ How a step is split (every rank runs the same loop, DESIGN.md section 1 holds fo
 
 The policy is wrapped in torch DDP through a module whose forward is the whole log-prob computation,
 so the shared-prompt KV-cache path and the chunked head (several inner forwards) are one DDP forward.
-FSDP2 is not built yet. It would need the parameters unsharded around generation and evaluation
-(ranks sample different prompts, so their forwards are not in lockstep), the root module unsharded
-around the chunked head (which calls the decoder directly), and full-state-dict checkpoints.
+`trainer.parallel = "fsdp"` shards the policy with FSDP2 instead of replicating it: see `fsdp.py`.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 from dataclasses import dataclass
@@ -66,6 +65,8 @@ def init_from_env() -> DistInfo:
             dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
+        # torch warns (and gloo may abort at exit under FSDP) when the group is left for the interpreter to tear down
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 

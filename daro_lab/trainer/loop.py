@@ -25,7 +25,8 @@ from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
 from daro_lab.trainer import distributed as dp
-from daro_lab.trainer.checkpoint import load_checkpoint, save_checkpoint
+from daro_lab.trainer import fsdp
+from daro_lab.trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 
@@ -78,9 +79,25 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.model.to(self.device)
-        # the differentiable log-prob forward: DDP-wrapped under torchrun (gradients averaged in backward)
-        self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist) if self.dist.enabled else None
-        self.engine = build_engine(cfg, self.model, self.tokenizer)
+        self.fsdp = self.dist.enabled and cfg.trainer.parallel == "fsdp"
+        self.ref_model = None
+        if cfg.algo.kl_beta > 0:
+            import copy
+
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # the log-prob forward of the policy (and of the reference) under torchrun: DDP averages the gradients
+        # in backward; FSDP shards the model, so every policy forward goes through it, with or without grad
+        self.policy_fwd = self.ref_fwd = None
+        self.gen = None  # FSDP: the full copy that generates (ranks cannot run sharded forwards out of step)
+        if self.fsdp:
+            compute = next(self.model.parameters()).dtype
+            self.gen = fsdp.GenerationCopy(self.model, compute)
+            self.policy_fwd = fsdp.shard(self.model, sequence_logprobs, compute)
+            if self.ref_model is not None:
+                self.ref_fwd = fsdp.shard(self.ref_model, sequence_logprobs, compute)
+        elif self.dist.enabled:
+            self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist)
+        self.engine = build_engine(cfg, self.generation_model, self.tokenizer)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
         self.settings = LossSettings(
@@ -95,11 +112,6 @@ class Trainer:
             if self.method.weights == "frozen":
                 self.weights.load_values(build_static_weights(cfg))
                 self.weights.requires_grad_(False)
-        self.ref_model = None
-        if cfg.algo.kl_beta > 0:
-            import copy
-
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.trainer.lr,
                    "weight_decay": cfg.trainer.weight_decay, "name": "policy"}]
         if self.weights is not None and self.method.weights == "learned":
@@ -111,6 +123,17 @@ class Trainer:
         self.order = torch.randperm(len(self.train_set), generator=self.data_gen)
         self.cursor = 0
         self.step = 0  # steps completed
+
+    @property
+    def generation_model(self) -> torch.nn.Module:
+        """The model that generates and is evaluated: the policy itself, or under FSDP its full copy."""
+        return self.gen.model if self.gen is not None else self.model
+
+    def _sync_engine(self) -> None:
+        """After the policy moved: refresh the FSDP generation copy (a collective), then the engine (vLLM)."""
+        if self.gen is not None:
+            self.gen.refresh(self.model)
+        self.engine.sync_weights(self.generation_model)
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -219,13 +242,19 @@ class Trainer:
         t_old = time.perf_counter() - t1
         t2 = time.perf_counter()
         out = [self._update(step, i, s, a, r, olds[i], refs[i]) for i, (s, a, r) in enumerate(parts)]
+        self._sync_engine()  # the next generation samples from the updated policy
         return out, t_old, time.perf_counter() - t2
 
     def _logprobs(self, model, s: RolloutBatch):
         # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once.
-        # The policy's differentiable forward goes through DDP under torchrun.
-        fn = self.policy_fwd if (model is self.model and self.policy_fwd is not None and torch.is_grad_enabled()) \
-            else partial(sequence_logprobs, model)
+        # Under torchrun the policy's differentiable forward goes through DDP; under FSDP every forward of a
+        # sharded model goes through its root.
+        if self.fsdp:
+            fn = self.policy_fwd if model is self.model else self.ref_fwd
+        elif model is self.model and self.policy_fwd is not None and torch.is_grad_enabled():
+            fn = self.policy_fwd
+        else:
+            fn = partial(sequence_logprobs, model)
         return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
                   temperature=self.cfg.rollout.temperature, group_size=self.K,
                   chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
@@ -246,27 +275,29 @@ class Trainer:
         w = self.weights() if self.weights is not None else None
         every = cfg.trainer.grad_norm_every
         want_g = index == 0 and every > 0 and (step % every == 0 or step == 1)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # the optimizer's own list: under FSDP the sharded parameters (the module shows the root's unsharded
+        # ones between its forward and backward)
+        params = self.opt.param_groups[0]["params"]
         group_norms = None
         if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
             # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
             _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
                                        group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True,
                                        shard=self.shard)
-            group_norms = torch.tensor([_grad_norm(L[kk], params, self.shard) for kk in range(1, K)], device=dev)
+            group_norms = torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=dev)
         loss, metrics, (C, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
                                             group_grad_norms=group_norms, return_groups=True, shard=self.shard)
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
-            for kk in range(1, K):
-                if f"loss/{mu_key(kk, K)}" in metrics:
-                    metrics[f"gradnorm/{mu_key(kk, K)}"] = _grad_norm(C[kk], params, self.shard)
-                    metrics[f"gradnorm_L/{mu_key(kk, K)}"] = _grad_norm(L[kk], params, self.shard)
+            ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
+            norms = self._grad_norms([C[kk] for kk in ks] + [L[kk] for kk in ks], params)
+            for kk, gc, gl in zip(ks, norms[: len(ks)], norms[len(ks) :]):
+                metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
         self.opt.zero_grad(set_to_none=True)
         # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
         (loss * self.shard.world_size).backward()
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+        gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
         metrics["grad/norm"] = float(gnorm)
         if not math.isfinite(metrics["grad/norm"]):
             raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
@@ -275,13 +306,27 @@ class Trainer:
         self.opt.step()
         if self.weights is not None:
             metrics.update(self.weights.project_())
-        self.engine.sync_weights(self.model)
         view = MiniBatchView(step, index, K, logp.detach(), batch.old_logp.detach(), mask, batch.advantages,
                              k, s.prompt_index, self.settings.eps_low, self.settings.eps_high, self.settings.dual_clip,
                              metrics)
         for h in self.hooks:
             h.on_minibatch(view)
         return metrics
+
+    def _grad_norms(self, xs: list[torch.Tensor], params: list[torch.Tensor]) -> list[float]:
+        """||d x / d params|| for each x (this rank's share of a group's loss; data-parallel: of the whole
+        mini-batch's gradient), keeping the graph for the update's own backward."""
+        if not self.fsdp:
+            return [_grad_norm(x, params, self.shard) for x in xs]
+        # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each norm is a backward
+        # of its own, run by every rank in the same order
+        out = []
+        for x in xs:
+            self.opt.zero_grad(set_to_none=True)
+            (x * self.shard.world_size).backward(retain_graph=True)
+            out.append(fsdp.total_grad_norm(params))
+        self.opt.zero_grad(set_to_none=True)
+        return out
 
     def _rollout_metrics(self, roll: RolloutBatch, rewards: torch.Tensor, keep: torch.Tensor, n_batches: int):
         K = self.K
@@ -309,7 +354,7 @@ class Trainer:
     # -- evaluation and state -----------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
-        m, table = evaluate(self.model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
+        m, table = evaluate(self.generation_model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
                             seed=self.cfg.seed + 7919 * (self.step + 1))
         for h in self.hooks:
             h.on_eval(self.step, m, table)
@@ -334,7 +379,7 @@ class Trainer:
         gens = dp.gather_objects(self.rollout_gen.get_state(), self.dist)
         return {
             "step": self.step, "cursor": self.cursor, "order": self.order,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": fsdp.optimizer_state(self._state_root(), self.opt) if self.fsdp else self.opt.state_dict(),
             "weights": self.weights.state_dict() if self.weights is not None else {},
             "rollout_gen": gens[0], "data_gen": self.data_gen.get_state(),
             "world_size": self.dist.world_size, "rollout_gens": torch.stack(gens),
@@ -342,29 +387,43 @@ class Trainer:
 
     def save(self, directory, meta: dict | None = None):
         """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
-        dp.check_in_sync([self.model] + ([self.weights] if self.weights is not None else []), self.dist)
+        # FSDP: the shards differ by design; the full generation copies must agree
+        dp.check_in_sync([self.generation_model] + ([self.weights] if self.weights is not None else []), self.dist)
         state = self.state_dict()
+        weights = fsdp.model_state(self.policy_fwd, self.model) if self.fsdp else self.model  # FSDP: gathered, fp32
         if not self.dist.is_main:
             return None
-        path = save_checkpoint(directory, self.model, state, {"step": self.step, **(meta or {})})
+        path = save_checkpoint(directory, weights, state, {"step": self.step, **(meta or {})})
         for h in self.hooks:
             h.on_checkpoint(self.step)
         return path
 
     def load(self, directory) -> None:
-        st = load_checkpoint(directory, self.model)
+        st = load_checkpoint(directory, None if self.fsdp else self.model)
+        if self.fsdp:  # every rank reads the full weights and keeps its shards
+            fsdp.load_model_state(self.policy_fwd, self.model, load_weights(directory))
         saved_world = int(st.get("world_size", 1))
         if saved_world != self.dist.world_size:
             raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
                               f"resume it with as many (this is {self.dist.world_size})")
         self.step, self.cursor, self.order = st["step"], st["cursor"], st["order"]
-        self.opt.load_state_dict(st["optimizer"])
+        if self.fsdp:
+            fsdp.load_optimizer_state(self._state_root(), self.opt, st["optimizer"])
+        else:
+            self.opt.load_state_dict(st["optimizer"])
         if self.weights is not None:
             self.weights.load_state_dict(st["weights"])
         # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
         self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank].clone() if "rollout_gens" in st else st["rollout_gen"])
         self.data_gen.set_state(st["data_gen"])
-        self.engine.sync_weights(self.model)
+        self._sync_engine()
+
+    def _state_root(self) -> torch.nn.Module:
+        """FSDP: one module holding every parameter the optimizer steps, for the full optimizer state dict."""
+        mods = {"policy": self.policy_fwd}
+        if self.weights is not None and self.method.weights == "learned":
+            mods["weights"] = self.weights
+        return torch.nn.ModuleDict(mods)
 
 
 def policy_lr(t, step: int) -> float:
