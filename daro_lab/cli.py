@@ -85,6 +85,7 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id to continue from its last checkpoint"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="resolve the config, build the architecture on the meta device, print the memory plan; no training, no GPU, no weights"),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="with --dry-run: plan one GPU of a torchrun job of this many ranks (trainer.parallel says DDP or FSDP)"),
 ) -> None:
     """Train one method and record the run in MLflow."""
     _quiet()
@@ -105,7 +106,7 @@ def train(
         if cfg is None:
             _fail("--dry-run needs a config (--config/--set), not --resume")
         try:
-            typer.echo(plan_run(cfg, config)[1])
+            typer.echo(plan_run(cfg, config, gpus=gpus)[1])
         except ConfigError as e:
             _fail(str(e))
         return

@@ -41,6 +41,7 @@ def test_toml_and_overrides(tmp_path):
         (["noequals"], "not of the form"),
         (["trainer.mini_batch_prompts=5"], "'trainer.mini_batch_prompts': must divide"),
         (["tracking.log_every=0"], "'tracking.log_every': must be >= 1"),
+        (["trainer.parallel=zero3"], "'trainer.parallel': expected 'ddp' or 'fsdp', got 'zero3'"),
     ],
 )
 def test_bad_keys_and_values_are_named(overrides, needle):

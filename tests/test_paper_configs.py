@@ -81,3 +81,27 @@ def test_dry_run_prefers_the_models_own_config_json(tmp_path):
     assert res.exit_code == 2
     res = runner.invoke(app, ["train", "--dry-run"])  # the tiny preset: builds, plans, trains nothing
     assert res.exit_code == 0 and "the tiny preset" in res.output
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_memory_plan_of_an_fsdp_job_shards_the_training_state(model, monkeypatch):
+    """--gpus 8 with the configs' trainer.parallel = 'fsdp': per GPU, 1/8 of the fp32 master weights,
+    gradients and AdamW states, a full bf16 generation copy, 1/8 of the sequences; one GPU alone cannot
+    hold the 7B/8B models' training state, 8 FSDP ranks can."""
+    monkeypatch.chdir(PAPER.parents[1])
+    cfg = load_config(PAPER / model / "daro.toml")
+    assert cfg.trainer.parallel == "fsdp"
+    one, eight = plan(cfg), plan(cfg, gpus=8)
+    P = eight.params
+    assert eight.fsdp and eight.gpus == 8 and eight.seqs == one.seqs // 8
+    assert eight.gib["weights"] == pytest.approx(P * 4 / 8 / GIB) and eight.gib["gradients"] == pytest.approx(P * 4 / 8 / GIB)
+    assert eight.gib["adamw_states_fp32"] == pytest.approx(P * 8 / 8 / GIB)
+    assert eight.gib["generation_copy"] == pytest.approx(P * 2 / GIB)
+    assert eight.gib["rollout_kv_cache"] == pytest.approx(one.gib["rollout_kv_cache"] / 8)
+    assert not any("round away" in n or "exceed one" in n for n in eight.notes)  # fp32 masters, sharded
+    if P > 5e9:
+        assert any("exceed one" in n for n in one.notes)
+    res = runner.invoke(app, ["train", "--config", str(PAPER / model / "daro.toml"), "--dry-run", "--gpus", "8"])
+    assert res.exit_code == 0 and "one GPU of 8 (FSDP)" in res.output and "fp32 master, 1/8 shard" in res.output, res.output
+    ddp = plan(load_config(PAPER / model / "daro.toml", ["trainer.parallel=ddp"]), gpus=8)
+    assert not ddp.fsdp and ddp.gib["weights"] == one.gib["weights"] and ddp.seqs == eight.seqs

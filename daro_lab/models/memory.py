@@ -4,9 +4,10 @@ The architecture comes from `model.path/config.json` when that exists, else from
 config.json kept in the repo, experiments/paper/arch/), else from the tiny preset's section. Building
 it on the meta device allocates nothing, so the parameter count is exact for any size.
 
-The plan is an estimate for ONE GPU running the trainer as configured (no sharding), per optimizer
-step on one mini-batch (mini_batch_prompts x K sequences of prompt_tokens + max_new_tokens tokens, the
-worst case where every response runs to the limit). Sizes in GiB:
+The plan is an estimate for one GPU of a job of `gpus` data-parallel ranks (1: the trainer alone; more:
+torchrun, each rank holding its share of the mini-batch's and of the generation batch's sequences), per
+optimizer step on one mini-batch (mini_batch_prompts x K sequences of prompt_tokens + max_new_tokens
+tokens, the worst case where every response runs to the limit). Sizes in GiB:
 
 - weights, gradients: parameters x bytes of the parameter dtype;
 - AdamW states: two fp32 moments per parameter (8 bytes), as in mixed-precision training;
@@ -23,6 +24,9 @@ worst case where every response runs to the limit). Sizes in GiB:
   embedding's gradient), the start of backward, and (all gradients + one layer's recompute), its end;
 - rollout KV cache: 2 (k, v) x layers x kv x a per token, for prompts_per_step x K sequences generated
   at once (one generation batch; dynamic sampling generates its batches one after another).
+- FSDP (`trainer.parallel = "fsdp"`, gpus > 1): fp32 master weights, fp32 gradients and AdamW states
+  divided by gpus; a full generation copy in the compute dtype; the unsharded compute parameters of the
+  root (embeddings) and of two decoder layers (the one computing, the next one prefetched).
 
 Calibrated on an H100 (benchmarks/check_memory_plan.py: random Qwen2.5-Math-1.5B-shaped model, bf16,
 8 sequences of 256 + 512 tokens, forward + backward of the trainer's log-probs), measured / estimated
@@ -109,18 +113,24 @@ class MemoryPlan:
     intermediate: int
     max_positions: int
     dtype: str
-    seqs: int  # sequences in one mini-batch (mini_batch_prompts x K)
+    seqs: int  # sequences of one mini-batch on one GPU (its share of mini_batch_prompts x K)
     seq_tokens: int  # prompt + response tokens per sequence
-    response_tokens: int  # response tokens of the mini-batch
+    response_tokens: int  # response tokens of those sequences
     gib: dict[str, float] = field(default_factory=dict)  # line -> GiB
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1  # data-parallel GPUs of the job
+    fsdp: bool = False  # parameters, gradients and AdamW states sharded over them
 
 
-def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
-    """The memory plan of one optimizer step of `cfg` (see the module docstring for the estimates).
+def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> MemoryPlan:
+    """The memory plan of one optimizer step of `cfg` on one of `gpus` data-parallel GPUs (see the module
+    docstring for the estimates).
 
     prompt_tokens: assumed prompt length, capped so that prompt + response fit the model's positions.
     """
+    if gpus < 1:
+        raise ConfigError(f"gpus must be >= 1, got {gpus}")
+    fsdp = gpus > 1 and cfg.trainer.parallel == "fsdp"
     from daro_lab.models.prompting import resolve_dtype
 
     hf, source = architecture(cfg)
@@ -146,11 +156,11 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     if max_pos and prompt_tokens + T > max_pos:
         prompt_tokens = max(1, max_pos - T)
     S = prompt_tokens + T
-    seqs = cfg.trainer.mini_batch_prompts * K
+    mb_prompts = -(-cfg.trainer.mini_batch_prompts // gpus)  # this rank's prompts of a mini-batch (at most)
+    seqs = mb_prompts * K
     tokens = seqs * S
     resp_tokens = seqs * T
 
-    mb_prompts = cfg.trainer.mini_batch_prompts
     # Without checkpointing the trainer encodes each prompt once for its K responses (group_size=K); with
     # checkpointing (no KV cache in training) every sequence runs prompt + response.
     tokens_shared = seqs * T + mb_prompts * prompt_tokens
@@ -162,21 +172,26 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     logits_full = LOGIT_BYTES * V * resp_tokens
     logits_chunk = LOGIT_BYTES * V * min(chunk, resp_tokens)
     out_grad = V * h * a  # the output embedding's gradient, the first one backward makes
-    gen_seqs = cfg.trainer.prompts_per_step * K
+    gen_seqs = -(-cfg.trainer.prompts_per_step // gpus) * K
     kv_cache = 2 * L * kv * a * gen_seqs * S
+    layer_params = (params - embedding_params) / L
     g = {
-        "weights": params * a,
-        "gradients": params * a,
-        "adamw_states_fp32": params * 8,
+        "weights": params * (4 / gpus if fsdp else a),  # FSDP: this rank's shard of the fp32 master weights
+        "gradients": params * (4 / gpus if fsdp else a),
+        "adamw_states_fp32": params * 8 / (gpus if fsdp else 1),
         "activations_no_ckpt": act_full,
         "activations_ckpt": act_ckpt + recompute,
         "logits_unchunked": logits_full,
         f"logits_chunked_{chunk}": logits_chunk,
         "rollout_kv_cache": kv_cache,
     }
+    if fsdp:
+        g["generation_copy"] = params * a
+        g["unsharded_in_flight"] = a * (embedding_params + 2 * layer_params)
     if cfg.algo.kl_beta > 0:
-        g["reference_model"] = params * a
-    static = g["weights"] + g["adamw_states_fp32"] + g.get("reference_model", 0)
+        g["reference_model"] = params * a / (gpus if fsdp else 1)
+    static = g["weights"] + g["adamw_states_fp32"] + g.get("reference_model", 0) + g.get("generation_copy", 0) \
+        + g.get("unsharded_in_flight", 0)
 
     def update_peak(ckpt: bool, chunked: bool) -> float:
         """Weights + optimizer states + the larger of two phases: the end of the forward / start of backward
@@ -202,20 +217,20 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     static_all = static + g["gradients"]
     if static_all > GPU_GIB * GIB:
         notes.append(f"weights, gradients and AdamW states alone ({static_all / GIB:.0f} GiB) exceed one {GPU_GIB:.0f} GiB GPU: "
-                     "this model needs them sharded over GPUs (FSDP) or offloaded")
+                     "this model needs them sharded over GPUs (trainer.parallel = 'fsdp' under torchrun; plan it with --gpus N)")
     elif g["update_peak_as_configured"] > GPU_GIB * GIB:
         notes.append(f"one mini-batch of {seqs} sequences does not fit one {GPU_GIB:.0f} GiB GPU in one pass; "
                      f"about {fit} sequences of {S} tokens would (the trainer has no micro-batching / gradient "
                      "accumulation yet)")
     if kv_cache > GPU_GIB * GIB - g["weights"]:
         notes.append(f"the rollout KV cache of {gen_seqs} sequences at once exceeds one GPU: generation needs batching")
-    if dtype == "bfloat16" and cfg.trainer.lr < 1e-4:
+    if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not fsdp:
         notes.append(f"bf16 parameters updated in place by torch AdamW (bf16 states): steps of lr {cfg.trainer.lr:g} "
                      "are below bf16 resolution (~0.4% of a weight) and mostly round away; paper-scale training "
                      "needs fp32 master weights (or fp32 parameters + bf16 autocast)")
     return MemoryPlan(type(model).__name__, source, params, embedding_params, tied, V, h, L, heads, kvh, inter,
                       int(getattr(hf, "max_position_embeddings", 0) or 0), dtype, seqs, S, resp_tokens,
-                      {k: v / GIB for k, v in g.items()}, notes)
+                      {k: v / GIB for k, v in g.items()}, notes, gpus, fsdp)
 
 
 def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
@@ -233,18 +248,22 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         f"  parameters {_count(p.params)} (embeddings {_count(p.embedding_params)}, tied: {'yes' if p.tied else 'no'}), "
         f"vocab {p.vocab}, hidden {p.hidden}, {p.layers} layers, {p.heads} heads / {p.kv_heads} kv heads, "
         f"MLP {p.intermediate}, {p.max_positions} positions",
-        f"  memory plan, one GPU, GiB ({p.dtype} parameters on {t.device}; mini-batch {p.seqs} sequences x "
+        f"  memory plan, one GPU{_job(p)}, GiB ({p.dtype} {'compute' if p.fsdp else 'parameters'} on {t.device}; "
+        f"mini-batch {p.seqs} sequences{' on this GPU' if p.gpus > 1 else ''} x "
         f"{p.seq_tokens} tokens = prompt {p.seq_tokens - r.max_new_tokens} (assumed) + response {r.max_new_tokens}):",
     ]
+    shard = f", 1/{p.gpus} shard" if p.fsdp else ""
     labels = {
-        "weights": f"weights ({p.dtype})",
-        "gradients": f"gradients ({p.dtype})",
-        "adamw_states_fp32": "AdamW states (2 x fp32)",
+        "weights": f"weights ({'fp32 master' if p.fsdp else p.dtype}{shard})",
+        "gradients": f"gradients ({'fp32' if p.fsdp else p.dtype}{shard})",
+        "adamw_states_fp32": f"AdamW states (2 x fp32{shard})",
+        "generation_copy": f"generation copy of the policy ({p.dtype}, full)",
+        "unsharded_in_flight": "unsharded parameters in flight (embeddings + 2 layers)",
         "reference_model": "reference model (KL)",
         "activations_no_ckpt": "activations, no checkpointing",
         "activations_ckpt": "activations, gradient checkpointing",
         "logits_unchunked": "log-prob logits, unchunked",
-        "rollout_kv_cache": f"rollout KV cache ({t.prompts_per_step * r.num_responses} sequences)",
+        "rollout_kv_cache": f"rollout KV cache ({-(-t.prompts_per_step // p.gpus) * r.num_responses} sequences)",
         "update_peak_as_configured": "update peak as configured "
         f"(checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}, "
         f"chunk {cfg.model.logprob_chunk_size or 'off'})",
@@ -259,16 +278,21 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
     return "\n".join(lines)
 
 
+def _job(p: MemoryPlan) -> str:
+    return f" of {p.gpus} ({'FSDP' if p.fsdp else 'DDP'})" if p.gpus > 1 else ""
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
 
 
-def dry_run(cfg: Config, config_path: Any = None) -> tuple[MemoryPlan, str]:
-    """Resolve and describe a config without a GPU or weights: (plan, printable text).
+def dry_run(cfg: Config, config_path: Any = None, gpus: int = 1) -> tuple[MemoryPlan, str]:
+    """Resolve and describe a config without a GPU or weights: (plan, printable text), for one GPU of a
+    job of `gpus` data-parallel ranks.
 
     Data files and model.path are reported when they are not on this machine, not required.
     """
-    p = plan(cfg)
+    p = plan(cfg, gpus=gpus)
     text = format_plan(p, cfg, config_path)
     missing = [f"{k} {v}" for k, v in (("model.path", cfg.model.path), ("task.train_file", cfg.task.train_file),
                                         ("task.eval_file", cfg.task.eval_file)) if v and not Path(v).exists()]
