@@ -103,3 +103,31 @@ def test_vllm_logprobs_match_transformers_after_every_sync():
     print(f"\nvLLM {res['vllm']} (torch {res['torch']}, transformers {res['transformers']}): worst |logp diff| "
           + ", ".join(f"{m['model']} {m['worst_err']:.1e}" for m in res["models"])
           + f"; tolerance {res['tolerance']}; {res['total_s']} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_vllm_under_torchrun_samples_every_ranks_synced_weights(tmp_path, parallel):
+    """2 gloo ranks, each with its own colocated vLLM engine (tiny Qwen2, tied embeddings): after each of two
+    training steps the engine was synced from exactly the trained weights (FSDP: the all-gathered shards) and
+    its log-probs equal transformers' on every rank, while the previous step's weights would be far off; rank 0
+    then generates alone for evaluation."""
+    problem = _vllm_env_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(VLLM_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests" / "_vllm_dist_check.py"), str(tmp_path), parallel],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"tests/_vllm_dist_check.py failed (exit {r.returncode}):\n{out[-6000:]}"
+    assert "Invalid process group" not in out  # vLLM is closed before torch.distributed goes
+    line = next((s for s in r.stdout.splitlines() if s.startswith("VLLM_DIST_RESULT ")), None)
+    assert line, f"no result line:\n{out[-3000:]}"
+    res = json.loads(line.split(" ", 1)[1])
+    assert res["parallel"] == parallel and [x["rank"] for x in res["ranks"]] == [0, 1]
+    for x in res["ranks"]:
+        assert len(x["errs"]) == 2 and max(x["errs"]) <= res["tolerance"], x
+        assert min(x["stale_errs"]) > 10 * res["tolerance"], x
+    assert res["eval_greedy_acc"] is not None

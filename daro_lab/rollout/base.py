@@ -98,3 +98,7 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: Any) -> None:
         """Make the engine sample from `model`'s current weights (no-op for an engine that uses the live model)."""
         ...
+
+    def close(self) -> None:
+        """Free what the engine holds beyond the policy (vLLM: its memory and distributed state)."""
+        ...

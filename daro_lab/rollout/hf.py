@@ -43,6 +43,9 @@ class HFEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No-op: this engine samples from the live model object it was given, so it always sees current weights."""
 
+    def close(self) -> None:
+        """No-op: the engine holds nothing but the live model."""
+
     # ------------------------------------------------------------------------------------------------------------
     def generate(
         self,

@@ -108,6 +108,9 @@ def train(
         if tracker:
             tracker.fail(e)
         raise
+    finally:
+        # vLLM: free its memory now; under torchrun its distributed state too, before the process group goes
+        trainer.engine.close()
     return run_id
 
 
