@@ -5,7 +5,7 @@
     ... OVERRIDES... trainer.parallel=fsdp                                              # FSDP2 instead of DDP
 
 For each variant (every method; DARO also with the 'grad' signal, chunked log-probs, one prompt
-per mini-batch so that rank 1 holds filler rows, and tied embeddings), the trainer takes two steps of updates on two fixed
+per mini-batch so that rank 1 holds filler rows, tied embeddings, and gradient checkpointing), the trainer takes two steps of updates on two fixed
 global batches, both sampled from the starting policy with one seed (identical on every rank) and
 given coin-flip rewards. Rank 0
 writes every mini-batch's metrics, the DARO weights and the policy parameters to OUT.json.
@@ -30,6 +30,8 @@ VARIANTS = {
     "daro-one-prompt-per-minibatch": ["algo.method=daro", "trainer.mini_batch_prompts=1"],
     # tied input/output embeddings: one parameter used at both ends (FSDP keeps it in the root unit)
     "daro-tied-embeddings": ["algo.method=daro", "model.tie_embeddings=true"],
+    # the paper configs' memory savers: gradient checkpointing (FSDP: recomputation re-gathers a layer) + chunked head
+    "daro-checkpointed-chunked": ["algo.method=daro", "model.gradient_checkpointing=true", "model.logprob_chunk_size=7"],
 }
 
 

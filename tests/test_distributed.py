@@ -40,14 +40,14 @@ def one_process(tmp_path_factory, small_env):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_update_like_one_process_on_the_same_global_batch(tmp_path, one_process, parallel):
     """Every method (DARO also with the grad signal, chunked log-probs, one prompt per mini-batch, where
-    rank 1 holds filler rows, and tied embeddings), with DDP and with FSDP2: the same per-mini-batch losses
+    rank 1 holds filler rows, tied embeddings, and gradient checkpointing), with DDP and with FSDP2: the same per-mini-batch losses
     and metrics (G_mu included), the same DARO weights and the same policy parameters after two steps, to
     float32 rounding."""
     ov, one = one_process
     _run([*TORCHRUN, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov, f"trainer.parallel={parallel}"],
          tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
-    assert one.keys() == two.keys() and len(one) == 9
+    assert one.keys() == two.keys() and len(one) == 10
     for name in one:
         a, b = one[name], two[name]
         assert (a["world_size"], b["world_size"]) == (1, 2)
