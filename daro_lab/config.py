@@ -106,6 +106,9 @@ class TrainerConfig:
     steps: int = _f(60, "training steps (paper: 300)")
     prompts_per_step: int = _f(16, "N, prompts per step (paper: batch 128)")
     mini_batch_prompts: int = _f(8, "prompts per optimizer step; later mini-batches are off-policy (paper: 64)")
+    micro_batch_prompts: int = _f(0, "prompts per forward/backward pass of a rank (gradient accumulation, the same update "
+                                  "to float rounding; TRL's per_device_train_batch_size, verl's ppo_micro_batch_size); "
+                                  "0: a rank's whole share of the mini-batch in one pass")
     lr: float = _f(1e-4, "policy learning rate lr_theta (paper: 1e-6 on 1.5B-8B models)")
     weight_decay: float = _f(0.0, "AdamW weight decay of the policy")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
@@ -331,6 +334,8 @@ def validate(cfg: Config) -> None:
             f"must divide prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
     if t.lr_schedule not in ("constant", "cosine"):
         bad("trainer.lr_schedule", f"expected 'constant' or 'cosine', got {t.lr_schedule!r}")
+    if t.micro_batch_prompts < 0:
+        bad("trainer.micro_batch_prompts", f"must be >= 0 (0: no accumulation), got {t.micro_batch_prompts}")
     if t.parallel not in ("ddp", "fsdp"):
         bad("trainer.parallel", f"expected 'ddp' or 'fsdp', got {t.parallel!r}")
     if len(t.betas) != 2:

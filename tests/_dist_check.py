@@ -3,6 +3,7 @@
     python tests/_dist_check.py OUT.json OVERRIDES...                                   # one process
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/_dist_check.py OUT.json OVERRIDES...
     ... OVERRIDES... trainer.parallel=fsdp                                              # FSDP2 instead of DDP
+    ... OVERRIDES... trainer.micro_batch_prompts=1                                      # gradient accumulation
 
 For each variant (every method; DARO also with the 'grad' signal, chunked log-probs, one prompt
 per mini-batch so that rank 1 holds filler rows, tied embeddings, and gradient checkpointing), the trainer takes two steps of updates on two fixed
@@ -60,12 +61,16 @@ def main(path: str, overrides: list[str]) -> None:
     results = {}
     for name, extra in VARIANTS.items():
         t = Trainer(load_config(None, [*overrides, *extra]))
+        passes = []  # passes of each accumulated mini-batch (gradient accumulation)
+        accumulate = t._accumulate
+        t._accumulate = lambda micro, *a, **kw: passes.append(len(micro)) or accumulate(micro, *a, **kw)
         steps = []
         for step, (roll, rewards) in enumerate(batches(t, 2), start=1):
             mb, _, _ = t.update(step, roll, rewards)
             steps.append(mb)
         results[name] = {
             "world_size": t.dist.world_size,
+            "accumulated_passes": passes,
             "minibatches": steps,
             "weights": t.weights.as_dict() if t.weights is not None else {},
             "params": torch.cat([full(p.detach()).double().flatten() for p in t.model.parameters()]).tolist(),

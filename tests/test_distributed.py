@@ -37,20 +37,38 @@ def one_process(tmp_path_factory, small_env):
     return ov, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_update_like_one_process_on_the_same_global_batch(tmp_path, one_process, parallel):
+SPLITS = {  # how the same mini-batches are run: (processes, overrides)
+    "ddp": (2, ["trainer.parallel=ddp"]),
+    "fsdp": (2, ["trainer.parallel=fsdp"]),
+    # gradient accumulation, one prompt per pass: 3 passes in one process; 2 per rank (rank 1: one of fillers)
+    "accumulate": (1, ["trainer.micro_batch_prompts=1"]),
+    "ddp-accumulate": (2, ["trainer.parallel=ddp", "trainer.micro_batch_prompts=1"]),
+    "fsdp-accumulate": (2, ["trainer.parallel=fsdp", "trainer.micro_batch_prompts=1"]),
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_split_updates_equal_one_process_on_the_same_global_batch(tmp_path, one_process, split):
     """Every method (DARO also with the grad signal, chunked log-probs, one prompt per mini-batch, where
-    rank 1 holds filler rows, tied embeddings, and gradient checkpointing), with DDP and with FSDP2: the same per-mini-batch losses
-    and metrics (G_mu included), the same DARO weights and the same policy parameters after two steps, to
-    float32 rounding."""
+    rank 1 holds filler rows, tied embeddings, and gradient checkpointing), over 2 ranks with DDP or FSDP2,
+    and with gradient accumulation in one process or on 2 ranks: the same per-mini-batch losses and metrics
+    (G_mu included), the same DARO weights and the same policy parameters after two steps as one process
+    taking each mini-batch in one pass, to float32 rounding."""
     ov, one = one_process
-    _run([*TORCHRUN, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov, f"trainer.parallel={parallel}"],
-         tmp_path)
+    procs, extra = SPLITS[split]
+    cmd = [*TORCHRUN] if procs == 2 else [sys.executable]
+    _run([*cmd, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov, *extra], tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
     assert one.keys() == two.keys() and len(one) == 10
     for name in one:
         a, b = one[name], two[name]
-        assert (a["world_size"], b["world_size"]) == (1, 2)
+        assert (a["world_size"], b["world_size"]) == (1, procs)
+        assert not a["accumulated_passes"]
+        passes = b["accumulated_passes"]
+        if "accumulate" in split and "one-prompt" not in name:  # full mini-batches of 3 prompts: 3 passes in
+            assert passes and max(passes) == (3 if procs == 1 else 2), passes  # one process, 2 on each of 2 ranks
+        else:
+            assert not passes, passes
         assert [len(s) for s in a["minibatches"]] == [len(s) for s in b["minibatches"]]
         assert sum(len(s) for s in a["minibatches"]) >= 4, "the check needs several mini-batches per step"
         for step_a, step_b in zip(a["minibatches"], b["minibatches"]):

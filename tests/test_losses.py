@@ -399,3 +399,71 @@ def test_sharded_loss_shares_sum_to_the_whole_minibatch(method, world):
         assert o[3].keys() == one_m.keys()
         for key, v in one_m.items():
             assert o[3][key] == pytest.approx(v, rel=1e-10, abs=1e-12), key
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_accumulated_passes_give_the_one_pass_loss_gradients_and_metrics(method):
+    """Gradient accumulation (trainer/accumulate.py): a mini-batch run as 3 passes (by prompts, the last
+    with filler rows only), reductions recorded without grad and replayed with grad, gives the one-pass
+    loss, gradients (log-probs and DARO weights) and metrics."""
+    from daro_lab.algorithms import Shard
+    from daro_lab.trainer.accumulate import reductions, replayed
+
+    P, K, T = 5, 4, 6
+    rewards, mask, logp, old, ref = random_batch(P, K, T, seed=5)
+    rewards[0] = torch.tensor([1.0, 0, 0, 1])
+    s = LossSettings(kl_beta=0.05, max_response_length=0)
+    w0 = torch.tensor([0.5, 1.5, 2.0], dtype=DT)
+    full = make_batch(method, rewards, mask, logp, old, ref)
+    learned = METHODS[method].weights != "none"
+
+    def batch(rows):
+        if rows is None:  # a filler pass: no tokens, prompt index -1
+            return PolicyBatch(logp[:K].clone(), old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
+                               torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
+        return PolicyBatch(logp[rows].clone(), old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
+                           full.rewards[rows], full.prompt_index[rows], ref[rows])
+
+    one = batch(torch.arange(P * K))
+    one.logp.requires_grad_(True)
+    w = w0.clone().requires_grad_(True) if learned else None
+    loss, m = policy_loss(method, one, K, s, weights=w)
+    loss.backward()
+
+    passes = [torch.tensor([p * K + i for p in ps for i in range(K)]) for ps in ([0, 1], [2, 3, 4])] + [None]
+    bs = [batch(r) for r in passes]
+    values, metrics = reductions(3, lambda i, sh: policy_loss(method, bs[i], K, s, weights=w0 if learned else None,
+                                                                 shard=sh)[1], Shard())
+    grad, wgrad, total = torch.zeros_like(logp), torch.zeros_like(w0), 0.0
+    for i, (r, b) in enumerate(zip(passes, bs)):
+        b.logp.requires_grad_(True)
+        wi = w0.clone().requires_grad_(True) if learned else None
+        li, mi = policy_loss(method, b, K, s, weights=wi, shard=replayed(values[i], Shard(), 3))
+        li.backward()
+        total += float(li)
+        if r is not None:
+            grad[r] += b.logp.grad
+        if learned and wi.grad is not None:  # static: frozen weights, no gradient
+            wgrad += wi.grad
+        assert mi.keys() == m.keys()
+    assert total == pytest.approx(float(loss), rel=1e-12, abs=1e-12)
+    assert torch.allclose(grad, one.logp.grad, rtol=1e-10, atol=1e-14)
+    if learned and w.grad is not None:
+        assert torch.allclose(wgrad, w.grad, rtol=1e-12)
+    for mp in metrics:
+        for key, v in m.items():
+            assert mp[key] == pytest.approx(v, rel=1e-10, abs=1e-12), key
+
+
+def test_a_failing_pass_raises_instead_of_hanging():
+    from daro_lab.algorithms import Shard
+    from daro_lab.trainer.accumulate import reductions
+
+    def run(i, shard):
+        shard.reduce(torch.ones(2))
+        if i == 1:
+            raise ValueError("pass 1 is broken")
+        return shard.reduce(torch.ones(2))
+
+    with pytest.raises(ValueError, match="pass 1 is broken"):
+        reductions(3, run, Shard())

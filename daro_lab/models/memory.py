@@ -11,6 +11,8 @@ tokens, the worst case where every response runs to the limit). Sizes in GiB:
 
 - weights, gradients: parameters x bytes of the parameter dtype;
 - AdamW states: two fp32 moments per parameter (8 bytes), as in mixed-precision training;
+- one pass: a rank's share of the mini-batch, or `trainer.micro_batch_prompts` x K sequences (gradient
+  accumulation; its no-grad first forward keeps no activations);
 - activations saved for backward, per token per decoder layer: a * (15 h + 6 kv + 4 I) bytes (a = bytes
   of the dtype; two RMSNorms with their fp32 upcasts, q/k/v with rotary, attention output with
   flash/SDPA attention (no sequence^2 term), the SwiGLU MLP's gate, up, act(gate) and product). Without
@@ -157,6 +159,8 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         prompt_tokens = max(1, max_pos - T)
     S = prompt_tokens + T
     mb_prompts = -(-cfg.trainer.mini_batch_prompts // gpus)  # this rank's prompts of a mini-batch (at most)
+    if cfg.trainer.micro_batch_prompts:  # gradient accumulation: one pass holds this many
+        mb_prompts = min(mb_prompts, cfg.trainer.micro_batch_prompts)
     seqs = mb_prompts * K
     tokens = seqs * S
     resp_tokens = seqs * T
@@ -219,9 +223,10 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         notes.append(f"weights, gradients and AdamW states alone ({static_all / GIB:.0f} GiB) exceed one {GPU_GIB:.0f} GiB GPU: "
                      "this model needs them sharded over GPUs (trainer.parallel = 'fsdp' under torchrun; plan it with --gpus N)")
     elif g["update_peak_as_configured"] > GPU_GIB * GIB:
-        notes.append(f"one mini-batch of {seqs} sequences does not fit one {GPU_GIB:.0f} GiB GPU in one pass; "
-                     f"about {fit} sequences of {S} tokens would (the trainer has no micro-batching / gradient "
-                     "accumulation yet)")
+        notes.append(f"one pass of {seqs} sequences does not fit one {GPU_GIB:.0f} GiB GPU; about {fit} sequences of "
+                     f"{S} tokens would: " + (f"set trainer.micro_batch_prompts to {fit // K} or less (gradient accumulation)"
+                                              if fit >= K else f"not even one prompt's {K} responses: shorten them "
+                                              "or shard over more GPUs"))
     if kv_cache > GPU_GIB * GIB - g["weights"]:
         notes.append(f"the rollout KV cache of {gen_seqs} sequences at once exceeds one GPU: generation needs batching")
     if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not fsdp:
@@ -249,7 +254,7 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         f"vocab {p.vocab}, hidden {p.hidden}, {p.layers} layers, {p.heads} heads / {p.kv_heads} kv heads, "
         f"MLP {p.intermediate}, {p.max_positions} positions",
         f"  memory plan, one GPU{_job(p)}, GiB ({p.dtype} {'compute' if p.fsdp else 'parameters'} on {t.device}; "
-        f"mini-batch {p.seqs} sequences{' on this GPU' if p.gpus > 1 else ''} x "
+        f"one pass {p.seqs} sequences{' on this GPU' if p.gpus > 1 else ''} x "
         f"{p.seq_tokens} tokens = prompt {p.seq_tokens - r.max_new_tokens} (assumed) + response {r.max_new_tokens}):",
     ]
     shard = f", 1/{p.gpus} shard" if p.fsdp else ""

@@ -11,6 +11,7 @@ Under torchrun the step is split over data-parallel ranks as `distributed.py` de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -24,8 +25,8 @@ from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
+from daro_lab.trainer import accumulate, fsdp
 from daro_lab.trainer import distributed as dp
-from daro_lab.trainer import fsdp
 from daro_lab.trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
@@ -218,30 +219,36 @@ class Trainer:
         if not len(kept_idx):
             return [], 0.0, 0.0
         adv = compute_advantages(rewards[kept_idx], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)
-        mbp = cfg.trainer.mini_batch_prompts
-        parts = []  # (rows, advantages [p, K], rewards [p, K]) of this rank, one per mini-batch
+        mbp, mp = cfg.trainer.mini_batch_prompts, cfg.trainer.micro_batch_prompts
+        parts = []  # per mini-batch, this rank's micro-batches: [(rows, advantages [p, K], rewards [p, K])]
         for i in range(0, len(kept_idx), mbp):
             c, a = kept_idx[i : i + mbp], adv[i : i + mbp]
+            share = -(-len(c) // self.dist.world_size)  # the largest rank's prompts: every rank makes as many passes
+            per = mp if 0 < mp < share else share
             mine = dp.split(len(c), self.dist)
             c, a = c[mine], a[mine]
-            if len(c):
-                parts.append((_rows(roll, (c[:, None] * K + torch.arange(K)).flatten()), a, rewards[c]))
-            else:  # more ranks than prompts in this mini-batch: filler rows keep the collectives in step
-                first = _rows(roll, torch.arange(K) + K * int(kept_idx[i]))
-                filler = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
-                                             prompt_index=torch.full_like(first.prompt_index, -1))
-                parts.append((filler, torch.zeros(1, K), torch.zeros(1, K)))
+            micro = []
+            for j in range(0, share, per):
+                cj, aj = c[j : j + per], a[j : j + per]
+                if len(cj):
+                    micro.append((_rows(roll, (cj[:, None] * K + torch.arange(K)).flatten()), aj, rewards[cj]))
+                else:  # fewer prompts here than on another rank: filler rows keep the collectives in step
+                    first = _rows(roll, torch.arange(K) + K * int(kept_idx[i]))
+                    filler = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
+                                                 prompt_index=torch.full_like(first.prompt_index, -1))
+                    micro.append((filler, torch.zeros(1, K), torch.zeros(1, K)))
+            parts.append(micro)
         t1 = time.perf_counter()
-        olds: list[torch.Tensor | None] = [None]  # the first mini-batch is on-policy
-        refs: list[torch.Tensor | None] = []
+        passes = []  # per mini-batch: [(rows, advantages, rewards, old log-probs or None, reference log-probs or None)]
         with torch.no_grad():
-            for i, (s, _, _) in enumerate(parts):
-                if i > 0:
-                    olds.append(self._logprobs(self.model, s))
-                refs.append(self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
+            for i, micro in enumerate(parts):
+                passes.append([(s, a, r,
+                                self._logprobs(self.model, s) if i > 0 else None,  # the first mini-batch is on-policy
+                                self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
+                               for s, a, r in micro])
         t_old = time.perf_counter() - t1
         t2 = time.perf_counter()
-        out = [self._update(step, i, s, a, r, olds[i], refs[i]) for i, (s, a, r) in enumerate(parts)]
+        out = [self._update(step, i, micro) for i, micro in enumerate(passes)]
         self._sync_engine()  # the next generation samples from the updated policy
         return out, t_old, time.perf_counter() - t2
 
@@ -259,25 +266,56 @@ class Trainer:
                   temperature=self.cfg.rollout.temperature, group_size=self.K,
                   chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
-    def _update(self, step: int, index: int, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor,
-                old: torch.Tensor | None, ref: torch.Tensor | None) -> dict[str, float]:
-        """One optimizer step on one mini-batch. adv, rewards: [prompts, K]."""
+    def _batch(self, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor, old: torch.Tensor | None,
+               ref: torch.Tensor | None, logp: torch.Tensor) -> PolicyBatch:
+        """The loss's view of rows `s` (adv, rewards: [prompts, K]) with their current log-probs logp [B, T]."""
+        dev = logp.device
+        k = rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
+        return PolicyBatch(
+            logp=logp, old_logp=logp.detach() if old is None else old, mask=s.response_mask.to(dev, logp.dtype),
+            advantages=adv.flatten().to(dev), num_correct=k, rewards=rewards.flatten().to(dev),
+            prompt_index=s.prompt_index.to(dev), ref_logp=ref,
+        )
+
+    def _update(self, step: int, index: int, micro: list[tuple]) -> dict[str, float]:
+        """One optimizer step on one mini-batch: this rank's passes `micro`, [(rows, advantages [p, K],
+        rewards [p, K], old log-probs, reference log-probs)], one unless trainer.micro_batch_prompts splits it."""
         cfg, K = self.cfg, self.K
         self.model.train()
-        logp = self._logprobs(self.model, s)  # [B, T], on the model's device
-        dev = logp.device
-        mask = s.response_mask.to(dev, logp.dtype)
-        k = rewards.sum(1).round().long().repeat_interleave(K).to(dev)  # filler rows: k = 0, no tokens
-        batch = PolicyBatch(
-            logp=logp, old_logp=logp.detach() if old is None else old, mask=mask, advantages=adv.flatten().to(dev),
-            num_correct=k, rewards=rewards.flatten().to(dev), prompt_index=s.prompt_index.to(dev), ref_logp=ref,
-        )
-        w = self.weights() if self.weights is not None else None
         every = cfg.trainer.grad_norm_every
         want_g = index == 0 and every > 0 and (step % every == 0 or step == 1)
         # the optimizer's own list: under FSDP the sharded parameters (the module shows the root's unsharded
         # ones between its forward and backward)
         params = self.opt.param_groups[0]["params"]
+        if len(micro) > 1:
+            metrics, view_batch = self._accumulate(micro, params, want_g)
+        else:
+            metrics, view_batch = self._one_pass(*micro[0], params=params, want_g=want_g)
+        clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
+        gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
+        metrics["grad/norm"] = float(gnorm)
+        if not math.isfinite(metrics["grad/norm"]):
+            raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
+        if self.weights is not None and self.method.weights == "learned":
+            self.weights.release_absent(metrics)
+        self.opt.step()
+        if self.weights is not None:
+            metrics.update(self.weights.project_())
+        b = view_batch
+        view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
+                             b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
+                             self.settings.dual_clip, metrics)
+        for h in self.hooks:
+            h.on_minibatch(view)
+        return metrics
+
+    def _one_pass(self, s, adv, rewards, old, ref, *, params, want_g) -> tuple[dict[str, float], PolicyBatch]:
+        """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad."""
+        cfg, K = self.cfg, self.K
+        logp = self._logprobs(self.model, s)  # [B, T], on the model's device
+        dev = logp.device
+        batch = self._batch(s, adv, rewards, old, ref, logp)
+        w = self.weights() if self.weights is not None else None
         group_norms = None
         if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
             # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
@@ -296,22 +334,64 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
         (loss * self.shard.world_size).backward()
-        clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-        gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
-        metrics["grad/norm"] = float(gnorm)
-        if not math.isfinite(metrics["grad/norm"]):
-            raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
-        if self.weights is not None and self.method.weights == "learned":
-            self.weights.release_absent(metrics)
-        self.opt.step()
-        if self.weights is not None:
-            metrics.update(self.weights.project_())
-        view = MiniBatchView(step, index, K, logp.detach(), batch.old_logp.detach(), mask, batch.advantages,
-                             k, s.prompt_index, self.settings.eps_low, self.settings.eps_high, self.settings.dual_clip,
-                             metrics)
-        for h in self.hooks:
-            h.on_minibatch(view)
-        return metrics
+        return metrics, batch
+
+    def _accumulate(self, micro: list[tuple], params, want_g: bool) -> tuple[dict[str, float], PolicyBatch]:
+        """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
+        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics and the whole batch (no grad)."""
+        cfg, K, M = self.cfg, self.K, len(micro)
+        method, world = cfg.algo.method, self.shard.world_size
+        with torch.no_grad():  # phase 1: log-probs of every pass, then the mini-batch's sums
+            batches = [self._batch(*mb, logp=self._logprobs(self.model, mb[0])) for mb in micro]
+            w0 = self.weights().detach() if self.weights is not None else None
+
+        def sums(group_norms):
+            def run(i, shard):
+                with torch.no_grad():
+                    return policy_loss(method, batches[i], K, self.settings, weights=w0, group_grad_norms=group_norms,
+                                       return_groups=True, shard=shard)[1]
+            return accumulate.reductions(M, run, self.shard)
+
+        def passes(values, group_norms, pick=None) -> None:
+            """Forward and backward of every pass (pick(C, L): what to backpropagate; default the loss)."""
+            for i, mb in enumerate(micro):
+                with self._no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
+                    b = self._batch(*mb, logp=self._logprobs(self.model, mb[0]))
+                    w = self.weights() if self.weights is not None else None
+                    loss, _, (C, L) = policy_loss(method, b, K, self.settings, weights=w, group_grad_norms=group_norms,
+                                                  return_groups=True, shard=accumulate.replayed(values[i], self.shard, M))
+                    ((loss if pick is None else pick(C, L)) * world).backward()
+
+        def norms(values, group_norms, picks) -> list[float]:
+            """||gradient of the whole mini-batch's pick(C, L)|| for each pick: M passes each."""
+            out = []
+            for pick in picks:
+                self.opt.zero_grad(set_to_none=True)
+                passes(values, group_norms, pick)
+                out.append(fsdp.total_grad_norm(params))
+            return out
+
+        group_norms = None
+        if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
+            zeros = torch.zeros(K - 1, device=batches[0].logp.device)
+            values, _ = sums(zeros)
+            group_norms = torch.tensor(norms(values, zeros, [partial(_pick_L, kk) for kk in range(1, K)]),
+                                       device=zeros.device)
+        values, metrics = sums(group_norms)
+        metrics = dict(metrics[0])  # every pass reports the mini-batch's metrics
+        if want_g:
+            ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
+            g = norms(values, group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
+            for kk, gc, gl in zip(ks, g[: len(ks)], g[len(ks) :]):
+                metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+        self.opt.zero_grad(set_to_none=True)
+        passes(values, group_norms)  # phase 2
+        return metrics, _cat_batches(batches)
+
+    def _no_sync(self, skip: bool):
+        """DDP: no gradient all-reduce in this backward (accumulating); otherwise a no-op context."""
+        ddp = self.dist.enabled and not self.fsdp
+        return self.policy_fwd.no_sync() if skip and ddp else contextlib.nullcontext()
 
     def _grad_norms(self, xs: list[torch.Tensor], params: list[torch.Tensor]) -> list[float]:
         """||d x / d params|| for each x (this rank's share of a group's loss; data-parallel: of the whole
@@ -448,6 +528,29 @@ def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard) -> float:
         return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
     return float(shard.reduce(flat, "sum").norm())
+
+
+def _pick_C(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    return C[k]
+
+
+def _pick_L(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    return L[k]
+
+
+def _cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
+    """Concatenate policy batches over rows, right-padding the token dimension to the widest."""
+    T = max(b.logp.shape[1] for b in bs)
+
+    def cat(name):
+        xs = [getattr(b, name) for b in bs]
+        if xs[0] is None:
+            return None
+        if xs[0].dim() == 2:
+            xs = [torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs]
+        return torch.cat(xs)
+
+    return PolicyBatch(**{f.name: cat(f.name) for f in dataclasses.fields(PolicyBatch)})
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
