@@ -125,6 +125,9 @@ class TrainerConfig:
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
     threads: int = _f(0, "torch intra-op threads; 0 leaves torch's default")
+    mixed_precision: bool = _f(True, "with model.dtype bf16/fp16: fp32 master weights and AdamW states, compute under "
+                               "autocast in model.dtype, generation from a model.dtype copy (false: parameters and "
+                               "AdamW in model.dtype, where steps below ~0.4% of a weight round away); FSDP always mixes")
     parallel: str = _f("ddp", "data parallelism under torchrun: 'ddp' (torch DDP, a full replica per rank) or "
                        "'fsdp' (FSDP2 fully_shard: parameters, gradients and AdamW states sharded over ranks, "
                        "fp32 master weights with compute in model.dtype; verl's actor strategy 'fsdp2'); "

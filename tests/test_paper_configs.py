@@ -58,7 +58,14 @@ def test_paper_hyperparameters_and_architectures(model, monkeypatch):
     p = plan(cfg)
     assert p.params == pytest.approx(n_params, rel=1e-3) and p.tied == tied
     assert p.dtype == "bfloat16"
-    assert p.gib["weights"] == pytest.approx(p.params * 2 / GIB) and p.gib["adamw_states_fp32"] == pytest.approx(p.params * 8 / GIB)
+    # mixed precision (the default): fp32 masters and AdamW states, a bf16 copy for generation
+    assert p.mixed and p.gib["weights"] == pytest.approx(p.params * 4 / GIB)
+    assert p.gib["adamw_states_fp32"] == pytest.approx(p.params * 8 / GIB)
+    assert p.gib["generation_copy"] == pytest.approx(p.params * 2 / GIB)
+    assert not any("round away" in n for n in p.notes)
+    pure = plan(load_config(PAPER / model / f"{method}.toml", ["trainer.mixed_precision=false"]))
+    assert pure.gib["weights"] == pytest.approx(p.params * 2 / GIB) and "generation_copy" not in pure.gib
+    assert any("round away" in n for n in pure.notes)
     assert p.gib["logits_chunked_1024"] < p.gib["logits_unchunked"] / 50  # 1024 tokens of a pass of 32 x 3000
     assert p.gib["activations_ckpt"] < p.gib["activations_no_ckpt"] / 10
     assert p.seq_tokens <= p.max_positions

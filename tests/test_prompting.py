@@ -96,7 +96,7 @@ def test_trainer_passes_the_logprob_chunk_size(monkeypatch):
     s = SimpleNamespace(prompt_ids=None, prompt_mask=None, response_ids=None, response_mask=None)
     for chunk, want in ((0, None), (512, 512)):
         fake = SimpleNamespace(cfg=load_config(None, [f"model.logprob_chunk_size={chunk}"]), K=8, model=None,
-                               policy_fwd=None, fsdp=False)
+                               policy_fwd=None, fsdp=False, autocast=None)
         loop.Trainer._logprobs(fake, None, s)
         assert seen[-1] == want
     with pytest.raises(ConfigError, match="model.logprob_chunk_size"):

@@ -26,9 +26,11 @@ tokens, the worst case where every response runs to the limit). Sizes in GiB:
   embedding's gradient), the start of backward, and (all gradients + one layer's recompute), its end;
 - rollout KV cache: 2 (k, v) x layers x kv x a per token, for prompts_per_step x K sequences generated
   at once (one generation batch; dynamic sampling generates its batches one after another).
-- FSDP (`trainer.parallel = "fsdp"`, gpus > 1): fp32 master weights, fp32 gradients and AdamW states
-  divided by gpus; a full generation copy in the compute dtype; the unsharded compute parameters of the
-  root (embeddings) and of two decoder layers (the one computing, the next one prefetched).
+- mixed precision (`trainer.mixed_precision` with a bf16/fp16 model.dtype, and always under FSDP): fp32
+  master weights and gradients (4 bytes each) and a generation copy in model.dtype;
+- FSDP (`trainer.parallel = "fsdp"`, gpus > 1): weights, gradients and AdamW states divided by gpus; the
+  unsharded compute parameters of the root (embeddings) and of two decoder layers (the one computing, the
+  next one prefetched).
 
 Calibrated on an H100 (benchmarks/check_memory_plan.py: random Qwen2.5-Math-1.5B-shaped model, bf16,
 8 sequences of 256 + 512 tokens, forward + backward of the trainer's log-probs), measured / estimated
@@ -122,6 +124,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     gpus: int = 1  # data-parallel GPUs of the job
     fsdp: bool = False  # parameters, gradients and AdamW states sharded over them
+    mixed: bool = False  # fp32 master weights, compute in dtype
 
 
 def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> MemoryPlan:
@@ -179,18 +182,21 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
     gen_seqs = -(-cfg.trainer.prompts_per_step // gpus) * K
     kv_cache = 2 * L * kv * a * gen_seqs * S
     layer_params = (params - embedding_params) / L
+    mixed = fsdp or (a < 4 and cfg.trainer.mixed_precision)  # fp32 masters, compute in dtype (trainer/precision.py)
+    shards = gpus if fsdp else 1
     g = {
-        "weights": params * (4 / gpus if fsdp else a),  # FSDP: this rank's shard of the fp32 master weights
-        "gradients": params * (4 / gpus if fsdp else a),
-        "adamw_states_fp32": params * 8 / (gpus if fsdp else 1),
+        "weights": params * (4 if mixed else a) / shards,
+        "gradients": params * (4 if mixed else a) / shards,
+        "adamw_states_fp32": params * 8 / shards,
         "activations_no_ckpt": act_full,
         "activations_ckpt": act_ckpt + recompute,
         "logits_unchunked": logits_full,
         f"logits_chunked_{chunk}": logits_chunk,
         "rollout_kv_cache": kv_cache,
     }
-    if fsdp:
+    if mixed:
         g["generation_copy"] = params * a
+    if fsdp:
         g["unsharded_in_flight"] = a * (embedding_params + 2 * layer_params)
     if cfg.algo.kl_beta > 0:
         g["reference_model"] = params * a / (gpus if fsdp else 1)
@@ -229,13 +235,13 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
                                               "or shard over more GPUs"))
     if kv_cache > GPU_GIB * GIB - g["weights"]:
         notes.append(f"the rollout KV cache of {gen_seqs} sequences at once exceeds one GPU: generation needs batching")
-    if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not fsdp:
+    if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not mixed:
         notes.append(f"bf16 parameters updated in place by torch AdamW (bf16 states): steps of lr {cfg.trainer.lr:g} "
-                     "are below bf16 resolution (~0.4% of a weight) and mostly round away; paper-scale training "
-                     "needs fp32 master weights (or fp32 parameters + bf16 autocast)")
+                     "are below bf16 resolution (~0.4% of a weight) and mostly round away; set "
+                     "trainer.mixed_precision = true (fp32 master weights)")
     return MemoryPlan(type(model).__name__, source, params, embedding_params, tied, V, h, L, heads, kvh, inter,
                       int(getattr(hf, "max_position_embeddings", 0) or 0), dtype, seqs, S, resp_tokens,
-                      {k: v / GIB for k, v in g.items()}, notes, gpus, fsdp)
+                      {k: v / GIB for k, v in g.items()}, notes, gpus, fsdp, mixed)
 
 
 def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
@@ -253,14 +259,14 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         f"  parameters {_count(p.params)} (embeddings {_count(p.embedding_params)}, tied: {'yes' if p.tied else 'no'}), "
         f"vocab {p.vocab}, hidden {p.hidden}, {p.layers} layers, {p.heads} heads / {p.kv_heads} kv heads, "
         f"MLP {p.intermediate}, {p.max_positions} positions",
-        f"  memory plan, one GPU{_job(p)}, GiB ({p.dtype} {'compute' if p.fsdp else 'parameters'} on {t.device}; "
+        f"  memory plan, one GPU{_job(p)}, GiB ({p.dtype} {'compute' if p.mixed else 'parameters'} on {t.device}; "
         f"one pass {p.seqs} sequences{' on this GPU' if p.gpus > 1 else ''} x "
         f"{p.seq_tokens} tokens = prompt {p.seq_tokens - r.max_new_tokens} (assumed) + response {r.max_new_tokens}):",
     ]
     shard = f", 1/{p.gpus} shard" if p.fsdp else ""
     labels = {
-        "weights": f"weights ({'fp32 master' if p.fsdp else p.dtype}{shard})",
-        "gradients": f"gradients ({'fp32' if p.fsdp else p.dtype}{shard})",
+        "weights": f"weights ({'fp32 master' if p.mixed else p.dtype}{shard})",
+        "gradients": f"gradients ({'fp32' if p.mixed else p.dtype}{shard})",
         "adamw_states_fp32": f"AdamW states (2 x fp32{shard})",
         "generation_copy": f"generation copy of the policy ({p.dtype}, full)",
         "unsharded_in_flight": "unsharded parameters in flight (embeddings + 2 layers)",

@@ -23,12 +23,11 @@ What is sharded and how the trainer meets FSDP's rule that every rank runs the s
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
 from daro_lab.trainer.distributed import LogprobModule
+from daro_lab.trainer.precision import GenerationCopy  # noqa: F401 - the copy FSDP generates from
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
@@ -63,23 +62,6 @@ def is_sharded(t: Tensor) -> bool:
 def full(t: Tensor) -> Tensor:
     """The whole tensor of a sharded parameter (a collective); plain tensors as they are."""
     return t.full_tensor() if is_sharded(t) else t
-
-
-class GenerationCopy:
-    """A full, unsharded copy of the policy in `dtype` for generation and evaluation (no collectives there).
-
-    Built before sharding (a deep copy); `refresh(sharded_policy)` all-gathers each parameter into it.
-    Every rank must call `refresh` at the same point: each parameter's all-gather is a collective.
-    """
-
-    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype):
-        self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def refresh(self, sharded_policy: torch.nn.Module) -> None:
-        dst = dict(self.model.named_parameters())
-        for name, p in sharded_policy.named_parameters():  # tied parameters once (named_parameters dedups)
-            dst[name].copy_(full(p.detach()))
 
 
 def model_state(root: torch.nn.Module, policy: torch.nn.Module) -> dict[str, Tensor]:

@@ -5,6 +5,7 @@ One step (DESIGN.md section 1):
     rewards [N, K] -> keep 0 < mu < 1 -> advantages over the kept prompts, once
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
     for each mini-batch: loss from the registry -> backward -> clip -> AdamW (policy + DARO weights)
+                         (in passes of trainer.micro_batch_prompts prompts, gradients accumulated: accumulate.py)
 Hooks see every stage and change nothing; the trainer never logs by itself.
 Under torchrun the step is split over data-parallel ranks as `distributed.py` describes.
 """
@@ -29,6 +30,7 @@ from daro_lab.trainer import accumulate, fsdp
 from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
+from daro_lab.trainer.precision import GenerationCopy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 
 
@@ -89,15 +91,22 @@ class Trainer:
         # the log-prob forward of the policy (and of the reference) under torchrun: DDP averages the gradients
         # in backward; FSDP shards the model, so every policy forward goes through it, with or without grad
         self.policy_fwd = self.ref_fwd = None
-        self.gen = None  # FSDP: the full copy that generates (ranks cannot run sharded forwards out of step)
+        # fp32 master weights with compute in model.dtype (precision.py): training runs on fp32 parameters,
+        # generation on `gen`, a copy in model.dtype; FSDP needs the copy in any case (ranks generate out of step)
+        compute = next(self.model.parameters()).dtype
+        self.gen = self.autocast = None
+        if self.fsdp or (compute != torch.float32 and cfg.trainer.mixed_precision):
+            self.gen = GenerationCopy(self.model, compute)
         if self.fsdp:
-            compute = next(self.model.parameters()).dtype
-            self.gen = fsdp.GenerationCopy(self.model, compute)
             self.policy_fwd = fsdp.shard(self.model, sequence_logprobs, compute)
             if self.ref_model is not None:
                 self.ref_fwd = fsdp.shard(self.ref_model, sequence_logprobs, compute)
-        elif self.dist.enabled:
-            self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist)
+        else:
+            if self.gen is not None:
+                self.model.float()
+                self.autocast = compute
+            if self.dist.enabled:
+                self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist)
         self.engine = build_engine(cfg, self.generation_model, self.tokenizer)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
@@ -127,11 +136,12 @@ class Trainer:
 
     @property
     def generation_model(self) -> torch.nn.Module:
-        """The model that generates and is evaluated: the policy itself, or under FSDP its full copy."""
+        """The model that generates and is evaluated: the policy itself, or its copy in model.dtype (mixed
+        precision; FSDP)."""
         return self.gen.model if self.gen is not None else self.model
 
     def _sync_engine(self) -> None:
-        """After the policy moved: refresh the FSDP generation copy (a collective), then the engine (vLLM)."""
+        """After the policy moved: refresh the generation copy (FSDP: a collective), then the engine (vLLM)."""
         if self.gen is not None:
             self.gen.refresh(self.model)
         self.engine.sync_weights(self.generation_model)
@@ -210,7 +220,8 @@ class Trainer:
         """The policy (and DARO weights) update of one step on its scored rollouts, rewards [P, K].
 
         Keeps the prompts with 0 < mu < 1 (at most N), computes their advantages once, and takes one
-        optimizer step per mini-batch of `mini_batch_prompts` (the first on-policy, later ones off-policy).
+        optimizer step per mini-batch of `mini_batch_prompts` (the first on-policy, later ones off-policy),
+        in forward/backward passes of at most `micro_batch_prompts` prompts (every rank makes as many).
         Data-parallel: every rank passes the whole batch and updates on its part of each mini-batch.
         Returns (metrics of each mini-batch, seconds of old log-probs, seconds of updates).
         """
@@ -262,9 +273,11 @@ class Trainer:
             fn = self.policy_fwd
         else:
             fn = partial(sequence_logprobs, model)
-        return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
-                  temperature=self.cfg.rollout.temperature, group_size=self.K,
-                  chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
+        mixed = self.autocast is not None and model is self.model
+        with torch.autocast(self.device.type, dtype=self.autocast) if mixed else contextlib.nullcontext():
+            return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
+                      temperature=self.cfg.rollout.temperature, group_size=self.K,
+                      chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
     def _batch(self, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor, old: torch.Tensor | None,
                ref: torch.Tensor | None, logp: torch.Tensor) -> PolicyBatch:
