@@ -76,6 +76,8 @@ class RolloutConfig:
     max_new_tokens: int = _f(8, "longest response; also Dr. GRPO's constant normaliser L_max")
     temperature: float = _f(1.0, "sampling temperature (paper setup: 1.0)")
     top_p: float = _f(1.0, "nucleus sampling threshold; 1.0 disables it")
+    vllm_gpu_memory: float = _f(0.3, "engine 'vllm': fraction of the GPU's memory vLLM holds for its weights and KV cache "
+                                "beside the trainer (vLLM's gpu_memory_utilization; colocated as in verl)")
 
 
 @dataclass
@@ -327,6 +329,8 @@ def validate(cfg: Config) -> None:
         bad("algo.daro", f"need 0 < w_min <= init <= w_max, got {d.w_min}, {d.init}, {d.w_max}")
     if cfg.rollout.num_responses < 2:
         bad("rollout.num_responses", f"K must be >= 2 for any interior pass rate, got {cfg.rollout.num_responses}")
+    if not 0 < cfg.rollout.vllm_gpu_memory < 1:
+        bad("rollout.vllm_gpu_memory", f"must be a fraction in (0, 1), got {cfg.rollout.vllm_gpu_memory}")
     if cfg.rollout.engine not in ("hf", "vllm"):
         bad("rollout.engine", f"expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
     t = cfg.trainer

@@ -66,7 +66,7 @@ def test_paper_hyperparameters_and_architectures(model, monkeypatch):
     pure = plan(load_config(PAPER / model / f"{method}.toml", ["trainer.mixed_precision=false"]))
     assert pure.gib["weights"] == pytest.approx(p.params * 2 / GIB) and "generation_copy" not in pure.gib
     assert any("round away" in n for n in pure.notes)
-    assert p.gib["logits_chunked_1024"] < p.gib["logits_unchunked"] / 50  # 1024 tokens of a pass of 32 x 3000
+    assert p.gib["logits_chunked_1024"] < p.gib["logits_unchunked"] / 20  # 1024 tokens of a pass of >= 8 x 3000
     assert p.gib["activations_ckpt"] < p.gib["activations_no_ckpt"] / 10
     assert p.seq_tokens <= p.max_positions
 
@@ -101,14 +101,19 @@ def test_the_memory_plan_of_an_fsdp_job_shards_the_training_state(model, monkeyp
     assert cfg.trainer.parallel == "fsdp"
     one, eight = plan(cfg), plan(cfg, gpus=8)
     P = eight.params
-    assert cfg.trainer.micro_batch_prompts == 4 and eight.fsdp and eight.gpus == 8 and eight.seqs == one.seqs == 4 * 8
-    assert eight.gib["update_peak_as_configured"] < 80 and not any("one pass" in n for n in eight.notes)
+    n = cfg.trainer.micro_batch_prompts
+    assert n >= 1 and eight.fsdp and eight.gpus == 8 and eight.seqs == one.seqs == n * 8
+    assert eight.gib["update_peak_as_configured"] < 80 and not any("one pass" in note for note in eight.notes)
     unsplit = plan(load_config(PAPER / model / "daro.toml", ["trainer.micro_batch_prompts=0"]), gpus=8)
+    if unsplit.gib["update_peak_as_configured"] > 80:  # 7B, 8B: the plan says how to split
+        assert any("set trainer.micro_batch_prompts" in note for note in unsplit.notes), unsplit.notes
     assert unsplit.seqs == 64 // 8 * 8 and unsplit.gib["update_peak_as_configured"] > eight.gib["update_peak_as_configured"]
     assert eight.gib["weights"] == pytest.approx(P * 4 / 8 / GIB) and eight.gib["gradients"] == pytest.approx(P * 4 / 8 / GIB)
     assert eight.gib["adamw_states_fp32"] == pytest.approx(P * 8 / 8 / GIB)
     assert eight.gib["generation_copy"] == pytest.approx(P * 2 / GIB)
-    assert eight.gib["rollout_kv_cache"] == pytest.approx(one.gib["rollout_kv_cache"] / 8)
+    assert cfg.rollout.engine == "vllm" and eight.gib["vllm_reserved"] == pytest.approx(0.3 * 80)  # colocated
+    hf = [plan(load_config(PAPER / model / "daro.toml", ["rollout.engine=hf"]), gpus=g) for g in (1, 8)]
+    assert hf[1].gib["rollout_kv_cache"] == pytest.approx(hf[0].gib["rollout_kv_cache"] / 8) and "vllm_reserved" not in hf[1].gib
     assert not any("round away" in n or "exceed one" in n for n in eight.notes)  # fp32 masters, sharded
     if P > 5e9:
         assert any("exceed one" in n for n in one.notes)

@@ -25,7 +25,9 @@ tokens, the worst case where every response runs to the limit). Sizes in GiB:
 - update peak: weights + AdamW states + the larger of (saved activations + logits + the output
   embedding's gradient), the start of backward, and (all gradients + one layer's recompute), its end;
 - rollout KV cache: 2 (k, v) x layers x kv x a per token, for prompts_per_step x K sequences generated
-  at once (one generation batch; dynamic sampling generates its batches one after another).
+  at once (one generation batch; dynamic sampling generates its batches one after another). With
+  rollout.engine 'vllm' instead: vLLM's share of the GPU (`rollout.vllm_gpu_memory`), held through the
+  update too, since the engine is colocated;
 - mixed precision (`trainer.mixed_precision` with a bf16/fp16 model.dtype, and always under FSDP): fp32
   master weights and gradients (4 bytes each) and a generation copy in model.dtype;
 - FSDP (`trainer.parallel = "fsdp"`, gpus > 1): weights, gradients and AdamW states divided by gpus; the
@@ -192,8 +194,12 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         "activations_ckpt": act_ckpt + recompute,
         "logits_unchunked": logits_full,
         f"logits_chunked_{chunk}": logits_chunk,
-        "rollout_kv_cache": kv_cache,
+        "rollout_kv_cache": kv_cache,  # transformers engine: the generation batch at once
     }
+    vllm = cfg.rollout.engine == "vllm"
+    if vllm:  # vLLM pages its KV cache within what it holds, and holds it through the update (colocated)
+        del g["rollout_kv_cache"]
+        g["vllm_reserved"] = cfg.rollout.vllm_gpu_memory * GPU_GIB * GIB
     if mixed:
         g["generation_copy"] = params * a
     if fsdp:
@@ -201,7 +207,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
     if cfg.algo.kl_beta > 0:
         g["reference_model"] = params * a / (gpus if fsdp else 1)
     static = g["weights"] + g["adamw_states_fp32"] + g.get("reference_model", 0) + g.get("generation_copy", 0) \
-        + g.get("unsharded_in_flight", 0)
+        + g.get("unsharded_in_flight", 0) + g.get("vllm_reserved", 0)
 
     def update_peak(ckpt: bool, chunked: bool) -> float:
         """Weights + optimizer states + the larger of two phases: the end of the forward / start of backward
@@ -233,7 +239,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
                      f"{S} tokens would: " + (f"set trainer.micro_batch_prompts to {fit // K} or less (gradient accumulation)"
                                               if fit >= K else f"not even one prompt's {K} responses: shorten them "
                                               "or shard over more GPUs"))
-    if kv_cache > GPU_GIB * GIB - g["weights"]:
+    if not vllm and kv_cache > GPU_GIB * GIB - g["weights"]:
         notes.append(f"the rollout KV cache of {gen_seqs} sequences at once exceeds one GPU: generation needs batching")
     if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not mixed:
         notes.append(f"bf16 parameters updated in place by torch AdamW (bf16 states): steps of lr {cfg.trainer.lr:g} "
@@ -269,6 +275,7 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         "gradients": f"gradients ({'fp32' if p.mixed else p.dtype}{shard})",
         "adamw_states_fp32": f"AdamW states (2 x fp32{shard})",
         "generation_copy": f"generation copy of the policy ({p.dtype}, full)",
+        "vllm_reserved": f"vLLM, colocated (weights + paged KV cache, {cfg.rollout.vllm_gpu_memory:g} of the GPU)",
         "unsharded_in_flight": "unsharded parameters in flight (embeddings + 2 layers)",
         "reference_model": "reference model (KL)",
         "activations_no_ckpt": "activations, no checkpointing",

@@ -57,7 +57,8 @@ def build_engine(cfg: Config, model, tokenizer):
         from daro_lab.rollout.vllm_engine import VLLMEngine, VLLMNotInstalledError, VLLMUnsupportedModelError
 
         try:  # colocated: vLLM is built from the live policy and receives its weights after every update
-            return VLLMEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed)
+            return VLLMEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory)
         except (VLLMNotInstalledError, VLLMUnsupportedModelError) as e:
             raise ConfigError(f"config key 'rollout.engine': {e}") from e
     raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
