@@ -12,6 +12,9 @@ Prints, in one run on one device:
              token count, a few timed steps: policy-update tokens/s, MFU, peak memory of forward +
              backward and of the whole update (AdamW's states included)
   rollout    the transformers engine sampling `--rollout-rows` x `--rollout-tokens` new tokens
+The update trains as the trainer does by default on GPU: fp32 master weights and AdamW states, bf16
+autocast (`--pure-bf16`: all in bf16); the reference runs the bf16 generation copy. Peaks are absolute,
+so under mixed precision both include the fp32 masters (4 bytes a parameter, 5.8 GiB at 1.5B).
 The model is random (no download): it is built from experiments/paper/arch/qwen2.5-math-1.5b.json
 in bfloat16 and saved with the character tokenizer, so the Trainer loads it like any local model.
 Rollouts for the update are fixed random tokens with coin-flip rewards (a random policy solves
@@ -127,6 +130,9 @@ def main() -> None:
     ap.add_argument("--rollout-rows", type=int, default=64)
     ap.add_argument("--rollout-tokens", type=int, default=256)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    ap.add_argument("--pure-bf16", action="store_true",
+                    help="trainer.mixed_precision=false: the update's parameters and AdamW states in bf16 "
+                         "(default: fp32 master weights, bf16 autocast, as the trainer trains)")
     a = ap.parse_args()
 
     from daro_lab.config import load_config
@@ -152,13 +158,20 @@ def main() -> None:
         "model.gradient_checkpointing=true", f"model.logprob_chunk_size={a.chunk}", "algo.method=daro",
         "rollout.num_responses=8", f"rollout.max_new_tokens={a.seq - a.prompt}", f"trainer.prompts_per_step={a.rows // 8}",
         f"trainer.mini_batch_prompts={a.rows // 8}", "trainer.grad_norm_every=0", "trainer.lr=1e-6",
+        f"trainer.mixed_precision={'false' if a.pure_bf16 else 'true'}",
     ])
     tr = Trainer(cfg)
     model = tr.model
-    print(f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M, vocab {model.config.vocab_size}")
+    mixed = tr.autocast is not None
+    print(f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M, vocab {model.config.vocab_size}; "
+          f"update in {'fp32 masters + ' + str(tr.autocast).replace('torch.', '') + ' autocast' if mixed else str(dtype)}")
 
-    ref_s, ref_peak = reference(model, a.rows, a.seq, device, a.steps)
-    ref_flops = model_flops(model, a.rows * a.seq, a.seq)
+    # the reference runs the model in `dtype` (under mixed precision: the trainer's generation copy)
+    plain = tr.generation_model.requires_grad_(True)
+    ref_s, ref_peak = reference(plain, a.rows, a.seq, device, a.steps)
+    if plain is not model:
+        plain.requires_grad_(False).eval()
+    ref_flops = model_flops(plain, a.rows * a.seq, a.seq)
     print(f"reference  HF forward/backward, full logits: {ref_s:.3f} s/step, {a.rows * a.seq / ref_s:,.0f} tokens/s, "
           f"MFU {mfu(ref_flops, ref_s)}, peak {ref_peak:.1f} GiB")
 
