@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import xml.dom.minidom
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -12,7 +12,7 @@ What is sharded and how the trainer meets FSDP's rule that every rank runs the s
               gradients are reduced in fp32. Every forward of the policy goes through the root, on every
               rank at once: the trainer's mini-batches are split so that all ranks hold the same count.
     rollouts  ranks generate different prompts and evaluation runs on rank 0 only, so generation cannot
-              use the sharded policy: it uses a full, unsharded copy in model.dtype (`GenerationCopy`),
+              use the sharded policy: it uses a full, unsharded copy in model.dtype (`precision.GenerationCopy`),
               refreshed after each step's update by all-gathering every parameter (a collective that all
               ranks run after `update`). vLLM is synced from that copy.
     reference the KL reference model (kl_beta > 0) is sharded the same way, frozen.
@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from daro_lab.trainer.distributed import LogprobModule
-from daro_lab.trainer.precision import GenerationCopy  # noqa: F401 - the copy FSDP generates from
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
