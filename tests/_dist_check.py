@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from daro_lab.hooks.base import Hook
+
 VARIANTS = {
     "grpo": ["algo.method=grpo"],
     "dapo": ["algo.method=dapo"],
@@ -52,6 +54,18 @@ def batches(trainer, n_steps: int):
     return out
 
 
+class ViewRecorder(Hook):
+    """A hook recording, per mini-batch, the rows its view holds: (prompt indices, tokens, sum of log-probs)."""
+
+    def __init__(self, out: list):
+        self.out = out
+
+    def on_minibatch(self, view) -> None:
+        m = view.mask.bool()
+        self.out.append([sorted(view.prompt_index.tolist()), int(m.sum()), float(view.logp[m].double().sum()),
+                         float(view.old_logp[m].double().sum())])
+
+
 def main(path: str, overrides: list[str]) -> None:
     from daro_lab.config import load_config
     from daro_lab.trainer.fsdp import full
@@ -61,6 +75,8 @@ def main(path: str, overrides: list[str]) -> None:
     results = {}
     for name, extra in VARIANTS.items():
         t = Trainer(load_config(None, [*overrides, *extra]))
+        views = []  # what a hook sees of each mini-batch: every rank's rows
+        t.hooks = [ViewRecorder(views)]
         passes = []  # passes of each accumulated mini-batch (gradient accumulation)
         accumulate = t._accumulate
         t._accumulate = lambda micro, *a, **kw: passes.append(len(micro)) or accumulate(micro, *a, **kw)
@@ -71,6 +87,7 @@ def main(path: str, overrides: list[str]) -> None:
         results[name] = {
             "world_size": t.dist.world_size,
             "accumulated_passes": passes,
+            "views": views,
             "minibatches": steps,
             "weights": t.weights.as_dict() if t.weights is not None else {},
             "params": torch.cat([full(p.detach()).double().flatten() for p in t.model.parameters()]).tolist(),

@@ -64,6 +64,10 @@ def test_split_updates_equal_one_process_on_the_same_global_batch(tmp_path, one_
         a, b = one[name], two[name]
         assert (a["world_size"], b["world_size"]) == (1, procs)
         assert not a["accumulated_passes"]
+        # hooks see the whole mini-batch: every rank's rows, the passes' rows
+        assert len(a["views"]) == len(b["views"])
+        for va, vb in zip(a["views"], b["views"]):
+            assert va[:2] == vb[:2] and vb[2:] == pytest.approx(va[2:], rel=1e-5), name
         passes = b["accumulated_passes"]
         if "accumulate" in split and "one-prompt" not in name:  # full mini-batches of 3 prompts: 3 passes in
             assert passes and max(passes) == (3 if procs == 1 else 2), passes  # one process, 2 on each of 2 ranks

@@ -314,7 +314,7 @@ class Trainer:
         self.opt.step()
         if self.weights is not None:
             metrics.update(self.weights.project_())
-        b = view_batch
+        b = self._whole_minibatch(view_batch)
         view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
                              b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
                              self.settings.dual_clip, metrics)
@@ -400,6 +400,19 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         passes(values, group_norms)  # phase 2
         return metrics, _cat_batches(batches)
+
+    def _whole_minibatch(self, b: PolicyBatch) -> PolicyBatch:
+        """The hooks' view: data-parallel, every rank's rows of the mini-batch (filler rows dropped), gathered
+        from all ranks (a collective); one process, `b` itself."""
+        if not self.dist.enabled:
+            return b
+        fields = [f.name for f in dataclasses.fields(PolicyBatch)]
+        mine = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k in fields for v in [getattr(b, k)]}
+        parts = [PolicyBatch(**d) for d in dp.gather_objects(mine, self.dist)]
+        whole = _cat_batches(parts)
+        real = whole.prompt_index >= 0
+        return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
+                              for k in fields for v in [getattr(whole, k)]})
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce in this backward (accumulating); otherwise a no-op context."""
