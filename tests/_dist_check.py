@@ -66,13 +66,34 @@ class ViewRecorder(Hook):
                          float(view.old_logp[m].double().sum())])
 
 
+def evaluation(cfg) -> dict:
+    """The starting policy's greedy evaluation, split over the ranks: the trainer's held-out metrics and a
+    benchmark made of the same problems (per-problem results, merged in problem order)."""
+    import dataclasses
+
+    from daro_lab.eval import Benchmark, evaluate_on_benchmarks
+    from daro_lab.trainer.loop import Trainer
+
+    t = Trainer(cfg)
+    m, table = t.evaluate()
+    greedy = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy=True))
+    bench = Benchmark("held-out", "-", t.eval_set)
+    (res,) = evaluate_on_benchmarks(t.generation_model, t.engine, t.tokenizer, greedy, seed=5, benchmarks=[bench],
+                                    dist=t.dist)
+    return {"greedy": {k: v for k, v in m.items() if k.startswith("eval/greedy")}, "table_n": [r["n"] for r in table],
+            "sampled_keys": sorted(k for k in m if k.startswith("eval/sampled")),
+            "bench_correct": res.correct, "bench_levels": res.levels,
+            # the tiny policy solves few problems: the mean greedy response length checks the merge too
+            "bench_mean_length": round(res.mean_length, 9), "bench_samples": [s["response"] for s in res.samples]}
+
+
 def main(path: str, overrides: list[str]) -> None:
     from daro_lab.config import load_config
     from daro_lab.trainer.fsdp import full
     from daro_lab.trainer.loop import Trainer
 
     torch.set_num_threads(1)
-    results = {}
+    results = {"evaluation": evaluation(load_config(None, overrides))}
     for name, extra in VARIANTS.items():
         t = Trainer(load_config(None, [*overrides, *extra]))
         views = []  # what a hook sees of each mini-batch: every rank's rows

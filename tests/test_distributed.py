@@ -59,6 +59,10 @@ def test_split_updates_equal_one_process_on_the_same_global_batch(tmp_path, one_
     cmd = [*TORCHRUN] if procs == 2 else [sys.executable]
     _run([*cmd, str(HERE / "_dist_check.py"), str(tmp_path / "two.json"), *ov, *extra], tmp_path)
     two = json.loads((tmp_path / "two.json").read_text())
+    # evaluation, split over the ranks: greedy results equal one process's, problem by problem
+    one = dict(one)  # the fixture's dict is shared by the parametrized runs
+    ea, eb = one.pop("evaluation"), two.pop("evaluation")
+    assert ea == eb and len(ea["bench_correct"]) == 16 and sum(ea["table_n"]) == 16 and ea["sampled_keys"]
     assert one.keys() == two.keys() and len(one) == 10
     for name in one:
         a, b = one[name], two[name]

@@ -146,8 +146,14 @@ def benchmark_metrics(results: list[BenchResult], prefix: str = "bench/") -> dic
 
 
 def evaluate_on_benchmarks(model, engine, tokenizer, cfg: Config, seed: int,
-                           benchmarks: list[Benchmark] | None = None) -> list[BenchResult]:
-    """Every benchmark of `cfg.eval` (or `benchmarks`) with the settings of `cfg.eval`; the model's mode is restored."""
+                           benchmarks: list[Benchmark] | None = None, dist=None) -> list[BenchResult]:
+    """Every benchmark of `cfg.eval` (or `benchmarks`) with the settings of `cfg.eval`; the model's mode is restored.
+
+    Data-parallel (`dist`, a trainer's DistInfo): a collective; each rank evaluates its contiguous share of
+    every benchmark (rank r samples with seed + 7919 r) and every rank gets the merged results."""
+    from daro_lab.trainer.distributed import DistInfo, gather_objects, split
+
+    dist = dist or DistInfo()
     e = cfg.eval
     benchmarks = load_benchmarks(e.benchmarks) if benchmarks is None else benchmarks
     reward_fn = reward_function(cfg)
@@ -155,11 +161,27 @@ def evaluate_on_benchmarks(model, engine, tokenizer, cfg: Config, seed: int,
     was_training = model.training
     model.eval()
     try:
-        return [evaluate_benchmark(engine, tokenizer, reward_fn, b, n=e.k, greedy=e.greedy, temperature=e.temperature,
-                                   top_p=e.top_p, max_new_tokens=max_new, batch_size=e.batch_size, seed=seed + 31 * i)
+        mine = [evaluate_benchmark(engine, tokenizer, reward_fn, Benchmark(b.name, b.path, b.problems[split(len(b.problems), dist)]),
+                                   n=e.k, greedy=e.greedy, temperature=e.temperature, top_p=e.top_p,
+                                   max_new_tokens=max_new, batch_size=e.batch_size, seed=seed + 31 * i + 7919 * dist.rank)
                 for i, b in enumerate(benchmarks)]
     finally:
         model.train(was_training)
+    if not dist.enabled:
+        return mine
+    parts = gather_objects(mine, dist)
+    return [merge_results([p[i] for p in parts]) for i in range(len(benchmarks))]
+
+
+def merge_results(parts: list[BenchResult]) -> BenchResult:
+    """One benchmark's result from the results of consecutive parts of its problems (data-parallel ranks)."""
+    first = parts[0]
+    counts = [len(p.correct) for p in parts]
+    lengths = [p.mean_length * c for p, c in zip(parts, counts) if c]
+    mean_len = sum(lengths) / sum(counts) if sum(counts) else float("nan")
+    samples = [s for p in parts for s in p.samples][: max(len(first.samples), 4)]
+    return BenchResult(first.benchmark, first.n, first.greedy, [c for p in parts for c in p.correct],
+                       [lv for p in parts for lv in p.levels], mean_len, samples)
 
 
 # ---------------------------------------------------------------------------------------------

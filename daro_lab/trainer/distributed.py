@@ -12,7 +12,8 @@ How a step is split (every rank runs the same loop, DESIGN.md section 1 holds fo
               loss is its exact share of the mini-batch's; DDP averages the policy gradient, hence each
               rank backpropagates world_size x its share; DARO's weights get the global L_mu as their
               signal on every rank and take identical steps (checked at every checkpoint)
-    rank 0    logs to MLflow, evaluates, writes checkpoints; the other ranks wait at the next collective
+    eval      every rank evaluates its share of the held-out problems and benchmarks; results are gathered
+    rank 0    logs to MLflow and writes checkpoints; the other ranks wait at the next collective
 
 The policy is wrapped in torch DDP through a module whose forward is the whole log-prob computation,
 so the shared-prompt KV-cache path and the chunked head (several inner forwards) are one DDP forward.
@@ -22,6 +23,7 @@ so the shared-prompt KV-cache path and the chunked head (several inner forwards)
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import pickle
 from dataclasses import dataclass
@@ -60,11 +62,14 @@ def init_from_env() -> DistInfo:
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        # rank 0 writes checkpoints and MLflow records while the others wait at the next collective: allow
+        # that more than torch's default (10 min for NCCL), DARO_LAB_DIST_TIMEOUT_MIN minutes (default 60)
+        timeout = datetime.timedelta(minutes=float(os.environ.get("DARO_LAB_DIST_TIMEOUT_MIN", "60")))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            dist.init_process_group("cpu:gloo,cuda:nccl")
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
         # torch warns (and gloo may abort at exit under FSDP) when the group is left for the interpreter to tear down
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)

@@ -7,10 +7,12 @@ from collections import defaultdict
 import torch
 
 from daro_lab.config import Config
+from daro_lab.trainer.distributed import DistInfo, gather_objects, split
 
 
 @torch.no_grad()
-def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: int, batch_size: int = 256):
+def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: int, batch_size: int = 256,
+             dist: DistInfo | None = None):
     """(metrics, table): `eval/greedy_acc`, `eval/sampled_acc` and per level; one table row per level.
 
     greedy: one argmax response per prompt; sampled: the mean reward of `trainer.eval_samples`
@@ -20,12 +22,16 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
     `bench/<name>/avg_at_<k>`, `bench/<name>/pass_at_<j>`, `bench/avg/...` (daro_lab.eval).
 
     Sampling uses its own generator seeded by `seed`, so evaluating never moves the training RNG.
+    Data-parallel (`dist`): a collective; each rank evaluates its contiguous share of the problems (rank r
+    samples with seed + 7919 r) and every rank gets the metrics of all of them.
     """
-    gen = torch.Generator().manual_seed(seed)
+    dist = dist or DistInfo()
+    gen = torch.Generator().manual_seed(seed + 7919 * dist.rank)
     r = cfg.rollout
     scores: dict[str, list[float]] = {"greedy": [], "sampled": []}
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
+    mine = problems[split(len(problems), dist)]
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
         ids = tokenizer.encode_prompts([p.prompt for p in chunk])
         answers = [p.answer for p in chunk]
         for mode, n in (("greedy", 1), ("sampled", cfg.trainer.eval_samples)):
@@ -34,6 +40,9 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
             texts = tokenizer.decode_responses(out.response_ids)
             rewards = task.reward_batch(texts, [a for a in answers for _ in range(n)])
             scores[mode] += [sum(rewards[i * n : (i + 1) * n]) / n for i in range(len(chunk))]
+    if dist.enabled:  # every rank's scores, in problem order
+        parts = gather_objects(scores, dist)
+        scores = {mode: [s for part in parts for s in part[mode]] for mode in scores}
     by_level: dict[int, dict[str, list[float]]] = defaultdict(lambda: {"greedy": [], "sampled": []})
     for i, p in enumerate(problems):
         for mode in scores:
@@ -52,5 +61,5 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
     if cfg.eval.benchmarks:  # the benchmarks of `eval` (avg@k, pass@k), as metrics 'bench/<name>/<metric>'
         from daro_lab.eval import benchmark_metrics, evaluate_on_benchmarks
 
-        metrics.update(benchmark_metrics(evaluate_on_benchmarks(model, engine, tokenizer, cfg, seed=seed)))
+        metrics.update(benchmark_metrics(evaluate_on_benchmarks(model, engine, tokenizer, cfg, seed=seed, dist=dist)))
     return metrics, table

@@ -461,7 +461,7 @@ class Trainer:
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         m, table = evaluate(self.generation_model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
-                            seed=self.cfg.seed + 7919 * (self.step + 1))
+                            seed=self.cfg.seed + 7919 * (self.step + 1), dist=self.dist)
         for h in self.hooks:
             h.on_eval(self.step, m, table)
         return m, table

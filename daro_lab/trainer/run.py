@@ -2,8 +2,8 @@
 
 Order matters for "bad input loses nothing": the tracking store is opened and the model, data and
 config are built *before* a run is created, so a bad path or key never leaves a run RUNNING.
-Under torchrun only rank 0 touches MLflow (and evaluates, and writes checkpoints); the other ranks
-get the run id and, on resume, the config and checkpoint from it.
+Under torchrun only rank 0 touches MLflow and writes checkpoints; evaluation is split over the ranks;
+the other ranks get the run id and, on resume, the config and checkpoint from it.
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def train(
     try:
         if resume:
             trainer.load(ckpt)
-        elif tracker:
-            tracker.set_tags({TAG_CKPT: str(root)})
-            _log_start(trainer, tracker)
+        else:
+            if tracker:
+                tracker.set_tags({TAG_CKPT: str(root)})
+            _log_start(trainer, tracker)  # every rank: evaluation is split over them
         _loop(trainer, run_id, root, progress and d.is_main)
         if tracker and cfg.trainer.log_checkpoint:
             tracker.log_artifact(latest(root), "checkpoint")
@@ -115,14 +116,17 @@ def train(
 
 
 def _log_start(trainer: Trainer, tracker) -> None:
-    """Step 0: the starting policy's accuracy and its distribution of mu over held-out prompts."""
+    """Step 0: the starting policy's accuracy and its distribution of mu over held-out prompts.
+    Every data-parallel rank calls this (the evaluation is split over them); rank 0 alone has a tracker."""
     from daro_lab.models.warmstart import warm_start_info
 
+    trainer.evaluate()
+    if tracker is None:
+        return
     cfg = trainer.cfg
     info = warm_start_info(cfg.model, cfg.task, cfg.model.init_seed) if not cfg.model.path else None
     if info:
         tracker.log_dict(info, "warmstart.json")
-    trainer.evaluate()
     hist = trainer.start_distribution()
     tracker.log_metrics({f"start/prompts/{k}": v for k, v in hist.items()}, 0)
     tracker.log_table("start_mu_hist", [{"k": int(k.split("_")[1].split("of")[0]), "K": trainer.K,
@@ -151,7 +155,7 @@ def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool) -> None:
         m = trainer.train_step()
         step = trainer.step
         last = step == t.steps
-        if ((t.eval_every and step % t.eval_every == 0) or last) and trainer.dist.is_main:
+        if (t.eval_every and step % t.eval_every == 0) or last:  # every rank: a share of the problems each
             acc = trainer.evaluate()[0]["eval/greedy_acc"]
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             _save(trainer, root, run_id)
