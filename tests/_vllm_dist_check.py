@@ -4,17 +4,16 @@
 
 The trainer with rollout.engine=vllm and trainer.parallel=PARALLEL (ddp or fsdp) on a tiny Qwen2 model with tied
 embeddings, each rank with its own colocated vLLM engine sampling its slice of the prompts. For each of STEPS
-training steps (generation on both ranks, an update, the engine's weight sync), on every rank: the model vLLM was
-synced from (FSDP: the full generation copy) holds exactly the trained parameters (FSDP: the all-gathered shards),
-and vLLM's sampling log-probs of a fresh batch equal transformers' log-probs of that model within TOL (the
-tolerance of tests/_vllm_check.py). Rank 0 then evaluates alone (vLLM generation on one rank only).
+training steps (generation on both ranks, an update, the engine's weight sync, FSDP shards gathered one by one),
+on every rank: vLLM's sampling log-probs of a fresh batch equal transformers' log-probs under the trained
+parameters (all-gathered) within TOL (the tolerance of tests/_vllm_check.py), and differ from those under the
+previous step's parameters. Then an evaluation split over the ranks.
 
 Prints `VLLM_DIST_RESULT {json}` on rank 0; exits non-zero on the first failed check.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ def main(root: Path, parallel: str) -> None:
     from daro_lab.trainer import distributed as dp
     from daro_lab.trainer.fsdp import full
     from daro_lab.trainer.loop import Trainer
+    from daro_lab.trainer.setup import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     cfg = load_config(None, [
@@ -57,31 +57,39 @@ def main(root: Path, parallel: str) -> None:
     t.task = CoinFlips(t.dist.rank)  # the check is about the weight sync: rewards that keep most prompts
     gen = torch.Generator().manual_seed(99 + t.dist.rank)
     ids = t.tokenizer.encode_prompts([p.prompt for p in t.eval_set[:4]])
+    # transformers' side: a plain copy of the policy, loaded with the trained (FSDP: all-gathered) weights
+    plain, _ = load_model_and_tokenizer(cfg)
+
+    def weights():
+        return {name: full(p.detach()).clone() for name, p in t.model.named_parameters()}
+
+    def logprobs(state, b):
+        plain.load_state_dict(state, strict=False)  # tied embeddings: one parameter, loaded once
+        with torch.no_grad():
+            return sequence_logprobs(plain, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
+
     errs, stale_errs, moved = [], [], []
     for _ in range(STEPS):
-        stale = copy.deepcopy(t.generation_model)  # the weights vLLM had before this step's sync
+        stale = weights()  # the weights vLLM had before this step's sync
         m = t.train_step()
         assert m["rollout/prompts"] == 4, m  # both ranks' slices, gathered
-        # the synced-from model holds the trained parameters
-        for (name, p), (_, q) in zip(t.model.named_parameters(), t.generation_model.named_parameters()):
-            assert torch.equal(full(p.detach()).to(q.dtype), q), f"rank {t.dist.rank}: {name} not refreshed"
-        moved.append(max(float((p - q).abs().max()) for p, q in zip(t.generation_model.parameters(), stale.parameters())))
-        # vLLM samples from exactly those weights
+        new = weights()
+        moved.append(max(float((new[k] - stale[k]).abs().max()) for k in new))
+        # vLLM samples from exactly the trained weights
         b = t.engine.generate(ids, 4, max_new_tokens=4, temperature=1.0, generator=gen)
-        with torch.no_grad():
-            ref, old = (sequence_logprobs(m, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask)
-                        for m in (t.generation_model, stale))
+        ref, old = logprobs(new, b), logprobs(stale, b)
         errs.append(float(((ref - b.logprobs).abs() * b.response_mask).max()))
         stale_errs.append(float(((old - b.logprobs).abs() * b.response_mask).max()))
         assert errs[-1] <= TOL, f"rank {t.dist.rank}: vLLM log-probs differ from transformers by {errs[-1]:.2e}"
         # control: an engine left on the previous weights would fail the check above
         assert stale_errs[-1] > 10 * TOL, f"rank {t.dist.rank}: the step moved log-probs by only {stale_errs[-1]:.2e}"
-    acc = t.evaluate()[0]["eval/greedy_acc"] if t.dist.is_main else None  # one rank generates alone
+    acc = t.evaluate()[0]["eval/greedy_acc"]  # split over the ranks, each generating its share
+    saved = t.save(root / "checkpoint")  # a collective: replicas checked, FSDP shards gathered (rank 0 writes)
     gathered = dp.gather_objects({"rank": t.dist.rank, "errs": errs, "stale_errs": stale_errs, "moved": moved}, t.dist)
     t.engine.close()
     if int(os.environ.get("RANK", "0")) == 0:
         print("VLLM_DIST_RESULT " + json.dumps({"parallel": parallel, "ranks": gathered, "eval_greedy_acc": acc,
-                                                "tolerance": TOL}), flush=True)
+                                                "tolerance": TOL, "checkpoint": str(saved)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -110,8 +110,8 @@ def test_vllm_logprobs_match_transformers_after_every_sync():
 def test_vllm_under_torchrun_samples_every_ranks_synced_weights(tmp_path, parallel):
     """2 gloo ranks, each with its own colocated vLLM engine (tiny Qwen2, tied embeddings): after each of two
     training steps the engine was synced from exactly the trained weights (FSDP: the all-gathered shards) and
-    its log-probs equal transformers' on every rank, while the previous step's weights would be far off; rank 0
-    then generates alone for evaluation."""
+    its log-probs equal transformers' on every rank, while the previous step's weights would be far off; then
+    an evaluation split over the ranks."""
     problem = _vllm_env_problem()
     if problem:
         pytest.skip(problem)
@@ -131,3 +131,4 @@ def test_vllm_under_torchrun_samples_every_ranks_synced_weights(tmp_path, parall
         assert len(x["errs"]) == 2 and max(x["errs"]) <= res["tolerance"], x
         assert min(x["stale_errs"]) > 10 * res["tolerance"], x
     assert res["eval_greedy_acc"] is not None
+    assert (Path(res["checkpoint"]) / "model.safetensors").is_file()

@@ -29,7 +29,8 @@ tokens, the worst case where every response runs to the limit). Sizes in GiB:
   rollout.engine 'vllm' instead: vLLM's share of the GPU (`rollout.vllm_gpu_memory`), held through the
   update too, since the engine is colocated;
 - mixed precision (`trainer.mixed_precision` with a bf16/fp16 model.dtype, and always under FSDP): fp32
-  master weights and gradients (4 bytes each) and a generation copy in model.dtype;
+  master weights and gradients (4 bytes each), and for the transformers engine a generation copy in
+  model.dtype (vLLM has its own, within its share);
 - FSDP (`trainer.parallel = "fsdp"`, gpus > 1): weights, gradients and AdamW states divided by gpus; the
   unsharded compute parameters of the root (embeddings) and of two decoder layers (the one computing, the
   next one prefetched).
@@ -200,7 +201,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
     if vllm:  # vLLM pages its KV cache within what it holds, and holds it through the update (colocated)
         del g["rollout_kv_cache"]
         g["vllm_reserved"] = cfg.rollout.vllm_gpu_memory * GPU_GIB * GIB
-    if mixed:
+    if mixed and not vllm:  # the transformers engine generates from a copy; vLLM syncs from the masters
         g["generation_copy"] = params * a
     if fsdp:
         g["unsharded_in_flight"] = a * (embedding_params + 2 * layer_params)

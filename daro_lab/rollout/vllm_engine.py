@@ -224,9 +224,11 @@ class VLLMEngine:
 
         Uses vLLM's worker `reload_weights` with the policy's own tensors (checkpoint names, any dtype or device:
         vLLM casts and copies). Tied embeddings: vLLM loads the embedding once and skips `lm_head.weight`.
+        FSDP-sharded parameters (DTensors) are gathered one at a time as vLLM loads them, so no full copy of
+        the policy exists beside vLLM's; each gather is a collective: every rank syncs its engine at once.
         """
         sd = _unwrap(model).state_dict()
-        weights = [(k, v.detach()) for k, v in sd.items()]
+        weights = ((k, v.detach().full_tensor() if hasattr(v, "full_tensor") else v.detach()) for k, v in sd.items())
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # KV blocks in the prefix cache were computed with the old weights: a prompt seen before the sync would reuse

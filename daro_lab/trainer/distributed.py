@@ -117,7 +117,7 @@ def broadcast_object(obj: Any, d: DistInfo) -> Any:
 
 def check_in_sync(modules: list[torch.nn.Module], d: DistInfo) -> None:
     """Raise if the parameters differ between ranks (a data-parallel bug, never expected)."""
-    if not d.enabled:
+    if not d.enabled or not modules:
         return
     device = next(modules[0].parameters()).device
     sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).to(device)

@@ -11,10 +11,11 @@ What is sharded and how the trainer meets FSDP's rule that every rank runs the s
               the root's forward. Compute runs in model.dtype (bf16 on GPU) via MixedPrecisionPolicy;
               gradients are reduced in fp32. Every forward of the policy goes through the root, on every
               rank at once: the trainer's mini-batches are split so that all ranks hold the same count.
-    rollouts  ranks generate different prompts and evaluation runs on rank 0 only, so generation cannot
-              use the sharded policy: it uses a full, unsharded copy in model.dtype (`precision.GenerationCopy`),
-              refreshed after each step's update by all-gathering every parameter (a collective that all
-              ranks run after `update`). vLLM is synced from that copy.
+    rollouts  ranks generate different prompts and evaluations (out of step), so generation cannot use
+              the sharded policy: the transformers engine uses a full, unsharded copy in model.dtype
+              (`precision.GenerationCopy`), refreshed after each step's update by all-gathering every
+              parameter (a collective that all ranks run after `update`); vLLM keeps its own copy, synced
+              from the shards gathered one parameter at a time as it loads them.
     reference the KL reference model (kl_beta > 0) is sharded the same way, frozen.
     state     checkpoints hold the full (unsharded) fp32 state dict and full optimizer state, gathered to
               rank 0 with torch.distributed.checkpoint.state_dict; resuming loads them and re-shards, so

@@ -91,23 +91,25 @@ class Trainer:
         # the log-prob forward of the policy (and of the reference) under torchrun: DDP averages the gradients
         # in backward; FSDP shards the model, so every policy forward goes through it, with or without grad
         self.policy_fwd = self.ref_fwd = None
-        # fp32 master weights with compute in model.dtype (precision.py): training runs on fp32 parameters,
-        # generation on `gen`, a copy in model.dtype; FSDP needs the copy in any case (ranks generate out of step)
+        # fp32 master weights with compute in model.dtype (precision.py): training runs on fp32 parameters; the
+        # transformers engine generates from `gen`, a copy in model.dtype (FSDP needs one in any case: ranks
+        # generate out of step); vLLM holds its own copy, synced from the masters (shards gathered one by one)
         compute = next(self.model.parameters()).dtype
+        mixed = self.fsdp or (compute != torch.float32 and cfg.trainer.mixed_precision)
         self.gen = self.autocast = None
-        if self.fsdp or (compute != torch.float32 and cfg.trainer.mixed_precision):
+        if mixed and cfg.rollout.engine == "hf":
             self.gen = GenerationCopy(self.model, compute)
         if self.fsdp:
             self.policy_fwd = fsdp.shard(self.model, sequence_logprobs, compute)
             if self.ref_model is not None:
                 self.ref_fwd = fsdp.shard(self.ref_model, sequence_logprobs, compute)
         else:
-            if self.gen is not None:
+            if mixed:
                 self.model.float()
                 self.autocast = compute
             if self.dist.enabled:
                 self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist)
-        self.engine = build_engine(cfg, self.generation_model, self.tokenizer)
+        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, dtype=compute)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
         self.settings = LossSettings(
@@ -136,8 +138,8 @@ class Trainer:
 
     @property
     def generation_model(self) -> torch.nn.Module:
-        """The model that generates and is evaluated: the policy itself, or its copy in model.dtype (mixed
-        precision; FSDP)."""
+        """The model the engine samples from: the policy itself, or, with the transformers engine under mixed
+        precision or FSDP, its copy in model.dtype."""
         return self.gen.model if self.gen is not None else self.model
 
     def _sync_engine(self) -> None:
@@ -493,8 +495,9 @@ class Trainer:
 
     def save(self, directory, meta: dict | None = None):
         """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
-        # FSDP: the shards differ by design; the full generation copies must agree
-        dp.check_in_sync([self.generation_model] + ([self.weights] if self.weights is not None else []), self.dist)
+        # FSDP: the shards differ by design; the full generation copies (if any) must agree
+        replicas = [self.gen.model] if self.gen is not None else [] if self.fsdp else [self.model]
+        dp.check_in_sync(replicas + ([self.weights] if self.weights is not None else []), self.dist)
         state = self.state_dict()
         weights = fsdp.model_state(self.policy_fwd, self.model) if self.fsdp else self.model  # FSDP: gathered, fp32
         if not self.dist.is_main:

@@ -4,8 +4,10 @@ A bf16 parameter holds ~3 significant digits, so AdamW steps below ~0.4% of a we
 paper's lr 1e-6 a bf16 policy barely moves. With `trainer.mixed_precision` (the default) and model.dtype
 bf16/fp16, the trainer keeps the policy in fp32 (parameters, gradients, AdamW states) and runs its
 log-prob forwards under torch.autocast in model.dtype; FSDP does the same through its MixedPrecisionPolicy.
-Generation and evaluation use a copy of the policy in model.dtype, refreshed after each update (vLLM
-syncs from it). Memory: 16 bytes a parameter for training plus 2 for the copy, against 12 in pure bf16.
+The transformers engine generates from a copy of the policy in model.dtype, refreshed after each update;
+vLLM holds its own copy and is synced from the fp32 masters directly (it casts; FSDP shards are gathered
+one at a time). Memory: 16 bytes a parameter for training (+2 for the transformers engine's copy),
+against 12 in pure bf16.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def load_model_and_tokenizer(cfg: Config):
         raise ConfigError(str(e)) from e
 
 
-def build_engine(cfg: Config, model, tokenizer):
+def build_engine(cfg: Config, model, tokenizer, dtype=None):
+    """The rollout engine over `model`; dtype (torch): vLLM's compute dtype (default: the model's)."""
     if cfg.rollout.engine == "hf":
         from daro_lab.rollout.hf import HFEngine
 
@@ -58,7 +59,8 @@ def build_engine(cfg: Config, model, tokenizer):
 
         try:  # colocated: vLLM is built from the live policy and receives its weights after every update
             return VLLMEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
-                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory)
+                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
+                              dtype=str(dtype).removeprefix("torch.") if dtype is not None else None)
         except (VLLMNotInstalledError, VLLMUnsupportedModelError) as e:
             raise ConfigError(f"config key 'rollout.engine': {e}") from e
     raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
