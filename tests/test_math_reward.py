@@ -85,7 +85,9 @@ def test_pool_matches_in_process_and_is_reused():
 
 
 def test_a_hanging_answer_scores_zero_within_the_timeout_and_the_pool_recovers():
-    pool = VerifierPool(workers=2, timeout_s=1.0, score_fn=slow_score).start()
+    # 3 s per answer: the normal answers take milliseconds, but on a loaded 2-core machine (another test
+    # process running) 1 s was seen to time out the first ones too
+    pool = VerifierPool(workers=2, timeout_s=3.0, score_fn=slow_score).start()
     try:
         responses = ["\\boxed{1}", "\\boxed{2}", "\\boxed{9}", "\\boxed{3}", "\\boxed{4}", "\\boxed{5}"]
         answers = ["1", "2", "HANG", "3", "5", "5"]
