@@ -73,6 +73,8 @@ def main(root: Path, parallel: str) -> None:
         stale = weights()  # the weights vLLM had before this step's sync
         m = t.train_step()
         assert m["rollout/prompts"] == 4, m  # both ranks' slices, gathered
+        # the trainer's own check of the sampler: vLLM's log-probs of this step's rollouts against its own
+        assert m["rollout/engine_logprob_gap_max"] <= TOL, m["rollout/engine_logprob_gap_max"]
         new = weights()
         moved.append(max(float((new[k] - stale[k]).abs().max()) for k in new))
         # vLLM samples from exactly the trained weights

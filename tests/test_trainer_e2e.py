@@ -48,6 +48,9 @@ def test_every_method_trains_and_is_recorded(small_cfg, store, method):
     assert {"L", "C", "S", "prompts", "tokens", "len_correct", "clipfrac_pos", "clipfrac_neg"} <= set(per_mu.columns)
     assert {"reward/mean", "eval/greedy_acc", "grad/norm", "time/generate", "rollout/prompts_mu0"} <= keys
     assert any(k.startswith("gradnorm/mu_") for k in keys)
+    # the engine's sampling log-probs are the trainer's (the transformers engine samples the live fp32 policy)
+    gap = m[m.key == "rollout/engine_logprob_gap_max"].value
+    assert len(gap) == 3 and gap.max() < 1e-4, gap.tolist()
     if METHODS[method].weights != "none":
         assert any(k.startswith("daro/weight/mu_") for k in keys)
     tables = set(list_tables(store, run_id))

@@ -306,6 +306,8 @@ class Trainer:
             metrics, view_batch = self._accumulate(micro, params, want_g)
         else:
             metrics, view_batch = self._one_pass(*micro[0], params=params, want_g=want_g)
+        if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
+            metrics.update(self._engine_gap(view_batch, [mb[0].logprobs for mb in micro]))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
         metrics["grad/norm"] = float(gnorm)
@@ -402,6 +404,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         passes(values, group_norms)  # phase 2
         return metrics, _cat_batches(batches)
+
+    def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
+        """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):
+        ~0 when the engine samples from the trained weights (a stale or mis-synced vLLM shows up here; with
+        top_p < 1 the transformers engine reports the truncated distribution's log-probs)."""
+        T = b.logp.shape[1]
+        eng = torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in engine_logprobs]).to(b.logp.device)
+        gap = (b.logp.detach().float() - eng.float()).abs() * b.mask
+        stats = torch.stack([gap.sum(), b.mask.sum()]).double()
+        top = gap.max().double() if gap.numel() else torch.zeros((), dtype=torch.float64, device=gap.device)
+        if self.dist.enabled:
+            stats, top = dp.all_reduce(stats), dp.all_reduce(top, "max")
+        return {"rollout/engine_logprob_gap_mean": float(stats[0] / stats[1].clamp(min=1)),
+                "rollout/engine_logprob_gap_max": float(top)}
 
     def _whole_minibatch(self, b: PolicyBatch) -> PolicyBatch:
         """The hooks' view: data-parallel, every rank's rows of the mini-batch (filler rows dropped), gathered
