@@ -66,7 +66,8 @@ def full(t: Tensor) -> Tensor:
 
 def model_state(root: torch.nn.Module, policy: torch.nn.Module) -> dict[str, Tensor]:
     """The policy's full fp32 state dict on CPU, keyed by its own (Hugging Face) names, tied parameters
-    once (the names `named_parameters` keeps). A collective; every rank gets the dict (rank 0 writes it)."""
+    once (the names `named_parameters` keeps). A collective; rank 0 gets the dict, the others an empty one
+    (torch's cpu_offload full state dicts live on rank 0 only)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -99,7 +100,7 @@ def load_model_state(root: torch.nn.Module, policy: torch.nn.Module, sd: dict[st
 
 
 def optimizer_state(container: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state (AdamW moments unsharded, keyed by parameter name) on CPU. A collective.
+    """The optimizer's full state (AdamW moments unsharded, keyed by parameter name) on CPU, on rank 0. A collective.
     `container` must hold every parameter the optimizer steps (the sharded root and the DARO weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
