@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _dist_check import batches  # noqa: E402 - fixed scored batches from the starting policy
+from _dist_check import batches  # fixed scored batches from the starting policy
 
 
 def _trainer(small_env, *extra):
