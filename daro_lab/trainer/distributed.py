@@ -70,9 +70,20 @@ def init_from_env() -> DistInfo:
             dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
         else:
             dist.init_process_group("gloo", timeout=timeout)
-        # torch warns (and gloo may abort at exit under FSDP) when the group is left for the interpreter to tear down
+        # torch warns (and gloo may abort at exit under FSDP) when the group is left for the interpreter to tear
+        # down; `shutdown` leaves it in step at the end of a run, this is the fallback of the other exits
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+
+
+def shutdown(d: DistInfo) -> None:
+    """Leave the process group together: a barrier first, so that no rank tears down its connections while
+    another (rank 0, finishing its MLflow records) still uses them, then destroy it."""
+    import torch.distributed as dist
+
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce(x: Tensor, op: str = "sum") -> Tensor:

@@ -112,6 +112,7 @@ def train(
     finally:
         # vLLM: free its memory now; under torchrun its distributed state too, before the process group goes
         trainer.engine.close()
+    dp.shutdown(d)  # every rank, once all have finished (vLLM's close may have ended the group already)
     return run_id
 
 
