@@ -75,15 +75,22 @@ def evaluation(cfg) -> dict:
     from daro_lab.trainer.loop import Trainer
 
     t = Trainer(cfg)
+    # the tiny policy solves ~none: every other problem's answer becomes its greedy response (the same on every
+    # rank), so the results have a pattern that a merge missing a rank or out of order would break
+    ids = t.tokenizer.encode_prompts([p.prompt for p in t.eval_set])
+    out = t.engine.generate(ids, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
+                            generator=torch.Generator().manual_seed(0))
+    texts = t.tokenizer.decode_responses(out.response_ids)
+    t.eval_set = [dataclasses.replace(p, answer=text.strip()) if i % 2 == 0 else p
+                  for i, (p, text) in enumerate(zip(t.eval_set, texts))]
     m, table = t.evaluate()
-    greedy = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy=True))
+    greedy = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy=True, reward=cfg.task.name))
     bench = Benchmark("held-out", "-", t.eval_set)
     (res,) = evaluate_on_benchmarks(t.generation_model, t.engine, t.tokenizer, greedy, seed=5, benchmarks=[bench],
                                     dist=t.dist)
     return {"greedy": {k: v for k, v in m.items() if k.startswith("eval/greedy")}, "table_n": [r["n"] for r in table],
             "sampled_keys": sorted(k for k in m if k.startswith("eval/sampled")),
             "bench_correct": res.correct, "bench_levels": res.levels,
-            # the tiny policy solves few problems: the mean greedy response length checks the merge too
             "bench_mean_length": round(res.mean_length, 9), "bench_samples": [s["response"] for s in res.samples]}
 
 

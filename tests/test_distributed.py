@@ -63,6 +63,7 @@ def test_split_updates_equal_one_process_on_the_same_global_batch(tmp_path, one_
     one = dict(one)  # the fixture's dict is shared by the parametrized runs
     ea, eb = one.pop("evaluation"), two.pop("evaluation")
     assert ea == eb and len(ea["bench_correct"]) == 16 and sum(ea["table_n"]) == 16 and ea["sampled_keys"]
+    assert ea["bench_correct"] == [1, 0] * 8 and ea["greedy"]["eval/greedy_acc"] == 0.5  # the planted pattern
     assert one.keys() == two.keys() and len(one) == 10
     for name in one:
         a, b = one[name], two[name]

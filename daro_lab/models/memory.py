@@ -185,7 +185,10 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
     gen_seqs = -(-cfg.trainer.prompts_per_step // gpus) * K
     kv_cache = 2 * L * kv * a * gen_seqs * S
     layer_params = (params - embedding_params) / L
-    mixed = fsdp or (a < 4 and cfg.trainer.mixed_precision)  # fp32 masters, compute in dtype (trainer/precision.py)
+    from daro_lab.trainer.precision import precision_plan
+
+    vllm = cfg.rollout.engine == "vllm"
+    mixed, generation_copy = precision_plan(a == 4, cfg.trainer.mixed_precision, fsdp, cfg.rollout.engine)
     shards = gpus if fsdp else 1
     g = {
         "weights": params * (4 if mixed else a) / shards,
@@ -197,11 +200,10 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         f"logits_chunked_{chunk}": logits_chunk,
         "rollout_kv_cache": kv_cache,  # transformers engine: the generation batch at once
     }
-    vllm = cfg.rollout.engine == "vllm"
     if vllm:  # vLLM pages its KV cache within what it holds, and holds it through the update (colocated)
         del g["rollout_kv_cache"]
         g["vllm_reserved"] = cfg.rollout.vllm_gpu_memory * GPU_GIB * GIB
-    if mixed and not vllm:  # the transformers engine generates from a copy; vLLM syncs from the masters
+    if generation_copy:  # the transformers engine generates from a copy; vLLM syncs from the masters
         g["generation_copy"] = params * a
     if fsdp:
         g["unsharded_in_flight"] = a * (embedding_params + 2 * layer_params)

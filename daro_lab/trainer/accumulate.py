@@ -60,10 +60,9 @@ def reductions(n: int, run: Callable[[int, Shard], Any], outer: Shard) -> tuple[
 
     with ThreadPoolExecutor(n) as ex:
         futures = [ex.submit(guarded, i) for i in range(n)]
-        errors = [f.exception() for f in futures]
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
-    if first is not None or any(errors):
-        raise first or next(e for e in errors if e is not None)
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:  # the pass that failed, not the others it left at a broken barrier
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     return records, [f.result() for f in futures]
 
 

@@ -112,9 +112,3 @@ def load_optimizer_state(container: torch.nn.Module, opt: torch.optim.Optimizer,
 
     # strict=False: a DARO weight whose group never appeared has had no gradient, hence no AdamW state yet
     set_optimizer_state_dict(container, opt, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def total_grad_norm(params: list[Tensor]) -> float:
-    """||gradient|| over all of `params` (sharded: every rank's shards counted once; a collective)."""
-    norms = [full(torch.linalg.vector_norm(p.grad.float())) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

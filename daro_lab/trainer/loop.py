@@ -30,7 +30,7 @@ from daro_lab.trainer import accumulate, fsdp
 from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
-from daro_lab.trainer.precision import GenerationCopy
+from daro_lab.trainer.precision import GenerationCopy, precision_plan
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 
 
@@ -95,9 +95,10 @@ class Trainer:
         # transformers engine generates from `gen`, a copy in model.dtype (FSDP needs one in any case: ranks
         # generate out of step); vLLM holds its own copy, synced from the masters (shards gathered one by one)
         compute = next(self.model.parameters()).dtype
-        mixed = self.fsdp or (compute != torch.float32 and cfg.trainer.mixed_precision)
+        mixed, copy_for_engine = precision_plan(compute == torch.float32, cfg.trainer.mixed_precision, self.fsdp,
+                                                cfg.rollout.engine)
         self.gen = self.autocast = None
-        if mixed and cfg.rollout.engine == "hf":
+        if copy_for_engine:
             self.gen = GenerationCopy(self.model, compute)
         if self.fsdp:
             self.policy_fwd = fsdp.shard(self.model, sequence_logprobs, compute)
@@ -385,7 +386,7 @@ class Trainer:
             for pick in picks:
                 self.opt.zero_grad(set_to_none=True)
                 passes(values, group_norms, pick)
-                out.append(fsdp.total_grad_norm(params))
+                out.append(_total_grad_norm(params))
             return out
 
         group_norms = None
@@ -448,7 +449,7 @@ class Trainer:
         for x in xs:
             self.opt.zero_grad(set_to_none=True)
             (x * self.shard.world_size).backward(retain_graph=True)
-            out.append(fsdp.total_grad_norm(params))
+            out.append(_total_grad_norm(params))
         self.opt.zero_grad(set_to_none=True)
         return out
 
@@ -573,6 +574,11 @@ def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard) -> float:
         return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
     flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
     return float(shard.reduce(flat, "sum").norm())
+
+
+def _total_grad_norm(params: list[torch.Tensor]) -> float:
+    """||gradient|| over `params` as they hold it now (FSDP: over every rank's shards, a collective)."""
+    return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
 
 
 def _pick_C(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,16 @@ import copy
 
 import torch
 
+from daro_lab.trainer.fsdp import full
+
+
+def precision_plan(compute_is_fp32: bool, mixed_precision: bool, fsdp: bool, engine: str) -> tuple[bool, bool]:
+    """(fp32 master weights?, a generation copy in the compute dtype?) for a policy computing in fp32 or not,
+    `trainer.mixed_precision`, FSDP (which always keeps fp32 masters) and `rollout.engine`. The trainer and
+    the memory plan both decide by this. Only the transformers engine needs the copy: vLLM holds its own."""
+    masters = fsdp or (not compute_is_fp32 and mixed_precision)
+    return masters, masters and engine == "hf"
+
 
 class GenerationCopy:
     """A full copy of the policy in the compute dtype, for generation and evaluation.
@@ -29,8 +39,6 @@ class GenerationCopy:
 
     @torch.no_grad()
     def refresh(self, policy: torch.nn.Module) -> None:
-        from daro_lab.trainer.fsdp import full
-
         dst = dict(self.model.named_parameters())
         for name, p in policy.named_parameters():  # tied parameters once (named_parameters dedups)
             dst[name].copy_(full(p.detach()))
