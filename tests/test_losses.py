@@ -12,6 +12,7 @@ from daro_lab.algorithms import (
     PolicyBatch,
     compute_advantages,
     group_keys,
+    loss_terms,
     policy_loss,
     static_shape,
 )
@@ -95,7 +96,7 @@ def naive_loss(method, rewards, mask, logp, old, ref, s: LossSettings, w=None, e
         return sum(sum(v) for v in resp.values()) / n_tok
     if method == "dr_grpo":
         return sum(sum(v) for v in resp.values()) / (len(nonempty) * s.max_response_length)
-    # daro / static: sum_mu (w L_mu - ln w), w detached for theta, signal routed into w
+    # daro / static: sum_mu (w L_mu - C ln w), w detached for theta, signal routed into w
     total = zero
     for k in range(1, K):
         toks = [x for p in kept if sum(r[p]) == k for i in range(K) for x in resp[p * K + i]]
@@ -103,22 +104,43 @@ def naive_loss(method, rewards, mask, logp, old, ref, s: LossSettings, w=None, e
             continue
         L = sum(toks) / len(toks)
         wk = w[k - 1]
-        sig = abs(L.item()) if s.weight_signal == "abs" else L.item()
+        sig = naive_signal(s, L.item(), [(A[p * K + i], naive_factor(A[p * K + i], logp[p * K + i, t], old[p * K + i, t], s))
+                                         for p in kept if sum(r[p]) == k for i in range(K) for t in range(T)
+                                         if mask[p * K + i, t] > 0])
         wd = wk.detach()
-        total = total + wd * L + (wk - wd) * sig - torch.log(wk)
+        total = total + wd * L + (wk - wd) * sig - float(s.reg) * torch.log(wk)
     return total
+
+
+def naive_factor(a, logp_t, old_t, s: LossSettings) -> float:
+    """The clipped factor g of one token: l = -A g."""
+    rho = math.exp(float((logp_t - old_t).detach()))
+    if a > 0:
+        return min(rho, 1 + s.eps_high)
+    g = max(rho, 1 - s.eps_low)
+    return min(g, s.dual_clip) if s.dual_clip is not None else g
+
+
+def naive_signal(s: LossSettings, L: float, a_g: list[tuple[float, float]]) -> float:
+    """What drives w, from L_mu and the group's tokens' (A, g)."""
+    if s.weight_signal == "abs":
+        return abs(L)
+    if s.weight_signal == "signed":
+        return L
+    return sum(abs(a) * g for a, g in a_g) / len(a_g)  # mass
 
 
 SETTINGS = [
     LossSettings(max_response_length=7),
-    LossSettings(max_response_length=9, dual_clip=3.0, kl_beta=0.05),
+    LossSettings(max_response_length=9, dual_clip=3.0, kl_beta=0.05, weight_signal="mass", reg=0.1),
     LossSettings(max_response_length=7, eps_low=0.1, eps_high=0.4, weight_signal="signed"),
+    LossSettings(max_response_length=7, dual_clip=1.5, weight_signal="mass", reg=2.0),
 ]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("K", [2, 4, 8, 16])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_vectorised_matches_naive_loop(method, K, seed):
     s = SETTINGS[seed % len(SETTINGS)]
     rewards, mask, logp0, old, ref = random_batch(P=6, K=K, T=7, seed=seed * 100 + K)
@@ -467,3 +489,89 @@ def test_a_failing_pass_raises_instead_of_hanging():
 
     with pytest.raises(ValueError, match="pass 1 is broken"):
         reductions(3, run, Shard())
+
+
+def test_offset_is_recorded_apart_from_the_coefficient_part():
+    """C_mu = w L_mu + offset on DARO's path; the offset -C ln w carries no theta-gradient."""
+    rewards, mask, logp, old, _ = random_batch(P=8, K=4, T=5, seed=11, p_extreme=0)
+    w = torch.tensor([0.5, 2.0, 3.0], dtype=DT, requires_grad=True)
+    s = LossSettings(reg=0.3)
+    loss, m = policy_loss("daro", make_batch("daro", rewards, mask, logp, old), 4, s, weights=w)
+    C, off, L = group_keys(m, "contrib"), group_keys(m, "contrib_offset"), group_keys(m, "loss")
+    assert set(off) == set(C) == set(L) and off
+    for k in off:
+        assert off[k] == pytest.approx(-0.3 * math.log(w[k - 1].item()), abs=1e-12)
+        assert C[k] - off[k] == pytest.approx(w[k - 1].item() * L[k], abs=1e-12)
+    assert "contrib_offset/mu_1of4" not in policy_loss("dapo", make_batch("dapo", rewards, mask, logp, old), 4)[1]
+
+
+def naive_running(signals: list[dict[int, float]], beta: float, decay: float = 0.99):
+    """Bias-corrected EMAs over updates, by a plain loop: per group (present ones only) and of the mean
+    |signal| over the present groups (reg = 'auto'). Returns [(signal {k: s}, C)] per update."""
+    m, n, rm, rn, out = {}, {}, 0.0, 0, []
+    for sig in signals:
+        eff = {}
+        for k, v in sig.items():
+            m[k] = beta * m.get(k, 0.0) + (1 - beta) * v
+            n[k] = n.get(k, 0) + 1
+            eff[k] = m[k] / (1 - beta ** n[k])
+        rm, rn = decay * rm + (1 - decay) * sum(abs(v) for v in eff.values()) / len(eff), rn + 1
+        out.append((eff, rm / (1 - decay ** rn)))
+    return out
+
+
+@pytest.mark.parametrize("signal", ["abs", "mass"])
+def test_signal_ema_and_auto_reg_follow_a_naive_running_mean(signal):
+    """Four updates with different groups present: the w-gradient is (EMA of the signal) - C/w, with C the
+    running mean of the present groups' mean signal, and the state travels through DaroWeights."""
+    K, beta = 6, 0.7
+    s = LossSettings(weight_signal=signal, signal_ema=beta, reg="auto")
+    dw = DaroWeights(K, dtype=DT)
+    raw_signals, grads, Cs = [], [], []
+    for step in range(4):
+        rewards, mask, logp, old, _ = random_batch(P=4, K=K, T=6, seed=300 + step, p_extreme=0)
+        b = make_batch("daro", rewards, mask, logp, old)
+        t = loss_terms("daro", b, K, s, weights=dw(), daro_state=dw.state())
+        dw.zero_grad()
+        t.loss.backward()
+        # the raw signal of this mini-batch alone, from a fresh state without EMA
+        fresh = loss_terms("daro", b, K, LossSettings(weight_signal=signal), weights=dw().detach())
+        raw_signals.append({k: v for k, v in group_keys(fresh.metrics, "daro/signal").items()})
+        grads.append({k: float(dw.raw[k - 1].grad) for k in raw_signals[-1]})
+        Cs.append(t.metrics["daro/reg"])
+        dw.set_state(t.daro_state)
+    w = dw.as_dict()  # never stepped: the weights stay 1, so d/ds (w = e^s) = d/dw
+    for (eff, C), g, c_logged in zip(naive_running(raw_signals, beta), grads, Cs):
+        assert c_logged == pytest.approx(C, rel=1e-9)
+        for k, v in eff.items():
+            assert g[k] == pytest.approx((v - C / w[k]) * w[k], rel=1e-9, abs=1e-12)
+    assert len({frozenset(x) for x in raw_signals}) > 1, "the test needs updates with different groups present"
+
+
+@pytest.mark.parametrize("reg", [0.25, "auto"])
+def test_mass_signal_weights_reach_their_fixed_point(reg):
+    """Held-fixed batch: AdamW drives w_mu to C / mass_mu, so w_mu * mass_mu / C -> 1 (daro/wS)."""
+    K = 4
+    rewards, mask, logp, old, _ = random_batch(P=12, K=K, T=6, seed=5, p_extreme=0)
+    b = make_batch("daro", rewards, mask, logp, old)
+    s = LossSettings(weight_signal="mass", reg=reg)
+    dw = DaroWeights(K, dtype=DT)
+    opt = torch.optim.AdamW(dw.param_group(lr=0.05)["params"], lr=0.05, weight_decay=0.0)
+    for _ in range(1500):
+        opt.zero_grad()
+        t = loss_terms("daro", b, K, s, weights=dw(), daro_state=dw.state())
+        t.loss.backward()
+        dw.release_absent(t.metrics)
+        opt.step()
+        dw.project_()
+        dw.set_state(t.daro_state)
+    ws = group_keys(t.metrics, "daro/wS")
+    assert len(ws) >= 2
+    for k, v in ws.items():
+        assert v == pytest.approx(1.0, abs=2e-2)
+    mass = group_keys(t.metrics, "mass")
+    C = t.metrics["daro/reg"]
+    for k in ws:
+        assert dw.as_dict()[k] == pytest.approx(C / mass[k], rel=2e-2)
+    if reg == "auto":  # C is the mean mass over the groups, so the weights' geometric centre is near 1
+        assert C == pytest.approx(sum(mass[k] for k in ws) / len(ws), rel=1e-6)

@@ -8,24 +8,31 @@ from daro_lab.algorithms.aggregation import AGGREGATIONS, constant_normaliser, s
 from daro_lab.algorithms.daro_weights import DaroWeights
 from daro_lab.algorithms.losses import (
     METHODS,
+    SIGNALS,
+    DaroState,
     GroupView,
+    LossTerms,
     LossSettings,
     Method,
     PolicyBatch,
     Scaling,
     Shard,
     group_keys,
+    length_corrected_shape,
+    loss_terms,
     mu_key,
     parse_group_key,
     policy_loss,
+    read_signal,
     register_method,
     static_shape,
 )
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "METHODS", "DaroWeights", "GroupView", "LossSettings", "Method",
-    "PolicyBatch", "Scaling", "Shard", "clipped_surrogate", "compute_advantages", "constant_normaliser",
-    "group_keys", "kept_prompts", "kl_k3", "mu_key", "parse_group_key", "policy_loss", "register_advantage",
-    "register_method", "seq_mean_token_mean", "static_shape", "token_mean",
+    "ADVANTAGES", "AGGREGATIONS", "METHODS", "SIGNALS", "DaroState", "DaroWeights", "GroupView", "LossSettings",
+    "LossTerms", "Method", "PolicyBatch", "Scaling", "Shard", "clipped_surrogate", "compute_advantages",
+    "constant_normaliser", "group_keys", "kept_prompts", "kl_k3", "length_corrected_shape", "loss_terms", "mu_key", "parse_group_key",
+    "policy_loss", "read_signal", "register_advantage", "register_method", "seq_mean_token_mean", "static_shape",
+    "token_mean",
 ]

@@ -8,13 +8,18 @@ every optimizer step `project_` clamps the weights to [w_min, w_max] and reports
 bound: with the signed signal and L_mu <= 0 the w-gradient L_mu - 1/w never vanishes and the
 weight runs to w_max instead of overflowing.
 
+The module also keeps the state of the signal reading (`DaroState`: the per-group EMA of the signal,
+`LossSettings.signal_ema`, and the running mean behind `reg='auto'`) as buffers, so it is saved and
+restored with the weights. The loss reads it and returns the next one; `set_state` keeps it after the step.
+
 Usage in a training loop:
 
     weights = DaroWeights(K=8)
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 1e-6},
                              weights.param_group(lr=1e-3)])
-    loss, metrics = policy_loss("daro", batch, K=8, weights=weights())
-    loss.backward(); weights.release_absent(metrics); opt.step(); weights.project_()
+    t = loss_terms("daro", batch, K=8, settings, weights=weights(), daro_state=weights.state())
+    t.loss.backward(); weights.release_absent(t.metrics); opt.step(); weights.project_()
+    weights.set_state(t.daro_state)
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from daro_lab.algorithms.losses import group_keys, mu_key
+from daro_lab.algorithms.losses import DaroState, group_keys, mu_key
 
 
 class DaroWeights(nn.Module):
@@ -40,6 +45,26 @@ class DaroWeights(nn.Module):
         self.K, self.param, self.w_min, self.w_max = K, param, w_min, w_max
         s0 = math.log(init) if param == "log" else init
         self.raw = nn.ParameterList(nn.Parameter(torch.tensor(s0, dtype=dtype)) for _ in range(K - 1))
+        for name, value in DaroState.fresh(K)._asdict().items():
+            self.register_buffer(name, value)
+
+    def state(self) -> DaroState:
+        """The signal reading's state before the next update (see LossSettings.signal_ema and reg)."""
+        return DaroState(*(getattr(self, name).clone() for name in DaroState._fields))
+
+    @torch.no_grad()
+    def set_state(self, state: DaroState | None) -> None:
+        """Keep the state a loss returned (`LossTerms.daro_state`) for the next update."""
+        if state is None:
+            return
+        for name, value in state._asdict().items():
+            getattr(self, name).copy_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the signal state existed: keep a fresh state
+        for name in DaroState._fields:
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self) -> Tensor:
         """[K-1] the weights w_k for k = 1..K-1."""

@@ -47,7 +47,59 @@ class LossSettings:
     dual_clip: float | None = None  # dual-clip constant c > 1, or None
     kl_beta: float = 0.0  # coefficient of the k3 KL term
     max_response_length: int = 0  # Dr. GRPO's constant normaliser L_max (0: the batch's T)
-    weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed' or 'grad'
+    weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed', 'grad' or 'mass' (see SIGNALS)
+    reg: float | str = 1.0  # DARO: the regulariser's constant C in sum (w L - C ln w); 'auto': running mean signal
+    signal_ema: float = 0.0  # DARO: decay of the per-group EMA of the signal across updates (0: this mini-batch's)
+
+
+# What drives DARO's weights (the w-gradient is signal_mu - C / w_mu, fixed point w_mu = C / signal_mu).
+SIGNALS = {
+    "abs": "|L_mu|, the token-mean loss's magnitude",
+    "signed": "L_mu itself (paper-literal; no finite fixed point when L_mu <= 0)",
+    "grad": "||grad_theta L_mu||, the size of the group's update",
+    "mass": "token-mean of |A| g over the group: its loss mass before advantages of opposite sign cancel",
+}
+REG_EMA = 0.99  # decay of the running mean behind reg = 'auto' (bias-corrected: a plain mean for early updates)
+
+
+class DaroState(NamedTuple):
+    """What the signal reading carries from one update to the next (DaroWeights keeps it as buffers).
+
+    Both averages are bias-corrected EMAs (Adam-style): value = m / (1 - decay ** n).
+    """
+
+    signal_m: Tensor  # [K+1] EMA accumulator of each group's signal
+    signal_n: Tensor  # [K+1] updates in which the group was present
+    reg_m: Tensor  # [] EMA accumulator of the mean |signal| over present groups (reg = 'auto')
+    reg_n: Tensor  # [] updates seen
+
+    @staticmethod
+    def fresh(K: int, device=None) -> "DaroState":
+        z = torch.zeros(K + 1, dtype=torch.float64, device=device)
+        return DaroState(z, z.clone(), z.new_zeros(()), z.new_zeros(()))
+
+
+def read_signal(raw: Tensor, present: Tensor, s: LossSettings, state: DaroState | None) -> tuple[Tensor, Tensor, DaroState]:
+    """The signal that drives the weights and the regulariser's constant, from this mini-batch's raw
+    signal [K+1] and the running state: (signal [K+1], C [], the state after this update). Pure."""
+    K = raw.shape[0] - 1
+    state = state if state is not None else DaroState.fresh(K, raw.device)
+    raw64 = raw.detach().double()
+    beta = float(s.signal_ema)
+    m = torch.where(present, beta * state.signal_m + (1 - beta) * raw64, state.signal_m)
+    n = state.signal_n + present.double()
+    signal = torch.where(present, m / (1 - beta ** n).clamp(min=1e-12), raw64)
+    if s.reg == "auto":
+        if present.any():
+            c_now = signal[present].abs().mean()
+            reg_m, reg_n = REG_EMA * state.reg_m + (1 - REG_EMA) * c_now, state.reg_n + 1
+        else:
+            reg_m, reg_n = state.reg_m, state.reg_n
+        C = reg_m / (1 - REG_EMA ** reg_n) if reg_n > 0 else raw64.new_ones(())
+    else:
+        C = raw64.new_tensor(float(s.reg))
+        reg_m, reg_n = state.reg_m, state.reg_n
+    return signal.to(raw.dtype), C.to(raw.dtype), DaroState(m, n, reg_m, reg_n)
 
 
 def _no_reduce(x: Tensor, op: str = "sum") -> Tensor:
@@ -72,7 +124,7 @@ class PolicyBatch:
 
     logp: Tensor  # [B, T] log pi_theta of each response token (differentiable)
     old_logp: Tensor  # [B, T] log pi_old, the sampling policy's log-probs
-    mask: Tensor  # [B, T] 1 on response tokens, 0 on padding
+    mask: Tensor  # [B, T] 1 on response tokens, 0 on padding (read as per-token weights: a token of weight n counts n times)
     advantages: Tensor  # [B] one advantage per response (computed per step, before the split)
     num_correct: Tensor  # [B] long, k of the response's prompt, in 0..K
     rewards: Tensor  # [B] the response's reward in {0, 1}
@@ -96,6 +148,7 @@ class GroupView:
     present: Tensor  # [K+1] bool: interior groups with tokens in this mini-batch
     weights: Tensor | None  # [K-1] DARO weights for k = 1..K-1
     signal: Tensor | None  # [K+1] what drives the DARO weights, detached
+    reg: Tensor | None = None  # [] DARO's regulariser constant C (None: 1)
     tokens: Tensor | None = None  # [K+1] kept tokens per group (None: counted in `mask`)
     n_tokens: Tensor | None = None  # [] kept tokens (None: counted in `mask`)
     width: int = 0  # padded response length of the mini-batch (0: mask.shape[1])
@@ -104,7 +157,7 @@ class GroupView:
 
 class Scaling(NamedTuple):
     coef: Tensor  # [B, T] the aggregation coefficient c
-    offset: Tensor | None = None  # [K+1] a per-group additive term (DARO's -ln w)
+    offset: Tensor | None = None  # [K+1] a per-group additive term (DARO's -C ln w): no theta-gradient
 
 
 MethodFn = Callable[[GroupView, LossSettings], Scaling]
@@ -162,10 +215,10 @@ def lipo(g: GroupView, s: LossSettings) -> Scaling:
 
 
 def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
-    """sum_mu (w_mu L_mu - ln w_mu) over the present groups.
+    """sum_mu (w_mu L_mu - C ln w_mu) over the present groups (C = 1: the paper's regulariser).
 
-    theta sees sum_mu sg(w_mu) grad L_mu; w sees signal_mu - 1/w_mu (fixed point w_mu = 1/signal_mu).
-    The offset (w - sg(w)) sg(signal) - ln w is worth -ln w and routes the signal into w's gradient.
+    theta sees sum_mu sg(w_mu) grad L_mu; w sees signal_mu - C/w_mu (fixed point w_mu = C/signal_mu).
+    The offset (w - sg(w)) sg(signal) - C ln w is worth -C ln w and routes the signal into w's gradient.
     """
     K = g.K
     ones = w.new_ones(1)
@@ -175,13 +228,14 @@ def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
         tokens = torch.zeros(K + 1, dtype=g.mask.dtype, device=g.mask.device).index_add_(0, g.k, g.mask.sum(1))
     coef = g.mask * (w_full.detach() / tokens.clamp(min=1))[g.k][:, None]  # [B, T]
     signal = g.signal if g.signal is not None else g.group_loss.detach().abs()
-    offset = ((w_full - w_full.detach()) * signal - torch.log(w_full)) / g.world_size  # each rank's share
+    C = g.reg if g.reg is not None else w.new_ones(())
+    offset = ((w_full - w_full.detach()) * signal - C * torch.log(w_full)) / g.world_size  # each rank's share
     return Scaling(coef, torch.where(g.present, offset, torch.zeros_like(offset)))
 
 
 @register_method("daro", advantage="group_std", weights="learned")
 def daro(g: GroupView, s: LossSettings) -> Scaling:
-    """DARO (arXiv 2510.09001): sum over pass-rate groups of w_mu L_mu - ln w_mu, w learned."""
+    """DARO (arXiv 2510.09001): sum over pass-rate groups of w_mu L_mu - C ln w_mu, w learned."""
     if g.weights is None:
         raise ValueError("method 'daro' needs weights: pass weights=DaroWeights(K)()")
     return _weighted_groups(g, g.weights)
@@ -223,6 +277,18 @@ def _validate(b: PolicyBatch, K: int) -> None:
         raise ValueError(f"non-finite advantage at response {i}")
 
 
+class LossTerms(NamedTuple):
+    """Everything `loss_terms` computes on one mini-batch (per-group tensors indexed by k = 0..K)."""
+
+    loss: Tensor  # [] this rank's share of the mini-batch's loss, differentiable
+    metrics: dict[str, float]  # the whole mini-batch's metrics (DESIGN.md keys), identical on every rank
+    contrib: Tensor  # [K+1] C_mu, this rank's share, differentiable; sums to `loss`
+    group_loss: Tensor  # [K+1] L_mu, this rank's share, differentiable
+    present: Tensor  # [K+1] bool: interior groups with tokens in the mini-batch
+    factor: Tensor  # [B, T] g, the clipped factor of l = -A g, detached
+    daro_state: DaroState | None  # the signal state after this update (methods with weights)
+
+
 def policy_loss(
     method: str,
     batch: PolicyBatch,
@@ -232,23 +298,44 @@ def policy_loss(
     group_grad_norms: Tensor | None = None,
     return_groups: bool = False,
     shard: Shard = Shard(),
+    daro_state: DaroState | None = None,
 ):
-    """Loss and per-pass-rate metrics of `method` on one mini-batch.
+    """Loss and per-pass-rate metrics of `method` on one mini-batch (the drop-in API; see `loss_terms`).
+
+    Returns (loss [] scalar, metrics dict[str, float]), or (loss, metrics, (C [K+1], L [K+1])) with
+    return_groups.
+    """
+    t = loss_terms(method, batch, K, settings, weights, group_grad_norms, shard, daro_state)
+    if return_groups:
+        return t.loss, t.metrics, (t.contrib, t.group_loss)
+    return t.loss, t.metrics
+
+
+def loss_terms(
+    method: str,
+    batch: PolicyBatch,
+    K: int,
+    settings: LossSettings = LossSettings(),
+    weights: Tensor | None = None,
+    group_grad_norms: Tensor | None = None,
+    shard: Shard = Shard(),
+    daro_state: DaroState | None = None,
+) -> LossTerms:
+    """Loss, per-pass-rate metrics and per-group terms of `method` on one mini-batch.
 
     Args:
         method: a key of METHODS.
         batch: the mini-batch, B responses x T tokens (see PolicyBatch).
         K: responses per prompt; groups are k = 0..K.
-        settings: clip ranges, KL, Dr. GRPO's L_max, DARO's weight signal.
+        settings: clip ranges, KL, Dr. GRPO's L_max, DARO's signal, regulariser and signal EMA.
         weights: [K-1] DARO weights for k = 1..K-1 ('daro': differentiable; 'static': frozen).
         group_grad_norms: [K-1] ||grad_theta L_mu||, the DARO signal when settings.weight_signal='grad'.
-        return_groups: also return (C_mu [K+1], L_mu [K+1]), both differentiable, for G_mu.
         shard: data parallelism: `batch` is this rank's part of the mini-batch (see Shard).
+        daro_state: the signal state before this update (`DaroWeights.state()`); None: a fresh one. Only
+            settings.signal_ema > 0 and reg = 'auto' read it.
 
-    Returns:
-        (loss [] scalar, metrics dict[str, float]) or (loss, metrics, (C, L)) with return_groups.
-        Under a Shard, loss, C and L are this rank's shares (they sum over ranks to the whole
-        mini-batch's) and the metrics are the whole mini-batch's, identical on every rank.
+    Under a Shard, loss, C and L are this rank's shares (they sum over ranks to the whole mini-batch's)
+    and the metrics are the whole mini-batch's, identical on every rank.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
@@ -265,68 +352,74 @@ def policy_loss(
     on = batch.mask.bool()
     logp = torch.where(on, batch.logp, torch.zeros_like(batch.logp))
     old_logp = torch.where(on, batch.old_logp.to(dt), torch.zeros_like(logp))
-    sur = clipped_surrogate(logp, old_logp, batch.advantages.to(dt), settings.eps_low,
-                            settings.eps_high, settings.dual_clip)
-    l = sur.loss  # [B, T]
+    adv = batch.advantages.to(dt)
+    sur = clipped_surrogate(logp, old_logp, adv, settings.eps_low, settings.eps_high, settings.dual_clip)
+    l = sur.loss  # [B, T] = -A g
     if settings.kl_beta > 0:
         if batch.ref_logp is None:
             raise ValueError("kl_beta > 0 needs batch.ref_logp")
         kl = kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))
         l = l + settings.kl_beta * kl
     l = torch.where(mask.bool(), l, torch.zeros_like(l))  # no NaN from padding can leak
+    g = sur.factor.detach()
 
     def per_group(x: Tensor) -> Tensor:  # [B] -> [K+1], sum within each k
         return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
 
     # the whole mini-batch's counts: one collective for the sums, one for the padded width
-    local_l = per_group(l.sum(1))  # [K+1] sum of l over each group's tokens, differentiable
+    local_l = per_group((l * mask).sum(1))  # [K+1] sum of l over each group's tokens (mask as weights), differentiable
+    local_mass = per_group((adv.abs()[:, None] * g * mask).sum(1))  # [K+1] sum of |A| g over each group's tokens
     n_resp = (lengths > 0).sum().to(dt)
-    sums = shard.reduce(torch.cat([per_group(lengths), local_l.detach(), n_resp[None]]), "sum")
-    tokens, l_sum, n_resp = sums[: K + 1], sums[K + 1 : 2 * K + 2], sums[-1]  # [K+1], [K+1], []
+    sums = shard.reduce(torch.cat([per_group(lengths), local_l.detach(), local_mass.detach(), n_resp[None]]), "sum")
+    tokens, l_sum, mass_sum, n_resp = sums[: K + 1], sums[K + 1 : 2 * K + 2], sums[2 * K + 2 : 3 * K + 3], sums[-1]
     width = T if shard.world_size == 1 else int(shard.reduce(torch.tensor(float(T), device=l.device), "max"))
     group_loss = local_l / tokens.clamp(min=1)  # [K+1] L_mu (this rank's share)
-    present = (tokens > 0) & (torch.arange(K + 1, device=k.device) > 0) & (torch.arange(K + 1, device=k.device) < K)
+    arange = torch.arange(K + 1, device=k.device)
+    present = (tokens > 0) & (arange > 0) & (arange < K)
     L_global = l_sum / tokens.clamp(min=1)  # [K+1] L_mu of the whole mini-batch, detached
+    mass = mass_sum / tokens.clamp(min=1)  # [K+1] token-mean |A| g of the whole mini-batch's group
 
-    signal = None
+    signal = reg = new_state = None
     if spec.weights != "none":
         if weights is None or weights.shape != (K - 1,):
             raise ValueError(f"method {method!r} needs weights of shape [{K - 1}], got "
                              f"{None if weights is None else tuple(weights.shape)}")
         weights = weights.to(dt)
         if settings.weight_signal == "abs":
-            signal = L_global.abs()
+            raw = L_global.abs()
         elif settings.weight_signal == "signed":
-            signal = L_global
+            raw = L_global
+        elif settings.weight_signal == "mass":
+            raw = mass
         elif settings.weight_signal == "grad":
             if group_grad_norms is None or group_grad_norms.shape != (K - 1,):
                 raise ValueError("weight_signal='grad' needs group_grad_norms of shape [K-1]")
             z = group_grad_norms.new_zeros(1)
-            signal = torch.cat([z, group_grad_norms.detach(), z]).to(dt)
+            raw = torch.cat([z, group_grad_norms.detach(), z]).to(dt)
         else:
-            raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: 'abs', 'signed' or 'grad'")
+            raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: one of {', '.join(SIGNALS)}")
+        signal, reg, new_state = read_signal(raw, present, settings, daro_state)
 
-    view = GroupView(K, k, mask, n_resp, group_loss, present, weights, signal, tokens, tokens.sum(), width,
+    view = GroupView(K, k, mask, n_resp, group_loss, present, weights, signal, reg, tokens, tokens.sum(), width,
                      shard.world_size)
     scaling = spec.fn(view, settings)
     contrib = per_group((scaling.coef * l).sum(1))  # [K+1] C_mu without offsets
-    if scaling.offset is not None:
-        contrib = contrib + scaling.offset
+    offset = scaling.offset
+    if offset is not None:
+        contrib = contrib + offset
     if B == 0 or not present.any():
         loss = l.sum() * 0.0  # defined, zero, and still attached to the graph
     else:
         loss = contrib.sum()
 
-    metrics = _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib, present, loss,
-                       weights, signal, shard)
-    if return_groups:
-        return loss, metrics, (contrib, group_loss)
-    return loss, metrics
+    metrics = _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss,
+                       weights, signal, reg, shard)
+    return LossTerms(loss, metrics, contrib, group_loss, present, g, new_state)
 
 
 @torch.no_grad()
-def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib, present, loss, weights, signal,
-             shard):
+def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss, weights,
+             signal, reg, shard):
     """Per-group and batch metrics, as plain floats keyed by the DESIGN.md convention.
 
     Every count and sum is taken over this rank's rows, then all of them are summed over the ranks
@@ -355,6 +448,8 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib
     group_sums = {  # name -> [K+1]
         "scale": per_group((scaling.coef.detach().to(dt) * adv.abs()[:, None]).sum(1)),  # S_mu
         "contrib": contrib.detach().to(dt), "prompts": prompts,
+        "offset": (scaling.offset.detach().to(dt) if scaling.offset is not None
+                   else torch.zeros(K + 1, dtype=dt, device=k.device)),
         "n_corr": per_group(correct), "n_inc": per_group(incorrect),
         "len_corr": per_group(raw_len * correct), "len_inc": per_group(raw_len * incorrect),
         "clip_pos": per_group((clipped * pos).sum(1)), "pos": per_group(pos.sum(1)),
@@ -378,17 +473,20 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib
 
     cols = {
         "loss": L_global.double().tolist(), "contrib": g["contrib"], "scale": g["scale"], "prompts": g["prompts"],
-        "tokens": tokens.double().tolist(),
+        "tokens": tokens.double().tolist(), "mass": mass.double().tolist(),
         "len_correct": [div(a, b) for a, b in zip(g["len_corr"], g["n_corr"])],
         "len_incorrect": [div(a, b) for a, b in zip(g["len_inc"], g["n_inc"])],
         "clipfrac_pos": [div(a, b) for a, b in zip(g["clip_pos"], g["pos"])],
         "clipfrac_neg": [div(a, b) for a, b in zip(g["clip_neg"], g["neg"])],
     }
+    if scaling.offset is not None:
+        cols["contrib_offset"] = g["offset"]  # DARO's -C ln w_mu: part of C_mu, without a theta-gradient
     if weights is not None:
         w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)]).double()
         cols["daro/w"] = w_full.tolist()
         cols["daro/wL"] = (w_full * L_global.double()).tolist()
         cols["daro/signal"] = signal.double().tolist()
+        cols["daro/wS"] = (w_full * signal.double() / float(reg)).tolist()  # 1 at the fixed point w = C / signal
     out: dict[str, float] = {}
     for kk in torch.nonzero(present).flatten().tolist():
         key = mu_key(kk, K)
@@ -412,6 +510,7 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, tokens, contrib
     if weights is not None and signal is not None:
         # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound
         out["daro/nonpositive_signal"] = float(((signal <= 0) & present).sum())
+        out["daro/reg"] = float(reg)
     return out
 
 
@@ -456,3 +555,26 @@ def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: 
             raise ValueError("lipo's static shape needs sigma_batch")
         return 2 * var / sigma_batch * share
     raise ValueError(f"no static shape for method {method!r}; defined for grpo, dapo, dr_grpo, lipo")
+
+
+def length_corrected_shape(method: str, k: int, K: int, len_correct: float, len_incorrect: float,
+                           std: str = "unbiased", eps: float = 1e-6) -> float:
+    """S_mu per prompt of a baseline up to a factor common to the mini-batch, from the mean lengths of the
+    group's right and wrong answers: (k A+ L+ + (K-k) |A-| L-) for the token-summing methods (dapo, lipo,
+    dr_grpo), k A+ + (K-k) |A-| for grpo (its per-response token-mean removes the lengths).
+
+    A+ and A- are the method's advantages of a right and a wrong answer at mu = k/K (lipo's batch std
+    is left out: common to the mini-batch). At equal lengths and population std this is the static shape
+    (`static_shape`) up to that factor; unequal lengths are what moves the token-summing methods off it.
+    """
+    if method not in ("grpo", "dapo", "dr_grpo", "lipo"):
+        raise ValueError(f"no length-corrected shape for method {method!r}; defined for grpo, dapo, dr_grpo, lipo")
+    mu = k / K
+    if METHODS[method].advantage == "group_std":
+        var = mu * (1 - mu) * (K / (K - 1) if std == "unbiased" else 1.0)
+        a_pos, a_neg = (1 - mu) / (math.sqrt(var) + eps), mu / (math.sqrt(var) + eps)
+    else:  # mean_only (dr_grpo), batch_std (lipo): r - mu, over a std common to the mini-batch
+        a_pos, a_neg = 1 - mu, mu
+    if method == "grpo":
+        return k * a_pos + (K - k) * a_neg
+    return k * a_pos * len_correct + (K - k) * a_neg * len_incorrect
