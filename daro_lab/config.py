@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -42,6 +43,9 @@ class ModelConfig:
     warmstart_steps: int = _f(1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)")
     warmstart_lr: float = _f(1e-3, "tiny preset: warm-start learning rate")
     warmstart_batch: int = _f(64, "tiny preset: warm-start batch size")
+    warmstart_run_on: float = _f(0.0, "tiny preset, chain task: share of warm-start demonstrations (scaled by level, this at the "
+                                 "hardest) that lose count and run on without stopping, the failure mode of long wrong "
+                                 "answers; 0: every demonstration stops")
     cache_dir: str = _f(".daro_cache", "where warm-started tiny models are cached, keyed by a hash of their config")
     prompt_template: str = _f("plain", "'plain' ({prompt}), 'qwen_math' (Qwen2.5-Math's boxed CoT prompt, QwenLM/Qwen2.5-Math evaluation), 'chat' (the tokenizer's chat template), or a string with {prompt}")
     stop_token: str = _f("", "token that ends a response; empty: '<|im_end|>' or '<|eot_id|>' when the prompt uses it, else the tokenizer's eos")
@@ -52,10 +56,12 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = _f("arithmetic", "'arithmetic' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)")
-    min_digits: int = _f(1, "arithmetic: fewest digits of an operand")
-    max_digits: int = _f(3, "arithmetic: most digits of an operand; more digits, harder and longer answers")
+    name: str = _f("arithmetic", "'arithmetic' or 'chain' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)")
+    min_digits: int = _f(1, "arithmetic, chain: fewest digits of an operand")
+    max_digits: int = _f(3, "arithmetic, chain: most digits of an operand; arithmetic: more digits, harder and longer answers")
     ops: list[str] = _f(["+"], "arithmetic: operations drawn from ('+', '-', '*')")
+    min_terms: int = _f(2, "chain: fewest operands (the answer lists the partial sums after the first)")
+    max_terms: int = _f(5, "chain: most operands; more operands, harder and longer answers")
     num_train: int = _f(4096, "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)")
     num_eval: int = _f(256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)")
     data_seed: int = _f(1234, "seed of the prompt generator (independent of the training seed)")
@@ -84,11 +90,20 @@ class RolloutConfig:
 class DaroConfig:
     lr_w: float = _f(1e-3, "learning rate of the DARO weights (paper: 1e-3), own AdamW group, no weight decay")
     param: str = _f("log", "weight parametrisation: 'log' (w = exp(s)) or 'direct' (w clamped to bounds) (DESIGN.md)")
-    signal: str = _f("abs", "what drives w: 'abs' |L_mu|, 'signed' L_mu (paper-literal), 'grad' ||grad L_mu|| (DESIGN.md)")
+    signal: str = _f("abs", "what drives w (w-gradient signal - C/w, fixed point w = C/signal): 'abs' |L_mu| (docs/math.md), "
+                     "'signed' L_mu (paper-literal), 'grad' ||grad L_mu||, 'mass' token-mean of |A| g (the group's loss "
+                     "mass before advantages of opposite sign cancel)")
+    reg: float | str = _f(1.0, "C of the regulariser sum_mu (w L_mu - C ln w_mu): a number (1.0 = the paper's), or 'auto': the "
+                          "running mean (bias-corrected EMA, decay 0.99) of the present groups' mean signal, so that the "
+                          "weights' geometric centre stays near 1")
+    signal_ema: float = _f(0.0, "decay of a per-group, bias-corrected EMA of the signal across updates (0: each mini-batch's "
+                           "own signal, the paper's reading)")
     w_min: float = _f(1e-3, "lower bound of every weight (DESIGN.md)")
     w_max: float = _f(1e3, "upper bound of every weight (DESIGN.md)")
     init: float = _f(1.0, "initial value of every weight")
-    static: str = _f("ones", "frozen weights of the 'static' method: 'ones', a method's static shape, or a JSON file {k: w}")
+    static: str = _f("ones", "frozen weights of the 'static' method: 'ones'; 'shape:<method>' (grpo, dapo, dr_grpo, lipo): w "
+                     "such that, at equal lengths, each group's loss scale on DARO's path is one prompt of that method's "
+                     "(shape:grpo and shape:dapo are w = 1); or a JSON file {k: w} (e.g. a DARO run's final weights)")
 
 
 @dataclass
@@ -323,8 +338,23 @@ def validate(cfg: Config) -> None:
     d = cfg.algo.daro
     if d.param not in ("log", "direct"):
         bad("algo.daro.param", f"expected 'log' or 'direct', got {d.param!r}")
-    if d.signal not in ("abs", "signed", "grad"):
-        bad("algo.daro.signal", f"expected 'abs', 'signed' or 'grad', got {d.signal!r}")
+    from daro_lab.algorithms import SIGNALS
+
+    if d.signal not in SIGNALS:
+        bad("algo.daro.signal", f"expected one of {', '.join(map(repr, SIGNALS))}, got {d.signal!r}")
+    if isinstance(d.reg, str) and d.reg != "auto":
+        bad("algo.daro.reg", f"expected a number > 0 or 'auto', got {d.reg!r}")
+    if not isinstance(d.reg, str) and not (math.isfinite(d.reg) and d.reg > 0):
+        bad("algo.daro.reg", f"expected a number > 0 or 'auto', got {d.reg!r}")
+    shapes = ("grpo", "dapo", "dr_grpo", "lipo")
+    if d.static in shapes or d.static in METHODS:
+        bad("algo.daro.static", f"{d.static!r} is not a static-weight spec: frozen at a method's static shape is "
+            f"'shape:<method>' (one of {', '.join(shapes)}), which weighs each group like one prompt of that method at "
+            "equal lengths; or 'ones', or a JSON file {k: w}")
+    if d.static.startswith("shape:") and d.static.removeprefix("shape:") not in shapes:
+        bad("algo.daro.static", f"{d.static!r}: the shape of one of {', '.join(shapes)}, e.g. 'shape:dr_grpo'")
+    if not 0 <= d.signal_ema < 1:
+        bad("algo.daro.signal_ema", f"expected a decay in [0, 1), got {d.signal_ema!r}")
     if not 0 < d.w_min <= d.init <= d.w_max:
         bad("algo.daro", f"need 0 < w_min <= init <= w_max, got {d.w_min}, {d.init}, {d.w_max}")
     if cfg.rollout.num_responses < 2:
@@ -355,6 +385,13 @@ def validate(cfg: Config) -> None:
     if m.logprob_chunk_size < 0:
         bad("model.logprob_chunk_size", f"must be >= 0 (0: unchunked), got {m.logprob_chunk_size}")
     tk = cfg.task
+    if tk.name == "chain":
+        from daro_lab.tasks.chain import max_answer_length
+
+        longest = max_answer_length(tk)
+        if cfg.rollout.max_new_tokens <= longest:
+            bad("rollout.max_new_tokens", f"the chain task's longest answer has {longest} characters; the cap must "
+                f"exceed it (so that an answer that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}")
     if tk.answer_extract not in ("auto", "none", "boxed"):
         bad("task.answer_extract", f"expected 'auto', 'none' or 'boxed', got {tk.answer_extract!r}")
     if tk.num_train < 0 or tk.num_eval < 0:

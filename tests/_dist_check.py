@@ -27,7 +27,7 @@ VARIANTS = {
     "dapo": ["algo.method=dapo"],
     "dr_grpo": ["algo.method=dr_grpo"],
     "lipo": ["algo.method=lipo"],
-    "static": ["algo.method=static", "algo.daro.static=grpo"],
+    "static": ["algo.method=static", "algo.daro.static=shape:dr_grpo"],
     "daro": ["algo.method=daro"],
     "daro-grad-chunked": ["algo.method=daro", "algo.daro.signal=grad", "model.logprob_chunk_size=7"],
     "daro-one-prompt-per-minibatch": ["algo.method=daro", "trainer.mini_batch_prompts=1"],

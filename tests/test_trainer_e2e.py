@@ -28,7 +28,7 @@ def stable(df):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_is_recorded(small_cfg, store, method):
-    cfg = small_cfg(f"algo.method={method}", "trainer.steps=3", "algo.daro.static=grpo")
+    cfg = small_cfg(f"algo.method={method}", "trainer.steps=3", "algo.daro.static=shape:dr_grpo")
     from daro_lab.models import load_policy
 
     before, _ = load_policy(cfg.model, cfg.model.init_seed, cfg.task)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, mu_key, policy_loss
+from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, loss_terms,
+                                 mu_key, policy_loss)
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
@@ -116,7 +117,7 @@ class Trainer:
         self.settings = LossSettings(
             eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, dual_clip=cfg.algo.dual_clip,
             kl_beta=cfg.algo.kl_beta, max_response_length=cfg.rollout.max_new_tokens,
-            weight_signal=cfg.algo.daro.signal,
+            weight_signal=cfg.algo.daro.signal, reg=cfg.algo.daro.reg, signal_ema=cfg.algo.daro.signal_ema,
         )
         d = cfg.algo.daro
         self.weights: DaroWeights | None = None
@@ -304,9 +305,9 @@ class Trainer:
         # ones between its forward and backward)
         params = self.opt.param_groups[0]["params"]
         if len(micro) > 1:
-            metrics, view_batch = self._accumulate(micro, params, want_g)
+            metrics, view_batch, daro_state = self._accumulate(micro, params, want_g)
         else:
-            metrics, view_batch = self._one_pass(*micro[0], params=params, want_g=want_g)
+            metrics, view_batch, daro_state = self._one_pass(*micro[0], params=params, want_g=want_g)
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
             metrics.update(self._engine_gap(view_batch, [mb[0].logprobs for mb in micro]))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
@@ -319,6 +320,7 @@ class Trainer:
         self.opt.step()
         if self.weights is not None:
             metrics.update(self.weights.project_())
+            self.weights.set_state(daro_state)  # the signal's EMA and the running regulariser constant
         b = self._whole_minibatch(view_batch)
         view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
                              b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
@@ -327,22 +329,25 @@ class Trainer:
             h.on_minibatch(view)
         return metrics
 
-    def _one_pass(self, s, adv, rewards, old, ref, *, params, want_g) -> tuple[dict[str, float], PolicyBatch]:
-        """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad."""
+    def _one_pass(self, s, adv, rewards, old, ref, *, params, want_g):
+        """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad.
+        Returns (metrics, the batch without grad, DARO's signal state after this update)."""
         cfg, K = self.cfg, self.K
         logp = self._logprobs(self.model, s)  # [B, T], on the model's device
         dev = logp.device
         batch = self._batch(s, adv, rewards, old, ref, logp)
         w = self.weights() if self.weights is not None else None
+        state = self.weights.state() if self.weights is not None else None
         group_norms = None
         if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
             # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
             _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
                                        group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True,
-                                       shard=self.shard)
+                                       shard=self.shard, daro_state=state)
             group_norms = torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=dev)
-        loss, metrics, (C, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
-                                            group_grad_norms=group_norms, return_groups=True, shard=self.shard)
+        t = loss_terms(cfg.algo.method, batch, K, self.settings, weights=w, group_grad_norms=group_norms,
+                       shard=self.shard, daro_state=state)
+        loss, metrics, C, L = t.loss, t.metrics, t.contrib, t.group_loss
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
             ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
@@ -352,22 +357,25 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
         (loss * self.shard.world_size).backward()
-        return metrics, batch
+        return metrics, batch, t.daro_state
 
-    def _accumulate(self, micro: list[tuple], params, want_g: bool) -> tuple[dict[str, float], PolicyBatch]:
+    def _accumulate(self, micro: list[tuple], params, want_g: bool):
         """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
-        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics and the whole batch (no grad)."""
+        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics, the whole batch (no grad) and
+        DARO's signal state after this update."""
         cfg, K, M = self.cfg, self.K, len(micro)
         method, world = cfg.algo.method, self.shard.world_size
         with torch.no_grad():  # phase 1: log-probs of every pass, then the mini-batch's sums
             batches = [self._batch(*mb, logp=self._logprobs(self.model, mb[0])) for mb in micro]
             w0 = self.weights().detach() if self.weights is not None else None
+        state = self.weights.state() if self.weights is not None else None
 
         def sums(group_norms):
             def run(i, shard):
                 with torch.no_grad():
-                    return policy_loss(method, batches[i], K, self.settings, weights=w0, group_grad_norms=group_norms,
-                                       return_groups=True, shard=shard)[1]
+                    t = loss_terms(method, batches[i], K, self.settings, weights=w0, group_grad_norms=group_norms,
+                                   shard=shard, daro_state=state)
+                    return t.metrics, t.daro_state
             return accumulate.reductions(M, run, self.shard)
 
         def passes(values, group_norms, pick=None) -> None:
@@ -377,7 +385,8 @@ class Trainer:
                     b = self._batch(*mb, logp=self._logprobs(self.model, mb[0]))
                     w = self.weights() if self.weights is not None else None
                     loss, _, (C, L) = policy_loss(method, b, K, self.settings, weights=w, group_grad_norms=group_norms,
-                                                  return_groups=True, shard=accumulate.replayed(values[i], self.shard, M))
+                                                  return_groups=True, shard=accumulate.replayed(values[i], self.shard, M),
+                                                  daro_state=state)
                     ((loss if pick is None else pick(C, L)) * world).backward()
 
         def norms(values, group_norms, picks) -> list[float]:
@@ -395,8 +404,8 @@ class Trainer:
             values, _ = sums(zeros)
             group_norms = torch.tensor(norms(values, zeros, [partial(_pick_L, kk) for kk in range(1, K)]),
                                        device=zeros.device)
-        values, metrics = sums(group_norms)
-        metrics = dict(metrics[0])  # every pass reports the mini-batch's metrics
+        values, out = sums(group_norms)
+        metrics, new_state = dict(out[0][0]), out[0][1]  # every pass reports the mini-batch's metrics and state
         if want_g:
             ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
             g = norms(values, group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
@@ -404,7 +413,7 @@ class Trainer:
                 metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
         self.opt.zero_grad(set_to_none=True)
         passes(values, group_norms)  # phase 2
-        return metrics, _cat_batches(batches)
+        return metrics, _cat_batches(batches), new_state
 
     def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
         """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daro_lab.algorithms import METHODS, static_shape
+from daro_lab.algorithms import static_shape
 from daro_lab.config import Config, ConfigError
 
 
@@ -66,27 +67,35 @@ def build_engine(cfg: Config, model, tokenizer, dtype=None):
     raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
 
 
-def build_static_weights(cfg: Config) -> dict[int, float]:
-    """The frozen weights of the 'static' method, {k: w} for k = 1..K-1, from `algo.daro.static`.
+def static_shape_weights(method: str, K: int) -> dict[int, float]:
+    """{k: w} for 'shape:<method>': weights under which, at equal lengths and population std, each group's
+    loss scale on DARO's path (the token-mean of |A| over the group, 2 sqrt(mu(1-mu)) at w = 1) is
+    proportional to one prompt's loss scale under `method` (its static shape); normalised to mean 1.
 
-    'ones': every group weighs 1. A method name (grpo, dapo, dr_grpo, lipo): that method's static
-    shape of the loss scale at equal lengths, normalised to mean 1 over the K-1 groups, so that
-    DARO's code path weighs the groups the way that baseline does. Otherwise a JSON file {k: w}
-    (for instance the final weights of a DARO run).
+    GRPO and DAPO give w = 1 (DARO's path with w = 1 already weighs each group like one GRPO prompt);
+    Dr. GRPO and LIPO give w proportional to sqrt(mu(1-mu)). No frozen weights reproduce a baseline
+    itself: a baseline weighs each group by its number of prompts, which changes every step.
     """
+    shape = [float(static_shape(method, k / K, n_prompts=1, sigma_batch=1.0)) / (2 * math.sqrt(k / K * (1 - k / K)))
+             for k in range(1, K)]
+    mean = sum(shape) / len(shape)
+    return {k: v / mean for k, v in enumerate(shape, start=1)}
+
+
+def build_static_weights(cfg: Config) -> dict[int, float]:
+    """The frozen weights of the 'static' method, {k: w} for k = 1..K-1, from `algo.daro.static`:
+    'ones', 'shape:<method>' (`static_shape_weights`) or a JSON file {k: w} (e.g. a DARO run's final weights)."""
     K = cfg.rollout.num_responses
     spec = cfg.algo.daro.static
     if spec == "ones":
         return {k: 1.0 for k in range(1, K)}
-    if spec in METHODS:
-        shape = [float(static_shape(spec, k / K, n_prompts=1, sigma_batch=1.0)) for k in range(1, K)]
-        mean = sum(shape) / len(shape)
-        return {k: v / mean for k, v in enumerate(shape, start=1)}
+    if spec.startswith("shape:"):
+        return static_shape_weights(spec.removeprefix("shape:"), K)
     p = Path(spec)
     if not p.is_file():
-        raise ConfigError(f"config key 'algo.daro.static': {spec!r} is neither 'ones', a method name, nor a file")
+        raise ConfigError(f"config key 'algo.daro.static': {spec!r} is neither 'ones', 'shape:<method>', nor a file")
     try:
         data = json.loads(p.read_text())
         return {int(k): float(v) for k, v in data.items()}
     except (ValueError, AttributeError) as e:
-        raise ConfigError(f"algo.daro.static: {p} is not a JSON object {{k: weight}}: {e}") from e
+        raise ConfigError(f"config key 'algo.daro.static': {p} is not a JSON object {{k: weight}}: {e}") from e
