@@ -22,20 +22,28 @@ def test_build_is_deterministic_and_seed_dependent():
     assert [p.prompt for p in other[0]] != [p.prompt for p in a[0]]
 
 
-def test_sizes_and_disjoint_unique_prompts():
-    train, ev = build_task(SMALL)
+def test_sizes_and_disjoint_prompts():
+    train, ev = build_task(cfg(min_digits=2))
     assert (len(train), len(ev)) == (300, 60)
     tp, ep = [p.prompt for p in train], [p.prompt for p in ev]
-    assert len(set(tp)) == 300 and len(set(ep)) == 60
+    assert len(set(tp)) == 300 and len(set(ep)) == 60  # levels with many prompts: no repeats
     assert not set(tp) & set(ep)
 
 
-def test_eval_set_follows_the_training_distribution_of_levels():
-    train, ev = build_task(cfg(min_digits=1, max_digits=3, num_train=3000, num_eval=600))
-    share = lambda ps, lvl: sum(p.level == lvl for p in ps) / len(ps)  # noqa: E731
-    for lvl in (1, 2, 3):
-        assert abs(share(train, lvl) - share(ev, lvl)) < 0.05
-    assert share(ev, 1) < 0.1  # only 100 one-digit prompts exist: eval does not use them up
+@pytest.mark.parametrize("name", ["arithmetic", "chain"])
+def test_levels_are_equally_common(name):
+    """Every level draws a uniform share of the training prompts, however few distinct prompts it has (one-digit
+    addition has 100: they repeat); the held-out set takes at most a quarter of a level's distinct prompts."""
+    c = cfg(name=name, min_digits=1, max_digits=2 if name == "arithmetic" else 1, num_train=3000, num_eval=200)
+    train, ev = build_task(c)
+    levels = sorted({p.level for p in train})
+    assert levels == ([1, 2] if name == "arithmetic" else [2, 3, 4, 5])
+    for lvl in levels:
+        assert abs(sum(p.level == lvl for p in train) / len(train) - 1 / len(levels)) < 0.04
+    smallest = levels[0]  # 100 distinct prompts (one-digit a+b; two one-digit operands)
+    assert sum(p.level == smallest for p in ev) <= 25
+    assert not {p.prompt for p in train} & {p.prompt for p in ev}
+    assert len({p.prompt for p in ev}) == len(ev)
 
 
 @pytest.mark.parametrize("ops", [["+"], ["-"], ["*"], ["+", "-", "*"]])
@@ -76,8 +84,9 @@ def test_one_digit_operands_include_zero_and_levels_balanced():
 
 def test_too_many_prompts_and_bad_config_raise():
     assert num_distinct(cfg(min_digits=1, max_digits=1)) == 100
-    with pytest.raises(ValueError, match="distinct prompts"):
-        build_task(cfg(min_digits=1, max_digits=1, num_train=90, num_eval=20))
+    assert num_distinct(cfg(min_digits=1, max_digits=2)) == 10_000
+    with pytest.raises(ValueError, match="held-out"):
+        build_task(cfg(min_digits=1, max_digits=1, num_train=90, num_eval=30))
     with pytest.raises(ValueError, match="ops"):
         build_task(cfg(ops=["/"]))
     with pytest.raises(ValueError, match="ops"):
@@ -165,3 +174,36 @@ def test_reward_batch_matches_verify_and_checks_lengths():
 
 def test_problem_is_a_plain_value():
     assert Problem("1+1=", "2", 1) == Problem(prompt="1+1=", answer="2", level=1)
+
+
+def test_chain_problems_verifier_and_run_on():
+    from daro_lab.tasks import chain
+
+    p = chain.make_problem([12, 17, 30, 25])
+    assert (p.prompt, p.answer, p.level) == ("12+17+30+25=", "29 59 84", 4)
+    assert chain.verify("29 59 84", p.answer) == 1.0
+    for wrong in ("29 59 84 ", " 29 59 84", "29 59", "29 59 84 96", "29 59 85", ""):
+        assert chain.verify(wrong, p.answer) == 0.0
+    c = cfg(name="chain", min_digits=1, max_digits=2, min_terms=2, max_terms=5)
+    assert chain.max_answer_length(c) == len("198 297 396 495")
+    # a run-on chain keeps adding the operands from the first, and is wrong
+    assert chain.run_on(p, c, extra=3) == "29 59 84 96 113 143"
+    assert chain.verify(chain.run_on(p, c), p.answer) == 0.0
+    train, ev = build_task(c)
+    for q in train[:200] + ev:
+        ops = [int(x) for x in q.prompt[:-1].split("+")]
+        assert 2 <= len(ops) <= 5 == c.max_terms and all(0 <= x <= 99 for x in ops)
+        assert q.answer.split(" ") == [str(sum(ops[: j + 1])) for j in range(1, len(ops))]
+    by_level = {}
+    for q in train:
+        by_level.setdefault(q.level, []).append(len(q.answer))
+    means = [sum(v) / len(v) for _, v in sorted(by_level.items())]
+    assert means == sorted(means) and means[-1] > 2 * means[0]  # harder, longer
+
+
+def test_chain_cap_must_exceed_the_longest_answer():
+    from daro_lab.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens"):
+        load_config(None, ["task.name=chain", "task.max_digits=2", "rollout.max_new_tokens=15"])
+    load_config(None, ["task.name=chain", "task.max_digits=2", "rollout.max_new_tokens=16"])

@@ -13,6 +13,7 @@ import re
 
 from daro_lab.config import TaskConfig
 from daro_lab.tasks.base import Problem
+from daro_lab.tasks.leveled import build_leveled
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _ANSWER = re.compile(r"-?[0-9]+")  # ASCII digits only: no '+', no unicode digits, no spaces inside
@@ -39,7 +40,36 @@ def make_problem(a: int, op: str, b: int) -> Problem:
 
 def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
     """One random problem: level ~ U{min..max}, one operand has `level` digits, the other <= level."""
-    level = rng.randint(cfg.min_digits, cfg.max_digits)
+    _check(cfg)
+    return _sample_in_level(cfg, rng, rng.randint(cfg.min_digits, cfg.max_digits))
+
+
+def num_distinct(cfg: TaskConfig) -> int:
+    """How many distinct prompts the config can produce."""
+    return sum(level_size(cfg, level) for level in range(cfg.min_digits, cfg.max_digits + 1))
+
+
+def _count(digits: int) -> int:
+    """Integers with exactly `digits` digits (1 digit includes 0)."""
+    return 10 if digits == 1 else 9 * 10 ** (digits - 1)
+
+
+def level_size(cfg: TaskConfig, level: int) -> int:
+    """Distinct prompts of a level: ops x ordered pairs whose longer operand has `level` digits (the
+    other at least min_digits)."""
+    smaller = sum(_count(d) for d in range(cfg.min_digits, level))
+    n = _count(level)
+    return len(set(cfg.ops)) * (n * n + 2 * n * smaller)
+
+
+def _enumerate_level(cfg: TaskConfig, level: int) -> list[Problem]:
+    lo = 0 if cfg.min_digits == 1 else 10 ** (cfg.min_digits - 1)
+    nums = range(lo, 10**level)
+    return [make_problem(a, op, b) for op in dict.fromkeys(cfg.ops) for a in nums for b in nums
+            if max(len(str(a)), len(str(b))) == level]
+
+
+def _sample_in_level(cfg: TaskConfig, rng: random.Random, level: int) -> Problem:
     op = rng.choice(cfg.ops)
     a, b = _number(rng, level), _number(rng, rng.randint(cfg.min_digits, level))
     if rng.random() < 0.5:
@@ -47,43 +77,14 @@ def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
     return make_problem(a, op, b)
 
 
-def num_distinct(cfg: TaskConfig) -> int:
-    """How many distinct prompts the config can produce."""
-    n = 10**cfg.max_digits - (0 if cfg.min_digits == 1 else 10 ** (cfg.min_digits - 1))
-    return len(set(cfg.ops)) * n * n
-
-
 def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problem lists with disjoint prompts, deterministic from cfg.data_seed.
-
-    All num_train + num_eval distinct problems are drawn by one process and then split at random,
-    so the held-out set follows the training distribution: a level with few distinct prompts
-    (one-digit operands give only 100) is not used up by the eval set. When the request is a
-    large share of all possible prompts, they are enumerated and shuffled instead of sampled.
-    """
+    """(train, eval) problem lists, deterministic from cfg.data_seed; every level (digits of the longer
+    operand) equally common in both (`tasks.leveled`): the held-out set has distinct prompts, disjoint from
+    training; a level with fewer distinct prompts than its share of training (one digit: 100) repeats them."""
     _check(cfg)
-    need, total = cfg.num_train + cfg.num_eval, num_distinct(cfg)
-    if need > total:
-        raise ValueError(
-            f"task: {cfg.num_train} train + {cfg.num_eval} eval prompts requested, but digits "
-            f"{cfg.min_digits}-{cfg.max_digits} with ops {cfg.ops} give only {total} distinct prompts"
-        )
-    rng = random.Random(cfg.data_seed)
-    if 4 * need >= total:  # small space: enumerate all prompts, shuffle, split
-        lo = 0 if cfg.min_digits == 1 else 10 ** (cfg.min_digits - 1)
-        nums = range(lo, 10**cfg.max_digits)
-        every = [make_problem(a, op, b) for op in dict.fromkeys(cfg.ops) for a in nums for b in nums]
-        rng.shuffle(every)
-        return every[cfg.num_eval : need], every[: cfg.num_eval]
-    seen: set[str] = set()
-    drawn: list[Problem] = []
-    while len(drawn) < need:
-        p = sample_problem(rng, cfg)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            drawn.append(p)
-    rng.shuffle(drawn)
-    return drawn[cfg.num_eval :], drawn[: cfg.num_eval]
+    levels = list(range(cfg.min_digits, cfg.max_digits + 1))
+    return build_leveled(levels, lambda lvl: level_size(cfg, lvl), lambda rng, lvl: _sample_in_level(cfg, rng, lvl),
+                         lambda lvl: _enumerate_level(cfg, lvl), cfg.num_train, cfg.num_eval, cfg.data_seed)
 
 
 def parse_answer(text: str) -> str | None:

@@ -24,19 +24,27 @@ class Problem:
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task: how to build its problems and how to score responses."""
+    """A registered task: how to build its problems and how to score responses. Generated tasks also draw
+    fresh problems (`sample`, for the tiny preset's supervised warm start) and count their prompts."""
 
     name: str
     build: Callable[[TaskConfig], tuple[list[Problem], list[Problem]]]
     reward_batch: Callable[[list[str], list[str]], list[float]]
+    sample: Callable[..., Problem] | None = None  # sample(rng, cfg) -> a problem drawn like the training set
+    num_distinct: Callable[[TaskConfig], int] | None = None
+    run_on: Callable[[Problem, TaskConfig], str] | None = None  # a demonstration that does not stop (warm start)
+    run_on_weight: Callable[[Problem, TaskConfig], float] | None = None  # its relative frequency for a problem
 
 
 def _registry() -> dict[str, Task]:
-    from daro_lab.tasks import arithmetic, files  # local import: they import Problem from here
+    from daro_lab.tasks import arithmetic, chain, files  # local import: they import Problem from here
     from daro_lab.tasks import math as math_task
 
     return {
-        "arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch),
+        "arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch, arithmetic.sample_problem,
+                           arithmetic.num_distinct),
+        "chain": Task("chain", chain.build, chain.reward_batch, chain.sample_problem, chain.num_distinct,  # running sums
+                      chain.run_on, chain.run_on_weight),
         "math": Task("math", math_task.build, math_task.reward_batch),  # data files, math-verify on the last \\boxed{}
         "file": Task("file", files.build, files.reward_batch),  # data files, exact match of the stripped response
     }
