@@ -286,6 +286,66 @@ def report(
                f"({len(rep.figures)} of {len(rep.figures) + len(rep.errors)} drawn)")
 
 
+def _numbers(text: str, what: str) -> float | list[float]:
+    """'400' -> 400.0; '10,10,9' -> [10.0, 10.0, 9.0]; exit 2 naming the option otherwise."""
+    try:
+        vals = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        _fail(f"{what}: expected a number or comma-separated numbers, got {text!r}")
+    if not vals:
+        _fail(f"{what}: expected a number or comma-separated numbers, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+@app.command()
+def simulate(
+    len_correct: str = typer.Option("400", "--len-correct", help="mean length (tokens) of a right answer: one number, or K-1 comma-separated, one per k = 1..K-1"),
+    len_wrong: str = typer.Option("600", "--len-wrong", help="mean length of a wrong answer: one number, or K-1 comma-separated"),
+    updates: int = typer.Option(600, "--updates", min=1, help="DARO weight updates (the paper: 300 steps x 2 mini-batches = 600)"),
+    k: int = typer.Option(8, "--k", min=2, help="responses per prompt K (the paper: 8)"),
+    prompts: int = typer.Option(64, "--prompts", min=1, help="prompts per mini-batch (the paper: 64)"),
+    lr_w: float = typer.Option(1e-3, "--lr-w", help="learning rate of DARO's weights (the paper: 1e-3)"),
+    reading: Optional[List[str]] = typer.Option(None, "--reading", help="DARO reading 'signal[:reg[:ema]]', repeatable (default: abs:1 signed:1 mass:1 abs:auto mass:auto); signal abs, signed, mass or grad"),
+    mu_weights: Optional[str] = typer.Option(None, "--mu-weights", help="K-1 comma-separated relative frequencies of k = 1..K-1 (default uniform)"),
+    len_cv: float = typer.Option(0.2, "--len-cv", help="coefficient of variation of a response's length around its mean"),
+    ratio_noise: float = typer.Option(0.0, "--ratio-noise", help="std of the per-token log-ratio (0: on-policy, rho = 1; > 0 simulates every token, slower)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the synthetic mini-batches"),
+    out: Path = typer.Option(Path("reports/simulate"), "--out", "-o", help="folder for the figure and its tables"),
+) -> None:
+    """What the loss scale and DARO's weights would be on a run with these lengths: no model, the real loss."""
+    _quiet_analysis()
+    from analyses.simulate import plot_simulation
+    from daro_lab.simulate import DEFAULT_READINGS, SimConfig
+    from daro_lab.simulate import simulate as run_simulation
+
+    cfg = SimConfig(len_correct=_numbers(len_correct, "--len-correct"), len_wrong=_numbers(len_wrong, "--len-wrong"),
+                    K=k, prompts=prompts, updates=updates, lr_w=lr_w, readings=list(reading or DEFAULT_READINGS),
+                    mu_weights=None if mu_weights is None else list(map(float, _listify(_numbers(mu_weights, "--mu-weights")))),
+                    len_cv=len_cv, ratio_noise=ratio_noise, seed=seed)
+    try:
+        result = run_simulation(cfg)
+    except ValueError as e:
+        _fail(str(e))
+    fig = plot_simulation(result, out)
+    s = fig.tables["simulate_summary"]
+    pd_opts = {"index": False, "float_format": lambda x: f"{x:.3g}"}
+    base = s[s.w_final.isna()] if "w_final" in s else s
+    typer.echo("Baselines, last tenth of the updates: S share per prompt (measured, equal lengths, given lengths), "
+               "|C| share, L\n" + base[["run", "k", "S_share", "equal_length_share", "length_corrected_share",
+                                          "C_abs_share", "L"]].to_string(**pd_opts))
+    if "w_final" in s:
+        d = s[s.w_final.notna()]
+        typer.echo("\nDARO readings: final w and w*signal/C (1 = the fixed point), mean over the last tenth\n"
+                   + d[["run", "k", "signal" if "signal" in d else "mass", "reg", "w_final", "wS"]].to_string(**pd_opts))
+    for kind, path in fig.paths.items():
+        typer.echo(f"{kind:26s} {path}")
+    typer.echo(f"\n{fig.caption}")
+
+
+def _listify(x: float | list[float]) -> list[float]:
+    return x if isinstance(x, list) else [x]
+
+
 @app.command()
 def ui(
     port: int = typer.Option(5000, "--port", help="port on 127.0.0.1"),

@@ -1,0 +1,271 @@
+"""A deterministic loss-scale simulator that needs no model: "what would the loss scale be on my run?"
+
+Synthetic mini-batches with the lengths you give (of right and of wrong answers, per pass rate) go through
+the real loss (`algorithms.loss_terms`) for every method; DARO's weights are stepped by the real AdamW for
+`updates` updates under each reading of its signal. Nothing is learned by a model: the policy is replaced by
+per-token log-ratios drawn around 0 (`ratio_noise`), so the only thing that moves is the weights.
+
+    from daro_lab.simulate import SimConfig, simulate
+    res = simulate(SimConfig(len_correct=400, len_wrong=600, updates=600))
+    res.groups      # one row per (method or reading, update, k): S, C, C_offset, L, mass, w, signal, wS
+    res.summary()   # per method: S share per prompt vs the equal-length and length-corrected shapes;
+                    # per reading: final weights, max/min, distance from the fixed point
+
+One mini-batch: `prompts` prompts, each at a pass rate k/K drawn from `mu_weights` (default uniform over the
+interior k), with k right answers of length ~ len_correct[k] and K - k wrong ones of length ~ len_wrong[k]
+(log-normal jitter of coefficient of variation `len_cv`, at least one token, at most `max_len`).
+Same config, same numbers.
+
+Speed: with ratio_noise = 0 every token of a response has rho = 1 and the same loss, so each response is one
+column whose mask holds its length (the loss uses the mask only as a per-token weight: token counts, sums
+and coefficients come out the same; `tests/test_simulate.py` checks this against one column per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, loss_terms,
+                                 mu_key)
+
+BASELINES = ("grpo", "dapo", "dr_grpo", "lipo")
+DEFAULT_READINGS = ("abs:1", "signed:1", "mass:1", "abs:auto", "mass:auto")
+
+
+@dataclass
+class SimConfig:
+    """The synthetic run: lengths per pass rate, batch shape, DARO's optimizer and readings."""
+
+    len_correct: float | list[float] = 400.0  # mean length of a right answer: one value, or K-1 values (k = 1..K-1)
+    len_wrong: float | list[float] = 600.0  # mean length of a wrong answer: one value, or K-1 values
+    K: int = 8  # responses per prompt (paper: 8)
+    prompts: int = 64  # prompts per mini-batch (paper: mini-batch 64)
+    updates: int = 600  # optimizer updates (paper: 300 steps x 2 mini-batches)
+    mu_weights: list[float] | None = None  # relative frequency of k = 1..K-1 among the prompts (None: uniform)
+    len_cv: float = 0.2  # coefficient of variation of each response's length around its mean
+    max_len: int = 4096  # longest response (tokens)
+    ratio_noise: float = 0.0  # std of the per-token log-ratio log pi - log pi_old (0: on-policy, rho = 1)
+    lr_w: float = 1e-3  # DARO weights' learning rate (paper: 1e-3)
+    readings: list[str] = field(default_factory=lambda: list(DEFAULT_READINGS))  # 'signal:reg[:ema]' per DARO run
+    methods: list[str] = field(default_factory=lambda: list(BASELINES))  # baselines to simulate
+    std: str = "unbiased"  # group std of the advantage
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    seed: int = 0
+
+    def lengths(self, which: str) -> list[float]:
+        """[K-1] mean lengths for k = 1..K-1 of 'correct' or 'wrong' answers."""
+        v = self.len_correct if which == "correct" else self.len_wrong
+        vals = [float(v)] * (self.K - 1) if isinstance(v, (int, float)) else [float(x) for x in v]
+        if len(vals) != self.K - 1:
+            raise ValueError(f"len_{which}: expected one value or K-1 = {self.K - 1} values (k = 1..{self.K - 1}), "
+                             f"got {len(vals)}")
+        if any(not x >= 1 for x in vals):
+            raise ValueError(f"len_{which}: lengths must be >= 1 token, got {vals}")
+        return vals
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One DARO run of the simulator: the signal, the regulariser constant and the signal's EMA."""
+
+    signal: str
+    reg: float | str
+    ema: float = 0.0
+
+    @property
+    def name(self) -> str:
+        reg = self.reg if isinstance(self.reg, str) else f"{self.reg:g}"
+        return f"daro[{self.signal}, C={reg}" + (f", ema={self.ema:g}]" if self.ema else "]")
+
+    @staticmethod
+    def parse(text: str) -> Reading:
+        """'mass:auto', 'abs:1', 'abs:0.1:0.9' -> Reading; ValueError naming the bad part."""
+        from daro_lab.algorithms import SIGNALS
+
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3 or parts[0] not in SIGNALS:
+            raise ValueError(f"reading {text!r}: expected 'signal[:reg[:ema]]' with signal one of {', '.join(SIGNALS)}")
+        reg: float | str = 1.0
+        if len(parts) > 1:
+            try:
+                reg = "auto" if parts[1] == "auto" else float(parts[1])
+            except ValueError:
+                raise ValueError(f"reading {text!r}: reg must be a number > 0 or 'auto', got {parts[1]!r}") from None
+            if reg != "auto" and not (math.isfinite(reg) and reg > 0):
+                raise ValueError(f"reading {text!r}: reg must be a number > 0 or 'auto', got {parts[1]!r}")
+        ema = 0.0
+        if len(parts) > 2:
+            try:
+                ema = float(parts[2])
+            except ValueError:
+                raise ValueError(f"reading {text!r}: ema must be a number in [0, 1), got {parts[2]!r}") from None
+            if not 0 <= ema < 1:
+                raise ValueError(f"reading {text!r}: ema must be a number in [0, 1), got {parts[2]!r}")
+        return Reading(parts[0], reg, ema)
+
+
+def _batch(cfg: SimConfig, gen: torch.Generator, adv_kind: str, compact: bool = True) -> PolicyBatch:
+    """One synthetic mini-batch with the method's advantages (compact: one weighted column per response when
+    every token is alike)."""
+    K, P = cfg.K, cfg.prompts
+    w = torch.tensor(cfg.mu_weights if cfg.mu_weights is not None else [1.0] * (K - 1), dtype=torch.float64)
+    k = torch.multinomial(w, P, replacement=True, generator=gen) + 1  # [P] in 1..K-1
+    rewards = (torch.arange(K)[None, :] < k[:, None]).double()  # [P, K]: k right answers first
+    lc = torch.tensor(cfg.lengths("correct"), dtype=torch.float64)[k - 1]  # [P]
+    lw = torch.tensor(cfg.lengths("wrong"), dtype=torch.float64)[k - 1]
+    mean = torch.where(rewards > 0.5, lc[:, None], lw[:, None]).flatten()  # [P*K]
+    sd = math.sqrt(math.log1p(cfg.len_cv**2))
+    jitter = torch.exp(torch.randn(P * K, generator=gen, dtype=torch.float64) * sd - sd * sd / 2)
+    lengths = (mean * jitter).round().clamp(1, cfg.max_len).long()
+    if cfg.ratio_noise > 0 or not compact:
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    else:  # every token of a response is alike (rho = 1): one column, weighted by the length (see module doc)
+        T, mask = 1, lengths.double()[:, None]
+    old = torch.zeros(P * K, T, dtype=torch.float64)
+    logp = old + cfg.ratio_noise * torch.randn(P * K, T, generator=gen, dtype=torch.float64)
+    adv = compute_advantages(rewards, adv_kind, cfg.std)
+    return PolicyBatch(logp=logp, old_logp=old, mask=mask, advantages=adv.flatten(),
+                       num_correct=k.repeat_interleave(K), rewards=rewards.flatten(),
+                       prompt_index=torch.arange(P).repeat_interleave(K))
+
+
+def _group_rows(metrics: dict, K: int, run: str, update: int) -> list[dict]:
+    rows = []
+    for kk in range(1, K):
+        key = mu_key(kk, K)
+        if f"loss/{key}" not in metrics:
+            continue
+        row = {"run": run, "update": update, "k": kk, "K": K, "mu": kk / K}
+        for name, col in (("loss", "L"), ("contrib", "C"), ("contrib_offset", "C_offset"), ("scale", "S"),
+                          ("mass", "mass"), ("prompts", "prompts"), ("len_correct", "len_correct"),
+                          ("len_incorrect", "len_incorrect"), ("daro/w", "w"), ("daro/signal", "signal"),
+                          ("daro/wS", "wS")):
+            if f"{name}/{key}" in metrics:
+                row[col] = metrics[f"{name}/{key}"]
+        if "daro/reg" in metrics:
+            row["reg"] = metrics["daro/reg"]
+        rows.append(row)
+    return rows
+
+
+def _grad_norms(batch: PolicyBatch, K: int, s: LossSettings, w: torch.Tensor) -> torch.Tensor:
+    """[K-1] ||grad L_mu|| with respect to the per-token log-probs (the simulator's stand-in for theta)."""
+    logp = batch.logp.detach().clone().requires_grad_()
+    b = PolicyBatch(**{**batch.__dict__, "logp": logp})
+    t = loss_terms("daro", b, K, s, weights=w.detach(), group_grad_norms=torch.zeros(K - 1, dtype=logp.dtype))
+    out = torch.zeros(K - 1, dtype=logp.dtype)
+    for kk in range(1, K):
+        if t.present[kk]:
+            (g,) = torch.autograd.grad(t.group_loss[kk], logp, retain_graph=True)
+            out[kk - 1] = g.norm()
+    return out
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    groups: pd.DataFrame  # one row per (run, update, k)
+
+    def summary(self, last: float = 0.1) -> pd.DataFrame:
+        """Per run (method or reading) and k: window means over the last `last` share of the updates.
+
+        Baselines: S share per prompt (measured), the equal-length shape and the length-corrected shape
+        (both as shares over the k present); |C| share: each group's sum of |C| over the window over the sum
+        over groups (pooled, so that a near-zero mini-batch weighs nothing), of the coefficient part only
+        (DARO's offset -C ln w has no theta-gradient), NaN where the loss is 0 up to rounding (GRPO at rho = 1:
+        its advantages sum to 0 within each group); DARO readings: final w, mean w*signal/C over the window."""
+        from daro_lab.algorithms import length_corrected_shape
+
+        cfg, g = self.config, self.groups
+        start = int(cfg.updates * (1 - last))
+        win = g[g["update"] >= start]
+        rows = []
+        lc, lw = cfg.lengths("correct"), cfg.lengths("wrong")
+        for run, d in win.groupby("run", sort=False):
+            per_k = d.groupby("k")
+            s_pp = (d.S / d.prompts).groupby(d.k).mean()
+            out = pd.DataFrame({"run": run, "k": list(per_k.groups), "K": cfg.K})
+            out["mu"] = out.k / cfg.K
+            out["S_share"] = out.k.map(s_pp / s_pp.sum())
+            coef = (d.C - d.C_offset.fillna(0.0) if "C_offset" in d else d.C).abs()
+            c_sum = coef.groupby(d.k).sum()
+            exact_zero = c_sum.sum() <= 1e-9 * (d.S.abs().sum() or 1.0)
+            out["C_abs_share"] = np.nan if exact_zero else out.k.map(c_sum / c_sum.sum())
+            out["L"] = out.k.map(per_k.L.mean())
+            out["mass"] = out.k.map(per_k["mass"].mean())
+            method = run if run in METHODS else "daro"
+            if method in BASELINES:
+                eq = [length_corrected_shape(method, k, cfg.K, 1.0, 1.0, cfg.std) for k in out.k]
+                lcs = [length_corrected_shape(method, k, cfg.K, lc[k - 1], lw[k - 1], cfg.std) for k in out.k]
+                out["equal_length_share"] = [x / sum(eq) for x in eq]
+                out["length_corrected_share"] = [x / sum(lcs) for x in lcs]
+            if "w" in d:
+                last_update = d[d["update"] == d["update"].max()]
+                out["w_final"] = out.k.map(last_update.groupby("k").w.last())
+                out["wS"] = out.k.map(per_k.wS.mean())
+                out["reg"] = float(d.reg.iloc[-1])
+            rows.append(out)
+        return pd.concat(rows, ignore_index=True)
+
+
+def simulate(cfg: SimConfig, compact: bool = True) -> SimResult:
+    """Run every baseline for one mini-batch per update (their loss scale needs no optimizer) and every DARO
+    reading for `updates` AdamW steps of its weights; all on the same synthetic mini-batches."""
+    K = cfg.K
+    if K < 2:
+        raise ValueError(f"K = {K}: a pass rate strictly between 0 and 1 needs K >= 2")
+    if cfg.prompts < 1 or cfg.updates < 1:
+        raise ValueError(f"prompts and updates must be >= 1, got {cfg.prompts}, {cfg.updates}")
+    if cfg.mu_weights is not None and (len(cfg.mu_weights) != K - 1 or min(cfg.mu_weights) < 0
+                                       or sum(cfg.mu_weights) <= 0):
+        raise ValueError(f"mu_weights: expected K-1 = {K - 1} non-negative numbers, not all 0, got {cfg.mu_weights}")
+    cfg.lengths("correct"), cfg.lengths("wrong")
+    readings = [Reading.parse(r) for r in cfg.readings]
+    for m in cfg.methods:
+        if m not in BASELINES:
+            raise ValueError(f"method {m!r}: the simulator runs the baselines {', '.join(BASELINES)} (DARO: readings)")
+    rows: list[dict] = []
+    base = LossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_response_length=cfg.max_len)
+    darow = []
+    for r in readings:
+        dw = DaroWeights(K, dtype=torch.float64)
+        opt = torch.optim.AdamW(dw.param_group(cfg.lr_w)["params"], lr=cfg.lr_w, weight_decay=0.0)
+        s = LossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, weight_signal=r.signal, reg=r.reg,
+                         signal_ema=r.ema)
+        darow.append((r, dw, opt, s))
+    baselines_every = max(1, cfg.updates // 100)  # their shapes do not depend on the update: sample 100 of them
+    for u in range(cfg.updates):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + u)
+        batches = {}
+        for m in dict.fromkeys([METHODS[m].advantage for m in cfg.methods] + ["group_std"]):
+            batches[m] = _batch(cfg, torch.Generator().manual_seed(gen.initial_seed()), m, compact)
+        if u % baselines_every == 0:
+            for m in cfg.methods:
+                t = loss_terms(m, batches[METHODS[m].advantage], K, base)
+                rows += _group_rows(t.metrics, K, m, u)
+        b = batches["group_std"]
+        for r, dw, opt, s in darow:
+            norms = _grad_norms(b, K, s, dw()) if r.signal == "grad" else None
+            opt.zero_grad()
+            t = loss_terms("daro", b, K, s, weights=dw(), group_grad_norms=norms, daro_state=dw.state())
+            t.loss.backward()
+            dw.release_absent(t.metrics)
+            opt.step()
+            dw.project_()
+            dw.set_state(t.daro_state)
+            rows += _group_rows({**t.metrics, **{f"daro/w/{mu_key(k, K)}": v for k, v in dw.as_dict().items()}},
+                                K, r.name, u)
+    return SimResult(cfg, pd.DataFrame(rows))
+
+
+def reach_limit(lr_w: float, updates: int) -> float:
+    """The largest |ln w| AdamW can reach: each update moves ln w by at most about lr_w (Adam's step is
+    bounded by its learning rate), so |ln w*| <~ lr_w x updates decides whether a fixed point is reachable."""
+    return lr_w * updates
