@@ -2,19 +2,30 @@
 
 Read from each run's `per_mu` table (one row per step, mini-batch and group k):
 
-- S_mu per prompt (S / prompts), averaged over the window, then normalised to sum 1 over mu: the
-  loss scale a *single prompt* at mu gets. Drawn against the static shapes of DESIGN.md
-  (`daro_lab.algorithms.losses.static_shape`), normalised over the same mu grid.
-- |C_mu| and G_mu as shares of the total: in every (step, mini-batch) the group's |C| (or G) over
-  the sum over groups, a group absent from the mini-batch counting 0, averaged over the window's
-  mini-batches (G: over the mini-batches where G was measured). These are what each group
-  *receives*, prompt counts included; equal shares are what DARO aims for.
-- DARO's w_mu * L_mu (mean over the window's rows where the group is present).
-- a panel per arm over steps: each group's share of |C| per step (mean over the step's mini-batches).
+- S_mu per prompt (S / prompts) as a share over the groups present in each mini-batch, averaged over the
+  window's mini-batches (then renormalised over mu): the loss scale a *single prompt* at mu gets. For the
+  baselines, the same aggregation of two predictions from the same rows: the static shape at equal lengths
+  (DESIGN shapes, `static_shape`) and the length-corrected shape from the group's logged lengths of right and
+  wrong answers (`length_corrected_shape`: k A+ L+ + (K-k)|A-| L-, per response token-mean for GRPO).
+  What each comparison can show: GRPO's measured shape equals its static shape at any lengths (its per-response
+  token-mean cancels them): an algebraic identity, drawn as a consistency check. DAPO, Dr. GRPO and LIPO sum
+  over tokens, so unequal lengths move them off the equal-length shape: that departure is the measurement, and
+  it can be 0 (equal lengths) or not; their match with the length-corrected shape is again a consistency check
+  of the accounting (both come from the same rows).
+- S_mu as a share of the total (what the group receives, prompt counts included), pooled over the window.
+- |C_mu| as a share of the loss: the coefficient part only, C_mu minus DARO's offset -C ln w_mu (recorded apart
+  as `contrib_offset/`), which adds to the loss's value but carries no theta-gradient. Pooled over the window:
+  each group's sum of |C| over the window's mini-batches over the sum over groups, so a mini-batch whose loss
+  is near 0 weighs nothing (GRPO's on-policy mini-batch: at rho = 1 its advantages sum to 0 within every group
+  and C_mu = 0 up to float rounding). An arm whose whole window has C = 0 up to rounding gets no share.
+- G_mu = ||grad C_mu|| as a share, pooled the same way over the mini-batches where G was measured.
+- DARO: w_mu * signal_mu / C (1 at the fixed point w = C / signal of the reading the run used; older runs
+  without it: w_mu * |L_mu|, the paper's reading).
+- a panel per arm over steps: each group's share of |C| (coefficient part) per step, pooled over the step.
 
-Every quantity is computed per run, then averaged over the arm's runs (seeds); the per-prompt
-share is normalised after that average. The tables are `loss_scale.csv` (per arm and mu),
-`loss_scale_steps.csv` (per arm, step and mu) and `loss_scale_reference.csv` (the static shapes).
+Every quantity is computed per run, then averaged over the arm's runs (seeds). The tables are
+`loss_scale.csv` (per arm and mu), `loss_scale_steps.csv` (per arm, step and mu) and
+`loss_scale_reference.csv` (the static shapes).
 """
 
 from __future__ import annotations
@@ -30,33 +41,55 @@ from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish
 
 NAME = "loss-scale"
 STATIC_METHODS = ("grpo", "dapo", "dr_grpo", "lipo")
+ROUNDING = 1e-9  # a total |C| below this times the loss mass S is float rounding, not a loss
 
 
 def per_mu_frame(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
-    """The run's per_mu rows within the step window (inclusive), with interior k only."""
+    """The run's per_mu rows within the step window (inclusive), with interior k only, and the coefficient part
+    of C (`C_coef` = C - C_offset; C itself for runs that recorded no offset)."""
     df = run.table("per_mu")
     if df is None:
         return pd.DataFrame()
     df = df[(df.k > 0) & (df.k < df.K)].copy()
     if window is not None:
         df = df[(df.step >= window[0]) & (df.step <= window[1])]
+    df["C_coef"] = df.C - (df.C_offset.fillna(0.0) if "C_offset" in df.columns else 0.0)
     return df
 
 
-def _shares(df: pd.DataFrame, col: str, absolute: bool = False) -> pd.DataFrame:
-    """Per (step, minibatch): each group's share of the column's total over groups (absent groups:
-    no row). Rows where the total is 0 or the column is missing are dropped."""
-    d = df[["step", "minibatch", "k", col]].dropna(subset=[col]).copy()
-    if absolute:
-        d[col] = d[col].abs()
-    tot = d.groupby(["step", "minibatch"])[col].transform("sum")
-    d = d[tot > 0]
-    d["share"] = d[col] / tot[tot > 0]
-    return d
+def _minibatch_shares(df: pd.DataFrame, values: pd.Series) -> pd.Series:
+    """Per row: the value over the sum over the groups of its (step, mini-batch); NaN where that sum is 0."""
+    tot = values.groupby([df.step, df.minibatch]).transform("sum")
+    return values / tot.where(tot > 0)
+
+
+def _pooled(df: pd.DataFrame, col: str) -> pd.Series | None:
+    """{k: sum of |col| over the rows / sum over every group}; None when the column is missing or all NaN."""
+    if col not in df.columns or df[col].isna().all():
+        return None
+    v = df[col].abs()
+    tot = v.sum()
+    return (v.groupby(df.k).sum() / tot) if tot > 0 else None
+
+
+def _prompt_shapes(df: pd.DataFrame, method: str, std: str, eps: float) -> pd.DataFrame:
+    """Per row, per-prompt S (measured), the equal-length static shape and the length-corrected shape, each
+    as a share over the groups of its mini-batch."""
+    from daro_lab.algorithms import length_corrected_shape, static_shape
+
+    out = pd.DataFrame(index=df.index)
+    out["measured"] = _minibatch_shares(df, df.S / df.prompts)
+    if method in STATIC_METHODS:
+        eq = pd.Series([static_shape(method, k / K, 1, sigma_batch=1.0) for k, K in zip(df.k, df.K)], index=df.index)
+        lc = pd.Series([length_corrected_shape(method, int(k), int(K), a, b, std, eps)
+                        for k, K, a, b in zip(df.k, df.K, df.len_correct, df.len_incorrect)], index=df.index)
+        out["equal_length"] = _minibatch_shares(df, eq)
+        out["length_corrected"] = _minibatch_shares(df, lc)
+    return out
 
 
 def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
-    """One row per group k of one run: window means of the shares and per-prompt scale."""
+    """One row per group k of one run: the window's shares and means (module docstring)."""
     df = per_mu_frame(run, window)
     if df.empty:
         return pd.DataFrame()
@@ -65,21 +98,25 @@ def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
     out = pd.DataFrame({"k": ks})
     out["K"] = K
     out["mu"] = out.k / K
-    n_mb = df.groupby(["step", "minibatch"]).ngroups
-    for col, name, absolute in (("S", "S_share", False), ("C", "C_abs_share", True), ("G", "G_share", False)):
-        if col not in df.columns:
+    shapes = _prompt_shapes(df, run.method, run.param("algo.std", "unbiased"), run.param("algo.adv_eps", 1e-6, float))
+    for col, name in (("measured", "S_share_per_prompt"), ("equal_length", "ref_share"),
+                      ("length_corrected", "lc_share")):
+        if col in shapes:
+            m = shapes[col].groupby(df.k).mean()
+            out[name] = out.k.map(m / m.sum())
+        else:
             out[name] = np.nan
-            continue
-        sh = _shares(df, col, absolute)
-        n = sh.groupby(["step", "minibatch"]).ngroups if col == "G" else n_mb
-        if n == 0:
-            out[name] = np.nan
-            continue
-        out[name] = out.k.map(sh.groupby("k").share.sum() / n).fillna(0.0)
+    sp = _pooled(df, "S")
+    out["S_share"] = np.nan if sp is None else out.k.map(sp).fillna(0.0)
+    c = _pooled(df, "C_coef")
+    c_zero = c is None or df.C_coef.abs().sum() <= ROUNDING * df.S.abs().sum()
+    out["C_abs_share"] = np.nan if c_zero else out.k.map(c).fillna(0.0)
+    g = _pooled(df.dropna(subset=["G"]) if "G" in df.columns else df, "G")
+    out["G_share"] = np.nan if g is None else out.k.map(g).fillna(0.0)
     present = df.groupby("k")
     out["S_per_prompt"] = out.k.map((df.S / df.prompts).groupby(df.k).mean())
     out["prompts"] = out.k.map(present.prompts.mean())
-    for col in ("w", "wL", "L"):
+    for col in ("w", "wL", "L", "wS", "mass", "signal", "len_correct", "len_incorrect"):
         out[col] = out.k.map(present[col].mean()) if col in df.columns else np.nan
     out["wL_abs"] = out.k.map(df.wL.abs().groupby(df.k).mean()) if "wL" in df.columns else np.nan
     out["rows"] = out.k.map(present.size())
@@ -95,16 +132,9 @@ def reference_shares(method: str, K: int, n_prompts: int, ks: Sequence[int]) -> 
     return vals / vals.sum()
 
 
-def reference_curve(method: str, K: int, n_prompts: int, ks: Sequence[int], mu: np.ndarray) -> np.ndarray:
-    """The static shape on a fine mu grid, with the normaliser of `reference_shares` (the curve
-    passes through the discrete reference points)."""
-    from daro_lab.algorithms.losses import static_shape
-
-    norm = sum(static_shape(method, k / K, n_prompts, sigma_batch=1.0) for k in ks)
-    return np.array([static_shape(method, m, n_prompts, sigma_batch=1.0) for m in mu]) / norm
-
-
 def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
+    """Per arm, step and k: each group's share of the step's |C| (coefficient part, pooled over the step's
+    mini-batches), mean over the arm's runs; steps where C is 0 up to rounding are left out."""
     rows = []
     for arm, members in runs_by_arm.items():
         per_run = []
@@ -114,10 +144,10 @@ def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
             df = frames[r.run_id]
             if df.empty:
                 continue
-            sh = _shares(df, "C", absolute=True)
-            n_mb = df.groupby("step").minibatch.nunique()
-            s = sh.groupby(["step", "k"]).share.sum().unstack(fill_value=0.0)
-            s = s.div(n_mb.reindex(s.index), axis=0)
+            c = df.C_coef.abs().groupby([df.step, df.k]).sum().unstack(fill_value=0.0)
+            mass = df.S.abs().groupby(df.step).sum().reindex(c.index)
+            tot = c.sum(axis=1)
+            s = c[tot > ROUNDING * mass].div(tot[tot > ROUNDING * mass], axis=0)
             # a group absent from this run's step received nothing: share 0 (as in the window table)
             s = s.reindex(columns=arm_ks, fill_value=0.0).stack().rename("C_abs_share").reset_index()
             s["K"] = int(df.K.iloc[0])
@@ -134,6 +164,11 @@ def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["arm", "method", "step", "k", "K", "mu", "C_abs_share", "n_runs"])
     return pd.concat(rows, ignore_index=True)[["arm", "method", "step", "k", "K", "mu", "C_abs_share", "n_runs"]]
+
+
+SHARES = ("S_share", "C_abs_share", "G_share")  # what each group receives: 0 in a run where it never appears
+PROMPT_SHARES = ("S_share_per_prompt", "ref_share", "lc_share")  # per prompt: mean over the runs that had the group
+MEANS = ("S_per_prompt", "prompts", "w", "wL", "wL_abs", "wS", "L", "mass", "signal", "len_correct", "len_incorrect")
 
 
 def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
@@ -153,27 +188,22 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
             notes.append(f"{arm}: no per-mu rows in the window {window}")
             continue
         d = pd.concat(parts, ignore_index=True)
-        cols = ["S_share", "C_abs_share", "G_share", "S_per_prompt", "prompts", "w", "wL", "wL_abs", "L"]
         g = d.groupby(["k", "K"])
-        agg = g[cols].mean()
+        agg = g[list(MEANS)].mean()
         # a run where a group never appears gives it share 0 (it received nothing); a run that never
-        # measured the quantity (no G logged) is left out of that quantity's mean
-        for c in ("S_share", "C_abs_share", "G_share"):
+        # measured the quantity (no G logged, C = 0 up to rounding) is left out of that quantity's mean
+        for c in SHARES:
             per_run = d.pivot(index="run_id", columns="k", values=c)
             measured = per_run.notna().any(axis=1)
             means = per_run[measured].fillna(0.0).mean() if measured.any() else pd.Series(dtype=float)
             agg[c] = [means.get(k, np.nan) for k, _ in agg.index]
+        for c in PROMPT_SHARES:
+            m = g[c].mean()
+            agg[c] = m / m.sum() if m.notna().any() else np.nan
         agg["n_runs"] = g.size()
         agg = agg.reset_index()
         agg["mu"] = agg.k / agg.K
-        tot = agg.S_per_prompt.sum()
-        agg["S_share_per_prompt"] = agg.S_per_prompt / tot if tot > 0 else np.nan
         method = members[0].method
-        N = members[0].param("trainer.mini_batch_prompts", 1, int)
-        if method in STATIC_METHODS:
-            agg["ref_share"] = reference_shares(method, int(agg.K.iloc[0]), N, agg.k.tolist())
-        else:
-            agg["ref_share"] = np.nan
         agg.insert(0, "arm", arm)
         agg.insert(1, "method", method)
         steps = pd.concat([per_mu_frame(r, window).step for r in members])
@@ -183,7 +213,8 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
         raise AnalysisError(f"loss-scale: no per-mu rows in the step window {window} for {runs.source}")
     table = pd.concat(main, ignore_index=True)[
         ["arm", "method", "k", "K", "mu", "n_runs", "step_first", "step_last", "prompts", "S_per_prompt",
-         "S_share_per_prompt", "ref_share", "S_share", "C_abs_share", "G_share", "L", "w", "wL", "wL_abs"]]
+         "S_share_per_prompt", "ref_share", "lc_share", "S_share", "C_abs_share", "G_share", "L", "len_correct",
+         "len_incorrect", "mass", "w", "wL", "wL_abs", "signal", "wS"]]
     ref_rows = []
     for method in sorted(set(table.method) & set(STATIC_METHODS), key=style.method_rank):
         t = table[table.method == method]
@@ -204,26 +235,39 @@ def _caption(table: pd.DataFrame, window_txt: str) -> str:
     for arm, t in table.groupby("arm", sort=False):
         t = t.sort_values("mu")
         n_groups = len(t)
-        top = t.loc[t.C_abs_share.idxmax()]
-        txt = (f"under {arm}, the group μ={int(top.k)}/{int(top.K)} carries the largest share of |C_μ| "
-               f"({top.C_abs_share:.0%}, equal shares would be {1 / n_groups:.0%})")
+        if t.C_abs_share.notna().any():
+            top = t.loc[t.C_abs_share.idxmax()]
+            txt = (f"under {arm}, the group μ={int(top.k)}/{int(top.K)} carries the largest share of |C_μ| "
+                   f"({top.C_abs_share:.0%}, equal shares would be {1 / n_groups:.0%})")
+        else:
+            txt = f"under {arm}, C_μ is 0 up to rounding in the window (no share drawn)"
         if t.G_share.notna().any() and t.G_share.sum() > 0:
             gt = t.loc[t.G_share.idxmax()]
             txt += f" and μ={int(gt.k)}/{int(gt.K)} the largest share of the gradient norm ({gt.G_share:.0%})"
         if t.ref_share.notna().any():
             dev = float(np.nanmax(np.abs(t.S_share_per_prompt - t.ref_share)))
-            pk = t.loc[t.S_share_per_prompt.idxmax()]
-            txt += (f"; its per-prompt loss scale peaks at μ={int(pk.k)}/{int(pk.K)} and departs from the static "
-                    f"shape by at most {dev:.3f} (in share)")
-        if t.wL_abs.notna().any():
+            lc = float(np.nanmax(np.abs(t.S_share_per_prompt - t.lc_share)))
+            if t.method.iloc[0] == "grpo":
+                txt += (f"; its per-prompt S_μ is on its static shape to {dev:.1g} in share (a consistency check: "
+                        "GRPO's per-response token-mean makes this hold at any lengths)")
+            else:
+                txt += (f"; its per-prompt S_μ departs from the equal-length shape by up to {dev:.3f} in share (the "
+                        f"effect of the lengths of right and wrong answers) and is on the length-corrected shape to "
+                        f"{lc:.1g} (a consistency check: both come from the same logged lengths)")
+        if t.wS.notna().any():
+            ws = t.wS.dropna()
+            txt += f"; w_μ·signal_μ/C spans {ws.min():.3g} to {ws.max():.3g} (1 at DARO's fixed point)"
+        elif t.wL_abs.notna().any():
             wl = t.wL_abs.dropna()
-            txt += f"; w_μ·|L_μ| spans {wl.min():.3g} to {wl.max():.3g} (DARO's balance point is 1)"
+            txt += f"; w_μ·|L_μ| spans {wl.min():.3g} to {wl.max():.3g} (DARO's fixed point with the paper's reading is 1)"
         parts.append(txt)
-    refs = ("against the static shapes of DESIGN.md (dashed)" if table.ref_share.notna().any()
-            else "(no static shape among these methods)")
-    return (f"Loss scale by pass rate, {window_txt}. Top left: S_μ per prompt as a share (markers) {refs}. Then |C_μ| and G_μ as shares of the total per group "
-            f"(grey dotted: equal shares), DARO's w_μ·|L_μ| (mean over the window's mini-batches), and each group's share of |C| over training. "
-            + ("; ".join(parts)).capitalize()[:1] + "; ".join(parts)[1:] + ".")
+    refs = ("against the equal-length static shapes (dashed) and the shapes corrected for the logged lengths "
+            "(dotted)" if table.ref_share.notna().any() else "(no static shape among these methods)")
+    return (f"Loss scale by pass rate, {window_txt}. Top left: S_μ per prompt as a share (markers) {refs}. Then "
+            "|C_μ| (the part with a θ-gradient: DARO's offset −C ln w is left out; pooled over mini-batches, so a "
+            "mini-batch whose loss is ~0 weighs nothing) and G_μ as shares of the total per group (grey dotted: "
+            "equal shares), DARO's w_μ·signal_μ/C (mean over the window), and each group's share of |C| over "
+            "training. " + ("; ".join(parts))[:1].upper() + "; ".join(parts)[1:] + ".")
 
 
 def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
@@ -241,7 +285,6 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         ax_s, ax_c, ax_g = axes[0]
         ax_w = axes[1, 0]
         step_axes = [axes[1, 1], axes[1, 2]] + [a for row in axes[2:] for a in row]
-        mu_fine = np.linspace(0.0, 1.0, 201)
         for arm in arms:
             t = table[table.arm == arm].sort_values("mu")
             st = runs.arm_style(arm)
@@ -249,39 +292,44 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
             ax_s.plot(t.mu, t.S_share_per_prompt, **{**kw, "linestyle": "none"})
             method = t.method.iloc[0]
             if method in STATIC_METHODS:
-                N = next(r for r in runs if r.arm == arm).param("trainer.mini_batch_prompts", 1, int)
-                ax_s.plot(mu_fine, reference_curve(method, int(t.K.iloc[0]), N, t.k.tolist(), mu_fine),
-                          color=st["color"], linestyle="--", linewidth=0.9, alpha=0.8)
-            ax_c.plot(t.mu, t.C_abs_share, **kw)
+                ax_s.plot(t.mu, t.ref_share, color=st["color"], linestyle="--", linewidth=0.9, alpha=0.8)
+                if method != "grpo":
+                    ax_s.plot(t.mu, t.lc_share, color=st["color"], linestyle=":", linewidth=1.1, alpha=0.9)
+            if t.C_abs_share.notna().any():
+                ax_c.plot(t.mu, t.C_abs_share, **kw)
             if t.G_share.notna().any():
                 ax_g.plot(t.mu, t.G_share, **kw)
-            if t.wL_abs.notna().any():
+            if t.wS.notna().any():
+                ax_w.plot(t.mu, t.wS, **kw)
+            elif t.wL_abs.notna().any():
                 ax_w.plot(t.mu, t.wL_abs, **kw)
         n_groups = table.groupby("arm").size().max()
         for ax in (ax_c, ax_g):
             ax.axhline(1 / n_groups, color="0.4", linestyle=":", linewidth=0.9, label="equal shares")
             ax.legend(handles=ax.get_lines()[-1:], loc="upper right")
         if set(table.method) & set(STATIC_METHODS):
-            ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="static shape (DESIGN.md)")
-            ax_s.legend(handles=ax_s.get_lines()[-1:], loc="lower center")
+            ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="equal lengths")
+            ax_s.plot([], [], color="0.3", linestyle=":", linewidth=1.1, label="logged lengths")
+            ax_s.legend(handles=ax_s.get_lines()[-2:], loc="lower center", ncol=2)
         ax_s.set(title="(a) loss scale S$_\\mu$ per prompt", ylabel="share (Σ over μ = 1)")
-        ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C|")
+        ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C| (θ-part)")
         ax_g.set(title="(c) G$_\\mu$ = ‖∇C$_\\mu$‖: share", ylabel="share of Σ G")
-        ax_w.set(title="(d) DARO: w$_\\mu$·|L$_\\mu$|",
-                 ylabel="w$_\\mu$·|L$_\\mu$| (log)" if table.wL_abs.notna().any() else None)
+        paper_reading = table.wS.isna().all()
+        ax_w.set(title="(d) DARO: w$_\\mu$·|L$_\\mu$|" if paper_reading else "(d) DARO: w$_\\mu$·signal$_\\mu$/C",
+                 ylabel="balance (log)" if table.wL_abs.notna().any() else None)
         for ax in (ax_s, ax_c, ax_g, ax_w):
             ax.set_xlabel("pass rate μ")
             ax.set_xlim(0, 1)
         if not table.G_share.notna().any():
             style.empty_panel(ax_g, "no G_μ logged\n(trainer.grad_norm_every = 0?)")
             notes.append("no per-group gradient norms G_mu in these runs (trainer.grad_norm_every = 0)")
-        if table.wL_abs.notna().any():
+        if table.wL_abs.notna().any() or table.wS.notna().any():
             style.log_axis(ax_w)
-            ax_w.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9, label="balance point")
+            ax_w.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9, label="fixed point")
             ax_w.legend(handles=ax_w.get_lines()[-1:], loc="best")
         else:
             style.empty_panel(ax_w, "no DARO run selected")
-            notes.append("no DARO (or static-weight) run: panel (d), w_mu * |L_mu|, is empty")
+            notes.append("no DARO (or static-weight) run: panel (d), DARO's balance, is empty")
         letters = "efghijklmnop"
         Ks = sorted(steps.K.unique()) if len(steps) else [2]
         for i, ax in enumerate(step_axes):

@@ -17,9 +17,10 @@ from daro_lab.hooks.base import Hook, MiniBatchView
 
 # per-group quantities of the loss's metrics, and the column each becomes in the per_mu table
 PER_MU_COLUMNS = {
-    "loss": "L", "contrib": "C", "scale": "S", "prompts": "prompts", "tokens": "tokens",
-    "len_correct": "len_correct", "len_incorrect": "len_incorrect", "clipfrac_pos": "clipfrac_pos",
-    "clipfrac_neg": "clipfrac_neg", "daro/w": "w", "daro/wL": "wL", "gradnorm": "G", "gradnorm_L": "G_L",
+    "loss": "L", "contrib": "C", "contrib_offset": "C_offset", "scale": "S", "mass": "mass", "prompts": "prompts",
+    "tokens": "tokens", "len_correct": "len_correct", "len_incorrect": "len_incorrect", "clipfrac_pos": "clipfrac_pos",
+    "clipfrac_neg": "clipfrac_neg", "daro/w": "w", "daro/wL": "wL", "daro/signal": "signal", "daro/wS": "wS",
+    "gradnorm": "G", "gradnorm_L": "G_L",
 }
 
 
@@ -32,12 +33,14 @@ def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
         col = PER_MU_COLUMNS.get(parsed[0]) if parsed else None
         if col is not None:
             rows.setdefault(parsed[1], {})[col] = v
-    return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k]} for k in sorted(rows) if "L" in rows[k]]
+    extra = {"reg": metrics["daro/reg"]} if "daro/reg" in metrics else {}
+    return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k], **extra} for k in sorted(rows) if "L" in rows[k]]
 
 
 # per-group counts that the tables hold (per_mu, mu_hist): not repeated as MLflow metrics, whose
 # SQL store costs about 0.2 ms per value
-TABLE_ONLY = ("prompts/mu_", "tokens/mu_", "daro/w/mu_", "daro/signal/mu_", "rollout/prompts/mu_")
+TABLE_ONLY = ("prompts/mu_", "tokens/mu_", "daro/w/mu_", "daro/signal/mu_", "rollout/prompts/mu_", "mass/mu_",
+              "contrib_offset/mu_")
 
 
 # quantities that are a state after the step, not a per-step measurement: logged as they stand
