@@ -5,8 +5,10 @@ What is measured (DESIGN.md, "Hoeffding check"), from each run's `hoeffding` tab
 response of the off-policy mini-batches, index >= 1: on the first one rho = 1 exactly):
 
 - g_t = min(rho_t, 1 + eps_high) in [0, 1 + eps_high] where A > 0, and max(rho_t, 1 - eps_low) in
-  [1 - eps_low, b] where A < 0, with b the dual-clip constant or, without one, the largest ratio
-  observed in the run's negative-advantage responses (reported: the range is then data-dependent).
+  [1 - eps_low, b] where A < 0, with b the dual-clip constant or, without one, the 99th percentile of the
+  per-response largest ratio over the run's negative-advantage responses (not the single largest ratio,
+  which one outlier would set); the share of those responses whose ratio exceeds b, for which g is not
+  bounded by b, is reported.
 - d_i = |mean_t g_{i,t} - group mean|, the group being the responses with the same k and sign of
   A in the same mini-batch; groups of one response (d = 0 by construction) are left out.
 - Hoeffding for n independent tokens in [a, b]: P(d >= tau) <= 2 exp(-2 n tau^2 / (b - a)^2).
@@ -20,13 +22,18 @@ response of the off-policy mini-batches, index >= 1: on the first one rho = 1 ex
     mass sum_i |A_i| n_i g_i / sum_i n_i (well defined when the exact loss is near 0).
 
 Honesty, both ways. Tokens of one response are not independent and the group mean stands in for
-E g, so the check assumes neither answer. With [lo, hi] the 95% Clopper-Pearson interval of the
-measured coverage, the verdict at delta is "holds" when lo >= 1 - delta (the promise is met beyond
-sampling noise), "fails" when hi < 1 - delta (it is broken beyond sampling noise), "consistent"
-when the coverage is at least 1 - delta but too few responses establish it, and "inconclusive"
-when it falls short within sampling noise. A failure says the premise of the
-factorisation does not hold in these runs; it cannot say whether token dependence or differences
-between the prompts of one group is the cause. A pass is evidence for these runs, not a proof.
+E g, so the check assumes neither answer. Only responses of at least `min_tokens` tokens are tested
+(default 8: shorter ones have a band wider than half of g's range at delta = 0.05, which almost any
+deviation satisfies); the others are counted and left out. A scope is "vacuous" when it has no tested
+response, or when the bound is >= 1 at every observed deviation (every response's deviation is below
+sqrt(ln 2 / 2n) of the range): then no observation could have contradicted the bound, and its coverage
+is not evidence for it. Otherwise, with [lo, hi] the 95% Clopper-Pearson interval of the measured
+coverage, the verdict at delta is "holds" when lo >= 1 - delta (the promise is met beyond sampling
+noise), "fails" when hi < 1 - delta (it is broken beyond sampling noise), "consistent" when the
+coverage is at least 1 - delta but too few responses establish it, and "inconclusive" when it falls
+short within sampling noise. A failure says the premise of the factorisation does not hold in these
+runs; it cannot say whether token dependence or differences between the prompts of one group is the
+cause. A pass is evidence for these runs, not a proof.
 
 Tables: `hoeffding_coverage.csv` (main), `hoeffding_tail.csv`, `hoeffding_factorisation.csv`,
 `hoeffding_ranges.csv`.
@@ -49,6 +56,8 @@ NAME = "hoeffding"
 DELTAS = (0.01, 0.05, 0.1)
 CONFIDENCE = 0.95  # of the Clopper-Pearson intervals behind the verdicts
 EXACT = 1e-9  # errors below this are rounding: the factorised loss equals the exact one
+MIN_TOKENS = 8  # shortest response tested: at 8 tokens the band at delta = 0.05 is 0.48 of g's range
+B_QUANTILE = 0.99  # without a dual clip, b for A < 0 is this quantile of the per-response largest ratio
 
 
 @dataclass
@@ -60,8 +69,10 @@ class HoeffdingCheck:
     coverage: pd.DataFrame  # scope ('all', 'length', 'sign', 'method'), group, delta, coverage, ...
     factorisation: pd.DataFrame  # one row per group (step, minibatch, k): exact, factorised, errors
     ranges: pd.DataFrame  # per run and sign: a, b, and where b came from
-    verdicts: dict[float, str] = field(default_factory=dict)  # delta -> holds | fails | consistent | inconclusive
+    verdicts: dict[float, str] = field(default_factory=dict)  # delta -> holds|fails|consistent|inconclusive|vacuous
     excluded_singletons: int = 0
+    excluded_short: int = 0  # responses below min_tokens, not tested
+    min_tokens: int = MIN_TOKENS
     text: str = ""
 
     @property
@@ -73,6 +84,11 @@ class HoeffdingCheck:
     def fails(self) -> bool:
         """True when the coverage fails significantly at some delta."""
         return any(v == "fails" for v in self.verdicts.values())
+
+    @property
+    def vacuous(self) -> bool:
+        """True when no observation could have contradicted the bound (see the module docstring)."""
+        return bool(self.verdicts) and all(v == "vacuous" for v in self.verdicts.values())
 
 
 def clopper_pearson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -107,22 +123,26 @@ def _ranges(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     for run_id, d in df.groupby("run_id", sort=False):
         neg = d[d.sign < 0]
         dual = d.dual_clip.dropna()
+        over = math.nan
         if len(dual):
             b, src = float(dual.iloc[0]), "dual-clip constant"
         elif len(neg):
-            b, src = float(max(neg.rho_max.max(), 1.0 - neg.eps_low.iloc[0])), "largest ratio observed (no dual clip)"
+            b = float(max(neg.rho_max.quantile(B_QUANTILE), 1.0 - neg.eps_low.iloc[0]))
+            src = f"{B_QUANTILE:.0%} quantile of the per-response largest ratio (no dual clip)"
         else:
             b, src = math.nan, "no negative-advantage responses"
+        if len(neg):
+            over = float((neg.rho_max > b).mean())
         b_neg[d.index] = b
         if (d.sign > 0).any():
             rows.append({"run_id": run_id, "sign": "+", "a": 0.0, "b": 1.0 + float(d.eps_high.iloc[0]),
                          "b_source": "1 + eps_high", "responses": int((d.sign > 0).sum())})
         if len(neg):
             rows.append({"run_id": run_id, "sign": "-", "a": 1.0 - float(neg.eps_low.iloc[0]), "b": b,
-                         "b_source": src, "responses": len(neg)})
+                         "b_source": src, "responses": len(neg), "share_above_b": over})
     df["b"] = np.where(pos, 1.0 + df.eps_high, b_neg)
     df["width"] = df.b - df.a
-    return df, pd.DataFrame(rows, columns=["run_id", "sign", "a", "b", "b_source", "responses"])
+    return df, pd.DataFrame(rows, columns=["run_id", "sign", "a", "b", "b_source", "responses", "share_above_b"])
 
 
 def _length_bins(n: pd.Series, n_bins: int) -> pd.Series:
@@ -146,11 +166,12 @@ def _length_bins(n: pd.Series, n_bins: int) -> pd.Series:
     return labels
 
 
-def _verdict(covered: int, total: int, delta: float) -> tuple[str, float, float]:
-    """(verdict, CI low, CI high): holds, fails, consistent or inconclusive (module docstring)."""
+def _verdict(covered: int, total: int, delta: float, informative: bool = True) -> tuple[str, float, float]:
+    """(verdict, CI low, CI high): vacuous, holds, fails, consistent or inconclusive (module docstring).
+    informative: some tested response's deviation is large enough for the bound to be below 1 there."""
     lo, hi = clopper_pearson(covered, total)
-    if total == 0:
-        return "no data", lo, hi
+    if total == 0 or not informative:
+        return "vacuous", lo, hi
     if lo >= 1 - delta:
         return "holds", lo, hi
     if hi < 1 - delta:
@@ -160,7 +181,7 @@ def _verdict(covered: int, total: int, delta: float) -> tuple[str, float, float]
 
 def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float = 0.28,
                     dual_clip: float | None = None, deltas: Sequence[float] = DELTAS, n_bins: int = 4,
-                    t_grid: Sequence[float] | None = None) -> HoeffdingCheck:
+                    t_grid: Sequence[float] | None = None, min_tokens: int = MIN_TOKENS) -> HoeffdingCheck:
     """Run the check on rows of `hoeffding` tables (columns step, minibatch, k, sign, adv, length,
     g_mean, g_group_mean, rho_max; optional run_id, method, and per-row eps_low, eps_high, dual_clip
     that override the arguments)."""
@@ -190,7 +211,21 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
     df["d"] = (df.g_mean - df.g_group_mean).abs()
     ok = df.width > 0
     df["t"] = np.where(ok, df.d / df.width.where(ok, 1.0), 0.0)  # zero width: g constant, d = 0
+    short = df.n < min_tokens
+    excluded_short = int(short.sum())
+    if short.all():  # nothing to test: every verdict is vacuous
+        check = HoeffdingCheck(df, pd.DataFrame(columns=["length_bin", "t", "empirical", "bound", "responses",
+                                                         "cp_low", "exceeds", "significant"]),
+                               pd.DataFrame(columns=["scope", "group", "delta", "required", "coverage", "responses",
+                                                     "covered", "cp_low", "cp_high", "verdict", "n_min", "n_max"]),
+                               fact, ranges, {d: "vacuous" for d in deltas}, singletons, excluded_short, min_tokens)
+        check.text = (f"Hoeffding check: VACUOUS. All {len(df)} responses are shorter than {min_tokens} tokens, where "
+                      "the bound's band is too wide for any deviation to contradict it.")
+        return check
+    df = df[~short]
     df["length_bin"] = _length_bins(df.n, n_bins)
+    # the bound is below 1 at a response's observed deviation: an observation there could contradict it
+    df["informative"] = hoeffding_bound(df.t, df.n) < 1.0
     for delta in deltas:
         df[f"covered_{delta:g}"] = (df.t < tau_delta(df.n, delta)) | ~ok
 
@@ -206,7 +241,7 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
             for delta in deltas:
                 c = int(df.loc[sel, f"covered_{delta:g}"].sum())
                 m = int(sel.sum())
-                verdict, lo, hi = _verdict(c, m, delta)
+                verdict, lo, hi = _verdict(c, m, delta, bool(df.loc[sel, "informative"].any()))
                 cov_rows.append({"scope": scope, "group": group, "delta": delta, "required": 1 - delta,
                                  "coverage": c / m if m else math.nan, "responses": m, "covered": c,
                                  "cp_low": lo, "cp_high": hi, "verdict": verdict,
@@ -231,7 +266,7 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
                               "significant": lo > bound})
     tail = pd.DataFrame(tail_rows)
     verdicts = {d: coverage[(coverage.scope == "all") & (coverage.delta == d)].verdict.iloc[0] for d in deltas}
-    check = HoeffdingCheck(df, tail, coverage, fact, ranges, verdicts, singletons)
+    check = HoeffdingCheck(df, tail, coverage, fact, ranges, verdicts, singletons, excluded_short, min_tokens)
     check.text = _verdict_text(check, deltas)
     return check
 
@@ -266,7 +301,8 @@ def _verdict_text(c: HoeffdingCheck, deltas: Sequence[float]) -> str:
     n_mb = df.groupby(["run_id", "step", "minibatch"]).ngroups
     lines = [f"Hoeffding check on {len(df)} responses from {n_mb} off-policy mini-batches "
              f"(lengths {int(df.n.min())}–{int(df.n.max())} tokens; {c.excluded_singletons} "
-             f"response{'' if c.excluded_singletons == 1 else 's'} alone in their (k, sign of A) group left out)."]
+             f"response{'' if c.excluded_singletons == 1 else 's'} alone in their (k, sign of A) group and "
+             f"{c.excluded_short} shorter than {c.min_tokens} tokens left out)."]
     parts = []
     for d in deltas:
         r = cov[(cov.scope == "all") & (cov.delta == d)].iloc[0]
@@ -283,7 +319,9 @@ def _verdict_text(c: HoeffdingCheck, deltas: Sequence[float]) -> str:
                  + (f"; consistent with it but too few responses to establish it for {', '.join(which('consistent'))}"
                     if which("consistent") else "")
                  + (f"; short of it within sampling noise for {', '.join(which('inconclusive'))}"
-                    if which("inconclusive") else "") + ".")
+                    if which("inconclusive") else "")
+                 + (f"; vacuous (the bound ≥ 1 at every observed deviation) for {', '.join(which('vacuous'))}"
+                    if which("vacuous") else "") + ".")
     by_sign = cov[(cov.scope == "sign") & (cov.delta == mid)]
     if len(by_sign):
         lines.append("By sign of the advantage at δ=" + f"{mid:g}: " + "; ".join(
@@ -303,9 +341,15 @@ def _verdict_text(c: HoeffdingCheck, deltas: Sequence[float]) -> str:
         src = "; ".join(sorted(set(neg.b_source)))
         b_txt = f"{neg.b.min():.3g}" if neg.b.min() == neg.b.max() else f"{neg.b.min():.3g}–{neg.b.max():.3g}"
         pos = c.ranges[c.ranges.sign == "+"]
-        lines.append(f"Range of g for A<0: [{neg.a.min():.2f}, b] with b = {b_txt} ({src})"
-                     + (f"; for A>0: [0, {pos.b.max():.2f}]." if len(pos) else "."))
-    if c.holds:
+        above = float(np.nanmax(neg.share_above_b)) if neg.share_above_b.notna().any() else 0.0
+        lines.append(f"Range of g for A<0: [{neg.a.min():.2f}, b] with b = {b_txt} ({src}"
+                     + (f"; {above:.1%} of those responses have a ratio above b, where g is not bounded by it" if above
+                        else "") + ")" + (f"; for A>0: [0, {pos.b.max():.2f}]." if len(pos) else "."))
+    if c.vacuous:
+        overall = ("The check is VACUOUS for these runs: the bound is ≥ 1 at every observed deviation (each "
+                   "response's |ḡ_i − ḡ| is below √(ln 2 / 2n) of g's range), so no observation could have "
+                   "contradicted it. The deviations are small; that is not evidence for the bound.")
+    elif c.holds:
         overall = "The bound HOLDS at every δ, beyond sampling noise, for these runs."
     elif c.fails:
         overall = ("The bound FAILS, beyond sampling noise, at δ = "
@@ -362,7 +406,7 @@ def plot_hoeffding(runs: RunSet | None = None, out_dir: str | Path | None = None
                "the factorised loss. " + check.text)
     result = FigureResult(NAME, fig, tables, caption=caption, notes=notes,
                           summary={"verdicts": check.verdicts, "holds": check.holds, "fails": check.fails,
-                                   "text": check.text})
+                                   "vacuous": check.vacuous, "text": check.text})
     return finish_figure(result, out_dir)
 
 
@@ -370,6 +414,11 @@ def draw_check(check: HoeffdingCheck, deltas: Sequence[float] = DELTAS):
     import matplotlib
 
     df, tail, cov, fact = check.responses, check.tail, check.coverage, check.factorisation
+    if "length_bin" not in df.columns:  # no response long enough to test
+        with style.paper_style():
+            fig, axes = style.new_figure(1, 1, height=2.0)
+            style.empty_panel(axes[0, 0], f"no response of at least {check.min_tokens} tokens:\nthe check is vacuous")
+        return fig
     bins = _ordered(df.length_bin, df.n)
     cmap = matplotlib.colormaps["plasma"]
     bin_colors = {b: cmap(0.85 * i / max(len(bins) - 1, 1)) for i, b in enumerate(bins)}
