@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from daro_lab.ablation import AblationError, load_grid, make_plan, run_ablation, summarize_ablation
-from daro_lab.ablation.summary import coefficient_of_variation, mean_ci, paired_test, run_stats
+from daro_lab.ablation.summary import (ACC, coefficient_of_variation, km_restricted_mean, mean_ci, noise_floor_cv, paired_test,
+                                      run_stats, steps_to_target)
 from daro_lab.cli import app
 from daro_lab.tracking import open_client, read_metrics, read_table
 
@@ -165,14 +166,11 @@ def test_optimal_static_arm_uses_the_final_weights_of_learned_daro(sweep):
 
 
 def _balance(m, prefix, window):
+    """CV across groups of |each group's mean over the last `window` steps|."""
     d = m[m.key.str.startswith(prefix + "/mu_")]
     last = d.step.max()
-    cvs = []
-    for step, g in d[d.step > last - window].groupby("step"):
-        v = np.abs(g.value.to_numpy())
-        if len(v) >= 2 and v.mean() > 0:
-            cvs.append(v.std() / v.mean())
-    return float(np.mean(cvs)) if cvs else math.nan
+    v = np.abs(d[d.step > last - window].groupby("key").value.mean().to_numpy())
+    return float(v.std() / v.mean()) if len(v) >= 2 and v.mean() > 0 else math.nan
 
 
 def test_summary_equals_what_the_children_logged(sweep):
@@ -188,7 +186,7 @@ def test_summary_equals_what_the_children_logged(sweep):
         m = read_metrics(uri, r.info.run_id)
         acc = m[m.key == "eval/greedy_acc"].sort_values("step")
         assert list(acc.step) == [0, 2]
-        prefix = "contrib" if arm == "grpo" else "daro/wL"
+        prefix = "contrib" if arm == "grpo" else "daro/wS"
         per_arm.setdefault(arm, {})[seed] = {
             "final": acc.value.iloc[-1], "best": acc[acc.step >= 1].value.max(), "balance": _balance(m, prefix, 2)}
     s = res.summary.set_index("arm")
@@ -487,12 +485,26 @@ def test_statistics_on_known_numbers():
     m = pd.DataFrame(rows)
     out = run_stats(m, "daro", window=2, weight_stats=True)
     assert (out["start_acc"], out["final_acc"], out["best_acc"]) == (0.1, 0.3, 0.4)
-    cv3 = np.std([2.0, 2.0, 4.0]) / np.mean([2.0, 2.0, 4.0])  # |w L|: the sign does not count
-    assert out["balance_cv"] == pytest.approx((0.0 + cv3) / 2)  # mean over steps 2 and 3
+    # per group, the mean over steps 2 and 3 (k = 3 is absent at step 2); then the CV of their absolute values
+    means = np.abs([(1.0 + 2.0) / 2, (1.0 - 2.0) / 2, 4.0])
+    assert out["balance_cv"] == pytest.approx(means.std() / means.mean())
+    assert out["balance_source"] == "wL" and out["balance_groups"] == 3
+    assert out["balance_floor"] == pytest.approx(noise_floor_cv(3))
     assert out["weight_var"] == pytest.approx(np.var([2.0, 3.0, 4.0]))
     assert out["balance_gap"] == pytest.approx(np.mean(np.abs(np.abs([1.0, 1.0, 2.0, -2.0, 4.0]) - 1)))
     assert out["at_bound"] == 1 and out["nonfinite"] == 1
     assert coefficient_of_variation([3.0]) != coefficient_of_variation([3.0])  # NaN: one group
+    # the noise floor: CV of |x| for zero-mean x tends to sqrt(pi/2 - 1) for many groups
+    assert noise_floor_cv(200) == pytest.approx(math.sqrt(math.pi / 2 - 1), rel=0.01)
+    assert 0.4 < noise_floor_cv(2) < noise_floor_cv(7) < 0.76  # 0.44 for two groups, 0.68 for seven
+    # steps to target, censored: reached at 20 and 40, one seed never (last evaluation 100): the Kaplan-Meier
+    # restricted mean counts it to 100 (the mean over survivors, 30, would flatter the arm)
+    assert km_restricted_mean([20, 40, 100], [True, True, False]) == pytest.approx((20 + 40 + 100) / 3)
+    assert km_restricted_mean([20, 40], [True, True]) == pytest.approx(30.0)
+    # a censoring before the largest time: survival steps down by 1/(at risk) at each later event
+    assert km_restricted_mean([10, 30, 50], [False, True, True]) == pytest.approx(10 + 20 * 1.0 + 20 * 0.5)
+    acc = pd.DataFrame({"key": ACC, "step": [0, 10, 20], "value": [0.1, 0.2, 0.3]})
+    assert steps_to_target(acc, 0.25) == (20.0, True) and steps_to_target(acc, 0.9) == (20.0, False)
     # mean and CI: one value has no interval; equal values a zero-width one
     assert mean_ci([0.5])[:3] == (0.5, pytest.approx(math.nan, nan_ok=True), pytest.approx(math.nan, nan_ok=True))
     assert mean_ci([0.2, 0.2, float("nan")]) == (0.2, 0.2, 0.2, 2)
@@ -552,3 +564,22 @@ def test_mlflow_ui_lists_the_child_runs_in_headless_chromium(sweep, tmp_path):
     want = {r.info.run_name for r in all_runs(uri) if r.info.run_id != res.parent_run_id}
     assert len(want) == 6 and set(names) == want
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_summary_counts_censored_seeds_and_prints_the_noise_floor():
+    import pandas as pd
+
+    from daro_lab.ablation.summary import display_table, summarize
+
+    per_seed = pd.DataFrame({
+        "arm": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "status": "FINISHED",
+        "final_acc": [0.5, 0.6, 0.7, 0.4, 0.5, 0.6], "best_acc": 0.7,
+        "steps_to_target": [20.0, 40.0, 100.0, 30.0, 30.0, 30.0], "reached": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+        "balance_cv": [0.05, 0.07, 0.06, 0.7, 0.8, 0.75], "balance_floor": noise_floor_cv(7)})
+    s = summarize(per_seed, ["a", "b"], reference="b").set_index("arm")
+    assert s.loc["a", "steps_to_target_mean"] == pytest.approx(160 / 3)  # not 30, the mean over survivors
+    assert s.loc["a", "steps_to_target_reached"] == "2/3" and bool(s.loc["a", "steps_to_target_censored"])
+    assert not s.loc["b", "steps_to_target_censored"] and s.loc["b", "steps_to_target_mean"] == 30.0
+    cells = display_table(s.reset_index())
+    assert cells["steps to target (reached)"].iloc[0].startswith("≥ 53.3")
+    assert cells["balance CV (noise floor)"].iloc[0].endswith(f"({noise_floor_cv(7):.2f})")

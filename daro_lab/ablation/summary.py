@@ -6,22 +6,29 @@ Per child run (table `per_seed`, one row per arm and seed):
 - `best_acc`: the best of the evaluations after the start (step >= 1; step 0 is the starting policy,
   the same convention as analyses.report);
 - `steps_to_target`: the first evaluation step whose accuracy is >= the target (the grid's
-  `target_acc`, or by default the reference arm's mean final accuracy); NaN when never reached.
-  Evaluations happen every `trainer.eval_every` steps, so this is resolved only to that grid;
-- `balance_cv`: loss-balance spread, the coefficient of variation (population std / mean) across the
-  pass-rate groups present at a step of |w_mu * L_mu| (metric `daro/wL/mu_k` of arms on DARO's code
-  path, methods daro and static) or of |C_mu| (metric `contrib/mu_k`, every other method), averaged
-  over the last `balance_window` training steps (steps with fewer than two groups are left out).
-  0 means every group contributes the same; DARO's fixed point w_mu |L_mu| = 1 gives 0;
+  `target_acc`, or by default the reference arm's mean final accuracy), with `reached` 1; a seed that
+  never reaches it is censored at its last evaluation step (`reached` 0), never dropped. Evaluations
+  happen every `trainer.eval_every` steps, so this is resolved only to that grid;
+- `balance_cv`: loss-balance spread. For each pass-rate group, the mean over the last `balance_window`
+  training steps of its balance quantity x_mu: DARO's w_mu * signal_mu / C (metric `daro/wS/mu_k`, 1 at
+  its fixed point; older runs: w_mu * L_mu, `daro/wL/mu_k`) on DARO's code path (methods daro and
+  static), the group's contribution C_mu (metric `contrib/mu_k`) for every other method. Then the
+  coefficient of variation (population std / mean) of |window mean| across the groups: 0 means every
+  group contributes the same. `balance_floor` beside it is the noise floor: the expected CV of |x|
+  across that many groups when x is zero-mean noise (no group differs from another on average): 0.44
+  for two groups, 0.68 for seven, 0.76 for many; a balance CV near it says nothing about balance (averaging the per-step CV, as earlier
+  versions did, gave about this value on a task whose C_mu is noise);
 - with `weight_stats` (runs that logged DARO weights): `weight_var`, the variance across groups of the
   final weights w_mu; `balance_gap`, the mean over the last window and the groups of
-  | |w_mu L_mu| - 1 | (how close DARO gets to its fixed point); `at_bound`, 1 if any weight sat on
+  |w_mu signal_mu / C - 1| (older runs: | |w_mu L_mu| - 1 |): how close DARO gets to its fixed point; `at_bound`, 1 if any weight sat on
   w_min or w_max at any step (metric `daro/at_bound`); `nonfinite`, 1 if any weight, w*L or loss was
   NaN/inf, or the run failed on a non-finite value (FloatingPointError in its traceback).
 
 Per arm (table `summary`): for each of these, the mean over seeds and a 95% bootstrap CI of the
 mean (scipy.stats.bootstrap, percentile method, 9999 resamples, fixed seed); with one seed there is
-no CI (NaN), never a made-up one. With very few seeds a bootstrap CI is narrow (with 3 seeds only
+no CI (NaN), never a made-up one. Steps to target is a Kaplan-Meier restricted mean over the seeds
+(censored seeds count up to their last evaluation), shown with '>=' when a seed was censored, since
+the true mean is then larger; its CI bootstraps that statistic over seeds. With very few seeds a bootstrap CI is narrow (with 3 seeds only
 10 distinct resampled means exist): read it with the seed count beside it. Paired test against the
 reference arm, pairing runs by seed: the paired t-test (scipy.stats.ttest_rel, two-sided) or the
 Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact for small n; it cannot reach p < 0.05 with
@@ -31,6 +38,7 @@ over the pairs. Fewer than two pairs: no p-value.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -41,7 +49,7 @@ import pandas as pd
 
 ACC = "eval/greedy_acc"
 DARO_PATH_METHODS = ("daro", "static")
-STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv")
+STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
 TESTED = ("final_acc", "best_acc", "balance_cv")
 TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
@@ -108,6 +116,59 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     return float(v.std(ddof=0) / v.mean())
 
 
+@functools.lru_cache(maxsize=64)
+def noise_floor_cv(groups: int, draws: int = 20000, seed: int = 0) -> float:
+    """E[CV of |x_1..x_G|] for x iid N(0, 1): what `coefficient_of_variation` gives across `groups` groups
+    when no group differs from another on average (scale-free, so any zero-mean noise level gives it)."""
+    if groups < 2:
+        return math.nan
+    a = np.abs(np.random.default_rng(seed).standard_normal((draws, groups)))
+    return float((a.std(axis=1) / a.mean(axis=1)).mean())
+
+
+def km_restricted_mean(times: Sequence[float], reached: Sequence[bool]) -> float:
+    """Kaplan-Meier restricted mean of the time to an event: `times` are event times where `reached`, else
+    censoring times; integrated up to the largest time. With one common censoring time this is the mean of
+    min(time, horizon) over all seeds. NaN without data."""
+    t = np.asarray(times, dtype=float)
+    e = np.asarray(reached, dtype=bool)
+    ok = np.isfinite(t)
+    t, e = t[ok], e[ok]
+    if not len(t):
+        return math.nan
+    order = np.lexsort((~e, t))  # at equal times, events before censorings
+    t, e = t[order], e[order]
+    surv, area, prev, at_risk = 1.0, 0.0, 0.0, len(t)
+    for ti, ei in zip(t, e):
+        area += surv * (ti - prev)
+        prev = ti
+        if ei:
+            surv *= 1 - 1 / at_risk
+        at_risk -= 1
+    return float(area)
+
+
+def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, n_resamples: int = 9999,
+          seed: int = 0) -> tuple[float, float, float, int]:
+    """(restricted mean, CI low, CI high, n): a bootstrap percentile interval over seeds (as mean_ci)."""
+    t = np.asarray(times, dtype=float)
+    e = np.asarray(reached, dtype=float)
+    ok = np.isfinite(t)
+    t, e = t[ok], e[ok]
+    n = len(t)
+    m = km_restricted_mean(t, e.astype(bool))
+    if n < 2:
+        return m, math.nan, math.nan, n
+    if np.ptp(t) == 0 and np.ptp(e) == 0:
+        return m, m, m, n
+    from scipy import stats
+
+    res = stats.bootstrap((t, e), lambda a, b: km_restricted_mean(a, b.astype(bool)), paired=True,
+                          vectorized=False, confidence_level=level, n_resamples=n_resamples, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return m, float(res.confidence_interval.low), float(res.confidence_interval.high), n
+
+
 # --------------------------------------------------------------------------------------------
 # Per run
 
@@ -132,21 +193,24 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     later = acc[acc.step >= 1]
     out["best_acc"] = float(later.value.max()) if len(later) else math.nan
     out["final_step"] = int(acc.step.iloc[-1]) if len(acc) else -1
-    source = "wL" if method in DARO_PATH_METHODS else "C"
-    wide = _wide(metrics, "daro/wL" if source == "wL" else "contrib")
+    if method in DARO_PATH_METHODS:
+        source = "wS" if metrics.key.str.startswith("daro/wS/mu_").any() else "wL"
+        wide = _wide(metrics, f"daro/{source}")
+    else:
+        source, wide = "C", _wide(metrics, "contrib")
     out["balance_source"] = source
     if len(wide):
         last = int(wide.index.max())
-        win = wide[wide.index > last - window]
-        cvs = [coefficient_of_variation(row.dropna().to_numpy()) for _, row in win.iterrows()]
-        cvs = [c for c in cvs if np.isfinite(c)]
-        out["balance_cv"] = float(np.mean(cvs)) if cvs else math.nan
-        out["balance_steps"] = len(cvs)
+        means = wide[wide.index > last - window].mean(axis=0, skipna=True).dropna()  # per group, over the window
+        out["balance_cv"] = coefficient_of_variation(means.to_numpy())
+        out["balance_groups"] = len(means)
+        out["balance_floor"] = noise_floor_cv(len(means))
     else:
-        out["balance_cv"], out["balance_steps"] = math.nan, 0
+        out["balance_cv"], out["balance_groups"], out["balance_floor"] = math.nan, 0, math.nan
     if weight_stats:
         weights = _wide(metrics, "daro/weight")
-        wl = _wide(metrics, "daro/wL")
+        ws = _wide(metrics, "daro/wS")  # w * signal / C: 1 at the fixed point of the reading the run used
+        wl = ws if len(ws) else _wide(metrics, "daro/wL").abs()  # older runs: |w L|, the paper's reading
         if len(weights):
             final = weights.iloc[-1].dropna().to_numpy()
             out["weight_var"] = float(np.var(final)) if len(final) else math.nan
@@ -155,7 +219,7 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
                 last = int(wl.index.max())
                 win = wl[wl.index > last - window].to_numpy().ravel()
                 win = win[np.isfinite(win)]
-                out["balance_gap"] = float(np.mean(np.abs(np.abs(win) - 1.0))) if len(win) else math.nan
+                out["balance_gap"] = float(np.mean(np.abs(win - 1.0))) if len(win) else math.nan
             else:
                 out["balance_gap"] = math.nan
             bound = metrics[metrics.key == "daro/at_bound"].value
@@ -166,7 +230,8 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
                 allw = allw[np.isfinite(allw)]
                 hit = hit or bool(((allw <= lo * (1 + 1e-6)) | (allw >= hi * (1 - 1e-6))).any())
             out["at_bound"] = int(hit)
-            watched = metrics[metrics.key.str.startswith(("daro/weight/", "daro/wL/")) | (metrics.key == "loss/total")]
+            watched = metrics[metrics.key.str.startswith(("daro/weight/", "daro/wL/", "daro/wS/"))
+                              | (metrics.key == "loss/total")]
             out["nonfinite"] = int(not np.isfinite(watched.value.to_numpy()).all())
         else:
             out.update(weight_var=math.nan, balance_gap=math.nan, at_bound=math.nan, nonfinite=math.nan,
@@ -174,13 +239,16 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     return out
 
 
-def steps_to_target(metrics: pd.DataFrame, target: float) -> float:
-    """First evaluation step (>= 1) with held-out accuracy >= target; NaN if never (or no target)."""
+def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, bool]:
+    """(step, reached): the first evaluation step (>= 1) with held-out accuracy >= target, or, when never
+    reached, the last evaluation step (censored); (NaN, False) without a target or evaluations."""
     if target is None or not np.isfinite(target):
-        return math.nan
+        return math.nan, False
     acc = metrics[(metrics.key == ACC) & (metrics.step >= 1)].sort_values("step")
     hit = acc[acc.value >= target - 1e-12]
-    return float(hit.step.iloc[0]) if len(hit) else math.nan
+    if len(hit):
+        return float(hit.step.iloc[0]), True
+    return (float(acc.step.iloc[-1]) if len(acc) else math.nan), False
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +275,15 @@ def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test:
                                "not_run": int((~all_rows.status.isin(["FINISHED", "FAILED"])).sum()) if len(all_rows) else 0}
         for m in metrics:
             vals = d[m].to_numpy(dtype=float) if m in d else np.array([])
+            if m == "steps_to_target":
+                hit = d["reached"].to_numpy(dtype=float) if "reached" in d else np.zeros(len(vals))
+                row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"], _ = km_ci(vals, hit)
+                continue
             row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"], _ = mean_ci(vals)
-        n_reach = int(np.isfinite(d["steps_to_target"].to_numpy(dtype=float)).sum()) if len(d) else 0
+        reached = d["reached"].to_numpy(dtype=float) if "reached" in d and len(d) else np.array([])
+        n_reach = int(np.nansum(reached))
         row["steps_to_target_reached"] = f"{n_reach}/{len(d)}"
+        row["steps_to_target_censored"] = bool(len(d) and n_reach < int(np.isfinite(d["steps_to_target"]).sum()))
         row["target_acc"] = target
         if weight_stats:
             for flag in ("at_bound", "nonfinite"):
@@ -282,9 +356,11 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
         row = {"arm": arm, "method": r.method, "seeds": seeds,
                "final acc": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
                "best acc": _fmt(r.best_acc_mean, r.best_acc_lo, r.best_acc_hi),
-               "steps to target (reached)": _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
+               "steps to target (reached)": ("≥ " if r.get("steps_to_target_censored", False) else "")
+               + _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
                + f" ({r.steps_to_target_reached})",
-               "balance CV": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)}
+               "balance CV (noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
+               + (f" ({r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan)) else "")}
         if ws:
             row.update({"weight var": _fmt(r.weight_var_mean, r.weight_var_lo, r.weight_var_hi, None),
                         "balance gap": _fmt(r.balance_gap_mean, r.balance_gap_lo, r.balance_gap_hi),
@@ -320,11 +396,15 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "step 0. Mean over seeds with a 95% bootstrap percentile CI of the mean in brackets; no brackets with one "
         "seed (no interval is possible). With few seeds the bootstrap CI is optimistic.",
         f"- Steps to target: first evaluation step with accuracy >= {tdesc} ({meta.get('target_desc', '')}); "
-        "mean over the seeds that reached it, (reached/finished) beside it; resolved to the evaluation interval.",
-        f"- Balance CV: coefficient of variation across pass-rate groups of w_mu·abs(L_mu) (DARO's code path) or of "
-        f"abs(C_mu) (other methods), averaged over the last {meta.get('balance_window', '')} steps; 0 = perfectly "
-        "balanced; n/a when no step of the window had two groups present. The two sources are not the same "
-        "quantity: compare it within one method family.",
+        "Kaplan-Meier restricted mean over seeds, a seed that never reached it counting up to its last evaluation "
+        "(censored, never dropped): '≥' marks a mean with censored seeds, which the true mean exceeds; "
+        "(reached/finished) beside it; resolved to the evaluation interval.",
+        f"- Balance CV: per pass-rate group, the mean over the last {meta.get('balance_window', '')} steps of "
+        "w_mu·signal_mu/C (DARO's code path: 1 at its fixed point) or of C_mu (other methods); then the coefficient "
+        "of variation of their absolute values across the groups; 0 = every group contributes the same. In "
+        "brackets, its noise floor: the CV the same number of groups gives when the quantity is zero-mean noise; "
+        "a balance CV near it carries no balance information. The two sources are not the same quantity: "
+        "compare it within one method family.",
         f"- Δ vs ref: mean over seeds of (arm − reference), paired by seed; p from the two-sided "
         f"{TEST_NAMES.get(meta.get('test', 't'), '')} over the paired seeds; 'no p' with fewer than two pairs.",
     ]

@@ -636,7 +636,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     for run in find_children(client, parent_run_id):
         key = (run.data.tags.get(TAG_ARM), int(run.data.tags.get(TAG_SEED, -1)))
         children.setdefault(key, run)
-    wanted = (S.ACC, "daro/wL/", "contrib/", "daro/weight/", "daro/at_bound", "loss/total")
+    wanted = (S.ACC, "daro/wL/", "daro/wS/", "contrib/", "daro/weight/", "daro/at_bound", "loss/total")
     rows, frames = [], {}
     for seed in plan.seeds:
         for pa in plan.arms:
@@ -661,10 +661,11 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
         vals = ref["final_acc"].dropna() if "final_acc" in ref else pd.Series(dtype=float)
         target = float(vals.mean()) if len(vals) else math.nan
         tdesc = f"the mean final accuracy of the reference arm '{plan.reference}'"
-    per_seed["steps_to_target"] = [
-        S.steps_to_target(frames[(r.arm, r.seed)], target) if (r.arm, r.seed) in frames and r.status == "FINISHED"
-        else math.nan for r in per_seed.itertuples()]
-    for col in ("final_acc", "best_acc", "balance_cv") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
+    hits = [S.steps_to_target(frames[(r.arm, r.seed)], target) if (r.arm, r.seed) in frames and r.status == "FINISHED"
+            else (math.nan, False) for r in per_seed.itertuples()]
+    per_seed["steps_to_target"] = [h[0] for h in hits]
+    per_seed["reached"] = [float(h[1]) for h in hits]
+    for col in ("final_acc", "best_acc", "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
                                                             if plan.weight_stats else ()):
         if col not in per_seed:
             per_seed[col] = math.nan
