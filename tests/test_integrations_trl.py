@@ -1,0 +1,243 @@
+"""DaroGRPOTrainer (daro_lab.integrations.trl) on TRL's real GRPOTrainer: a tiny Qwen2 built from config, the
+character tokenizer, a few CPU steps.
+
+- the per-mu metrics TRL logs equal daro-lab's `policy_loss` on the same update's batch, rebuilt here from TRL's
+  raw inputs (completion mask, TRL's advantages, old log-probs) and log-probs from TRL's own forward, with rewards
+  and pass rates recomputed from the decoded completions;
+- TRL's normalisers against daro-lab's: trl/loss is TRL's loss of the update (the sum of its micro-batch losses)
+  and trl/contrib/mu = contrib/mu x (dapo: kept tokens / num_items_in_batch; grpo, dr_grpo: kept completions /
+  all completions of the update);
+- the run recorded in MLflow reads back like a daro-lab run (analyses' run selection and loss-scale figure);
+- DARO as a loss: weights step, the update's loss over two accumulated micro-batches is the one-pass loss, and
+  a TRL checkpoint round trip restores weights, signal state and their AdamW state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason='TRL is not installed: pip install -e ".[trl]" (the `trl` extra)')
+
+from daro_lab.algorithms import LossSettings, PolicyBatch, group_keys, loss_terms, mu_key, policy_loss  # noqa: E402
+from daro_lab.integrations.trl import DaroGRPOConfig, DaroGRPOTrainer, cat_batches  # noqa: E402
+
+K = 4
+PROMPTS = ["1+2=", "3+4=", "12+5=", "7*8=", "9-3=", "22+11=", "5*5=", "8+0="]  # distinct: k is counted by prompt text
+TOL = dict(rel=1e-4, abs=1e-5)
+
+
+def parity_reward(completions, **kwargs):
+    """1 for a completion of even length: mixed pass rates from a random tiny model."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def _parts():
+    from datasets import Dataset
+
+    from daro_lab.config import ModelConfig
+    from daro_lab.models.tiny import build_tiny_model
+    from daro_lab.models.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()  # loaded explicitly (AutoTokenizer could swap in the model family's tokenizer)
+    model = build_tiny_model(ModelConfig(arch="qwen2", hidden_size=32, intermediate_size=64, num_layers=2,
+                                         num_heads=4, num_kv_heads=2), tok.vocab_size, seed=0)
+    return model, tok, Dataset.from_dict({"prompt": PROMPTS})
+
+
+class SpyTrainer(DaroGRPOTrainer):
+    """Keeps every micro-batch's raw TRL inputs, the loss TRL (or DARO) returned, and log-probs from TRL's own
+    forward (GRPOTrainer's method, before the update), keyed by the optimizer step they belong to."""
+
+    spy: list
+
+    def _compute_loss(self, model, inputs):
+        from trl import GRPOTrainer
+
+        with torch.no_grad():
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            logp = GRPOTrainer._get_per_token_logps_and_entropies(self, model, ids, am, inputs["completion_ids"].size(1))[0]
+        loss = super()._compute_loss(model, inputs)
+        if not hasattr(self, "spy"):
+            self.spy = []
+        raw = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        self.spy.append({"step": self.state.global_step + 1, "inputs": raw, "logp": logp, "loss": float(loss.detach())})
+        return loss
+
+
+def _trainer(tmp_path, loss_type, cls=SpyTrainer, **kw):
+    model, tok, ds = _parts()
+    args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                num_generations=K, max_completion_length=8, max_steps=3, num_iterations=2, learning_rate=1e-2,
+                temperature=1.0, logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                seed=0, disable_tqdm=True, loss_type=loss_type, lr_scheduler_type="constant")
+    args.update(kw)
+    return cls(model=model, reward_funcs=parity_reward, args=DaroGRPOConfig(**args), train_dataset=ds,
+               processing_class=tok)
+
+
+def _rebuilt(trainer, records) -> tuple[PolicyBatch, list[dict]]:
+    """daro-lab's batch of one optimizer update from TRL's raw micro-batch inputs (no integration code)."""
+    tok = trainer.processing_class
+    parts = []
+    for r in records:
+        x = r["inputs"]
+        prompts = tok.batch_decode(x["prompt_ids"], skip_special_tokens=True)
+        completions = tok.batch_decode(x["completion_ids"], skip_special_tokens=True)
+        parts.append((x, r["logp"], prompts, torch.tensor(parity_reward(completions))))
+    text = [p for _, _, ps, _ in parts for p in ps]
+    rewards = torch.cat([r for *_, r in parts])
+    ids = {p: i for i, p in enumerate(dict.fromkeys(text))}
+    prompt = torch.tensor([ids[p] for p in text])
+    k_of = torch.zeros(len(ids)).index_add_(0, prompt, rewards).long()
+    assert torch.bincount(prompt).tolist() == [K] * len(ids)  # every prompt's K completions are in the update
+    batches = []
+    n = 0
+    for x, logp, ps, r in parts:
+        B = len(ps)
+        old = x.get("old_per_token_logps")
+        batches.append(PolicyBatch(logp=logp.float(), old_logp=(logp if old is None else old).float(),
+                                   mask=x["completion_mask"].float(), advantages=x["advantages"].float(),
+                                   num_correct=k_of[prompt[n : n + B]], rewards=r, prompt_index=prompt[n : n + B]))
+        n += B
+    return cat_batches(batches), [p[0] for p in parts]
+
+
+def _logged(trainer, step: int) -> dict:
+    return next(h for h in trainer.state.log_history if h.get("step") == step and "loss/total" in h)
+
+
+def _check_update(trainer, step: int, method: str, settings: LossSettings) -> tuple[dict, dict, PolicyBatch, list]:
+    """The logged per-mu metrics of `step` against policy_loss on the rebuilt batch; returns (logged, expected)."""
+    records = [r for r in trainer.spy if r["step"] == step]
+    batch, inputs = _rebuilt(trainer, records)
+    _, expected = policy_loss(method, batch, K, settings)
+    logged = _logged(trainer, step)
+    per_mu = [key for key in expected if "/mu_" in key]
+    assert per_mu and {key.split("/mu_")[0] for key in per_mu} >= {
+        "loss", "contrib", "scale", "prompts", "tokens", "len_correct", "len_incorrect", "clipfrac_pos", "clipfrac_neg"}
+    for key, v in expected.items():
+        assert logged[key] == pytest.approx(v, **TOL), key
+    return logged, expected, batch, records
+
+
+def test_trl_dapo_metrics_equal_policy_loss_and_read_back_from_mlflow(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trl-run")
+    trainer = _trainer(tmp_path, "dapo", report_to=["mlflow"], max_steps=2)
+    trainer.train()
+    settings = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8)  # TRL: epsilon_high = epsilon
+    clipped = 0.0
+    for step in (1, 2):  # 1 on-policy (a new generation batch), 2 off-policy (num_iterations=2: the same batch again)
+        logged, expected, batch, records = _check_update(trainer, step, "dapo", settings)
+        clipped += sum(v for key, v in expected.items() if key.startswith("clipfrac_"))
+        # TRL's dapo: sum over all tokens / num_items_in_batch (every completion's tokens, mu in {0, 1} included)
+        num_items = float(records[0]["inputs"]["num_items_in_batch"])
+        kept = (batch.num_correct > 0) & (batch.num_correct < K)
+        factor = float(batch.mask[kept].sum()) / num_items
+        assert logged["trl/loss"] == pytest.approx(sum(r["loss"] for r in records), **TOL)  # TRL's own loss
+        assert logged["trl/loss"] == pytest.approx(expected["loss/total"] * factor, **TOL)
+        for kk, c in group_keys(expected, "contrib").items():
+            assert logged[f"trl/contrib/{mu_key(kk, K)}"] == pytest.approx(c * factor, **TOL)
+            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL)
+    assert clipped > 0  # the off-policy update clips: the clip fractions were compared where they are not 0
+
+    from analyses import select_runs
+    from analyses.loss_scale import plot_loss_scale
+    from daro_lab.tracking import read_table
+
+    runs = select_runs(uri, experiment="trl-run")
+    (run,) = runs.runs
+    assert (run.method, run.K, run.status) == ("dapo", K, "FINISHED")
+    assert run.param("trainer.mini_batch_prompts", cast=int) == 4 and run.tags["daro_lab.source"] == "trl"
+    table = read_table(uri, run.run_id, "per_mu")
+    assert sorted(set(table.step)) == [1, 2]
+    for row in table.itertuples():  # the table holds what TRL logged
+        assert row.C == pytest.approx(_logged(trainer, row.step)[f"contrib/{mu_key(row.k, K)}"], **TOL)
+        assert row.C_trl == pytest.approx(_logged(trainer, row.step)[f"trl/contrib/{mu_key(row.k, K)}"], **TOL)
+    assert run.series(f"loss/mu_{int(table.k.iloc[0])}of{K}").index.tolist()  # per-mu metrics reached MLflow
+    res = plot_loss_scale(runs, tmp_path / "figs")
+    assert res.paths["png"].is_file() and res.paths["csv"].is_file()
+    assert sorted(res.table.k) == sorted(set(table.k)) and set(res.table.arm) == {"DAPO (TRL)"}
+
+
+@pytest.mark.parametrize("loss_type,accum", [("grpo", 2), ("dr_grpo", 1)])
+def test_trl_grpo_normalisers(tmp_path, loss_type, accum):
+    """grpo over two accumulated micro-batches, dr_grpo in one: TRL averages over every completion of the update
+    (B x G rows), daro-lab over the kept ones."""
+    trainer = _trainer(tmp_path, loss_type, per_device_train_batch_size=16 // accum, gradient_accumulation_steps=accum,
+                       max_steps=2)
+    trainer.train()
+    settings = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8)
+    for step in (1, 2):
+        logged, expected, batch, records = _check_update(trainer, step, loss_type, settings)
+        kept = (batch.num_correct > 0) & (batch.num_correct < K) & (batch.mask.sum(1) > 0)
+        factor = float(kept.sum()) / batch.mask.shape[0]
+        assert logged["trl/loss"] == pytest.approx(sum(r["loss"] for r in records), **TOL)
+        for kk, c in group_keys(expected, "contrib").items():
+            assert logged[f"trl/contrib/{mu_key(kk, K)}"] == pytest.approx(c * factor, **TOL)
+            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL)
+
+
+class WatchWeights(SpyTrainer):
+    """Records DARO's weights, signal state and AdamW step count as training (re)starts."""
+
+    def _recording_begin(self, state):
+        super()._recording_begin(state)
+        group = next(g for g in self.optimizer.param_groups if g.get("name") == "daro_weights")
+        st = [self.optimizer.state.get(p, {}).get("step") for p in group["params"]]
+        self.at_begin = (self.daro_weights.as_dict(), self.daro_weights.state(), [None if s is None else float(s) for s in st],
+                         group["lr"], group["weight_decay"])
+
+
+def test_trl_daro_weights_step_accumulate_exactly_and_survive_a_checkpoint(tmp_path):
+    common = dict(loss_type="daro", per_device_train_batch_size=8, gradient_accumulation_steps=2, num_iterations=1,
+                  daro_lr_w=0.05, daro_reg="auto", daro_signal_ema=0.5, save_strategy="steps", save_steps=2,
+                  lr_scheduler_type="linear", warmup_steps=1)
+    first = _trainer(tmp_path, cls=WatchWeights, max_steps=2, **common)
+    first.train()
+    assert first.at_begin[0] == {k: pytest.approx(1.0) for k in range(1, K)} and first.at_begin[3:] == (0.05, 0.0)
+    w2 = first.daro_weights.as_dict()
+    assert any(abs(w - 1.0) > 1e-3 for w in w2.values())  # the weights stepped
+    # the update's loss over its two accumulated micro-batches is daro-lab's one-pass loss of the whole update
+    # (weights 1 and a fresh signal state at step 1)
+    batch, _ = _rebuilt(first, [r for r in first.spy if r["step"] == 1])
+    settings = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8, reg="auto", signal_ema=0.5)
+    one_pass = loss_terms("daro", batch, K, settings, weights=torch.ones(K - 1))
+    assert sum(r["loss"] for r in first.spy if r["step"] == 1) == pytest.approx(float(one_pass.loss), **TOL)
+    assert _logged(first, 1)["loss/total"] == pytest.approx(one_pass.metrics["loss/total"], **TOL)
+    logged2 = _logged(first, 2)
+    for kk, w in w2.items():  # the weights after step 2 are logged as daro-lab's daro/weight/ metrics
+        assert logged2[f"daro/weight/{mu_key(kk, K)}"] == pytest.approx(w, rel=1e-6)
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "daro_weights.pt").is_file()
+    state2 = first.daro_weights.state()
+    assert float(state2.reg_n) == 2  # reg='auto' counted both updates
+
+    second = _trainer(tmp_path, cls=WatchWeights, max_steps=3, **common)
+    second.train(resume_from_checkpoint=str(ckpt))
+    w_loaded, state_loaded, steps, lr, wd = second.at_begin
+    assert w_loaded == pytest.approx(w2, rel=1e-6)
+    for a, b in zip(state_loaded, state2):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert all(s is not None and s >= 1 for s in steps)  # AdamW moments of the weights came back with the optimizer
+    assert (lr, wd) == (0.05, 0.0)  # own lr, not scheduled (the policy's warms up), no weight decay
+    w3 = second.daro_weights.as_dict()
+    assert second.state.global_step == 3 and any(abs(w3[k] - w2[k]) > 1e-6 for k in w2)
+
+
+def test_trl_non_binary_reward_is_a_clear_error(tmp_path):
+    from datasets import Dataset
+
+    model, tok, _ = _parts()
+    args = DaroGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=K,
+                          max_completion_length=4, max_steps=1, report_to=[], use_cpu=True, bf16=False,
+                          save_strategy="no", disable_tqdm=True, loss_type="dapo")
+    tr = DaroGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.5] * len(completions), args=args,
+                         train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), processing_class=tok)
+    with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got \[0\.5\].*pass_threshold"):
+        tr.train()
+    with pytest.raises(ValueError, match="daro_reg"):
+        DaroGRPOConfig(output_dir=str(tmp_path), loss_type="daro", daro_reg="often", use_cpu=True, bf16=False)
