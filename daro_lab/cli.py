@@ -413,6 +413,69 @@ def demo(
     for method, run_id, s0, s1, g0, g1 in results:
         typer.echo(f"{method:8s} {run_id:34s} {s0:8.3f} -> {s1:.3f} {g0:8.3f} -> {g1:.3f}")
     typer.echo("\nOpen them side by side: daro-lab ui" + (f" --tracking-uri {uri}" if tracking_uri else ""))
+    typer.echo(f"Figures and report: daro-lab report --experiment {cfg.tracking.experiment}"
+               + (f" --tracking-uri {uri}" if tracking_uri else ""))
+
+
+
+@app.command("analyze-rollouts")
+def analyze_rollouts(
+    path: Path = typer.Argument(..., help="rollout dump: verl's trainer.rollout_data_dir folder (or one {step}.jsonl), or a .jsonl / .parquet table (or a folder of them)"),
+    fmt: str = typer.Option("verl", "--format", "-f", help="verl (fields input, output, score, step), jsonl or parquet (step, prompt_id or prompt, response or response_length, reward)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: reports/rollouts-<name of PATH>)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="local tokenizer folder: lengths in its tokens (default: characters; --length-unit words)"),
+    length_unit: str = typer.Option("chars", "--length-unit", help="chars or words: the length of a response's text when no tokenizer is given"),
+    num_responses: Optional[int] = typer.Option(None, "--num-responses", "-k", min=2, help="responses per prompt K (default: the most common group size)"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="a reward > T is a right answer (default: rewards must be 0 or 1)"),
+    reward_field: Optional[str] = typer.Option(None, "--reward-field", help="field of the reward (verl: score; e.g. acc for verl's DAPO recipe; tables: reward)"),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="field naming the prompt (verl: input; tables: prompt_id, else prompt)"),
+    response_field: Optional[str] = typer.Option(None, "--response-field", help="field of the response text (verl: output; tables: response)"),
+    length_field: Optional[str] = typer.Option(None, "--length-field", help="field of the response length, used where there is no text (tables: response_length)"),
+    step_field: Optional[str] = typer.Option(None, "--step-field", help="field of the training step (default: step)"),
+    updates: int = typer.Option(600, "--updates", min=1, help="DARO weight updates to simulate (the paper: 600)"),
+    lr_w: float = typer.Option(1e-3, "--lr-w", help="learning rate of DARO's weights in the simulation"),
+    reading: Optional[List[str]] = typer.Option(None, "--reading", help="DARO reading 'signal[:reg[:ema]]', repeatable (default: the simulator's five)"),
+    no_simulate: bool = typer.Option(False, "--no-simulate", help="skip the DARO simulation"),
+    seed: int = typer.Option(0, "--seed", help="seed of the simulated mini-batches"),
+) -> None:
+    """The loss scale issue on a run daro-lab never trained: per-mu figures and tables from its rollout dump."""
+    _quiet_analysis()
+    import dataclasses
+
+    from analyses.rollouts import plot_rollouts
+    from daro_lab.integrations.rollouts import RolloutError, analyze, default_fields, read_rollouts, safe_name
+    from daro_lab.simulate import DEFAULT_READINGS
+
+    try:
+        base = default_fields(fmt)
+        given = {"reward": reward_field, "prompt": prompt_field, "response": response_field, "length": length_field,
+                 "step": step_field}
+        fields = dataclasses.replace(base, **{k: v for k, v in given.items() if v})
+        if prompt_field:
+            fields = dataclasses.replace(fields, prompt_fallback=None)
+        data = read_rollouts(path, fmt, fields=fields, tokenizer=tokenizer, length_unit=length_unit,
+                             threshold=threshold, num_responses=num_responses)
+        analysis = analyze(data, simulate=not no_simulate, updates=updates, lr_w=lr_w,
+                           readings=list(reading or DEFAULT_READINGS), seed=seed)
+    except (RolloutError, ValueError) as e:
+        _fail(str(e))
+    out = out or Path("reports") / f"rollouts-{safe_name(path.resolve().stem if path.is_file() else path.resolve().name)}"
+    result = plot_rollouts(analysis, out)
+    for note in result.notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    pd_opts = {"index": False, "float_format": lambda x: f"{x:.3g}"}
+    typer.echo("Loss scale by pass rate (S per prompt as a share over mu: measured on the dump, equal lengths, the "
+               "dump's lengths; each group's share of the summed S)\n"
+               + analysis.scale[["method", "k", "prompts", "S_share_per_prompt", "equal_length_share",
+                                 "length_corrected_share", "S_share"]].to_string(**pd_opts))
+    if analysis.simulation is not None:
+        d = result.tables["rollout_daro"]
+        d = d[d.w_final.notna()] if "w_final" in d else d
+        typer.echo("\nDARO on mini-batches shaped like the dump: final w and w*signal/C (1 = the fixed point)\n"
+                   + d[["run", "k", "w_final", "wS"]].to_string(**pd_opts))
+    for kind, p in result.paths.items():
+        typer.echo(f"{kind:26s} {p}")
+    typer.echo(f"\n{result.caption}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
