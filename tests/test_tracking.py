@@ -262,6 +262,40 @@ def test_unopenable_uri_raises_and_creates_nothing(tmp_path):
         Tracker.start("http://127.0.0.1:1", "exp", "run", {}, CONFIG, None, context_tags=False)
 
 
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_in_memory_sqlite_store_is_refused(uri):
+    """A store with no database file would record a run that exists nowhere once the process ends."""
+    with pytest.raises(TrackingError, match="names no database file"):
+        open_client(uri)
+
+
+def _open_when_told(uri, go, errors):
+    go.wait(60)
+    try:
+        open_client(uri)
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        errors.put(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def test_processes_opening_a_fresh_store_together_create_its_schema_once(tmp_path, template_db):
+    """Without the schema lock, MLflow's migrations collide ("duplicate column name", "table ... already exists").
+    The processes are forked from this one, MLflow already imported, so that they open the store at once."""
+    import multiprocessing
+
+    open_client(f"sqlite:///{template_db}")  # MLflow's store modules imported before the fork
+    ctx = multiprocessing.get_context("fork")
+    uri, go, errors = f"sqlite:///{tmp_path}/fresh.db", ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_open_when_told, args=(uri, go, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0], [errors.get() for _ in range(errors.qsize())]
+    assert open_client(uri).search_experiments()  # one usable store with its Default experiment
+
+
 def test_nested_run_carries_parent_tag(store):
     with start(store, "ablation") as parent:
         with start(store, "arm-1", parent_run_id=parent.run_id) as child:

@@ -28,6 +28,7 @@ Infinite values: MLflow's SQL stores save +-inf as +-1.797e308 (the largest floa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -97,11 +98,12 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def _sqlite_path(uri: str) -> str | None:
-    """The database file of a `sqlite:///...` URI ('' for in-memory), None for other URIs."""
+    """The database file of a `sqlite:///...` URI ('' for in-memory: sqlite://, sqlite:///, sqlite:///:memory:),
+    None for other URIs."""
     if not uri.startswith("sqlite:"):
         return None
     if not uri.startswith("sqlite:///"):
-        return ""  # sqlite:// (in-memory) or malformed; let the open probe decide
+        return ""  # sqlite:// (in-memory) or malformed
     path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
     return "" if path in ("", ":memory:") else path
 
@@ -115,6 +117,11 @@ def open_client(uri: str | None = None) -> Any:
     """
     resolved = resolve_tracking_uri(uri)
     db_path = _sqlite_path(resolved)
+    if db_path == "":
+        raise TrackingError(
+            f"cannot use tracking URI {resolved!r}: it names no database file, so the runs would live in memory "
+            "and vanish when the process ends; give a file, e.g. sqlite:///mlflow.db"
+        )
     if db_path:
         parent = Path(db_path).parent
         if not parent.is_dir():
@@ -127,11 +134,36 @@ def open_client(uri: str | None = None) -> Any:
     try:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=resolved)
-        client.search_experiments(max_results=1)
+        # MLflow creates (migrates) a sqlite store's schema on first use; two processes doing it at once
+        # fail ("duplicate column name"), so the first open is serialised by a lock file beside the database
+        with _schema_lock(db_path):
+            client = MlflowClient(tracking_uri=resolved)
+            client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - every failure here means "cannot open this URI"
         raise TrackingError(f"cannot open tracking URI {resolved!r}: {_short(exc)}") from exc
     return client
+
+
+@contextlib.contextmanager
+def _schema_lock(db_path: str | None):
+    """An exclusive lock on `<database>.lock` (fcntl, Linux and macOS) while a sqlite store is opened, so that its
+    schema is created once when several processes start on a fresh store together. Other URIs, platforms
+    without fcntl and directories where the lock file cannot be created: no lock."""
+    if not db_path:
+        yield
+        return
+    try:
+        import fcntl
+
+        fd = os.open(db_path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _probe_server(uri: str, timeout_s: float = 10.0) -> None:
