@@ -49,20 +49,42 @@ def config_cmd(
     typer.echo(cfg.to_json())
 
 
-def _run_training(cfg, resume=None, tracking_uri=None) -> str:
-    """Train with clean error reporting: bad input -> exit 2 naming it; a crash -> run FAILED, exit 1."""
+def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
+    """Train with clean error reporting: bad input -> exit 2 naming it, before any run exists; a crash -> run FAILED,
+    exit 1; an interrupt -> run KILLED, exit 128 + the signal's number (Ctrl-C: 130), saying where it resumes."""
     from daro_lab.tracking import TrackingError
     from daro_lab.trainer import train as train_run
+    from daro_lab.trainer.signals import Interrupted
 
     try:
-        return train_run(cfg, resume=resume, tracking_uri=tracking_uri)
+        return train_run(cfg, resume=resume, tracking_uri=tracking_uri, force=force)
     except (ConfigError, FileNotFoundError, TrackingError) as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted: checkpoint saved and the run marked KILLED; continue it with --resume RUN_ID", code=130)
-    except Exception as e:  # noqa: BLE001 - the run is already marked FAILED with its traceback
-        _fail(f"training failed ({type(e).__name__}: {e}); the MLflow run is marked FAILED with traceback.txt", code=1)
+        end = getattr(e, "daro_lab_run", None)
+        _fail(str(e) + (f" (run {end.run_id} is marked FAILED)" if end is not None else ""))
+    except KeyboardInterrupt as e:
+        _fail(_interrupt_message(e), code=128 + e.signum if isinstance(e, Interrupted) else 130)
+    except Exception as e:  # noqa: BLE001
+        end = getattr(e, "daro_lab_run", None)
+        if end is not None:
+            _fail(f"training failed ({type(e).__name__}: {e}); run {end.run_id} is marked FAILED with traceback.txt; "
+                  f"--resume {end.run_id} continues it from its last checkpoint", code=1)
+        _fail(f"training failed before any MLflow run was created, so nothing was recorded ({type(e).__name__}: {e})",
+              code=1)
     raise AssertionError("unreachable")
+
+
+def _interrupt_message(e: BaseException) -> str:
+    """What an interrupt did to the run and its checkpoint (train() sets `daro_lab_run` on the exception)."""
+    from daro_lab.trainer.signals import signal_name
+
+    end = getattr(e, "daro_lab_run", None)
+    what = f"interrupted ({signal_name(e)})"
+    if end is None:
+        return f"{what} before a run was created; nothing was recorded"
+    saved = (f"the checkpoint of step {end.step} was saved" if end.step is not None
+             else "the unfinished step was discarded, not saved")
+    where = f"from {end.resume_from}" if end.resume_from else "from the start: it has no checkpoint yet"
+    return f"{what}: {saved}; run {end.run_id} is marked KILLED; --resume {end.run_id} continues it {where}"
 
 
 def _quiet() -> None:
@@ -86,10 +108,15 @@ def train(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="resolve the config, build the architecture on the meta device, print the memory plan; no training, no GPU, no weights"),
     gpus: int = typer.Option(1, "--gpus", min=1, help="with --dry-run: plan one GPU of a torchrun job of this many ranks (trainer.parallel says DDP or FSDP)"),
+    force: bool = typer.Option(False, "--force", help="with --resume: take over a run whose lock file was written on another host (only once that process is gone)"),
 ) -> None:
     """Train one method and record the run in MLflow."""
     _quiet()
     cfg = None
+    if resume is not None and not resume.strip():
+        _fail("--resume needs the id of the run to continue (got an empty string)")
+    if force and resume is None:
+        _fail("--force goes with --resume RUN_ID")
     if resume is None:
         overrides = list(set_ or [])
         if algo:
@@ -110,7 +137,7 @@ def train(
         except ConfigError as e:
             _fail(str(e))
         return
-    run_id = _run_training(cfg, resume=resume, tracking_uri=tracking_uri)
+    run_id = _run_training(cfg, resume=resume, tracking_uri=tracking_uri, force=force)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line for the job, not one per rank
         typer.echo(f"run {run_id} finished")
 
@@ -146,6 +173,11 @@ def eval_cmd(
                                  echo=lambda m: typer.echo(m, err=True))
     except (ConfigError, FileNotFoundError, TrackingError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted: the eval run (if it had started) is marked KILLED", code=130)
+    except Exception as e:  # noqa: BLE001 - run_eval marks its run FAILED with traceback.txt
+        _fail(f"evaluation failed ({type(e).__name__}: {e}); a started eval run is marked FAILED with traceback.txt",
+              code=1)
     typer.echo(table)
     typer.echo(f"eval run {run_id} in experiment '{cfg.eval.experiment}'")
 
@@ -159,8 +191,8 @@ def _toml_str(text: str) -> str:
 
 @run_app.command("ablation")
 def ablation(
-    name: str = typer.Argument(..., help="grid experiments/ablations/NAME.toml: static-weights, k, weight-lr, weight-signal, weight-param, methods (or a grid file)"),
-    preset: str = typer.Option("tiny", "--preset", help="base config: 'tiny' (embedded demo preset), 'paper' (experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>', or a .toml path"),
+    name: str = typer.Argument(..., help="grid experiments/ablations/NAME.toml: static-weights, k, weight-lr, weight-reg, weight-signal, weight-param, methods (or a grid file)"),
+    preset: str = typer.Option("tiny", "--preset", help="base config: 'tiny' (embedded demo preset, chain task), 'arithmetic' (the tiny model on addition), 'paper' (experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>', or a .toml path"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per arm (default: the grid's)"),
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps per run (default: the preset's)"),
     executor: str = typer.Option("local", "--executor", help="'local' (sequential, or a process pool when the cores allow) or 'ray' (one Ray task per arm and seed)"),
@@ -352,51 +384,76 @@ def ui(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 against the same store."""
+    import socket
     import subprocess
 
-    from daro_lab.tracking import resolve_tracking_uri
+    from daro_lab.tracking import TrackingError, open_client, resolve_tracking_uri
 
+    with socket.socket() as probe:  # the server would fail to bind later, after its start-up
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            _fail(f"port {port} on 127.0.0.1 is not free ({e.strerror}); choose another with --port")
     uri = resolve_tracking_uri(tracking_uri)
+    try:
+        open_client(uri)  # a bad URI is named here; a new sqlite store gets its schema once, under its lock
+    except TrackingError as e:
+        _fail(str(e))
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    # the server in its own process group, stopped with all its workers when this command stops
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
-    def stop(signum, frame):  # SIGTERM to this command: stop the server too
+    def stop(signum, frame):  # SIGTERM, SIGHUP (terminal closed): stop the server too
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    for s in stops[1:]:
+        signal.signal(s, stop)
+    # the server in its own process group (so that a terminal's signals reach this command alone), stopped with
+    # all its workers when this command stops, whatever stops it
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    asked = False
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        code = 0
+        asked, code = True, 0
     finally:
+        for s in stops:  # a second signal must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    raise typer.Exit(code)
+                proc.wait()
+    if not asked:
+        _fail(f"the MLflow server on port {port} exited by itself (code {code})", code=1)
+    raise typer.Exit(0)
 
 
 @app.command()
 def demo(
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps per method (default: the preset's)"),
-    seed: int = typer.Option(0, "--seed", help="one seed for both runs"),
+    seed: int = typer.Option(0, "--seed", help="one seed for every run"),
+    methods: str = typer.Option("grpo,dapo,dr_grpo,lipo,daro", "--methods", help="comma-separated methods to train, in order"),
     set_: Optional[List[str]] = SetOpt,
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
 ) -> None:
-    """The embedded default: GRPO and DARO on the tiny preset, same seed, recorded in MLflow."""
+    """The embedded default: GRPO, DAPO, Dr. GRPO, LIPO and DARO on the tiny preset (chain task), same seed,
+    recorded in MLflow; then `daro-lab report --experiment daro-lab-demo` draws the figures."""
     from daro_lab.tracking import read_metrics, resolve_tracking_uri
 
     _quiet()
     uri = resolve_tracking_uri(tracking_uri)
     demo_cfg = Path(__file__).resolve().parent / "presets" / "demo.toml"
     results = []
-    for method in ("grpo", "daro"):
+    chosen = methods.replace(",", " ").split()
+    if not chosen:
+        _fail("--methods names no method")
+    for method in chosen:
         overrides = [f"algo.method={method}", f"seed={seed}", *(set_ or [])]
         if steps is not None:
             overrides.append(f"trainer.steps={steps}")

@@ -10,6 +10,7 @@ A grid file (every key but `arms` optional):
     target_acc = "reference_final"            # steps-to-target: a number, or the reference arm's
                                               #   mean final held-out accuracy (the default)
     balance_window = 10                       # last steps over which the loss-balance spread is averaged
+    accuracy = "greedy"                       # held-out accuracy compared: "greedy" or "sampled" (avg@n)
     test = "t"                                # paired test against the reference: "t" or "wilcoxon"
     weight_stats = false                      # add weight variance / balance gap / stability columns
     num_cpus = 2                              # CPUs per arm: a Ray task's resources; process-pool size
@@ -54,15 +55,16 @@ class AblationError(ValueError):
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
-TINY_PRESET = PACKAGE_DIR / "presets" / "demo.toml"
+TINY_PRESET = PACKAGE_DIR / "presets" / "demo.toml"  # the chain task
+ARITHMETIC_PRESET = PACKAGE_DIR / "presets" / "arithmetic.toml"  # the earlier demo task: a control without length structure
 # `--preset paper` is the smallest model of the paper's setups; `paper/<model>` picks another one.
 PAPER_DEFAULT_MODEL = "qwen2.5-math-1.5b"
-PRESETS = ("tiny", "paper")
+PRESETS = ("tiny", "arithmetic", "paper")
 
 GRID_KEYS = {
     "description": str, "reference": str, "seeds": (int, list), "set": list, "target_acc": (int, float, str),
     "balance_window": int, "test": str, "weight_stats": bool, "num_cpus": (int, float), "num_gpus": (int, float),
-    "arms": list,
+    "arms": list, "accuracy": str,
 }
 ARM_KEYS = {"name": str, "label": str, "set": list, "static_from": str}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -95,6 +97,7 @@ class Grid:
     weight_stats: bool = False
     num_cpus: float = 2
     num_gpus: float | None = None
+    accuracy: str = "greedy"
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -142,12 +145,15 @@ def list_grids() -> list[str]:
 
 
 def preset_path(preset: str | Path) -> Path:
-    """The base config of a sweep: 'tiny' (the embedded demo preset), 'paper' (the paper's setup
-    of its smallest model, experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>'
-    (experiments/paper/<model>/daro.toml), or a path to a TOML config."""
+    """The base config of a sweep: 'tiny' (the embedded demo preset, the chain task), 'arithmetic' (the tiny
+    model on addition), 'paper' (the paper's setup of its smallest model,
+    experiments/paper/qwen2.5-math-1.5b/daro.toml), 'paper/<model>' (experiments/paper/<model>/daro.toml),
+    or a path to a TOML config."""
     s = str(preset)
     if s == "tiny":
         return TINY_PRESET
+    if s == "arithmetic":
+        return ARITHMETIC_PRESET
     if s == "paper" or s.startswith("paper/"):
         model = s.split("/", 1)[1] if "/" in s else PAPER_DEFAULT_MODEL
         tried = [d / "paper" / model / "daro.toml" for d in _experiments_dirs()]
@@ -164,7 +170,7 @@ def preset_path(preset: str | Path) -> Path:
         if not p.is_file():
             raise AblationError(f"preset config file not found: {p}")
         return p
-    raise AblationError(f"unknown preset {s!r}: use 'tiny', 'paper', 'paper/<model>' or a path to a .toml config")
+    raise AblationError(f"unknown preset {s!r}: use 'tiny', 'arithmetic', 'paper', 'paper/<model>' or a path to a .toml config")
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +244,7 @@ def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
              set=_check_overrides(where, "set", data.get("set", [])),
              target_acc=data.get("target_acc", "reference_final"), balance_window=data.get("balance_window", 10),
              test=data.get("test", "t"), weight_stats=data.get("weight_stats", False),
-             num_cpus=data.get("num_cpus", 2), num_gpus=data.get("num_gpus"))
+             num_cpus=data.get("num_cpus", 2), num_gpus=data.get("num_gpus"), accuracy=data.get("accuracy", "greedy"))
     if g.reference not in [a.name for a in arms]:
         raise AblationError(f"{where}: key 'reference': no arm named {g.reference!r} "
                             f"(arms: {', '.join(a.name for a in arms)})")
@@ -251,6 +257,8 @@ def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
         raise AblationError(f"{where}: key 'seeds' must be >= 1, got {g.seeds}")
     if isinstance(g.target_acc, str) and g.target_acc != "reference_final":
         raise AblationError(f"{where}: key 'target_acc' must be a number or 'reference_final', got {g.target_acc!r}")
+    if g.accuracy not in ("greedy", "sampled"):
+        raise AblationError(f"{where}: key 'accuracy' must be 'greedy' or 'sampled', got {g.accuracy!r}")
     if g.test not in ("t", "wilcoxon"):
         raise AblationError(f"{where}: key 'test' must be 't' (paired t-test) or 'wilcoxon', got {g.test!r}")
     if g.balance_window < 1:
@@ -370,6 +378,7 @@ class Plan:
     weight_stats: bool = False
     num_cpus: float = 2
     num_gpus: float | None = None  # None: 1 for arms on a CUDA device, else 0
+    accuracy: str = "greedy"
     version: int = 1
 
     def gpus(self, arm: str) -> float:
@@ -485,7 +494,7 @@ def make_plan(
                 seeds=seed_list, steps=steps, cli_set=list(overrides or []), experiment=exp, arms=planned,
                 reference=g.reference, description=g.description, target_acc=g.target_acc,
                 balance_window=g.balance_window, test=g.test, weight_stats=g.weight_stats, num_cpus=float(g.num_cpus),
-                num_gpus=None if g.num_gpus is None else float(g.num_gpus))
+                num_gpus=None if g.num_gpus is None else float(g.num_gpus), accuracy=g.accuracy)
 
 
 def _slug(text: str) -> str:

@@ -2,7 +2,9 @@
 against the reference arm. Everything is read back from what the child runs logged in MLflow.
 
 Per child run (table `per_seed`, one row per arm and seed):
-- `final_acc`: held-out greedy accuracy (`eval/greedy_acc`) at the last evaluation;
+- `final_acc`: held-out accuracy at the last evaluation: greedy (`eval/greedy_acc`) or, with the grid's
+  `accuracy = "sampled"`, the mean reward of `trainer.eval_samples` samples per prompt at the rollout
+  temperature (`eval/sampled_acc`, avg@n: what training optimises);
 - `best_acc`: the best of the evaluations after the start (step >= 1; step 0 is the starting policy,
   the same convention as analyses.report);
 - `steps_to_target`: the first evaluation step whose accuracy is >= the target (the grid's
@@ -48,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 ACC = "eval/greedy_acc"
+ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
 DARO_PATH_METHODS = ("daro", "static")
 STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
@@ -183,11 +186,11 @@ def _wide(metrics: pd.DataFrame, prefix: str) -> pd.DataFrame:
 
 
 def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
-              w_bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+              w_bounds: tuple[float, float] | None = None, acc_key: str = ACC) -> dict[str, Any]:
     """The per-run numbers of the module docstring from a run's `read_metrics` frame (except
     steps_to_target, which needs the target: see `steps_to_target`)."""
     out: dict[str, Any] = {}
-    acc = metrics[metrics.key == ACC].sort_values("step")
+    acc = metrics[metrics.key == acc_key].sort_values("step")
     out["start_acc"] = float(acc.value[acc.step == 0].iloc[0]) if (acc.step == 0).any() else math.nan
     out["final_acc"] = float(acc.value.iloc[-1]) if len(acc) else math.nan
     later = acc[acc.step >= 1]
@@ -239,12 +242,12 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     return out
 
 
-def steps_to_target(metrics: pd.DataFrame, target: float) -> tuple[float, bool]:
+def steps_to_target(metrics: pd.DataFrame, target: float, acc_key: str = ACC) -> tuple[float, bool]:
     """(step, reached): the first evaluation step (>= 1) with held-out accuracy >= target, or, when never
     reached, the last evaluation step (censored); (NaN, False) without a target or evaluations."""
     if target is None or not np.isfinite(target):
         return math.nan, False
-    acc = metrics[(metrics.key == ACC) & (metrics.step >= 1)].sort_values("step")
+    acc = metrics[(metrics.key == acc_key) & (metrics.step >= 1)].sort_values("step")
     hit = acc[acc.value >= target - 1e-12]
     if len(hit):
         return float(hit.step.iloc[0]), True
@@ -392,7 +395,7 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "",
         "How to read it:",
         "",
-        "- Accuracy: greedy held-out accuracy; *final* at the last evaluation, *best* over the evaluations after "
+        f"- Accuracy: {meta.get('accuracy', 'greedy')} held-out accuracy; *final* at the last evaluation, *best* over the evaluations after "
         "step 0. Mean over seeds with a 95% bootstrap percentile CI of the mean in brackets; no brackets with one "
         "seed (no interval is possible). With few seeds the bootstrap CI is optimistic.",
         f"- Steps to target: first evaluation step with accuracy >= {tdesc} ({meta.get('target_desc', '')}); "

@@ -636,7 +636,8 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     for run in find_children(client, parent_run_id):
         key = (run.data.tags.get(TAG_ARM), int(run.data.tags.get(TAG_SEED, -1)))
         children.setdefault(key, run)
-    wanted = (S.ACC, "daro/wL/", "daro/wS/", "contrib/", "daro/weight/", "daro/at_bound", "loss/total")
+    acc_key = S.ACC_KEYS[plan.accuracy]
+    wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "daro/weight/", "daro/at_bound", "loss/total")
     rows, frames = [], {}
     for seed in plan.seeds:
         for pa in plan.arms:
@@ -644,11 +645,12 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
             row: dict[str, Any] = {"arm": pa.name, "label": pa.label, "method": pa.method, "seed": seed,
                                    "run_id": run.info.run_id if run else "", "status": run.info.status if run else "NOT_RUN"}
             if run is not None:
-                keys = [k for k in run.data.metrics if k == S.ACC or k.startswith(wanted)]
+                keys = [k for k in run.data.metrics if k == acc_key or k.startswith(wanted)]
                 m = read_metrics(client, run.info.run_id, keys)
                 frames[(pa.name, seed)] = m
                 d = pa.config["algo"]["daro"]
-                row.update(S.run_stats(m, pa.method, plan.balance_window, plan.weight_stats, (d["w_min"], d["w_max"])))
+                row.update(S.run_stats(m, pa.method, plan.balance_window, plan.weight_stats, (d["w_min"], d["w_max"]),
+                                       acc_key))
                 if plan.weight_stats and run.info.status == "FAILED":
                     row["nonfinite"] = max(_nan0(row.get("nonfinite")), _failed_nonfinite(client, run.info.run_id))
             rows.append(row)
@@ -661,7 +663,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
         vals = ref["final_acc"].dropna() if "final_acc" in ref else pd.Series(dtype=float)
         target = float(vals.mean()) if len(vals) else math.nan
         tdesc = f"the mean final accuracy of the reference arm '{plan.reference}'"
-    hits = [S.steps_to_target(frames[(r.arm, r.seed)], target) if (r.arm, r.seed) in frames and r.status == "FINISHED"
+    hits = [S.steps_to_target(frames[(r.arm, r.seed)], target, acc_key) if (r.arm, r.seed) in frames and r.status == "FINISHED"
             else (math.nan, False) for r in per_seed.itertuples()]
     per_seed["steps_to_target"] = [h[0] for h in hits]
     per_seed["reached"] = [float(h[1]) for h in hits]
@@ -680,6 +682,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     meta = {"name": plan.name, "description": plan.description, "parent_run_id": parent_run_id,
             "experiment": plan.experiment, "preset": plan.preset, "seeds": plan.seeds, "reference": plan.reference,
             "target_acc": target, "target_desc": tdesc, "balance_window": plan.balance_window, "test": plan.test,
+            "accuracy": plan.accuracy,
             "notes": notes}
     md = S.to_markdown(summary, meta)
     summary.attrs.update({k: v for k, v in meta.items() if k != "notes"})
