@@ -5,14 +5,21 @@ logging_steps); the per-mu tables hold every step either way.
 
     python benchmarks/bench_trainer.py                      # both presets
     python benchmarks/bench_trainer.py --preset trl --steps 40
+    python benchmarks/bench_trainer.py --preset trl --vs-trl --steps 100   # and TRL's GRPOTrainer beside it
 
 Presets:
-  tiny  the demo preset (Llama, warm-started, 16 prompts x 8, two mini-batches per step)
-  trl   the workload of TRL's GRPOTrainer reference (1.16: about 0.10 s/step on this machine,
-        2 threads, idle): Qwen2 hidden 128, 2 layers, 4 heads, 2 KV heads, MLP 512, untied, fp32,
-        20-token character tokenizer; "a+b=" with 1-3 digit operands; 16 prompts x 8 responses,
-        at most 8 new tokens, temperature 1; token-mean (dapo) loss, no KL, one on-policy update
-        per step, AdamW lr 1e-4.
+  tiny  the demo preset (daro_lab/presets/demo.toml)
+  trl   the workload of TRL's GRPOTrainer comparison: Qwen2 hidden 128, 2 layers, 4 heads, 2 KV heads,
+        MLP 512, untied, fp32, 18-token character tokenizer; "a+b=" with 1-3 digit operands; 16 prompts x 8
+        responses, at most 8 new tokens, temperature 1; token-mean (dapo) loss, no KL, one on-policy update
+        per step, AdamW lr 1e-4 (built on the config defaults, not on the demo preset).
+
+--vs-trl (needs the `trl` extra: pip install -e ".[trl]") runs TRL's GRPOTrainer on the `trl` workload in the same
+process, its steps interleaved with daro-lab's (each TRL step, then one daro-lab step, same torch threads): the same
+warm-started weights (a copy), tokenizer, prompt distribution, verifier, sampling (temperature 1, no top-k/top-p),
+batch (16 prompts x 8, at most 8 new tokens), loss (dapo, eps 0.2 / 0.28, no KL), optimizer (AdamW lr 1e-4, constant
+schedule, clip 1.0), fp32, no gradient checkpointing; TRL without any report_to, daro-lab with hooks off. It prints
+seconds per step and per updated sequence: daro-lab updates only the prompts with 0 < mu < 1, TRL every completion.
 It prints figures; it asserts nothing. Compare ratios measured in one run, not absolute times.
 """
 
@@ -47,25 +54,32 @@ PRESETS = {
 }
 
 
+DEMO = Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml"
+
+
+def base_config(preset: str):
+    """The preset's base: the demo preset for `tiny`, the config defaults for `trl` (its workload is fixed)."""
+    return DEMO if preset == "tiny" else None
+
+
 def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     from daro_lab.tracking import Tracker
 
     torch.set_num_threads(threads)
     overrides = [*PRESETS[preset], "trainer.grad_norm_every=0", f"trainer.steps={steps + warmup}"]
-    cfg = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml", overrides)
+    cfg = load_config(base_config(preset), overrides)
     tmp = tempfile.mkdtemp()
     trackers = {every: Tracker.start(f"sqlite:///{tmp}/mlflow.db", "bench", f"{preset}-log-every-{every}", cfg.flat(),
                                      cfg.to_json(), artifact_location=f"{tmp}/artifacts", context_tags=False)
                 for every in (1, 10)}
     on = Trainer(cfg, hooks=default_hooks(trackers[1]))
-    cfg10 = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml",
-                        [*overrides, "tracking.log_every=10"])
+    cfg10 = load_config(base_config(preset), [*overrides, "tracking.log_every=10"])
     on10 = Trainer(cfg10, hooks=default_hooks(trackers[10]))
     for tr in (on, on10):
         for h in tr.hooks:
             h.on_train_start(tr)
     off = Trainer(cfg, hooks=[])
-    gcfg = load_config(Path(__file__).resolve().parents[1] / "daro_lab/presets/demo.toml",
+    gcfg = load_config(base_config(preset),
                        [*overrides[:-2], "trainer.grad_norm_every=1", f"trainer.steps={steps + warmup}"])
     with_g = Trainer(gcfg, hooks=[])
     times: dict[str, list[float]] = {"on": [], "on10": [], "off": [], "g": []}
@@ -107,8 +121,86 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     print(f"  response tokens/s (hooks on):                    {statistics.mean(toks) / mean['on']:.0f}")
     print(f"  kept prompts per step (0 < mu < 1):              {statistics.mean(kept):.1f} of {cfg.trainer.prompts_per_step}")
     print(f"  peak resident memory of this process:            {peak_mb:.0f} MiB")
-    if preset == "trl":
-        print(f"  TRL GRPOTrainer 1.16 reference on this workload: 0.10 s/step -> ratio {on_total / 0.10:.2f}")
+
+
+def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
+    """TRL's GRPOTrainer and daro-lab's trainer on the `trl` workload, steps interleaved (module docstring)."""
+    try:
+        import trl
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        sys.exit('--vs-trl needs TRL: pip install -e ".[trl]"')
+    import copy
+    import logging
+
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    cfg = load_config(base_config("trl"), [*PRESETS["trl"], "trainer.grad_norm_every=0",
+                                           f"trainer.steps={steps + warmup}"])
+    ours = Trainer(cfg, hooks=[])
+    K, P = cfg.rollout.num_responses, cfg.trainer.prompts_per_step
+    reward_batch = ours.task.reward_batch
+    data = Dataset.from_dict({"prompt": [p.prompt for p in ours.train_set], "answer": [p.answer for p in ours.train_set]})
+
+    def verifier(completions, answer, **kwargs):
+        return reward_batch(list(completions), list(answer))
+
+    tmp = tempfile.mkdtemp()
+    args = GRPOConfig(
+        output_dir=tmp, per_device_train_batch_size=P * K, gradient_accumulation_steps=1, num_generations=K,
+        max_completion_length=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
+        loss_type="dapo", beta=0.0, epsilon=cfg.algo.eps_low, epsilon_high=cfg.algo.eps_high,
+        learning_rate=cfg.trainer.lr, lr_scheduler_type="constant", weight_decay=cfg.trainer.weight_decay,
+        adam_beta1=cfg.trainer.betas[0], adam_beta2=cfg.trainer.betas[1], max_grad_norm=cfg.trainer.grad_clip,
+        gradient_checkpointing=False, bf16=False, use_cpu=True, max_steps=steps + warmup, logging_steps=10,
+        report_to=[], save_strategy="no", disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0,
+    )
+    times: dict[str, list[float]] = {"trl": [], "ours": []}
+    kept: list[float] = []
+
+    class Interleave(TrainerCallback):
+        """Times each TRL step (on_step_begin .. on_step_end: generation, rewards, loss, backward, clip, AdamW),
+        then runs and times one daro-lab step before TRL's next."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            dt = time.perf_counter() - self.t0
+            t0 = time.perf_counter()
+            m = ours.train_step()
+            dt_ours = time.perf_counter() - t0
+            if state.global_step > warmup:
+                times["trl"].append(dt)
+                times["ours"].append(dt_ours)
+                kept.append(m["rollout/kept_prompts"])
+
+    theirs = GRPOTrainer(model=copy.deepcopy(ours.model), reward_funcs=verifier, args=args, train_dataset=data,
+                         processing_class=ours.tokenizer, callbacks=[Interleave()])
+    theirs.train()
+    zero_std = [h["frac_reward_zero_std"] for h in theirs.state.log_history if "frac_reward_zero_std" in h]
+    t_trl, t_ours = statistics.mean(times["trl"]), statistics.mean(times["ours"])
+    n_trl = P * K  # TRL updates every completion (those of mu in {0, 1} prompts with advantage 0)
+    n_ours = statistics.mean(kept) * K
+    n_signal_trl = (1 - statistics.mean(zero_std)) * P * K if zero_std else float("nan")
+    print(f"\n== daro-lab vs TRL {trl.__version__} GRPOTrainer, `trl` workload: {len(times['trl'])} timed steps of each "
+          f"after {warmup} warm-up, interleaved, torch threads {torch.get_num_threads()}")
+    print(f"  s/step, TRL GRPOTrainer (report_to none):        {t_trl:.4f}  (median {statistics.median(times['trl']):.4f})")
+    print(f"  s/step, daro-lab (hooks off):                    {t_ours:.4f}  (median {statistics.median(times['ours']):.4f})")
+    print(f"  ratio daro-lab / TRL, per step:                  {t_ours / t_trl:.3f}")
+    print(f"  sequences updated per step, TRL:                 {n_trl}  (with a non-zero advantage: {n_signal_trl:.1f})")
+    print(f"  sequences updated per step, daro-lab:            {n_ours:.1f}  (the prompts with 0 < mu < 1, x {K})")
+    print(f"  ms per updated sequence, TRL:                    {1e3 * t_trl / n_trl:.3f}")
+    print(f"  ms per updated sequence, daro-lab:               {1e3 * t_ours / n_ours:.3f}")
+    print(f"  ratio daro-lab / TRL, per updated sequence:      {(t_ours / n_ours) / (t_trl / n_trl):.3f}")
+    if zero_std:
+        print(f"  ms per sequence with a non-zero advantage, TRL:  {1e3 * t_trl / n_signal_trl:.3f}  "
+              f"(ratio daro-lab / TRL {(t_ours / n_ours) / (t_trl / n_signal_trl):.3f})")
 
 
 def main() -> None:
@@ -117,11 +209,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vs-trl", action="store_true",
+                    help='also run TRL\'s GRPOTrainer on the `trl` workload, interleaved (needs pip install -e ".[trl]")')
     a = ap.parse_args()
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
     for p in PRESETS if a.preset == "all" else [a.preset]:
         bench(p, a.steps, a.warmup, a.threads)
+    if a.vs_trl:
+        bench_vs_trl(a.steps, a.warmup, a.threads)
 
 
 if __name__ == "__main__":
