@@ -141,13 +141,13 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
         for yi, v, last in zip(y, vals, steps.last_step):
             ax.text(0 if math.isnan(v) else v, yi, f" not reached (≤{last})" if math.isnan(v) else f" {int(v)}",
                     va="center", fontsize=6)
-        ax.set_yticks(y, steps.arm)
+        ax.set_yticks(y, [style.wrap(a, 22) for a in steps.arm], fontsize=6)
         ax.invert_yaxis()
         ax.set(title=f"(c) steps to accuracy {target:.3f}", xlabel="training step")
         xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])
         ax.set_xlim(0, xmax * 1.35)
         ax.grid(axis="y", visible=False)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=min(len(arms), 6))
+        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
     result = FigureResult(NAME, fig, {"convergence": c, "convergence_steps": steps},
                           caption=_caption(c, steps, target), notes=notes, summary={"target": target})
     return finish_figure(result, out_dir)

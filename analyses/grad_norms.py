@@ -111,13 +111,13 @@ def plot_grad_norms(runs: RunSet | None = None, out_dir: str | Path | None = Non
                 ax.plot(dk.step, dk["mean"], color=colors[int(k)], marker="o", markersize=2.5,
                         label=style.mu_label(int(k), K))
             style.log_axis(ax)
-            ax.set(title=f"({letters[i]}) {arm}: G$_\\mu$ = ‖∇θ C$_\\mu$‖", xlabel="training step",
+            ax.set(title=style.wrap(f"({letters[i]}) {arm}: G$_\\mu$ = ‖∇θ C$_\\mu$‖", 34), xlabel="training step",
                    ylabel="G$_\\mu$ (log)")
             if len(Ks) > 1:
                 ax.legend(loc="best", ncol=2, fontsize=5.5)
         for ax in flat[n:]:
             ax.set_visible(False)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=min(len(arms), 6))
+        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
         if len(Ks) == 1:
             fig.legend(handles=style.mu_handles(int(Ks[0])), loc="outside lower center", ncol=int(Ks[0]) - 1,
                        title="pass-rate group")

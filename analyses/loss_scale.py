@@ -343,11 +343,11 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
             for k, dk in d.groupby("k"):
                 ax.plot(dk.step, dk.C_abs_share, color=colors[int(k)], marker="o", markersize=2,
                         label=style.mu_label(int(k), K))
-            ax.set(title=f"({letters[i]}) {arm}: share of |C| by step", xlabel="training step",
+            ax.set(title=style.wrap(f"({letters[i]}) {arm}: share of |C| by step", 34), xlabel="training step",
                    ylabel="share of Σ|C|", ylim=(-0.02, 1.02))
             if len(Ks) > 1:
                 ax.legend(loc="upper right", ncol=2, fontsize=5.5)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=min(len(arms), 6))
+        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
         if len(Ks) == 1:
             span = "(e)" if len(arms) == 1 else f"(e)–({letters[len(arms) - 1]})"
             fig.legend(handles=style.mu_handles(int(Ks[0])), loc="outside lower center", ncol=int(Ks[0]) - 1,

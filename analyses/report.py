@@ -25,7 +25,9 @@ import base64
 import datetime as _dt
 import html
 import importlib.metadata
+import json
 import platform
+import re
 import string
 import textwrap
 from collections.abc import Sequence
@@ -132,12 +134,62 @@ def runs_table(runs: RunSet) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[^/\s,'\"\]\[]+/)*([^/\s,'\"\]\[]+)")
+INPUTS_DIR = "inputs"  # beside the report: files an arm needs to rerun (frozen DARO weights)
+
+
+def portable(text: str) -> str:
+    """A value as a report shows it: absolute paths of the machine that ran it cut to '…/<last part>'
+    ('sqlite:////tmp/x/mlflow.db' -> 'sqlite:///…/mlflow.db'), so a report carries no local paths; server
+    URIs (http://host/...) are kept."""
+    text = str(text)
+    for prefix in ("sqlite:///", "file://"):  # sqlite:////abs/path, file:///abs/path: the path part
+        if text.startswith(prefix):
+            return prefix + portable(text[len(prefix):])
+    if re.match(r"^[A-Za-z][\w+.-]*://", text):
+        return text
+    return _ABS_PATH.sub(lambda m: f"…/{m.group(1)}", text)
+
+
+def _static_file(value: str) -> bool:
+    return bool(value) and value != "ones" and not value.startswith("shape:")
+
+
+def param_shown(key: str, value: str) -> str:
+    """A run's param as the report shows it: frozen-weight files as their copy under inputs/, paths cut."""
+    if key == "algo.daro.static" and _static_file(value):
+        return f"{INPUTS_DIR}/{Path(value).name}"
+    return portable(value)
+
+
+def write_inputs(runs: RunSet, out: Path) -> list[str]:
+    """Copy what an arm needs to rerun into out/inputs/: the frozen DARO weights of `static` runs (from the run's
+    tag daro_lab.static_weights, the weights it was given, else the file). Returns notes on what is missing."""
+    notes = []
+    for r in runs:
+        value = r.params.get("algo.daro.static", "")
+        if r.method != "static" or not _static_file(value):
+            continue
+        target = out / INPUTS_DIR / Path(value).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tagged = r.tags.get("daro_lab.static_weights")
+        if tagged:
+            target.write_text(json.dumps({str(k): v for k, v in json.loads(tagged).items()}, indent=1))
+        elif Path(value).is_file():
+            target.write_text(Path(value).read_text())
+        else:
+            notes.append(f"run {r.name} ({r.run_id}): its frozen weights {portable(value)} are gone from this machine "
+                         "and not in its tags; inputs/ lacks them")
+    return notes
+
+
 def config_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(params with one value across all runs: key, value), (params that differ: key + one column per run)."""
+    """(params with one value across all runs: key, value), (params that differ: key + one column per run).
+    Values as `param_shown` gives them: no machine-local paths."""
     keys = sorted(set().union(*(r.params for r in runs)))
     common, varying = [], []
     for k in keys:
-        vals = [r.params.get(k, "") for r in runs]
+        vals = [param_shown(k, r.params.get(k, "")) for r in runs]
         if len(set(vals)) == 1:
             common.append({"key": k, "value": vals[0]})
         else:
@@ -244,7 +296,7 @@ def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_
     vers = ", ".join(f"{k} {v}" for k, v in versions().items())
     commits = sorted({r.tags.get("mlflow.source.git.commit") for r in runs} - {None})
     parts = [
-        f"<p><b>Runs:</b> {len(runs)} from {_esc(runs.source)} in <code>{_esc(runs.uri)}</code>.</p>",
+        f"<p><b>Runs:</b> {len(runs)} from {_esc(runs.source)} in <code>{_esc(portable(runs.uri))}</code>.</p>",
         f"<p><b>Model:</b> {_esc(model)}.<br><b>Data:</b> {_esc(data)}.<br><b>Seeds:</b> {_esc(seeds)}.<br>"
         f"<b>Versions (of this report's environment):</b> {_esc(vers)}."
         + (f"<br><b>Code commit of the runs:</b> {_esc(', '.join(commits))}." if commits else "") + "</p>",
@@ -289,7 +341,7 @@ def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureRe
     subtitle = (f"{len(runs)} runs, methods {', '.join(style.method_label(m) for m in runs.methods())}; "
                 f"loss scale issue and DARO (arXiv 2510.09001)")
     generated = (f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by daro-lab "
-                 f"{versions().get('daro-lab', '')} from {_esc(runs.uri)}.")
+                 f"{versions().get('daro-lab', '')} from {_esc(portable(runs.uri))}.")
     return tpl.safe_substitute(title=_esc(title), subtitle=_esc(subtitle), toc=toc, body=body, generated=generated)
 
 
@@ -375,7 +427,7 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
     common, varying = config_tables(runs)
     r0 = runs.runs[0]
     setup = [
-        f"Runs: {len(runs)} from {runs.source} in {runs.uri}.",
+        f"Runs: {len(runs)} from {runs.source} in {portable(runs.uri)}.",
         "Model: " + (r0.params.get("model.path") or "tiny preset, " + ", ".join(
             f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _MODEL_KEYS[1:] if k in r0.params)) + ".",
         "Data: " + ", ".join(f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _DATA_KEYS if k in r0.params) + ".",
@@ -446,7 +498,7 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
     style.save_table(common, out, "config")
     if len(varying):
         style.save_table(varying, out, "config_varying")
-    missing = missing_items(runs, done, errors)
+    missing = missing_items(runs, done, errors) + write_inputs(runs, out)
     html_path = out / "report.html"
     html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface),
                          encoding="utf-8")

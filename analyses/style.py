@@ -163,14 +163,29 @@ def save_table(df: pd.DataFrame, out_dir: str | Path, stem: str) -> Path:
     return path
 
 
+def wrap(text: str, width: int = 30) -> str:
+    """Long labels (ablation arms carry their label) on lines of at most `width` characters, so that a panel
+    title or a legend entry stays inside the figure."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def legend_columns(labels, most: int = 6) -> int:
+    """Columns of a figure legend: fewer when the labels are long."""
+    longest = max((len(str(x)) for x in labels), default=0)
+    return max(1, min(len(labels), most if longest <= 24 else 3 if longest <= 40 else 2))
+
+
 def arm_handles(runs, arms) -> list:
-    """Legend entries, one per arm, in its colour, line style and marker."""
+    """Legend entries, one per arm, in its colour, line style and marker (long labels wrapped)."""
     from matplotlib.lines import Line2D
 
     out = []
     for arm in arms:
         st = runs.arm_style(arm)
-        out.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], marker=st["marker"], label=arm))
+        out.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
+                          label=wrap(arm, 40)))
     return out
 
 

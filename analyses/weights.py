@@ -1,12 +1,13 @@
-"""Figure `weights`: DARO's weight trajectories w_mu over steps (one line per mu), and w_mu * |L_mu|,
-the balance the method aims for (w_mu * |L_mu| -> 1 with the default 'abs' signal).
+"""Figure `weights`: DARO's weight trajectories w_mu over steps (one line per mu), and the balance the
+method aims for: w_mu * signal_mu / C, which its w-gradient drives to 1 for every group (the fixed point
+w = C / signal of the reading the run used; runs from before readings were recorded: w_mu * |L_mu|, the
+paper's reading with C = 1).
 
 w_mu: metric `daro/weight/mu_{k}of{K}`, the weights after each step (logged every step, for every
-k, present or not). w_mu * L_mu: column `wL` of the `per_mu` table (the weight the step used times
-the group's loss), averaged over the step's mini-batches where the group is present; the figure
-shows its magnitude |w L|. Both are averaged over the arm's runs (seeds). Arms whose runs have
-no weights (GRPO, DAPO, ...) are left out; `static` arms (frozen weights) are drawn, flat.
-Table `weights.csv`: arm, method, step, k, K, mu, w, w_ci, wL, wL_abs, n_runs.
+k, present or not). Balance: column `wS` (or `wL`) of the `per_mu` table, averaged over the step's
+mini-batches where the group is present. Both are averaged over the arm's runs (seeds). Arms whose runs
+have no weights (GRPO, DAPO, ...) are left out; `static` arms (frozen weights) are drawn, flat.
+Table `weights.csv`: arm, method, step, k, K, mu, w, w_ci, wL, wL_abs, wS, balance, n_runs.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ def weights_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
             pm = r.table("per_mu")
             if pm is not None and "wL" in pm.columns:
                 wl = pm.dropna(subset=["wL"]).assign(wL_abs=lambda d: d.wL.abs())
-                wl = wl.groupby(["step", "k"])[["wL", "wL_abs"]].mean().reset_index()
+                if "wS" not in wl.columns:
+                    wl["wS"] = np.nan
+                wl = wl.groupby(["step", "k"])[["wL", "wL_abs", "wS"]].mean().reset_index()
                 m = m.merge(wl, on=["step", "k"], how="left")
             else:
-                m["wL"] = m["wL_abs"] = np.nan
-                notes.append(f"run {r.name} ({r.run_id}) has no per_mu table: no w_mu * L_mu")
+                m["wL"] = m["wL_abs"] = m["wS"] = np.nan
+                notes.append(f"run {r.name} ({r.run_id}) has no per_mu table: no balance w_mu * signal_mu / C")
             m["arm"], m["method"], m["run_id"] = arm, r.method, r.run_id
             frames.append(m)
     if not frames:
@@ -57,12 +60,14 @@ def weights_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
             f"methods selected: {', '.join(runs.methods())}. Train with --algo daro (or static).")
     df = pd.concat(frames, ignore_index=True)
     g = df.groupby(["arm", "method", "step", "k", "K"], sort=False)
-    out = g[["w", "wL", "wL_abs"]].mean()
+    out = g[["w", "wL", "wL_abs", "wS"]].mean()
     out["w_ci"] = g.w.agg(lambda s: mean_ci(s)[1])
     out["n_runs"] = g.run_id.nunique()
     out = out.reset_index()
     out["mu"] = out.k / out.K
-    return out[["arm", "method", "step", "k", "K", "mu", "w", "w_ci", "wL", "wL_abs", "n_runs"]], notes
+    # the balance of the reading the run used; older runs recorded only w L (the paper's reading, C = 1)
+    out["balance"] = out.wS.where(out.groupby("arm").wS.transform(lambda x: x.notna().any()), out.wL_abs)
+    return out[["arm", "method", "step", "k", "K", "mu", "w", "w_ci", "wL", "wL_abs", "wS", "balance", "n_runs"]], notes
 
 
 def _caption(t: pd.DataFrame) -> str:
@@ -72,15 +77,17 @@ def _caption(t: pd.DataFrame) -> str:
         lo, hi = last.loc[last.w.idxmin()], last.loc[last.w.idxmax()]
         txt = (f"{arm} at step {int(last.step.iloc[0])}: w ranges from {lo.w:.3g} (μ={int(lo.k)}/{int(lo.K)}) "
                f"to {hi.w:.3g} (μ={int(hi.k)}/{int(hi.K)})")
-        wl = d.dropna(subset=["wL_abs"])
+        wl = d.dropna(subset=["balance"])
         if len(wl):
             wl_last = wl[wl.step == wl.step.max()]
-            txt += (f"; w·|L| at step {int(wl_last.step.iloc[0])} spans {wl_last.wL_abs.min():.3g}–"
-                    f"{wl_last.wL_abs.max():.3g} (balance: 1)")
+            what = "w·signal/C" if d.wS.notna().any() else "w·|L|"
+            txt += (f"; {what} at step {int(wl_last.step.iloc[0])} spans {wl_last.balance.min():.3g}–"
+                    f"{wl_last.balance.max():.3g} (fixed point: 1)")
         parts.append(txt)
     return ("DARO weights w_μ after each step (top; log scale when they spread over more than a factor 3) and "
-            "w_μ·|L_μ| per step (bottom, log scale; the method drives it towards 1 for every group), mean over "
-            "seeds (95% intervals in the table). " + "; ".join(parts) + ".")
+            "the balance per step (bottom, log scale): w_μ·signal_μ/C, which the weights' gradient drives to 1 for "
+            "every group (runs without it: w_μ·|L_μ|, the paper's reading), mean over seeds (95% intervals in the "
+            "table). " + "; ".join(parts) + ".")
 
 
 def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
@@ -102,24 +109,25 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             for k, dk in d.groupby("k"):
                 dk = dk.sort_values("step")
                 ax_w.plot(dk.step, dk.w, color=colors[int(k)], label=style.mu_label(int(k), K))
-                wl = dk.dropna(subset=["wL_abs"])
-                wl = wl[wl.wL_abs > 0]
-                ax_l.plot(wl.step, wl.wL_abs, color=colors[int(k)], marker="o", markersize=2)
+                wl = dk.dropna(subset=["balance"])
+                wl = wl[wl.balance > 0]
+                ax_l.plot(wl.step, wl.balance, color=colors[int(k)], marker="o", markersize=2)
             log_w = d.w.max() / max(d.w.min(), 1e-300) > 3
             if log_w:
                 style.log_axis(ax_w)
-            ax_w.set(title=f"{arm}: weights w$_\\mu$", ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
+            ax_w.set(title=style.wrap(f"{arm}: weights w$_\\mu$", 34), ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
             ax_l.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9)
             style.log_axis(ax_l)
-            ax_l.set(title=f"{arm}: w$_\\mu$·|L$_\\mu$|", xlabel="training step",
-                     ylabel="w$_\\mu$·|L$_\\mu$| (log)" if j == 0 else None)
+            what = "w$_\\mu$·signal$_\\mu$/C" if d.wS.notna().any() else "w$_\\mu$·|L$_\\mu$|"
+            ax_l.set(title=style.wrap(f"{arm}: {what}", 34), xlabel="training step",
+                     ylabel=f"{what} (log)" if j == 0 else None)
             if len(Ks) > 1:
                 ax_w.legend(loc="best", ncol=2, fontsize=5.5)
         if len(Ks) == 1:
             from matplotlib.lines import Line2D
 
             handles = style.mu_handles(int(Ks[0])) + [
-                Line2D([], [], color="0.4", linestyle=":", label="w·|L| = 1")]
+                Line2D([], [], color="0.4", linestyle=":", label="fixed point (1)")]
             ncol = min(len(handles), 8 if n > 1 else 4)
             fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
     result = FigureResult(NAME, fig, {"weights": table}, caption=_caption(table), notes=notes)

@@ -619,3 +619,32 @@ def test_daro_shares_leave_the_offset_out():
     s = run_summary(_TableRun("daro", rows)).set_index("k")
     coef = np.array([0.1 * 1.5, 0.2 * 0.5, 0.3])
     np.testing.assert_allclose(s.C_abs_share, coef / coef.sum(), rtol=1e-12)
+
+
+def test_report_carries_no_local_paths_and_keeps_frozen_weights_beside_it(store, tmp_path):
+    """Machine-local paths (store, checkpoints, cache, frozen-weight files) appear as '…/<last part>'; the frozen
+    weights a static arm needs to rerun are written to inputs/ beside the report, from the run's tag."""
+    from analyses.report import write_report
+
+    uri, art = store["uri"], str(store["root"] / "artifacts")
+    weights = {"1": 1.5, "2": 0.75, "3": 1.0}
+    ids = []
+    for method, extra in (("daro", {}), ("static", {"algo.daro.static": "/tmp/sweep-x/ckpt/optimal-static-seed0-weights.json"})):
+        p = {"algo.method": method, "seed": 0, "rollout.num_responses": K, "trainer.mini_batch_prompts": N_MB,
+             "tracking.uri": "sqlite:////tmp/sweep-x/mlflow.db", "trainer.checkpoint_dir": "/tmp/sweep-x/ckpt",
+             "model.cache_dir": "/tmp/sweep-x/.daro_cache", **extra}
+        tags = {"daro_lab.method": method, "daro_lab.seed": 0}
+        if method == "static":
+            tags["daro_lab.static_weights"] = json.dumps(weights)
+        tr = Tracker.start(uri, "paths", f"{method}-seed0", p, json.dumps(p), tags=tags, artifact_location=art,
+                           context_tags=False)
+        tr.log_metrics({"eval/greedy_acc": 0.5}, 0)
+        tr.log_table("per_mu", DARO0)
+        tr.finish()
+        ids.append(tr.run_id)
+    rep = write_report(uri=uri, run_ids=ids, out_dir=tmp_path / "rep", figures=["loss-scale"])
+    texts = [p.read_text(errors="ignore") for p in (tmp_path / "rep").rglob("*") if p.suffix in (".html", ".csv")]
+    assert texts and not any("/tmp/" in t for t in texts)
+    assert any("inputs/optimal-static-seed0-weights.json" in t for t in texts)
+    assert json.loads((tmp_path / "rep" / "inputs" / "optimal-static-seed0-weights.json").read_text()) == weights
+    assert rep.html.is_file()
