@@ -241,3 +241,25 @@ def test_trl_non_binary_reward_is_a_clear_error(tmp_path):
         tr.train()
     with pytest.raises(ValueError, match="daro_reg"):
         DaroGRPOConfig(output_dir=str(tmp_path), loss_type="daro", daro_reg="often", use_cpu=True, bf16=False)
+
+
+def test_readme_trl_example_runs(tmp_path):
+    """The README's TRL example as written, with a tiny model and tokenizer for `model` / `tokenizer`, one step on CPU
+    (output folder, report_to and device are the test's)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "DaroGRPOTrainer" in b)
+    src = block.replace("from daro_lab.integrations.trl import DaroGRPOConfig, DaroGRPOTrainer\n", "")
+    assert "DaroGRPOConfig(" in src and "trainer.train()" in src
+    model, tok, _ = _parts()
+
+    def config(**kw):
+        return DaroGRPOConfig(**{**kw, "output_dir": str(tmp_path / "out"), "report_to": [], "use_cpu": True,
+                                 "bf16": False, "max_steps": 1, "logging_steps": 1, "disable_tqdm": True})
+
+    ns = {"model": model, "tokenizer": tok, "DaroGRPOConfig": config, "DaroGRPOTrainer": DaroGRPOTrainer}
+    exec(compile(src, "README.md", "exec"), ns)
+    logged = ns["trainer"].state.log_history[0]
+    assert "loss/total" in logged and all(f"daro/weight/mu_{k}of8" in logged for k in range(1, 8))
