@@ -2,11 +2,13 @@
 over seeds with a 95% t-interval band when there are several), and the steps each arm needs to
 reach a given accuracy.
 
-Metrics: `eval/greedy_acc` (held-out, greedy; step 0 is the starting policy) and `reward/mean`
-(mean verifier reward of the step's rollouts). At each step the mean and CI are over the arm's runs
-that logged that step (`n_runs`). Steps to target: the first step at which the arm's mean curve
-reaches `target`; per run, the first step at which that run does. The default target is halfway
-from the mean starting accuracy to the best mean accuracy any arm reaches.
+Metrics: `eval/greedy_acc` (held-out, greedy; step 0 is the starting policy), `eval/sampled_acc`
+(held-out, the mean reward of `trainer.eval_samples` responses per prompt at the rollout temperature:
+what training optimises) and `reward/mean` (mean verifier reward of the step's rollouts). At each step
+the mean and CI are over the arm's runs that logged that step (`n_runs`). Steps to target, on the
+sampled accuracy when every run logged it (greedy otherwise; `accuracy` chooses): the first step at
+which the arm's mean curve reaches `target`; per run, the first step at which that run does. The
+default target is halfway from the mean starting accuracy to the best mean accuracy any arm reaches.
 Tables: `convergence.csv` (arm, method, metric, step, mean, ci, n_runs), `convergence_steps.csv`.
 """
 
@@ -24,10 +26,11 @@ from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish
 
 NAME = "convergence"
 ACC = "eval/greedy_acc"
+SAMPLED = "eval/sampled_acc"
 REWARD = "reward/mean"
 
 
-def curves(runs: RunSet, metrics: Sequence[str] = (ACC, REWARD)) -> pd.DataFrame:
+def curves(runs: RunSet, metrics: Sequence[str] = (ACC, SAMPLED, REWARD)) -> pd.DataFrame:
     """Mean and CI over each arm's runs of each metric by step."""
     rows = []
     for arm, members in runs.arms().items():
@@ -55,7 +58,7 @@ def default_target(acc: pd.DataFrame) -> float:
     return float(start + 0.5 * (best - start)) if best > start else float(best)
 
 
-def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float) -> pd.DataFrame:
+def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float, key: str = ACC) -> pd.DataFrame:
     rows = []
     for arm, members in runs.arms().items():
         a = acc[acc.arm == arm].sort_values("step")
@@ -64,7 +67,7 @@ def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float) -> pd.DataFr
         hit = a[(a["mean"] >= target - 1e-12) & (a.step >= 1)]
         per_run = []
         for r in members:
-            s = r.series(ACC).sort_index()
+            s = r.series(key).sort_index()
             h = s[(s >= target - 1e-12) & (s.index >= 1)]
             per_run.append(int(h.index[0]) if len(h) else None)
         reached = [s for s in per_run if s is not None]
@@ -77,17 +80,23 @@ def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float) -> pd.DataFr
                                        "steps_per_run", "last_step"])
 
 
-def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float) -> str:
+def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> str:
     parts = []
-    acc = c[c.metric == ACC]
+    acc = c[c.metric == key]
+    what = "sampled" if key == SAMPLED else "greedy"
     for arm, a in acc.groupby("arm", sort=False):
         a = a.sort_values("step")
         last = a.iloc[-1]
         s = steps[steps.arm == arm].iloc[0]
         reach = (f"first reaches {target:.3f} at step {int(s.step_mean_curve)}" if pd.notna(s.step_mean_curve)
                  else f"does not reach {target:.3f} within {int(s.last_step)} steps")
-        parts.append(f"{arm} goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step {int(last.step)} "
-                     f"(best {a['mean'].max():.3f}) and {reach}")
+        txt = (f"{arm}'s {what} accuracy goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step "
+               f"{int(last.step)} (best {a['mean'].max():.3f}) and {reach}")
+        if key == SAMPLED:
+            g = c[(c.metric == ACC) & (c.arm == arm)].sort_values("step")
+            if len(g):
+                txt += f"; greedy {g['mean'].iloc[0]:.3f} → {g['mean'].iloc[-1]:.3f}"
+        parts.append(txt)
     n = int(c.n_runs.max()) if len(c) else 0
     band = ("bands: 95% t-interval over seeds, clipped to [0, 1]" + (" — wide with 2 seeds (t = 12.7)" if n == 2 else "")
             if n > 1 else "one seed per arm, so no confidence band")
@@ -95,45 +104,59 @@ def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float) -> str:
     improved = (acc[acc.step > first]["mean"] > acc[acc.step == first]["mean"].mean()).any()
     if not improved:
         band += "; no arm improved on its starting accuracy, so the target is the best accuracy reached after the start"
-    return (f"Held-out greedy accuracy (left) and training reward (middle) against step, mean over seeds ({band}); "
-            f"right: training steps (≥ 1) until the mean curve first reaches accuracy {target:.3f}. " + "; ".join(parts) + ".")
+    sampled = c[c.metric == SAMPLED]
+    panels = ("held-out greedy accuracy (a), held-out sampled accuracy (b: avg@n at the rollout temperature, what "
+              "training optimises), training reward (c)" if len(sampled) else
+              "held-out greedy accuracy (a), training reward (c)")
+    return (f"{panels} against step, mean over seeds ({band}); (d): training steps (≥ 1) until the mean {what} "
+            f"accuracy curve first reaches {target:.3f}. " + "; ".join(parts) + ".")
 
 
 def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
                      experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                     target: float | None = None) -> FigureResult:
-    """Draw the convergence figure; save it and its tables in `out_dir`."""
+                     target: float | None = None, accuracy: str | None = None) -> FigureResult:
+    """Draw the convergence figure; save it and its tables in `out_dir`. accuracy: 'greedy' or 'sampled', the
+    accuracy of steps-to-target (default: sampled when every run logged it, else greedy)."""
     runs = as_runset(runs, uri, experiment, run_ids)
     c = curves(runs)
-    acc = c[c.metric == ACC]
-    if acc.empty:
+    if c[c.metric == ACC].empty:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged held-out accuracy ({ACC})")
     notes = [f"run {r.name} ({r.run_id}) logged no {ACC}" for r in runs if not r.has_metric(ACC)]
+    if accuracy is None:
+        accuracy = "sampled" if all(r.has_metric(SAMPLED) for r in runs) else "greedy"
+    if accuracy not in ("greedy", "sampled"):
+        raise AnalysisError(f"{NAME}: accuracy must be 'greedy' or 'sampled', got {accuracy!r}")
+    key = SAMPLED if accuracy == "sampled" else ACC
+    acc = c[c.metric == key]
+    if acc.empty:
+        raise AnalysisError(f"{NAME}: no run of {runs.source} logged {key}")
     if target is None:
         target = default_target(acc)
-    steps = steps_to_target(runs, acc, target)
+    steps = steps_to_target(runs, acc, target, key)
     arms = list(dict.fromkeys(c.arm))
     with style.paper_style():
-        fig, axes = style.new_figure(1, 3, height=2.5)
-        for ax, key, title in ((axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
-                               (axes[0, 1], REWARD, "(b) training reward")):
-            d = c[c.metric == key]
+        fig, axes = style.new_figure(2, 2, height=4.6)
+        for ax, metric, title in ((axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
+                                  (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
+                                  (axes[1, 0], REWARD, "(c) training reward")):
+            d = c[c.metric == metric]
             for arm in arms:
                 a = d[d.arm == arm].sort_values("step")
                 if a.empty:
                     continue
                 st = runs.arm_style(arm)
                 ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"],
-                        marker=st["marker"] if key == ACC else None, markersize=2.5)
+                        marker=st["marker"] if metric != REWARD else None, markersize=2.5)
                 if a.ci.notna().any():
                     style.band(ax, a.step, a["mean"], a.ci, st["color"], lower=0.0, upper=1.0)
-            ax.set(title=title, xlabel="training step", ylabel="accuracy" if key == ACC else "mean reward")
+            ax.set(title=title, xlabel="training step", ylabel="mean reward" if metric == REWARD else "accuracy")
             if d.empty:
-                style.empty_panel(ax, f"no {key} logged")
-        axes[0, 0].axhline(target, color="0.4", linestyle=":", linewidth=0.9)
-        axes[0, 0].annotate(f"target {target:.3f}", (0.02, target), xycoords=("axes fraction", "data"),
-                            fontsize=6, color="0.35", va="bottom")
-        ax = axes[0, 2]
+                style.empty_panel(ax, f"no {metric} logged")
+        target_ax = axes[0, 1] if key == SAMPLED else axes[0, 0]
+        target_ax.axhline(target, color="0.4", linestyle=":", linewidth=0.9)
+        target_ax.annotate(f"target {target:.3f}", (0.02, target), xycoords=("axes fraction", "data"),
+                           fontsize=6, color="0.35", va="bottom")
+        ax = axes[1, 1]
         y = np.arange(len(steps))
         vals = [v if pd.notna(v) else np.nan for v in steps.step_mean_curve]
         colors = [runs.arm_style(a)["color"] for a in steps.arm]
@@ -143,11 +166,12 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
                     va="center", fontsize=6)
         ax.set_yticks(y, [style.wrap(a, 22) for a in steps.arm], fontsize=6)
         ax.invert_yaxis()
-        ax.set(title=f"(c) steps to accuracy {target:.3f}", xlabel="training step")
+        ax.set(title=f"(d) steps to {accuracy} accuracy {target:.3f}", xlabel="training step")
         xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])
         ax.set_xlim(0, xmax * 1.35)
         ax.grid(axis="y", visible=False)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
     result = FigureResult(NAME, fig, {"convergence": c, "convergence_steps": steps},
-                          caption=_caption(c, steps, target), notes=notes, summary={"target": target})
+                          caption=_caption(c, steps, target, key), notes=notes,
+                          summary={"target": target, "accuracy": accuracy})
     return finish_figure(result, out_dir)

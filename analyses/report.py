@@ -41,6 +41,7 @@ from analyses import FIGURES, figure_function, style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, fmt_ci, mean_ci
 
 ACC = "eval/greedy_acc"
+SAMPLED = "eval/sampled_acc"
 PAPER_METHODS = ("grpo", "dapo", "dr_grpo", "lipo", "daro")
 TEMPLATE = Path(__file__).resolve().parent.parent / "reports" / "template.html"
 _FALLBACK_TEMPLATE = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>$title</title></head>"
@@ -81,6 +82,7 @@ class ReportResult:
     figures: dict[str, FigureResult] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # figure -> why it could not be drawn
     missing: list[str] = field(default_factory=list)
+    results_sampled: pd.DataFrame | None = None  # the same for eval/sampled_acc (avg@n), when logged
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +312,8 @@ def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_
 
 def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult], errors: dict[str, str],
                 missing: list[str], fig_dir: Path, out_dir: Path, template: Path | None = None,
-                title: str | None = None, preface: Preface | None = None) -> str:
+                title: str | None = None, preface: Preface | None = None,
+                results_sampled: pd.DataFrame | None = None) -> str:
     tpl_path = Path(template) if template else TEMPLATE
     tpl = string.Template(tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else _FALLBACK_TEMPLATE)
     common, varying = config_tables(runs)
@@ -323,6 +326,11 @@ def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureRe
     disp = results_display(results) if len(results) else pd.DataFrame()
     res_html = (_html_table(disp, cls="results", num_cols=[c for c in disp.columns if c not in ("method",)])
                 if len(disp) else "<p>No held-out accuracy was logged.</p>")
+    if results_sampled is not None and len(results_sampled):
+        sd = results_display(results_sampled)
+        res_html += ("<p>Sampled held-out accuracy (avg@n: the mean reward of trainer.eval_samples responses per "
+                     "prompt at the rollout temperature, what training optimises), the same layout:</p>"
+                     + _html_table(sd, cls="results", num_cols=[c for c in sd.columns if c not in ("method",)]))
     sections.append(("results", "Results", (
         "<p>Held-out accuracy (greedy decoding) per arm: at the start (step 0), at the last evaluation, and the best "
         "over the evaluations after the start; overall and by difficulty level. Mean ± half-width of the 95% "
@@ -421,7 +429,7 @@ def _figure_page(pdf, name: str, res: FigureResult) -> None:
 
 def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult],
                errors: dict[str, str], missing: list[str], title: str | None = None,
-               preface: Preface | None = None) -> None:
+               preface: Preface | None = None, results_sampled: pd.DataFrame | None = None) -> None:
     from matplotlib.backends.backend_pdf import PdfPages
 
     common, varying = config_tables(runs)
@@ -454,6 +462,10 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
                     "Start (step 0), final (last evaluation) and best (over evaluations after the start) held-out "
                     "accuracy per arm, overall and by difficulty level; mean ± half-width of the 95% t-interval "
                     "over seeds (no ± with a single seed).")
+        if results_sampled is not None and len(results_sampled):
+            _table_page(pdf, "Results: held-out accuracy (sampled, avg@n)", results_display(results_sampled),
+                        "The same for the mean reward of trainer.eval_samples responses per prompt at the rollout "
+                        "temperature (what training optimises).")
         for name in FIGURES:
             if name in figures:
                 _figure_page(pdf, name, figures[name])
@@ -493,6 +505,9 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             errors[name] = str(exc)
     results = results_table(runs)
     style.save_table(results, out, "results")
+    sampled = results_table(runs, SAMPLED)
+    if len(sampled):
+        style.save_table(sampled, out, "results_sampled")
     style.save_table(runs_table(runs), out, "runs")
     common, varying = config_tables(runs)
     style.save_table(common, out, "config")
@@ -500,9 +515,9 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
         style.save_table(varying, out, "config_varying")
     missing = missing_items(runs, done, errors) + write_inputs(runs, out)
     html_path = out / "report.html"
-    html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface),
-                         encoding="utf-8")
+    html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface,
+                                     sampled), encoding="utf-8")
     pdf_path = out / "report.pdf"
     with style.paper_style():
-        render_pdf(pdf_path, runs, results, done, errors, missing, title, preface)
-    return ReportResult(html_path, pdf_path, out, results, done, errors, missing)
+        render_pdf(pdf_path, runs, results, done, errors, missing, title, preface, sampled)
+    return ReportResult(html_path, pdf_path, out, results, done, errors, missing, sampled if len(sampled) else None)
