@@ -1,7 +1,7 @@
 """Figure and check `hoeffding`: does a response's token-mean of the clipped factor g stay within
 Hoeffding's bound of its group's mean, as the factorised (unified) view of the loss assumes?
 
-What is measured (DESIGN.md, "Hoeffding check"), from each run's `hoeffding` table (one row per
+What is measured (docs/math.md, section 5), from each run's `hoeffding` table (one row per
 response of the off-policy mini-batches, index >= 1: on the first one rho = 1 exactly):
 
 - g_t = min(rho_t, 1 + eps_high) in [0, 1 + eps_high] where A > 0, and max(rho_t, 1 - eps_low) in
@@ -399,7 +399,7 @@ def plot_hoeffding(runs: RunSet | None = None, out_dir: str | Path | None = None
     fig = draw_check(check, deltas)
     tables = {"hoeffding_coverage": check.coverage, "hoeffding_tail": check.tail,
               "hoeffding_factorisation": check.factorisation, "hoeffding_ranges": check.ranges}
-    caption = ("The Hoeffding check of DESIGN.md on the off-policy mini-batches. (a) empirical tail of the deviation "
+    caption = ("The Hoeffding check of docs/math.md on the off-policy mini-batches. (a) empirical tail of the deviation "
                "of a response's mean clipped factor from its group's mean (solid) against Hoeffding's bound "
                "(dashed), by response length; (b) coverage of the 1−δ band with 95% Clopper–Pearson intervals "
                "(dotted: required 1−δ); (c) each response's deviation against the band's half-width; (d) error of "

@@ -7,7 +7,7 @@ and `len_incorrect`. A phase's mean length is the response-weighted mean over it
 prompts * k, resp. prompts * (K - k)), pooled over the arm's runs. Phases split the logged steps
 into `n_phases` consecutive runs of steps of (nearly) equal count. Table `length_vs_mu.csv`.
 
-Why it matters (DESIGN.md): at rho = 1, L_mu = -sum_i A_i |o_i| / sum_i |o_i|, so the gap between the
+Why it matters (docs/math.md): at rho = 1, L_mu = -sum_i A_i |o_i| / sum_i |o_i|, so the gap between the
 lengths of wrong and right answers sets the size of each group's loss.
 """
 

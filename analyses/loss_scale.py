@@ -5,7 +5,7 @@ Read from each run's `per_mu` table (one row per step, mini-batch and group k):
 - S_mu per prompt (S / prompts) as a share over the groups present in each mini-batch, averaged over the
   window's mini-batches (then renormalised over mu): the loss scale a *single prompt* at mu gets. For the
   baselines, the same aggregation of two predictions from the same rows: the static shape at equal lengths
-  (DESIGN shapes, `static_shape`) and the length-corrected shape from the group's logged lengths of right and
+  (`static_shape`, docs/math.md) and the length-corrected shape from the group's logged lengths of right and
   wrong answers (`length_corrected_shape`: k A+ L+ + (K-k)|A-| L-, per response token-mean for GRPO).
   What each comparison can show: GRPO's measured shape equals its static shape at any lengths (its per-response
   token-mean cancels them): an algebraic identity, drawn as a consistency check. DAPO, Dr. GRPO and LIPO sum
@@ -124,7 +124,7 @@ def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
 
 
 def reference_shares(method: str, K: int, n_prompts: int, ks: Sequence[int]) -> np.ndarray:
-    """static_shape(method, k/K, N) for k in `ks`, normalised to sum 1 over `ks` (DESIGN.md shapes:
+    """static_shape(method, k/K, N) for k in `ks`, normalised to sum 1 over `ks` (docs/math.md shapes:
     equal lengths, population std; LIPO's sigma_batch and DAPO's token share cancel)."""
     from daro_lab.algorithms.losses import static_shape
 

@@ -1,4 +1,4 @@
-"""An ablation in the MLflow UI, checked in headless Chromium, with a screenshot (issue 5).
+"""An ablation in the MLflow UI, checked in headless Chromium, with a screenshot.
 
     python -m analyses.mlflow_ui --parent PARENT_RUN_ID [--tracking-uri URI] [--out reports/x.png]
 

@@ -1,4 +1,4 @@
-"""GPU check (issue 6, item 7): the trainer's DARO update on a random Qwen2.5-1.5B-shaped model.
+"""GPU check: the trainer's DARO update on a random Qwen2.5-1.5B-shaped model.
 
     python benchmarks/gpu_check.py                         # one H100: the 1.5B shape, 16 x 1024 tokens
     python benchmarks/gpu_check.py --shape tiny --device cpu --steps 1   # the same code at toy size

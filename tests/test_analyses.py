@@ -211,7 +211,7 @@ def test_loss_scale_reference_curves_are_static_shape(full_report):
     # DAPO's one mini-batch holds k = 1, 2: the aggregated reference is the normalised shape over them
     want = np.array([static_shape("dapo", k / K, N_MB) for k in (1, 2)])
     np.testing.assert_allclose(t.loc["DAPO"].ref_share.to_numpy(), want / want.sum(), rtol=1e-12)
-    # GRPO's shape is 2 sqrt(mu(1-mu)) / N (DESIGN.md), written out
+    # GRPO's shape is 2 sqrt(mu(1-mu)) / N (docs/math.md), written out
     r = ref[ref.method == "grpo"].sort_values("k")
     np.testing.assert_allclose(r.static_shape, [2 * math.sqrt(m * (1 - m)) / N_MB for m in r.mu], rtol=1e-12)
 

@@ -1,4 +1,4 @@
-"""The vectorised loss library against a naive loop over prompts and tokens (DESIGN.md section 1)."""
+"""The vectorised loss library against a naive loop over prompts and tokens (docs/math.md)."""
 
 import math
 
@@ -184,7 +184,7 @@ def test_daro_weight_gradient_is_signal_minus_inverse_weight():
 @pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo", "lipo"])
 @pytest.mark.parametrize("K", [4, 8, 16])
 def test_scale_matches_static_shapes(method, K):
-    """Equal lengths, rho = 1, population std: S_mu per prompt equals DESIGN.md's static shape."""
+    """Equal lengths, rho = 1, population std: S_mu per prompt equals the static shape of docs/math.md."""
     P, L, L_max = 2 * (K - 1), 5, 11
     rewards = torch.zeros(P, K, dtype=DT)
     for p in range(P):  # two prompts at every interior k

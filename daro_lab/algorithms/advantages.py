@@ -1,4 +1,4 @@
-"""Advantage estimators (DESIGN.md section 1): computed once per step, over the step's prompts.
+"""Advantage estimators (docs/math.md): computed once per step, over the step's prompts.
 
 Every estimator maps rewards [P, K] (P prompts, K responses each, r in {0, 1}) to advantages
 [P, K]. Prompts whose pass rate is 0 or 1 are not "kept": their advantage is 0 and they do not

@@ -1,4 +1,4 @@
-"""DARO's learnable per-pass-rate weights: one per interior k = 1..K-1 (DESIGN.md section 1).
+"""DARO's learnable per-pass-rate weights: one per interior k = 1..K-1 (docs/math.md).
 
     w = exp(s)   (param='log', s learnable, init ln(init))   or   w learnable   (param='direct')
 

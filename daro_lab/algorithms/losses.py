@@ -34,7 +34,7 @@ from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 
 
 def mu_key(k: int, K: int) -> str:
-    """Metric-key suffix of a pass-rate group: 'mu_3of8' (DESIGN.md: never 'mu=3/8')."""
+    """Metric-key suffix of a pass-rate group: 'mu_3of8' (docs/math.md: never 'mu=3/8')."""
     return f"mu_{k}of{K}"
 
 
@@ -281,7 +281,7 @@ class LossTerms(NamedTuple):
     """Everything `loss_terms` computes on one mini-batch (per-group tensors indexed by k = 0..K)."""
 
     loss: Tensor  # [] this rank's share of the mini-batch's loss, differentiable
-    metrics: dict[str, float]  # the whole mini-batch's metrics (DESIGN.md keys), identical on every rank
+    metrics: dict[str, float]  # the whole mini-batch's metrics (docs/math.md keys), identical on every rank
     contrib: Tensor  # [K+1] C_mu, this rank's share, differentiable; sums to `loss`
     group_loss: Tensor  # [K+1] L_mu, this rank's share, differentiable
     present: Tensor  # [K+1] bool: interior groups with tokens in the mini-batch
@@ -420,7 +420,7 @@ def loss_terms(
 @torch.no_grad()
 def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss, weights,
              signal, reg, shard):
-    """Per-group and batch metrics, as plain floats keyed by the DESIGN.md convention.
+    """Per-group and batch metrics, as plain floats keyed by the docs/math.md convention.
 
     Every count and sum is taken over this rank's rows, then all of them are summed over the ranks
     in one collective, so the metrics are the whole mini-batch's.
@@ -535,7 +535,7 @@ def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
 
 def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: float = 1.0,
                  token_share: float | None = None, sigma_batch: float | None = None):
-    """Reference loss scale S_mu per prompt at equal lengths and population std (DESIGN.md).
+    """Reference loss scale S_mu per prompt at equal lengths and population std (docs/math.md).
 
     grpo 2 sqrt(mu(1-mu)) / N; dapo 2 sqrt(mu(1-mu)) * token_share; dr_grpo 2 mu(1-mu) L/L_max / N;
     lipo 2 mu(1-mu) / sigma_batch * token_share. token_share = prompt tokens / batch tokens (1/N at

@@ -122,7 +122,7 @@ class PerMuTableHook(Hook):
 class HoeffdingHook(Hook):
     """Table `hoeffding`: per response of every off-policy mini-batch, the token-mean of the clipped factor.
 
-    g_t = min(rho_t, 1 + eps_high) where A > 0 and max(rho_t, 1 - eps_low) where A < 0 (DESIGN.md); the
+    g_t = min(rho_t, 1 + eps_high) where A > 0 and max(rho_t, 1 - eps_low) where A < 0 (docs/math.md); the
     row holds the response's length n, its mean g, the mean over its (k, sign of A) group, the largest
     ratio, and A: enough to measure deviations against the bound and the factorised loss's error.
     On the first mini-batch of a step rho = 1 exactly, so only mini-batches with index >= 1 are read.

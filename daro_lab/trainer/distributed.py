@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 8 $(which daro-lab) train --config experiments/paper/daro-qwen2.5-math-1.5b.toml
 
-How a step is split (every rank runs the same loop, DESIGN.md section 1 holds for the global batch):
+How a step is split (every rank runs the same loop, docs/math.md holds for the global batch):
 
     prompts   every rank draws the same N prompts and generates K responses for its contiguous slice;
               the rollouts and rewards are all-gathered, so every rank holds the whole batch and
