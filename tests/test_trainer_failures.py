@@ -12,6 +12,7 @@ from daro_lab.cli import app
 from daro_lab.hooks import Hook, default_hooks
 from daro_lab.tracking import open_client, read_metrics
 from daro_lab.trainer import train
+from daro_lab.trainer.checkpoint import latest
 
 runner = CliRunner()
 
@@ -79,12 +80,13 @@ def test_crash_marks_run_failed_with_traceback(small_cfg, store):
     assert 1 in set(m[m.key == "reward/mean"].step)
 
 
-def test_ctrl_c_saves_checkpoint_marks_killed_and_resumes(small_cfg, store):
+def test_ctrl_c_before_any_checkpoint_marks_killed_and_resumes_from_the_start(small_cfg, store):
     cfg = small_cfg("trainer.steps=3", "trainer.checkpoint_every=0")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, hooks=lambda t: default_hooks(t) + [Boom(KeyboardInterrupt())], progress=False)
     (run,) = runs_in(store)
     assert run.info.status == "KILLED"
+    assert latest(run.data.tags["daro_lab.checkpoint_dir"]) is None  # inside step 2: nothing half-done is saved
     run_id = train(resume=run.info.run_id, progress=False, tracking_uri=store)
     assert open_client(store).get_run(run_id).info.status == "FINISHED"
     steps = read_metrics(store, run_id)

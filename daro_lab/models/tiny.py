@@ -83,11 +83,24 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model.path: no such model directory: {p}")
-    model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch_dtype(dtype))
-    if (p / VOCAB_FILE).is_file():
-        tokenizer = CharTokenizer.from_pretrained(p)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    from safetensors import SafetensorError
+
+    from daro_lab.config import ConfigError  # a ConfigError: `daro-lab train` exits 2 naming the path
+
+    bad = (OSError, ValueError, KeyError, SafetensorError)  # missing or unreadable files, unknown model types
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch_dtype(dtype))
+    except bad as e:
+        raise ConfigError(f"model.path {str(p)!r} is not a loadable model directory "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+    try:
+        if (p / VOCAB_FILE).is_file():
+            tokenizer = CharTokenizer.from_pretrained(p)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except bad as e:
+        raise ConfigError(f"model.path {str(p)!r}: its tokenizer cannot be loaded "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
     return model, tokenizer
 
 

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from daro_lab.config import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,22 +71,73 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module | dict[str, to
     return directory
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, corrupt, tampered with or not daro-lab's; the message names its folder.
+    (A ConfigError: `daro-lab train --resume` exits 2 before the run changes.)"""
+
+    def __init__(self, directory: str | Path, why: str):
+        super().__init__(f"checkpoint {directory} is not a valid daro-lab checkpoint: {why}")
+
+
+# what every checkpoint's state.pt holds (Trainer.state_dict plus the RNG states)
+STATE_KEYS = ("step", "cursor", "order", "optimizer", "weights", "rollout_gen", "data_gen", "rng")
+_UNSAFE_ADVICE = re.compile(r"weights_only|trust|safe_globals|allowlist|documentation|https?://", re.IGNORECASE)
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """What a weights-only load refused, without PyTorch's advice to load the file unsafely."""
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", str(exc))
+    kept = [x.strip() for x in sentences if x.strip() and not _UNSAFE_ADVICE.search(x)
+            and not x.strip().startswith(("Weights only load failed", "In PyTorch", "Re-running", "Do it only"))]
+    detail = " ".join(kept)[:300]
+    return "state.pt holds objects other than tensors, numbers and containers (refused, never executed)" + (
+        f": {detail}" if detail else "")
+
+
 def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dict[str, Any]:
     """Load weights into `model` (None: leave them, see `load_weights`) and return the state (RNG states are
-    restored here)."""
+    restored here). Anything wrong with the files: `CheckpointError` naming the folder and what is wrong;
+    state.pt is only ever read weights-only (no code in it can run)."""
     directory = Path(directory)
     if not (directory / "state.pt").is_file() or not (directory / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        raise CheckpointError(directory, "model.safetensors or state.pt is missing")
     if model is not None:
-        load_model(model, str(directory / "model.safetensors"))
-    state = torch.load(directory / "state.pt", weights_only=True)
-    set_rng_state(state.pop("rng"))
+        try:
+            load_model(model, str(directory / "model.safetensors"))
+        except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(directory, f"model.safetensors: {_first_line(e)}") from None
+    if not zipfile.is_zipfile(directory / "state.pt"):  # what torch.save writes
+        raise CheckpointError(directory, "state.pt is not a complete torch.save file (no zip archive: truncated or "
+                                         "overwritten)")
+    try:
+        state = torch.load(directory / "state.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(directory, _unpickling_reason(e)) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(directory, f"state.pt cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(directory, f"state.pt holds a {type(state).__name__}, not a dict")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(directory, f"state.pt lacks {', '.join(map(repr, missing))}")
+    try:
+        set_rng_state(state.pop("rng"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(directory, f"state.pt: bad RNG states ({type(e).__name__}: {_first_line(e)})") from None
     return state
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
+
+
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights as a state dict on CPU (tied parameters once)."""
-    return load_file(str(Path(directory) / "model.safetensors"))
+    """The checkpoint's weights as a state dict on CPU (tied parameters once); CheckpointError if unreadable."""
+    try:
+        return load_file(str(Path(directory) / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(directory, f"model.safetensors: {_first_line(e)}") from None
 
 
 def checkpoint_meta(directory: str | Path) -> dict:

@@ -29,7 +29,7 @@ from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
 from daro_lab.trainer import accumulate, fsdp
 from daro_lab.trainer import distributed as dp
-from daro_lab.trainer.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.precision import GenerationCopy, precision_plan
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
@@ -75,13 +75,17 @@ class Trainer:
             raise ConfigError(f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
                               f"need at least one prompt per data-parallel rank ({self.dist.world_size})")
         self.shard = dp.loss_shard(self.dist)
+        self.device = torch.device(cfg.trainer.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda" and (not torch.cuda.is_available()
+                                           or (self.device.index or 0) >= torch.cuda.device_count()):
+            raise ConfigError(f"config key 'trainer.device' = {cfg.trainer.device!r}: no such CUDA device here "
+                              f"({torch.cuda.device_count()} visible)")
         torch.manual_seed(cfg.seed)
         c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
         self.model, self.tokenizer, self.task = c.model, c.tokenizer, c.task
         self.train_set, self.eval_set = c.train_set, c.eval_set
-        self.device = torch.device(cfg.trainer.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
         self.model.to(self.device)
         self.fsdp = self.dist.enabled and cfg.trainer.parallel == "fsdp"
         self.ref_model = None
@@ -534,6 +538,8 @@ class Trainer:
         return path
 
     def load(self, directory) -> None:
+        """Restore the state saved by `save` (every rank). A checkpoint that is corrupt, tampered with or not this
+        run's: `CheckpointError` naming it (load_checkpoint reads state.pt weights-only)."""
         st = load_checkpoint(directory, None if self.fsdp else self.model)
         if self.fsdp:  # every rank reads the full weights and keeps its shards
             fsdp.load_model_state(self.policy_fwd, self.model, load_weights(directory))
@@ -541,16 +547,24 @@ class Trainer:
         if saved_world != self.dist.world_size:
             raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
                               f"resume it with as many (this is {self.dist.world_size})")
-        self.step, self.cursor, self.order = st["step"], st["cursor"], st["order"]
-        if self.fsdp:
-            fsdp.load_optimizer_state(self._state_root(), self.opt, st["optimizer"])
-        else:
-            self.opt.load_state_dict(st["optimizer"])
-        if self.weights is not None:
-            self.weights.load_state_dict(st["weights"])
-        # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
-        self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank].clone() if "rollout_gens" in st else st["rollout_gen"])
-        self.data_gen.set_state(st["data_gen"])
+        try:
+            step, cursor, order = int(st["step"]), int(st["cursor"]), st["order"]
+            if not isinstance(order, torch.Tensor) or order.numel() != len(self.train_set) or not 0 <= cursor <= len(order):
+                raise ValueError(f"data position (cursor {cursor}, order of {getattr(order, 'numel', lambda: '?')()} "
+                                 f"prompts) does not fit this run's {len(self.train_set)} training prompts")
+            if self.fsdp:
+                fsdp.load_optimizer_state(self._state_root(), self.opt, st["optimizer"])
+            else:
+                self.opt.load_state_dict(st["optimizer"])
+            if self.weights is not None:
+                self.weights.load_state_dict(st["weights"])
+            # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
+            self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank].clone() if "rollout_gens" in st
+                                       else st["rollout_gen"])
+            self.data_gen.set_state(st["data_gen"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(directory, f"its state does not fit this run ({type(e).__name__}: {e})") from None
+        self.step, self.cursor, self.order = step, cursor, order
         self._sync_engine()
 
     def _state_root(self) -> torch.nn.Module:
