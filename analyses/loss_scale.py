@@ -38,9 +38,9 @@ import pandas as pd
 
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, require_table
+from daro_lab.algorithms import METHODS, shaped_methods
 
 NAME = "loss-scale"
-STATIC_METHODS = ("grpo", "dapo", "dr_grpo", "lipo")
 ROUNDING = 1e-9  # a total |C| below this times the loss mass S is float rounding, not a loss
 
 
@@ -79,7 +79,7 @@ def _prompt_shapes(df: pd.DataFrame, method: str, std: str, eps: float) -> pd.Da
 
     out = pd.DataFrame(index=df.index)
     out["measured"] = _minibatch_shares(df, df.S / df.prompts)
-    if method in STATIC_METHODS:
+    if method in shaped_methods():
         eq = pd.Series([static_shape(method, k / K, 1, sigma_batch=1.0) for k, K in zip(df.k, df.K)], index=df.index)
         lc = pd.Series([length_corrected_shape(method, int(k), int(K), a, b, std, eps)
                         for k, K, a, b in zip(df.k, df.K, df.len_correct, df.len_incorrect)], index=df.index)
@@ -216,7 +216,7 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
          "S_share_per_prompt", "ref_share", "lc_share", "S_share", "C_abs_share", "G_share", "L", "len_correct",
          "len_incorrect", "mass", "w", "wL", "wL_abs", "signal", "wS"]]
     ref_rows = []
-    for method in sorted(set(table.method) & set(STATIC_METHODS), key=style.method_rank):
+    for method in sorted(set(table.method) & set(shaped_methods()), key=style.method_rank):
         t = table[table.method == method]
         K = int(t.K.iloc[0])
         N = next(r for r in runs if r.method == method).param("trainer.mini_batch_prompts", 1, int)
@@ -247,7 +247,7 @@ def _caption(table: pd.DataFrame, window_txt: str) -> str:
         if t.ref_share.notna().any():
             dev = float(np.nanmax(np.abs(t.S_share_per_prompt - t.ref_share)))
             lc = float(np.nanmax(np.abs(t.S_share_per_prompt - t.lc_share)))
-            if t.method.iloc[0] == "grpo":
+            if not METHODS[t.method.iloc[0]].token_sum:
                 txt += (f"; its per-prompt S_μ is on its static shape to {dev:.1g} in share (a consistency check: "
                         "GRPO's per-response token-mean makes this hold at any lengths)")
             else:
@@ -291,9 +291,9 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
             kw = dict(color=st["color"], marker=st["marker"], linestyle=st["linestyle"], label=arm)
             ax_s.plot(t.mu, t.S_share_per_prompt, **{**kw, "linestyle": "none"})
             method = t.method.iloc[0]
-            if method in STATIC_METHODS:
+            if method in shaped_methods():
                 ax_s.plot(t.mu, t.ref_share, color=st["color"], linestyle="--", linewidth=0.9, alpha=0.8)
-                if method != "grpo":
+                if METHODS[method].token_sum:
                     ax_s.plot(t.mu, t.lc_share, color=st["color"], linestyle=":", linewidth=1.1, alpha=0.9)
             if t.C_abs_share.notna().any():
                 ax_c.plot(t.mu, t.C_abs_share, **kw)
@@ -307,7 +307,7 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         for ax in (ax_c, ax_g):
             ax.axhline(1 / n_groups, color="0.4", linestyle=":", linewidth=0.9, label="equal shares")
             ax.legend(handles=ax.get_lines()[-1:], loc="upper right")
-        if set(table.method) & set(STATIC_METHODS):
+        if set(table.method) & set(shaped_methods()):
             ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="equal lengths")
             ax_s.plot([], [], color="0.3", linestyle=":", linewidth=1.1, label="logged lengths")
             ax_s.legend(handles=ax_s.get_lines()[-2:], loc="lower center", ncol=2)

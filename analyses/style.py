@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 COLUMN_WIDTH = 3.4
 PAGE_WIDTH = 7.0
 
-# Every figure draws the methods in this order and in these colours (seaborn "colorblind").
-METHOD_ORDER = ("grpo", "dapo", "dr_grpo", "lipo", "daro", "static")
+# Every figure draws the methods in the registry's order (daro_lab.algorithms.METHODS), labelled by its
+# entries, in these colours (seaborn "colorblind").
 METHOD_COLORS = {
     "grpo": "#0173B2",
     "dapo": "#DE8F05",
@@ -34,14 +34,6 @@ METHOD_COLORS = {
     "lipo": "#CC78BC",
     "daro": "#D55E00",
     "static": "#949494",
-}
-METHOD_LABELS = {
-    "grpo": "GRPO",
-    "dapo": "DAPO",
-    "dr_grpo": "Dr. GRPO",
-    "lipo": "LIPO",
-    "daro": "DARO",
-    "static": "DARO, frozen w",
 }
 # Colours for methods registered by users, picked by a stable hash of the name.
 _EXTRA_COLORS = ("#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#8C564B", "#17BECF", "#7F7F7F")
@@ -60,13 +52,18 @@ def method_color(method: str) -> str:
 
 
 def method_label(method: str) -> str:
-    """The display name of a method: 'dr_grpo' -> 'Dr. GRPO'."""
-    return METHOD_LABELS.get(method, method)
+    """The display name of a method, from its registry entry: 'dr_grpo' -> 'Dr. GRPO'."""
+    from daro_lab.algorithms import METHODS
+
+    return METHODS[method].label if method in METHODS else method
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """Sort key putting methods in METHOD_ORDER, unknown ones after, alphabetically."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Sort key putting methods in the registry's order, unknown ones after, alphabetically."""
+    from daro_lab.algorithms import METHODS
+
+    order = list(METHODS)
+    return (order.index(method) if method in order else len(order), method)
 
 
 def mu_colors(K: int) -> dict[int, tuple]:

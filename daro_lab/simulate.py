@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 
 from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, loss_terms,
-                                 mu_key)
+                                 mu_key, shaped_methods)
 
-BASELINES = ("grpo", "dapo", "dr_grpo", "lipo")
+BASELINES = tuple(shaped_methods())  # the methods with a static shape
 DEFAULT_READINGS = ("abs:1", "signed:1", "mass:1", "abs:auto", "mass:auto")
 
 

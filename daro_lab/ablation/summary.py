@@ -51,7 +51,6 @@ import pandas as pd
 
 ACC = "eval/greedy_acc"
 ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
-DARO_PATH_METHODS = ("daro", "static")
 STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
 TESTED = ("final_acc", "best_acc", "balance_cv")
@@ -196,7 +195,9 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     later = acc[acc.step >= 1]
     out["best_acc"] = float(later.value.max()) if len(later) else math.nan
     out["final_step"] = int(acc.step.iloc[-1]) if len(acc) else -1
-    if method in DARO_PATH_METHODS:
+    from daro_lab.algorithms import METHODS
+
+    if method in METHODS and METHODS[method].daro_path:
         source = "wS" if metrics.key.str.startswith("daro/wS/mu_").any() else "wL"
         wide = _wide(metrics, f"daro/{source}")
     else:

@@ -163,52 +163,96 @@ class Scaling(NamedTuple):
 MethodFn = Callable[[GroupView, LossSettings], Scaling]
 
 
+ShapeFn = Callable[..., "float | Tensor"]  # shape(mu, n_prompts, length_ratio, token_share, sigma_batch)
+
+
 @dataclass(frozen=True)
 class Method:
+    """Everything about a method, in one place: the registry entry `register_method` makes."""
+
     name: str
-    fn: MethodFn
+    fn: MethodFn  # (GroupView, LossSettings) -> Scaling: its aggregation coefficient (and offset)
     advantage: str  # key of ADVANTAGES
     weights: str  # 'none', 'learned' (DARO) or 'frozen' (static)
-    doc: str
+    doc: str  # first line of the function's docstring
+    label: str  # display name in figures and reports
+    paper: str  # where the method comes from
+    shape: ShapeFn | None = None  # S_mu per prompt at equal lengths and population std (static_shape)
+    token_sum: bool = False  # its per-prompt loss scale sums tokens, so lengths change it (length_corrected_shape)
+
+    @property
+    def daro_path(self) -> bool:
+        """Weighs the pass-rate groups with weights w_mu (learned or frozen)."""
+        return self.weights != "none"
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, advantage: str, weights: str = "none") -> Callable[[MethodFn], MethodFn]:
-    """Add a method to the registry: `@register_method("mine", advantage="group_std")`."""
+def register_method(name: str, advantage: str, weights: str = "none", label: str | None = None, paper: str = "",
+                    shape: ShapeFn | None = None, token_sum: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Add a method to the registry: `@register_method("mine", advantage="group_std", label="Mine")`.
+
+    shape(mu, n_prompts, length_ratio, token_share, sigma_batch): its static shape, if it has one;
+    token_sum: its aggregation sums over tokens (per prompt, longer answers weigh more)."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, advantage, weights, (fn.__doc__ or "").strip().splitlines()[0])
+        METHODS[name] = Method(name, fn, advantage, weights, (fn.__doc__ or "").strip().splitlines()[0],
+                               label or name, paper, shape, token_sum)
         return fn
 
     return deco
+
+
+def _sqrt(x):
+    return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _shape_grpo(mu, n, length_ratio, share, sigma_batch):
+    return 2 * _sqrt(mu * (1 - mu)) / n
+
+
+def _shape_dapo(mu, n, length_ratio, share, sigma_batch):
+    return 2 * _sqrt(mu * (1 - mu)) * share
+
+
+def _shape_dr_grpo(mu, n, length_ratio, share, sigma_batch):
+    return 2 * mu * (1 - mu) * length_ratio / n
+
+
+def _shape_lipo(mu, n, length_ratio, share, sigma_batch):
+    if sigma_batch is None:
+        raise ValueError("lipo's static shape needs sigma_batch")
+    return 2 * mu * (1 - mu) / sigma_batch * share
 
 
 # ---------------------------------------------------------------------------------------------
 # The methods
 
 
-@register_method("grpo", advantage="group_std")
+@register_method("grpo", advantage="group_std", label="GRPO", paper="arXiv 2402.03300", shape=_shape_grpo)
 def grpo(g: GroupView, s: LossSettings) -> Scaling:
     """GRPO (arXiv 2402.03300): group-std advantage, mean over responses of per-response token-means."""
     return Scaling(seq_mean_token_mean(g.mask, g.n_responses))
 
 
-@register_method("dapo", advantage="group_std")
+@register_method("dapo", advantage="group_std", label="DAPO", paper="arXiv 2503.14476", shape=_shape_dapo,
+                 token_sum=True)
 def dapo(g: GroupView, s: LossSettings) -> Scaling:
     """DAPO (arXiv 2503.14476): group-std advantage, token-mean over the mini-batch."""
     return Scaling(token_mean(g.mask, g.n_tokens))
 
 
-@register_method("dr_grpo", advantage="mean_only")
+@register_method("dr_grpo", advantage="mean_only", label="Dr. GRPO", paper="arXiv 2503.20783", shape=_shape_dr_grpo,
+                 token_sum=True)
 def dr_grpo(g: GroupView, s: LossSettings) -> Scaling:
     """Dr. GRPO (arXiv 2503.20783): r - mu advantage, sum / (responses * max response length)."""
     L_max = s.max_response_length or g.width or g.mask.shape[1]
     return Scaling(constant_normaliser(g.mask, L_max, g.n_responses))
 
 
-@register_method("lipo", advantage="batch_std")
+@register_method("lipo", advantage="batch_std", label="LIPO", paper="Lite PPO, arXiv 2508.08221", shape=_shape_lipo,
+                 token_sum=True)
 def lipo(g: GroupView, s: LossSettings) -> Scaling:
     """LIPO as Lite PPO (arXiv 2508.08221): group mean, batch std, token-mean."""
     return Scaling(token_mean(g.mask, g.n_tokens))
@@ -233,7 +277,7 @@ def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
     return Scaling(coef, torch.where(g.present, offset, torch.zeros_like(offset)))
 
 
-@register_method("daro", advantage="group_std", weights="learned")
+@register_method("daro", advantage="group_std", weights="learned", label="DARO", paper="arXiv 2510.09001")
 def daro(g: GroupView, s: LossSettings) -> Scaling:
     """DARO (arXiv 2510.09001): sum over pass-rate groups of w_mu L_mu - C ln w_mu, w learned."""
     if g.weights is None:
@@ -241,7 +285,8 @@ def daro(g: GroupView, s: LossSettings) -> Scaling:
     return _weighted_groups(g, g.weights)
 
 
-@register_method("static", advantage="group_std", weights="frozen")
+@register_method("static", advantage="group_std", weights="frozen", label="DARO, frozen w",
+                 paper="DARO's path with frozen weights (docs/math.md, section 4)")
 def static(g: GroupView, s: LossSettings) -> Scaling:
     """Static ablation: DARO's code path with the weights frozen (no gradient reaches them)."""
     if g.weights is None:
@@ -535,46 +580,43 @@ def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
 
 def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: float = 1.0,
                  token_share: float | None = None, sigma_batch: float | None = None):
-    """Reference loss scale S_mu per prompt at equal lengths and population std (docs/math.md).
+    """Reference loss scale S_mu per prompt at equal lengths and population std (docs/math.md), from the
+    method's registry entry.
 
     grpo 2 sqrt(mu(1-mu)) / N; dapo 2 sqrt(mu(1-mu)) * token_share; dr_grpo 2 mu(1-mu) L/L_max / N;
     lipo 2 mu(1-mu) / sigma_batch * token_share. token_share = prompt tokens / batch tokens (1/N at
     equal lengths); length_ratio = L / L_max.
     """
-    sqrt = torch.sqrt if isinstance(mu, Tensor) else math.sqrt
+    shaped = shaped_methods()
+    if method not in shaped:
+        raise ValueError(f"no static shape for method {method!r}; defined for {', '.join(shaped)}")
     share = 1.0 / n_prompts if token_share is None else token_share
-    var = mu * (1 - mu)
-    if method == "grpo":
-        return 2 * sqrt(var) / n_prompts
-    if method == "dapo":
-        return 2 * sqrt(var) * share
-    if method == "dr_grpo":
-        return 2 * var * length_ratio / n_prompts
-    if method == "lipo":
-        if sigma_batch is None:
-            raise ValueError("lipo's static shape needs sigma_batch")
-        return 2 * var / sigma_batch * share
-    raise ValueError(f"no static shape for method {method!r}; defined for grpo, dapo, dr_grpo, lipo")
+    return METHODS[method].shape(mu, n_prompts, length_ratio, share, sigma_batch)
+
+
+def shaped_methods() -> list[str]:
+    """The methods with a static shape (the baselines), in registry order."""
+    return [m for m, spec in METHODS.items() if spec.shape is not None]
 
 
 def length_corrected_shape(method: str, k: int, K: int, len_correct: float, len_incorrect: float,
                            std: str = "unbiased", eps: float = 1e-6) -> float:
     """S_mu per prompt of a baseline up to a factor common to the mini-batch, from the mean lengths of the
-    group's right and wrong answers: (k A+ L+ + (K-k) |A-| L-) for the token-summing methods (dapo, lipo,
-    dr_grpo), k A+ + (K-k) |A-| for grpo (its per-response token-mean removes the lengths).
+    group's right and wrong answers: (k A+ L+ + (K-k) |A-| L-) for the token-summing methods (`token_sum`:
+    dapo, lipo, dr_grpo), k A+ + (K-k) |A-| for grpo (its per-response token-mean removes the lengths).
 
     A+ and A- are the method's advantages of a right and a wrong answer at mu = k/K (lipo's batch std
     is left out: common to the mini-batch). At equal lengths and population std this is the static shape
     (`static_shape`) up to that factor; unequal lengths are what moves the token-summing methods off it.
     """
-    if method not in ("grpo", "dapo", "dr_grpo", "lipo"):
-        raise ValueError(f"no length-corrected shape for method {method!r}; defined for grpo, dapo, dr_grpo, lipo")
+    if method not in shaped_methods():
+        raise ValueError(f"no length-corrected shape for method {method!r}; defined for {', '.join(shaped_methods())}")
     mu = k / K
     if METHODS[method].advantage == "group_std":
         var = mu * (1 - mu) * (K / (K - 1) if std == "unbiased" else 1.0)
         a_pos, a_neg = (1 - mu) / (math.sqrt(var) + eps), mu / (math.sqrt(var) + eps)
     else:  # mean_only (dr_grpo), batch_std (lipo): r - mu, over a std common to the mini-batch
         a_pos, a_neg = 1 - mu, mu
-    if method == "grpo":
+    if not METHODS[method].token_sum:  # a per-response token-mean: the lengths cancel
         return k * a_pos + (K - k) * a_neg
     return k * a_pos * len_correct + (K - k) * a_neg * len_incorrect
