@@ -114,9 +114,9 @@ class TaskConfig:
     max_prompt_tokens: int = _f(0, "longest prompt in tokens, prompt template included; 0: the model's context "
                                 "(max_position_embeddings) less the longest response (rollout/eval max_new_tokens)",
                                 range="[0, inf)")
-    long_prompts: str = _f("error", "prompts longer than that, in the training, held-out and benchmark sets: 'error' stops "
-                           "before any run exists, naming the rows; 'drop' leaves them out, counted on stderr and in "
-                           "the run's tag daro_lab.dropped_prompts")
+    long_prompts: str = _f("error", "training and held-out prompts longer than that: 'error' stops before any run exists, "
+                           "naming the rows; 'drop' leaves them out, counted on stderr and in the run's tag "
+                           "daro_lab.dropped_prompts (a benchmark's long prompts are always an error)")
 
 
 @dataclass

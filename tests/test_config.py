@@ -49,8 +49,8 @@ def test_bad_keys_and_values_are_named(overrides, needle):
         load_config(None, overrides)
 
 
-# Values that used to pass validation and then crashed, hung or trained on something else (issue 15, item 6):
-# each must be refused by load_config, naming the key and the value.
+# Values that used to pass validation and then crashed, hung or trained on something else: each must be refused
+# by load_config, naming the key and the value.
 BAD_VALUES = [
     ("trainer.lr=-1", "'trainer.lr': must be a finite number >= 0, got -1.0"),
     ("trainer.lr=nan", "'trainer.lr': must be a finite number >= 0, got nan"),

@@ -207,3 +207,27 @@ def test_train_with_a_bad_data_file_exits_2_and_leaves_no_run(tmp_path):
     client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(exps) == []  # nothing half-written, nothing left RUNNING
+
+
+def test_prompts_too_long_for_the_model_or_outside_its_vocabulary_are_named_or_dropped(tmp_path):
+    """The tiny preset's context is 64 positions and its tokenizer knows 15 characters: a 100k-character row (which
+    used to hang generation) is named with how many rows are too long, or dropped with task.long_prompts=drop; an
+    unknown character is named with its row."""
+    from daro_lab.models import CharTokenizer, build_tiny_model
+    from daro_lab.trainer.setup import load_components
+
+    tok = CharTokenizer()
+    build_tiny_model(load_config(None, ["model.hidden_size=32"]).model, tok.vocab_size, seed=0).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    short = [{"problem": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
+    jsonl(tmp_path / "eval.jsonl", short[:2])
+    jsonl(tmp_path / "long.jsonl", short + [{"problem": "1+" * 50_000 + "1=", "answer": "50001"}])
+    jsonl(tmp_path / "accent.jsonl", short[:3] + [{"problem": "2+\u00e9=", "answer": "3"}])
+    base = [f"model.path={tmp_path / 'm'}", "model.hidden_size=32", "task.name=file", f"task.eval_file={tmp_path / 'eval.jsonl'}",
+            "rollout.max_new_tokens=4", "task.num_train=0"]
+    with pytest.raises(ConfigError, match=r"1 of 7 training prompts are longer than 60 tokens.*long.jsonl: line 7"):
+        load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'long.jsonl'}"]))
+    c = load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'long.jsonl'}", "task.long_prompts=drop"]))
+    assert len(c.train_set) == 6 and c.dropped == {"train": 1}
+    with pytest.raises(ConfigError, match=r"accent.jsonl: line 4\): cannot be encoded: character '\u00e9' \(U\+00E9\)"):
+        load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'accent.jsonl'}"]))

@@ -283,3 +283,27 @@ def test_run_of_the_tiny_preset_loads_without_a_warm_start(env, tmp_path):
     for (k, v), w in zip(loaded.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(v, w)
     assert isinstance(tok, CharTokenizer) and not (tmp_path / "none").exists()  # no warm start ran
+
+
+def test_eval_of_prompts_the_tokenizer_cannot_encode_names_the_row_and_character(env, tmp_path):
+    """The tiny preset's character tokenizer knows 15 characters, and its context is 64 positions: a benchmark row
+    outside either is named (file, line, character) and nothing is recorded."""
+    from daro_lab.cli import app
+    from daro_lab.models import CharTokenizer, build_tiny_model
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64"])
+    tok = CharTokenizer()
+    build_tiny_model(cfg.model, tok.vocab_size, seed=0).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    write_jsonl(tmp_path / "accent.jsonl", [{"problem": "1+1=", "answer": "2"}, {"problem": "2+\u00e9=", "answer": "3"}])
+    write_jsonl(tmp_path / "long.jsonl", [{"problem": "1+" * 40 + "1=", "answer": "41"}])
+    uri = f"sqlite:///{env}/mlflow.db"
+    before = len(_eval_run_of(uri)[1])
+    for bench, needles in [("accent", ["accent.jsonl: line 2", "character '\u00e9' (U+00E9) at position 3"]),
+                           ("long", ["long.jsonl: line 1", "1 of 1 benchmark B problems are longer than 60 tokens"])]:
+        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "tiny"), "--benchmarks", f"B={tmp_path / bench}.jsonl",
+                                  "--set", "eval.max_new_tokens=4", "--set", "eval.reward=arithmetic", "--device", "cpu",
+                                  "--tracking-uri", uri])
+        assert res.exit_code == 2, res.output
+        assert all(n in res.output for n in needles), res.output
+    assert len(_eval_run_of(uri)[1]) == before

@@ -95,6 +95,37 @@ def resolve_policies(models: list[str], runs: list[str], base: Config, uri: str,
     return out
 
 
+def check_benchmark_prompts(pol: Policy, benchmarks: list) -> None:
+    """ConfigError, naming the policy, benchmark, row and character, when a prompt cannot be encoded by the policy's
+    tokenizer (the tiny preset's has 15 characters) or leaves no room for the response in the model's context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from daro_lab.models.prompting import wrap_tokenizer
+    from daro_lab.models.tiny import tiny_config
+    from daro_lab.models.tokenizer import VOCAB_FILE, CharTokenizer
+    from daro_lab.trainer.setup import BENCH_HINT, check_prompts, prompt_token_limit
+
+    cfg = pol.cfg
+    try:
+        if cfg.model.path:
+            p = Path(cfg.model.path)
+            conf = AutoConfig.from_pretrained(p, local_files_only=True)
+            tok = (CharTokenizer.from_pretrained(p) if (p / VOCAB_FILE).is_file()
+                   else AutoTokenizer.from_pretrained(p, local_files_only=True))
+        else:
+            tok = CharTokenizer()
+            conf = tiny_config(cfg.model, tok.vocab_size)
+        tok = wrap_tokenizer(tok, cfg.model.prompt_template, cfg.model.stop_token)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{pol.source}: its config or tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
+    limit = prompt_token_limit(conf, cfg, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    for b in benchmarks:
+        try:
+            check_prompts(b.problems, tok, limit, "error", f"benchmark {b.name} problem", BENCH_HINT)
+        except ConfigError as e:
+            raise ConfigError(f"{pol.source}: {e}") from None
+
+
 def load_policy_for_eval(pol: Policy, uri: str) -> tuple[Any, Any]:
     """(model on the config's device, trainer-facing tokenizer) of a policy."""
     from safetensors.torch import load_model
@@ -151,6 +182,8 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
     device = device or default_device()
     benchmarks = load_benchmarks(base.eval.benchmarks)  # bad files fail here, before any run exists
     policies = resolve_policies(models, runs, base, uri, device)
+    for pol in policies:  # prompts every policy's tokenizer can encode, within its model's context
+        check_benchmark_prompts(pol, benchmarks)
 
     e = base.eval
     params = {"eval.k": e.k, "eval.greedy": e.greedy, "eval.temperature": e.temperature, "eval.top_p": e.top_p,

@@ -20,12 +20,20 @@ CHARS = "0123456789+-*= "
 VOCAB_FILE = "char_vocab.json"
 
 
+class UnknownCharacterError(ValueError):
+    """A character the vocabulary lacks (`char`); there is no <unk> token to map it to."""
+
+    def __init__(self, char: str):
+        super().__init__(f"CharTokenizer: character {char!r} (U+{ord(char[:1] or ' '):04X}) is not in the vocabulary {CHARS!r}")
+        self.char = char
+
+
 def default_vocab() -> dict[str, int]:
     return {PAD: 0, BOS: 1, EOS: 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
 
 
 class CharTokenizer(PreTrainedTokenizer):
-    """One token per character; unknown characters raise ValueError (there is no <unk>)."""
+    """One token per character; unknown characters raise UnknownCharacterError, a ValueError (there is no <unk>)."""
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
     model_input_names = ["input_ids", "attention_mask"]
@@ -64,7 +72,7 @@ class CharTokenizer(PreTrainedTokenizer):
 
     def _convert_token_to_id(self, token: str) -> int:
         if token not in self._vocab:
-            raise ValueError(f"CharTokenizer: {token!r} is not in the vocabulary {CHARS!r}")
+            raise UnknownCharacterError(token)
         return self._vocab[token]
 
     def _convert_id_to_token(self, index: int) -> str:
@@ -87,7 +95,7 @@ class CharTokenizer(PreTrainedTokenizer):
         try:
             return [[self._bos_id] + [ids[c] for c in p] for p in prompts]
         except KeyError as e:
-            raise ValueError(f"CharTokenizer: character {e.args[0]!r} is not in the vocabulary {CHARS!r}") from None
+            raise UnknownCharacterError(e.args[0]) from None
 
     def decode_response(self, ids: Sequence[int] | Any) -> str:
         """Text of one response: stop at the first eos, drop pad; stray <s> stays visible as "<s>".

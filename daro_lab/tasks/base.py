@@ -7,7 +7,7 @@ the model's completion text after the prompt, already cut at the end-of-sequence
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from daro_lab.config import TaskConfig
@@ -15,11 +15,13 @@ from daro_lab.config import TaskConfig
 
 @dataclass(frozen=True)
 class Problem:
-    """One prompt and its reference answer; `level` is the difficulty (arithmetic: operand digits)."""
+    """One prompt and its reference answer; `level` is the difficulty (arithmetic: operand digits); `source`
+    says where a problem read from a file came from ("data file x.jsonl: line 17"), for error messages."""
 
     prompt: str
     answer: str
     level: int
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

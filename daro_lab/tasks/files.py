@@ -287,7 +287,7 @@ def load_problems(path: str | Path, cfg: TaskConfig, key: str = "task.train_file
             if raw_level is None and cfg.level_field:
                 raise DataFileError(f"{where}: missing field '{lf}' (level; config key 'task.level_field')")
             level = _level(raw_level) if raw_level is not None else 0
-        out.append(Problem(prompt=prompt, answer=answer, level=level))
+        out.append(Problem(prompt=prompt, answer=answer, level=level, source=where))
     if not out:
         raise DataFileError(f"data file {p} is empty: no rows (config key '{key}')")
     return out

@@ -86,6 +86,7 @@ class Trainer:
         c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
         self.model, self.tokenizer, self.task = c.model, c.tokenizer, c.task
         self.train_set, self.eval_set = c.train_set, c.eval_set
+        self.dropped = c.dropped  # prompts left out as too long (task.long_prompts = 'drop'), by set
         self.model.to(self.device)
         self.fsdp = self.dist.enabled and cfg.trainer.parallel == "fsdp"
         self.ref_model = None
