@@ -1,7 +1,7 @@
 """Typed experiment configuration: dataclasses loaded from TOML, overridden by `--set a.b=v`.
 
 Every field has one line of help; where a default comes from the DARO paper (arXiv 2510.09001), the
-design document (DESIGN.md) or another paper, the help says so. `load_config` rejects unknown keys
+project's math page (docs/math.md) or another paper, the help says so. `load_config` rejects unknown keys
 and wrong types with an error naming the key, so a typo never silently runs the default.
 """
 
@@ -77,7 +77,7 @@ class ModelConfig:
     num_kv_heads: int = _f(2, "tiny preset: key/value heads (grouped-query attention)", range="[1, inf)")
     intermediate_size: int = _f(256, "tiny preset: MLP width", range="[1, inf)")
     tie_embeddings: bool = _f(False, "tiny preset: tie input and output embeddings")
-    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16, or 'auto' (bfloat16 on GPU, float32 on CPU; issue 6)")
+    dtype: str = _f("float32", "parameter dtype: float32, bfloat16, float16, or 'auto' (bfloat16 on GPU, float32 on CPU)")
     warmstart_steps: int = _f(1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)", range="[0, inf)")
     warmstart_lr: float = _f(1e-3, "tiny preset: warm-start learning rate", range="(0, inf)")
     warmstart_batch: int = _f(64, "tiny preset: warm-start batch size", range="[1, inf)")
@@ -88,7 +88,7 @@ class ModelConfig:
     prompt_template: str = _f("plain", "'plain' ({prompt}), 'qwen_math' (Qwen2.5-Math's boxed CoT prompt, QwenLM/Qwen2.5-Math evaluation), 'chat' (the tokenizer's chat template), or a string with {prompt}")
     stop_token: str = _f("", "token that ends a response; empty: '<|im_end|>' or '<|eot_id|>' when the prompt uses it, else the tokenizer's eos")
     gradient_checkpointing: bool = _f(False, "recompute decoder-layer activations in backward: less memory, ~1/3 more compute (off: the tiny preset needs none)")
-    logprob_chunk_size: int = _f(0, "tokens per lm_head + fp32 log-softmax chunk in the trainer's log-probs; 0 unchunked (fine at the tiny preset's 18 tokens; 150k vocabularies need it, issue 6)", range="[0, inf)")
+    logprob_chunk_size: int = _f(0, "tokens per lm_head + fp32 log-softmax chunk in the trainer's log-probs; 0 unchunked (fine at the tiny preset's few tokens; 150k-token vocabularies need it)", range="[0, inf)")
     arch_file: str = _f("", "HF config.json of the architecture, for `train --dry-run` when model.path has none (experiments/paper/arch/)")
 
 
@@ -109,7 +109,7 @@ class TaskConfig:
     answer_field: str = _f("", "field of the answer, dotted (DAPO-Math-17k: reward_model.ground_truth); empty: first of answer, reward_model.ground_truth, solution, ground_truth")
     level_field: str = _f("", "optional difficulty field ('Level 3' -> 3); empty: 'level' when the row has it, else 0")
     answer_extract: str = _f("auto", "'boxed': the last \\boxed{} of the answer field (MATH solutions); 'none': as is; 'auto': boxed when it has one")
-    reward_workers: int = _f(2, "math task: processes verifying answers with math-verify, 2 for the 2-core default machine (DESIGN.md); 0: in-process, no hard timeout", range="[0, inf)")
+    reward_workers: int = _f(2, "math task: processes verifying answers with math-verify, 2 for a 2-core machine; 0: in-process, no hard timeout", range="[0, inf)")
     reward_timeout_s: float = _f(5.0, "math task: seconds per answer before it scores 0 (math-verify's own per-call default is 5 s)", range="(0, inf)")
     max_prompt_tokens: int = _f(0, "longest prompt in tokens, prompt template included; 0: the model's context "
                                 "(max_position_embeddings) less the longest response (rollout/eval max_new_tokens)",
@@ -133,7 +133,7 @@ class RolloutConfig:
 @dataclass
 class DaroConfig:
     lr_w: float = _f(1e-3, "learning rate of the DARO weights (paper: 1e-3), own AdamW group, no weight decay", range="[0, inf)")
-    param: str = _f("log", "weight parametrisation: 'log' (w = exp(s)) or 'direct' (w clamped to bounds) (DESIGN.md)")
+    param: str = _f("log", "weight parametrisation: 'log' (w = exp(s)) or 'direct' (w clamped to bounds) (docs/math.md)")
     signal: str = _f("abs", "what drives w (w-gradient signal - C/w, fixed point w = C/signal): 'abs' |L_mu| (docs/math.md), "
                      "'signed' L_mu (paper-literal), 'grad' ||grad L_mu||, 'mass' token-mean of |A| g (the group's loss "
                      "mass before advantages of opposite sign cancel)")
@@ -142,8 +142,8 @@ class DaroConfig:
                           "weights' geometric centre stays near 1", range="(0, inf)")
     signal_ema: float = _f(0.0, "decay of a per-group, bias-corrected EMA of the signal across updates (0: each mini-batch's "
                            "own signal, the paper's reading)", range="[0, 1)")
-    w_min: float = _f(1e-3, "lower bound of every weight (DESIGN.md)", range="(0, inf)")
-    w_max: float = _f(1e3, "upper bound of every weight (DESIGN.md)", range="(0, inf)")
+    w_min: float = _f(1e-3, "lower bound of every weight (docs/math.md)", range="(0, inf)")
+    w_max: float = _f(1e3, "upper bound of every weight (docs/math.md)", range="(0, inf)")
     init: float = _f(1.0, "initial value of every weight", range="(0, inf)")
     static: str = _f("ones", "frozen weights of the 'static' method: 'ones'; 'shape:<method>' (grpo, dapo, dr_grpo, lipo): w "
                      "such that, at equal lengths, each group's loss scale on DARO's path is one prompt of that method's "
@@ -152,7 +152,7 @@ class DaroConfig:
 
 @dataclass
 class AlgoConfig:
-    method: str = _f("daro", "loss: grpo, dapo, dr_grpo, lipo, daro, static (DESIGN.md section 1)")
+    method: str = _f("daro", "loss: grpo, dapo, dr_grpo, lipo, daro, static (docs/math.md)")
     eps_low: float = _f(0.2, "lower clip range, rho >= 1 - eps_low (paper: 0.2)", range="[0, 1]")
     eps_high: float = _f(0.28, "upper clip range, clip-higher (DAPO, arXiv 2503.14476; paper: 0.28)", range="[0, inf)")
     dual_clip: float | None = _f(None, "dual-clip constant c > 1 bounding the loss of negative advantages (arXiv 1912.09729)", range="(1, inf)")
@@ -198,7 +198,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     benchmarks: list[str] = _f([], "benchmarks as name=path (JSONL/parquet, problem/answer), e.g. MATH500=data/math500.jsonl; also run at the trainer's evaluations")
-    k: int = _f(4, "samples per problem for avg@k and pass@k (4 as in issue 6; pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)", range="[1, inf)")
+    k: int = _f(4, "samples per problem for avg@k and pass@k (pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)", range="[1, inf)")
     greedy: bool = _f(False, "one greedy response per problem instead of k samples (avg@1 = pass@1)")
     temperature: float = _f(0.6, "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, inf)")
     top_p: float = _f(0.95, "nucleus threshold of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, 1]")

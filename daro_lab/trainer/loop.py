@@ -1,6 +1,6 @@
 """The RL loop: generate, score, compute advantages, update mini-batch by mini-batch.
 
-One step (DESIGN.md section 1):
+One step (docs/math.md):
     N prompts x K responses          (DAPO dynamic sampling: more batches until N have 0 < mu < 1)
     rewards [N, K] -> keep 0 < mu < 1 -> advantages over the kept prompts, once
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
