@@ -5,7 +5,8 @@ logging_steps); the per-mu tables hold every step either way.
 
     python benchmarks/bench_trainer.py                      # both presets
     python benchmarks/bench_trainer.py --preset trl --steps 40
-    python benchmarks/bench_trainer.py --preset trl --vs-trl --steps 100   # and TRL's GRPOTrainer beside it
+    python benchmarks/bench_trainer.py --preset trl --vs-trl --steps 150   # and TRL's GRPOTrainer beside it
+    python benchmarks/bench_trainer.py --preset none --vs-trl --steps 150  # the TRL comparison alone
 
 Presets:
   tiny  the demo preset (daro_lab/presets/demo.toml)
@@ -182,7 +183,12 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
 
     theirs = GRPOTrainer(model=copy.deepcopy(ours.model), reward_funcs=verifier, args=args, train_dataset=data,
                          processing_class=ours.tokenizer, callbacks=[Interleave()])
+    from transformers.trainer_callback import PrinterCallback
+
+    theirs.remove_callback(PrinterCallback)  # TRL's logs stay in its log_history, not on stdout
+    load0 = os.getloadavg()[0]
     theirs.train()
+    load1 = os.getloadavg()[0]
     zero_std = [h["frac_reward_zero_std"] for h in theirs.state.log_history if "frac_reward_zero_std" in h]
     t_trl, t_ours = statistics.mean(times["trl"]), statistics.mean(times["ours"])
     n_trl = P * K  # TRL updates every completion (those of mu in {0, 1} prompts with advantage 0)
@@ -190,6 +196,7 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
     n_signal_trl = (1 - statistics.mean(zero_std)) * P * K if zero_std else float("nan")
     print(f"\n== daro-lab vs TRL {trl.__version__} GRPOTrainer, `trl` workload: {len(times['trl'])} timed steps of each "
           f"after {warmup} warm-up, interleaved, torch threads {torch.get_num_threads()}")
+    print(f"  load average (1 min) at start / end:             {load0:.2f} / {load1:.2f}  (2 cores: above 2, other work shares them)")
     print(f"  s/step, TRL GRPOTrainer (report_to none):        {t_trl:.4f}  (median {statistics.median(times['trl']):.4f})")
     print(f"  s/step, daro-lab (hooks off):                    {t_ours:.4f}  (median {statistics.median(times['ours']):.4f})")
     print(f"  ratio daro-lab / TRL, per step:                  {t_ours / t_trl:.3f}")
@@ -205,7 +212,8 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=[*PRESETS, "all"], default="all")
+    ap.add_argument("--preset", choices=[*PRESETS, "all", "none"], default="all",
+                    help="the hooks benchmark of one preset, both (all), or none (with --vs-trl: the comparison only)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -214,7 +222,7 @@ def main() -> None:
     a = ap.parse_args()
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    for p in PRESETS if a.preset == "all" else [a.preset]:
+    for p in PRESETS if a.preset == "all" else [] if a.preset == "none" else [a.preset]:
         bench(p, a.steps, a.warmup, a.threads)
     if a.vs_trl:
         bench_vs_trl(a.steps, a.warmup, a.threads)
