@@ -22,8 +22,9 @@
    `clipfrac_pos/`, `clipfrac_neg/`, `mass/`, `batch/...`), appended to TRL's `_metrics`, so they reach every
    `report_to`. They equal `policy_loss(method, batch)` on that update's batch (tests/test_integrations_trl.py).
    The rows also go to a `per_mu` table (`<output_dir>/tables/per_mu.parquet`, and the MLflow artifact
-   `tables/per_mu.parquet` with daro-lab's params and tags when `report_to` includes mlflow), so
-   `daro-lab plot` / `daro-lab report` read the run like one of daro-lab's.
+   `tables/per_mu.parquet` with daro-lab's params and tags when `report_to` includes mlflow; TRL's `grad_norm` is
+   also logged as `grad/norm`), so `daro-lab plot` / `daro-lab report` read the run like one of daro-lab's (the
+   figures that need daro-lab's held-out evaluation or off-policy Hoeffding table say what is missing).
 
 2. **TRL's own normalisers**, next to daro-lab's: `trl/contrib/mu_kofK` and `trl/scale/mu_kofK` are C_mu and S_mu
    with TRL's aggregation coefficient, and `trl/loss` their sum over all completions (mu in {0, 1} included),
@@ -82,6 +83,7 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
 
 from daro_lab.algorithms import (SIGNALS, DaroWeights, LossSettings, PolicyBatch, Shard, clipped_surrogate,
                                  compute_advantages, group_keys, kl_k3, loss_terms, mu_key, policy_loss)
+from daro_lab.hooks.builtin import per_mu_rows
 from daro_lab.trainer import accumulate
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
@@ -240,7 +242,7 @@ class DaroGRPOTrainer(GRPOTrainer):
         self._daro_pending: tuple[dict, object] | None = None  # (metrics, signal state) of the running update
         self._daro_values: list | None = None  # replayed reductions of the running update (accumulation)
         self._daro_next_state = None
-        self.per_mu_rows: list[dict] = []  # the per_mu table (daro-lab's columns plus C_trl, S_trl)
+        self.per_mu_rows: list[dict] = []  # the per_mu table (daro-lab's columns plus trl/contrib, trl/scale)
         self.mu_hist_rows: list[dict] = []
         self.last_update_batch: PolicyBatch | None = None  # the last update's batch, detached (inspection, tests)
         self._mlflow: tuple[str, str] | None = None  # (tracking uri, run id)
@@ -513,19 +515,21 @@ class DaroGRPOTrainer(GRPOTrainer):
             h, K = self._pending_hist, self.K
             metrics["rollout/prompts_mu0"], metrics["rollout/prompts_mu1"] = float(h[0]), float(h[K])
             metrics["rollout/kept_prompts"] = float(h[1:K].sum())
+        if not self.per_mu_metrics:  # DARO without the instrumentation: its weights' metrics only (after the step)
+            self._pending_hist = None
+            return
         step = self.state.global_step + 1
         G, spg = self.current_gradient_accumulation_steps, self.args.steps_per_generation
         minibatch = ((self._step - 1) % spg) // G if spg >= G else 0
         for key, v in metrics.items():
-            self._metrics["train"][key].append(float(v))
+            if not key.startswith("daro/weight/"):  # a step's daro/weight is the weight after it (_after_optimizer_step)
+                self._metrics["train"][key].append(float(v))
         if self.accelerator.is_main_process:
-            from daro_lab.hooks.builtin import per_mu_rows
-
             rows = per_mu_rows(metrics, self.K, step=step, minibatch=minibatch)
             for r in rows:
                 key = mu_key(r["k"], self.K)
-                if f"trl/contrib/{key}" in metrics:
-                    r["C_trl"], r["S_trl"] = metrics[f"trl/contrib/{key}"], metrics[f"trl/scale/{key}"]
+                if f"trl/contrib/{key}" in metrics:  # columns named as the metrics (daro-lab's record)
+                    r["trl/contrib"], r["trl/scale"] = metrics[f"trl/contrib/{key}"], metrics[f"trl/scale/{key}"]
             self.per_mu_rows.extend(rows)
             if self._pending_hist is not None:
                 h, K = self._pending_hist, self.K
@@ -586,7 +590,7 @@ class DaroGRPOTrainer(GRPOTrainer):
     def _after_optimizer_step(self) -> None:
         if self.daro_weights is None:
             return
-        m = self.daro_weights.project_()
+        m = {**self.daro_weights.project_(), **self.daro_weights.metrics()}  # bound hits, daro/weight/mu_kofK after the step
         self.daro_weights.set_state(self._daro_next_state)
         self._daro_next_state = None
         for p in self.daro_weights.parameters():  # TRL zeroes the model's gradients only
@@ -596,6 +600,12 @@ class DaroGRPOTrainer(GRPOTrainer):
                 m["lr/weights"] = g["lr"]
         for key, v in m.items():
             self._metrics["train"][key].append(float(v))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # daro-lab's name of the policy's gradient norm before clipping (analyses' grad-norms figure)
+        if logs.get("grad_norm") is not None and "grad/norm" not in logs:
+            logs["grad/norm"] = logs["grad_norm"]
+        super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------------
     # checkpoints
