@@ -139,6 +139,31 @@ def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env
         assert torch.equal(policy.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once. torchrun starts every rank in a session of its own, so
+    killing torchrun's process group leaves the ranks running (they finish the run on their own)."""
+    import signal
+    from pathlib import Path
+
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        kids = {c for c, pp in parents.items() if pp in tree} - tree
+        tree |= kids
+        grew = bool(kids)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("parallel", TRAIN_MODES)
 def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env,
                                                                             wait_for_checkpoint, parallel):
@@ -163,7 +188,7 @@ def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_
     proc = subprocess.Popen([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    _kill_tree(proc.pid)  # torchrun and both ranks at once
     proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"
     assert latest(root).name == "step_000002"

@@ -93,12 +93,10 @@ def test_ctrl_c_before_any_checkpoint_marks_killed_and_resumes_from_the_start(sm
     assert set(steps[steps.key == "reward/mean"].step) == {1, 2, 3}
 
 
-def test_ui_serves_the_store_on_localhost(tmp_path):
+def test_ui_serves_the_store_on_localhost(store):
     from analyses.mlflow_ui import serve  # starts `daro-lab ui` on a free port, stops it with SIGTERM
 
-    u = f"sqlite:///{tmp_path}/mlflow.db"
-    open_client(u)  # create the store
-    with serve(u) as base:
+    with serve(store) as base:
         with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
             body = r.read().decode()
         assert "OK" in body
@@ -118,3 +116,71 @@ def test_demo_trains_grpo_and_daro_and_says_where_they_are(tmp_path, monkeypatch
     for r in runs.values():
         assert r.info.run_id in res.output
     assert "daro-lab ui" in res.output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_refuses_a_port_in_use_naming_it(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = runner.invoke(app, ["ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    assert res.exit_code == 2 and f"port {port} on 127.0.0.1 is not free" in res.output, res.output
+
+
+def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
+    """SIGHUP (the terminal closed) to `daro-lab ui`: the MLflow server, in a session of its own so that it never
+    sees the terminal's signals, is stopped with it; nothing keeps serving the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", store],
+                            cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return b"OK" in r.read()
+        except OSError:
+            return False
+
+    try:
+        deadline = time.time() + 120
+        while not serving():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == 0
+        db = store.removeprefix("sqlite:///")
+        left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and db in _cmdline(p)]
+        assert not left and not serving()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in Path("/proc").iterdir():  # an orphaned server of this test's store, if the test failed
+            if p.name.isdigit() and store.removeprefix("sqlite:///") in _cmdline(p):
+                try:
+                    os.killpg(os.getpgid(int(p.name)), signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def _cmdline(p) -> str:
+    try:
+        return (p / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
