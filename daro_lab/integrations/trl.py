@@ -36,9 +36,10 @@
    - grpo: TRL averages the per-completion token-means over all B x G rows, daro-lab over the n kept ones:
      trl/contrib = contrib x n / (B G);
    - dr_grpo: TRL divides by B x G x max_completion_length, daro-lab by n x max_completion_length: the same n / (B G);
-   - dapo: TRL divides by `num_items_in_batch`, the token count of the whole generation batch over all processes
-     (mu in {0, 1} included), times G / (s P); daro-lab by the kept tokens of the update, T_kept:
-     trl/contrib = contrib x T_kept s P / (num_items G) (one factor per update, so the shares over mu agree);
+   - dapo: TRL divides each process's sum by `num_items_in_batch` / P x G / s, where num_items_in_batch is the token
+     count of the whole generation batch over all processes (mu in {0, 1} included), and DDP averages over the P
+     processes; daro-lab divides by the kept tokens of the update over all processes, T_kept:
+     trl/contrib = contrib x T_kept s / (num_items G) (one factor per update, so the shares over mu agree);
    - bnpo: TRL's token-mean is per micro-batch: a common factor only when G = 1;
    - advantages: TRL's (r - mean) / (std + 1e-4), unbiased std, over the group ('batch' scaling: over every reward
      of the generation batch, mu in {0, 1} included); daro-lab's estimators use eps 1e-6 and lipo's batch std over
