@@ -407,7 +407,7 @@ def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, sma
         weight_stats = true
         [[arms]]
         name = "diverges"
-        set = ["algo.method=daro", "algo.daro.lr_w=inf"]
+        set = ["algo.method=daro", "algo.daro.lr_w=1e308"]  # finite (inf is refused), the weights overflow at once
         [[arms]]
         name = "bad-static"
         set = ["algo.method=static", "algo.daro.static=/no/such/weights.json"]

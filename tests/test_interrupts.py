@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -198,6 +199,8 @@ def test_sigterm_and_sighup_mark_the_run_killed(small_cfg, store, sig):
     finally:
         signal.signal(sig, previous)
     assert exc.value.signum == sig
+    again = pickle.loads(pickle.dumps(exc.value))  # as an ablation's worker process sends it back
+    assert again.signum == sig and again.daro_lab_run.status == "KILLED"
     run = only_run(store)
     assert run.info.status == "KILLED" and latest(run.data.tags["daro_lab.checkpoint_dir"]) is None
 

@@ -30,6 +30,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):  # pickled back from an ablation's worker process, with train()'s `daro_lab_run`
+        return type(self), (self.signum,), self.__dict__
+
 
 def signal_name(exc: BaseException) -> str:
     return signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "KeyboardInterrupt"
