@@ -266,3 +266,19 @@ def test_readme_trl_example_runs(tmp_path):
     exec(compile(src, "README.md", "exec"), ns)
     logged = ns["trainer"].state.log_history[0]
     assert "loss/total" in logged and all(f"daro/weight/mu_{k}of8" in logged for k in range(1, 8))
+
+
+def test_trl_daro_grad_signal(tmp_path):
+    """DARO's 'grad' reading: the signal of a group is ||grad_theta L_mu|| of the update (one backward per group)."""
+    trainer = _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", daro_lr_w=0.05, max_steps=1,
+                       num_iterations=1)
+    trainer.train()
+    rows = trainer.per_mu_rows
+    signal = "daro/signal" if "daro/signal" in rows[0] else "signal"  # daro-lab's per_mu column, new or legacy
+    loss = "loss" if "loss" in rows[0] else "L"
+    assert rows and all(r[signal] > 0 for r in rows)
+    assert all(abs(r[signal] - abs(r[loss])) > 1e-6 for r in rows)  # a gradient norm, not the 'abs' reading |L_mu|
+    assert any(abs(w - 1.0) > 1e-3 for w in trainer.daro_weights.as_dict().values())
+    with pytest.raises(ValueError, match="daro_signal='grad' needs gradient_accumulation_steps = 1"):
+        _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", per_device_train_batch_size=8,
+                 gradient_accumulation_steps=2)
