@@ -1,7 +1,7 @@
 """Figure `grad-norms`: the total policy-gradient norm and the per-group norms G_mu over training.
 
 Total: metric `grad/norm`, the global norm of the step's gradient before clipping (mean over the
-step's mini-batches). Per group: G_mu = ||grad_theta C_mu||, column `G` of the `per_mu` table,
+step's mini-batches). Per group: G_mu = ||grad_theta C_mu||, column `gradnorm` of the `per_mu` table,
 measured on the first mini-batch of every `trainer.grad_norm_every`-th step (and step 1). Both
 are averaged over the arm's runs (seeds). Table `grad_norms.csv`: arm, method, quantity ('total'
 or 'G'), step, k, K, mu (empty for the total), mean, ci, n_runs.
@@ -37,10 +37,10 @@ def grad_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
         per_run = []
         for r in members:
             pm = r.table("per_mu")
-            if pm is None or "G" not in pm.columns or pm.G.notna().sum() == 0:
+            if pm is None or "gradnorm" not in pm.columns or pm.gradnorm.notna().sum() == 0:
                 notes.append(f"run {r.name} ({r.run_id}) has no per-group gradient norms G_mu")
                 continue
-            g = pm.dropna(subset=["G"]).groupby(["step", "k", "K"]).G.mean().rename(r.run_id)
+            g = pm.dropna(subset=["gradnorm"]).groupby(["step", "k", "K"]).gradnorm.mean().rename(r.run_id)
             per_run.append(g)
         if per_run:
             wide = pd.concat(per_run, axis=1)
@@ -49,7 +49,7 @@ def grad_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
                 rows.append({"arm": arm, "method": method, "quantity": "G", "step": int(step), "k": int(k),
                              "K": int(K), "mu": k / K, "mean": m, "ci": ci, "n_runs": n})
     if not rows:
-        raise AnalysisError(f"{NAME}: no run of {runs.source} logged gradient norms ({TOTAL} or per_mu G)")
+        raise AnalysisError(f"{NAME}: no run of {runs.source} logged gradient norms ({TOTAL} or per_mu gradnorm)")
     return pd.DataFrame(rows, columns=COLUMNS), notes
 
 

@@ -39,6 +39,7 @@ import pandas as pd
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, require_table
 from daro_lab.algorithms import METHODS, shaped_methods
+from daro_lab.record import normalise_per_mu
 
 NAME = "loss-scale"
 ROUNDING = 1e-9  # a total |C| below this times the loss mass S is float rounding, not a loss
@@ -46,14 +47,15 @@ ROUNDING = 1e-9  # a total |C| below this times the loss mass S is float roundin
 
 def per_mu_frame(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
     """The run's per_mu rows within the step window (inclusive), with interior k only, and the coefficient part
-    of C (`C_coef` = C - C_offset; C itself for runs that recorded no offset)."""
+    of C (`C_coef` = contrib - contrib_offset; contrib itself for runs that recorded no offset)."""
     df = run.table("per_mu")
     if df is None:
         return pd.DataFrame()
-    df = df[(df.k > 0) & (df.k < df.K)].copy()
+    df = normalise_per_mu(df[(df.k > 0) & (df.k < df.K)]).copy()
     if window is not None:
         df = df[(df.step >= window[0]) & (df.step <= window[1])]
-    df["C_coef"] = df.C - (df.C_offset.fillna(0.0) if "C_offset" in df.columns else 0.0)
+    offset = df["contrib_offset"].fillna(0.0) if "contrib_offset" in df.columns else 0.0
+    df["C_coef"] = df["contrib"] - offset
     return df
 
 
@@ -78,7 +80,7 @@ def _prompt_shapes(df: pd.DataFrame, method: str, std: str, eps: float) -> pd.Da
     from daro_lab.algorithms import length_corrected_shape, static_shape
 
     out = pd.DataFrame(index=df.index)
-    out["measured"] = _minibatch_shares(df, df.S / df.prompts)
+    out["measured"] = _minibatch_shares(df, df.scale / df.prompts)
     if method in shaped_methods():
         eq = pd.Series([static_shape(method, k / K, 1, sigma_batch=1.0) for k, K in zip(df.k, df.K)], index=df.index)
         lc = pd.Series([length_corrected_shape(method, int(k), int(K), a, b, std, eps)
@@ -106,19 +108,19 @@ def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
             out[name] = out.k.map(m / m.sum())
         else:
             out[name] = np.nan
-    sp = _pooled(df, "S")
+    sp = _pooled(df, "scale")
     out["S_share"] = np.nan if sp is None else out.k.map(sp).fillna(0.0)
     c = _pooled(df, "C_coef")
-    c_zero = c is None or df.C_coef.abs().sum() <= ROUNDING * df.S.abs().sum()
+    c_zero = c is None or df.C_coef.abs().sum() <= ROUNDING * df.scale.abs().sum()
     out["C_abs_share"] = np.nan if c_zero else out.k.map(c).fillna(0.0)
-    g = _pooled(df.dropna(subset=["G"]) if "G" in df.columns else df, "G")
+    g = _pooled(df.dropna(subset=["gradnorm"]) if "gradnorm" in df.columns else df, "gradnorm")
     out["G_share"] = np.nan if g is None else out.k.map(g).fillna(0.0)
     present = df.groupby("k")
-    out["S_per_prompt"] = out.k.map((df.S / df.prompts).groupby(df.k).mean())
+    out["S_per_prompt"] = out.k.map((df.scale / df.prompts).groupby(df.k).mean())
     out["prompts"] = out.k.map(present.prompts.mean())
-    for col in ("w", "wL", "L", "wS", "mass", "signal", "len_correct", "len_incorrect"):
+    for col in ("daro/weight", "daro/wL", "loss", "daro/wS", "mass", "daro/signal", "len_correct", "len_incorrect"):
         out[col] = out.k.map(present[col].mean()) if col in df.columns else np.nan
-    out["wL_abs"] = out.k.map(df.wL.abs().groupby(df.k).mean()) if "wL" in df.columns else np.nan
+    out["wL_abs"] = out.k.map(df["daro/wL"].abs().groupby(df.k).mean()) if "daro/wL" in df.columns else np.nan
     out["rows"] = out.k.map(present.size())
     return out
 
@@ -145,7 +147,7 @@ def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
             if df.empty:
                 continue
             c = df.C_coef.abs().groupby([df.step, df.k]).sum().unstack(fill_value=0.0)
-            mass = df.S.abs().groupby(df.step).sum().reindex(c.index)
+            mass = df.scale.abs().groupby(df.step).sum().reindex(c.index)
             tot = c.sum(axis=1)
             s = c[tot > ROUNDING * mass].div(tot[tot > ROUNDING * mass], axis=0)
             # a group absent from this run's step received nothing: share 0 (as in the window table)
@@ -168,7 +170,8 @@ def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
 
 SHARES = ("S_share", "C_abs_share", "G_share")  # what each group receives: 0 in a run where it never appears
 PROMPT_SHARES = ("S_share_per_prompt", "ref_share", "lc_share")  # per prompt: mean over the runs that had the group
-MEANS = ("S_per_prompt", "prompts", "w", "wL", "wL_abs", "wS", "L", "mass", "signal", "len_correct", "len_incorrect")
+MEANS = ("S_per_prompt", "prompts", "daro/weight", "daro/wL", "wL_abs", "daro/wS", "loss", "mass", "daro/signal",
+         "len_correct", "len_incorrect")
 
 
 def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
@@ -213,8 +216,8 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
         raise AnalysisError(f"loss-scale: no per-mu rows in the step window {window} for {runs.source}")
     table = pd.concat(main, ignore_index=True)[
         ["arm", "method", "k", "K", "mu", "n_runs", "step_first", "step_last", "prompts", "S_per_prompt",
-         "S_share_per_prompt", "ref_share", "lc_share", "S_share", "C_abs_share", "G_share", "L", "len_correct",
-         "len_incorrect", "mass", "w", "wL", "wL_abs", "signal", "wS"]]
+         "S_share_per_prompt", "ref_share", "lc_share", "S_share", "C_abs_share", "G_share", "loss", "len_correct",
+         "len_incorrect", "mass", "daro/weight", "daro/wL", "wL_abs", "daro/signal", "daro/wS"]]
     ref_rows = []
     for method in sorted(set(table.method) & set(shaped_methods()), key=style.method_rank):
         t = table[table.method == method]
@@ -254,8 +257,8 @@ def _caption(table: pd.DataFrame, window_txt: str) -> str:
                 txt += (f"; its per-prompt S_μ departs from the equal-length shape by up to {dev:.3f} in share (the "
                         f"effect of the lengths of right and wrong answers) and is on the length-corrected shape to "
                         f"{lc:.1g} (a consistency check: both come from the same logged lengths)")
-        if t.wS.notna().any():
-            ws = t.wS.dropna()
+        if t["daro/wS"].notna().any():
+            ws = t["daro/wS"].dropna()
             txt += f"; w_μ·signal_μ/C spans {ws.min():.3g} to {ws.max():.3g} (1 at DARO's fixed point)"
         elif t.wL_abs.notna().any():
             wl = t.wL_abs.dropna()
@@ -299,8 +302,8 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
                 ax_c.plot(t.mu, t.C_abs_share, **kw)
             if t.G_share.notna().any():
                 ax_g.plot(t.mu, t.G_share, **kw)
-            if t.wS.notna().any():
-                ax_w.plot(t.mu, t.wS, **kw)
+            if t["daro/wS"].notna().any():
+                ax_w.plot(t.mu, t["daro/wS"], **kw)
             elif t.wL_abs.notna().any():
                 ax_w.plot(t.mu, t.wL_abs, **kw)
         n_groups = table.groupby("arm").size().max()
@@ -314,7 +317,7 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         ax_s.set(title="(a) loss scale S$_\\mu$ per prompt", ylabel="share (Σ over μ = 1)")
         ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C| (θ-part)")
         ax_g.set(title="(c) G$_\\mu$ = ‖∇C$_\\mu$‖: share", ylabel="share of Σ G")
-        paper_reading = table.wS.isna().all()
+        paper_reading = table["daro/wS"].isna().all()
         ax_w.set(title="(d) DARO: w$_\\mu$·|L$_\\mu$|" if paper_reading else "(d) DARO: w$_\\mu$·signal$_\\mu$/C",
                  ylabel="balance (log)" if table.wL_abs.notna().any() else None)
         for ax in (ax_s, ax_c, ax_g, ax_w):
@@ -323,7 +326,7 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         if not table.G_share.notna().any():
             style.empty_panel(ax_g, "no G_μ logged\n(trainer.grad_norm_every = 0?)")
             notes.append("no per-group gradient norms G_mu in these runs (trainer.grad_norm_every = 0)")
-        if table.wL_abs.notna().any() or table.wS.notna().any():
+        if table.wL_abs.notna().any() or table["daro/wS"].notna().any():
             style.log_axis(ax_w)
             ax_w.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9, label="fixed point")
             ax_w.legend(handles=ax_w.get_lines()[-1:], loc="best")

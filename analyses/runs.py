@@ -25,16 +25,12 @@ import numpy as np
 import pandas as pd
 
 from analyses import style
+from daro_lab.record import normalise_per_mu
 
 # params that never make two runs different arms (they differ between seeds or machines only)
 _NOT_ARM_PARAMS = ("seed", "tracking.", "trainer.checkpoint_dir", "model.cache_dir", "trainer.threads",
                    "trainer.device", "trainer.log_checkpoint")
-TAG_METHOD = "daro_lab.method"
-TAG_SEED = "daro_lab.seed"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_ARM = "daro_lab.arm"  # set on the children of an ablation (daro_lab.ablation.sweep)
-TAG_ARM_LABEL = "daro_lab.arm_label"
-TAG_ROLE = "daro_lab.role"
+from daro_lab.record import TAG_ARM, TAG_ARM_LABEL, TAG_METHOD, TAG_PARENT, TAG_ROLE, TAG_SEED  # noqa: E402,F401
 
 
 class AnalysisError(ValueError):
@@ -115,7 +111,8 @@ class Run:
             from daro_lab.tracking import TrackingError, read_table
 
             try:
-                self._tables[name] = read_table(self.client, self.run_id, name)
+                df = read_table(self.client, self.run_id, name)
+                self._tables[name] = normalise_per_mu(df) if name == "per_mu" else df  # older runs' column names
             except TrackingError:
                 self._tables[name] = None
         return self._tables[name]

@@ -77,7 +77,7 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
             d = groups[groups.run == run]
             s = summary[summary.run == run]
             for k, dk in d.groupby("k"):
-                ax.plot(dk["update"], dk.w, color=colors[int(k)], linewidth=1.0)
+                ax.plot(dk["update"], dk["daro/weight"], color=colors[int(k)], linewidth=1.0)
                 row = s[s.k == k]
                 if len(row) and np.isfinite(row.wS.iloc[0]) and row.wS.iloc[0] > 0:
                     target = float(row.w_final.iloc[0] / row.wS.iloc[0])  # C / signal over the window

@@ -4,7 +4,7 @@ w = C / signal of the reading the run used; runs from before readings were recor
 paper's reading with C = 1).
 
 w_mu: metric `daro/weight/mu_{k}of{K}`, the weights after each step (logged every step, for every
-k, present or not). Balance: column `wS` (or `wL`) of the `per_mu` table, averaged over the step's
+k, present or not). Balance: column `daro/wS` (or `daro/wL`) of the `per_mu` table, averaged over the step's
 mini-batches where the group is present. Both are averaged over the arm's runs (seeds). Arms whose runs
 have no weights (GRPO, DAPO, ...) are left out; `static` arms (frozen weights) are drawn, flat.
 Table `weights.csv`: arm, method, step, k, K, mu, w, w_ci, wL, wL_abs, wS, balance, n_runs.
@@ -43,8 +43,9 @@ def weights_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
             m["k"], m["K"] = [k for k, _ in kk], [K for _, K in kk]
             m = m.rename(columns={"value": "w"})[["step", "k", "K", "w"]]
             pm = r.table("per_mu")
-            if pm is not None and "wL" in pm.columns:
-                wl = pm.dropna(subset=["wL"]).assign(wL_abs=lambda d: d.wL.abs())
+            if pm is not None and "daro/wL" in pm.columns:
+                wl = pm.dropna(subset=["daro/wL"]).rename(columns={"daro/wL": "wL", "daro/wS": "wS"})
+                wl = wl.assign(wL_abs=wl.wL.abs())
                 if "wS" not in wl.columns:
                     wl["wS"] = np.nan
                 wl = wl.groupby(["step", "k"])[["wL", "wL_abs", "wS"]].mean().reset_index()

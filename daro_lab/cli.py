@@ -368,7 +368,7 @@ def simulate(
     if "w_final" in s:
         d = s[s.w_final.notna()]
         typer.echo("\nDARO readings: final w and w*signal/C (1 = the fixed point), mean over the last tenth\n"
-                   + d[["run", "k", "signal" if "signal" in d else "mass", "reg", "w_final", "wS"]].to_string(**pd_opts))
+                   + d[["run", "k", "signal", "reg", "w_final", "wS"]].to_string(**pd_opts))
     for kind, path in fig.paths.items():
         typer.echo(f"{kind:26s} {path}")
     typer.echo(f"\n{fig.caption}")

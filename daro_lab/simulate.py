@@ -7,7 +7,7 @@ per-token log-ratios drawn around 0 (`ratio_noise`), so the only thing that move
 
     from daro_lab.simulate import SimConfig, simulate
     res = simulate(SimConfig(len_correct=400, len_wrong=600, updates=600))
-    res.groups      # one row per (method or reading, update, k): S, C, C_offset, L, mass, w, signal, wS
+    res.groups      # one row per (method or reading, update, k): the per_mu quantities (daro_lab.record)
     res.summary()   # per method: S share per prompt vs the equal-length and length-corrected shapes;
                     # per reading: final weights, max/min, distance from the fixed point
 
@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 
 from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, loss_terms,
-                                 mu_key, shaped_methods)
+                                 shaped_methods)
+from daro_lab.record import per_mu_rows
 
 BASELINES = tuple(shaped_methods())  # the methods with a static shape
 DEFAULT_READINGS = ("abs:1", "signed:1", "mass:1", "abs:auto", "mass:auto")
@@ -137,22 +138,8 @@ def _batch(cfg: SimConfig, gen: torch.Generator, adv_kind: str, compact: bool = 
 
 
 def _group_rows(metrics: dict, K: int, run: str, update: int) -> list[dict]:
-    rows = []
-    for kk in range(1, K):
-        key = mu_key(kk, K)
-        if f"loss/{key}" not in metrics:
-            continue
-        row = {"run": run, "update": update, "k": kk, "K": K, "mu": kk / K}
-        for name, col in (("loss", "L"), ("contrib", "C"), ("contrib_offset", "C_offset"), ("scale", "S"),
-                          ("mass", "mass"), ("prompts", "prompts"), ("len_correct", "len_correct"),
-                          ("len_incorrect", "len_incorrect"), ("daro/w", "w"), ("daro/signal", "signal"),
-                          ("daro/wS", "wS")):
-            if f"{name}/{key}" in metrics:
-                row[col] = metrics[f"{name}/{key}"]
-        if "daro/reg" in metrics:
-            row["reg"] = metrics["daro/reg"]
-        rows.append(row)
-    return rows
+    """per_mu rows (the record's vocabulary) of one update, labelled with the run and the update."""
+    return [{"run": run, "update": update, **row} for row in per_mu_rows(metrics, K)]
 
 
 def _grad_norms(batch: PolicyBatch, K: int, s: LossSettings, w: torch.Tensor) -> torch.Tensor:
@@ -171,7 +158,7 @@ def _grad_norms(batch: PolicyBatch, K: int, s: LossSettings, w: torch.Tensor) ->
 @dataclass
 class SimResult:
     config: SimConfig
-    groups: pd.DataFrame  # one row per (run, update, k)
+    groups: pd.DataFrame  # one row per (run, update, k): the per_mu quantities of daro_lab.record
 
     def summary(self, last: float = 0.1) -> pd.DataFrame:
         """Per run (method or reading) and k: window means over the last `last` share of the updates.
@@ -190,15 +177,15 @@ class SimResult:
         lc, lw = cfg.lengths("correct"), cfg.lengths("wrong")
         for run, d in win.groupby("run", sort=False):
             per_k = d.groupby("k")
-            s_pp = (d.S / d.prompts).groupby(d.k).mean()
+            s_pp = (d.scale / d.prompts).groupby(d.k).mean()
             out = pd.DataFrame({"run": run, "k": list(per_k.groups), "K": cfg.K})
             out["mu"] = out.k / cfg.K
             out["S_share"] = out.k.map(s_pp / s_pp.sum())
-            coef = (d.C - d.C_offset.fillna(0.0) if "C_offset" in d else d.C).abs()
+            coef = (d.contrib - d.contrib_offset.fillna(0.0) if "contrib_offset" in d else d.contrib).abs()
             c_sum = coef.groupby(d.k).sum()
-            exact_zero = c_sum.sum() <= 1e-9 * (d.S.abs().sum() or 1.0)
+            exact_zero = c_sum.sum() <= 1e-9 * (d.scale.abs().sum() or 1.0)
             out["C_abs_share"] = np.nan if exact_zero else out.k.map(c_sum / c_sum.sum())
-            out["L"] = out.k.map(per_k.L.mean())
+            out["L"] = out.k.map(per_k["loss"].mean())
             out["mass"] = out.k.map(per_k["mass"].mean())
             method = run if run in METHODS else "daro"
             if method in BASELINES:
@@ -206,10 +193,11 @@ class SimResult:
                 lcs = [length_corrected_shape(method, k, cfg.K, lc[k - 1], lw[k - 1], cfg.std) for k in out.k]
                 out["equal_length_share"] = [x / sum(eq) for x in eq]
                 out["length_corrected_share"] = [x / sum(lcs) for x in lcs]
-            if "w" in d:
+            if "daro/weight" in d:
                 last_update = d[d["update"] == d["update"].max()]
-                out["w_final"] = out.k.map(last_update.groupby("k").w.last())
-                out["wS"] = out.k.map(per_k.wS.mean())
+                out["w_final"] = out.k.map(last_update.groupby("k")["daro/weight"].last())
+                out["wS"] = out.k.map(per_k["daro/wS"].mean())  # window means of the record's daro/wS, daro/signal
+                out["signal"] = out.k.map(per_k["daro/signal"].mean())
                 out["reg"] = float(d.reg.iloc[-1])
             rows.append(out)
         return pd.concat(rows, ignore_index=True)
@@ -260,8 +248,7 @@ def simulate(cfg: SimConfig, compact: bool = True) -> SimResult:
             opt.step()
             dw.project_()
             dw.set_state(t.daro_state)
-            rows += _group_rows({**t.metrics, **{f"daro/w/{mu_key(k, K)}": v for k, v in dw.as_dict().items()}},
-                                K, r.name, u)
+            rows += _group_rows(t.metrics, K, r.name, u)
     return SimResult(cfg, pd.DataFrame(rows))
 
 

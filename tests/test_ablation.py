@@ -111,7 +111,7 @@ def sweep(tmp_path_factory, template_db, small_env):
     uri = new_store(template_db, d)
     grid = write_grid(d, GRID)
     with chdir_to(d):
-        res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, d), tracking_uri=uri)
+        res = run_ablation(grid, preset="arithmetic", steps=2, overrides=small(small_env, d), tracking_uri=uri)
     return uri, res
 
 
@@ -123,7 +123,7 @@ def test_sweep_creates_parent_and_tagged_children(sweep):
     assert parent.data.tags["daro_lab.ablation"] == "g"
     assert parent.data.tags["daro_lab.role"] == "ablation-parent"
     exp = c.get_experiment(parent.info.experiment_id).name
-    assert exp == "daro-lab-ablation-g-tiny"
+    assert exp == "daro-lab-ablation-g-arithmetic"
     children = [r for r in all_runs(uri) if r.info.run_id != res.parent_run_id]
     assert len(children) == 6
     seen = set()
@@ -257,7 +257,7 @@ def hooks(tracker):
     arm = tracker.client.get_run(tracker.run_id).data.tags.get("daro_lab.arm")
     return default_hooks(tracker) + ([Hang(tracker)] if arm == "b" else [])
 
-run_ablation({grid!r}, preset="tiny", steps=3, overrides={overrides!r}, tracking_uri={uri!r}, hooks=hooks,
+run_ablation({grid!r}, preset="arithmetic", steps=3, overrides={overrides!r}, tracking_uri={uri!r}, hooks=hooks,
              echo=lambda m: print(m, flush=True))
 """
 
@@ -331,7 +331,7 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
         name = "only"
         set = ["algo.method=grpo"]
     """)
-    plan = make_plan(grid, "tiny", steps=2, overrides=small(small_env, tmp_path))
+    plan = make_plan(grid, "arithmetic", steps=2, overrides=small(small_env, tmp_path))
     parent = Tracker.start(uri, plan.experiment, "ablation-g", {}, plan.to_json(),
                            tags={"daro_lab.ablation": "g", "daro_lab.role": "ablation-parent"})
     stale = Tracker.start(uri, plan.experiment, "only-seed0", {}, "{}", parent_run_id=parent.run_id,
@@ -384,9 +384,15 @@ def test_bad_grid_on_the_command_line_exits_2_and_creates_no_run(tmp_path, templ
 
 
 def test_every_shipped_grid_resolves_against_the_tiny_preset():
-    for name in ("static-weights", "k", "weight-lr", "weight-signal", "weight-param", "methods"):
+    for name in ("static-weights", "k", "weight-lr", "weight-reg", "weight-signal", "weight-param", "methods"):
         plan = make_plan(name, "tiny")
         assert plan.reference in [a.name for a in plan.arms] and len(plan.seeds) == 3
+        assert make_plan(name, "arithmetic").arms[0].config["task"]["name"] == "arithmetic"
+    reg = {a.name: a.config["algo"]["daro"] for a in make_plan("weight-reg", "tiny").arms}
+    assert (reg["abs-1"]["signal"], reg["abs-1"]["reg"]) == ("abs", 1.0) and reg["mass-auto"]["reg"] == "auto"
+    static = {a.name: a.config["algo"]["daro"]["static"] for a in make_plan("static-weights", "tiny").arms}
+    assert static["frozen-ones"] == "ones" and static["frozen-drgrpo"] == "shape:dr_grpo"
+    assert make_plan("methods", "tiny").accuracy == "sampled"
     k = {a.name: a.config for a in make_plan("k", "tiny").arms}
     budget = {n: c["rollout"]["num_responses"] * c["trainer"]["prompts_per_step"] for n, c in k.items()}
     assert budget["K4-matched-budget"] == budget["K8"] == budget["K16-matched-budget"]
@@ -415,7 +421,7 @@ def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, sma
         name = "ok"
         set = ["algo.method=daro"]
     """)
-    res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri)
+    res = run_ablation(grid, preset="arithmetic", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri)
     c = open_client(uri)
     assert res.status == "FAILED"
     parent = c.get_run(res.parent_run_id)
@@ -456,7 +462,7 @@ def test_ray_executor_on_a_local_instance(tmp_path, template_db, small_env):
     """)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        res = run_ablation(grid, preset="tiny", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri,
+        res = run_ablation(grid, preset="arithmetic", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri,
                            executor="ray")
     finally:
         ray.shutdown()
@@ -543,7 +549,7 @@ def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db,
     """)
     sets = [x for o in small(small_env, tmp_path) for x in ("--set", o)]
     res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--steps", "1", "--tracking-uri", uri, "--no-report",
-                                   *sets])
+                                   "--preset", "arithmetic", *sets])
     assert res.exit_code == 0, res.output
     assert "| **solo**" in res.output and "One seed: no confidence intervals" in res.output
     (child,) = [r for r in all_runs(uri) if r.data.tags.get("daro_lab.arm") == "solo"]

@@ -36,6 +36,8 @@ def ci2(a, b):
 
 
 def pm(step, mb, k, S, C, P, G=np.nan, w=np.nan, wL=np.nan, lc=3.0, li=5.0):
+    """A per_mu row with the column names runs had before the record's vocabulary (L, C, S, w, wL, G): the
+    analyses read them through record.normalise_per_mu, as they read old runs."""
     return {"step": step, "minibatch": mb, "k": k, "K": K, "mu": k / K, "L": C, "C": C, "S": S, "prompts": float(P),
             "tokens": 10.0, "len_correct": lc, "len_incorrect": li, "clipfrac_pos": 0.0, "clipfrac_neg": 0.0,
             "w": w, "wL": wL, "G": G, "G_L": G}
@@ -195,7 +197,7 @@ def test_loss_scale_table_holds_the_known_shares(full_report):
             assert t.loc[arm][col].sum() == pytest.approx(1.0)
     d = t.loc["DARO"]
     # w*L: mean over the window's rows where the group is present, then over seeds
-    np.testing.assert_allclose(d.wL.to_numpy(), [(1.0 + 0.25) / 2, -2.0, 0.75], rtol=1e-12)
+    np.testing.assert_allclose(d["daro/wL"].to_numpy(), [(1.0 + 0.25) / 2, -2.0, 0.75], rtol=1e-12)
     np.testing.assert_allclose(d.wL_abs.to_numpy(), [(1.0 + 0.25) / 2, 2.0, 0.75], rtol=1e-12)
     assert d.ref_share.isna().all()  # DARO has no static shape
 
@@ -255,7 +257,7 @@ def test_loss_scale_shapes_from_the_real_loss_with_unequal_lengths(method):
 
     from analyses.loss_scale import run_summary
     from daro_lab.algorithms import METHODS, LossSettings, PolicyBatch, compute_advantages, policy_loss
-    from daro_lab.hooks.builtin import per_mu_rows
+    from daro_lab.record import per_mu_rows
 
     Kk, rows = 8, []
     g = torch.Generator().manual_seed(0)
@@ -290,7 +292,7 @@ def test_grpo_on_policy_loss_is_rounding_and_gets_no_share():
 
     from analyses.loss_scale import run_summary
     from daro_lab.algorithms import PolicyBatch, compute_advantages, policy_loss
-    from daro_lab.hooks.builtin import per_mu_rows
+    from daro_lab.record import per_mu_rows
 
     Kk = 4
     ks = torch.tensor([1, 2, 3, 2])
@@ -613,9 +615,9 @@ def test_daro_shares_leave_the_offset_out():
     """C_mu on DARO's path includes -C ln w_mu, which carries no theta-gradient: the |C| share uses C - C_offset."""
     from analyses.loss_scale import run_summary
 
-    rows = [{"step": 1, "minibatch": 0, "k": k, "K": 4, "mu": k / 4, "S": 1.0, "prompts": 1.0, "L": 0.1 * k,
-             "C": 0.1 * k * w - np.log(w), "C_offset": -np.log(w), "w": w, "wS": 1.0, "len_correct": 2.0,
-             "len_incorrect": 3.0} for k, w in ((1, 1.5), (2, 0.5), (3, 1.0))]
+    rows = [{"step": 1, "minibatch": 0, "k": k, "K": 4, "mu": k / 4, "scale": 1.0, "prompts": 1.0, "loss": 0.1 * k,
+             "contrib": 0.1 * k * w - np.log(w), "contrib_offset": -np.log(w), "daro/weight": w, "daro/wS": 1.0,
+             "len_correct": 2.0, "len_incorrect": 3.0} for k, w in ((1, 1.5), (2, 0.5), (3, 1.0))]
     s = run_summary(_TableRun("daro", rows)).set_index("k")
     coef = np.array([0.1 * 1.5, 0.2 * 0.5, 0.3])
     np.testing.assert_allclose(s.C_abs_share, coef / coef.sum(), rtol=1e-12)

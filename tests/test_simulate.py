@@ -19,7 +19,7 @@ def test_compact_batches_equal_one_column_per_token():
     L, mass and weights as one column per token."""
     cfg = SimConfig(len_correct=LC, len_wrong=LW, prompts=4, updates=2, readings=["abs:1", "mass:auto:0.5"])
     a, b = simulate(cfg, compact=True).groups, simulate(cfg, compact=False).groups
-    cols = ["S", "C", "C_offset", "L", "mass", "w", "signal", "wS"]
+    cols = ["scale", "contrib", "contrib_offset", "loss", "mass", "daro/weight", "daro/signal", "daro/wS"]
     assert a[["run", "update", "k"]].equals(b[["run", "update", "k"]])
     np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-9, atol=1e-12)
 
@@ -29,7 +29,7 @@ def test_same_config_same_numbers_and_seed_matters():
     a, b = simulate(cfg).groups, simulate(cfg).groups
     assert a.equals(b)
     c = simulate(SimConfig(len_correct=LC, len_wrong=LW, prompts=8, updates=5, readings=["mass:1"], seed=1)).groups
-    assert not np.allclose(a.S.to_numpy(), c.S.to_numpy()[: len(a)]) or len(a) != len(c)
+    assert not np.allclose(a.scale.to_numpy(), c.scale.to_numpy()[: len(a)]) or len(a) != len(c)
 
 
 def test_baseline_shapes_follow_the_given_lengths():

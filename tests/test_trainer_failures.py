@@ -105,14 +105,19 @@ def test_ui_serves_the_store_on_localhost(store):
         urllib.request.urlopen(f"{base}/health", timeout=2)
 
 
-def test_demo_trains_grpo_and_daro_and_says_where_they_are(tmp_path, monkeypatch, small_env, store):
+def test_demo_trains_the_five_methods_and_says_where_they_are(tmp_path, monkeypatch, small_env, store):
+    """The demo's loop and output, on the small arithmetic preset (the chain task's warm start is exercised by
+    tests/test_chain_task.py): every method of the paper, one seed, recorded."""
     monkeypatch.chdir(tmp_path)
-    sets = [x for kv in [*small_env, "trainer.eval_every=0"] for x in ("--set", kv)]
-    res = runner.invoke(app, ["demo", "--steps", "2", "--tracking-uri", store, *sets])
+    small = [*small_env, "trainer.eval_every=0", "task.name=arithmetic", "model.warmstart_run_on=0"]
+    sets = [x for kv in small for x in ("--set", kv)]
+    res = runner.invoke(app, ["demo", "--steps", "1", "--tracking-uri", store, *sets])
     assert res.exit_code == 0, res.output
     runs = {r.data.tags["daro_lab.method"]: r for r in runs_in(store)}
-    assert set(runs) == {"grpo", "daro"} and all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs["grpo"].data.params["seed"] == runs["daro"].data.params["seed"]
+    assert set(runs) == {"grpo", "dapo", "dr_grpo", "lipo", "daro"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert len({r.data.params["seed"] for r in runs.values()}) == 1
+    assert "daro-lab report --experiment daro-lab-demo" in res.output
     for r in runs.values():
         assert r.info.run_id in res.output
     assert "daro-lab ui" in res.output

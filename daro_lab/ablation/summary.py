@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from daro_lab.record import wide
+
 ACC = "eval/greedy_acc"
 ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
 STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv", "balance_floor")
@@ -175,15 +177,6 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
 # Per run
 
 
-def _wide(metrics: pd.DataFrame, prefix: str) -> pd.DataFrame:
-    """Metrics `prefix/mu_kofK` as a step x k table."""
-    d = metrics[metrics.key.str.startswith(prefix + "/mu_")]
-    if d.empty:
-        return pd.DataFrame()
-    d = d.assign(k=d.key.str.slice(len(prefix) + 4).str.split("of").str[0].astype(int))
-    return d.pivot_table(index="step", columns="k", values="value", aggfunc="last").sort_index()
-
-
 def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
               w_bounds: tuple[float, float] | None = None, acc_key: str = ACC) -> dict[str, Any]:
     """The per-run numbers of the module docstring from a run's `read_metrics` frame (except
@@ -199,22 +192,22 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
 
     if method in METHODS and METHODS[method].daro_path:
         source = "wS" if metrics.key.str.startswith("daro/wS/mu_").any() else "wL"
-        wide = _wide(metrics, f"daro/{source}")
+        by_k = wide(metrics, f"daro/{source}")
     else:
-        source, wide = "C", _wide(metrics, "contrib")
+        source, by_k = "C", wide(metrics, "contrib")
     out["balance_source"] = source
-    if len(wide):
-        last = int(wide.index.max())
-        means = wide[wide.index > last - window].mean(axis=0, skipna=True).dropna()  # per group, over the window
+    if len(by_k):
+        last = int(by_k.index.max())
+        means = by_k[by_k.index > last - window].mean(axis=0, skipna=True).dropna()  # per group, over the window
         out["balance_cv"] = coefficient_of_variation(means.to_numpy())
         out["balance_groups"] = len(means)
         out["balance_floor"] = noise_floor_cv(len(means))
     else:
         out["balance_cv"], out["balance_groups"], out["balance_floor"] = math.nan, 0, math.nan
     if weight_stats:
-        weights = _wide(metrics, "daro/weight")
-        ws = _wide(metrics, "daro/wS")  # w * signal / C: 1 at the fixed point of the reading the run used
-        wl = ws if len(ws) else _wide(metrics, "daro/wL").abs()  # older runs: |w L|, the paper's reading
+        weights = wide(metrics, "daro/weight")
+        ws = wide(metrics, "daro/wS")  # w * signal / C: 1 at the fixed point of the reading the run used
+        wl = ws if len(ws) else wide(metrics, "daro/wL").abs()  # older runs: |w L|, the paper's reading
         if len(weights):
             final = weights.iloc[-1].dropna().to_numpy()
             out["weight_var"] = float(np.var(final)) if len(final) else math.nan

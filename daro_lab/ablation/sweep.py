@@ -45,19 +45,12 @@ from typing import Any
 
 import pandas as pd
 
-from daro_lab.ablation.grid import AblationError, Grid, Plan, make_plan
 from daro_lab.ablation import summary as S
+from daro_lab.ablation.grid import AblationError, Grid, Plan, make_plan
+from daro_lab.record import (TAG_ABLATION, TAG_ARM, TAG_ARMS_FAILED, TAG_CHECKPOINT_DIR, TAG_PARENT, TAG_ROLE,
+                             TAG_SEED, TAG_STATIC_FROM, TAG_STATIC_WEIGHTS, TAG_SUPERSEDED)
+from daro_lab.record import TAG_ARM_LABEL as TAG_LABEL
 
-TAG_ABLATION = "daro_lab.ablation"
-TAG_ARM = "daro_lab.arm"
-TAG_SEED = "daro_lab.seed"
-TAG_LABEL = "daro_lab.arm_label"
-TAG_ROLE = "daro_lab.role"
-TAG_STATIC_FROM = "daro_lab.static_from"
-TAG_STATIC_WEIGHTS = "daro_lab.static_weights"
-TAG_SUPERSEDED = "daro_lab.superseded_by"
-TAG_ARMS_FAILED = "daro_lab.arms_failed"
-TAG_PARENT = "mlflow.parentRunId"
 ROLE_PARENT = "ablation-parent"
 
 SUMMARY_TABLE = "ablation_summary"  # tables/ablation_summary.parquet on the parent (read_table)
@@ -340,9 +333,7 @@ class AblationResult:
 
 def _has_checkpoint(run: Any) -> bool:
     from daro_lab.trainer.checkpoint import latest
-    from daro_lab.trainer.run import TAG_CKPT
-
-    root = run.data.tags.get(TAG_CKPT)
+    root = run.data.tags.get(TAG_CHECKPOINT_DIR)
     return bool(root) and latest(root) is not None
 
 

@@ -92,7 +92,8 @@ class DaroWeights(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> dict[str, float]:
-        """Clamp to [w_min, w_max] after an optimizer step; metrics of the weights and bound hits."""
+        """Clamp to [w_min, w_max] after an optimizer step; {'daro/at_bound': weights on a bound}. The weights
+        after the step are `metrics()`."""
         lo, hi = (math.log(self.w_min), math.log(self.w_max)) if self.param == "log" else (self.w_min, self.w_max)
         hits = 0
         for p in self.raw:
@@ -102,7 +103,7 @@ class DaroWeights(nn.Module):
             if v <= lo or v >= hi:
                 hits += 1
             p.clamp_(lo, hi)
-        return {**self.metrics(), "daro/at_bound": float(hits)}
+        return {"daro/at_bound": float(hits)}
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:

@@ -30,12 +30,8 @@ import torch
 from torch import Tensor
 
 from daro_lab.algorithms.aggregation import constant_normaliser, seq_mean_token_mean, token_mean
+from daro_lab.record import group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
-
-
-def mu_key(k: int, K: int) -> str:
-    """Metric-key suffix of a pass-rate group: 'mu_3of8' (docs/math.md: never 'mu=3/8')."""
-    return f"mu_{k}of{K}"
 
 
 @dataclass(frozen=True)
@@ -465,7 +461,7 @@ def loss_terms(
 @torch.no_grad()
 def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss, weights,
              signal, reg, shard):
-    """Per-group and batch metrics, as plain floats keyed by the docs/math.md convention.
+    """Per-group and batch metrics, as plain floats keyed by the record's vocabulary (daro_lab.record).
 
     Every count and sum is taken over this rank's rows, then all of them are summed over the ranks
     in one collective, so the metrics are the whole mini-batch's.
@@ -528,7 +524,7 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, c
         cols["contrib_offset"] = g["offset"]  # DARO's -C ln w_mu: part of C_mu, without a theta-gradient
     if weights is not None:
         w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)]).double()
-        cols["daro/w"] = w_full.tolist()
+        cols["daro/weight"] = w_full.tolist()  # the weights this loss used
         cols["daro/wL"] = (w_full * L_global.double()).tolist()
         cols["daro/signal"] = signal.double().tolist()
         cols["daro/wS"] = (w_full * signal.double() / float(reg)).tolist()  # 1 at the fixed point w = C / signal
@@ -544,7 +540,7 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, c
         "batch/tokens": n_tok,
         "batch/empty_responses": t["empty"],
         "batch/prompts": sum(g["prompts"]),
-        "batch/prompts_mu0": g["prompts"][0],
+        "batch/prompts_mu0": g["prompts"][0],  # a caller that passes every prompt (TRL) sees them here
         "batch/prompts_mu1": g["prompts"][K],
         "clipfrac/pos": div(t["clip_pos"], t["pos"]),
         "clipfrac/neg": div(t["clip_neg"], t["neg"]),
@@ -559,23 +555,9 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, c
     return out
 
 
-def parse_group_key(key: str) -> tuple[str, int] | None:
-    """('loss', 3) for 'loss/mu_3of8'; None for a key that is not a per-group metric."""
-    name, sep, suffix = key.rpartition("/mu_")
-    k_str = suffix.partition("of")[0]
-    if not sep or "/" in suffix or not k_str.isdigit():
-        return None
-    return name, int(k_str)
-
-
 def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
-    """{k: value} of one per-group quantity, e.g. group_keys(m, 'loss') -> {3: L_3of8, ...}."""
-    out = {}
-    for key, v in metrics.items():
-        parsed = parse_group_key(key)
-        if parsed is not None and parsed[0] == name:
-            out[parsed[1]] = v
-    return out
+    """{k: value} of one per-group quantity, e.g. group_keys(m, 'loss') -> {3: L_3of8, ...} (record.group_values)."""
+    return group_values(metrics, name)
 
 
 def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: float = 1.0,

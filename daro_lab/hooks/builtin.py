@@ -12,43 +12,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from daro_lab.algorithms import parse_group_key
 from daro_lab.hooks.base import Hook, MiniBatchView
-
-# per-group quantities of the loss's metrics, and the column each becomes in the per_mu table
-PER_MU_COLUMNS = {
-    "loss": "L", "contrib": "C", "contrib_offset": "C_offset", "scale": "S", "mass": "mass", "prompts": "prompts",
-    "tokens": "tokens", "len_correct": "len_correct", "len_incorrect": "len_incorrect", "clipfrac_pos": "clipfrac_pos",
-    "clipfrac_neg": "clipfrac_neg", "daro/w": "w", "daro/wL": "wL", "daro/signal": "signal", "daro/wS": "wS",
-    "gradnorm": "G", "gradnorm_L": "G_L",
-}
-
-
-def per_mu_rows(metrics: dict[str, float], K: int, **fixed: Any) -> list[dict]:
-    """One row per group k present in `metrics` (it has 'loss/mu_kofK'), columns of PER_MU_COLUMNS,
-    plus `fixed` columns. One pass over the keys: this runs on every mini-batch."""
-    rows: dict[int, dict] = {}
-    for key, v in metrics.items():
-        parsed = parse_group_key(key)
-        col = PER_MU_COLUMNS.get(parsed[0]) if parsed else None
-        if col is not None:
-            rows.setdefault(parsed[1], {})[col] = v
-    extra = {"reg": metrics["daro/reg"]} if "daro/reg" in metrics else {}
-    return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k], **extra} for k in sorted(rows) if "L" in rows[k]]
-
-
-# per-group counts that the tables hold (per_mu, mu_hist): not repeated as MLflow metrics, whose
-# SQL store costs about 0.2 ms per value
-TABLE_ONLY = ("prompts/mu_", "tokens/mu_", "daro/w/mu_", "daro/signal/mu_", "rollout/prompts/mu_", "mass/mu_",
-              "contrib_offset/mu_")
-
+from daro_lab.record import is_table_only, parse_group_key, per_mu_rows
 
 # quantities that are a state after the step, not a per-step measurement: logged as they stand
 STATE_PREFIXES = ("daro/weight/", "lr/")
 
 
 class MetricsHook(Hook):
-    """Step metrics (but the TABLE_ONLY counts) as MLflow metrics by step, and every evaluation.
+    """Step metrics (but those the tables hold, record.TABLE_ONLY) as MLflow metrics by step, and every evaluation.
 
     With `tracking.log_every` = n > 1, each metric is logged every n steps as its mean over those
     steps (NaN entries skipped), at the window's last step; state (STATE_PREFIXES: the DARO weights,
@@ -67,7 +39,7 @@ class MetricsHook(Hook):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
-            if not k.startswith(TABLE_ONLY):
+            if not is_table_only(k):
                 self._window.setdefault(k, []).append(v)
         if step % self.log_every == 0:
             self._emit(step)
@@ -99,7 +71,7 @@ class MetricsHook(Hook):
 
 
 class PerMuTableHook(Hook):
-    """Table `per_mu`: one row per (step, mini-batch, k) with L, C, S, G, w, lengths, clip fractions."""
+    """Table `per_mu`: one row per (step, mini-batch, k) with the record's per-pass-rate quantities (record.PER_MU)."""
 
     def __init__(self, tracker: Any):
         self.tracker = tracker
@@ -111,12 +83,14 @@ class PerMuTableHook(Hook):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         """Table `mu_hist`: the pass-rate distribution of every prompt generated this step."""
-        hist = {int(key.rsplit("_", 1)[1].split("of")[0]): v for key, v in metrics.items()
-                if key.startswith("rollout/prompts/mu_")}
+        hist = {}
+        for key, v in metrics.items():
+            parsed = parse_group_key(key)
+            if parsed is not None and parsed[0] == "rollout/prompts":
+                hist[(parsed[1], parsed[2])] = v
         if hist:
-            K = int(next(iter(k for k in metrics if k.startswith("rollout/prompts/mu_"))).split("of")[1])
             self.tracker.log_table("mu_hist", [{"step": step, "k": k, "K": K, "mu": k / K, "prompts": n}
-                                               for k, n in sorted(hist.items())], step)
+                                               for (k, K), n in sorted(hist.items())], step)
 
 
 class HoeffdingHook(Hook):

@@ -212,7 +212,8 @@ class Trainer:
         mb_metrics, t_old, t_upd = self.update(step, roll, rewards)
         self.step = step
 
-        m.update(_mean_metrics(mb_metrics))
+        # the update sees the kept prompts only (its batch/prompts_mu0|1 are 0): the rollout's counts are above
+        m.update({k: v for k, v in _mean_metrics(mb_metrics).items() if k not in ("batch/prompts_mu0", "batch/prompts_mu1")})
         if self.weights is not None:
             m.update(self.weights.metrics())
         m["lr/policy"] = self.opt.param_groups[0]["lr"]

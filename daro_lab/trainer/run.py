@@ -19,13 +19,14 @@ from typing import Callable
 
 from daro_lab.config import Config, ConfigError, config_from_dict
 from daro_lab.hooks import Hook, default_hooks
+from daro_lab.record import TAG_CHECKPOINT_DIR
 from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import latest, write_pointer
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
 from daro_lab.trainer.signals import StopSignals
 
-TAG_CKPT = "daro_lab.checkpoint_dir"
+TAG_CKPT = TAG_CHECKPOINT_DIR  # where the run's checkpoints are (daro_lab.record)
 
 
 def _run_name(cfg: Config) -> str:

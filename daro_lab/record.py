@@ -1,0 +1,135 @@
+"""The record's vocabulary: what a run logs, under which names, and the one parser of per-pass-rate keys.
+
+A leaf module (no torch, no MLflow): every writer (the loss library, the hooks, the trainer, the TRL
+integration) and every reader (the analyses, the ablation summary) takes its names from here.
+
+Per-pass-rate quantities are MLflow metrics keyed `<name>/mu_<k>of<K>` (`group_key`) and columns of the
+`per_mu` table under the same `<name>`; DARO's weight has one name, `daro/weight`: in a mini-batch's metrics
+(and the per_mu table) the weight the loss used, in a step's metrics the weight after the step.
+
+Runs recorded before this vocabulary have per_mu tables with short column names (L, C, S, w, ...):
+`normalise_per_mu` renames them, so the analyses read old and new runs alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# per pass rate k = 1..K-1: metric-key prefix and per_mu column -> what it is (docs/math.md, section 3)
+PER_MU: dict[str, str] = {
+    "loss": "L_mu, the token-mean of the per-token loss over the group's tokens",
+    "contrib": "C_mu, the group's exact share of the loss (they sum to loss/total)",
+    "contrib_offset": "DARO's path: the part -C ln w_mu of C_mu, which carries no theta-gradient",
+    "scale": "S_mu, sum over the group's tokens of |A| times the aggregation coefficient",
+    "mass": "token-mean of |A| g over the group (g: the clipped factor of l = -A g)",
+    "prompts": "prompts of the group in the mini-batch",
+    "tokens": "kept tokens of the group",
+    "len_correct": "mean length of the group's right answers",
+    "len_incorrect": "mean length of the group's wrong answers",
+    "clipfrac_pos": "share of the group's A > 0 tokens whose clip is active",
+    "clipfrac_neg": "share of the group's A < 0 tokens whose clip is active",
+    "gradnorm": "G_mu = ||grad_theta C_mu|| (every trainer.grad_norm_every steps)",
+    "gradnorm_L": "||grad_theta L_mu||",
+    "daro/weight": "DARO's w_mu: the weight the loss used (mini-batch), the weight after the step (step)",
+    "daro/wL": "w_mu L_mu",
+    "daro/wS": "w_mu signal_mu / C: 1 at the fixed point of the run's reading",
+    "daro/signal": "what drives w_mu (algo.daro.signal), after its EMA",
+}
+
+# per_mu quantities kept out of the MLflow step metrics (the tables hold them; the SQL store costs ~0.2 ms a value)
+TABLE_ONLY = ("prompts", "tokens", "mass", "contrib_offset", "daro/signal")
+
+# the tables a run writes (artifacts tables/<name>.parquet) -> one row per
+TABLES: dict[str, str] = {
+    "per_mu": "step, mini-batch and pass rate k: the PER_MU quantities (plus step, minibatch, k, K, mu, reg)",
+    "mu_hist": "step and k: prompts generated at each pass rate",
+    "start_mu_hist": "k: the starting policy's distribution of mu over the held-out prompts",
+    "hoeffding": "response of the off-policy mini-batches: length, mean clipped factor g, its group's mean",
+    "eval": "evaluation and difficulty level",
+    "samples": "sampled completion",
+}
+
+# run tags
+TAG_METHOD = "daro_lab.method"
+TAG_SEED = "daro_lab.seed"
+TAG_WORLD_SIZE = "daro_lab.world_size"
+TAG_CHECKPOINT_DIR = "daro_lab.checkpoint_dir"
+TAG_ABLATION = "daro_lab.ablation"
+TAG_ARM = "daro_lab.arm"
+TAG_ARM_LABEL = "daro_lab.arm_label"
+TAG_ROLE = "daro_lab.role"
+TAG_STATIC_FROM = "daro_lab.static_from"
+TAG_STATIC_WEIGHTS = "daro_lab.static_weights"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_SUPERSEDED = "daro_lab.superseded_by"
+TAG_ARMS_FAILED = "daro_lab.arms_failed"
+
+# the per_mu columns of runs recorded before this vocabulary
+LEGACY_PER_MU = {"L": "loss", "C": "contrib", "C_offset": "contrib_offset", "S": "scale", "w": "daro/weight",
+                 "wL": "daro/wL", "wS": "daro/wS", "signal": "daro/signal", "G": "gradnorm", "G_L": "gradnorm_L"}
+
+
+def mu_key(k: int, K: int) -> str:
+    """Metric-key suffix of a pass-rate group: 'mu_3of8' (never 'mu=3/8')."""
+    return f"mu_{k}of{K}"
+
+
+def group_key(name: str, k: int, K: int) -> str:
+    """'loss/mu_3of8' for ('loss', 3, 8)."""
+    return f"{name}/{mu_key(k, K)}"
+
+
+def parse_group_key(key: str) -> tuple[str, int, int] | None:
+    """('loss', 3, 8) for 'loss/mu_3of8'; None for a key that is not a per-pass-rate metric."""
+    name, sep, suffix = key.rpartition("/mu_")
+    k_str, of, K_str = suffix.partition("of")
+    if not sep or not of or "/" in suffix or not k_str.isdigit() or not K_str.isdigit():
+        return None
+    return name, int(k_str), int(K_str)
+
+
+def group_values(metrics: Mapping[str, float], name: str) -> dict[int, float]:
+    """{k: value} of one per-pass-rate quantity, e.g. group_values(m, 'loss') -> {3: L_3of8, ...}."""
+    out = {}
+    for key, v in metrics.items():
+        parsed = parse_group_key(key)
+        if parsed is not None and parsed[0] == name:
+            out[parsed[1]] = v
+    return out
+
+
+def per_mu_rows(metrics: Mapping[str, float], K: int, **fixed) -> list[dict]:
+    """One per_mu row per group k present in `metrics` (it has 'loss/mu_kofK'): the PER_MU quantities, plus
+    `fixed` columns (step, minibatch) and DARO's regulariser constant `reg`. One pass over the keys."""
+    rows: dict[int, dict] = {}
+    for key, v in metrics.items():
+        parsed = parse_group_key(key)
+        if parsed is not None and parsed[0] in PER_MU:
+            rows.setdefault(parsed[1], {})[parsed[0]] = v
+    extra = {"reg": metrics["daro/reg"]} if "daro/reg" in metrics else {}
+    return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k], **extra} for k in sorted(rows) if "loss" in rows[k]]
+
+
+def normalise_per_mu(df):
+    """A per_mu table with this vocabulary's column names (older runs' short names renamed)."""
+    legacy = {old: new for old, new in LEGACY_PER_MU.items() if old in df.columns and new not in df.columns}
+    return df.rename(columns=legacy) if legacy else df
+
+
+def wide(frame, name: str):
+    """A long metrics frame (columns key, step, value; `tracking.read_metrics`) -> step x k of quantity `name`."""
+    import pandas as pd
+
+    parsed = [parse_group_key(key) for key in frame.key]
+    sel = [p is not None and p[0] == name for p in parsed]
+    d = frame[sel]
+    if d.empty:
+        return pd.DataFrame()
+    d = d.assign(k=[p[1] for p, s in zip(parsed, sel) if s])
+    return d.pivot_table(index="step", columns="k", values="value", aggfunc="last").sort_index()
+
+
+def is_table_only(key: str) -> bool:
+    """A step metric the per_mu / mu_hist tables hold instead of MLflow (TABLE_ONLY, and the mu histogram)."""
+    parsed = parse_group_key(key)
+    return parsed is not None and (parsed[0] in TABLE_ONLY or parsed[0] == "rollout/prompts")
