@@ -75,13 +75,13 @@ def evaluation(cfg) -> dict:
     from daro_lab.trainer.loop import Trainer
 
     t = Trainer(cfg)
-    # the tiny policy solves ~none: every other problem's answer becomes its greedy response (the same on every
-    # rank), so the results have a pattern that a merge missing a rank or out of order would break
+    # every other problem's answer becomes its greedy response (the same on every rank) and the others' an answer
+    # no response can give, so the results have a pattern that a merge missing a rank or out of order would break
     ids = t.tokenizer.encode_prompts([p.prompt for p in t.eval_set])
     out = t.engine.generate(ids, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
                             generator=torch.Generator().manual_seed(0))
     texts = t.tokenizer.decode_responses(out.response_ids)
-    t.eval_set = [dataclasses.replace(p, answer=text.strip()) if i % 2 == 0 else p
+    t.eval_set = [dataclasses.replace(p, answer=text.strip() if i % 2 == 0 else "no answer")
                   for i, (p, text) in enumerate(zip(t.eval_set, texts))]
     m, table = t.evaluate()
     greedy = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy=True, reward=cfg.task.name))
