@@ -313,7 +313,7 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         if set(table.method) & set(shaped_methods()):
             ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="equal lengths")
             ax_s.plot([], [], color="0.3", linestyle=":", linewidth=1.1, label="logged lengths")
-            ax_s.legend(handles=ax_s.get_lines()[-2:], loc="lower center", ncol=2)
+            ax_s.legend(handles=ax_s.get_lines()[-2:], loc="upper right", fontsize=5.5)
         ax_s.set(title="(a) loss scale S$_\\mu$ per prompt", ylabel="share (Σ over μ = 1)")
         ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C| (θ-part)")
         ax_g.set(title="(c) G$_\\mu$ = ‖∇C$_\\mu$‖: share", ylabel="share of Σ G")
