@@ -103,6 +103,16 @@ def test_unknown_task_name_raises_clear_error():
     assert get_task("arithmetic").name == "arithmetic"
 
 
+def test_the_config_choices_of_task_name_are_the_registered_tasks():
+    import typing
+
+    from daro_lab.config import TaskName
+    from daro_lab.tasks import TASKS
+
+    assert set(typing.get_args(TaskName)) == set(TASKS)
+    assert all(TASKS[name].name == name for name in TASKS)
+
+
 # -- verifier -------------------------------------------------------------------------------------
 
 

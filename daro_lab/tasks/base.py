@@ -2,7 +2,8 @@
 
 A task is two functions: `build(cfg) -> (train, eval)` problem lists, deterministic from
 `cfg.data_seed`, and `reward_batch(responses, answers) -> rewards` in {0.0, 1.0}. A response is
-the model's completion text after the prompt, already cut at the end-of-sequence token.
+the model's completion text after the prompt, already cut at the end-of-sequence token. The tasks are
+registered by name in `registry.py`.
 """
 
 from __future__ import annotations
@@ -36,34 +37,3 @@ class Task:
     num_distinct: Callable[[TaskConfig], int] | None = None
     run_on: Callable[[Problem, TaskConfig], str] | None = None  # a demonstration that does not stop (warm start)
     run_on_weight: Callable[[Problem, TaskConfig], float] | None = None  # its relative frequency for a problem
-
-
-def _registry() -> dict[str, Task]:
-    from daro_lab.tasks import arithmetic, chain, files  # local import: they import Problem from here
-    from daro_lab.tasks import math as math_task
-
-    return {
-        "arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch, arithmetic.sample_problem,
-                           arithmetic.num_distinct),
-        "chain": Task("chain", chain.build, chain.reward_batch, chain.sample_problem, chain.num_distinct,  # running sums
-                      chain.run_on, chain.run_on_weight),
-        "math": Task("math", math_task.build, math_task.reward_batch),  # data files, math-verify on the last \\boxed{}
-        "file": Task("file", files.build, files.reward_batch),  # data files, exact match of the stripped response
-    }
-
-
-def task_names() -> list[str]:
-    return sorted(_registry())
-
-
-def get_task(name: str) -> Task:
-    """The registered task called `name`; ValueError naming the known tasks otherwise."""
-    tasks = _registry()
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r} (config key 'task.name'); known tasks: {', '.join(sorted(tasks))}")
-    return tasks[name]
-
-
-def build_task(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems of the task `cfg.name`: deterministic from cfg.data_seed, disjoint prompts."""
-    return get_task(cfg.name).build(cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 
 from daro_lab.config import TaskConfig
+from daro_lab.config import longest_chain_answer as max_answer_length  # noqa: F401 - the config's check needs it too
 from daro_lab.tasks.base import Problem
 from daro_lab.tasks.leveled import build_leveled
 
@@ -67,12 +68,6 @@ def _enumerate_level(cfg: TaskConfig, level: int) -> list[Problem]:
 
 def num_distinct(cfg: TaskConfig) -> int:
     return sum(level_size(cfg, m) for m in range(cfg.min_terms, cfg.max_terms + 1))
-
-
-def max_answer_length(cfg: TaskConfig) -> int:
-    """Characters of the longest possible answer (every operand at its largest)."""
-    top = 10**cfg.max_digits - 1
-    return sum(len(str(top * j)) for j in range(2, cfg.max_terms + 1)) + cfg.max_terms - 2
 
 
 def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
