@@ -17,7 +17,8 @@ runner = CliRunner()
 
 def test_demo_then_every_plot_then_report(tmp_path, monkeypatch, small_env, store):
     monkeypatch.chdir(tmp_path)
-    sets = [x for kv in [*small_env, "trainer.mini_batch_prompts=1"] for x in ("--set", kv)]
+    # the demo's chain task with two operands: its longest answer (18) fits SMALL's 4-token responses
+    sets = [x for kv in [*small_env, "trainer.mini_batch_prompts=1", "task.max_terms=2"] for x in ("--set", kv)]
     res = runner.invoke(app, ["demo", "--steps", "4", "--tracking-uri", store, *sets])
     assert res.exit_code == 0, res.output
 

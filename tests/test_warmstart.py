@@ -100,15 +100,15 @@ def test_training_is_deterministic_and_matches_the_cache(tmp_path):
 
 
 def test_warm_start_never_trains_on_eval_prompts(tmp_path, monkeypatch):
-    # a 1-digit task has only 100 prompts, so eval (40) would be hit often if not excluded
-    task = TaskConfig(min_digits=1, max_digits=1, num_train=50, num_eval=40)
+    # a 1-digit task has only 100 prompts, so eval (25, the most it may hold) would be hit often if not excluded
+    task = TaskConfig(min_digits=1, max_digits=1, num_train=50, num_eval=25)
     eval_prompts = {p.prompt for p in build_task(task)[1]}
     seen = []
     real = ws.make_batch
 
-    def spy(problems, tok):
+    def spy(problems, tok, targets=None):
         seen.extend(p.prompt for p in problems)
-        return real(problems, tok)
+        return real(problems, tok, targets)
 
     monkeypatch.setattr(ws, "make_batch", spy)
     ws.train(tiny_cfg(tmp_path, warmstart_steps=10, warmstart_batch=32), task, seed=0)
@@ -185,7 +185,8 @@ def test_bf16_preset_trains_in_fp32_and_loads_in_bf16(tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-def test_task_with_no_trainable_prompts_is_refused(tmp_path):
+def test_a_held_out_set_that_would_leave_too_few_prompts_to_train_on_is_refused(tmp_path):
+    # 1-digit arithmetic has 100 prompts: a held-out set of all of them would leave the warm start nothing
     task = TaskConfig(min_digits=1, max_digits=1, num_train=0, num_eval=100)
-    with pytest.raises(ValueError, match="eval split"):
+    with pytest.raises(ValueError, match=r"at most 25 .* lower task.num_eval"):
         ws.train(tiny_cfg(tmp_path), task, seed=0)
