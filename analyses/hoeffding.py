@@ -86,6 +86,11 @@ class HoeffdingCheck:
         return any(v == "fails" for v in self.verdicts.values())
 
     @property
+    def tail_exceeds(self) -> bool:
+        """True when the measured tail exceeds the bound beyond sampling noise at some (tau, length) point."""
+        return bool(len(self.tail) and self.tail.significant.any())
+
+    @property
     def vacuous(self) -> bool:
         """True when no observation could have contradicted the bound (see the module docstring)."""
         return bool(self.verdicts) and all(v == "vacuous" for v in self.verdicts.values())
@@ -349,8 +354,14 @@ def _verdict_text(c: HoeffdingCheck, deltas: Sequence[float]) -> str:
         overall = ("The check is VACUOUS for these runs: the bound is ≥ 1 at every observed deviation (each "
                    "response's |ḡ_i − ḡ| is below √(ln 2 / 2n) of g's range), so no observation could have "
                    "contradicted it. The deviations are small; that is not evidence for the bound.")
+    elif c.holds and c.tail_exceeds:
+        sig = t[t.significant]
+        overall = (f"The 1−δ coverage HOLDS at every δ, beyond sampling noise, but the tail does not: at "
+                   f"{len(sig)} (τ, length) points ({', '.join(dict.fromkeys(sig.length_bin))}; τ/(b−a) from "
+                   f"{sig.t.min():.2f}) more responses deviate than the bound allows, beyond sampling noise, so the "
+                   "bound fails there for these runs.")
     elif c.holds:
-        overall = "The bound HOLDS at every δ, beyond sampling noise, for these runs."
+        overall = "The bound HOLDS at every δ, beyond sampling noise, and its tail nowhere falls short, for these runs."
     elif c.fails:
         overall = ("The bound FAILS, beyond sampling noise, at δ = "
                    + ", ".join(f"{d:g}" for d, v in c.verdicts.items() if v == "fails") + " for these runs.")
@@ -406,7 +417,7 @@ def plot_hoeffding(runs: RunSet | None = None, out_dir: str | Path | None = None
                "the factorised loss. " + check.text)
     result = FigureResult(NAME, fig, tables, caption=caption, notes=notes,
                           summary={"verdicts": check.verdicts, "holds": check.holds, "fails": check.fails,
-                                   "vacuous": check.vacuous, "text": check.text})
+                                   "vacuous": check.vacuous, "tail_exceeds": check.tail_exceeds, "text": check.text})
     return finish_figure(result, out_dir)
 
 

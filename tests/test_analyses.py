@@ -411,7 +411,7 @@ def test_hoeffding_holds_for_independent_tokens():
         assert c.verdicts[delta] == "holds"
     assert c.holds and not c.fails
     assert int(c.tail.significant.sum()) == 0
-    assert "HOLDS" in c.text and "not independent" in c.text
+    assert "HOLDS" in c.text and "not independent" in c.text and not c.tail_exceeds
     # without a dual clip the negative-advantage range ends at a high quantile of the ratios, and says so
     neg = c.ranges[c.ranges.sign == "-"]
     assert neg.b.tolist() == [1.6] and "99% quantile" in neg.b_source.iloc[0]
@@ -426,6 +426,13 @@ def test_hoeffding_range_is_not_set_by_one_outlier():
     neg = c.ranges[c.ranges.sign == "-"].iloc[0]
     assert neg.b == pytest.approx(1.6) and neg.share_above_b == pytest.approx(1 / (df.sign < 0).sum())
     assert "have a ratio above b" in c.text
+    # a response whose g runs far past b deviates beyond anything the bound allows: the coverage may still hold,
+    # the tail does not, and the verdict says so
+    far = df.index[df.sign < 0][0]
+    df.loc[far, "g_mean"] = df.loc[far, "g_group_mean"] + 3.0
+    df["g_group_mean"] = df.groupby(["step", "minibatch", "k", "sign"]).g_mean.transform("mean")
+    c = hoeffding_check(df)
+    assert c.tail_exceeds and "the tail does not" in c.text
 
 
 def test_hoeffding_is_vacuous_where_no_observation_could_contradict_the_bound():
