@@ -25,6 +25,7 @@ class MiniBatchView:
     eps_high: float
     dual_clip: float | None
     metrics: dict[str, float]  # the loss's metrics for this mini-batch
+    factor: Tensor | None = None  # [B, T] the loss's clipped factor g of l = -A g (None: the hook recomputes it)
 
 
 class Hook:

@@ -96,7 +96,8 @@ class PerMuTableHook(Hook):
 class HoeffdingHook(Hook):
     """Table `hoeffding`: per response of every off-policy mini-batch, the token-mean of the clipped factor.
 
-    g_t = min(rho_t, 1 + eps_high) where A > 0 and max(rho_t, 1 - eps_low) where A < 0 (docs/math.md); the
+    g_t = min(rho_t, 1 + eps_high) where A > 0 and max(rho_t, 1 - eps_low) where A < 0 (docs/math.md), read from
+    the loss itself (MiniBatchView.factor: l = -A g); the
     row holds the response's length n, its mean g, the mean over its (k, sign of A) group, the largest
     ratio, and A: enough to measure deviations against the bound and the factorised loss's error.
     On the first mini-batch of a step rho = 1 exactly, so only mini-batches with index >= 1 are read.
@@ -112,9 +113,12 @@ class HoeffdingHook(Hook):
         a = view.advantages[:, None]
         m = view.mask.to(torch.float64)
         rho = torch.exp((view.logp - view.old_logp).to(torch.float64)) * m
-        g = torch.where(a > 0, rho.clamp(max=1 + view.eps_high), rho.clamp(min=1 - view.eps_low))
-        if view.dual_clip is not None:
-            g = torch.where(a < 0, g.clamp(max=view.dual_clip), g)
+        if view.factor is not None:  # the loss's own g
+            g = view.factor.to(torch.float64) * m
+        else:
+            g = torch.where(a > 0, rho.clamp(max=1 + view.eps_high), rho.clamp(min=1 - view.eps_low))
+            if view.dual_clip is not None:
+                g = torch.where(a < 0, g.clamp(max=view.dual_clip), g)
         n = m.sum(1)
         keep = (n > 0) & (view.advantages != 0)
         if not keep.any():

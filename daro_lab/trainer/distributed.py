@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from daro_lab.algorithms import Shard
+from daro_lab.trainer.plan import split_range
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,7 @@ def loss_shard(d: DistInfo) -> Shard:
 
 def split(n: int, d: DistInfo) -> slice:
     """This rank's contiguous part of n items (the first n % world ranks get one more)."""
-    base, extra = divmod(n, d.world_size)
-    start = d.rank * base + min(d.rank, extra)
-    return slice(start, start + base + (d.rank < extra))
+    return split_range(n, d.world_size, d.rank)
 
 
 def gather_objects(obj: Any, d: DistInfo) -> list[Any]:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,6 +32,7 @@ from daro_lab.trainer import accumulate, fsdp
 from daro_lab.trainer import distributed as dp
 from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
+from daro_lab.trainer.plan import PassPlan, plan_minibatches
 from daro_lab.trainer.precision import GenerationCopy, precision_plan
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 
@@ -60,6 +62,19 @@ def _cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
                     pad(b.logprobs, (0, dt)), b.prompt_index + offset))
         offset += int(b.prompt_index.max()) + 1
     return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
+
+
+@dataclass
+class Pass:
+    """The data of one forward/backward pass: rows of the step's rollout, their prompts' advantages and rewards
+    [p, K], and the log-probs computed before the step's first update: the sampling policy's for an off-policy
+    mini-batch (None on-policy: the current ones are the old ones) and the reference model's (KL)."""
+
+    rows: RolloutBatch
+    advantages: torch.Tensor  # [p, K]
+    rewards: torch.Tensor  # [p, K]
+    old_logp: torch.Tensor | None = None  # [B, T]
+    ref_logp: torch.Tensor | None = None  # [B, T]
 
 
 class Trainer:
@@ -229,49 +244,47 @@ class Trainer:
     def update(self, step: int, roll: RolloutBatch, rewards: torch.Tensor) -> tuple[list[dict[str, float]], float, float]:
         """The policy (and DARO weights) update of one step on its scored rollouts, rewards [P, K].
 
-        Keeps the prompts with 0 < mu < 1 (at most N), computes their advantages once, and takes one
-        optimizer step per mini-batch of `mini_batch_prompts` (the first on-policy, later ones off-policy),
-        in forward/backward passes of at most `micro_batch_prompts` prompts (every rank makes as many).
+        Keeps the prompts with 0 < mu < 1 (at most N), computes their advantages once, plans the mini-batches
+        (`plan.plan_minibatches`: one optimizer step each, the first on-policy, later ones off-policy, each in
+        passes of at most `micro_batch_prompts` prompts, as many on every rank), computes the off-policy
+        mini-batches' old log-probs before the first update, then updates mini-batch by mini-batch.
         Data-parallel: every rank passes the whole batch and updates on its part of each mini-batch.
         Returns (metrics of each mini-batch, seconds of old log-probs, seconds of updates).
         """
-        cfg, K = self.cfg, self.K
-        kept_idx = torch.nonzero(kept_prompts(rewards)).flatten()[: cfg.trainer.prompts_per_step]
-        if not len(kept_idx):
+        cfg = self.cfg
+        kept = torch.nonzero(kept_prompts(rewards)).flatten()[: cfg.trainer.prompts_per_step]  # [P] prompt indices
+        if not len(kept):
             return [], 0.0, 0.0
-        adv = compute_advantages(rewards[kept_idx], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)
-        mbp, mp = cfg.trainer.mini_batch_prompts, cfg.trainer.micro_batch_prompts
-        parts = []  # per mini-batch, this rank's micro-batches: [(rows, advantages [p, K], rewards [p, K])]
-        for i in range(0, len(kept_idx), mbp):
-            c, a = kept_idx[i : i + mbp], adv[i : i + mbp]
-            share = -(-len(c) // self.dist.world_size)  # the largest rank's prompts: every rank makes as many passes
-            per = mp if 0 < mp < share else share
-            mine = dp.split(len(c), self.dist)
-            c, a = c[mine], a[mine]
-            micro = []
-            for j in range(0, share, per):
-                cj, aj = c[j : j + per], a[j : j + per]
-                if len(cj):
-                    micro.append((_rows(roll, (cj[:, None] * K + torch.arange(K)).flatten()), aj, rewards[cj]))
-                else:  # fewer prompts here than on another rank: filler rows keep the collectives in step
-                    first = _rows(roll, torch.arange(K) + K * int(kept_idx[i]))
-                    filler = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
-                                                 prompt_index=torch.full_like(first.prompt_index, -1))
-                    micro.append((filler, torch.zeros(1, K), torch.zeros(1, K)))
-            parts.append(micro)
+        adv = compute_advantages(rewards[kept], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)  # [P, K]
+        plans = plan_minibatches(len(kept), cfg.trainer.mini_batch_prompts, cfg.trainer.micro_batch_prompts,
+                                 self.dist.world_size, self.dist.rank)
         t1 = time.perf_counter()
-        passes = []  # per mini-batch: [(rows, advantages, rewards, old log-probs or None, reference log-probs or None)]
-        with torch.no_grad():
-            for i, micro in enumerate(parts):
-                passes.append([(s, a, r,
-                                self._logprobs(self.model, s) if i > 0 else None,  # the first mini-batch is on-policy
-                                self._logprobs(self.ref_model, s) if self.ref_model is not None else None)
-                               for s, a, r in micro])
+        with torch.no_grad():  # every pass's old (off-policy) and reference log-probs, before any update
+            passes = [[self._pass(roll, rewards, kept, adv, p, plan.on_policy) for p in plan.passes] for plan in plans]
         t_old = time.perf_counter() - t1
         t2 = time.perf_counter()
-        out = [self._update(step, i, micro) for i, micro in enumerate(passes)]
+        out = [self._update(step, plan.index, ps) for plan, ps in zip(plans, passes)]
         self._sync_engine()  # the next generation samples from the updated policy
         return out, t_old, time.perf_counter() - t2
+
+    def _pass(self, roll: RolloutBatch, rewards: torch.Tensor, kept: torch.Tensor, adv: torch.Tensor, p: PassPlan,
+              on_policy: bool) -> Pass:
+        """The data of one planned pass: its rows, advantages and rewards, old and reference log-probs (no grad).
+        A filler pass (this rank holds fewer prompts than another) has rows without tokens: its forwards keep the
+        collectives in step and count for nothing."""
+        K = self.K
+        if p.filler:
+            first = _rows(roll, torch.arange(K) + K * int(kept[p.first]))
+            rows = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
+                                       prompt_index=torch.full_like(first.prompt_index, -1))
+            adv_p, rewards_p = torch.zeros(1, K), torch.zeros(1, K)
+        else:
+            prompts = kept[p.positions]
+            rows = _rows(roll, (prompts[:, None] * K + torch.arange(K)).flatten())
+            adv_p, rewards_p = adv[p.positions], rewards[prompts]
+        old = None if on_policy else self._logprobs(self.model, rows)  # on-policy: the current log-probs are old
+        ref = self._logprobs(self.ref_model, rows) if self.ref_model is not None else None
+        return Pass(rows, adv_p, rewards_p, old, ref)
 
     def _logprobs(self, model, s: RolloutBatch):
         # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once.
@@ -289,20 +302,20 @@ class Trainer:
                       temperature=self.cfg.rollout.temperature, group_size=self.K,
                       chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
-    def _batch(self, s: RolloutBatch, adv: torch.Tensor, rewards: torch.Tensor, old: torch.Tensor | None,
-               ref: torch.Tensor | None, logp: torch.Tensor) -> PolicyBatch:
-        """The loss's view of rows `s` (adv, rewards: [prompts, K]) with their current log-probs logp [B, T]."""
+    def _batch(self, p: Pass, logp: torch.Tensor) -> PolicyBatch:
+        """The loss's view of a pass with its current log-probs logp [B, T]."""
         dev = logp.device
-        k = rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
+        k = p.rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
         return PolicyBatch(
-            logp=logp, old_logp=logp.detach() if old is None else old, mask=s.response_mask.to(dev, logp.dtype),
-            advantages=adv.flatten().to(dev), num_correct=k, rewards=rewards.flatten().to(dev),
-            prompt_index=s.prompt_index.to(dev), ref_logp=ref,
+            logp=logp, old_logp=logp.detach() if p.old_logp is None else p.old_logp,
+            mask=p.rows.response_mask.to(dev, logp.dtype), advantages=p.advantages.flatten().to(dev), num_correct=k,
+            rewards=p.rewards.flatten().to(dev), prompt_index=p.rows.prompt_index.to(dev), ref_logp=p.ref_logp,
         )
 
-    def _update(self, step: int, index: int, micro: list[tuple]) -> dict[str, float]:
-        """One optimizer step on one mini-batch: this rank's passes `micro`, [(rows, advantages [p, K],
-        rewards [p, K], old log-probs, reference log-probs)], one unless trainer.micro_batch_prompts splits it."""
+    def _update(self, step: int, index: int, passes: list[Pass]) -> dict[str, float]:
+        """One optimizer step on one mini-batch: this rank's passes, one unless trainer.micro_batch_prompts splits
+        it: loss (and G_mu every grad_norm_every steps) -> backward -> clip -> AdamW -> DARO weights' projection
+        -> the hooks' view of the whole mini-batch."""
         cfg, K = self.cfg, self.K
         self.model.train()
         every = cfg.trainer.grad_norm_every
@@ -310,12 +323,12 @@ class Trainer:
         # the optimizer's own list: under FSDP the sharded parameters (the module shows the root's unsharded
         # ones between its forward and backward)
         params = self.opt.param_groups[0]["params"]
-        if len(micro) > 1:
-            metrics, view_batch, daro_state = self._accumulate(micro, params, want_g)
+        if len(passes) > 1:
+            metrics, view_batch, factor, daro_state = self._accumulate(passes, params, want_g)
         else:
-            metrics, view_batch, daro_state = self._one_pass(*micro[0], params=params, want_g=want_g)
+            metrics, view_batch, factor, daro_state = self._one_pass(passes[0], params=params, want_g=want_g)
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
-            metrics.update(self._engine_gap(view_batch, [mb[0].logprobs for mb in micro]))
+            metrics.update(self._engine_gap(view_batch, [p.rows.logprobs for p in passes]))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
         metrics["grad/norm"] = float(gnorm)
@@ -327,21 +340,21 @@ class Trainer:
         if self.weights is not None:
             metrics.update(self.weights.project_())
             self.weights.set_state(daro_state)  # the signal's EMA and the running regulariser constant
-        b = self._whole_minibatch(view_batch)
+        b, factor = self._whole_minibatch(view_batch, factor)
         view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
                              b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
-                             self.settings.dual_clip, metrics)
+                             self.settings.dual_clip, metrics, factor)
         for h in self.hooks:
             h.on_minibatch(view)
         return metrics
 
-    def _one_pass(self, s, adv, rewards, old, ref, *, params, want_g):
+    def _one_pass(self, p: Pass, *, params, want_g):
         """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad.
-        Returns (metrics, the batch without grad, DARO's signal state after this update)."""
+        Returns (metrics, the batch, the loss's clipped factor g [B, T], DARO's signal state after this update)."""
         cfg, K = self.cfg, self.K
-        logp = self._logprobs(self.model, s)  # [B, T], on the model's device
+        logp = self._logprobs(self.model, p.rows)  # [B, T], on the model's device
         dev = logp.device
-        batch = self._batch(s, adv, rewards, old, ref, logp)
+        batch = self._batch(p, logp)
         w = self.weights() if self.weights is not None else None
         state = self.weights.state() if self.weights is not None else None
         group_norms = None
@@ -363,16 +376,16 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
         (loss * self.shard.world_size).backward()
-        return metrics, batch, t.daro_state
+        return metrics, batch, t.factor, t.daro_state
 
-    def _accumulate(self, micro: list[tuple], params, want_g: bool):
+    def _accumulate(self, micro: list[Pass], params, want_g: bool):
         """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
-        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics, the whole batch (no grad) and
-        DARO's signal state after this update."""
+        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics, the whole batch (no grad), the
+        loss's clipped factor g [B, T] and DARO's signal state after this update."""
         cfg, K, M = self.cfg, self.K, len(micro)
         method, world = cfg.algo.method, self.shard.world_size
         with torch.no_grad():  # phase 1: log-probs of every pass, then the mini-batch's sums
-            batches = [self._batch(*mb, logp=self._logprobs(self.model, mb[0])) for mb in micro]
+            batches = [self._batch(p, self._logprobs(self.model, p.rows)) for p in micro]
             w0 = self.weights().detach() if self.weights is not None else None
         state = self.weights.state() if self.weights is not None else None
 
@@ -381,14 +394,14 @@ class Trainer:
                 with torch.no_grad():
                     t = loss_terms(method, batches[i], K, self.settings, weights=w0, group_grad_norms=group_norms,
                                    shard=shard, daro_state=state)
-                    return t.metrics, t.daro_state
+                    return t.metrics, t.daro_state, t.factor
             return accumulate.reductions(M, run, self.shard)
 
         def passes(values, group_norms, pick=None) -> None:
             """Forward and backward of every pass (pick(C, L): what to backpropagate; default the loss)."""
-            for i, mb in enumerate(micro):
+            for i, p in enumerate(micro):
                 with self._no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
-                    b = self._batch(*mb, logp=self._logprobs(self.model, mb[0]))
+                    b = self._batch(p, self._logprobs(self.model, p.rows))
                     w = self.weights() if self.weights is not None else None
                     loss, _, (C, L) = policy_loss(method, b, K, self.settings, weights=w, group_grad_norms=group_norms,
                                                   return_groups=True, shard=accumulate.replayed(values[i], self.shard, M),
@@ -412,6 +425,7 @@ class Trainer:
                                        device=zeros.device)
         values, out = sums(group_norms)
         metrics, new_state = dict(out[0][0]), out[0][1]  # every pass reports the mini-batch's metrics and state
+        factor = _pad_cat([o[2] for o in out])
         if want_g:
             ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
             g = norms(values, group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
@@ -419,7 +433,7 @@ class Trainer:
                 metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
         self.opt.zero_grad(set_to_none=True)
         passes(values, group_norms)  # phase 2
-        return metrics, _cat_batches(batches), new_state
+        return metrics, _cat_batches(batches), factor, new_state
 
     def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
         """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):
@@ -435,18 +449,19 @@ class Trainer:
         return {"rollout/engine_logprob_gap_mean": float(stats[0] / stats[1].clamp(min=1)),
                 "rollout/engine_logprob_gap_max": float(top)}
 
-    def _whole_minibatch(self, b: PolicyBatch) -> PolicyBatch:
-        """The hooks' view: data-parallel, every rank's rows of the mini-batch (filler rows dropped), gathered
-        from all ranks (a collective); one process, `b` itself."""
+    def _whole_minibatch(self, b: PolicyBatch, factor: torch.Tensor) -> tuple[PolicyBatch, torch.Tensor]:
+        """The hooks' view: data-parallel, every rank's rows of the mini-batch (filler rows dropped) and their
+        clipped factors g, gathered from all ranks (a collective); one process, `b` and `factor` themselves."""
         if not self.dist.enabled:
-            return b
+            return b, factor.detach()
         fields = [f.name for f in dataclasses.fields(PolicyBatch)]
         mine = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k in fields for v in [getattr(b, k)]}
-        parts = [PolicyBatch(**d) for d in dp.gather_objects(mine, self.dist)]
-        whole = _cat_batches(parts)
+        parts = dp.gather_objects((mine, factor.detach().cpu()), self.dist)
+        whole = _cat_batches([PolicyBatch(**d) for d, _ in parts])
+        g = _pad_cat([f for _, f in parts])
         real = whole.prompt_index >= 0
         return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
-                              for k in fields for v in [getattr(whole, k)]})
+                              for k in fields for v in [getattr(whole, k)]}), g[real]
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce in this backward (accumulating); otherwise a no-op context."""
@@ -612,6 +627,12 @@ def _pick_C(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 
 def _pick_L(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return L[k]
+
+
+def _pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [b_i, T_i] tensors over rows, right-padding the token dimension with 0 to the widest."""
+    T = max(x.shape[1] for x in xs)
+    return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs])
 
 
 def _cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
