@@ -1,0 +1,114 @@
+"""The chain task shows the loss scale issue: checks on the tables a few real training steps record.
+
+One warm start of the tiny preset on the chain task (as the demo, fewer prompts), then a few steps of DAPO,
+DARO (a reading that can reach its fixed point: 'mass', C = 'auto', a large lr_w for the short budget) and
+DARO's path with the weights frozen at 1. The same checks, on a full run, give the README's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analyses.runs import AnalysisError, select_runs
+from analyses.task_checks import lengths_by_k, predicted_on_policy_loss, report
+from daro_lab.ablation.summary import coefficient_of_variation, noise_floor_cv
+from daro_lab.config import load_config
+from daro_lab.record import parse_group_key
+from daro_lab.tracking import read_metrics, read_table
+from daro_lab.trainer import train
+
+pytestmark = pytest.mark.slow
+
+CHAIN = ["task.name=chain", "task.max_digits=1", "task.min_terms=2", "task.max_terms=5", "model.warmstart_run_on=0.3",
+         "rollout.max_new_tokens=24", "task.num_train=512", "task.num_eval=32", "trainer.prompts_per_step=32",
+         "trainer.mini_batch_prompts=16", "trainer.lr=1e-4", "trainer.eval_every=0", "trainer.grad_norm_every=0",
+         "trainer.checkpoint_every=100", "trainer.log_checkpoint=false"]
+STEPS = 6  # DAPO's run: the length and loss checks
+DARO_STEPS = 10  # DARO's and the frozen arm's: the weights' direction and balance
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    uri = f"sqlite:///{root}/mlflow.db"
+    base = [*CHAIN, f"model.cache_dir={root}/cache", f"tracking.uri={uri}", f"trainer.checkpoint_dir={root}/ckpt",
+            ]
+    arms = {"dapo": ["algo.method=dapo", f"trainer.steps={STEPS}"],
+            "daro": ["algo.method=daro", "algo.daro.signal=mass", "algo.daro.reg=auto", "algo.daro.lr_w=0.1",
+                     f"trainer.steps={DARO_STEPS}"],
+            "frozen": ["algo.method=static", "algo.daro.static=ones", "algo.daro.signal=mass", "algo.daro.reg=auto",
+                       f"trainer.steps={DARO_STEPS}"]}
+    out = {"uri": uri}
+    for name, extra in arms.items():
+        rid = train(load_config(None, base + extra), progress=False)
+        out[name] = (read_table(uri, rid, "per_mu"), read_metrics(uri, rid))
+    return out
+
+
+def test_wrong_answers_run_longer_and_length_changes_with_difficulty(runs):
+    by_k = lengths_by_k(runs["dapo"][0])
+    assert len(by_k) >= 5
+    assert (by_k.gap_over_mean >= 0.3).mean() > 0.5, by_k.gap_over_mean.round(2).to_dict()  # at most pass rates
+    assert by_k["mean"].max() >= 2 * by_k["mean"].min(), by_k["mean"].round(2).to_dict()
+
+
+def test_on_policy_loss_is_the_length_gap_and_above_its_noise(runs):
+    """At rho = 1 (the first mini-batch of a step), L_mu = -sum A |o| / sum |o| with group-std advantages: from
+    the logged lengths, A+ k L+ - |A-| (K-k) L-, which is not 0 because wrong answers are longer."""
+    on = runs["dapo"][0]
+    on = on[on.minibatch == 0]
+    np.testing.assert_allclose(on["loss"], predicted_on_policy_loss(on), rtol=1e-5, atol=1e-7)
+    t = on["loss"].mean() / (on["loss"].std(ddof=1) / math.sqrt(len(on)))
+    assert t > 5, (on["loss"].mean(), on["loss"].std(), len(on))
+
+
+def test_task_checks_report_reads_the_runs_from_mlflow(runs):
+    text = report(select_runs(runs["uri"], experiment="daro-lab"), "dapo")
+    assert text.startswith(f"3 runs, steps 1-{DARO_STEPS}")
+    assert f"lengths, steps 1-{DARO_STEPS}" in text and "(a consistency check)" in text
+    err = float(text.split("predicted from lengths| = ")[1].split()[0])
+    assert err < 1e-5
+    with pytest.raises(AnalysisError, match="group-std advantages"):
+        report(select_runs(runs["uri"], experiment="daro-lab"), "dr_grpo")
+
+
+def test_token_summing_method_leaves_its_equal_length_shape(runs):
+    from analyses.loss_scale import run_summary
+
+    class Run:
+        method, run_id = "dapo", "dapo"
+
+        def table(self, name):
+            return runs["dapo"][0]
+
+        def param(self, key, default=None, cast=str):
+            return default
+
+    s = run_summary(Run()).set_index("k")
+    np.testing.assert_allclose(s.S_share_per_prompt, s.lc_share, rtol=1e-5)  # the consistency check
+    assert (s.S_share_per_prompt - s.ref_share).abs().max() > 0.01  # the measurement
+
+
+def test_daro_moves_toward_its_fixed_point_and_balances_where_frozen_weights_do_not(runs):
+    """In DARO_STEPS steps (2 updates each) the weights are not yet stationary (the README's 150-step numbers are):
+    checked here are the direction and the size of the effect, over the second half of the run."""
+    last = DARO_STEPS // 2
+    d_pm, d_m = runs["daro"]
+    w = d_m[d_m.key.str.startswith("daro/weight/")].sort_values("step").groupby("key").value.last()
+    w.index = [parse_group_key(key)[1] for key in w.index]  # k
+    assert w.max() / w.min() >= 1.2, w.round(3).to_dict()
+    # per group, w * signal / C over the window (one mini-batch's signal of a group is a few prompts: noisy)
+    tail = d_pm[d_pm.step > last].groupby("k")["daro/wS"].mean()
+    assert tail.between(0.8, 1.25).all(), tail.round(3).to_dict()
+    f_pm = runs["frozen"][0]
+    f_tail = f_pm[f_pm.step > last].groupby("k")["daro/wS"].mean()
+    assert not f_tail.between(0.8, 1.25).all(), f_tail.round(3).to_dict()  # frozen at 1, the groups stay apart
+    d_cv, f_cv = coefficient_of_variation(tail.to_numpy()), coefficient_of_variation(f_tail.to_numpy())
+    assert d_cv < noise_floor_cv(len(tail)) / 5 and d_cv < 0.7 * f_cv, (d_cv, f_cv)
+    # the mechanism: the weight rises where the group's loss mass is smallest (frozen arm), and ends above the
+    # weight of the group whose mass is largest
+    low, high = f_tail.idxmin(), f_tail.idxmax()
+    assert w[low] > 1 and w[low] > w[high], (low, high, w.round(3).to_dict())
