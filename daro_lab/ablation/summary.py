@@ -407,7 +407,8 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
     ]
     if ws:
         lines.append("- Weight var: variance across groups of the final weights; balance gap: mean distance of "
-                     "w_mu·abs(L_mu) from DARO's fixed point 1 over the last window; at bound / non-finite: seeds with a "
+                     "w_mu·signal_mu/C from DARO's fixed point 1 over the last window (|w_mu·L_mu| for runs older than the "
+                     "signal's record); at bound / non-finite: seeds with a "
                      "weight on w_min/w_max at any step / with a NaN or inf (including a run that failed on one).")
     if meta.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
