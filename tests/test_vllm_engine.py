@@ -67,8 +67,27 @@ def test_vllm_engine_without_vllm_is_a_clear_install_error():
     assert isinstance(build_engine(load_config(None, ["rollout.engine=hf"]), model, tok), HFEngine)
 
 
+# `.ci/run` installs the vLLM environment while the suite runs; this file exists until that install has ended
+INSTALLING = Path(os.environ.get("DARO_LAB_VLLM_INSTALLING", ROOT / ".venv-vllm.installing"))
+
+
+def _wait_for_install(timeout_s: float = 1200) -> str | None:
+    """Wait while a background install of the vLLM environment runs (INSTALLING exists); a message if it outlasts
+    `timeout_s`."""
+    import time
+
+    start = time.monotonic()
+    while INSTALLING.exists():
+        if time.monotonic() - start > timeout_s:
+            return f"the vLLM environment was still being installed after {timeout_s:.0f} s ({INSTALLING} exists)"
+        time.sleep(2)
+    return None
+
+
 def _vllm_env_problem() -> str | None:
     """Why the vLLM environment cannot run the check, or None."""
+    if (late := _wait_for_install()) is not None:
+        return late
     if not VLLM_PYTHON.exists():
         return (f"no vLLM environment: {VLLM_PYTHON} does not exist (run `bash .ci/install-vllm.sh`, "
                 f"or point DARO_LAB_VLLM_PYTHON at a python with vllm)")
