@@ -134,6 +134,9 @@ def reference_shares(method: str, K: int, n_prompts: int, ks: Sequence[int]) -> 
     return vals / vals.sum()
 
 
+STEP_SMOOTHING = 10  # panels (e)-: steps in the centred rolling mean drawn (the table keeps every step)
+
+
 def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
     """Per arm, step and k: each group's share of the step's |C| (coefficient part, pooled over the step's
     mini-batches), mean over the arm's runs; steps where C is 0 up to rounding are left out."""
@@ -343,11 +346,12 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
             d = steps[steps.arm == arm]
             K = int(d.K.iloc[0]) if len(d) else 2
             colors = style.mu_colors(K)
-            for k, dk in d.groupby("k"):
-                ax.plot(dk.step, dk.C_abs_share, color=colors[int(k)], marker="o", markersize=2,
-                        label=style.mu_label(int(k), K))
+            for k, dk in d.groupby("k"):  # one step's shares swing with its few prompts: a centred rolling mean
+                dk = dk.sort_values("step")
+                ax.plot(dk.step, dk.C_abs_share.rolling(STEP_SMOOTHING, min_periods=1, center=True).mean(),
+                        color=colors[int(k)], label=style.mu_label(int(k), K))
             ax.set(title=style.wrap(f"({letters[i]}) {arm}: share of |C| by step", 34), xlabel="training step",
-                   ylabel="share of Σ|C|", ylim=(-0.02, 1.02))
+                   ylabel=f"share of Σ|C| ({STEP_SMOOTHING}-step mean)", ylim=(-0.02, 1.02))
             if len(Ks) > 1:
                 ax.legend(loc="upper right", ncol=2, fontsize=5.5)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
