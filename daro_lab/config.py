@@ -7,9 +7,9 @@ a closed set of choices is a `Literal`, a number declares its interval (`setting
 naming the key, so a typo never silently runs the default. Choices that users extend (algo.method,
 algo.daro.signal) are checked against their registries in `daro_lab.algorithms`.
 
-The reader (`read_toml`) and typed builder (`build`, `check_ranges`) take a noun for their messages, so that
-other TOML files can be loaded the same way (the ablation grids, `daro_lab.ablation.grid`, still parse their own
-keys). A leaf module: it imports nothing of daro_lab but the algorithms' registries.
+The same reader (`read_toml`) and typed builder (`build`, `check_ranges`, with a noun for their messages) load
+the ablation grid files (`daro_lab.ablation.grid.GridSpec`): one TOML path, one set of error messages. A leaf
+module: it imports nothing of daro_lab but the algorithms' registries.
 """
 
 from __future__ import annotations

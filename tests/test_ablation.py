@@ -350,8 +350,14 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("refrence = 'a'\n[[arms]]\nname = 'a'\n", "unknown key 'refrence'"),
-    ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown key 'sett'"),
+    ("refrence = 'a'\n[[arms]]\nname = 'a'\n", "unknown grid key 'refrence'"),
+    ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown grid key 'sett'"),
+    ("[[arms]]\nlabel = 'a'\n", "arms[0]: missing grid key 'name'"),
+    ("test = 'anova'\n[[arms]]\nname = 'a'\n", "grid key 'test': expected 't' or 'wilcoxon', got 'anova'"),
+    ("accuracy = 'best'\n[[arms]]\nname = 'a'\n", "grid key 'accuracy': expected 'greedy' or 'sampled'"),
+    ("num_cpus = 0\n[[arms]]\nname = 'a'\n", "grid key 'num_cpus': must be a finite number > 0, got 0.0"),
+    ("target_acc = 'final'\n[[arms]]\nname = 'a'\n", "grid key 'target_acc': expected a number or 'reference_final'"),
+    ("seeds = [0, true]\n[[arms]]\nname = 'a'\n", "grid key 'seeds[1]': expected an integer, got True"),
     ("[[arms]]\nname = 'a'\nset = ['algo.daro.lrw=1e-3']\n", "arm 'a': unknown config key 'algo.daro.lrw'"),
     ("[[arms]]\nname = 'a'\nset = ['algo.method=ppo']\n", "arm 'a': config key 'algo.method': unknown method 'ppo'"),
     ("arms = []\n", "the grid is empty"),

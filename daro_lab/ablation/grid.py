@@ -44,9 +44,10 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from daro_lab.config import Config, ConfigError, apply_overrides, config_from_dict
+from daro_lab.config import (REQUIRED, Config, ConfigError, apply_overrides, build, check_ranges, config_from_dict,
+                             read_toml, setting)
 
 
 class AblationError(ValueError):
@@ -61,12 +62,6 @@ ARITHMETIC_PRESET = PACKAGE_DIR / "presets" / "arithmetic.toml"  # the earlier d
 PAPER_DEFAULT_MODEL = "qwen2.5-math-1.5b"
 PRESETS = ("tiny", "arithmetic", "paper")
 
-GRID_KEYS = {
-    "description": str, "reference": str, "seeds": (int, list), "set": list, "target_acc": (int, float, str),
-    "balance_window": int, "test": str, "weight_stats": bool, "num_cpus": (int, float), "num_gpus": (int, float),
-    "arms": list, "accuracy": str,
-}
-ARM_KEYS = {"name": str, "label": str, "set": list, "static_from": str}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -177,20 +172,34 @@ def preset_path(preset: str | Path) -> Path:
 # Parsing a grid
 
 
-def _type_name(tp) -> str:
-    tps = tp if isinstance(tp, tuple) else (tp,)
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
-    return " or ".join(names.get(t, t.__name__) for t in tps)
+@dataclass
+class ArmSpec:
+    """An `[[arms]]` table of a grid file, as written (checked by `daro_lab.config.build`)."""
+
+    name: str = setting(REQUIRED, "letters, digits, '-', '_', '.'; unique in the grid")
+    label: str = setting("", "shown in the summary and as a tag")
+    set: list[str] = setting([], "the arm's config overrides, 'section.key=value' (or key*=x, key/=x)")
+    static_from: str | None = setting(None, "an earlier arm: frozen at its final weights of the same seed")
 
 
-def _check_type(where: str, key: str, value: Any, tp) -> None:
-    tps = tp if isinstance(tp, tuple) else (tp,)
-    if isinstance(value, bool) and bool not in tps:
-        ok = False
-    else:
-        ok = isinstance(value, tps)
-    if not ok:
-        raise AblationError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+@dataclass
+class GridSpec:
+    """A grid file, as written (the module docstring shows one)."""
+
+    arms: list[ArmSpec] = setting(REQUIRED, "the arms, [[arms]] tables")
+    description: str = setting("", "what the ablation asks: the parent run's note in the MLflow UI")
+    reference: str = setting("", "arm the paired tests compare against (default: the first)")
+    seeds: int | list[int] = setting(3, "seed count (seeds 0..N-1 offset by the preset's seed), or a list")
+    set: list[str] = setting([], "overrides for every arm, applied before the arms' own")
+    target_acc: float | Literal["reference_final"] = setting(
+        "reference_final", "steps-to-target: an accuracy, or the reference arm's mean final accuracy", range="[0, 1]")
+    balance_window: int = setting(10, "last steps over which the loss-balance spread is averaged", range="[1, inf)")
+    test: Literal["t", "wilcoxon"] = setting("t", "paired test against the reference: 't' or 'wilcoxon'")
+    weight_stats: bool = setting(False, "add weight variance / balance gap / stability columns")
+    num_cpus: float = setting(2, "CPUs per arm: a Ray task's resources; the process pool's size", range="(0, inf)")
+    num_gpus: float | None = setting(None, "GPUs per arm (Ray); default 1 for arms on trainer.device 'cuda...', else 0",
+                                     range="[0, inf)")
+    accuracy: Literal["greedy", "sampled"] = setting("greedy", "held-out accuracy compared: greedy or sampled (avg@n)")
 
 
 def _check_overrides(where: str, key: str, items: list) -> list[str]:
@@ -203,70 +212,43 @@ def _check_overrides(where: str, key: str, items: list) -> list[str]:
 
 
 def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
-    """A Grid from the TOML data of `path`; AblationError naming the file and key on any problem."""
+    """A Grid from the TOML data of `path`: types, choices and ranges by the config's typed builder (`GridSpec`),
+    then the checks between keys; AblationError naming the file and key on any problem."""
     where = str(path)
-    unknown = sorted(set(data) - set(GRID_KEYS))
-    if unknown:
-        raise AblationError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(GRID_KEYS))})")
-    for key, tp in GRID_KEYS.items():
-        if key in data:
-            _check_type(where, key, data[key], tp)
-    arms_data = data.get("arms")
-    if not arms_data:
+    if not data.get("arms"):
         raise AblationError(f"{where}: the grid is empty: key 'arms' defines no arms (add [[arms]] tables)")
+    try:
+        spec = build(GridSpec, data, noun="grid key")
+        check_ranges(spec, noun="grid key")
+    except ConfigError as e:
+        raise AblationError(f"{where}: {e}") from None
     arms: list[Arm] = []
-    for i, a in enumerate(arms_data):
-        aw = f"{where}: arms[{i}]"
-        if not isinstance(a, dict):
-            raise AblationError(f"{aw}: must be a table ([[arms]]), got {a!r}")
-        if "name" in a and isinstance(a["name"], str):
-            aw += f" ('{a['name']}')"
-        bad = sorted(set(a) - set(ARM_KEYS))
-        if bad:
-            raise AblationError(f"{aw}: unknown key '{bad[0]}' (known arm keys: {', '.join(sorted(ARM_KEYS))})")
-        if "name" not in a:
-            raise AblationError(f"{aw}: missing key 'name'")
-        for key, tp in ARM_KEYS.items():
-            if key in a:
-                _check_type(aw, key, a[key], tp)
-        if not _NAME_RE.match(a["name"]):
-            raise AblationError(f"{aw}: key 'name' {a['name']!r} must be letters, digits, '-', '_', '.'")
-        if any(x.name == a["name"] for x in arms):
-            raise AblationError(f"{aw}: key 'name': arm {a['name']!r} is defined twice")
-        src = a.get("static_from")
+    for i, a in enumerate(spec.arms):
+        aw = f"{where}: arms[{i}] ('{a.name}')"
+        if not _NAME_RE.match(a.name):
+            raise AblationError(f"{aw}: key 'name' {a.name!r} must be letters, digits, '-', '_', '.'")
+        if any(x.name == a.name for x in arms):
+            raise AblationError(f"{aw}: key 'name': arm {a.name!r} is defined twice")
+        src = a.static_from
         if src is not None and not any(x.name == src for x in arms):
-            later = any(isinstance(x, dict) and x.get("name") == src for x in arms_data)
+            later = any(x.name == src for x in spec.arms)
             raise AblationError(f"{aw}: key 'static_from': arm {src!r} "
                                 + ("must come before this arm (it must finish first)" if later else "is not defined"))
-        arms.append(Arm(a["name"], a.get("label", ""), _check_overrides(aw, "set", a.get("set", [])), src))
-    g = Grid(name=name, path=where, arms=arms, description=data.get("description", ""),
-             reference=data.get("reference", arms[0].name), seeds=data.get("seeds", 3),
-             set=_check_overrides(where, "set", data.get("set", [])),
-             target_acc=data.get("target_acc", "reference_final"), balance_window=data.get("balance_window", 10),
-             test=data.get("test", "t"), weight_stats=data.get("weight_stats", False),
-             num_cpus=data.get("num_cpus", 2), num_gpus=data.get("num_gpus"), accuracy=data.get("accuracy", "greedy"))
+        arms.append(Arm(a.name, a.label, _check_overrides(aw, "set", a.set), src))
+    g = Grid(name=name, path=where, arms=arms, description=spec.description, reference=spec.reference or arms[0].name,
+             seeds=spec.seeds, set=_check_overrides(where, "set", spec.set), target_acc=spec.target_acc,
+             balance_window=spec.balance_window, test=spec.test, weight_stats=spec.weight_stats,
+             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, accuracy=spec.accuracy)
     if g.reference not in [a.name for a in arms]:
         raise AblationError(f"{where}: key 'reference': no arm named {g.reference!r} "
                             f"(arms: {', '.join(a.name for a in arms)})")
     if isinstance(g.seeds, list):
-        if not g.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in g.seeds):
+        if not g.seeds:
             raise AblationError(f"{where}: key 'seeds' must be a positive integer or a non-empty list of integers")
         if len(set(g.seeds)) != len(g.seeds):
             raise AblationError(f"{where}: key 'seeds' lists a seed twice: {g.seeds}")
     elif g.seeds < 1:
         raise AblationError(f"{where}: key 'seeds' must be >= 1, got {g.seeds}")
-    if isinstance(g.target_acc, str) and g.target_acc != "reference_final":
-        raise AblationError(f"{where}: key 'target_acc' must be a number or 'reference_final', got {g.target_acc!r}")
-    if g.accuracy not in ("greedy", "sampled"):
-        raise AblationError(f"{where}: key 'accuracy' must be 'greedy' or 'sampled', got {g.accuracy!r}")
-    if g.test not in ("t", "wilcoxon"):
-        raise AblationError(f"{where}: key 'test' must be 't' (paired t-test) or 'wilcoxon', got {g.test!r}")
-    if g.balance_window < 1:
-        raise AblationError(f"{where}: key 'balance_window' must be >= 1, got {g.balance_window}")
-    if not g.num_cpus > 0:
-        raise AblationError(f"{where}: key 'num_cpus' must be > 0, got {g.num_cpus}")
-    if g.num_gpus is not None and g.num_gpus < 0:
-        raise AblationError(f"{where}: key 'num_gpus' must be >= 0, got {g.num_gpus}")
     return g
 
 
@@ -274,9 +256,9 @@ def load_grid(name: str | Path) -> Grid:
     """Read and check the grid of ablation `name` (or a grid file path)."""
     path = grid_path(name)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise AblationError(f"grid file {path} is not valid TOML: {e}") from e
+        data = read_toml(path, "grid file")
+    except ConfigError as e:
+        raise AblationError(str(e)) from None
     stem = path.stem
     return parse_grid(data, stem, str(path))
 
@@ -408,9 +390,9 @@ class Plan:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise AblationError(f"config file {path} is not valid TOML: {e}") from e
+        return read_toml(path)
+    except ConfigError as e:
+        raise AblationError(str(e)) from None
 
 
 def make_plan(
