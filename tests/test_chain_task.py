@@ -1,8 +1,8 @@
 """The chain task shows the loss scale issue: checks on the tables a few real training steps record.
 
-One warm start of the tiny preset on the chain task (as the demo, fewer prompts), then a few steps of DAPO,
-DARO (a reading that can reach its fixed point: 'mass', C = 'auto', a large lr_w for the short budget) and
-DARO's path with the weights frozen at 1. The same checks, on a full run, give the README's numbers.
+One warm start of the tiny preset on the chain task (as the demo, fewer prompts), then 6 steps of DAPO and
+10 of DARO (a reading that can reach its fixed point: 'mass', C = 'auto', a large lr_w for the short budget) and
+of DARO's path with the weights frozen at 1. The same checks, on a full run, give the README's numbers.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ DARO_STEPS = 10  # DARO's and the frozen arm's: the weights' direction and balan
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     uri = f"sqlite:///{root}/mlflow.db"
-    base = [*CHAIN, f"model.cache_dir={root}/cache", f"tracking.uri={uri}", f"trainer.checkpoint_dir={root}/ckpt",
-            ]
+    base = [*CHAIN, f"model.cache_dir={root}/cache", f"tracking.uri={uri}", f"trainer.checkpoint_dir={root}/ckpt"]
     arms = {"dapo": ["algo.method=dapo", f"trainer.steps={STEPS}"],
             "daro": ["algo.method=daro", "algo.daro.signal=mass", "algo.daro.reg=auto", "algo.daro.lr_w=0.1",
                      f"trainer.steps={DARO_STEPS}"],
