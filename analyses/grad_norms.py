@@ -111,7 +111,8 @@ def plot_grad_norms(runs: RunSet | None = None, out_dir: str | Path | None = Non
                 ax.plot(dk.step, dk["mean"], color=colors[int(k)], marker="o", markersize=2.5,
                         label=style.mu_label(int(k), K))
             style.log_axis(ax)
-            ax.set(title=style.wrap(f"({letters[i]}) {arm}: G$_\\mu$ = ‖∇θ C$_\\mu$‖", 34), xlabel="training step",
+            title = f"({letters[i]}) {arm}: G$_\\mu$ = ‖∇θ C$_\\mu$‖"
+            ax.set(title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)), xlabel="training step",
                    ylabel="G$_\\mu$ (log)")
             if len(Ks) > 1:
                 ax.legend(loc="best", ncol=2, fontsize=5.5)

@@ -350,7 +350,8 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
                 dk = dk.sort_values("step")
                 ax.plot(dk.step, dk.C_abs_share.rolling(STEP_SMOOTHING, min_periods=1, center=True).mean(),
                         color=colors[int(k)], label=style.mu_label(int(k), K))
-            ax.set(title=style.wrap(f"({letters[i]}) {arm}: share of |C| by step", 34), xlabel="training step",
+            title = f"({letters[i]}) {arm}: share of |C| by step"
+            ax.set(title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)), xlabel="training step",
                    ylabel=f"share of Σ|C| ({STEP_SMOOTHING}-step mean)", ylim=(-0.02, 1.02))
             if len(Ks) > 1:
                 ax.legend(loc="upper right", ncol=2, fontsize=5.5)

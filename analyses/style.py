@@ -168,6 +168,12 @@ def wrap(text: str, width: int = 30) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
+def title_chars(fig_width: float, ncols: int) -> int:
+    """Characters per line of a panel title (axes.titlesize 8.5 pt) that stay inside a column of a figure
+    `fig_width` inches wide with `ncols` columns of panels: about 13 per inch of column."""
+    return max(14, int(13 * fig_width / max(ncols, 1)))
+
+
 def legend_columns(labels, most: int = 6) -> int:
     """Columns of a figure legend: fewer when the labels are long."""
     longest = max((len(str(x)) for x in labels), default=0)

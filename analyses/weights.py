@@ -101,6 +101,7 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
     width = min(style.PAGE_WIDTH, max(style.COLUMN_WIDTH, 2.6 * n))
     with style.paper_style():
         fig, axes = style.new_figure(2, n, width=width, height=4.4, sharex="col")
+        chars = style.title_chars(width, n)  # long arm labels wrap inside their column
         Ks = sorted(table.K.unique())
         for j, arm in enumerate(arms):
             d = table[table.arm == arm]
@@ -116,11 +117,11 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             log_w = d.w.max() / max(d.w.min(), 1e-300) > 3
             if log_w:
                 style.log_axis(ax_w)
-            ax_w.set(title=style.wrap(f"{arm}: weights w$_\\mu$", 34), ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
+            ax_w.set(title=style.wrap(arm, chars) + "\nweights w$_\\mu$", ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
             ax_l.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9)
             style.log_axis(ax_l)
             what = "w$_\\mu$·signal$_\\mu$/C" if d.wS.notna().any() else "w$_\\mu$·|L$_\\mu$|"
-            ax_l.set(title=style.wrap(f"{arm}: {what}", 34), xlabel="training step",
+            ax_l.set(title=what, xlabel="training step",
                      ylabel=f"{what} (log)" if j == 0 else None)
             if len(Ks) > 1:
                 ax_w.legend(loc="best", ncol=2, fontsize=5.5)
