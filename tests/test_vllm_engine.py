@@ -67,17 +67,27 @@ def test_vllm_engine_without_vllm_is_a_clear_install_error():
     assert isinstance(build_engine(load_config(None, ["rollout.engine=hf"]), model, tok), HFEngine)
 
 
-# `.ci/run` installs the vLLM environment while the suite runs; this file exists until that install has ended
+# `.ci/run` installs the vLLM environment while the suite runs; this file, holding .ci/run's pid, exists until that
+# install has ended
 INSTALLING = Path(os.environ.get("DARO_LAB_VLLM_INSTALLING", ROOT / ".venv-vllm.installing"))
 
 
+def _installing() -> bool:
+    """A background install is under way: INSTALLING exists and the process it names is alive (a file left by a
+    killed CI run does not count)."""
+    try:
+        os.kill(int(INSTALLING.read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
 def _wait_for_install(timeout_s: float = 1200) -> str | None:
-    """Wait while a background install of the vLLM environment runs (INSTALLING exists); a message if it outlasts
-    `timeout_s`."""
+    """Wait while a background install of the vLLM environment runs; a message if it outlasts `timeout_s`."""
     import time
 
     start = time.monotonic()
-    while INSTALLING.exists():
+    while _installing():
         if time.monotonic() - start > timeout_s:
             return f"the vLLM environment was still being installed after {timeout_s:.0f} s ({INSTALLING} exists)"
         time.sleep(2)
