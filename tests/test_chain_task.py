@@ -1,6 +1,7 @@
 """The chain task shows the loss scale issue: checks on the tables a few real training steps record.
 
-One warm start of the tiny preset on the chain task (as the demo, fewer prompts), then 6 steps of DAPO and
+One warm start of the tiny preset on the chain task (as the demo, but 600 steps at twice the learning rate, and
+fewer prompts), then 6 steps of DAPO and
 10 of DARO (a reading that can reach its fixed point: 'mass', C = 'auto', a large lr_w for the short budget) and
 of DARO's path with the weights frozen at 1. The same checks, on a full run, give the README's numbers.
 """
@@ -22,7 +23,8 @@ from daro_lab.trainer import train
 
 pytestmark = pytest.mark.slow
 
-CHAIN = ["task.name=chain", "task.max_digits=1", "task.min_terms=2", "task.max_terms=5", "model.warmstart_run_on=0.3",
+CHAIN = ["task.name=chain", "model.warmstart_steps=600", "model.warmstart_lr=2e-3", "task.max_digits=1",
+         "task.min_terms=2", "task.max_terms=5", "model.warmstart_run_on=0.3",
          "rollout.max_new_tokens=24", "task.num_train=512", "task.num_eval=32", "trainer.prompts_per_step=32",
          "trainer.mini_batch_prompts=16", "trainer.lr=1e-4", "trainer.eval_every=0", "trainer.grad_norm_every=0",
          "trainer.checkpoint_every=100", "trainer.log_checkpoint=false"]
@@ -59,7 +61,7 @@ def test_on_policy_loss_is_the_length_gap_and_above_its_noise(runs):
     the logged lengths, A+ k L+ - |A-| (K-k) L-, which is not 0 because wrong answers are longer."""
     on = runs["dapo"][0]
     on = on[on.minibatch == 0]
-    np.testing.assert_allclose(on["loss"], predicted_on_policy_loss(on), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(on["loss"], predicted_on_policy_loss(on), rtol=1e-5, atol=1e-6)  # float32 sums
     t = on["loss"].mean() / (on["loss"].std(ddof=1) / math.sqrt(len(on)))
     assert t > 5, (on["loss"].mean(), on["loss"].std(), len(on))
 
