@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from daro_lab.config import load_config
-from daro_lab.models.memory import GIB, load_arch_file, plan
+from daro_lab.trainer.memory import GIB, load_arch_file, plan
 from daro_lab.models.prompting import enable_gradient_checkpointing
 from daro_lab.rollout.logprobs import sequence_logprobs
 

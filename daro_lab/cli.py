@@ -128,7 +128,7 @@ def train(
     elif config or algo or set_:
         _fail("--resume continues a run with the config it logged; drop --config/--algo/--set")
     if dry_run:
-        from daro_lab.models.memory import dry_run as plan_run
+        from daro_lab.trainer.memory import dry_run as plan_run
 
         if cfg is None:
             _fail("--dry-run needs a config (--config/--set), not --resume")

@@ -208,7 +208,7 @@ def test_eval_cli_models_and_runs_logged_in_the_paper_layout(env, tmp_path):
     from daro_lab.cli import app
     from daro_lab.eval.run import Policy, load_policy_for_eval
     from daro_lab.tracking import list_tables, read_table
-    from daro_lab.trainer.run import config_of_run
+    from daro_lab.tracking import config_of_run
 
     uri = f"sqlite:///{env}/mlflow.db"  # one store per module: creating one costs seconds
     run_id, state = _fake_training_run(uri, env / "modelB", tmp_path)
@@ -268,7 +268,7 @@ def test_run_of_the_tiny_preset_loads_without_a_warm_start(env, tmp_path):
     from daro_lab.eval.run import Policy, load_policy_for_eval
     from daro_lab.models import CharTokenizer, build_tiny_model
     from daro_lab.tracking import Tracker
-    from daro_lab.trainer.run import config_of_run
+    from daro_lab.tracking import config_of_run
 
     uri = f"sqlite:///{env}/mlflow.db"
     cfg = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64", f"model.cache_dir={tmp_path}/none"])

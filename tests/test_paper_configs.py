@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from daro_lab.cli import app
 from daro_lab.config import load_config
-from daro_lab.models.memory import GIB, plan
+from daro_lab.trainer.memory import GIB, plan
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 FILES = sorted(PAPER.rglob("*.toml"))

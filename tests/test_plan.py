@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from daro_lab.trainer.plan import plan_minibatches, split_range
+from daro_lab.distributed import split_range
+from daro_lab.trainer.plan import plan_minibatches
 
 
 def reference(P, mbp, mp, world, rank):

@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
@@ -373,3 +374,61 @@ def test_metrics_hook_logs_window_means_every_n_steps():
     one.on_step_end(1, {"length/correct": nan, "loss/total": 0.25})
     (step, m), = rec1.logged
     assert step == 1 and m["loss/total"] == 0.25 and m["length/correct"] != m["length/correct"]  # NaN
+
+
+def test_run_store_finds_reads_and_marks_runs(store, tmp_path):
+    """RunStore: the one door to runs that already exist (the ablation scheduler, --resume, eval)."""
+    from daro_lab.config import Config, ConfigError
+    from daro_lab.tracking import RunStore, config_of_run
+
+    uri = store[0]
+    with start(store, "parent") as parent:
+        pass
+    children = {}
+    for arm, seed in (("a", 0), ("b", 0), ("a", 1)):
+        tr = start(store, f"{arm}-seed{seed}", parent_run_id=parent.run_id,
+                   tags={"daro_lab.arm": arm, "daro_lab.seed": str(seed)},
+                   config_json=Config().to_json())
+        children[(arm, seed)] = tr  # left RUNNING
+    rs = RunStore(uri)
+    assert {r.info.run_id for r in rs.children(parent.run_id)} == {t.run_id for t in children.values()}
+    got = rs.children(parent.run_id, {"daro_lab.arm": "a", "daro_lab.seed": "1"})
+    assert [r.info.run_id for r in got] == [children[("a", 1)].run_id]
+    assert rs.children(parent.run_id, {"daro_lab.arm": "it's"}) == []  # a quote in a value is a value
+    with pytest.raises(TrackingError, match=r"parent run 'f{32}' not found"):
+        rs.children("f" * 32)
+
+    rid = children[("a", 0)].run_id
+    assert config_of_run(rs, rid) == Config()
+    assert config_of_run(uri, children[("a", 1)].run_id) == Config()
+    with start(store, "unreadable", config_json="[1, 2]") as bad:  # JSON, not a config
+        pass
+    with pytest.raises(ConfigError, match=f"run '{bad.run_id}': its config.json .*unknown config key '1'"):
+        config_of_run(rs, bad.run_id)
+    (next(Path(store[1]).rglob(f"{rid}/artifacts/config.json"))).unlink()
+    with pytest.raises(ConfigError, match=f"run '{rid}' has no readable config.json"):
+        config_of_run(rs, rid)
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        config_of_run(rs, "nope")
+    with pytest.raises(TrackingError, match=f"run '{rid}' .* has no readable artifact 'missing.txt'"):
+        rs.read_text(rid, "missing.txt")
+
+    rs.set_tags(rid, {f"t{i}": i for i in range(150)})  # more than one batch
+    rs.log_params(rid, {"trainer.lr": 5.0, "new.param": 2})  # a logged param keeps its value
+    rs.log_metrics(rid, {"final_acc_mean/a": 0.5})
+    rs.mark_failed(rid, "worker lost: boom")
+    run = rs.run(rid)
+    assert run.info.status == "FAILED" and run.data.tags["t149"] == "149"
+    assert run.data.params["trainer.lr"] == "1e-06" and run.data.params["new.param"] == "2"
+    assert run.data.metrics["final_acc_mean/a"] == 0.5
+    assert rs.read_text(rid, "traceback.txt") == "worker lost: boom"
+    rs.delete_tag(rid, "t0")
+    rs.delete_tag(rid, "never-set")  # nothing to delete: no error
+    assert "t0" not in rs.run(rid).data.tags
+
+    gone = children[("b", 0)].run_id
+    rs.supersede(rs.run(gone), "restarted", "daro_lab.superseded_by")
+    assert gone not in {r.info.run_id for r in rs.children(parent.run_id)}
+    dead = open_client(uri).get_run(gone)
+    assert dead.info.lifecycle_stage == "deleted" and dead.info.status == "KILLED"
+    assert dead.data.tags["daro_lab.superseded_by"] == "restarted"

@@ -151,7 +151,7 @@ def evaluate_on_benchmarks(model, engine, tokenizer, cfg: Config, seed: int,
 
     Data-parallel (`dist`, a trainer's DistInfo): a collective; each rank evaluates its contiguous share of
     every benchmark (rank r samples with seed + 7919 r) and every rank gets the merged results."""
-    from daro_lab.trainer.distributed import DistInfo, gather_objects, split
+    from daro_lab.distributed import DistInfo, gather_objects, split
 
     dist = dist or DistInfo()
     e = cfg.eval

@@ -65,7 +65,7 @@ def _with_eval_settings(policy_cfg: Config, base: Config, device: str) -> Config
 
 def resolve_policies(models: list[str], runs: list[str], base: Config, uri: str, device: str) -> list[Policy]:
     """Check every model path and run (config and checkpoint present) without loading weights."""
-    from daro_lab.trainer.run import config_of_run
+    from daro_lab.tracking import RunStore, config_of_run
 
     out: list[Policy] = []
     for path in models:
@@ -75,12 +75,10 @@ def resolve_policies(models: list[str], runs: list[str], base: Config, uri: str,
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, path=str(p)))
         out.append(Policy(_safe_label(p.name), f"model:{p}", _with_eval_settings(cfg, base, device)))
     if runs:
-        from daro_lab.tracking import open_client
-
-        client = open_client(uri)
+        store = RunStore(uri)
         for run_id in runs:
-            cfg = config_of_run(uri, run_id)
-            names = {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+            cfg = config_of_run(store, run_id)
+            names = store.artifact_paths(run_id, "checkpoint")
             if "checkpoint/model.safetensors" not in names:
                 raise ConfigError(f"run {run_id!r} has no final checkpoint (artifact checkpoint/model.safetensors)")
             if cfg.model.path and not Path(cfg.model.path).is_dir():
@@ -100,10 +98,9 @@ def check_benchmark_prompts(pol: Policy, benchmarks: list) -> None:
     tokenizer (the tiny preset's has 15 characters) or leaves no room for the response in the model's context."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from daro_lab.models.prompting import wrap_tokenizer
+    from daro_lab.models.prompting import BENCH_HINT, check_prompts, prompt_token_limit, wrap_tokenizer
     from daro_lab.models.tiny import tiny_config
     from daro_lab.models.tokenizer import VOCAB_FILE, CharTokenizer
-    from daro_lab.trainer.setup import BENCH_HINT, check_prompts, prompt_token_limit
 
     cfg = pol.cfg
     try:
@@ -144,10 +141,10 @@ def load_policy_for_eval(pol: Policy, uri: str) -> tuple[Any, Any]:
     else:
         raise ConfigError("--model needs a model directory")
     if pol.run_id is not None:
-        from daro_lab.tracking import open_client
+        from daro_lab.tracking import RunStore
 
         with tempfile.TemporaryDirectory(prefix="daro_eval_") as tmp:
-            local = open_client(uri).download_artifacts(pol.run_id, "checkpoint/model.safetensors", tmp)
+            local = RunStore(uri).download(pol.run_id, "checkpoint/model.safetensors", tmp)
             missing, unexpected = load_model(model, local, strict=False)
             if unexpected or [k for k in missing if not _is_tied(model, k)]:
                 raise ConfigError(f"run {pol.run_id!r}: checkpoint does not fit the run's model "

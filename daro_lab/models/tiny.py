@@ -1,7 +1,6 @@
-"""The tiny Llama (or Qwen2, `arch`) policy built from config, and `load_policy`, the way to get a policy.
+"""The tiny Llama (or Qwen2, `arch`) policy built from config, and a local HF model directory loaded.
 
-`load_policy(cfg, seed)` returns (model, tokenizer): a local HF model directory when `cfg.path` is
-set, else the tiny preset warm-started on the arithmetic task (cached on disk, see warmstart.py).
+`daro_lab.models.load_policy` picks between them (the tiny preset is warm-started: warmstart.py).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from daro_lab.config import ModelConfig, TaskConfig
+from daro_lab.config import ModelConfig
 from daro_lab.models.tokenizer import BOS, EOS, PAD, VOCAB_FILE, CharTokenizer, default_vocab
 
 MAX_POSITIONS = 64  # prompt + response of the arithmetic task fit easily ("999*999=" + 6 digits + eos)
@@ -102,15 +101,3 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
         raise ConfigError(f"model.path {str(p)!r}: its tokenizer cannot be loaded "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
     return model, tokenizer
-
-
-def load_policy(cfg: ModelConfig, seed: int, task: TaskConfig | None = None):
-    """(model, tokenizer): the local model at cfg.path, or the tiny preset warm-started with `seed`.
-
-    `task` is the task the tiny preset is warm-started on (default TaskConfig(): 1-3 digit '+').
-    """
-    if cfg.path:
-        return load_pretrained(cfg.path, cfg.dtype)
-    from daro_lab.models.warmstart import warm_start  # local import: warmstart imports this module
-
-    return warm_start(cfg, task if task is not None else TaskConfig(), seed)

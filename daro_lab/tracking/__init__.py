@@ -7,7 +7,8 @@
         tr.log_table("per_mu", [{"k": 3, "L": 0.12}], step=1)
         tr.flush()                       # at every checkpoint
 
-See `mlflow_run` for the buffering, resume and reading-back rules.
+See `mlflow_run` for the buffering, resume and reading-back rules, and `runs` (`RunStore`) for finding,
+reading and marking runs that already exist.
 """
 
 from daro_lab.tracking.mlflow_run import (
@@ -24,14 +25,17 @@ from daro_lab.tracking.mlflow_run import (
     resolve_tracking_uri,
     validate_key,
 )
+from daro_lab.tracking.runs import RunStore, config_of_run
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "TAG_NONFINITE",
     "TAG_PARENT_RUN_ID",
     "TAG_RESUMES",
+    "RunStore",
     "Tracker",
     "TrackingError",
+    "config_of_run",
     "list_tables",
     "open_client",
     "read_metrics",

@@ -524,6 +524,10 @@ class Tracker:
             for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
 
+    def tags(self) -> dict[str, str]:
+        """The run's tags as the store holds them now."""
+        return dict(_get_run(self.client, self.run_id, self.tracking_uri).data.tags)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags now (values cut to 8000 characters)."""
         from mlflow.entities import RunTag

@@ -7,7 +7,7 @@ from collections import defaultdict
 import torch
 
 from daro_lab.config import Config
-from daro_lab.trainer.distributed import DistInfo, gather_objects, split
+from daro_lab.distributed import DistInfo, gather_objects, split
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from daro_lab.trainer.distributed import LogprobModule
+from daro_lab.distributed import LogprobModule
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:

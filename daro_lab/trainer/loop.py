@@ -7,7 +7,7 @@ One step (docs/math.md):
     for each mini-batch: loss from the registry -> backward -> clip -> AdamW (policy + DARO weights)
                          (in passes of trainer.micro_batch_prompts prompts, gradients accumulated: accumulate.py)
 Hooks see every stage and change nothing; the trainer never logs by itself.
-Under torchrun the step is split over data-parallel ranks as `distributed.py` describes.
+Under torchrun the step is split over data-parallel ranks as `daro_lab/distributed.py` describes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
 from daro_lab.trainer import accumulate, fsdp
-from daro_lab.trainer import distributed as dp
+from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.plan import PassPlan, plan_minibatches

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from daro_lab.distributed import split_range
+
 
 @dataclass(frozen=True)
 class PassPlan:
@@ -42,13 +44,6 @@ class MiniBatchPlan:
     @property
     def on_policy(self) -> bool:
         return self.index == 0
-
-
-def split_range(n: int, world_size: int, rank: int) -> slice:
-    """The contiguous part of range(n) that `rank` of `world_size` holds (sizes differ by at most one)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 def plan_minibatches(P: int, mini_batch_prompts: int, micro_batch_prompts: int = 0, world_size: int = 1,

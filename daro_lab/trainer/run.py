@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from daro_lab.config import Config, ConfigError, config_from_dict
+from daro_lab.config import Config, ConfigError
 from daro_lab.hooks import Hook, default_hooks
 from daro_lab.record import TAG_CHECKPOINT_DIR
-from daro_lab.trainer import distributed as dp
+from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import latest, write_pointer
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
@@ -31,24 +31,6 @@ TAG_CKPT = TAG_CHECKPOINT_DIR  # where the run's checkpoints are (daro_lab.recor
 
 def _run_name(cfg: Config) -> str:
     return cfg.tracking.run_name or f"{cfg.algo.method}-seed{cfg.seed}"
-
-
-def config_of_run(uri: str, run_id: str) -> Config:
-    """The resolved config a run logged (artifact config.json)."""
-    from daro_lab.tracking import open_client
-
-    client = open_client(uri)
-    try:
-        client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow raises several kinds
-        raise ConfigError(f"no run {run_id!r} in tracking store {uri}") from e
-    try:
-        text = client.download_artifacts(run_id, "config.json")
-        return config_from_dict(json.loads(Path(text).read_text()))
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"run {run_id!r} has no readable config.json artifact: {e}") from e
 
 
 @dataclass
@@ -120,10 +102,11 @@ def train(
 def _claim(uri: str, run_id: str, force: bool):
     """Rank 0, before resuming `run_id`: its config and checkpoint root, and the run's lock; refuses a FINISHED
     run and a run another live process trains."""
-    from daro_lab.tracking import open_client
+    from daro_lab.tracking import RunStore, config_of_run
 
-    cfg = config_of_run(uri, run_id)
-    run = open_client(uri).get_run(run_id)
+    store = RunStore(uri)
+    cfg = config_of_run(store, run_id)
+    run = store.run(run_id)
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id!r} is FINISHED: there is nothing to resume (its config and final checkpoint "
                           "stay as they are); start a new run to train more")
@@ -164,7 +147,7 @@ def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | Non
                 root = Path(root) if root is not None else Path(cfg.trainer.checkpoint_dir).resolve() / run_id
                 if d.is_main and lock is None:  # a new run: its lock is taken here, and released below
                     lock = own_lock = RunLock(root / "lock", run_id).acquire()
-                if tracker and tracker.client.get_run(run_id).data.tags.get(TAG_CKPT) != str(root):
+                if tracker and tracker.tags().get(TAG_CKPT) != str(root):
                     tracker.set_tags({TAG_CKPT: str(root)})
             trainer.hooks = hooks(tracker) if tracker else []
             for h in trainer.hooks:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daro_lab.algorithms import static_shape
 from daro_lab.config import Config, ConfigError
+from daro_lab.models.prompting import BENCH_HINT, check_prompts, prompt_token_limit
 
 
 @dataclass
@@ -52,75 +52,6 @@ def load_components(cfg: Config) -> Components:
         for b in load_benchmarks(cfg.eval.benchmarks):
             check_prompts(b.problems, tokenizer, bench_limit, "error", f"benchmark {b.name} problem", BENCH_HINT)
     return Components(model, tokenizer, task, train_set, eval_set, {k: v for k, v in dropped.items() if v})
-
-
-BENCH_HINT = "A benchmark is never cut down: shorten the responses (eval.max_new_tokens) or use a longer-context model"
-
-
-def prompt_token_limit(model_config, cfg: Config, max_new_tokens: int) -> int | None:
-    """The longest prompt, in tokens, that leaves room for `max_new_tokens` in the context of the model whose HF
-    config is `model_config` (`task.max_prompt_tokens` when set); None when the model states no context length."""
-    if cfg.task.max_prompt_tokens:
-        return cfg.task.max_prompt_tokens
-    context = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(v := getattr(model_config, k, None), int) and v > 0), None)
-    if context is None:
-        return None
-    if context - max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens = {max_new_tokens} (rollout.max_new_tokens, or eval.max_new_tokens for "
-                          f"benchmarks) leaves no room for a prompt in the model's context of {context} positions")
-    return context - max_new_tokens
-
-
-def check_prompts(problems: list, tokenizer, limit: int | None, policy: str, what: str,
-                  hint: str = "Set task.long_prompts=drop to leave them out, or shorten them") -> tuple[list, int]:
-    """(the problems to use, how many were dropped). Every prompt must encode with `tokenizer` (its template
-    included): a character the tokenizer lacks is a ConfigError naming it and the row. A prompt of more than
-    `limit` tokens is, by `policy` (task.long_prompts): 'error', a ConfigError naming how many and the first
-    rows; 'drop', left out (counted, and said on stderr)."""
-    if not problems:
-        return problems, 0
-    lengths: list[int] = []
-    for start in range(0, len(problems), 1024):
-        chunk = problems[start : start + 1024]
-        try:
-            lengths += [len(ids) for ids in tokenizer.encode_prompts([p.prompt for p in chunk])]
-        except ValueError:  # find the row, then say what is wrong with it
-            for i, p in enumerate(chunk):
-                try:
-                    tokenizer.encode_prompts([p.prompt])
-                except ValueError as e:
-                    raise ConfigError(f"{_where(p, start + i, what)}: cannot be encoded: {_unencodable(p.prompt, e)}") from None
-            raise
-    if limit is None:
-        return problems, 0
-    long = [i for i, n in enumerate(lengths) if n > limit]
-    if not long:
-        return problems, 0
-    first = "; ".join(f"{_where(problems[i], i, what)} ({lengths[i]} tokens, {len(problems[i].prompt)} characters)"
-                      for i in long[:3])
-    head = (f"{len(long)} of {len(problems)} {what}s are longer than {limit} tokens (the model's context less the "
-            f"longest response, or task.max_prompt_tokens)")
-    if policy != "drop":
-        raise ConfigError(f"{head}: {first}{'; ...' if len(long) > 3 else ''}. {hint}")
-    print(f"warning: {head}; dropped them (task.long_prompts=drop): {first}{'; ...' if len(long) > 3 else ''}",
-          file=sys.stderr)
-    skip = set(long)
-    return [p for i, p in enumerate(problems) if i not in skip], len(long)
-
-
-def _where(problem, index: int, what: str) -> str:
-    return f"{what} {index + 1} ({getattr(problem, 'source', '') or repr(problem.prompt[:40])})"
-
-
-def _unencodable(text: str, err: Exception) -> str:
-    """Which character of `text` a tokenizer lacks, and where (CharTokenizer's UnknownCharacterError); else the error."""
-    ch = getattr(err, "char", None)
-    if not isinstance(ch, str) or len(ch) != 1:
-        return str(err)
-    pos = text.find(ch)
-    at = f"at position {pos + 1}" if pos >= 0 else "(in the prompt template, model.prompt_template)"
-    return f"character {ch!r} (U+{ord(ch):04X}) {at} is not in the tokenizer's vocabulary"
 
 
 def load_model_and_tokenizer(cfg: Config):

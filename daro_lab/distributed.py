@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from daro_lab.algorithms import Shard
-from daro_lab.trainer.plan import split_range
+
+
+def split_range(n: int, world_size: int, rank: int) -> slice:
+    """The contiguous part of range(n) that `rank` of `world_size` holds (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 @dataclass(frozen=True)
