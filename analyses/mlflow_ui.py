@@ -80,12 +80,11 @@ def ablation_page(tracking_uri: str, parent_run_id: str, screenshot: str | Path 
     """Run names the MLflow UI lists under the ablation's parent run, once the parent is expanded."""
     from playwright.sync_api import sync_playwright
 
-    from daro_lab.tracking import open_client
+    from daro_lab.tracking import RunStore
 
-    client = open_client(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    store = RunStore(tracking_uri)
+    parent = store.run(parent_run_id, what="ablation parent run")
+    children = store.children(parent_run_id)
     exe = chromium or find_chromium()
     if exe is None:
         raise UICheckError("no chromium found: apt-get install chromium, or set DARO_LAB_CHROMIUM")
@@ -118,13 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     ap.add_argument("--out", default=None, help="PNG screenshot of the page")
     a = ap.parse_args(argv)
-    from daro_lab.tracking import open_client, resolve_tracking_uri
+    from daro_lab.tracking import RunStore
 
-    uri = resolve_tracking_uri(a.tracking_uri)
-    names = ablation_page(uri, a.parent, a.out)
-    client = open_client(uri)
-    exp = client.get_run(a.parent).info.experiment_id
-    want = {r.info.run_name for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{a.parent}'")}
+    store = RunStore(a.tracking_uri)
+    names = ablation_page(store.uri, a.parent, a.out)
+    want = {r.info.run_name for r in store.children(a.parent)}
     missing = sorted(want - set(names))
     print(f"the MLflow UI lists {len(set(names) & want)} of the {len(want)} child runs" +
           (f"; missing: {', '.join(missing)}" if missing else "") + (f"; screenshot {a.out}" if a.out else ""))

@@ -30,7 +30,7 @@ from daro_lab.record import normalise_per_mu
 # params that never make two runs different arms (they differ between seeds or machines only)
 _NOT_ARM_PARAMS = ("seed", "tracking.", "trainer.checkpoint_dir", "model.cache_dir", "trainer.threads",
                    "trainer.device", "trainer.log_checkpoint")
-from daro_lab.record import TAG_ARM, TAG_ARM_LABEL, TAG_METHOD, TAG_PARENT, TAG_ROLE, TAG_SEED  # noqa: E402,F401
+from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ARM_LABEL, TAG_METHOD, TAG_PARENT, TAG_ROLE, TAG_SEED  # noqa: E402,F401
 
 
 class AnalysisError(ValueError):
@@ -216,14 +216,9 @@ def _make_run(client: Any, info: Any, exp_name: str) -> Run:
 
 def list_experiments(uri: str | None = None) -> list[str]:
     """Names of the active experiments of the store that hold at least one run."""
-    from daro_lab.tracking import open_client
+    from daro_lab.tracking import RunStore
 
-    client = open_client(uri)
-    names = []
-    for e in client.search_experiments():
-        if client.search_runs([e.experiment_id], max_results=1):
-            names.append(e.name)
-    return names
+    return RunStore(uri).experiments()
 
 
 def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: Sequence[str] | None = None,
@@ -235,14 +230,14 @@ def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: 
     Raises AnalysisError naming the experiment or run id that does not exist, or saying that
     nothing is left to analyse.
     """
-    from daro_lab.tracking import open_client, resolve_tracking_uri
+    from daro_lab.tracking import RunStore
 
-    resolved = resolve_tracking_uri(uri)
-    client = open_client(resolved)
+    store = RunStore(uri)
+    resolved, client = store.uri, store.client
     if experiment and run_ids:
         raise AnalysisError("give either an experiment or run ids, not both")
     if run_ids:
-        return _select_ids(client, resolved, list(run_ids))
+        return _select_ids(store, list(run_ids))
     if not experiment:
         names = list_experiments(resolved)
         if len(names) != 1:
@@ -250,19 +245,17 @@ def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: 
                 f"name an experiment (--experiment): {resolved} holds "
                 + (f"{len(names)} experiments with runs: {', '.join(names)}" if names else "no runs at all"))
         experiment = names[0]
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None or exp.lifecycle_stage != "active":
-        names = list_experiments(resolved)
+    infos = store.experiment_runs(experiment)
+    if infos is None:
         raise AnalysisError(f"experiment {experiment!r} not found in {resolved} "
-                            f"(experiments with runs: {', '.join(names) or 'none'})")
-    infos = client.search_runs([exp.experiment_id], max_results=50000)
+                            f"(experiments with runs: {', '.join(store.experiments()) or 'none'})")
     if not infos:
         raise AnalysisError(f"experiment {experiment!r} in {resolved} has no runs")
     parents = {i.data.tags.get(TAG_PARENT) for i in infos} - {None}
     runs, skipped = [], []
     for info in sorted(infos, key=lambda i: i.info.start_time or 0):
         rid = info.info.run_id
-        if rid in parents or info.data.tags.get(TAG_ROLE) == "ablation-parent":
+        if rid in parents or info.data.tags.get(TAG_ROLE) == ROLE_PARENT:
             continue  # an ablation's parent: its children are here too
         if info.info.status not in statuses:
             skipped.append(f"run {info.info.run_name or rid} ({rid}) is {info.info.status}, left out")
@@ -274,19 +267,19 @@ def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: 
     return RunSet(resolved, runs, f"experiment '{experiment}'", experiment, skipped)
 
 
-def _select_ids(client: Any, uri: str, run_ids: list[str]) -> RunSet:
-    from mlflow.exceptions import MlflowException
+def _select_ids(store: Any, run_ids: list[str]) -> RunSet:
+    from daro_lab.tracking import TrackingError
 
+    uri = store.uri
     runs, exp_names = [], set()
     for rid in run_ids:
         try:
-            info = client.get_run(rid)
-        except MlflowException as exc:
+            info = store.run(rid)
+        except TrackingError as exc:
             raise AnalysisError(f"run {rid!r} not found in {uri}") from exc
-        exp_name = client.get_experiment(info.info.experiment_id).name
-        children = client.search_runs([info.info.experiment_id], f"tags.`{TAG_PARENT}` = '{rid}'", max_results=50000)
-        for i in (children or [info]):
-            runs.append(_make_run(client, i, exp_name))
+        exp_name = store.experiment_of(info)
+        for i in (store.children(rid) or [info]):
+            runs.append(_make_run(store.client, i, exp_name))
             exp_names.add(exp_name)
     seen, unique = set(), []
     for r in runs:

@@ -321,7 +321,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_arms(tmp_path, template
 
 def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, template_db, small_env):
     """A child killed before its first checkpoint: deleted (tagged superseded) and run afresh."""
-    from daro_lab.ablation.sweep import TAG_SUPERSEDED
+    from daro_lab.record import TAG_SUPERSEDED
     from daro_lab.tracking import Tracker
 
     uri = new_store(template_db, tmp_path)

@@ -6,20 +6,16 @@ and an honest statistical summary (mean and 95% CI over seeds, paired test again
     print(res.markdown); res.summary                                 # also on the parent run as artifacts
     run_ablation("static-weights", resume=res.parent_run_id)        # continue an interrupted sweep
 
-Grid files: `daro_lab.ablation.grid` (format, overrides, presets). Running, resume and executors:
-`daro_lab.ablation.sweep`. The statistics: `daro_lab.ablation.summary`. The command line:
+Grid files: `daro_lab.ablation.grid` (format, overrides, presets). Running and resume:
+`daro_lab.ablation.sweep`; where each arm runs (in process, a process pool, Ray): `executors`; what the
+children logged, collected back: `collect`; the statistics: `summary`. The command line:
 `daro-lab run ablation NAME`.
 """
 
 from daro_lab.ablation.grid import AblationError, Arm, Grid, Plan, list_grids, load_grid, make_plan, preset_path
-from daro_lab.ablation.sweep import (
-    AblationResult,
-    ArmResult,
-    find_children,
-    load_plan,
-    run_ablation,
-    summarize_ablation,
-)
+from daro_lab.ablation.collect import AblationResult, find_children, load_plan, summarize_ablation
+from daro_lab.ablation.executors import ArmResult
+from daro_lab.ablation.sweep import run_ablation
 
 __all__ = [
     "AblationError", "AblationResult", "Arm", "ArmResult", "Grid", "Plan", "find_children", "list_grids",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daro_lab.ablation.summary import display_table, verdict
-from daro_lab.ablation.sweep import AblationResult, summarize_ablation
+from daro_lab.ablation.collect import AblationResult, summarize_ablation
 
 
 def summary_html(res: AblationResult) -> str:

@@ -82,9 +82,10 @@ try:
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError('daro_lab.integrations.trl needs TRL: pip install -e ".[trl]"') from _e
 
-from daro_lab.algorithms import (SIGNALS, DaroWeights, LossSettings, PolicyBatch, Shard, clipped_surrogate,
+from daro_lab.algorithms import (METHODS, SIGNALS, DaroWeights, LossSettings, PolicyBatch, Shard, clipped_surrogate,
                                  compute_advantages, group_keys, kl_k3, loss_terms, mu_key, policy_loss)
 from daro_lab.hooks.builtin import per_mu_rows
+from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
 from daro_lab.trainer import accumulate
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
@@ -94,7 +95,6 @@ SURROGATE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TRL_ADV_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 WEIGHTS_FILE = "daro_weights.pt"
 TABLES_DIR = "tables"
-METHOD_LABELS = {"grpo": "GRPO", "dapo": "DAPO", "dr_grpo": "Dr. GRPO", "daro": "DARO"}
 # keyword arguments of GRPOTrainer._get_per_token_logps_and_entropies taken from the inputs, as TRL's _compute_loss
 _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -658,8 +658,8 @@ class DaroGRPOTrainer(GRPOTrainer):
             self._restore_local_tables(state)
             return
         import mlflow
-        from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
+
+        from daro_lab.tracking import RunStore
 
         run = mlflow.active_run()
         if run is None:
@@ -669,15 +669,12 @@ class DaroGRPOTrainer(GRPOTrainer):
             return
         uri, run_id = mlflow.get_tracking_uri(), run.info.run_id
         self._mlflow = (uri, run_id)
-        client = MlflowClient(uri)
-        have = client.get_run(run_id).data.params
-        params = [Param(k, v) for k, v in self.daro_lab_params().items() if k not in have]
-        label = getattr(a, "daro_arm_label", None) or f"{METHOD_LABELS.get(self.daro_method, self.daro_method)} (TRL)"
-        tags = [RunTag("daro_lab.method", self.daro_method), RunTag("daro_lab.seed", str(a.seed)),
-                RunTag("daro_lab.arm_label", label), RunTag("daro_lab.source", "trl")]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
-        client.log_batch(run_id, tags=tags)
+        store = RunStore(uri)
+        client = store.client
+        store.log_params(run_id, self.daro_lab_params())
+        label = getattr(a, "daro_arm_label", None) or f"{METHODS[self.daro_method].label} (TRL)"
+        store.set_tags(run_id, {TAG_METHOD: self.daro_method, TAG_SEED: str(a.seed), TAG_ARM_LABEL: label,
+                                TAG_SOURCE: "trl"})
         if state.global_step > 0:  # resumed: the rows written up to the checkpoint, none after it
             from daro_lab.tracking import TrackingError, read_table
 
@@ -716,12 +713,10 @@ class DaroGRPOTrainer(GRPOTrainer):
                 pd.DataFrame(rows).to_parquet(path, index=False)
                 paths.append(path)
         if self._mlflow is not None:
-            from mlflow import MlflowClient
+            from daro_lab.tracking import RunStore
 
             uri, run_id = self._mlflow
-            client = MlflowClient(uri)
-            for path in paths:
-                client.log_artifact(run_id, path, TABLES_DIR)
+            RunStore(uri).log_files(run_id, paths, TABLES_DIR)
 
 
 def _detached(b: PolicyBatch) -> PolicyBatch:
