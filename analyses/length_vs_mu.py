@@ -36,6 +36,21 @@ def phases_of(steps: Sequence[int], n_phases: int) -> list[tuple[int, int]]:
     return [(int(c[0]), int(c[-1])) for c in chunks]
 
 
+def pool_lengths(per_mu: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean length of right and of wrong answers over the `per_mu` rows of each `by` group, weighted by answers.
+
+    A row holds the means over its group's `prompts` prompts, which gave k right and K - k wrong answers each,
+    so it weighs prompts * k (right) and prompts * (K - k) (wrong). Columns: by..., n_correct, n_incorrect,
+    len_correct, len_incorrect (NaN where a group has no such answer)."""
+    n_c = per_mu.prompts * per_mu.k
+    n_i = per_mu.prompts * (per_mu.K - per_mu.k)
+    w = per_mu[by].assign(wc=per_mu.len_correct * n_c, wi=per_mu.len_incorrect * n_i, n_correct=n_c, n_incorrect=n_i)
+    out = w.groupby(by, sort=False)[["wc", "wi", "n_correct", "n_incorrect"]].sum().reset_index()
+    out["len_correct"] = out.wc / out.n_correct.where(out.n_correct > 0)
+    out["len_incorrect"] = out.wi / out.n_incorrect.where(out.n_incorrect > 0)
+    return out.drop(columns=["wc", "wi"])
+
+
 def length_table(runs: RunSet, n_phases: int = 3) -> tuple[pd.DataFrame, list[str]]:
     have, notes = require_table(runs, "per_mu", NAME)
     frames = []
@@ -54,16 +69,9 @@ def length_table(runs: RunSet, n_phases: int = 3) -> tuple[pd.DataFrame, list[st
     df["phase"] = 0
     for i, (a, b) in enumerate(phases):
         df.loc[(df.step >= a) & (df.step <= b), "phase"] = i + 1
-    df["n_correct"] = df.prompts * df.k
-    df["n_incorrect"] = df.prompts * (df.K - df.k)
-    df["wc"] = df.len_correct * df.n_correct
-    df["wi"] = df.len_incorrect * df.n_incorrect
-    g = df.groupby(["arm", "method", "phase", "k", "K"], sort=False)
-    out = g[["wc", "wi", "n_correct", "n_incorrect"]].sum()
-    out["n_runs"] = g.run_id.nunique()
-    out = out.reset_index()
-    out["len_correct"] = out.wc / out.n_correct.where(out.n_correct > 0)
-    out["len_incorrect"] = out.wi / out.n_incorrect.where(out.n_incorrect > 0)
+    keys = ["arm", "method", "phase", "k", "K"]
+    out = pool_lengths(df, keys)
+    out = out.merge(df.groupby(keys, sort=False).run_id.nunique().rename("n_runs").reset_index(), on=keys)
     out["gap"] = out.len_incorrect - out.len_correct
     out["mu"] = out.k / out.K
     out["step_first"] = out.phase.map({i + 1: a for i, (a, _) in enumerate(phases)})

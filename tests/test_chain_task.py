@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from analyses.runs import AnalysisError, select_runs
-from analyses.task_checks import lengths_by_k, predicted_on_policy_loss, report
+from analyses.task_checks import balance_by_group, group_advantages, lengths_by_k, predicted_on_policy_loss, report
+from analyses.task_checks import main as task_checks_main
 from daro_lab.ablation.summary import coefficient_of_variation, noise_floor_cv
 from daro_lab.config import load_config
 from daro_lab.record import parse_group_key
@@ -74,6 +75,35 @@ def test_task_checks_report_reads_the_runs_from_mlflow(runs):
     assert err < 1e-5
     with pytest.raises(AnalysisError, match="group-std advantages"):
         report(select_runs(runs["uri"], experiment="daro-lab"), "dr_grpo")
+
+
+def test_task_checks_command_prints_the_balance_of_the_arms_with_weights(runs, capsys):
+    assert task_checks_main(["--tracking-uri", runs["uri"], "--experiment", "daro-lab"]) == 0
+    out = capsys.readouterr().out
+    assert "on-policy dapo:" in out  # DAPO's runs, by default
+    lines = {line.split("'")[1]: line for line in out.splitlines() if line.startswith("balance w signal/C of")}
+    assert set(lines) == {"DARO", "DARO, frozen w"}, out  # the arms with weights, and only those
+    bal = balance_by_group(select_runs(runs["uri"], experiment="daro-lab")).set_index(["arm", "k"])
+    for arm, line in lines.items():
+        for k in bal.loc[arm].index:  # the printed numbers are the table's
+            assert f"{k}: {bal.loc[(arm, k), 'balance_min']:.3f}" in line, (arm, k, line)
+            assert f"{k}: {bal.loc[(arm, k), 'w_min']:.2f}" in line.split("final w:")[1], (arm, k, line)
+    frozen = bal.loc["DARO, frozen w"]
+    assert (frozen.w_min == 1).all() and (frozen.w_max == 1).all()  # frozen at ones
+    # the balance is the record's daro/wS over the window, as the tables hold it
+    d_pm = runs["daro"][0]
+    want = d_pm[d_pm.step > DARO_STEPS - 50].groupby("k")["daro/wS"].mean()
+    np.testing.assert_allclose(bal.loc["DARO"].balance_min.to_numpy(), want.to_numpy())
+    assert task_checks_main(["--tracking-uri", runs["uri"], "--experiment", "nope"]) == 2
+    assert "experiment 'nope' not found" in capsys.readouterr().out
+
+
+def test_group_advantages_are_the_trainers():
+    a_pos, a_neg = group_advantages(3, 8)
+    sigma = math.sqrt(3 / 8 * 5 / 8 * 8 / 7)  # unbiased std of three 1s and five 0s
+    assert a_pos == pytest.approx((5 / 8) / (sigma + 1e-6)) and a_neg == pytest.approx(-(3 / 8) / (sigma + 1e-6))
+    p_pos, _ = group_advantages(3, 8, std="population", eps=0.0)
+    assert p_pos == pytest.approx((5 / 8) / math.sqrt(3 / 8 * 5 / 8))
 
 
 def test_token_summing_method_leaves_its_equal_length_shape(runs):
