@@ -8,8 +8,9 @@ How a step is split (every rank runs the same loop, docs/math.md holds for the g
               the rollouts and rewards are all-gathered, so every rank holds the whole batch and
               computes the same kept prompts and advantages (LIPO's batch std included)
     update    each mini-batch's prompts are split over the ranks; the loss's normalisers (tokens per
-              group, responses, L_mu) are all-reduced inside `policy_loss` (a `Shard`), so each rank's
-              loss is its exact share of the mini-batch's; DDP averages the policy gradient, hence each
+              group, responses, L_mu) are all-reduced before the loss (`Totals.combine` over a `Shard`) and
+              passed to it as data, so each rank's loss is its exact share of the mini-batch's, and the
+              metric sums likewise (`MetricSums.combine`); DDP averages the policy gradient, hence each
               rank backpropagates world_size x its share; DARO's weights get the global L_mu as their
               signal on every rank and take identical steps (checked at every checkpoint)
     eval      every rank evaluates its share of the held-out problems and benchmarks; results are gathered

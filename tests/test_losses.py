@@ -9,7 +9,10 @@ from daro_lab.algorithms import (
     METHODS,
     DaroWeights,
     LossSettings,
+    MetricSums,
     PolicyBatch,
+    Totals,
+    batch_totals,
     compute_advantages,
     group_keys,
     loss_terms,
@@ -373,122 +376,135 @@ class ThreadReduce:
         return reduce
 
 
+def _split_setup(method, seed):
+    """A mini-batch of 5 prompts x 4 and a function that cuts any of its rows (None: a filler part, no tokens,
+    prompt index -1, as a rank or pass without a prompt of the mini-batch) into a fresh PolicyBatch."""
+    P, K, T = 5, 4, 6
+    rewards, mask, logp, old, ref = random_batch(P, K, T, seed=seed)
+    rewards[0] = torch.tensor([1.0, 0, 0, 1])  # at least one kept prompt
+    full = make_batch(method, rewards, mask, logp, old, ref)  # advantages of the whole batch
+
+    def part(rows):
+        if rows is None:
+            b = PolicyBatch(logp[:K].clone(), old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
+                            torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
+        else:
+            b = PolicyBatch(logp[rows].clone(), old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
+                            full.rewards[rows], full.prompt_index[rows], ref[rows])
+        b.logp.requires_grad_(True)
+        return b
+
+    def rows_of(prompts):
+        return torch.tensor([p * K + i for p in prompts for i in range(K)])
+
+    return P, K, logp, part, rows_of
+
+
+def _run(method, K, b, s, w0, totals=None):
+    """loss_terms of one part with fresh weights; backward; (loss, d logp, d w, its LossTerms)."""
+    w = w0.clone().requires_grad_(True) if METHODS[method].weights != "none" else None
+    t = loss_terms(method, b, K, s, weights=w, totals=totals)
+    t.loss.backward()
+    return float(t.loss.detach()), b.logp.grad, None if w is None else w.grad, t
+
+
+def _assert_metrics_equal(got, want):
+    assert got.keys() == want.keys()
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, rel=1e-10, abs=1e-12), key
+
+
+S_SPLIT = LossSettings(kl_beta=0.05, max_response_length=0)
+W0 = torch.tensor([0.5, 1.5, 2.0], dtype=DT)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("split", [[[0, 1], [2, 3, 4]], [[0, 3], [1], [2, 4], None]])
+def test_parts_with_the_minibatch_totals_sum_to_the_whole(method, split):
+    """A mini-batch cut into parts (accumulation's passes; the last one a filler): each part's loss with the
+    whole mini-batch's totals (summed from the parts, passed as data) is its share: losses, gradients (log-probs
+    and DARO weights) and, summed over the parts, metric sums add up to the one-part loss's."""
+    P, K, logp, part, rows_of = _split_setup(method, seed=5)
+    one_loss, one_grad, one_wgrad, one = _run(method, K, part(torch.arange(P * K)), S_SPLIT, W0)
+    parts = [part(None if ps is None else rows_of(ps)) for ps in split]
+    totals = Totals.combine([batch_totals(b, K, S_SPLIT) for b in parts])
+    assert totals.parts == len(split)
+    outs = [_run(method, K, b, S_SPLIT, W0, totals) for b in parts]
+    assert sum(o[0] for o in outs) == pytest.approx(one_loss, rel=1e-12, abs=1e-12)
+    grad = torch.zeros_like(one_grad)
+    for ps, o in zip(split, outs):
+        if ps is not None:
+            grad[rows_of(ps)] += o[1]
+        else:
+            assert not o[1].any()  # filler rows get no gradient
+    assert torch.allclose(grad, one_grad, rtol=1e-10, atol=1e-14)
+    if one_wgrad is not None:
+        assert torch.allclose(sum(o[2] for o in outs if o[2] is not None), one_wgrad, rtol=1e-12)
+    _assert_metrics_equal(MetricSums.combine([o[3].stats for o in outs]).finish(), one.metrics)
+    # a part alone is not the mini-batch: its own metrics differ
+    assert outs[0][3].metrics["batch/responses"] < one.metrics["batch/responses"]
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_loss_shares_sum_to_the_whole_minibatch(method, world):
-    """Split by prompts over `world` ranks (threads): the rank losses and gradients (log-probs and DARO
-    weights) sum to the one-process loss and gradients, and every rank reports the one-process metrics.
-    The last rank holds only filler rows (no tokens, prompt index -1)."""
+def test_ranks_and_passes_combine_to_the_whole_minibatch(method, world):
+    """Data parallelism (ranks as threads) x accumulation (2 passes a rank): each rank combines its passes' totals
+    and then the ranks' (Totals.combine with a Shard, the only collectives); every rank then gets the one-process
+    metrics, and the losses and gradients of all parts add up to the one-process ones. The last rank holds only
+    filler rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     from daro_lab.algorithms import Shard
 
-    P, K, T = 5, 4, 6
-    rewards, mask, logp, old, ref = random_batch(P, K, T, seed=11)
-    rewards[0] = torch.tensor([1.0, 0, 0, 1])  # at least one kept prompt
-    s = LossSettings(kl_beta=0.05, max_response_length=0)
-    w0 = torch.tensor([0.5, 1.5, 2.0], dtype=DT)
-    full = make_batch(method, rewards, mask, logp, old, ref)  # advantages of the whole batch
-    filler = PolicyBatch(logp[:K], old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
-                         torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
-
-    def run(rows, shard):
-        b = filler if rows is None else PolicyBatch(
-            logp[rows], old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
-            full.rewards[rows], full.prompt_index[rows], ref[rows])
-        b.logp = b.logp.clone().requires_grad_(True)
-        w = w0.clone().requires_grad_(True) if METHODS[method].weights != "none" else None
-        loss, m = policy_loss(method, b, K, s, weights=w, shard=shard)
-        loss.backward()
-        return float(loss.detach()), b.logp.grad, None if w is None else w.grad, m
-
-    one_loss, one_grad, one_wgrad, one_m = run(torch.arange(P * K), Shard())
-    prompts = [list(range(P))[r :: world - 1] for r in range(world - 1)]
-    rows = [torch.tensor([p * K + i for p in ps for i in range(K)]) for ps in prompts] + [None]
+    P, K, logp, part, rows_of = _split_setup(method, seed=11)
+    one_loss, one_grad, one_wgrad, one = _run(method, K, part(torch.arange(P * K)), S_SPLIT, W0)
+    mine = [list(range(P))[r :: world - 1] for r in range(world - 1)] + [None]
     red = ThreadReduce(world)
-    with ThreadPoolExecutor(world) as ex:
-        outs = list(ex.map(lambda r: run(rows[r], Shard(world, red.for_rank(r))), range(world)))
 
-    assert sum(o[0] for o in outs) == pytest.approx(one_loss, rel=1e-12, abs=1e-12)
+    def rank(r):
+        shard = Shard(world, red.for_rank(r))
+        ps = mine[r]
+        passes = [part(None)] if ps is None else [part(rows_of(ps[:1])), part(rows_of(ps[1:]) if ps[1:] else None)]
+        totals = Totals.combine([batch_totals(b, K, S_SPLIT) for b in passes], shard)
+        outs = [_run(method, K, b, S_SPLIT, W0, totals) for b in passes]
+        return passes, outs, MetricSums.combine([o[3].stats for o in outs], shard).finish(), totals.parts
+
+    with ThreadPoolExecutor(world) as ex:
+        results = list(ex.map(rank, range(world)))
+    assert sum(o[0] for _, outs, _, _ in results for o in outs) == pytest.approx(one_loss, rel=1e-12, abs=1e-12)
     grad = torch.zeros_like(one_grad)
-    for r, o in zip(rows[:-1], outs):
-        grad[r] = o[1]
+    for passes, outs, metrics, parts in results:
+        assert parts == sum(len(r[0]) for r in results)  # every pass of every rank
+        _assert_metrics_equal(metrics, one.metrics)
+        for b, o in zip(passes, outs):
+            real = b.prompt_index >= 0
+            if real.any():
+                grad[b.prompt_index[real].unique()[:, None] * K + torch.arange(K)] += o[1].view(-1, K, o[1].shape[1])
     assert torch.allclose(grad, one_grad, rtol=1e-10, atol=1e-14)
-    assert not outs[-1][1].any()  # filler rows get no gradient
     if one_wgrad is not None:
-        assert torch.allclose(sum(o[2] for o in outs), one_wgrad, rtol=1e-12)
-    for o in outs:
-        assert o[3].keys() == one_m.keys()
-        for key, v in one_m.items():
-            assert o[3][key] == pytest.approx(v, rel=1e-10, abs=1e-12), key
+        wg = sum(o[2] for _, outs, _, _ in results for o in outs if o[2] is not None)
+        assert torch.allclose(wg, one_wgrad, rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_accumulated_passes_give_the_one_pass_loss_gradients_and_metrics(method):
-    """Gradient accumulation (trainer/accumulate.py): a mini-batch run as 3 passes (by prompts, the last
-    with filler rows only), reductions recorded without grad and replayed with grad, gives the one-pass
-    loss, gradients (log-probs and DARO weights) and metrics."""
-    from daro_lab.algorithms import Shard
-    from daro_lab.trainer.accumulate import reductions, replayed
-
-    P, K, T = 5, 4, 6
-    rewards, mask, logp, old, ref = random_batch(P, K, T, seed=5)
-    rewards[0] = torch.tensor([1.0, 0, 0, 1])
-    s = LossSettings(kl_beta=0.05, max_response_length=0)
-    w0 = torch.tensor([0.5, 1.5, 2.0], dtype=DT)
-    full = make_batch(method, rewards, mask, logp, old, ref)
-    learned = METHODS[method].weights != "none"
-
-    def batch(rows):
-        if rows is None:  # a filler pass: no tokens, prompt index -1
-            return PolicyBatch(logp[:K].clone(), old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
-                               torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
-        return PolicyBatch(logp[rows].clone(), old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
-                           full.rewards[rows], full.prompt_index[rows], ref[rows])
-
-    one = batch(torch.arange(P * K))
-    one.logp.requires_grad_(True)
-    w = w0.clone().requires_grad_(True) if learned else None
-    loss, m = policy_loss(method, one, K, s, weights=w)
-    loss.backward()
-
-    passes = [torch.tensor([p * K + i for p in ps for i in range(K)]) for ps in ([0, 1], [2, 3, 4])] + [None]
-    bs = [batch(r) for r in passes]
-    values, metrics = reductions(3, lambda i, sh: policy_loss(method, bs[i], K, s, weights=w0 if learned else None,
-                                                                 shard=sh)[1], Shard())
-    grad, wgrad, total = torch.zeros_like(logp), torch.zeros_like(w0), 0.0
-    for i, (r, b) in enumerate(zip(passes, bs)):
-        b.logp.requires_grad_(True)
-        wi = w0.clone().requires_grad_(True) if learned else None
-        li, mi = policy_loss(method, b, K, s, weights=wi, shard=replayed(values[i], Shard(), 3))
-        li.backward()
-        total += float(li)
-        if r is not None:
-            grad[r] += b.logp.grad
-        if learned and wi.grad is not None:  # static: frozen weights, no gradient
-            wgrad += wi.grad
-        assert mi.keys() == m.keys()
-    assert total == pytest.approx(float(loss), rel=1e-12, abs=1e-12)
-    assert torch.allclose(grad, one.logp.grad, rtol=1e-10, atol=1e-14)
-    if learned and w.grad is not None:
-        assert torch.allclose(wgrad, w.grad, rtol=1e-12)
-    for mp in metrics:
-        for key, v in m.items():
-            assert mp[key] == pytest.approx(v, rel=1e-10, abs=1e-12), key
-
-
-def test_a_failing_pass_raises_instead_of_hanging():
-    from daro_lab.algorithms import Shard
-    from daro_lab.trainer.accumulate import reductions
-
-    def run(i, shard):
-        shard.reduce(torch.ones(2))
-        if i == 1:
-            raise ValueError("pass 1 is broken")
-        return shard.reduce(torch.ones(2))
-
-    with pytest.raises(ValueError, match="pass 1 is broken"):
-        reductions(3, run, Shard())
+def test_totals_counted_without_logprobs(method):
+    """Methods without weights need only the counts, which the masks give (no forward pass); a method with
+    weights whose signal reads L_mu refuses them, naming why."""
+    P, K, logp, part, rows_of = _split_setup(method, seed=3)
+    parts = [part(rows_of([0, 1])), part(rows_of([2, 3, 4]))]
+    counted = Totals.combine([batch_totals(b, K, S_SPLIT, with_loss=False) for b in parts])
+    summed = Totals.combine([batch_totals(b, K, S_SPLIT) for b in parts])
+    assert not counted.with_loss and summed.with_loss
+    assert torch.equal(counted.tokens, summed.tokens) and counted.width == summed.width
+    if METHODS[method].weights != "none":
+        with pytest.raises(ValueError, match="its totals must be summed from log-probs"):
+            loss_terms(method, parts[0], K, S_SPLIT, weights=W0, totals=counted)
+        return
+    a = loss_terms(method, parts[0], K, S_SPLIT, totals=counted)
+    b = loss_terms(method, parts[0], K, S_SPLIT, totals=summed)
+    assert float(a.loss) == float(b.loss)
+    with pytest.raises(ValueError, match="totals are of K = 4, the loss's K is 5"):
+        loss_terms(method, parts[0], 5, S_SPLIT, totals=counted)
 
 
 def test_offset_is_recorded_apart_from_the_coefficient_part():

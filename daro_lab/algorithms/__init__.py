@@ -14,9 +14,12 @@ from daro_lab.algorithms.losses import (
     LossTerms,
     LossSettings,
     Method,
+    MetricSums,
     PolicyBatch,
     Scaling,
     Shard,
+    Totals,
+    batch_totals,
     group_keys,
     length_corrected_shape,
     loss_terms,
@@ -32,7 +35,7 @@ from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "METHODS", "SIGNALS", "DaroState", "DaroWeights", "GroupView", "LossSettings",
-    "LossTerms", "Method", "PolicyBatch", "Scaling", "Shard", "clipped_surrogate", "compute_advantages",
+    "LossTerms", "Method", "MetricSums", "PolicyBatch", "Scaling", "Shard", "Totals", "batch_totals", "clipped_surrogate", "compute_advantages",
     "constant_normaliser", "group_keys", "kept_prompts", "kl_k3", "length_corrected_shape", "loss_terms", "mu_key", "parse_group_key",
     "policy_loss", "read_signal", "register_advantage", "register_method", "seq_mean_token_mean", "shaped_methods", "static_shape",
     "token_mean",

@@ -14,17 +14,22 @@ Groups are keyed by the integer k = number of correct responses of the prompt (m
 a binned float. Responses of prompts with k = 0 or k = K are counted, then dropped from the update.
 Pure: tensors in, (loss, metrics) out; no logging, no globals beyond the registry.
 
-Data parallelism: with a `Shard`, each rank passes its part of the mini-batch; every normaliser
-(tokens per group, responses, L_mu) is summed over ranks, so the rank's loss is its exact share of
-the whole mini-batch's loss (the shares sum to it) and every metric is the whole mini-batch's.
-Rows with prompt_index -1 are filler (a rank with no prompt of this mini-batch): no tokens, no count.
+A mini-batch split into parts (gradient accumulation's passes, data-parallel ranks): the whole mini-batch's
+normalisers (tokens per group, responses, the padded width, L_mu and the loss mass for DARO's signal) are
+summed by the caller (`Totals.combine`, over its passes and then over the ranks of a `Shard`) and passed to
+each part's loss as data (`totals=`), so each part's loss is its exact share of the whole mini-batch's (the
+shares sum to it); the parts' metric sums add up the same way (`MetricSums.combine`) into the whole
+mini-batch's metrics. The loss itself calls no collective. Rows with prompt_index -1 are filler (a rank with
+no prompt of this mini-batch): no tokens, no count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -104,10 +109,10 @@ def _no_reduce(x: Tensor, op: str = "sum") -> Tensor:
 
 @dataclass(frozen=True)
 class Shard:
-    """Where this process's rows sit in a data-parallel mini-batch (one process: the default).
+    """The data-parallel ranks a mini-batch is split over (one process: the default).
 
-    `reduce(x, op)` returns x ('sum' or 'max') combined over the ranks, detached; every rank must
-    call `policy_loss` for every mini-batch, since the reductions are collective.
+    `reduce(x, op)` returns x ('sum' or 'max') combined over the ranks, detached: a collective, so every rank
+    calls `Totals.combine` and `MetricSums.combine` for every mini-batch, at the same point.
     """
 
     world_size: int = 1
@@ -132,8 +137,7 @@ class PolicyBatch:
 class GroupView:
     """What a method sees: the kept tokens and the per-group token-mean losses.
 
-    Counts are the whole mini-batch's (summed over data-parallel ranks); `mask` and `group_loss`
-    are this rank's rows and share.
+    Counts are the whole mini-batch's (its `Totals`); `mask` and `group_loss` are this part's rows and share.
     """
 
     K: int
@@ -148,7 +152,7 @@ class GroupView:
     tokens: Tensor | None = None  # [K+1] kept tokens per group (None: counted in `mask`)
     n_tokens: Tensor | None = None  # [] kept tokens (None: counted in `mask`)
     width: int = 0  # padded response length of the mini-batch (0: mask.shape[1])
-    world_size: int = 1  # data-parallel ranks; a per-group offset is split evenly over them
+    parts: int = 1  # parts of the mini-batch (passes x ranks, `Totals.parts`); a per-group offset is split over them
 
 
 class Scaling(NamedTuple):
@@ -269,7 +273,7 @@ def _weighted_groups(g: GroupView, w: Tensor) -> Scaling:
     coef = g.mask * (w_full.detach() / tokens.clamp(min=1))[g.k][:, None]  # [B, T]
     signal = g.signal if g.signal is not None else g.group_loss.detach().abs()
     C = g.reg if g.reg is not None else w.new_ones(())
-    offset = ((w_full - w_full.detach()) * signal - C * torch.log(w_full)) / g.world_size  # each rank's share
+    offset = ((w_full - w_full.detach()) * signal - C * torch.log(w_full)) / g.parts  # each part's share
     return Scaling(coef, torch.where(g.present, offset, torch.zeros_like(offset)))
 
 
@@ -318,16 +322,125 @@ def _validate(b: PolicyBatch, K: int) -> None:
         raise ValueError(f"non-finite advantage at response {i}")
 
 
-class LossTerms(NamedTuple):
-    """Everything `loss_terms` computes on one mini-batch (per-group tensors indexed by k = 0..K)."""
+class _Tokens(NamedTuple):
+    """The per-token quantities of one part of a mini-batch, shared by its totals and its loss."""
 
-    loss: Tensor  # [] this rank's share of the mini-batch's loss, differentiable
-    metrics: dict[str, float]  # the whole mini-batch's metrics (docs/math.md keys), identical on every rank
-    contrib: Tensor  # [K+1] C_mu, this rank's share, differentiable; sums to `loss`
-    group_loss: Tensor  # [K+1] L_mu, this rank's share, differentiable
+    k: Tensor  # [B] long
+    mask: Tensor  # [B, T] kept tokens (mu in {0, 1} dropped), as weights
+    lengths: Tensor  # [B] kept tokens per response
+    adv: Tensor  # [B]
+    sur: Any  # the clipped surrogate (surrogate.Surrogate)
+    l: Tensor  # [B, T] per-token loss l = -A g (+ beta KL), 0 off the kept tokens, differentiable
+    g: Tensor  # [B, T] the clipped factor, detached
+
+
+def _tokens(batch: PolicyBatch, K: int, s: LossSettings) -> _Tokens:
+    k = batch.num_correct.long()
+    dt = batch.logp.dtype
+    interior = (k > 0) & (k < K)  # [B]
+    mask = batch.mask.to(dt) * interior[:, None].to(dt)  # [B, T] kept tokens
+    # padding may hold anything (even NaN): zero it before exp(), so no NaN reaches a gradient
+    on = batch.mask.bool()
+    logp = torch.where(on, batch.logp, torch.zeros_like(batch.logp))
+    old_logp = torch.where(on, batch.old_logp.to(dt), torch.zeros_like(logp))
+    adv = batch.advantages.to(dt)
+    sur = clipped_surrogate(logp, old_logp, adv, s.eps_low, s.eps_high, s.dual_clip)
+    l = sur.loss  # [B, T] = -A g
+    if s.kl_beta > 0:
+        if batch.ref_logp is None:
+            raise ValueError("kl_beta > 0 needs batch.ref_logp")
+        l = l + s.kl_beta * kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))
+    l = torch.where(mask.bool(), l, torch.zeros_like(l))  # no NaN from padding can leak
+    return _Tokens(k, mask, mask.sum(1), adv, sur, l, sur.factor.detach())
+
+
+def _per_group(x: Tensor, k: Tensor, K: int) -> Tensor:
+    """[B] -> [K+1]: the sum of x over the rows of each k."""
+    return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The whole mini-batch's sums that every part of it is normalised by, passed to the loss as data.
+
+    A mini-batch split into parts (gradient accumulation's passes, data-parallel ranks: as verl passes
+    `batch_num_tokens` and TRL `num_items_in_batch`) gives each part's loss the totals of all of them, so each
+    part's loss is its exact share of the whole mini-batch's (the shares sum to it):
+
+        totals = Totals.combine([batch_totals(part, K, s) for part in parts], shard)   # sum, then over ranks
+        loss_i = loss_terms(method, part_i, K, s, totals=totals).loss                   # backward each
+
+    l_sum and mass_sum need the log-probs (DARO's signal reads them); `batch_totals(..., with_loss=False)`
+    counts from the masks alone, which every method without weights needs.
+    """
+
+    tokens: Tensor  # [K+1] kept tokens per group (mask as weights)
+    responses: Tensor  # [] kept responses with at least one token
+    l_sum: Tensor  # [K+1] sum of l over each group's tokens, detached (zeros without with_loss)
+    mass_sum: Tensor  # [K+1] sum of |A| g over each group's tokens, detached (zeros without with_loss)
+    width: int  # padded response length of the mini-batch (its widest part's)
+    parts: int = 1  # how many parts the mini-batch is split into: a per-group offset is split evenly over them
+    with_loss: bool = True  # l_sum and mass_sum were summed (from log-probs)
+
+    @property
+    def K(self) -> int:
+        return self.tokens.shape[0] - 1
+
+    @staticmethod
+    def combine(parts: "Sequence[Totals]", shard: "Shard | None" = None) -> "Totals":
+        """The totals of a mini-batch made of `parts` (this process's passes), summed over them and then over the
+        data-parallel ranks of `shard` (two collectives: every rank must call it at the same point)."""
+        if not parts:
+            raise ValueError("Totals.combine needs at least one part")
+        packed = torch.stack([torch.cat([t.tokens, t.l_sum, t.mass_sum, t.responses[None],
+                                         t.responses.new_tensor([float(t.parts)])]) for t in parts]).sum(0)
+        width = max(t.width for t in parts)
+        shard = shard or Shard()
+        if shard.world_size > 1:
+            packed = shard.reduce(packed, "sum")
+            width = int(shard.reduce(packed.new_tensor(float(width)), "max"))
+        K1 = parts[0].tokens.shape[0]
+        return Totals(packed[:K1], packed[-2], packed[K1 : 2 * K1], packed[2 * K1 : 3 * K1], width,
+                      int(round(float(packed[-1]))), all(t.with_loss for t in parts))
+
+
+def batch_totals(batch: PolicyBatch, K: int, settings: LossSettings = LossSettings(), with_loss: bool = True) -> Totals:
+    """The totals of one part of a mini-batch, by itself (see `Totals`); detached. with_loss=False: from the masks
+    and pass rates alone (batch.logp is not read)."""
+    if not with_loss:
+        k = batch.num_correct.long()
+        mask = batch.mask.double() * ((k > 0) & (k < K))[:, None].double()
+        lengths = mask.sum(1)
+        zeros = torch.zeros(K + 1, dtype=torch.float64, device=mask.device)
+        return Totals(_per_group(lengths, k, K), (lengths > 0).sum().double(), zeros, zeros.clone(), mask.shape[1],
+                      with_loss=False)
+    with torch.no_grad():
+        return _totals_of(_tokens(batch, K, settings), K)
+
+
+def _totals_of(t: _Tokens, K: int) -> Totals:
+    l_sum = _per_group((t.l * t.mask).sum(1), t.k, K).detach()
+    mass_sum = _per_group((t.adv.abs()[:, None] * t.g * t.mask).sum(1), t.k, K)
+    return Totals(_per_group(t.lengths, t.k, K).detach(), (t.lengths > 0).sum().to(t.lengths.dtype), l_sum, mass_sum,
+                  t.mask.shape[1])
+
+
+class LossTerms(NamedTuple):
+    """Everything `loss_terms` computes on one mini-batch, or one part of it (per-group tensors indexed by k = 0..K)."""
+
+    loss: Tensor  # [] the part's share of the mini-batch's loss, differentiable
+    stats: "MetricSums"  # the part's metric sums: `.finish()` (summed over the parts first) gives the metrics
+    contrib: Tensor  # [K+1] C_mu, the part's share, differentiable; sums to `loss`
+    group_loss: Tensor  # [K+1] L_mu, the part's share, differentiable
     present: Tensor  # [K+1] bool: interior groups with tokens in the mini-batch
     factor: Tensor  # [B, T] g, the clipped factor of l = -A g, detached
     daro_state: DaroState | None  # the signal state after this update (methods with weights)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics (the record's keys), when this part is the whole mini-batch; otherwise sum `stats` over the
+        parts first (`MetricSums.combine`)."""
+        return self.stats.finish()
 
 
 def policy_loss(
@@ -338,15 +451,15 @@ def policy_loss(
     weights: Tensor | None = None,
     group_grad_norms: Tensor | None = None,
     return_groups: bool = False,
-    shard: Shard = Shard(),
+    totals: Totals | None = None,
     daro_state: DaroState | None = None,
 ):
     """Loss and per-pass-rate metrics of `method` on one mini-batch (the drop-in API; see `loss_terms`).
 
     Returns (loss [] scalar, metrics dict[str, float]), or (loss, metrics, (C [K+1], L [K+1])) with
-    return_groups.
+    return_groups. With `totals` (a part of a split mini-batch) the metrics are this part's alone.
     """
-    t = loss_terms(method, batch, K, settings, weights, group_grad_norms, shard, daro_state)
+    t = loss_terms(method, batch, K, settings, weights, group_grad_norms, totals, daro_state)
     if return_groups:
         return t.loss, t.metrics, (t.contrib, t.group_loss)
     return t.loss, t.metrics
@@ -359,66 +472,43 @@ def loss_terms(
     settings: LossSettings = LossSettings(),
     weights: Tensor | None = None,
     group_grad_norms: Tensor | None = None,
-    shard: Shard = Shard(),
+    totals: Totals | None = None,
     daro_state: DaroState | None = None,
 ) -> LossTerms:
-    """Loss, per-pass-rate metrics and per-group terms of `method` on one mini-batch.
+    """Loss, per-group terms and metric sums of `method` on one mini-batch, or on one part of it. Pure: no
+    collective, no logging.
 
     Args:
         method: a key of METHODS.
-        batch: the mini-batch, B responses x T tokens (see PolicyBatch).
+        batch: the mini-batch (or a part of it), B responses x T tokens (see PolicyBatch).
         K: responses per prompt; groups are k = 0..K.
         settings: clip ranges, KL, Dr. GRPO's L_max, DARO's signal, regulariser and signal EMA.
         weights: [K-1] DARO weights for k = 1..K-1 ('daro': differentiable; 'static': frozen).
         group_grad_norms: [K-1] ||grad_theta L_mu||, the DARO signal when settings.weight_signal='grad'.
-        shard: data parallelism: `batch` is this rank's part of the mini-batch (see Shard).
+        totals: the whole mini-batch's sums when `batch` is a part of it (`Totals`); None: `batch` is all of it.
         daro_state: the signal state before this update (`DaroWeights.state()`); None: a fresh one. Only
             settings.signal_ema > 0 and reg = 'auto' read it.
 
-    Under a Shard, loss, C and L are this rank's shares (they sum over ranks to the whole mini-batch's)
-    and the metrics are the whole mini-batch's, identical on every rank.
+    With `totals`, loss, C and L are this part's shares (they sum over the parts to the whole mini-batch's), and
+    `stats` summed over the parts (`MetricSums.combine`) finishes into the whole mini-batch's metrics.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     _validate(batch, K)
     spec = METHODS[method]
-    k = batch.num_correct.long()
     B, T = batch.logp.shape
     dt = batch.logp.dtype
-    interior = (k > 0) & (k < K)  # [B]
-    mask = batch.mask.to(dt) * interior[:, None].to(dt)  # [B, T] kept tokens
-    lengths = mask.sum(1)  # [B]
-
-    # padding may hold anything (even NaN): zero it before exp(), so no NaN reaches a gradient
-    on = batch.mask.bool()
-    logp = torch.where(on, batch.logp, torch.zeros_like(batch.logp))
-    old_logp = torch.where(on, batch.old_logp.to(dt), torch.zeros_like(logp))
-    adv = batch.advantages.to(dt)
-    sur = clipped_surrogate(logp, old_logp, adv, settings.eps_low, settings.eps_high, settings.dual_clip)
-    l = sur.loss  # [B, T] = -A g
-    if settings.kl_beta > 0:
-        if batch.ref_logp is None:
-            raise ValueError("kl_beta > 0 needs batch.ref_logp")
-        kl = kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))
-        l = l + settings.kl_beta * kl
-    l = torch.where(mask.bool(), l, torch.zeros_like(l))  # no NaN from padding can leak
-    g = sur.factor.detach()
-
-    def per_group(x: Tensor) -> Tensor:  # [B] -> [K+1], sum within each k
-        return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
-
-    # the whole mini-batch's counts: one collective for the sums, one for the padded width
-    local_l = per_group((l * mask).sum(1))  # [K+1] sum of l over each group's tokens (mask as weights), differentiable
-    local_mass = per_group((adv.abs()[:, None] * g * mask).sum(1))  # [K+1] sum of |A| g over each group's tokens
-    n_resp = (lengths > 0).sum().to(dt)
-    sums = shard.reduce(torch.cat([per_group(lengths), local_l.detach(), local_mass.detach(), n_resp[None]]), "sum")
-    tokens, l_sum, mass_sum, n_resp = sums[: K + 1], sums[K + 1 : 2 * K + 2], sums[2 * K + 2 : 3 * K + 3], sums[-1]
-    width = T if shard.world_size == 1 else int(shard.reduce(torch.tensor(float(T), device=l.device), "max"))
-    group_loss = local_l / tokens.clamp(min=1)  # [K+1] L_mu (this rank's share)
+    tk = _tokens(batch, K, settings)
+    k, mask, l = tk.k, tk.mask, tk.l
+    if totals is None:
+        totals = _totals_of(tk, K)
+    elif totals.tokens.shape != (K + 1,):
+        raise ValueError(f"totals are of K = {totals.K}, the loss's K is {K}")
+    tokens = totals.tokens.to(dt)
+    local_l = _per_group((l * mask).sum(1), k, K)  # [K+1] sum of l over each group's tokens (mask as weights), differentiable
+    group_loss = local_l / tokens.clamp(min=1)  # [K+1] L_mu (this part's share)
     arange = torch.arange(K + 1, device=k.device)
     present = (tokens > 0) & (arange > 0) & (arange < K)
-    L_global = l_sum / tokens.clamp(min=1)  # [K+1] L_mu of the whole mini-batch, detached
-    mass = mass_sum / tokens.clamp(min=1)  # [K+1] token-mean |A| g of the whole mini-batch's group
 
     signal = reg = new_state = None
     if spec.weights != "none":
@@ -426,12 +516,16 @@ def loss_terms(
             raise ValueError(f"method {method!r} needs weights of shape [{K - 1}], got "
                              f"{None if weights is None else tuple(weights.shape)}")
         weights = weights.to(dt)
+        if settings.weight_signal in ("abs", "signed", "mass") and not totals.with_loss:
+            raise ValueError(f"weight_signal {settings.weight_signal!r} reads the mini-batch's L_mu: its totals must "
+                             "be summed from log-probs (batch_totals(..., with_loss=True))")
+        L_global = totals.l_sum.to(dt) / tokens.clamp(min=1)  # [K+1] L_mu of the whole mini-batch, detached
         if settings.weight_signal == "abs":
             raw = L_global.abs()
         elif settings.weight_signal == "signed":
             raw = L_global
         elif settings.weight_signal == "mass":
-            raw = mass
+            raw = totals.mass_sum.to(dt) / tokens.clamp(min=1)
         elif settings.weight_signal == "grad":
             if group_grad_norms is None or group_grad_norms.shape != (K - 1,):
                 raise ValueError("weight_signal='grad' needs group_grad_norms of shape [K-1]")
@@ -441,54 +535,146 @@ def loss_terms(
             raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: one of {', '.join(SIGNALS)}")
         signal, reg, new_state = read_signal(raw, present, settings, daro_state)
 
-    view = GroupView(K, k, mask, n_resp, group_loss, present, weights, signal, reg, tokens, tokens.sum(), width,
-                     shard.world_size)
+    view = GroupView(K, k, mask, totals.responses.to(dt), group_loss, present, weights, signal, reg, tokens,
+                     tokens.sum(), totals.width, totals.parts)
     scaling = spec.fn(view, settings)
-    contrib = per_group((scaling.coef * l).sum(1))  # [K+1] C_mu without offsets
-    offset = scaling.offset
-    if offset is not None:
-        contrib = contrib + offset
+    contrib = _per_group((scaling.coef * l).sum(1), k, K)  # [K+1] C_mu without offsets
+    if scaling.offset is not None:
+        contrib = contrib + scaling.offset
     if B == 0 or not present.any():
         loss = l.sum() * 0.0  # defined, zero, and still attached to the graph
     else:
         loss = contrib.sum()
+    stats = _metric_sums(K, batch, tk, scaling, contrib, loss, totals, present, weights, signal, reg)
+    return LossTerms(loss, stats, contrib, group_loss, present, tk.g, new_state)
 
-    metrics = _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss,
-                       weights, signal, reg, shard)
-    return LossTerms(loss, metrics, contrib, group_loss, present, g, new_state)
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: sums over a part, added over the parts, then finished into the record's keys
+
+_GROUP_SUMS = ("l_sum", "mass_sum", "scale", "contrib", "prompts", "offset", "n_corr", "n_inc", "len_corr", "len_inc",
+               "clip_pos", "pos", "clip_neg", "neg")
+_SCALAR_SUMS = ("loss", "responses", "empty", "clip_pos", "pos", "clip_neg", "neg", "clip_all", "ratio")
+
+
+@dataclass
+class MetricSums:
+    """The additive part of a mini-batch's metrics, and what they are finished with.
+
+    A part's sums add up over the parts of a split mini-batch (`combine`: its passes, then the data-parallel
+    ranks); `finish()` turns the whole mini-batch's into the metrics dict. The rest (`totals`, the weights,
+    the signal and C) is the whole mini-batch's already, identical in every part.
+    """
+
+    sums: Tensor  # [len(_GROUP_SUMS) * (K+1) + len(_SCALAR_SUMS)] float64
+    ratio_max: Tensor  # [] float64, the largest ratio on a response token (-inf: none)
+    totals: Totals
+    present: Tensor  # [K+1] bool
+    weights: Tensor | None  # [K-1] the weights the loss used, detached
+    signal: Tensor | None  # [K+1]
+    reg: Tensor | None  # []
+    has_offset: bool
+
+    @staticmethod
+    def combine(parts: "Sequence[MetricSums]", shard: "Shard | None" = None) -> "MetricSums":
+        """The sums of the whole mini-batch: over `parts`, then over the ranks of `shard` (two collectives)."""
+        first = parts[0]
+        sums = torch.stack([p.sums for p in parts]).sum(0)
+        top = torch.stack([p.ratio_max for p in parts]).max()
+        shard = shard or Shard()
+        if shard.world_size > 1:
+            sums, top = shard.reduce(sums, "sum"), shard.reduce(top, "max")
+        return dataclasses.replace(first, sums=sums, ratio_max=top)
+
+    @torch.no_grad()
+    def finish(self) -> dict[str, float]:
+        """The metrics, keyed by the record's vocabulary (daro_lab.record)."""
+        K = self.totals.K
+        flat = self.sums.tolist()
+        G = len(_GROUP_SUMS) * (K + 1)
+        g = {name: flat[i * (K + 1) : (i + 1) * (K + 1)] for i, name in enumerate(_GROUP_SUMS)}
+        t = dict(zip(_SCALAR_SUMS, flat[G:]))
+        ratio_max = float(self.ratio_max)
+        tokens = self.totals.tokens.double().tolist()
+
+        def div(a: float, b: float) -> float:
+            return a / max(b, 1.0)
+
+        L = [div(a, b) for a, b in zip(g["l_sum"], tokens)]
+        cols = {
+            "loss": L, "contrib": g["contrib"], "scale": g["scale"], "prompts": g["prompts"], "tokens": tokens,
+            "mass": [div(a, b) for a, b in zip(g["mass_sum"], tokens)],
+            "len_correct": [div(a, b) for a, b in zip(g["len_corr"], g["n_corr"])],
+            "len_incorrect": [div(a, b) for a, b in zip(g["len_inc"], g["n_inc"])],
+            "clipfrac_pos": [div(a, b) for a, b in zip(g["clip_pos"], g["pos"])],
+            "clipfrac_neg": [div(a, b) for a, b in zip(g["clip_neg"], g["neg"])],
+        }
+        if self.has_offset:
+            cols["contrib_offset"] = g["offset"]  # DARO's -C ln w_mu: part of C_mu, without a theta-gradient
+        if self.weights is not None:
+            w_full = [1.0, *self.weights.double().tolist(), 1.0]
+            signal = self.signal.double().tolist()
+            reg = float(self.reg)
+            cols["daro/weight"] = w_full  # the weights this loss used
+            cols["daro/wL"] = [w * x for w, x in zip(w_full, L)]
+            cols["daro/signal"] = signal
+            cols["daro/wS"] = [w * x / reg for w, x in zip(w_full, signal)]  # 1 at the fixed point w = C / signal
+        out: dict[str, float] = {}
+        for kk in torch.nonzero(self.present).flatten().tolist():
+            key = mu_key(kk, K)
+            for name, v in cols.items():
+                out[f"{name}/{key}"] = v[kk]
+        n_tok = sum(tokens[1:K])
+        out.update({
+            "loss/total": t["loss"],
+            "batch/responses": t["responses"],
+            "batch/tokens": n_tok,
+            "batch/empty_responses": t["empty"],
+            "batch/prompts": sum(g["prompts"]),
+            "batch/prompts_mu0": g["prompts"][0],  # a caller that passes every prompt (TRL) sees them here
+            "batch/prompts_mu1": g["prompts"][K],
+            "clipfrac/pos": div(t["clip_pos"], t["pos"]),
+            "clipfrac/neg": div(t["clip_neg"], t["neg"]),
+            "clipfrac/all": div(t["clip_all"], n_tok),
+            "ratio/max": ratio_max if math.isfinite(ratio_max) else 1.0,
+            "ratio/mean": div(t["ratio"], n_tok),
+        })
+        if self.weights is not None and self.signal is not None:
+            # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound
+            out["daro/nonpositive_signal"] = float(((self.signal <= 0) & self.present).sum())
+            out["daro/reg"] = float(self.reg)
+        return out
 
 
 @torch.no_grad()
-def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, contrib, present, loss, weights,
-             signal, reg, shard):
-    """Per-group and batch metrics, as plain floats keyed by the record's vocabulary (daro_lab.record).
-
-    Every count and sum is taken over this rank's rows, then all of them are summed over the ranks
-    in one collective, so the metrics are the whole mini-batch's.
-    """
-    def per_group(x: Tensor) -> Tensor:
-        return torch.zeros(K + 1, dtype=x.dtype, device=x.device).index_add(0, k, x)
-
+def _metric_sums(K, batch, tk: _Tokens, scaling, contrib, loss, totals, present, weights, signal, reg) -> MetricSums:
+    """This part's metric sums: counts and sums over its rows (filler rows, prompt index -1, count for nothing)."""
+    k = tk.k
     dt = torch.float64
-    mask = mask.to(dt)
+
+    def per_group(x: Tensor) -> Tensor:
+        return _per_group(x, k, K)
+
+    mask = tk.mask.to(dt)
     valid = (batch.prompt_index >= 0).to(dt)  # [B] 0 on filler rows
-    adv = batch.advantages.to(dt)
+    adv = tk.adv.to(dt)
     correct = (batch.rewards > 0.5).to(dt) * valid
     incorrect = (1 - correct) * valid
     raw_len = batch.mask.to(dt).sum(1)  # lengths before dropping mu in {0, 1}
     pos = (adv > 0)[:, None].to(dt) * mask
     neg = (adv < 0)[:, None].to(dt) * mask
-    clipped = sur.clipped.to(dt)
-    ratio = sur.ratio.detach().to(dt)
-    # prompts per k: one k per prompt index (filler rows, index -1, count for nothing)
+    clipped = tk.sur.clipped.to(dt)
+    ratio = tk.sur.ratio.detach().to(dt)
+    # prompts per k: one k per prompt index
     real = batch.prompt_index >= 0
     uniq, inv = torch.unique(batch.prompt_index[real], return_inverse=True)
     k_of_prompt = torch.zeros(len(uniq), dtype=torch.long, device=k.device).scatter_(0, inv, k[real])
-    prompts = torch.bincount(k_of_prompt, minlength=K + 1).to(dt)
-
-    group_sums = {  # name -> [K+1]
+    group = {
+        "l_sum": per_group((tk.l.detach().to(dt) * mask).sum(1)),
+        "mass_sum": per_group((adv.abs()[:, None] * tk.g.to(dt) * mask).sum(1)),
         "scale": per_group((scaling.coef.detach().to(dt) * adv.abs()[:, None]).sum(1)),  # S_mu
-        "contrib": contrib.detach().to(dt), "prompts": prompts,
+        "contrib": contrib.detach().to(dt),
+        "prompts": torch.bincount(k_of_prompt, minlength=K + 1).to(dt),
         "offset": (scaling.offset.detach().to(dt) if scaling.offset is not None
                    else torch.zeros(K + 1, dtype=dt, device=k.device)),
         "n_corr": per_group(correct), "n_inc": per_group(incorrect),
@@ -496,63 +682,18 @@ def _metrics(K, k, batch, mask, lengths, scaling, sur, L_global, mass, tokens, c
         "clip_pos": per_group((clipped * pos).sum(1)), "pos": per_group(pos.sum(1)),
         "clip_neg": per_group((clipped * neg).sum(1)), "neg": per_group(neg.sum(1)),
     }
-    scalar_sums = {
-        "loss": loss.detach().to(dt), "responses": (lengths > 0).sum().to(dt), "empty": ((raw_len == 0).to(dt) * valid).sum(),
+    scalar = {
+        "loss": loss.detach().to(dt), "responses": (tk.lengths > 0).sum().to(dt),
+        "empty": ((raw_len == 0).to(dt) * valid).sum(),
         "clip_pos": (clipped * pos).sum(), "pos": pos.sum(), "clip_neg": (clipped * neg).sum(), "neg": neg.sum(),
         "clip_all": (clipped * mask).sum(), "ratio": (ratio * mask).sum(),
     }
-    flat = shard.reduce(torch.cat([torch.stack(list(group_sums.values())).flatten(),
-                                   torch.stack(list(scalar_sums.values()))]), "sum").tolist()
-    G = len(group_sums) * (K + 1)
-    g = {name: flat[i * (K + 1) : (i + 1) * (K + 1)] for i, name in enumerate(group_sums)}
-    t = dict(zip(scalar_sums, flat[G:]))
+    sums = torch.cat([torch.stack([group[n] for n in _GROUP_SUMS]).flatten(), torch.stack([scalar[n] for n in _SCALAR_SUMS])])
     on = batch.mask.bool()
-    ratio_max = shard.reduce(ratio[on].max() if on.any() else ratio.new_tensor(-math.inf), "max").item()
-
-    def div(a: float, b: float) -> float:
-        return a / max(b, 1.0)
-
-    cols = {
-        "loss": L_global.double().tolist(), "contrib": g["contrib"], "scale": g["scale"], "prompts": g["prompts"],
-        "tokens": tokens.double().tolist(), "mass": mass.double().tolist(),
-        "len_correct": [div(a, b) for a, b in zip(g["len_corr"], g["n_corr"])],
-        "len_incorrect": [div(a, b) for a, b in zip(g["len_inc"], g["n_inc"])],
-        "clipfrac_pos": [div(a, b) for a, b in zip(g["clip_pos"], g["pos"])],
-        "clipfrac_neg": [div(a, b) for a, b in zip(g["clip_neg"], g["neg"])],
-    }
-    if scaling.offset is not None:
-        cols["contrib_offset"] = g["offset"]  # DARO's -C ln w_mu: part of C_mu, without a theta-gradient
-    if weights is not None:
-        w_full = torch.cat([weights.new_ones(1), weights.detach(), weights.new_ones(1)]).double()
-        cols["daro/weight"] = w_full.tolist()  # the weights this loss used
-        cols["daro/wL"] = (w_full * L_global.double()).tolist()
-        cols["daro/signal"] = signal.double().tolist()
-        cols["daro/wS"] = (w_full * signal.double() / float(reg)).tolist()  # 1 at the fixed point w = C / signal
-    out: dict[str, float] = {}
-    for kk in torch.nonzero(present).flatten().tolist():
-        key = mu_key(kk, K)
-        for name, v in cols.items():
-            out[f"{name}/{key}"] = v[kk]
-    n_tok = sum(cols["tokens"][1:K])
-    out.update({
-        "loss/total": t["loss"],
-        "batch/responses": t["responses"],
-        "batch/tokens": n_tok,
-        "batch/empty_responses": t["empty"],
-        "batch/prompts": sum(g["prompts"]),
-        "batch/prompts_mu0": g["prompts"][0],  # a caller that passes every prompt (TRL) sees them here
-        "batch/prompts_mu1": g["prompts"][K],
-        "clipfrac/pos": div(t["clip_pos"], t["pos"]),
-        "clipfrac/neg": div(t["clip_neg"], t["neg"]),
-        "clipfrac/all": div(t["clip_all"], n_tok),
-        "ratio/max": ratio_max if math.isfinite(ratio_max) else 1.0,
-        "ratio/mean": div(t["ratio"], n_tok),
-    })
-    if weights is not None and signal is not None:
-        # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound
-        out["daro/nonpositive_signal"] = float(((signal <= 0) & present).sum())
-        out["daro/reg"] = float(reg)
-    return out
+    top = ratio[on].max() if on.any() else ratio.new_tensor(-math.inf)
+    return MetricSums(sums, top, totals, present.clone(), None if weights is None else weights.detach(),
+                      None if signal is None else signal.detach(), None if reg is None else reg.detach(),
+                      scaling.offset is not None)
 
 
 def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:

@@ -56,13 +56,15 @@
    stepped, clamped to [w_min, w_max] after each step, and saved with TRL's checkpoints (`daro_weights.pt` in
    the checkpoint folder: weights and signal state; the optimizer state holds their AdamW moments) and restored
    by `train(resume_from_checkpoint=...)`. One optimizer update is daro-lab's mini-batch: with gradient
-   accumulation the update's sums come from a no-grad forward of its other micro-batches first
-   (`daro_lab.trainer.accumulate`), so the accumulated gradient is the whole update's, as in daro-lab's trainer.
+   accumulation the update's totals (`Totals`: tokens per group, L_mu, ...) come from a no-grad forward of its
+   micro-batches first and are passed to each micro-batch's loss, so the accumulated gradient is the whole
+   update's, as in daro-lab's trainer.
    Needs steps_per_generation to be a multiple of gradient_accumulation_steps (an update within one generation
    batch); the 'grad' signal needs gradient_accumulation_steps = 1.
 
-Several processes (accelerate / torchrun): the sums are all-reduced as daro-lab's `Shard` does; this path follows
-daro-lab's data-parallel accounting but is not exercised by the tests here (one CPU process).
+Several processes (accelerate / torchrun): the totals and metric sums are all-reduced over a `Shard`, as daro-lab's
+trainer does; this path follows daro-lab's data-parallel accounting but is not exercised by the tests here (one
+CPU process).
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ try:
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError('daro_lab.integrations.trl needs TRL: pip install -e ".[trl]"') from _e
 
-from daro_lab.algorithms import (METHODS, SIGNALS, DaroWeights, LossSettings, PolicyBatch, Shard, clipped_surrogate,
+from daro_lab.algorithms import (METHODS, SIGNALS, DaroWeights, LossSettings, MetricSums, PolicyBatch, Shard, Totals,
+                                 batch_totals, clipped_surrogate,
                                  compute_advantages, group_keys, kl_k3, loss_terms, mu_key, policy_loss)
 from daro_lab.hooks.builtin import per_mu_rows
 from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
-from daro_lab.trainer import accumulate
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
 METHOD_OF_LOSS_TYPE = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "bnpo": "dapo", "daro": "daro"}
@@ -240,8 +242,9 @@ class DaroGRPOTrainer(GRPOTrainer):
         self._rewards_per_func: Tensor | None = None
         self._gen_count = 0
         self._pending_hist: Tensor | None = None
-        self._daro_pending: tuple[dict, object] | None = None  # (metrics, signal state) of the running update
-        self._daro_values: list | None = None  # replayed reductions of the running update (accumulation)
+        self._daro_totals = None  # the running update's totals (accumulation: from a no-grad forward first)
+        self._daro_parts: list = []  # the metric sums of the running update's micro-batches
+        self._daro_pending_state = None  # the signal state after the running update
         self._daro_next_state = None
         self.per_mu_rows: list[dict] = []  # the per_mu table (daro-lab's columns plus trl/contrib, trl/scale)
         self.mu_hist_rows: list[dict] = []
@@ -416,23 +419,20 @@ class DaroGRPOTrainer(GRPOTrainer):
             s_eval = s if s.weight_signal != "grad" else dataclasses.replace(s, weight_signal="abs")  # no backward here
             return loss_terms("daro", b, K, s_eval, weights=w.detach(), daro_state=state).loss
         M = self.current_gradient_accumulation_steps
-        i = self._step % M
-        if M > 1 and i == 0:
-            self._daro_phase1(model, M, w.detach(), state)
+        if M > 1 and self._step % M == 0:  # the update's totals, from all of its micro-batches
+            self._daro_totals = self._daro_phase1(model, M)
         logp, entropies, aux = self._forward(model, inputs, entropy=True)
         b = self.policy_batch(inputs, logp)
         world = self.daro_shard.world_size
+        norms = None
         if M == 1:
-            norms = self._group_grad_norms(model, b, w, state) if s.weight_signal == "grad" else None
-            t = loss_terms("daro", b, K, s, weights=w, group_grad_norms=norms, shard=self.daro_shard, daro_state=state)
-            self._daro_pending = (t.metrics, t.daro_state)
-            loss = t.loss
-            self._window.append({"batch": _detached(b)})
-        else:
-            loss, _ = policy_loss("daro", b, K, s, weights=w, daro_state=state,
-                                  shard=accumulate.replayed(self._daro_values[i], self.daro_shard, M))
-            self._window.append({"batch": _detached(b)})
-        loss = loss * world  # this process's share of the update; DDP averages over processes
+            self._daro_totals = Totals.combine([batch_totals(b, K, s)], self.daro_shard)
+            norms = self._group_grad_norms(model, b, w, state, self._daro_totals) if s.weight_signal == "grad" else None
+        t = loss_terms("daro", b, K, s, weights=w, group_grad_norms=norms, totals=self._daro_totals, daro_state=state)
+        self._daro_parts.append(t.stats)
+        self._daro_pending_state = t.daro_state  # every micro-batch's: it depends on the totals only
+        self._window.append({"batch": _detached(b)})
+        loss = t.loss * world  # this process's share of the update; DDP averages over processes
         if aux is not None:
             loss = loss + self.router_aux_loss_coef * aux / M
         m = self._loss_mask(inputs).float()
@@ -440,32 +440,24 @@ class DaroGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["entropy"].append(float(tot[0] / tot[1].clamp(min=1)))
         return loss
 
-    def _daro_phase1(self, model, M: int, w0: Tensor, state) -> None:
-        """The update's sums (tokens per group, L_mu, ...) from a no-grad forward of its M micro-batches."""
+    def _daro_phase1(self, model, M: int) -> Totals:
+        """The update's totals (tokens per group, L_mu, ...) from a no-grad forward of its M micro-batches."""
         start = self._step % self.args.steps_per_generation
         micro = self._buffered_inputs[start : start + M]
         if len(micro) != M:
             raise RuntimeError(f"DARO: the update's {M} micro-batches are not all in the generation batch "
                                f"(found {len(micro)} from micro-step {start})")
         with torch.no_grad():
-            batches = [self.policy_batch(mb, self._forward(model, mb)[0]) for mb in micro]
-        K, s = self.K, self.daro_settings
+            parts = [batch_totals(self.policy_batch(mb, self._forward(model, mb)[0]), self.K, self.daro_settings)
+                     for mb in micro]
+        return Totals.combine(parts, self.daro_shard)
 
-        def run(i, shard):
-            with torch.no_grad():
-                t = loss_terms("daro", batches[i], K, s, weights=w0, shard=shard, daro_state=state)
-            return t.metrics, t.daro_state
-
-        values, out = accumulate.reductions(M, run, self.daro_shard)
-        self._daro_values = values
-        self._daro_pending = (dict(out[0][0]), out[0][1])
-
-    def _group_grad_norms(self, model, b: PolicyBatch, w: Tensor, state) -> Tensor:
+    def _group_grad_norms(self, model, b: PolicyBatch, w: Tensor, state, totals: Totals) -> Tensor:
         """[K-1] ||grad_theta L_mu|| of the update (DARO's 'grad' signal), keeping the graph."""
         K = self.K
         _, _, (_, L) = policy_loss("daro", b, K, self.daro_settings, weights=w.detach(),
                                    group_grad_norms=torch.zeros(K - 1, device=w.device), return_groups=True,
-                                   shard=self.daro_shard, daro_state=state)
+                                   totals=totals, daro_state=state)
         params = [p for p in model.parameters() if p.requires_grad]
         out = []
         for kk in range(1, K):
@@ -494,17 +486,19 @@ class DaroGRPOTrainer(GRPOTrainer):
         window, self._window = self._window, []
         metrics: dict[str, float] = {}
         if self.is_daro:
-            if self._daro_pending is None:
+            if not self._daro_parts:
                 return
-            metrics, state = self._daro_pending
-            metrics = dict(metrics)
-            self._daro_pending, self._daro_values = None, None
+            metrics = MetricSums.combine(self._daro_parts, self.daro_shard).finish()  # the update's, all processes
+            state = self._daro_pending_state
+            self._daro_parts, self._daro_totals, self._daro_pending_state = [], None, None
             self.daro_weights.release_absent(metrics)
             self._daro_next_state = state
         elif window:
             batch = cat_batches([r["batch"] for r in window])
             with torch.no_grad():
-                metrics = dict(loss_terms(self.daro_method, batch, self.K, self.daro_settings, shard=self.daro_shard).metrics)
+                totals = Totals.combine([batch_totals(batch, self.K, self.daro_settings)], self.daro_shard)
+                t = loss_terms(self.daro_method, batch, self.K, self.daro_settings, totals=totals)
+                metrics = MetricSums.combine([t.stats], self.daro_shard).finish()
             if self.trl_terms_exact:
                 metrics.update(self._trl_terms(window, metrics))
         else:

@@ -4,8 +4,9 @@ One step (docs/math.md):
     N prompts x K responses          (DAPO dynamic sampling: more batches until N have 0 < mu < 1)
     rewards [N, K] -> keep 0 < mu < 1 -> advantages over the kept prompts, once
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
-    for each mini-batch: loss from the registry -> backward -> clip -> AdamW (policy + DARO weights)
-                         (in passes of trainer.micro_batch_prompts prompts, gradients accumulated: accumulate.py)
+    for each mini-batch: its totals (tokens per group, responses, L_mu: summed over its passes and ranks)
+                         -> each pass's loss given them (its exact share) -> backward (gradients accumulate
+                         over the passes of trainer.micro_batch_prompts prompts) -> clip -> AdamW (policy + DARO weights)
 Hooks see every stage and change nothing; the trainer never logs by itself.
 Under torchrun the step is split over data-parallel ranks as `daro_lab/distributed.py` describes.
 """
@@ -22,13 +23,13 @@ from typing import Any
 
 import torch
 
-from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, loss_terms,
-                                 mu_key, policy_loss)
+from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, MetricSums, PolicyBatch, Totals, batch_totals,
+                                 compute_advantages, kept_prompts, loss_terms, mu_key)
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
 from daro_lab.rollout.logprobs import sequence_logprobs
-from daro_lab.trainer import accumulate, fsdp
+from daro_lab.trainer import fsdp
 from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
@@ -351,89 +352,87 @@ class Trainer:
     def _one_pass(self, p: Pass, *, params, want_g):
         """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad.
         Returns (metrics, the batch, the loss's clipped factor g [B, T], DARO's signal state after this update)."""
-        cfg, K = self.cfg, self.K
+        K = self.K
         logp = self._logprobs(self.model, p.rows)  # [B, T], on the model's device
-        dev = logp.device
         batch = self._batch(p, logp)
-        w = self.weights() if self.weights is not None else None
-        state = self.weights.state() if self.weights is not None else None
-        group_norms = None
-        if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
-            # DARO's 'grad' signal: ||grad_theta L_mu||, one backward per present group
-            _, _, (_, L) = policy_loss(cfg.algo.method, batch, K, self.settings, weights=w,
-                                       group_grad_norms=torch.zeros(K - 1, device=dev), return_groups=True,
-                                       shard=self.shard, daro_state=state)
-            group_norms = torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=dev)
-        t = loss_terms(cfg.algo.method, batch, K, self.settings, weights=w, group_grad_norms=group_norms,
-                       shard=self.shard, daro_state=state)
-        loss, metrics, C, L = t.loss, t.metrics, t.contrib, t.group_loss
+        totals = Totals.combine([batch_totals(batch, K, self.settings)], self.shard)  # over the ranks
+        t = self._loss(batch, totals, self._group_norms([batch], totals, params))
+        metrics = MetricSums.combine([t.stats], self.shard).finish()
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
-            ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
-            norms = self._grad_norms([C[kk] for kk in ks] + [L[kk] for kk in ks], params)
-            for kk, gc, gl in zip(ks, norms[: len(ks)], norms[len(ks) :]):
-                metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+            ks = _present(totals)
+            norms = self._grad_norms([t.contrib[kk] for kk in ks] + [t.group_loss[kk] for kk in ks], params)
+            _put_group_norms(metrics, ks, norms, K)
         self.opt.zero_grad(set_to_none=True)
         # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
-        (loss * self.shard.world_size).backward()
+        (t.loss * self.shard.world_size).backward()
         return metrics, batch, t.factor, t.daro_state
+
+    def _loss(self, batch: PolicyBatch, totals: Totals, group_norms: torch.Tensor | None = None):
+        """`loss_terms` of the run's method on one pass, with the mini-batch's totals and the current weights."""
+        w = self.weights() if self.weights is not None else None
+        state = self.weights.state() if self.weights is not None else None
+        return loss_terms(self.cfg.algo.method, batch, self.K, self.settings, weights=w, group_grad_norms=group_norms,
+                          totals=totals, daro_state=state)
+
+    def _group_norms(self, batches: list[PolicyBatch] | None, totals: Totals, params, passes=None):
+        """DARO's 'grad' signal: [K-1] ||grad_theta L_mu|| of the mini-batch (None for every other reading)."""
+        K = self.K
+        if not (self.method.weights == "learned" and self.cfg.algo.daro.signal == "grad"):
+            return None
+        zeros = torch.zeros(K - 1, device=self.device)
+        if passes is None:  # one pass, whose graph is kept for the update's own backward
+            L = self._loss(batches[0], totals, zeros).group_loss
+            return torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=self.device)
+        return torch.tensor(passes(zeros, [partial(_pick_L, kk) for kk in range(1, K)]), device=self.device)
 
     def _accumulate(self, micro: list[Pass], params, want_g: bool):
         """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
-        gradients (see `accumulate.py`); leaves them in .grad. Returns the metrics, the whole batch (no grad), the
-        loss's clipped factor g [B, T] and DARO's signal state after this update."""
-        cfg, K, M = self.cfg, self.K, len(micro)
-        method, world = cfg.algo.method, self.shard.world_size
-        with torch.no_grad():  # phase 1: log-probs of every pass, then the mini-batch's sums
-            batches = [self._batch(p, self._logprobs(self.model, p.rows)) for p in micro]
-            w0 = self.weights().detach() if self.weights is not None else None
-        state = self.weights.state() if self.weights is not None else None
+        gradients; leaves them in .grad. The mini-batch's totals come first: from the masks alone, or, when the
+        method's weights read L_mu, from a forward of every pass without grad. Each pass's loss, given them, is its
+        share of the mini-batch's. Returns the metrics, the whole batch (no grad), the loss's clipped factor g
+        [B, T] and DARO's signal state after this update."""
+        K, M = self.K, len(micro)
+        world = self.shard.world_size
+        reads_loss = self.method.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
+        with torch.no_grad():
+            parts = [batch_totals(self._batch(p, self._logprobs(self.model, p.rows) if reads_loss
+                                              else torch.zeros(p.rows.response_mask.shape, device=self.device)),
+                                  K, self.settings, with_loss=reads_loss) for p in micro]
+        totals = Totals.combine(parts, self.shard)  # over the passes, then the ranks
 
-        def sums(group_norms):
-            def run(i, shard):
-                with torch.no_grad():
-                    t = loss_terms(method, batches[i], K, self.settings, weights=w0, group_grad_norms=group_norms,
-                                   shard=shard, daro_state=state)
-                    return t.metrics, t.daro_state, t.factor
-            return accumulate.reductions(M, run, self.shard)
-
-        def passes(values, group_norms, pick=None) -> None:
+        def passes(group_norms, pick=None) -> list:
             """Forward and backward of every pass (pick(C, L): what to backpropagate; default the loss)."""
+            out = []
             for i, p in enumerate(micro):
                 with self._no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
                     b = self._batch(p, self._logprobs(self.model, p.rows))
-                    w = self.weights() if self.weights is not None else None
-                    loss, _, (C, L) = policy_loss(method, b, K, self.settings, weights=w, group_grad_norms=group_norms,
-                                                  return_groups=True, shard=accumulate.replayed(values[i], self.shard, M),
-                                                  daro_state=state)
-                    ((loss if pick is None else pick(C, L)) * world).backward()
-
-        def norms(values, group_norms, picks) -> list[float]:
-            """||gradient of the whole mini-batch's pick(C, L)|| for each pick: M passes each."""
-            out = []
-            for pick in picks:
-                self.opt.zero_grad(set_to_none=True)
-                passes(values, group_norms, pick)
-                out.append(_total_grad_norm(params))
+                    t = self._loss(b, totals, group_norms)
+                    ((t.loss if pick is None else pick(t.contrib, t.group_loss)) * world).backward()
+                out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
             return out
 
-        group_norms = None
-        if self.method.weights == "learned" and cfg.algo.daro.signal == "grad":
-            zeros = torch.zeros(K - 1, device=batches[0].logp.device)
-            values, _ = sums(zeros)
-            group_norms = torch.tensor(norms(values, zeros, [partial(_pick_L, kk) for kk in range(1, K)]),
-                                       device=zeros.device)
-        values, out = sums(group_norms)
-        metrics, new_state = dict(out[0][0]), out[0][1]  # every pass reports the mini-batch's metrics and state
-        factor = _pad_cat([o[2] for o in out])
+        def norms(group_norms, picks) -> list[float]:
+            """||gradient of the whole mini-batch's pick(C, L)|| for each pick: M passes each."""
+            result = []
+            for pick in picks:
+                self.opt.zero_grad(set_to_none=True)
+                passes(group_norms, pick)
+                result.append(_total_grad_norm(params))
+            return result
+
+        group_norms = self._group_norms(None, totals, params, passes=norms)
+        g = None
         if want_g:
-            ks = [kk for kk in range(1, K) if f"loss/{mu_key(kk, K)}" in metrics]
-            g = norms(values, group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
-            for kk, gc, gl in zip(ks, g[: len(ks)], g[len(ks) :]):
-                metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+            ks = _present(totals)
+            g = norms(group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
         self.opt.zero_grad(set_to_none=True)
-        passes(values, group_norms)  # phase 2
-        return metrics, _cat_batches(batches), factor, new_state
+        out = passes(group_norms)  # the update's backward
+        metrics = MetricSums.combine([t.stats for t, _ in out], self.shard).finish()
+        if g is not None:
+            _put_group_norms(metrics, ks, g, K)
+        factor = _pad_cat([t.factor for t, _ in out])
+        return metrics, _cat_batches([b for _, b in out]), factor, out[0][0].daro_state  # the state: every pass's
 
     def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
         """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):
@@ -621,6 +620,18 @@ def _total_grad_norm(params: list[torch.Tensor]) -> float:
     return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
 
 
+def _present(totals) -> list[int]:
+    """The interior groups k with tokens in the mini-batch."""
+    K = totals.K
+    return [kk for kk in range(1, K) if float(totals.tokens[kk]) > 0]
+
+
+def _put_group_norms(metrics: dict[str, float], ks: list[int], norms: list[float], K: int) -> None:
+    """G_mu = ||grad C_mu|| and ||grad L_mu|| of the groups ks (norms: the C's, then the L's) into the metrics."""
+    for kk, gc, gl in zip(ks, norms[: len(ks)], norms[len(ks) :]):
+        metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+
+
 def _pick_C(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     return C[k]
 
@@ -637,15 +648,11 @@ def _pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def _cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
     """Concatenate policy batches over rows, right-padding the token dimension to the widest."""
-    T = max(b.logp.shape[1] for b in bs)
-
     def cat(name):
         xs = [getattr(b, name) for b in bs]
         if xs[0] is None:
             return None
-        if xs[0].dim() == 2:
-            xs = [torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs]
-        return torch.cat(xs)
+        return _pad_cat(xs) if xs[0].dim() == 2 else torch.cat(xs)
 
     return PolicyBatch(**{f.name: cat(f.name) for f in dataclasses.fields(PolicyBatch)})
 
