@@ -162,9 +162,9 @@ def main() -> None:
     ])
     tr = Trainer(cfg)
     model = tr.model
-    mixed = tr.autocast is not None
+    mixed = tr.policy.autocast is not None
     print(f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M, vocab {model.config.vocab_size}; "
-          f"update in {'fp32 masters + ' + str(tr.autocast).replace('torch.', '') + ' autocast' if mixed else str(dtype)}")
+          f"update in {'fp32 masters + ' + str(tr.policy.autocast).replace('torch.', '') + ' autocast' if mixed else str(dtype)}")
 
     # the reference runs the model in `dtype` (under mixed precision: the trainer's generation copy)
     plain = tr.generation_model.requires_grad_(True)
@@ -189,7 +189,7 @@ def main() -> None:
     upd_peak = peak_gib(device)
     # peak of forward + backward alone (AdamW's states exist by now, as in training; its step is not run)
     reset_peak(device)
-    logp = tr._logprobs(model, roll)
+    logp = tr.policy.logprobs(roll)
     (logp.float() * roll.response_mask.to(logp.device)).sum().backward()
     sync(device)
     fb_peak = peak_gib(device)

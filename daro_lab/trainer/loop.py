@@ -7,13 +7,14 @@ One step (docs/math.md):
     for each mini-batch: its totals (tokens per group, responses, L_mu: summed over its passes and ranks)
                          -> each pass's loss given them (its exact share) -> backward (gradients accumulate
                          over the passes of trainer.micro_batch_prompts prompts) -> clip -> AdamW (policy + DARO weights)
-Hooks see every stage and change nothing; the trainer never logs by itself.
-Under torchrun the step is split over data-parallel ranks as `daro_lab/distributed.py` describes.
+    engine sync: the next generation samples from the updated policy
+Hooks see every stage and change nothing; the trainer never logs by itself. How the model runs (DDP or FSDP2,
+fp32 masters, the reference, the generation copy) is `policy.py`'s; which prompts each pass and rank runs is
+`plan.py`'s. Under torchrun the step is split over data-parallel ranks as `daro_lab/distributed.py` describes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -28,13 +29,12 @@ from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, MetricSums,
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
-from daro_lab.rollout.logprobs import sequence_logprobs
 from daro_lab.trainer import fsdp
 from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.plan import PassPlan, plan_minibatches
-from daro_lab.trainer.precision import GenerationCopy, precision_plan
+from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 
 
@@ -100,39 +100,12 @@ class Trainer:
                               f"({torch.cuda.device_count()} visible)")
         torch.manual_seed(cfg.seed)
         c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
-        self.model, self.tokenizer, self.task = c.model, c.tokenizer, c.task
+        self.tokenizer, self.task = c.tokenizer, c.task
         self.train_set, self.eval_set = c.train_set, c.eval_set
         self.dropped = c.dropped  # prompts left out as too long (task.long_prompts = 'drop'), by set
-        self.model.to(self.device)
-        self.fsdp = self.dist.enabled and cfg.trainer.parallel == "fsdp"
-        self.ref_model = None
-        if cfg.algo.kl_beta > 0:
-            import copy
-
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        # the log-prob forward of the policy (and of the reference) under torchrun: DDP averages the gradients
-        # in backward; FSDP shards the model, so every policy forward goes through it, with or without grad
-        self.policy_fwd = self.ref_fwd = None
-        # fp32 master weights with compute in model.dtype (precision.py): training runs on fp32 parameters; the
-        # transformers engine generates from `gen`, a copy in model.dtype (FSDP needs one in any case: ranks
-        # generate out of step); vLLM holds its own copy, synced from the masters (shards gathered one by one)
-        compute = next(self.model.parameters()).dtype
-        mixed, copy_for_engine = precision_plan(compute == torch.float32, cfg.trainer.mixed_precision, self.fsdp,
-                                                cfg.rollout.engine)
-        self.gen = self.autocast = None
-        if copy_for_engine:
-            self.gen = GenerationCopy(self.model, compute)
-        if self.fsdp:
-            self.policy_fwd = fsdp.shard(self.model, sequence_logprobs, compute)
-            if self.ref_model is not None:
-                self.ref_fwd = fsdp.shard(self.ref_model, sequence_logprobs, compute)
-        else:
-            if mixed:
-                self.model.float()
-                self.autocast = compute
-            if self.dist.enabled:
-                self.policy_fwd = dp.wrap_ddp(self.model, sequence_logprobs, self.dist)
-        self.engine = build_engine(cfg, self.generation_model, self.tokenizer, dtype=compute)
+        # the model and how it runs: DDP or FSDP2, fp32 masters under autocast, the reference, the generation copy
+        self.policy = Policy(c.model, cfg, self.dist, self.device)
+        self.engine = build_engine(cfg, self.policy.generation_model, self.tokenizer, dtype=self.policy.compute)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
         self.settings = LossSettings(
@@ -159,17 +132,16 @@ class Trainer:
         self.cursor = 0
         self.step = 0  # steps completed
 
-    @property
-    def generation_model(self) -> torch.nn.Module:
-        """The model the engine samples from: the policy itself, or, with the transformers engine under mixed
-        precision or FSDP, its copy in model.dtype."""
-        return self.gen.model if self.gen is not None else self.model
+    # the policy's parts, by the names the checkpoint code and the tests use
+    model = property(lambda self: self.policy.model)
+    fsdp = property(lambda self: self.policy.fsdp)
+    gen = property(lambda self: self.policy.gen)
+    generation_model = property(lambda self: self.policy.generation_model)
 
     def _sync_engine(self) -> None:
         """After the policy moved: refresh the generation copy (FSDP: a collective), then the engine (vLLM)."""
-        if self.gen is not None:
-            self.gen.refresh(self.model)
-        self.engine.sync_weights(self.generation_model)
+        self.policy.refresh_copy()
+        self.engine.sync_weights(self.policy.generation_model)
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -283,25 +255,9 @@ class Trainer:
             prompts = kept[p.positions]
             rows = _rows(roll, (prompts[:, None] * K + torch.arange(K)).flatten())
             adv_p, rewards_p = adv[p.positions], rewards[prompts]
-        old = None if on_policy else self._logprobs(self.model, rows)  # on-policy: the current log-probs are old
-        ref = self._logprobs(self.ref_model, rows) if self.ref_model is not None else None
+        old = None if on_policy else self.policy.logprobs(rows)  # on-policy: the current log-probs are old
+        ref = self.policy.logprobs(rows, ref=True) if self.policy.ref_model is not None else None
         return Pass(rows, adv_p, rewards_p, old, ref)
-
-    def _logprobs(self, model, s: RolloutBatch):
-        # group_size=K: rows come in blocks of K sharing one prompt, which is then encoded once.
-        # Under torchrun the policy's differentiable forward goes through DDP; under FSDP every forward of a
-        # sharded model goes through its root.
-        if self.fsdp:
-            fn = self.policy_fwd if model is self.model else self.ref_fwd
-        elif model is self.model and self.policy_fwd is not None and torch.is_grad_enabled():
-            fn = self.policy_fwd
-        else:
-            fn = partial(sequence_logprobs, model)
-        mixed = self.autocast is not None and model is self.model
-        with torch.autocast(self.device.type, dtype=self.autocast) if mixed else contextlib.nullcontext():
-            return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
-                      temperature=self.cfg.rollout.temperature, group_size=self.K,
-                      chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
 
     def _batch(self, p: Pass, logp: torch.Tensor) -> PolicyBatch:
         """The loss's view of a pass with its current log-probs logp [B, T]."""
@@ -353,7 +309,7 @@ class Trainer:
         """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad.
         Returns (metrics, the batch, the loss's clipped factor g [B, T], DARO's signal state after this update)."""
         K = self.K
-        logp = self._logprobs(self.model, p.rows)  # [B, T], on the model's device
+        logp = self.policy.logprobs(p.rows)  # [B, T], on the model's device
         batch = self._batch(p, logp)
         totals = Totals.combine([batch_totals(batch, K, self.settings)], self.shard)  # over the ranks
         t = self._loss(batch, totals, self._group_norms([batch], totals, params))
@@ -396,7 +352,7 @@ class Trainer:
         world = self.shard.world_size
         reads_loss = self.method.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
         with torch.no_grad():
-            parts = [batch_totals(self._batch(p, self._logprobs(self.model, p.rows) if reads_loss
+            parts = [batch_totals(self._batch(p, self.policy.logprobs(p.rows) if reads_loss
                                               else torch.zeros(p.rows.response_mask.shape, device=self.device)),
                                   K, self.settings, with_loss=reads_loss) for p in micro]
         totals = Totals.combine(parts, self.shard)  # over the passes, then the ranks
@@ -405,8 +361,8 @@ class Trainer:
             """Forward and backward of every pass (pick(C, L): what to backpropagate; default the loss)."""
             out = []
             for i, p in enumerate(micro):
-                with self._no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
-                    b = self._batch(p, self._logprobs(self.model, p.rows))
+                with self.policy.no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
+                    b = self._batch(p, self.policy.logprobs(p.rows))
                     t = self._loss(b, totals, group_norms)
                     ((t.loss if pick is None else pick(t.contrib, t.group_loss)) * world).backward()
                 out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
@@ -461,11 +417,6 @@ class Trainer:
         real = whole.prompt_index >= 0
         return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
                               for k in fields for v in [getattr(whole, k)]}), g[real]
-
-    def _no_sync(self, skip: bool):
-        """DDP: no gradient all-reduce in this backward (accumulating); otherwise a no-op context."""
-        ddp = self.dist.enabled and not self.fsdp
-        return self.policy_fwd.no_sync() if skip and ddp else contextlib.nullcontext()
 
     def _grad_norms(self, xs: list[torch.Tensor], params: list[torch.Tensor]) -> list[float]:
         """||d x / d params|| for each x (this rank's share of a group's loss; data-parallel: of the whole
@@ -545,7 +496,7 @@ class Trainer:
         replicas = [self.gen.model] if self.gen is not None else [] if self.fsdp else [self.model]
         dp.check_in_sync(replicas + ([self.weights] if self.weights is not None else []), self.dist)
         state = self.state_dict()
-        weights = fsdp.model_state(self.policy_fwd, self.model) if self.fsdp else self.model  # FSDP: gathered, fp32
+        weights = fsdp.model_state(self.policy.forward, self.model) if self.fsdp else self.model  # FSDP: gathered, fp32
         if not self.dist.is_main:
             return None
         path = save_checkpoint(directory, weights, state, {"step": self.step, **(meta or {})})
@@ -558,7 +509,7 @@ class Trainer:
         run's: `CheckpointError` naming it (load_checkpoint reads state.pt weights-only)."""
         st = load_checkpoint(directory, None if self.fsdp else self.model)
         if self.fsdp:  # every rank reads the full weights and keeps its shards
-            fsdp.load_model_state(self.policy_fwd, self.model, load_weights(directory))
+            fsdp.load_model_state(self.policy.forward, self.model, load_weights(directory))
         saved_world = int(st.get("world_size", 1))
         if saved_world != self.dist.world_size:
             raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
@@ -585,7 +536,7 @@ class Trainer:
 
     def _state_root(self) -> torch.nn.Module:
         """FSDP: one module holding every parameter the optimizer steps, for the full optimizer state dict."""
-        mods = {"policy": self.policy_fwd}
+        mods = {"policy": self.policy.forward}
         if self.weights is not None and self.method.weights == "learned":
             mods["weights"] = self.weights
         return torch.nn.ModuleDict(mods)
