@@ -87,6 +87,20 @@ def _interrupt_message(e: BaseException) -> str:
     return f"{what}: {saved}; run {end.run_id} is marked KILLED; --resume {end.run_id} continues it {where}"
 
 
+def _ablation_interrupt_message(e: BaseException) -> str:
+    """What an interrupt did to a sweep: the arm running in this process (its run, and whether a step boundary was
+    saved: `daro_lab_run`, set by train()), the parent KILLED, how to continue."""
+    end = getattr(e, "daro_lab_run", None)
+    if end is None:  # parallel workers, or between arms: each worker's run ends KILLED at its last saved step
+        arm = "the running arms' runs are KILLED, each resumable from its last saved step"
+    else:
+        saved = (f"the checkpoint of step {end.step} was saved" if end.step is not None
+                 else "its unfinished step was discarded, not saved")
+        arm = f"the running arm's run {end.run_id} is KILLED ({saved})"
+    return (f"interrupted: {arm}; the parent run is KILLED; continue the sweep with --resume PARENT_RUN_ID "
+            "(printed above)")
+
+
 def _quiet() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import logging
@@ -218,9 +232,8 @@ def ablation(
                            echo=lambda m: typer.echo(m, err=True))
     except (AblationError, ConfigError, TrackingError) as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted: the running arm saved a checkpoint and is KILLED; continue the sweep with "
-              "--resume PARENT_RUN_ID (printed above)", code=130)
+    except KeyboardInterrupt as e:
+        _fail(_ablation_interrupt_message(e), code=130)
     typer.echo(res.markdown)
     typer.echo(f"parent run {res.parent_run_id}: {res.status}; summary artifacts tables/ablation_summary.parquet "
                f"and ablation_summary.md on it")

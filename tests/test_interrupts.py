@@ -241,6 +241,30 @@ def test_cli_says_what_an_interrupt_or_a_crash_did(monkeypatch, tmp_path):
     assert res.exit_code == 1 and "before any MLflow run was created" in res.output and "FAILED" not in res.output
 
 
+def test_ablation_cli_says_what_an_interrupt_did_to_the_running_arm(monkeypatch):
+    """Ctrl-C in a sweep: the arm's run and whether a step was saved (train() says), not a blanket 'saved'."""
+    from daro_lab.trainer.run import RunEnd
+
+    ends = [RunEnd("arm42", "KILLED", 7, "/ck/arm42/step_000007"), RunEnd("arm43", "KILLED", None, None), None]
+    for end in ends:
+        def stopped(*a, end=end, **k):
+            e = KeyboardInterrupt()
+            if end is not None:
+                e.daro_lab_run = end
+            raise e
+
+        monkeypatch.setattr("daro_lab.ablation.run_ablation", stopped)
+        res = runner.invoke(app, ["run", "ablation", "static-weights"])
+        assert res.exit_code == 130, res.output
+        assert "continue the sweep with --resume PARENT_RUN_ID" in res.output
+        if end is None:
+            assert "each resumable from its last saved step" in res.output
+        elif end.step is not None:
+            assert "run arm42 is KILLED (the checkpoint of step 7 was saved)" in res.output
+        else:
+            assert "run arm43 is KILLED (its unfinished step was discarded, not saved)" in res.output
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one writer per run
 
