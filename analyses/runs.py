@@ -149,12 +149,13 @@ class RunSet:
         return next(r.method for r in self.runs if r.arm == arm)
 
     def arm_style(self, arm: str) -> dict:
-        """Colour of the arm's method; arms of the same method differ in line style and marker."""
+        """The arm's method's colour, in a shade of its own when the method has several arms (dark to light, in
+        arm order), and its own line style and marker."""
         method = self.arm_method(arm)
         same = [a for a in self.arms() if self.arm_method(a) == method]
         i = same.index(arm)
-        return {"color": style.method_color(method), "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)],
-                "marker": style.MARKERS[i % len(style.MARKERS)]}
+        return {"color": style.shade(style.method_color(method), i, len(same)),
+                "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)], "marker": style.MARKERS[i % len(style.MARKERS)]}
 
     def methods(self) -> list[str]:
         return sorted({r.method for r in self.runs}, key=style.method_rank)

@@ -37,7 +37,7 @@ METHOD_COLORS = {
 }
 # Colours for methods registered by users, picked by a stable hash of the name.
 _EXTRA_COLORS = ("#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#8C564B", "#17BECF", "#7F7F7F")
-# Arms of one method (an ablation) share its colour and differ in line style.
+# Arms of one method (an ablation) get shades of its colour (`shade`) and differ in line style and marker.
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FORMATS = ("png", "svg", "pdf")
@@ -49,6 +49,17 @@ def method_color(method: str) -> str:
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
     return _EXTRA_COLORS[zlib.crc32(method.encode()) % len(_EXTRA_COLORS)]
+
+
+def shade(color: str, i: int, n: int, spread: float = 0.5) -> str:
+    """Shade i of n of `color`: one arm keeps the colour; several go from darker (mixed with black) to lighter
+    (mixed with white), `spread` the largest mix, so the arms of one method stay in its family and apart."""
+    if n <= 1:
+        return color
+    t = spread * (2 * i / (n - 1) - 1)  # -spread .. +spread
+    rgb = matplotlib.colors.to_rgb(color)
+    mixed = [c * (1 + t) if t < 0 else c + (1 - c) * t for c in rgb]
+    return matplotlib.colors.to_hex(mixed)
 
 
 def method_label(method: str) -> str:

@@ -138,6 +138,22 @@ def test_select_runs_and_arms(store):
     assert [r.method for r in by_ids] == ["daro"] and by_ids.experiment == "full"
 
 
+def test_arms_of_one_method_get_shades_of_its_colour():
+    from matplotlib.colors import to_rgb
+
+    from analyses import style
+
+    base = style.method_color("daro")
+    assert style.shade(base, 0, 1) == base  # one arm: the method's colour
+    shades = [style.shade(base, i, 8) for i in range(8)]
+    assert len(set(shades)) == 8  # eight arms, eight colours
+    lum = [sum(to_rgb(c)) for c in shades]
+    assert lum == sorted(lum) and lum[0] < sum(to_rgb(base)) < lum[-1]  # dark to light, around the method's
+    r, g, b = to_rgb(shades[0])
+    R, G, B = to_rgb(base)
+    assert r / R == pytest.approx(g / G, abs=0.01)  # darker by a common factor: the same hue
+
+
 def test_select_runs_errors_name_what_is_missing(store):
     with pytest.raises(AnalysisError, match="experiment 'nope' not found.*full"):
         select_runs(store["uri"], experiment="nope")
