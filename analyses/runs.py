@@ -149,13 +149,21 @@ class RunSet:
         return next(r.method for r in self.runs if r.arm == arm)
 
     def arm_style(self, arm: str) -> dict:
-        """The arm's method's colour, in a shade of its own when the method has several arms (dark to light, in
-        arm order), and its own line style and marker."""
+        """The arm's colour, line style and marker. A method's arms: its colour for one, shades of it (dark to
+        light, in arm order) for up to `style.MAX_SHADES`; beyond that, colours of their own (the method's first,
+        then the palette's, none of another method in the selection), which shades no longer tell apart."""
         method = self.arm_method(arm)
         same = [a for a in self.arms() if self.arm_method(a) == method]
         i = same.index(arm)
-        return {"color": style.shade(style.method_color(method), i, len(same)),
-                "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)], "marker": style.MARKERS[i % len(style.MARKERS)]}
+        own = style.method_color(method)
+        if len(same) <= style.MAX_SHADES:
+            color = style.shade(own, i, len(same))
+        else:
+            taken = {style.method_color(m) for m in self.methods() if m != method}
+            palette = [own] + [c for c in style.ARM_PALETTE if c != own and c not in taken]
+            color = palette[i % len(palette)]
+        return {"color": color, "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)],
+                "marker": style.MARKERS[i % len(style.MARKERS)]}
 
     def methods(self) -> list[str]:
         return sorted({r.method for r in self.runs}, key=style.method_rank)

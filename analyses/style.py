@@ -37,7 +37,12 @@ METHOD_COLORS = {
 }
 # Colours for methods registered by users, picked by a stable hash of the name.
 _EXTRA_COLORS = ("#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#8C564B", "#17BECF", "#7F7F7F")
-# Arms of one method (an ablation) get shades of its colour (`shade`) and differ in line style and marker.
+# Arms of one method (an ablation) differ in line style and marker, and in colour: up to MAX_SHADES arms get
+# shades of the method's colour (`shade`), more get colours of their own from ARM_PALETTE (seaborn
+# "colorblind", then the extra colours).
+MAX_SHADES = 3
+ARM_PALETTE = ("#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC", "#CA9161", "#FBAFE4", "#949494", "#ECE133",
+               "#56B4E9", "#8C564B", "#17BECF")
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FORMATS = ("png", "svg", "pdf")

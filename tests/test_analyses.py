@@ -154,6 +154,24 @@ def test_arms_of_one_method_get_shades_of_its_colour():
     assert r / R == pytest.approx(g / G, abs=0.01)  # darker by a common factor: the same hue
 
 
+
+def test_many_arms_of_one_method_get_colours_of_their_own():
+    from analyses import style
+    from analyses.runs import Run, RunSet
+
+    def run(i, method, arm):
+        return Run(run_id=f"r{i}", name=f"r{i}", experiment="x", method=method, seed=0, status="FINISHED",
+                   params={}, tags={"daro_lab.arm_label": arm}, metric_keys=frozenset(), client=None)
+
+    few = RunSet("sqlite:///x.db", [run(0, "daro", "a"), run(1, "daro", "b"), run(2, "grpo", "g")], "test")
+    assert few.arm_style("a")["color"] != few.arm_style("b")["color"]  # shades of DARO's colour
+    assert few.arm_style("g")["color"] == style.method_color("grpo")
+    many = RunSet("sqlite:///x.db", [run(i, "daro", f"a{i}") for i in range(8)] + [run(9, "grpo", "g")], "test")
+    colours = [many.arm_style(f"a{i}")["color"] for i in range(8)]
+    assert colours[0] == style.method_color("daro") and len(set(colours)) == 8
+    assert style.method_color("grpo") not in colours  # never another method's colour
+
+
 def test_select_runs_errors_name_what_is_missing(store):
     with pytest.raises(AnalysisError, match="experiment 'nope' not found.*full"):
         select_runs(store["uri"], experiment="nope")
