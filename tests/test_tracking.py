@@ -395,6 +395,9 @@ def test_run_store_finds_reads_and_marks_runs(store, tmp_path):
     got = rs.children(parent.run_id, {"daro_lab.arm": "a", "daro_lab.seed": "1"})
     assert [r.info.run_id for r in got] == [children[("a", 1)].run_id]
     assert rs.children(parent.run_id, {"daro_lab.arm": "it's"}) == []  # a quote in a value is a value
+    quoted = start(store, "quoted", parent_run_id=parent.run_id, tags={"daro_lab.arm": "it's"})
+    assert [r.info.run_id for r in rs.children(parent.run_id, {"daro_lab.arm": "it's"})] == [quoted.run_id]
+    quoted.finish()
     with pytest.raises(TrackingError, match=r"parent run 'f{32}' not found"):
         rs.children("f" * 32)
 

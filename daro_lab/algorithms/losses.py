@@ -371,7 +371,7 @@ class Totals:
         loss_i = loss_terms(method, part_i, K, s, totals=totals).loss                   # backward each
 
     l_sum and mass_sum need the log-probs (DARO's signal reads them); `batch_totals(..., with_loss=False)`
-    counts from the masks alone, which every method without weights needs.
+    counts from the masks alone, which is all a method without weights needs.
     """
 
     tokens: Tensor  # [K+1] kept tokens per group (mask as weights)
@@ -414,6 +414,7 @@ def batch_totals(batch: PolicyBatch, K: int, settings: LossSettings = LossSettin
         zeros = torch.zeros(K + 1, dtype=torch.float64, device=mask.device)
         return Totals(_per_group(lengths, k, K), (lengths > 0).sum().double(), zeros, zeros.clone(), mask.shape[1],
                       with_loss=False)
+    _validate(batch, K)
     with torch.no_grad():
         return _totals_of(_tokens(batch, K, settings), K)
 

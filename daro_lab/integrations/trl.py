@@ -85,8 +85,8 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError('daro_lab.integrations.trl needs TRL: pip install -e ".[trl]"') from _e
 
 from daro_lab.algorithms import (METHODS, SIGNALS, DaroWeights, LossSettings, MetricSums, PolicyBatch, Shard, Totals,
-                                 batch_totals, clipped_surrogate,
-                                 compute_advantages, group_keys, kl_k3, loss_terms, mu_key, policy_loss)
+                                 batch_totals, clipped_surrogate, compute_advantages, group_keys, kl_k3, loss_terms,
+                                 mu_key)
 from daro_lab.hooks.builtin import per_mu_rows
 from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
 
@@ -455,9 +455,9 @@ class DaroGRPOTrainer(GRPOTrainer):
     def _group_grad_norms(self, model, b: PolicyBatch, w: Tensor, state, totals: Totals) -> Tensor:
         """[K-1] ||grad_theta L_mu|| of the update (DARO's 'grad' signal), keeping the graph."""
         K = self.K
-        _, _, (_, L) = policy_loss("daro", b, K, self.daro_settings, weights=w.detach(),
-                                   group_grad_norms=torch.zeros(K - 1, device=w.device), return_groups=True,
-                                   totals=totals, daro_state=state)
+        zeros = torch.zeros(K - 1, device=w.device)
+        L = loss_terms("daro", b, K, self.daro_settings, weights=w.detach(), group_grad_norms=zeros, totals=totals,
+                       daro_state=state).group_loss
         params = [p for p in model.parameters() if p.requires_grad]
         out = []
         for kk in range(1, K):

@@ -30,7 +30,13 @@ MAX_BATCH = 100  # params or tags per log_batch call that every MLflow store acc
 
 
 def _quote(value: str) -> str:
-    return str(value).replace("'", "\\'")
+    """A value in MLflow's filter syntax: in single quotes, or in double quotes when it holds a single quote."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' in value:
+        raise TrackingError(f"cannot search runs by the value {value!r}: it holds both kinds of quote")
+    return f'"{value}"'
 
 
 class RunStore:
@@ -56,9 +62,9 @@ class RunStore:
     def children(self, parent_run_id: str, tags: Mapping[str, str] | None = None) -> list:
         """Active child runs of a parent whose tags have the given values, newest first."""
         parent = self.run(parent_run_id, what="parent run")
-        f = f"tags.`{TAG_PARENT}` = '{_quote(parent_run_id)}'"
+        f = f"tags.`{TAG_PARENT}` = {_quote(parent_run_id)}"
         for key, value in (tags or {}).items():
-            f += f" and tags.`{key}` = '{_quote(value)}'"
+            f += f" and tags.`{key}` = {_quote(value)}"
         return self.client.search_runs([parent.info.experiment_id], f, max_results=50000,
                                        order_by=["attributes.start_time DESC"])
 

@@ -6,7 +6,8 @@ One step (docs/math.md):
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
     for each mini-batch: its totals (tokens per group, responses, L_mu: summed over its passes and ranks)
                          -> each pass's loss given them (its exact share) -> backward (gradients accumulate
-                         over the passes of trainer.micro_batch_prompts prompts) -> clip -> AdamW (policy + DARO weights)
+                         over the passes of trainer.micro_batch_prompts prompts) -> clip -> AdamW (policy
+                         + DARO weights)
     engine sync: the next generation samples from the updated policy
 Hooks see every stage and change nothing; the trainer never logs by itself. How the model runs (DDP or FSDP2,
 fp32 masters, the reference, the generation copy) is `policy.py`'s; which prompts each pass and rank runs is
@@ -312,7 +313,7 @@ class Trainer:
         logp = self.policy.logprobs(p.rows)  # [B, T], on the model's device
         batch = self._batch(p, logp)
         totals = Totals.combine([batch_totals(batch, K, self.settings)], self.shard)  # over the ranks
-        t = self._loss(batch, totals, self._group_norms([batch], totals, params))
+        t = self._loss(batch, totals, self._group_norms(totals, params, batch=batch))
         metrics = MetricSums.combine([t.stats], self.shard).finish()
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
@@ -331,16 +332,18 @@ class Trainer:
         return loss_terms(self.cfg.algo.method, batch, self.K, self.settings, weights=w, group_grad_norms=group_norms,
                           totals=totals, daro_state=state)
 
-    def _group_norms(self, batches: list[PolicyBatch] | None, totals: Totals, params, passes=None):
-        """DARO's 'grad' signal: [K-1] ||grad_theta L_mu|| of the mini-batch (None for every other reading)."""
+    def _group_norms(self, totals: Totals, params, batch: PolicyBatch | None = None, norms=None):
+        """DARO's 'grad' signal: [K-1] ||grad_theta L_mu|| of the mini-batch (None for every other reading), from
+        the one pass `batch` (its graph kept for the update's own backward) or, accumulating, by `norms(group_norms,
+        picks)`, which runs every pass once per group."""
         K = self.K
         if not (self.method.weights == "learned" and self.cfg.algo.daro.signal == "grad"):
             return None
         zeros = torch.zeros(K - 1, device=self.device)
-        if passes is None:  # one pass, whose graph is kept for the update's own backward
-            L = self._loss(batches[0], totals, zeros).group_loss
+        if norms is None:
+            L = self._loss(batch, totals, zeros).group_loss
             return torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=self.device)
-        return torch.tensor(passes(zeros, [partial(_pick_L, kk) for kk in range(1, K)]), device=self.device)
+        return torch.tensor(norms(zeros, [partial(_pick_L, kk) for kk in range(1, K)]), device=self.device)
 
     def _accumulate(self, micro: list[Pass], params, want_g: bool):
         """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
@@ -377,7 +380,7 @@ class Trainer:
                 result.append(_total_grad_norm(params))
             return result
 
-        group_norms = self._group_norms(None, totals, params, passes=norms)
+        group_norms = self._group_norms(totals, params, norms=norms)
         g = None
         if want_g:
             ks = _present(totals)
