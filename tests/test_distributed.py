@@ -44,8 +44,8 @@ def one_process(tmp_path_factory, small_env):
 SPLITS = {  # how the same mini-batches are run: (processes, overrides)
     "ddp": (2, ["trainer.parallel=ddp"]),
     "fsdp": (2, ["trainer.parallel=fsdp"]),
-    # gradient accumulation, one prompt per pass: 3 passes in one process; 2 per rank (rank 1: one of fillers)
-    "accumulate": (1, ["trainer.micro_batch_prompts=1"]),
+    # gradient accumulation, one prompt per pass: 2 per rank (rank 1: one of fillers). One process accumulating
+    # alone: tests/test_trainer_e2e.py (the run's metrics) and tests/test_losses.py (the loss's parts, every method)
     "ddp-accumulate": (2, ["trainer.parallel=ddp", "trainer.micro_batch_prompts=1"]),
     "fsdp-accumulate": (2, ["trainer.parallel=fsdp", "trainer.micro_batch_prompts=1"]),
 }
@@ -104,35 +104,23 @@ TRAIN_MODES = {"ddp": ["trainer.parallel=ddp"],
                "fsdp": ["trainer.parallel=fsdp", "model.dtype=bfloat16", "model.tie_embeddings=true"]}
 
 
-@pytest.mark.parametrize("parallel", TRAIN_MODES)
-def test_torchrun_train_records_one_run_with_the_whole_batch(tmp_path, small_env, parallel):
-    """`torchrun ... daro-lab train` on 2 gloo ranks: one FINISHED MLflow run (rank 0 logs), metrics of the
-    whole batch, a checkpoint holding both ranks' sampling streams; replicas checked equal at every save.
-    FSDP: the checkpoint is the full model in fp32 (master weights, though compute ran in bf16), tied
-    embeddings once, loadable into a plain policy."""
+def _check_whole_batch_run(p, client, run, ckpt: Path, ov: list[str], parallel: str, steps: int) -> None:
+    """A `torchrun ... daro-lab train` run on 2 gloo ranks: rank 0 alone reports and logs, one FINISHED MLflow run
+    with the whole batch's metrics, a checkpoint holding both ranks' sampling streams. FSDP: the checkpoint is the
+    full model in fp32 (master weights, though compute ran in bf16), tied embeddings once, loadable into a plain
+    policy."""
     from daro_lab.config import load_config
     from daro_lab.trainer.checkpoint import load_checkpoint
     from daro_lab.trainer.setup import load_model_and_tokenizer
 
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    ov = [*small_env, *TRAIN_MODES[parallel]]
-    p = _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *[x for o in ov for x in ("--set", o)],
-              "--set", "algo.method=daro", "--set", "trainer.steps=2", "--set", "trainer.checkpoint_every=1",
-              "--set", "trainer.threads=1", "--set", f"tracking.uri={store}",
-              "--set", f"trainer.checkpoint_dir={tmp_path}/ckpt"], tmp_path)
     assert p.stdout.count("finished") == 1  # rank 0 alone reports
-    client = open_client(store)
-    runs = client.search_runs([client.get_experiment_by_name("daro-lab").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["daro_lab.world_size"] == "2"
     prompts = [m.value for m in client.get_metric_history(run.info.run_id, "rollout/prompts")]
-    assert prompts == [8.0, 8.0]  # both ranks' 4 prompts, gathered
+    assert prompts == [8.0] * steps  # both ranks' 4 prompts, gathered
     assert any(k.startswith("daro/weight/mu_") for k in run.data.metrics)
-    state = torch.load(tmp_path / "ckpt" / run.info.run_id / "step_000002" / "state.pt", weights_only=True)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["rollout_gens"].shape[0] == 2
     assert not torch.equal(state["rollout_gens"][0], state["rollout_gens"][1])  # each rank samples its own stream
-    ckpt = tmp_path / "ckpt" / run.info.run_id / "step_000002"
     weights = load_file(ckpt / "model.safetensors")
     policy, _ = load_model_and_tokenizer(load_config(None, [*ov, "model.dtype=float32"]))
     load_checkpoint(ckpt, policy)  # every weight present (a tied alias may be stored once)
@@ -169,12 +157,12 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.mark.parametrize("parallel", TRAIN_MODES)
-def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_path, small_env,
-                                                                            wait_for_checkpoint, parallel):
-    """2 gloo ranks, SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train
-    --resume`: every later step's metrics equal those of an uninterrupted 2-rank run (each rank's
-    sampling stream comes back from the checkpoint; FSDP: the full weights and AdamW states are re-sharded)."""
-    import signal
+def test_torchrun_run_records_the_whole_batch_and_resumes_from_sigkill_like_an_uninterrupted_one(
+        tmp_path, small_env, wait_for_checkpoint, parallel):
+    """`torchrun ... daro-lab train` on 2 gloo ranks records one run of the whole batch (`_check_whole_batch_run`);
+    then SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train --resume`: every
+    later step's metrics equal those of the uninterrupted 2-rank run (each rank's sampling stream comes back from
+    the checkpoint; FSDP: the full weights and AdamW states are re-sharded)."""
 
     from daro_lab.tracking import read_metrics
     from daro_lab.trainer.checkpoint import latest
@@ -186,9 +174,12 @@ def test_torchrun_run_killed_with_sigkill_resumes_like_an_uninterrupted_one(tmp_
     ov = [*env, *TRAIN_MODES[parallel], "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
           "trainer.log_checkpoint=false", f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     sets = [x for o in ov for x in ("--set", o)]
-    _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
+    p = _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
     client = open_client(store)
     exp = client.get_experiment_by_name("daro-lab").experiment_id
+    (whole_run,) = client.search_runs([exp])
+    _check_whole_batch_run(p, client, whole_run, latest(tmp_path / "ckpt" / whole_run.info.run_id),
+                           env + TRAIN_MODES[parallel], parallel, steps=4)
     proc = subprocess.Popen([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)

@@ -89,15 +89,15 @@ def test_load_components_applies_dtype_template_checkpointing(tmp_path):
 
 
 def test_trainer_passes_the_logprob_chunk_size(monkeypatch):
-    from daro_lab.trainer import loop
+    from daro_lab.trainer import policy
 
     seen = []
-    monkeypatch.setattr(loop, "sequence_logprobs", lambda *a, **kw: seen.append(kw["chunk_size"]))
+    monkeypatch.setattr(policy, "sequence_logprobs", lambda *a, **kw: seen.append(kw["chunk_size"]))
     s = SimpleNamespace(prompt_ids=None, prompt_mask=None, response_ids=None, response_mask=None)
     for chunk, want in ((0, None), (512, 512)):
         fake = SimpleNamespace(cfg=load_config(None, [f"model.logprob_chunk_size={chunk}"]), K=8, model=None,
-                               policy_fwd=None, fsdp=False, autocast=None)
-        loop.Trainer._logprobs(fake, None, s)
+                               ref_model=None, forward=None, fsdp=False, autocast=None, device=torch.device("cpu"))
+        policy.Policy.logprobs(fake, s)
         assert seen[-1] == want
     with pytest.raises(ConfigError, match="model.logprob_chunk_size"):
         load_config(None, ["model.logprob_chunk_size=-1"])
