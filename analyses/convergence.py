@@ -28,6 +28,8 @@ NAME = "convergence"
 ACC = "eval/greedy_acc"
 SAMPLED = "eval/sampled_acc"
 REWARD = "reward/mean"
+FIG_HEIGHT_IN = 4.6
+PANEL_HEIGHT_IN = 1.5  # a panel's axes, about, under the legend: what the bar labels of (d) share
 
 
 def curves(runs: RunSet, metrics: Sequence[str] = (ACC, SAMPLED, REWARD)) -> pd.DataFrame:
@@ -135,7 +137,7 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
     steps = steps_to_target(runs, acc, target, key)
     arms = list(dict.fromkeys(c.arm))
     with style.paper_style():
-        fig, axes = style.new_figure(2, 2, height=4.6)
+        fig, axes = style.new_figure(2, 2, height=FIG_HEIGHT_IN)
         for ax, metric, title in ((axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
                                   (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
                                   (axes[1, 0], REWARD, "(c) training reward")):
@@ -164,7 +166,7 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
         for yi, v, last in zip(y, vals, steps.last_step):
             ax.text(0 if math.isnan(v) else v, yi, f" not reached (≤{last})" if math.isnan(v) else f" {int(v)}",
                     va="center", fontsize=6)
-        ax.set_yticks(y, [style.wrap(a, 22) for a in steps.arm], fontsize=6)
+        ax.set_yticks(y, style.wrap_rows(steps.arm, 26, PANEL_HEIGHT_IN), fontsize=6)
         ax.invert_yaxis()
         ax.set(title=f"(d) steps to {accuracy} accuracy {target:.3f}", xlabel="training step")
         xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])

@@ -184,6 +184,24 @@ def wrap(text: str, width: int = 30) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
+def wrap_rows(labels, width: int, panel_height_in: float, fontsize: float = 6) -> list[str]:
+    """Labels of the rows of a panel `panel_height_in` inches high, wrapped at `width` characters and cut (with
+    '…') to the lines a row has room for, so that neighbouring labels do not run into each other (the legend
+    holds the whole label)."""
+    import textwrap
+
+    row_pt = panel_height_in * 72 / max(len(labels), 1)
+    most = max(1, int(row_pt // (fontsize * 1.3)))
+    out = []
+    for text in labels:
+        lines = textwrap.wrap(str(text), width) or [str(text)]
+        if len(lines) > most:
+            lines = lines[:most]
+            lines[-1] = lines[-1][: width - 1].rstrip() + "…"
+        out.append("\n".join(lines))
+    return out
+
+
 def title_chars(fig_width: float, ncols: int) -> int:
     """Characters per line of a panel title (axes.titlesize 8.5 pt) that stay inside a column of a figure
     `fig_width` inches wide with `ncols` columns of panels: about 13 per inch of column."""

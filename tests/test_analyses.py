@@ -155,6 +155,17 @@ def test_arms_of_one_method_get_shades_of_its_colour():
 
 
 
+def test_row_labels_are_cut_to_the_lines_a_row_has_room_for():
+    from analyses import style
+
+    long = "mass, C = running mean signal (tiny preset default)"
+    few = style.wrap_rows([long, "b"], 26, 1.5)  # two rows of 54 pt: room for several lines
+    assert few[0].replace("\n", " ") == long and max(len(x) for x in few[0].split("\n")) <= 26
+    many = style.wrap_rows([long] + list("bcdefgh"), 26, 1.5)  # eight rows of 13.5 pt: one line each
+    assert "\n" not in many[0] and many[0].endswith("…") and len(many[0]) <= 26
+    assert many[1] == "b"
+
+
 def test_many_arms_of_one_method_get_colours_of_their_own():
     from analyses import style
     from analyses.runs import Run, RunSet
