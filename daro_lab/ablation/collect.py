@@ -69,7 +69,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     """Recompute the summary of an ablation from what its child runs logged (and, with `write`,
     store it on the parent: tables/ablation_summary.parquet, tables/ablation_per_seed.parquet,
     ablation_summary.md, and per-arm metrics `<metric>_mean/<arm>`)."""
-    from daro_lab.tracking import RunStore, read_metrics
+    from daro_lab.tracking import read_metrics
 
     store = RunStore(uri)
     uri = store.uri
