@@ -312,12 +312,14 @@ class Trainer:
         K = self.K
         logp = self.policy.logprobs(p.rows)  # [B, T], on the model's device
         batch = self._batch(p, logp)
-        totals = Totals.combine([batch_totals(batch, K, self.settings)], self.shard)  # over the ranks
+        # data-parallel: the mini-batch's totals over the ranks; one process: the loss counts them from the batch
+        totals = (Totals.combine([batch_totals(batch, K, self.settings)], self.shard) if self.shard.world_size > 1
+                  else None)
         t = self._loss(batch, totals, self._group_norms(totals, params, batch=batch))
         metrics = MetricSums.combine([t.stats], self.shard).finish()
         if want_g:
             # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
-            ks = _present(totals)
+            ks = _present(t.present)
             norms = self._grad_norms([t.contrib[kk] for kk in ks] + [t.group_loss[kk] for kk in ks], params)
             _put_group_norms(metrics, ks, norms, K)
         self.opt.zero_grad(set_to_none=True)
@@ -325,14 +327,15 @@ class Trainer:
         (t.loss * self.shard.world_size).backward()
         return metrics, batch, t.factor, t.daro_state
 
-    def _loss(self, batch: PolicyBatch, totals: Totals, group_norms: torch.Tensor | None = None):
-        """`loss_terms` of the run's method on one pass, with the mini-batch's totals and the current weights."""
+    def _loss(self, batch: PolicyBatch, totals: Totals | None, group_norms: torch.Tensor | None = None):
+        """`loss_terms` of the run's method on one pass, with the mini-batch's totals (None: the pass is all of it)
+        and the current weights."""
         w = self.weights() if self.weights is not None else None
         state = self.weights.state() if self.weights is not None else None
         return loss_terms(self.cfg.algo.method, batch, self.K, self.settings, weights=w, group_grad_norms=group_norms,
                           totals=totals, daro_state=state)
 
-    def _group_norms(self, totals: Totals, params, batch: PolicyBatch | None = None, norms=None):
+    def _group_norms(self, totals: Totals | None, params, batch: PolicyBatch | None = None, norms=None):
         """DARO's 'grad' signal: [K-1] ||grad_theta L_mu|| of the mini-batch (None for every other reading), from
         the one pass `batch` (its graph kept for the update's own backward) or, accumulating, by `norms(group_norms,
         picks)`, which runs every pass once per group."""
@@ -383,7 +386,7 @@ class Trainer:
         group_norms = self._group_norms(totals, params, norms=norms)
         g = None
         if want_g:
-            ks = _present(totals)
+            ks = _present(totals.tokens > 0)
             g = norms(group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
         self.opt.zero_grad(set_to_none=True)
         out = passes(group_norms)  # the update's backward
@@ -574,10 +577,9 @@ def _total_grad_norm(params: list[torch.Tensor]) -> float:
     return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
 
 
-def _present(totals) -> list[int]:
-    """The interior groups k with tokens in the mini-batch."""
-    K = totals.K
-    return [kk for kk in range(1, K) if float(totals.tokens[kk]) > 0]
+def _present(groups: torch.Tensor) -> list[int]:
+    """The interior groups k (1..K-1) marked in `groups` [K+1] bool: those with tokens in the mini-batch."""
+    return [kk for kk in range(1, len(groups) - 1) if bool(groups[kk])]
 
 
 def _put_group_norms(metrics: dict[str, float], ks: list[int], norms: list[float], K: int) -> None:
