@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -81,7 +82,7 @@ def _interrupt_message(e: BaseException) -> str:
     what = f"interrupted ({signal_name(e)})"
     if end is None:
         return f"{what} before a run was created; nothing was recorded"
-    saved = (f"the checkpoint of step {end.step} was saved" if end.step is not None
+    saved = (f"it stopped after step {end.step}, whose checkpoint is saved" if end.step is not None
              else "the unfinished step was discarded, not saved")
     where = f"from {end.resume_from}" if end.resume_from else "from the start: it has no checkpoint yet"
     return f"{what}: {saved}; run {end.run_id} is marked KILLED; --resume {end.run_id} continues it {where}"
@@ -94,7 +95,7 @@ def _ablation_interrupt_message(e: BaseException) -> str:
     if end is None:  # parallel workers, or between arms: each worker's run ends KILLED at its last saved step
         arm = "the running arms' runs are KILLED, each resumable from its last saved step"
     else:
-        saved = (f"the checkpoint of step {end.step} was saved" if end.step is not None
+        saved = (f"it stopped after step {end.step}, whose checkpoint is saved" if end.step is not None
                  else "its unfinished step was discarded, not saved")
         arm = f"the running arm's run {end.run_id} is KILLED ({saved})"
     return (f"interrupted: {arm}; the parent run is KILLED; continue the sweep with --resume PARENT_RUN_ID "
@@ -331,6 +332,22 @@ def report(
                f"({len(rep.figures)} of {len(rep.figures) + len(rep.errors)} drawn)")
 
 
+def _writable_dir(out: Path, what: str = "--out") -> Path:
+    """Check, before any work, that `out` is a folder that can be written or made (nothing is made here); exit 2
+    naming it otherwise."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        _fail(f"{what} {out}: {probe} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".daro-lab-write-check-"):
+            pass
+    except OSError as e:
+        _fail(f"{what} {out}: cannot write in {probe} ({e.strerror or e})")
+    return out
+
+
 def _numbers(text: str, what: str) -> float | list[float]:
     """'400' -> 400.0; '10,10,9' -> [10.0, 10.0, 9.0]; exit 2 naming the option otherwise."""
     try:
@@ -360,17 +377,21 @@ def simulate(
     """What the loss scale and DARO's weights would be on a run with these lengths: no model, the real loss."""
     _quiet_analysis()
     from analyses.simulate import plot_simulation
-    from daro_lab.simulate import DEFAULT_READINGS, SimConfig
+    from daro_lab.simulate import DEFAULT_READINGS, Reading, SimConfig
     from daro_lab.simulate import simulate as run_simulation
 
     cfg = SimConfig(len_correct=_numbers(len_correct, "--len-correct"), len_wrong=_numbers(len_wrong, "--len-wrong"),
                     K=k, prompts=prompts, updates=updates, lr_w=lr_w, readings=list(reading or DEFAULT_READINGS),
                     mu_weights=None if mu_weights is None else list(map(float, _listify(_numbers(mu_weights, "--mu-weights")))),
                     len_cv=len_cv, ratio_noise=ratio_noise, seed=seed)
-    try:
-        result = run_simulation(cfg)
+    try:  # every value, and the output folder, before the computation
+        cfg.check()
+        for r in cfg.readings:
+            Reading.parse(r)
     except ValueError as e:
         _fail(str(e))
+    _writable_dir(out)
+    result = run_simulation(cfg, progress=cfg.updates * max(1, len(cfg.readings)) >= 20_000)
     fig = plot_simulation(result, out)
     s = fig.tables["simulate_summary"]
     pd_opts = {"index": False, "float_format": lambda x: f"{x:.3g}"}
@@ -516,6 +537,7 @@ def analyze_rollouts(
     from daro_lab.integrations.rollouts import RolloutError, analyze, default_fields, read_rollouts, safe_name
     from daro_lab.simulate import DEFAULT_READINGS
 
+    out = _writable_dir(out or Path("reports") / f"rollouts-{safe_name(path.resolve().stem if path.is_file() else path.resolve().name)}")
     try:
         base = default_fields(fmt)
         given = {"reward": reward_field, "prompt": prompt_field, "response": response_field, "length": length_field,
@@ -529,7 +551,6 @@ def analyze_rollouts(
                            readings=list(reading or DEFAULT_READINGS), seed=seed)
     except (RolloutError, ValueError) as e:
         _fail(str(e))
-    out = out or Path("reports") / f"rollouts-{safe_name(path.resolve().stem if path.is_file() else path.resolve().name)}"
     result = plot_rollouts(analysis, out)
     for note in result.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)

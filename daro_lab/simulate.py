@@ -24,6 +24,7 @@ and coefficients come out the same; `tests/test_simulate.py` checks this against
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,16 +60,57 @@ class SimConfig:
     eps_high: float = 0.28
     seed: int = 0
 
+    # the largest batch shape the simulator takes: beyond it a run needs gigabytes and says nothing useful (no RLVR
+    # setup samples more than a few hundred responses per prompt)
+    MAX_K = 1024
+    MAX_PROMPTS = 16384
+    MAX_UPDATES = 1_000_000
+
     def lengths(self, which: str) -> list[float]:
         """[K-1] mean lengths for k = 1..K-1 of 'correct' or 'wrong' answers."""
         v = self.len_correct if which == "correct" else self.len_wrong
+        opt = f"--len-{which} (len_{which})"
         vals = [float(v)] * (self.K - 1) if isinstance(v, (int, float)) else [float(x) for x in v]
         if len(vals) != self.K - 1:
-            raise ValueError(f"len_{which}: expected one value or K-1 = {self.K - 1} values (k = 1..{self.K - 1}), "
+            raise ValueError(f"{opt}: expected one value or K-1 = {self.K - 1} values (k = 1..{self.K - 1}), "
                              f"got {len(vals)}")
-        if any(not x >= 1 for x in vals):
-            raise ValueError(f"len_{which}: lengths must be >= 1 token, got {vals}")
+        bad = [x for x in vals if not 1 <= x <= self.max_len]
+        if bad:
+            raise ValueError(f"{opt}: mean lengths must be between 1 and max_len = {self.max_len} tokens, got "
+                             f"{bad[0]!r}")
         return vals
+
+    def check(self) -> None:
+        """ValueError naming the option (and field) of the first value the simulator cannot use."""
+        def need(ok: bool, opt: str, what: str, value) -> None:
+            if not ok:
+                raise ValueError(f"{opt}: {what}, got {value!r}")
+
+        def finite(x) -> bool:
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        need(isinstance(self.K, int) and 2 <= self.K <= self.MAX_K, "--k (K)",
+             f"an integer in [2, {self.MAX_K}] (a pass rate strictly between 0 and 1 needs K >= 2; memory grows "
+             "with K)", self.K)
+        need(isinstance(self.prompts, int) and 1 <= self.prompts <= self.MAX_PROMPTS, "--prompts (prompts)",
+             f"an integer in [1, {self.MAX_PROMPTS}]", self.prompts)
+        need(isinstance(self.updates, int) and 1 <= self.updates <= self.MAX_UPDATES, "--updates (updates)",
+             f"an integer in [1, {self.MAX_UPDATES}]", self.updates)
+        need(isinstance(self.max_len, int) and self.max_len >= 1, "max_len", "an integer >= 1", self.max_len)
+        need(finite(self.lr_w) and self.lr_w > 0, "--lr-w (lr_w)", "a finite number > 0", self.lr_w)
+        need(finite(self.len_cv) and 0 <= self.len_cv <= 10, "--len-cv (len_cv)",
+             "a finite number in [0, 10] (a coefficient of variation)", self.len_cv)
+        need(finite(self.ratio_noise) and 0 <= self.ratio_noise <= 10, "--ratio-noise (ratio_noise)",
+             "a finite number in [0, 10] (the std of a per-token log-ratio; 0: on-policy)", self.ratio_noise)
+        for name in ("eps_low", "eps_high"):
+            v = getattr(self, name)
+            need(finite(v) and 0 <= v < 1 if name == "eps_low" else finite(v) and v >= 0, name,
+                 "a finite clip range (eps_low in [0, 1), eps_high >= 0)", v)
+        if self.mu_weights is not None:
+            mw = list(self.mu_weights)
+            need(len(mw) == self.K - 1 and all(finite(x) and x >= 0 for x in mw) and sum(mw) > 0,
+                 "--mu-weights (mu_weights)", f"K-1 = {self.K - 1} finite non-negative numbers, not all 0", mw)
+        self.lengths("correct"), self.lengths("wrong")
 
 
 @dataclass(frozen=True)
@@ -203,18 +245,12 @@ class SimResult:
         return pd.concat(rows, ignore_index=True)
 
 
-def simulate(cfg: SimConfig, compact: bool = True) -> SimResult:
+def simulate(cfg: SimConfig, compact: bool = True, progress: bool = False) -> SimResult:
     """Run every baseline for one mini-batch per update (their loss scale needs no optimizer) and every DARO
-    reading for `updates` AdamW steps of its weights; all on the same synthetic mini-batches."""
+    reading for `updates` AdamW steps of its weights; all on the same synthetic mini-batches. Bad config:
+    ValueError naming the option (`SimConfig.check`). progress: a bar on stderr."""
+    cfg.check()
     K = cfg.K
-    if K < 2:
-        raise ValueError(f"K = {K}: a pass rate strictly between 0 and 1 needs K >= 2")
-    if cfg.prompts < 1 or cfg.updates < 1:
-        raise ValueError(f"prompts and updates must be >= 1, got {cfg.prompts}, {cfg.updates}")
-    if cfg.mu_weights is not None and (len(cfg.mu_weights) != K - 1 or min(cfg.mu_weights) < 0
-                                       or sum(cfg.mu_weights) <= 0):
-        raise ValueError(f"mu_weights: expected K-1 = {K - 1} non-negative numbers, not all 0, got {cfg.mu_weights}")
-    cfg.lengths("correct"), cfg.lengths("wrong")
     readings = [Reading.parse(r) for r in cfg.readings]
     for m in cfg.methods:
         if m not in BASELINES:
@@ -229,7 +265,14 @@ def simulate(cfg: SimConfig, compact: bool = True) -> SimResult:
                          signal_ema=r.ema)
         darow.append((r, dw, opt, s))
     baselines_every = max(1, cfg.updates // 100)  # their shapes do not depend on the update: sample 100 of them
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.updates, desc="simulate", unit="update", file=sys.stderr, dynamic_ncols=True)
     for u in range(cfg.updates):
+        if bar is not None:
+            bar.update(1)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + u)
         batches = {}
         for m in dict.fromkeys([METHODS[m].advantage for m in cfg.methods] + ["group_std"]):
@@ -249,6 +292,8 @@ def simulate(cfg: SimConfig, compact: bool = True) -> SimResult:
             dw.project_()
             dw.set_state(t.daro_state)
             rows += _group_rows(t.metrics, K, r.name, u)
+    if bar is not None:
+        bar.close()
     return SimResult(cfg, pd.DataFrame(rows))
 
 

@@ -1,8 +1,26 @@
 import os
+import sys
+import uuid
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# every process this session starts inherits the marker; a session that leaves one running fails (below)
+SESSION_MARKER = f"daro-lab-test-session-{uuid.uuid4().hex}"
+os.environ["DARO_LAB_TEST_SESSION"] = SESSION_MARKER
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test leaves a process behind: list (and kill) any process of this session still alive at its end."""
+    from _procs import kill_all, wait_gone
+
+    left = wait_gone(SESSION_MARKER)
+    if left:
+        print("\nprocesses this test session started and left running (killed now):\n  " + "\n  ".join(left),
+              file=sys.stderr)
+        kill_all({int(x.split()[0]) for x in left})
+        session.exitstatus = 1
 
 # A very small training preset: one-digit addition, a 2-layer width-32 model, 8 prompts x 4 responses
 # per step in two mini-batches (the second off-policy). Small enough for many end-to-end runs in CI.

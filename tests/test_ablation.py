@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import _procs as procs
 from typer.testing import CliRunner
 
 from daro_lab.ablation import AblationError, load_grid, make_plan, run_ablation, summarize_ablation
@@ -281,15 +283,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_arms(tmp_path, template
     script = tmp_path / "kill_me.py"
     script.write_text(KILL_SCRIPT.format(marker=str(marker), grid=str(grid), overrides=small(small_env, tmp_path),
                                          uri=uri))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    try:
+    with procs.started([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}) as proc:
         deadline = time.time() + 240
         while not marker.exists():
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.time() < deadline, "the sweep never reached arm b's step 3"
             time.sleep(0.2)
-    finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     c = open_client(uri)

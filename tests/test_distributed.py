@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import _procs as procs
 from daro_lab.tracking import open_client
 
 HERE = Path(__file__).parent
@@ -22,7 +23,7 @@ def _env():
 
 
 def _run(cmd, cwd):
-    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    p = procs.run(cmd, timeout=600, cwd=cwd, env=_env())  # a timeout kills torchrun's ranks too
     assert p.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{(p.stdout + p.stderr)[-4000:]}"
     return p
 
@@ -131,31 +132,6 @@ def _check_whole_batch_run(p, client, run, ckpt: Path, ov: list[str], parallel: 
         assert torch.equal(policy.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once. torchrun starts every rank in a session of its own, so
-    killing torchrun's process group leaves the ranks running (they finish the run on their own)."""
-    import signal
-    from pathlib import Path
-
-    parents = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, grew = {pid}, True
-    while grew:
-        kids = {c for c, pp in parents.items() if pp in tree} - tree
-        tree |= kids
-        grew = bool(kids)
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("parallel", TRAIN_MODES)
 def test_torchrun_run_records_the_whole_batch_and_resumes_from_sigkill_like_an_uninterrupted_one(
         tmp_path, small_env, wait_for_checkpoint, parallel):
@@ -180,11 +156,11 @@ def test_torchrun_run_records_the_whole_batch_and_resumes_from_sigkill_like_an_u
     (whole_run,) = client.search_runs([exp])
     _check_whole_batch_run(p, client, whole_run, latest(tmp_path / "ckpt" / whole_run.info.run_id),
                            env + TRAIN_MODES[parallel], parallel, steps=4)
-    proc = subprocess.Popen([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)
-    _kill_tree(proc.pid)  # torchrun and both ranks at once
-    proc.wait()
+    with procs.started([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
+                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)
+        procs.kill_tree(proc.pid)  # torchrun and both ranks at once (the ranks run in sessions of their own)
+        proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"
     assert latest(root).name == "step_000002"
     _run([*TORCHRUN, "-m", "daro_lab.cli", "train", "--resume", run_id, "--tracking-uri", store], tmp_path)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import _procs as procs
 import torch
 from typer.testing import CliRunner
 
@@ -135,6 +137,54 @@ def test_first_ctrl_c_finishes_the_step_and_saves_it(tmp_path, small_cfg, store,
     assert_same_run(reference, store, run.info.run_id)
 
 
+def test_first_ctrl_c_in_a_step_whose_checkpoint_is_due_says_that_step_was_saved(small_cfg, store):
+    """SIGINT during step 2 (checkpoint_every=2): the loop saves step 2 as it would anyway, then stops there; what
+    the CLI prints says so (it used to say the unfinished step was discarded)."""
+    from daro_lab.cli import _interrupt_message
+
+    with pytest.raises(Interrupted) as exc:
+        train(small_cfg(*RUN), hooks=hooked(At("minibatch", 2, send(signal.SIGINT))), progress=False)
+    run = only_run(store)
+    assert exc.value.daro_lab_run.step == 2 and latest(run.data.tags["daro_lab.checkpoint_dir"]).name == "step_000002"
+    msg = _interrupt_message(exc.value)
+    assert "stopped after step 2, whose checkpoint is saved" in msg and "discarded" not in msg, msg
+    assert run.data.tags["daro_lab.checkpoint_step"] == "2"
+
+
+def _killed_after_step_3(small_cfg, store):
+    """A run stopped by a first Ctrl-C after step 3: checkpoints step_000002 and step_000003."""
+    with pytest.raises(Interrupted):
+        train(small_cfg(*RUN), hooks=hooked(At("minibatch", 3, send(signal.SIGINT))), progress=False)
+    run = only_run(store)
+    return run.info.run_id, Path(run.data.tags["daro_lab.checkpoint_dir"])
+
+
+def test_a_pointer_to_a_missing_step_resumes_from_the_newest_intact_one(small_cfg, store, reference, capsys):
+    run_id, root = _killed_after_step_3(small_cfg, store)
+    shutil.rmtree(root / "step_000003")  # `latest` names a step that is gone; step_000002 is intact
+    (root / "step_000001").mkdir()  # an incomplete folder is not a checkpoint
+    train(resume=run_id, progress=False, tracking_uri=store)
+    err = capsys.readouterr().err
+    assert f"resuming from {root / 'step_000002'}" in err and "names step_000003, which is missing" in err, err
+    assert_same_run(reference, store, run_id)
+
+
+def test_a_run_whose_checkpoints_were_moved_away_is_refused_not_restarted(small_cfg, store, tmp_path):
+    run_id, root = _killed_after_step_3(small_cfg, store)
+    before = stable(store, run_id)
+    shutil.move(root, tmp_path / "elsewhere")
+    res = runner.invoke(app, ["train", "--resume", run_id, "--tracking-uri", store])
+    assert res.exit_code == 2, res.output
+    assert f"saved checkpoints (the last at step 3) under {root}" in res.output and "step_NNNNNN" in res.output
+    assert open_client(store).get_run(run_id).info.status == "KILLED"
+    assert stable(store, run_id).equals(before)  # nothing it recorded is dropped
+    assert not (root / "lock").exists()
+    shutil.rmtree(root)  # the lock's folder; the checkpoints come back, and the resume continues from step 3
+    shutil.move(tmp_path / "elsewhere", root)
+    train(resume=run_id, progress=False, tracking_uri=store)
+    assert open_client(store).get_run(run_id).info.status == "FINISHED"
+
+
 def test_second_ctrl_c_stops_at_once_and_a_bad_checkpoint_is_refused_before_the_run_changes(small_cfg, store):
     """Two SIGINTs in step 3: stopped inside it, nothing saved (step_000002 stays the resume point). Then a
     tampered state.pt is named, PyTorch's advice to load it unsafely is not repeated, and the run stays KILLED."""
@@ -163,7 +213,7 @@ def test_second_ctrl_c_stops_at_once_and_a_bad_checkpoint_is_refused_before_the_
 
 
 @pytest.mark.parametrize("step", [0, 2])
-def test_interrupt_during_an_evaluation_loses_nothing(small_cfg, store, reference, step):
+def test_interrupt_during_an_evaluation_loses_nothing(small_cfg, store, reference, step, capsys):
     """Interrupted while evaluating step 0 (the starting policy) or step 2: no checkpoint holds that boundary, so the
     resume redoes the evaluation: start metrics, start_mu_hist and the warm-start record included."""
     with pytest.raises(KeyboardInterrupt):
@@ -171,6 +221,7 @@ def test_interrupt_during_an_evaluation_loses_nothing(small_cfg, store, referenc
     run = only_run(store)
     assert run.info.status == "KILLED" and latest(run.data.tags["daro_lab.checkpoint_dir"]) is None
     train(resume=run.info.run_id, progress=False, tracking_uri=store)
+    assert "never wrote a checkpoint" in capsys.readouterr().err
     assert_same_run(reference, store, run.info.run_id)
     m = read_metrics(store, run.info.run_id)
     assert {0, 2, 4} <= set(m[m.key == "eval/greedy_acc"].step)
@@ -260,7 +311,7 @@ def test_ablation_cli_says_what_an_interrupt_did_to_the_running_arm(monkeypatch)
         if end is None:
             assert "each resumable from its last saved step" in res.output
         elif end.step is not None:
-            assert "run arm42 is KILLED (the checkpoint of step 7 was saved)" in res.output
+            assert "run arm42 is KILLED (it stopped after step 7, whose checkpoint is saved)" in res.output
         else:
             assert "run arm43 is KILLED (its unfinished step was discarded, not saved)" in res.output
 
@@ -288,24 +339,52 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     RunLock(path, "r1").acquire(force=True).release()
 
 
+def test_a_lock_read_while_its_owner_writes_it_always_names_the_owner(tmp_path):
+    """One thread takes and releases the lock over and over; every refusal the other meets names a pid and a host
+    (the file is replaced in one rename, never seen half written)."""
+    import threading
+
+    path = tmp_path / "run" / "lock"
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            try:
+                RunLock(path, "r1").acquire().release()
+            except RunLockedError:
+                pass
+
+    t = threading.Thread(target=churn)
+    t.start()
+    refused = []
+    try:
+        for _ in range(400):
+            try:
+                RunLock(path, "r1").acquire().release()
+            except RunLockedError as e:
+                refused.append(str(e))
+    finally:
+        stop.set()
+        t.join()
+    assert refused, "the two threads never met"
+    assert not [m for m in refused if "pid ?" in m or "host ?" in m], refused[:3]
+    assert all(f"pid {os.getpid()} on host {socket.gethostname()}" in m for m in refused), refused[:3]
+
+
 def test_resume_of_a_run_that_a_live_process_trains_is_refused_and_sighup_marks_it_killed(tmp_path, small_env, store,
                                                                                          wait_for_checkpoint):
     """`daro-lab train` in a subprocess: a second writer is refused while it runs; SIGHUP (the terminal closed)
     stops it with exit 129, the run KILLED, its lock released and the message saying where it resumes."""
     sets = [x for o in [*small_env, "trainer.steps=1000", "trainer.checkpoint_every=2", f"tracking.uri={store}",
                         f"trainer.checkpoint_dir={tmp_path}/ckpt"] for x in ("--set", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "train", *sets], cwd=tmp_path,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with procs.started([sys.executable, "-m", "daro_lab.cli", "train", *sets], cwd=tmp_path,
+                       env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         run_id, root = wait_for_checkpoint(open_client(store), "attributes.status = 'RUNNING'", proc, 2)
         with pytest.raises(RunLockedError, match=f"being trained by another process, pid {proc.pid}"):
             train(resume=run_id, progress=False, tracking_uri=store)
         proc.send_signal(signal.SIGHUP)
         out = proc.communicate(timeout=120)[0].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signal.SIGHUP, out[-2000:]
     assert open_client(store).get_run(run_id).info.status == "KILLED"
     assert f"run {run_id} is marked KILLED" in out and "SIGHUP" in out

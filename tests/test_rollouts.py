@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,8 @@ def _edit(at_step: int, line: int, **change) -> str:
 @pytest.mark.parametrize("step,line,new,message", [
     (2, 3, '{"input": "oops", ', r"2\.jsonl:3: not valid JSON"),
     (2, 5, "missing", r"2\.jsonl:5: missing field 'score' \(the response's reward\)"),
+    (2, 5, "nan", r"2\.jsonl:5: field 'score' \(the response's reward\) is NaN"),
+    (2, 4, "latin1", r"2\.jsonl:4: not UTF-8 text \(byte 0xe9"),
     (2, 7, "half", r"2\.jsonl:7: reward 'score' = 0\.5 is not 0 or 1.*--threshold"),
     (3, 2, "step", r"3\.jsonl:2: field 'step' \(the step\) must be an integer, got 'two'"),
     (2, 9, None, r"2\.jsonl:\d+: the prompt of this response has 3 responses at step 2, the others 4"),
@@ -171,11 +174,18 @@ def _edit(at_step: int, line: int, **change) -> str:
 def test_bad_rows_name_file_and_line(tmp_path, step, line, new, message):
     if new == "missing":
         new = _edit(step, line, score=...)
+    elif new == "nan":
+        new = _edit(step, line, score=math.nan)  # json.dumps writes NaN, which json.loads reads back
+    elif new == "latin1":
+        new = _edit(step, line, output="caf\u00e9")
     elif new == "half":
         new = _edit(step, line, score=0.5)
     elif new == "step":
         new = _edit(step, line, step="two")
     dump = _corrupt(tmp_path, step, line, new)
+    if message.startswith(r"2\.jsonl:4: not UTF-8"):  # the same line, written in Latin-1
+        f = dump / "2.jsonl"
+        f.write_bytes(f.read_bytes().replace(b"caf\\u00e9", "caf\u00e9".encode("latin-1")))  # json.dumps escaped it
     with pytest.raises(RolloutError, match=message):
         read_rollouts(dump, "verl")
     res = CliRunner().invoke(app, ["analyze-rollouts", str(dump), "--out", str(tmp_path / "out"), "--no-simulate"])
@@ -210,3 +220,25 @@ def test_dapo_recipe_scores_and_parquet_rows(tmp_path):
     bad.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(RolloutError, match=r"bad\.parquet:row 3: missing field 'response' or 'response_length'"):
         read_rollouts(tmp_path / "bad.parquet", "parquet")
+    for huge in (math.inf, 1e300):
+        bad.response_length = [3, 4, huge, 5]
+        bad.to_parquet(tmp_path / "bad.parquet")
+        with pytest.raises(RolloutError, match=r"bad\.parquet:row 3: field 'response_length' \(the response length\) "
+                                               r"must be a number in \[0, 1e\+07\], got "):
+            read_rollouts(tmp_path / "bad.parquet", "parquet")
+
+
+def test_out_that_cannot_be_written_is_refused_before_the_dump_is_read(tmp_path):
+    dapo = FIXTURES / "verl_dapo"
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "is a file")):
+        res = CliRunner().invoke(app, ["analyze-rollouts", str(dapo), "--reward-field", "acc", "--out", str(out)])
+        assert res.exit_code == 2 and f"--out {out}" in res.output and needle in res.output, res.output
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK) and os.geteuid() == 0:  # root writes anywhere: a read-only filesystem instead
+        out = Path("/proc/daro-lab-out")
+    else:
+        out = locked / "o"
+    res = CliRunner().invoke(app, ["analyze-rollouts", str(dapo), "--reward-field", "acc", "--out", str(out)])
+    assert res.exit_code == 2 and f"--out {out}: cannot write" in res.output, res.output

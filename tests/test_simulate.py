@@ -84,3 +84,40 @@ def test_cli_prints_tables_writes_the_figure_and_rejects_bad_lengths(tmp_path):
     assert bad.exit_code == 2 and "len_correct" in bad.output and "K-1 = 7" in bad.output
     bad = CliRunner().invoke(app, ["simulate", "--len-wrong", "six", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--len-wrong" in bad.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ratio-noise", "-1"], "--ratio-noise (ratio_noise): a finite number in [0, 10]"),
+    (["--len-cv", "-1"], "--len-cv (len_cv): a finite number in [0, 10]"),
+    (["--len-cv", "nan"], "--len-cv (len_cv)"),
+    (["--len-correct", "inf"], "--len-correct (len_correct): mean lengths must be between 1 and max_len = 4096"),
+    (["--len-wrong", "5000"], "--len-wrong (len_wrong): mean lengths must be between 1 and max_len"),
+    (["--lr-w", "inf"], "--lr-w (lr_w): a finite number > 0"),
+    (["--lr-w", "0"], "--lr-w (lr_w)"),
+    (["--mu-weights", "1,1,nan,1,1,1,1"], "--mu-weights (mu_weights): K-1 = 7 finite non-negative"),
+    (["--k", "100000"], "--k (K): an integer in [2, 1024]"),
+    (["--updates", "100000000"], "--updates (updates): an integer in [1, 1000000]"),
+    (["--reading", "abs:-1"], "reg must be"),
+])
+def test_cli_refuses_every_bad_value_before_computing_naming_the_option(tmp_path, args, needle):
+    r = CliRunner().invoke(app, ["simulate", *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert not (tmp_path / "o").exists()  # nothing computed, nothing written
+
+
+def test_cli_checks_out_before_computing_and_shows_progress_on_long_work(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("x")
+    r = CliRunner().invoke(app, ["simulate", "--updates", "4", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
+    seen = {}
+    import daro_lab.simulate as sim
+
+    real = sim.simulate
+
+    def spy(cfg, compact=True, progress=False):
+        seen["progress"] = progress
+        return real(sim.SimConfig(**{**cfg.__dict__, "updates": 2}), compact, progress)
+
+    monkeypatch.setattr(sim, "simulate", spy)
+    r = CliRunner().invoke(app, ["simulate", "--updates", "50000", "--prompts", "4", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and seen["progress"] is True, r.output

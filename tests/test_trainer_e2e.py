@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import _procs as procs
 import torch
 from safetensors.torch import load_file
 
@@ -100,12 +102,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cf
     # once its step-4 checkpoint exists
     overrides = [*small_env, *extra, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_slow_train.py"), *overrides], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     client = open_client(store)
-    run_id, _ = wait_for_checkpoint(client, "attributes.status = 'RUNNING'", proc, 4)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with procs.started([sys.executable, str(Path(__file__).parent / "_slow_train.py"), *overrides], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path) as proc:
+        run_id, _ = wait_for_checkpoint(client, "attributes.status = 'RUNNING'", proc, 4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it as it was
 
     resumed = train(resume=run_id, progress=False, tracking_uri=store)

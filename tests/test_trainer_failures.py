@@ -152,9 +152,11 @@ def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
     from pathlib import Path
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", store],
-                            cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    import _procs as procs
+
+    ui = procs.started([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", store],
+                       cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def serving() -> bool:
         try:
@@ -163,7 +165,7 @@ def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
         except OSError:
             return False
 
-    try:
+    with ui as proc:
         deadline = time.time() + 120
         while not serving():
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-2000:]
@@ -173,15 +175,6 @@ def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
         db = store.removeprefix("sqlite:///")
         left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and db in _cmdline(p)]
         assert not left and not serving()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in Path("/proc").iterdir():  # an orphaned server of this test's store, if the test failed
-            if p.name.isdigit() and store.removeprefix("sqlite:///") in _cmdline(p):
-                try:
-                    os.killpg(os.getpgid(int(p.name)), signal.SIGKILL)
-                except OSError:
-                    pass
 
 
 def _cmdline(p) -> str:

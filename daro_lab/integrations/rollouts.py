@@ -99,6 +99,9 @@ class RolloutData:
 # Reading
 
 
+MAX_LENGTH = 1e7  # the longest response length a dump may give (tokens, characters or words): beyond is not a length
+
+
 def _where(file: Path, line: int, fmt: str) -> str:
     return f"{file}:{'row ' if fmt == 'parquet' else ''}{line}"
 
@@ -129,8 +132,13 @@ def _rows(file: Path, fmt: str) -> Iterable[tuple[int, Any]]:
         for i, rec in enumerate(df.to_dict("records"), start=1):
             yield i, rec
         return
-    with open(file, encoding="utf-8") as f:
-        for i, text in enumerate(f, start=1):
+    with open(file, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RolloutError(f"{file}:{i}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                   "a JSONL dump is UTF-8") from None
             if not text.strip():
                 continue
             try:
@@ -147,9 +155,11 @@ def _missing(v: Any) -> bool:
 def _get(rec: Any, name: str, where: str, what: str) -> Any:
     if not isinstance(rec, dict):
         raise RolloutError(f"{where}: expected a JSON object (one response), got {type(rec).__name__}")
-    if name not in rec or _missing(rec[name]):
+    if name not in rec:
         fields = ", ".join(sorted(map(str, rec))) or "none"
         raise RolloutError(f"{where}: missing field {name!r} ({what}); the row has fields: {fields}")
+    if _missing(rec[name]):
+        raise RolloutError(f"{where}: field {name!r} ({what}) is {'null' if rec[name] is None else 'NaN'}")
     return rec[name]
 
 
@@ -251,9 +261,10 @@ def read_rollouts(path: str | Path, fmt: str = "verl", *, fields: Fields | None 
             elif fields.length is not None and isinstance(rec, dict) and fields.length in rec \
                     and not _missing(rec[fields.length]):
                 v = rec[fields.length]
-                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v >= 0:
-                    raise RolloutError(f"{where}: field {fields.length!r} (the response length) must be a number >= 0, "
-                                       f"got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                        or not 0 <= v <= MAX_LENGTH:
+                    raise RolloutError(f"{where}: field {fields.length!r} (the response length) must be a number in "
+                                       f"[0, {MAX_LENGTH:.0e}], got {v!r}")
                 length = float(v)
                 used_length = True
             else:

@@ -59,6 +59,11 @@ class RunStore:
         except TrackingError:
             return False
 
+    def last_step(self, run_id: str, key: str) -> int | None:
+        """The largest step at which the run logged metric `key` (None: never)."""
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=None)
+
     def children(self, parent_run_id: str, tags: Mapping[str, str] | None = None) -> list:
         """Active child runs of a parent whose tags have the given values, newest first."""
         parent = self.run(parent_run_id, what="parent run")

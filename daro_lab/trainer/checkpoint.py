@@ -140,10 +140,6 @@ def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(directory, f"model.safetensors: {_first_line(e)}") from None
 
 
-def checkpoint_meta(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "meta.json").read_text())
-
-
 def write_pointer(root: Path, directory: Path) -> None:
     """Record the newest checkpoint (atomic rename, so a reader never sees half a file)."""
     tmp = root / "latest.tmp"
@@ -152,9 +148,37 @@ def write_pointer(root: Path, directory: Path) -> None:
 
 
 def latest(root: str | Path) -> Path | None:
+    """The checkpoint the `latest` pointer names, if it is there (see `resume_point` for what a resume uses)."""
     root = Path(root)
     p = root / "latest"
     if not p.is_file():
         return None
     d = root / p.read_text().strip()
-    return d if (d / "state.pt").is_file() else None
+    return d if _intact(d) else None
+
+
+_STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def _intact(d: Path) -> bool:
+    return (d / "state.pt").is_file() and (d / "model.safetensors").is_file()
+
+
+def resume_point(root: str | Path) -> tuple[Path | None, str | None]:
+    """(the checkpoint a resume continues from, a note when it is not the one `latest` names).
+
+    The `latest` pointer's checkpoint when it is intact, else the newest intact `step_NNNNNN` folder under
+    `root` (a pointer naming a missing or half-copied step must not rewind the run to step 0), else None."""
+    root = Path(root)
+    found = latest(root)
+    if found is not None:
+        return found, None
+    steps = sorted((int(m.group(1)), d) for d in root.glob("step_*")
+                   if (m := _STEP_DIR.fullmatch(d.name)) and _intact(d)) if root.is_dir() else []
+    if not steps:
+        return None, None
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    why = (f"its pointer {pointer} names {named}, which is missing or incomplete" if named
+           else f"{pointer} is missing")
+    return steps[-1][1], f"resuming from {steps[-1][1]}, the newest intact checkpoint under {root}: {why}"

@@ -46,13 +46,16 @@ class RunLock:
         if fcntl is None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        for attempt in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                info = _read(fd)
                 os.close(fd)
+                info = _read_path(self.path)
+                if not info and attempt < 99:  # the owner released (or replaced) the file just now: look again
+                    time.sleep(0.001)
+                    continue
                 raise RunLockedError(
                     f"run {self.run_id} is being trained by another process, {_describe(info)} (lock {self.path}); "
                     "a second writer would interleave its steps with that one's: stop it first") from None
@@ -63,6 +66,9 @@ class RunLock:
             if same:
                 break
             os.close(fd)
+        else:
+            raise RunLockedError(f"run {self.run_id}: its lock {self.path} kept changing hands in 100 tries; another "
+                                 "process is taking it: stop it first")
         info = _read(fd)
         here = socket.gethostname()
         if info.get("host") not in (None, here) and not force:
@@ -71,11 +77,27 @@ class RunLock:
                 f"run {self.run_id} is locked by {_describe(info)} (lock {self.path}); from this host ({here}) it "
                 "cannot be told whether that process still runs. If it does not, resume with --force")
         self.previous = info
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": here, "time": time.time(), "run_id": self.run_id}).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
+        self._fd = self._replace(fd, {"pid": os.getpid(), "host": here, "time": time.time(), "run_id": self.run_id})
         return self
+
+    def _replace(self, fd: int, info: dict) -> int:
+        """Put a complete lock file holding `info` at the path, locked, in one rename (a reader never sees it half
+        written); then let go of the old file `fd`. A process that opened the old file and gets its lock after us
+        finds another inode at the path and tries again (`acquire`'s loop)."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        new = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fcntl.flock(new, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh inode: nobody else holds it
+            os.write(new, json.dumps(info).encode())
+            os.fsync(new)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(new)
+            tmp.unlink(missing_ok=True)
+            os.close(fd)
+            raise
+        os.close(fd)
+        return new
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock (a waiter then finds no file and makes its own)."""
@@ -88,6 +110,17 @@ class RunLock:
             pass
         os.close(self._fd)
         self._fd = None
+
+
+def _read_path(path: Path) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return {}
+    try:
+        return _read(fd)
+    finally:
+        os.close(fd)
 
 
 def _read(fd: int) -> dict:

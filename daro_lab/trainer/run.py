@@ -19,14 +19,15 @@ from typing import Callable
 
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks import Hook, default_hooks
-from daro_lab.record import TAG_CHECKPOINT_DIR
+from daro_lab.record import TAG_CHECKPOINT_DIR, TAG_CHECKPOINT_STEP
 from daro_lab import distributed as dp
-from daro_lab.trainer.checkpoint import latest, write_pointer
+from daro_lab.trainer.checkpoint import latest, resume_point, write_pointer
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
 from daro_lab.trainer.signals import StopSignals
 
 TAG_CKPT = TAG_CHECKPOINT_DIR  # where the run's checkpoints are (daro_lab.record)
+TAG_SAVED = TAG_CHECKPOINT_STEP  # the step of the last checkpoint the run wrote: a resume that finds none refuses
 
 
 def _run_name(cfg: Config) -> str:
@@ -39,7 +40,7 @@ class RunEnd:
 
     run_id: str
     status: str  # KILLED or FAILED
-    step: int | None = None  # the step boundary saved on the way out (None: nothing was saved)
+    step: int | None = None  # the step boundary it stopped at, whose checkpoint is saved (None: a step was discarded)
     resume_from: str | None = None  # the checkpoint `--resume` continues from (None: from the start)
 
 
@@ -79,8 +80,7 @@ def train(
         if d.is_main:
             open_client(uri)  # a store that cannot be opened fails here, before anything else
             if resume is not None:
-                cfg, root, lock = _claim(uri, resume, force)
-                ckpt = latest(root)
+                cfg, root, lock, ckpt = _claim(uri, resume, force)
         if resume is not None:
             cfg, ckpt, root = dp.broadcast_object((cfg, ckpt, root), d)
         assert cfg is not None
@@ -114,10 +114,47 @@ def _claim(uri: str, run_id: str, force: bool):
     # the root the run recorded when it started: resuming from another directory must not move it
     root = Path(tag) if tag else Path(cfg.trainer.checkpoint_dir).resolve() / run_id
     lock = RunLock(root / "lock", run_id).acquire(force)
+    try:
+        ckpt = _resume_checkpoint(store, run, cfg, root)
+    except BaseException:
+        lock.release()
+        raise
     if run.info.status == "RUNNING" and lock.previous:
         print(f"run {run_id} was left RUNNING by pid {lock.previous.get('pid')} on {lock.previous.get('host')}, "
               "which has ended; continuing it", file=sys.stderr)
-    return cfg, root, lock
+    return cfg, root, lock, ckpt
+
+
+def _resume_checkpoint(store, run, cfg: Config, root: Path) -> Path | None:
+    """The checkpoint `--resume` continues from: never a silent rewind. The newest intact one under `root` (said on
+    stderr when the `latest` pointer names another); none where the run saved some: ConfigError naming where it
+    looked; none because the run never saved one: None (a restart from step 0), said on stderr."""
+    ckpt, note = resume_point(root)
+    if note:
+        print(f"run {run.info.run_id}: {note}", file=sys.stderr)
+    if ckpt is not None:
+        return ckpt
+    saved = _saved_step(store, run, cfg)
+    if saved is not None:
+        raise ConfigError(
+            f"run {run.info.run_id} saved checkpoints (the last at step {saved}) under {root}, but none is there "
+            f"(looked for {root / 'latest'} and {root}/step_NNNNNN folders holding model.safetensors and state.pt); "
+            "move the folder back (or copy a checkpoint into it) and resume again: restarting from step 0 would "
+            "drop what the run recorded. The run is unchanged")
+    print(f"run {run.info.run_id} never wrote a checkpoint (none under {root}): it restarts from step 0, and what "
+          "it logged is redone", file=sys.stderr)
+    return None
+
+
+def _saved_step(store, run, cfg: Config) -> int | None:
+    """The step of the last checkpoint the run wrote, from its tag; runs recorded before that tag: the first step
+    a checkpoint was due, if the run logged a later step (the loop saves a step before it starts the next)."""
+    tag = run.data.tags.get(TAG_SAVED)
+    if tag is not None:
+        return int(tag)
+    every = cfg.trainer.checkpoint_every
+    logged = store.last_step(run.info.run_id, "reward/mean")
+    return every if every and logged is not None and logged > every else None
 
 
 def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | None, root: Path | None, lock, hooks,
@@ -157,7 +194,7 @@ def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | Non
                 state.boundary = 0
                 if cfg.trainer.steps > 0:
                     sig.check()
-            _loop(trainer, run_id, root, progress and d.is_main, sig, state)
+            _loop(trainer, run_id, root, progress and d.is_main, sig, state, tracker)
             if tracker and cfg.trainer.log_checkpoint:
                 tracker.log_artifact(latest(root), "checkpoint")
             for h in trainer.hooks:
@@ -167,9 +204,11 @@ def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | Non
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP (signals.Interrupted), or raised by code
             sig.closing = True
             saved = None
-            if state.boundary is not None and state.boundary != state.saved and not d.enabled and run_id:
+            if state.boundary is not None and state.boundary == state.saved:
+                saved = state.boundary  # stopped at a boundary whose checkpoint is already written
+            elif state.boundary is not None and not d.enabled and run_id:
                 try:  # the trainer is at a step boundary: keep it
-                    _save(trainer, root, run_id)
+                    _save(trainer, root, run_id, tracker)
                     saved = state.boundary
                 except Exception as err:  # noqa: BLE001 - the run must still be marked
                     print(f"could not save the checkpoint of step {state.boundary}: {err}", file=sys.stderr)
@@ -214,15 +253,19 @@ def _log_start(trainer: Trainer, tracker) -> None:
                                          "prompts": v} for k, v in hist.items()], 0)
 
 
-def _save(trainer: Trainer, root: Path, run_id: str) -> Path | None:
-    """Checkpoint the trainer at a step boundary (every data-parallel rank calls this; rank 0 writes)."""
+def _save(trainer: Trainer, root: Path, run_id: str, tracker=None) -> Path | None:
+    """Checkpoint the trainer at a step boundary (every data-parallel rank calls this; rank 0 writes), and tag the
+    run with its step (a later resume that finds no checkpoint then knows one was written, and refuses)."""
     d = trainer.save(root / f"step_{trainer.step:06d}", {"run_id": run_id})
     if d is not None:
         write_pointer(root, d)
+        if tracker is not None:
+            tracker.set_tags({TAG_SAVED: trainer.step})
     return d
 
 
-def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSignals, state: _Progress) -> None:
+def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSignals, state: _Progress,
+          tracker=None) -> None:
     t = trainer.cfg.trainer
     bar = None
     if progress:
@@ -240,7 +283,7 @@ def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSi
         if (t.eval_every and step % t.eval_every == 0) or last:  # every rank: a share of the problems each
             acc = trainer.evaluate()[0]["eval/greedy_acc"]
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
-            _save(trainer, root, run_id)
+            _save(trainer, root, run_id, tracker)
             state.saved = step
         state.boundary = step
         if bar is not None:
