@@ -7,6 +7,7 @@ logging_steps); the per-mu tables hold every step either way.
     python benchmarks/bench_trainer.py --preset trl --steps 40
     python benchmarks/bench_trainer.py --preset trl --vs-trl --steps 150   # and TRL's GRPOTrainer beside it
     python benchmarks/bench_trainer.py --preset none --vs-trl --steps 150  # the TRL comparison alone
+    python benchmarks/bench_trainer.py --busy --steps 24    # beside one busy process, as a ratio to idle
 
 Presets:
   tiny  the demo preset (daro_lab/presets/demo.toml)
@@ -210,6 +211,50 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
               f"(ratio daro-lab / TRL {(t_ours / n_ours) / (t_trl / n_signal_trl):.3f})")
 
 
+def bench_busy(preset: str, blocks: int, per_block: int) -> None:
+    """Step time beside one busy process (`python -c "while True: pass"`), as a ratio to idle: blocks of steps
+    alternate idle / busy in this one run, for the default thread policy (trainer.threads = 0: fewer threads while
+    other processes keep cores busy, trainer/threads.py) and for torch's full thread count fixed (the behaviour before
+    that policy), two trainers stepped in turn so both see the same load. A fair share of 2 cores is 2x."""
+    import subprocess
+
+    overrides = [*PRESETS[preset], "trainer.grad_norm_every=0", f"trainer.steps={10 * blocks * per_block}"]
+    full = torch.get_num_threads()
+    arms = {"default (threads=0, fair)": Trainer(load_config(base_config(preset), overrides), hooks=[]),
+            f"fixed threads={full}": Trainer(load_config(base_config(preset), [*overrides, f"trainer.threads={full}"]),
+                                             hooks=[])}
+    for tr in arms.values():  # warm-up
+        tr.train_step()
+    times = {(a, mode): [] for a in arms for mode in ("idle", "busy")}
+    used = {a: [] for a in arms}
+    for _ in range(blocks):
+        for mode in ("idle", "busy"):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if mode == "busy" else None
+            try:
+                time.sleep(0.5)  # the thread policy reads the load of the last interval
+                for _ in range(per_block):
+                    for name, tr in arms.items():
+                        if tr.fair_threads is None:  # torch's thread count is global: the other arm may have moved it
+                            torch.set_num_threads(full)
+                        t0 = time.perf_counter()
+                        m = tr.train_step()
+                        times[(name, mode)].append(time.perf_counter() - t0)
+                        if mode == "busy":
+                            used[name].append(m["perf/threads"])
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    print(f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
+          f"interleaved; cpus {os.cpu_count()}, torch threads at start {full} (a fair share is "
+          f"{os.cpu_count() / max(1, os.cpu_count() - 1):.1f}x)")
+    for name in arms:
+        idle, busy = statistics.median(times[(name, "idle")]), statistics.median(times[(name, "busy")])
+        print(f"  {name:28s} idle {idle:.3f} s/step, busy {busy:.3f} s/step (medians; means "
+              f"{statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}), "
+              f"busy/idle {busy / idle:.2f}, threads while busy {statistics.mean(used[name]):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=[*PRESETS, "all", "none"], default="all",
@@ -217,11 +262,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--busy", action="store_true",
+                    help="the step time beside one busy process, as a ratio to idle (tiny preset, or --preset)")
     ap.add_argument("--vs-trl", action="store_true",
                     help='also run TRL\'s GRPOTrainer on the `trl` workload, interleaved (needs pip install -e ".[trl]")')
     a = ap.parse_args()
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    if a.busy:
+        bench_busy("tiny" if a.preset in ("all", "none") else a.preset, blocks=4, per_block=max(1, a.steps // 8))
+        return
     for p in PRESETS if a.preset == "all" else [] if a.preset == "none" else [a.preset]:
         bench(p, a.steps, a.warmup, a.threads)
     if a.vs_trl:

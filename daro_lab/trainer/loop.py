@@ -37,6 +37,7 @@ from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.plan import PassPlan, plan_minibatches
 from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
+from daro_lab.trainer.threads import FairThreads
 
 
 def _rows(b: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
@@ -87,6 +88,9 @@ class Trainer:
         self.hooks = list(hooks or [])
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
+        # threads = 0 on CPU: as many as the other processes leave cores free (threads.py says why)
+        self.fair_threads = FairThreads(torch.get_num_threads()) if not cfg.trainer.threads and \
+            cfg.trainer.device == "cpu" else None
         self.dist = dp.init_from_env()  # torchrun: rank and world size; one process: rank 0 of 1
         if cfg.trainer.prompts_per_step < self.dist.world_size:
             raise ConfigError(f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
@@ -175,6 +179,8 @@ class Trainer:
         step = self.step + 1  # steps are numbered from 1; step 0 is the starting policy
         N = cfg.trainer.prompts_per_step
         self.opt.param_groups[0]["lr"] = policy_lr(cfg.trainer, step)
+        if self.fair_threads is not None:
+            self.fair_threads.adjust()
         t0 = time.perf_counter()
         rollouts, rewards, problems, texts = [], [], [], []
         n_kept, n_batches = 0, 0
@@ -210,7 +216,8 @@ class Trainer:
             m["lr/weights"] = self.opt.param_groups[1]["lr"]
         dt = time.perf_counter() - t0
         m.update({"time/generate": t_gen, "time/old_logprobs": t_old, "time/update": t_upd, "time/step": dt,
-                  "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9)})
+                  "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9),
+                  "perf/threads": torch.get_num_threads()})
         for h in self.hooks:
             h.on_step_end(step, dict(m))
         return m
@@ -465,6 +472,8 @@ class Trainer:
     # -- evaluation and state -----------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
+        if self.fair_threads is not None:
+            self.fair_threads.adjust()
         m, table = evaluate(self.generation_model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
                             seed=self.cfg.seed + 7919 * (self.step + 1), dist=self.dist)
         for h in self.hooks:
