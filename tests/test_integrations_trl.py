@@ -282,3 +282,48 @@ def test_trl_daro_grad_signal(tmp_path):
     with pytest.raises(ValueError, match="daro_signal='grad' needs gradient_accumulation_steps = 1"):
         _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", per_device_train_batch_size=8,
                  gradient_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("key,value", [("pass_threshold", float("nan")), ("pass_threshold", float("inf")),
+                                       ("daro_lr_w", float("nan")), ("daro_lr_w", float("inf")), ("daro_lr_w", "abc"),
+                                       ("daro_lr_w", -1.0)])
+def test_trl_config_refuses_values_that_would_train_nothing(tmp_path, key, value):
+    with pytest.raises(ValueError, match=rf"^{key}: expected a finite number"):
+        DaroGRPOConfig(output_dir=str(tmp_path), loss_type="daro", use_cpu=True, bf16=False, **{key: value})
+
+
+def test_trl_run_that_stops_on_an_error_is_failed_in_mlflow_and_keeps_its_tables(tmp_path, monkeypatch):
+    """A reward function that raises at the third generation: the MLflow run is FAILED with traceback.txt (not left
+    for MLflow's exit handler to mark FINISHED), and the per_mu rows of the updates that finished are recorded."""
+    from daro_lab.tracking import RunStore, read_table
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trl-fail")
+    calls = []
+
+    def breaks_at_step_3(completions, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("reward server went away")
+        return parity_reward(completions)
+
+    model, tok, ds = _parts()
+    args = DaroGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=K,
+                          max_completion_length=8, max_steps=4, learning_rate=1e-2, logging_steps=1,
+                          report_to=["mlflow"], use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                          disable_tqdm=True, loss_type="dapo")
+    trainer = DaroGRPOTrainer(model=model, reward_funcs=breaks_at_step_3, args=args, train_dataset=ds,
+                              processing_class=tok)
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        trainer.train()
+    run_id = trainer._mlflow[1]
+    store = RunStore(uri)
+    run = store.run(run_id)
+    assert run.info.status == "FAILED"
+    assert "reward server went away" in store.read_text(run_id, "traceback.txt")
+    table = read_table(uri, run_id, "per_mu")
+    assert sorted(set(table.step)) == [1, 2]  # the two updates that finished
+    import mlflow
+
+    assert mlflow.active_run() is None  # nothing left for the exit handler to end FINISHED

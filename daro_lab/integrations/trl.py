@@ -135,8 +135,24 @@ class DaroGRPOConfig(GRPOConfig):
         if not 0 < self.daro_w_min <= self.daro_init <= self.daro_w_max:
             raise ValueError(f"need 0 < daro_w_min <= daro_init <= daro_w_max, got {self.daro_w_min}, "
                              f"{self.daro_init}, {self.daro_w_max}")
-        if self.daro_lr_w < 0:
-            raise ValueError(f"daro_lr_w: expected a number >= 0, got {self.daro_lr_w}")
+        self.daro_lr_w = _finite("daro_lr_w", self.daro_lr_w, "a finite number >= 0", lambda v: v >= 0)
+        for name in ("daro_init", "daro_w_min", "daro_w_max", "daro_signal_ema"):
+            _finite(name, getattr(self, name), "a finite number")
+        if self.pass_threshold is not None:
+            self.pass_threshold = _finite("pass_threshold", self.pass_threshold,
+                                          "a finite number (a reward above it is right) or None")
+
+
+def _finite(name: str, value, what: str, ok=lambda v: True) -> float:
+    """`value` as a float when it is a finite number that `ok` accepts; ValueError naming `name` otherwise (NaN would
+    compare false everywhere: every completion wrong, a loss of 0, a run that trains nothing without a word)."""
+    try:
+        v = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return v
 
 
 def parse_reg(text) -> float | str:
@@ -251,6 +267,40 @@ class DaroGRPOTrainer(GRPOTrainer):
         self.last_update_batch: PolicyBatch | None = None  # the last update's batch, detached (inspection, tests)
         self._mlflow: tuple[str, str] | None = None  # (tracking uri, run id)
         self.add_callback(_DaroLabCallback(self))
+
+    def train(self, *args, **kwargs):
+        """GRPOTrainer.train; a run that stops on an error or an interrupt keeps what it recorded (the per_mu and
+        mu_hist tables of the updates that finished) and its MLflow run is marked FAILED (KILLED for Ctrl-C) with
+        traceback.txt, not left for MLflow's exit handler to mark FINISHED."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException as e:
+            self._record_failure(e)
+            raise
+
+    def _record_failure(self, exc: BaseException) -> None:
+        import traceback
+
+        try:
+            self.write_tables()
+        except Exception as inner:  # noqa: BLE001 - the original error is the one to raise
+            warnings.warn(f"could not write daro-lab's tables after the error: {inner}", stacklevel=2)
+        if self._mlflow is None:
+            return
+        from daro_lab.tracking import RunStore
+
+        uri, run_id = self._mlflow
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            RunStore(uri).mark_ended(run_id, status, text)
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:  # else MLflow's exit handler ends it FINISHED
+                mlflow.end_run(status)
+        except Exception as inner:  # noqa: BLE001
+            warnings.warn(f"could not mark MLflow run {run_id} {status}: {inner}", stacklevel=2)
 
     # ---------------------------------------------------------------------------------------------------------
     # set-up

@@ -145,9 +145,13 @@ class RunStore:
 
     def mark_failed(self, run_id: str, message: str | None = None) -> None:
         """End a run as FAILED; `message` (when given) becomes its traceback.txt, as `Tracker.fail` writes it."""
+        self.mark_ended(run_id, "FAILED", message)
+
+    def mark_ended(self, run_id: str, status: str, message: str | None = None) -> None:
+        """End a run as `status` (FAILED or KILLED); `message` (when given) becomes its traceback.txt."""
         if message is not None:
             self.client.log_text(run_id, message, "traceback.txt")
-        self.client.set_terminated(run_id, "FAILED")
+        self.client.set_terminated(run_id, status)
 
     def supersede(self, run: Any, why: str, tag: str) -> None:
         """Replace a run: tag it with `why`, end it KILLED if it still reads RUNNING, and delete it (soft:
