@@ -55,7 +55,6 @@ def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
     exit 1; an interrupt -> run KILLED, exit 128 + the signal's number (Ctrl-C: 130), saying where it resumes."""
     from daro_lab.tracking import TrackingError
     from daro_lab.trainer import train as train_run
-    from daro_lab.trainer.signals import Interrupted
 
     try:
         return train_run(cfg, resume=resume, tracking_uri=tracking_uri, force=force)
@@ -63,7 +62,7 @@ def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
         end = getattr(e, "daro_lab_run", None)
         _fail(str(e) + (f" (run {end.run_id} is marked FAILED)" if end is not None else ""))
     except KeyboardInterrupt as e:
-        _fail(_interrupt_message(e), code=128 + e.signum if isinstance(e, Interrupted) else 130)
+        _fail(_interrupt_message(e), code=_exit_code(e))
     except Exception as e:  # noqa: BLE001
         end = getattr(e, "daro_lab_run", None)
         if end is not None:
@@ -72,6 +71,13 @@ def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
         _fail(f"training failed before any MLflow run was created, so nothing was recorded ({type(e).__name__}: {e})",
               code=1)
     raise AssertionError("unreachable")
+
+
+def _exit_code(e: BaseException) -> int:
+    """128 + the signal's number (SIGTERM 143, SIGHUP 129), 130 for Ctrl-C or a KeyboardInterrupt raised by code."""
+    from daro_lab.trainer.signals import Interrupted
+
+    return 128 + e.signum if isinstance(e, Interrupted) else 130
 
 
 def _interrupt_message(e: BaseException) -> str:
@@ -188,8 +194,10 @@ def eval_cmd(
                                  echo=lambda m: typer.echo(m, err=True))
     except (ConfigError, FileNotFoundError, TrackingError) as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted: the eval run (if it had started) is marked KILLED", code=130)
+    except KeyboardInterrupt as e:
+        from daro_lab.trainer.signals import signal_name
+
+        _fail(f"interrupted ({signal_name(e)}): the eval run (if it had started) is marked KILLED", code=_exit_code(e))
     except Exception as e:  # noqa: BLE001 - run_eval marks its run FAILED with traceback.txt
         _fail(f"evaluation failed ({type(e).__name__}: {e}); a started eval run is marked FAILED with traceback.txt",
               code=1)
@@ -226,15 +234,18 @@ def ablation(
 
     if resume and (set_ or seeds is not None or steps is not None or preset != "tiny"):
         _fail("--resume continues the ablation with the plan its parent run logged; drop --preset/--seeds/--steps/--set")
+    from daro_lab.trainer.signals import StopSignals
+
     try:
-        res = run_ablation(name, preset=preset, seeds=seeds, steps=steps, overrides=list(set_ or []),
-                           executor=executor, tracking_uri=tracking_uri, resume=resume, retry_failed=retry_failed,
-                           workers=workers, ray_address=ray_address, progress=True,
-                           echo=lambda m: typer.echo(m, err=True))
+        with StopSignals(graceful=False):  # between arms too: SIGTERM/SIGHUP mark the parent KILLED, exit 128+N
+            res = run_ablation(name, preset=preset, seeds=seeds, steps=steps, overrides=list(set_ or []),
+                               executor=executor, tracking_uri=tracking_uri, resume=resume, retry_failed=retry_failed,
+                               workers=workers, ray_address=ray_address, progress=True,
+                               echo=lambda m: typer.echo(m, err=True))
     except (AblationError, ConfigError, TrackingError) as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
-        _fail(_ablation_interrupt_message(e), code=130)
+        _fail(_ablation_interrupt_message(e), code=_exit_code(e))
     typer.echo(res.markdown)
     typer.echo(f"parent run {res.parent_run_id}: {res.status}; summary artifacts tables/ablation_summary.parquet "
                f"and ablation_summary.md on it")

@@ -367,6 +367,7 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
      "must come before this arm"),
     ("[[arms]]\nname = 'a'\nset = ['trainer.prompts_per_step*=1.3']\n", "is an integer"),
     ("seeds = 0\n[[arms]]\nname = 'a'\n", "key 'seeds' must be >= 1"),
+    ("seeds = [-1, 2]\n[[arms]]\nname = 'a'\n", "key 'seeds': seeds must be integers in [0, 2^63) (config key 'seed'), got -1"),
 ])
 def test_bad_grid_is_a_clear_error_naming_file_and_key(tmp_path, text, needle):
     grid = write_grid(tmp_path, text, "bad")
@@ -386,6 +387,11 @@ def test_bad_grid_on_the_command_line_exits_2_and_creates_no_run(tmp_path, templ
     assert res.exit_code == 2 and "arm 'lr_w-1e-4'" in res.output
     res = CliRunner().invoke(app, ["run", "ablation", "methods", "--preset", "paper/no-such-model", "--tracking-uri", uri])
     assert res.exit_code == 2 and "paper/no-such-model/daro.toml" in res.output
+    grid = write_grid(tmp_path, "seeds = [-1, 2]\n[[arms]]\nname = 'a'\n", "negative")
+    res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--tracking-uri", uri])
+    assert res.exit_code == 2 and "got -1" in res.output
+    res = CliRunner().invoke(app, ["run", "ablation", "methods", "--workers", "-3", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "workers: expected an integer >= 1" in res.output and "-3" in res.output
     assert all_runs(uri) == []
 
 

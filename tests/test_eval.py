@@ -307,3 +307,34 @@ def test_eval_of_prompts_the_tokenizer_cannot_encode_names_the_row_and_character
         assert res.exit_code == 2, res.output
         assert all(n in res.output for n in needles), res.output
     assert len(_eval_run_of(uri)[1]) == before
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_eval_stopped_by_a_signal_marks_its_run_killed_and_exits_128_plus_n(env, tmp_path, monkeypatch, sig):
+    """A signal while a policy is evaluated: the eval run is KILLED (not left RUNNING), the exit code says which."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    from daro_lab.cli import app
+    from daro_lab.eval import run as eval_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    real = eval_run.evaluate_on_benchmarks
+
+    def signalled(*a, **k):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return real(*a, **k)
+
+    monkeypatch.setattr(eval_run, "evaluate_on_benchmarks", signalled)
+    before = signal.getsignal(getattr(signal, sig))
+    res = runner.invoke(app, ["eval", "--model", str(env / "modelA"), "--benchmarks", f"B1={env / 'b1.jsonl'}",
+                              "--k", "1", "--set", "eval.reward=file", "--set", "eval.max_new_tokens=2",
+                              "--set", "model.prompt_template=qwen_math", "--device", "cpu", "--tracking-uri", uri])
+    assert res.exit_code == 128 + getattr(signal, sig), res.output
+    assert f"interrupted ({sig})" in res.output and "marked KILLED" in res.output
+    assert signal.getsignal(getattr(signal, sig)) is before  # restored
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("daro-lab-eval").experiment_id])
+    assert run.info.status == "KILLED"

@@ -316,6 +316,20 @@ def test_ablation_cli_says_what_an_interrupt_did_to_the_running_arm(monkeypatch)
             assert "run arm43 is KILLED (its unfinished step was discarded, not saved)" in res.output
 
 
+def test_sigterm_to_an_ablation_exits_143_between_arms_too(monkeypatch):
+    """SIGTERM while the sweep is between arms (no train() handling signals): the sweep stops, exit 128 + 15."""
+    def between_arms(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the sweep")
+
+    monkeypatch.setattr("daro_lab.ablation.run_ablation", between_arms)
+    before = signal.getsignal(signal.SIGTERM)
+    res = runner.invoke(app, ["run", "ablation", "static-weights"])
+    assert res.exit_code == 128 + signal.SIGTERM, res.output
+    assert "the parent run is KILLED" in res.output
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one writer per run
 

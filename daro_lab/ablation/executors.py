@@ -251,6 +251,8 @@ class RayExecutor:
 
 
 def make_executor(kind: str, plan: Plan, workers: int | None = None, ray_address: str | None = None):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise AblationError(f"workers: expected an integer >= 1 (parallel processes), got {workers!r}")
     if kind == "local":
         if workers is None:  # arms on a GPU share it: one at a time unless told otherwise
             on_gpu = any(plan.gpus(a.name) > 0 for a in plan.arms)

@@ -450,6 +450,10 @@ def make_plan(
         seed_list = list(g.seeds)
     else:
         seed_list = [base_cfg.seed + i for i in range(g.seeds)]
+    bad = [x for x in seed_list if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**63]
+    if bad:  # every child run would fail on config key 'seed': refused before any run exists
+        where = "--seeds" if seeds is not None else f"{g.path}: key 'seeds'"
+        raise AblationError(f"{where}: seeds must be integers in [0, 2^63) (config key 'seed'), got {bad[0]!r}")
     planned: list[PlannedArm] = []
     for a in g.arms:
         try:

@@ -165,9 +165,10 @@ def _is_tied(model, key: str) -> bool:
 
 def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | None = None,
              tracking_uri: str | None = None, device: str | None = None, echo=print) -> tuple[str, str]:
-    """Evaluate every policy on `base.eval.benchmarks`; returns (MLflow run id, markdown of the paper tables)."""
-    from daro_lab.rollout.hf import HFEngine
+    """Evaluate every policy on `base.eval.benchmarks`; returns (MLflow run id, markdown of the paper tables).
+    SIGINT, SIGTERM and SIGHUP stop it at once with the run marked KILLED (signals.Interrupted is raised)."""
     from daro_lab.tracking import Tracker, open_client, resolve_tracking_uri
+    from daro_lab.trainer.signals import StopSignals
 
     models, runs = list(models or []), list(runs or [])
     if not models and not runs:
@@ -189,7 +190,17 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
               **{f"policy.{p.label}": p.source for p in policies}}
     tags = {"daro_lab.eval_of": ",".join(p.run_id for p in policies if p.run_id)}
     name = "eval-" + "-".join(p.label for p in policies)[:80]
-    tracker = Tracker.start(uri, e.experiment, name, params, base.to_json(), tags=tags)
+    sig = StopSignals(graceful=False)  # SIGINT, SIGTERM, SIGHUP: stop at once, the run marked KILLED
+    with sig:
+        with sig.deferred():  # the run is created whole, or not at all
+            tracker = Tracker.start(uri, e.experiment, name, params, base.to_json(), tags=tags)
+        return _evaluate_all(tracker, sig, policies, benchmarks, base, uri, device, echo)
+
+
+def _evaluate_all(tracker, sig, policies, benchmarks, base: Config, uri: str, device: str, echo) -> tuple[str, str]:
+    from daro_lab.rollout.hf import HFEngine
+
+    e = base.eval
     try:
         results: dict[str, list] = {}
         for pol in policies:
@@ -214,9 +225,11 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
         tracker.log_text(md, "eval_table.md")
         tracker.finish("FINISHED")
     except KeyboardInterrupt:
+        sig.closing = True  # a second signal while the run is marked is ignored
         tracker.finish("KILLED")
         raise
     except BaseException as exc:
+        sig.closing = True
         tracker.fail(exc)
         raise
     return tracker.run_id, md
