@@ -425,7 +425,7 @@ def _listify(x: float | list[float]) -> list[float]:
 
 @app.command()
 def ui(
-    port: int = typer.Option(5000, "--port", help="port on 127.0.0.1"),
+    port: int = typer.Option(5000, "--port", help="port on 127.0.0.1, 1-65535 (0: a free one, printed)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 against the same store."""
@@ -434,12 +434,15 @@ def ui(
 
     from daro_lab.tracking import TrackingError, open_client, resolve_tracking_uri
 
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port}: expected a port number in 1-65535 (0: a free one)")
     with socket.socket() as probe:  # the server would fail to bind later, after its start-up
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as e:
             _fail(f"port {port} on 127.0.0.1 is not free ({e.strerror}); choose another with --port")
+        port = probe.getsockname()[1]  # --port 0: the free port the system chose, which the server then takes
     uri = resolve_tracking_uri(tracking_uri)
     try:
         open_client(uri)  # a bad URI is named here; a new sqlite store gets its schema once, under its lock
@@ -498,14 +501,16 @@ def demo(
     chosen = methods.replace(",", " ").split()
     if not chosen:
         _fail("--methods names no method")
-    for method in chosen:
+    configs = {}
+    for method in chosen:  # every method's config is checked before the first one trains
         overrides = [f"algo.method={method}", f"seed={seed}", *(set_ or [])]
         if steps is not None:
             overrides.append(f"trainer.steps={steps}")
         try:
-            cfg = load_config(demo_cfg, overrides)
+            configs[method] = load_config(demo_cfg, overrides)
         except ConfigError as e:
-            _fail(str(e))
+            _fail(f"--methods {method}: {e}")
+    for method, cfg in configs.items():
         run_id = _run_training(cfg, tracking_uri=uri)
         m = read_metrics(uri, run_id)
         acc = {k: m[m.key == f"eval/{k}_acc"].sort_values("step").value for k in ("sampled", "greedy")}

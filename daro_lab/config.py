@@ -143,7 +143,8 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = _f("hf", "rollout engine: 'hf' (transformers) or 'vllm'")
     num_responses: int = _f(8, "K, responses sampled per prompt (paper: 8)", range="[2, inf)")
     max_new_tokens: int = _f(8, "longest response; also Dr. GRPO's constant normaliser L_max", range="[1, inf)")
-    temperature: float = _f(1.0, "sampling temperature (paper setup: 1.0)", range="(0, inf)")
+    temperature: float = _f(1.0, "sampling temperature (paper setup: 1.0); below 0.01 the logits / T overflow float32",
+                            range="[0.01, 100]")
     top_p: float = _f(1.0, "nucleus sampling threshold; 1.0 disables it", range="(0, 1]")
     vllm_gpu_memory: float = _f(0.3, "engine 'vllm': fraction of the GPU's memory vLLM holds for its weights and KV cache "
                                 "beside the trainer (vLLM's gpu_memory_utilization; colocated as in verl)", range="(0, 1)")
@@ -175,7 +176,8 @@ class AlgoConfig:
     eps_low: float = _f(0.2, "lower clip range, rho >= 1 - eps_low (paper: 0.2)", range="[0, 1]")
     eps_high: float = _f(0.28, "upper clip range, clip-higher (DAPO, arXiv 2503.14476; paper: 0.28)", range="[0, inf)")
     dual_clip: float | None = _f(None, "dual-clip constant c > 1 bounding the loss of negative advantages (arXiv 1912.09729)", range="(1, inf)")
-    kl_beta: float = _f(0.0, "coefficient of the k3 KL penalty to the initial policy (paper: 0, no KL)", range="[0, inf)")
+    kl_beta: float = _f(0.0, "coefficient of the k3 KL penalty to the initial policy (paper: 0, no KL; GRPO's "
+                        "DeepSeekMath setting 0.04); above 100 the penalty swamps every reward", range="[0, 100]")
     std: Literal["unbiased", "population"] = _f("unbiased", "group std for the advantage: 'unbiased' (verl, TRL) or 'population'")
     adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage denominator", range="[0, inf)")
     daro: DaroConfig = field(default_factory=DaroConfig, metadata={"help": "DARO weight options"})
@@ -221,7 +223,8 @@ class EvalConfig:
     benchmarks: list[str] = _f([], "benchmarks as name=path (JSONL/parquet, problem/answer), e.g. MATH500=data/math500.jsonl; also run at the trainer's evaluations")
     k: int = _f(4, "samples per problem for avg@k and pass@k (pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)", range="[1, inf)")
     greedy: bool = _f(False, "one greedy response per problem instead of k samples (avg@1 = pass@1)")
-    temperature: float = _f(0.6, "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, inf)")
+    temperature: float = _f(0.6, "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948); "
+                            "eval.greedy for argmax decoding", range="[0.01, 100]")
     top_p: float = _f(0.95, "nucleus threshold of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, 1]")
     max_new_tokens: int = _f(0, "longest evaluation response; 0: rollout.max_new_tokens", range="[0, inf)")
     batch_size: int = _f(64, "prompts generated at once during evaluation (64: our choice, half the paper's 128-prompt batch)", range="[1, inf)")
@@ -510,6 +513,9 @@ def validate(cfg: Config) -> None:
     if tk.name == "chain" and cfg.rollout.max_new_tokens <= (longest := longest_chain_answer(tk)):
         bad("rollout.max_new_tokens", f"the chain task's longest answer has {longest} characters; the cap must "
             f"exceed it (so that an answer that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}")
+    for key, name in (("tracking.experiment", cfg.tracking.experiment), ("eval.experiment", cfg.eval.experiment)):
+        if not name.strip():
+            bad(key, "an MLflow experiment needs a name, got an empty string")
     for i, item in enumerate(cfg.eval.benchmarks):
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():

@@ -142,6 +142,37 @@ def test_ui_refuses_a_port_in_use_naming_it(tmp_path):
     assert res.exit_code == 2 and f"port {port} on 127.0.0.1 is not free" in res.output, res.output
 
 
+def test_ui_port_out_of_range_is_refused_and_port_0_serves_where_it_says(tmp_path, store):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import _procs as procs
+
+    for bad in ("70000", "-1"):
+        res = runner.invoke(app, ["ui", "--port", bad, "--tracking-uri", store])
+        assert res.exit_code == 2 and f"--port {bad}: expected a port number in 1-65535" in res.output, res.output
+    with procs.started([sys.executable, "-m", "daro_lab.cli", "ui", "--port", "0", "--tracking-uri", store],
+                       cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        line = proc.stdout.readline().decode()
+        port = int(re.search(r"at http://127\.0\.0\.1:(\d+) ", line).group(1))
+        assert port > 0, line
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert b"OK" in r.read()
+                    break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, line
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
 def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
     """SIGHUP (the terminal closed) to `daro-lab ui`: the MLflow server, in a session of its own so that it never
     sees the terminal's signals, is stopped with it; nothing keeps serving the store."""
@@ -182,3 +213,50 @@ def _cmdline(p) -> str:
         return (p / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_demo_refuses_an_unknown_method_before_training_any(tmp_path, store, monkeypatch):
+    monkeypatch.setattr("daro_lab.trainer.train", lambda *a, **k: pytest.fail("a method was trained"))
+    res = runner.invoke(app, ["demo", "--methods", "grpo,foo", "--tracking-uri", store])
+    assert res.exit_code == 2 and "--methods foo: config key 'algo.method': unknown method 'foo'" in res.output, res.output
+
+
+def test_tiny_prompts_too_long_for_the_context_are_refused_before_the_warm_start(tmp_path, monkeypatch):
+    from daro_lab.config import ConfigError, load_config
+    from daro_lab.trainer import Trainer
+
+    monkeypatch.setattr("daro_lab.models.load.warm_start", lambda *a, **k: pytest.fail("the warm start ran"))
+    cfg = load_config(None, ["task.name=arithmetic", "task.max_digits=40", f"model.cache_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"training prompts are longer than \d+ tokens"):
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"1": 1.0, "9": 2.0}', "key '9' is outside k = 1..7 (K = rollout.num_responses = 8)"),
+    ('{"0": 1.0}', "key '0' is outside k = 1..7"),
+    ('{"2": -1.0}', "the weight of k = 2 must be a finite number > 0, got -1.0"),
+    ('{"2": 0}', "the weight of k = 2 must be a finite number > 0, got 0"),
+    ('{"2": NaN}', "the weight of k = 2 must be a finite number > 0, got nan"),
+    ('{"2": {"w": 1}}', "the weight of k = 2 must be a finite number > 0, got {'w': 1}"),
+    ('{"two": 1}', "key 'two' is not a number of right answers k"),
+    ('[1, 2]', "is not a JSON object {k: weight}, it holds a list"),
+])
+def test_static_weights_file_with_bad_keys_or_values_names_them(tmp_path, content, needle):
+    from daro_lab.config import ConfigError, load_config
+    from daro_lab.trainer.setup import build_static_weights
+
+    f = tmp_path / "w.json"
+    f.write_text(content)
+    cfg = load_config(None, ["algo.method=static", f"algo.daro.static={f}"])
+    with pytest.raises(ConfigError) as e:
+        build_static_weights(cfg)
+    assert f"config key 'algo.daro.static': {f}" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_static_weights_file_error_exits_2_with_no_run(tmp_path, store):
+    f = tmp_path / "w.json"
+    f.write_text('{"1": 1.0, "9": 2.0}')
+    res = runner.invoke(app, ["train", "--set", "algo.method=static", "--set", f"algo.daro.static={f}",
+                              "--set", "trainer.steps=1", "--tracking-uri", store])
+    assert res.exit_code == 2 and "key '9' is outside k = 1..7" in res.output, res.output
+    assert runs_in(store) == []

@@ -37,6 +37,8 @@ def load_components(cfg: Config) -> Components:
         raise ConfigError(f"task '{cfg.task.name}': {e}") from None
     if not train_set:
         raise ConfigError(f"task '{cfg.task.name}' has no training prompts")
+    if not cfg.model.path and cfg.task.long_prompts == "error":
+        _check_tiny_prompts(cfg, train_set, eval_set)  # before the warm start, which takes minutes
     model, tokenizer = load_model_and_tokenizer(cfg)
     conf = getattr(model, "config", None)
     limit = prompt_token_limit(conf, cfg, cfg.rollout.max_new_tokens)
@@ -52,6 +54,19 @@ def load_components(cfg: Config) -> Components:
         for b in load_benchmarks(cfg.eval.benchmarks):
             check_prompts(b.problems, tokenizer, bench_limit, "error", f"benchmark {b.name} problem", BENCH_HINT)
     return Components(model, tokenizer, task, train_set, eval_set, {k: v for k, v in dropped.items() if v})
+
+
+def _check_tiny_prompts(cfg: Config, train_set: list, eval_set: list) -> None:
+    """The tiny preset's prompts against its character tokenizer and context, known from the config alone."""
+    from daro_lab.models.prompting import wrap_tokenizer
+    from daro_lab.models.tiny import tiny_config
+    from daro_lab.models.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    limit = prompt_token_limit(tiny_config(cfg.model, tok.vocab_size), cfg, cfg.rollout.max_new_tokens)
+    wrapped = wrap_tokenizer(tok, cfg.model.prompt_template, cfg.model.stop_token)
+    check_prompts(train_set, wrapped, limit, "error", "training prompt")
+    check_prompts(eval_set, wrapped, limit, "error", "held-out prompt")
 
 
 def load_model_and_tokenizer(cfg: Config):
@@ -115,8 +130,23 @@ def build_static_weights(cfg: Config) -> dict[int, float]:
     p = Path(spec)
     if not p.is_file():
         raise ConfigError(f"config key 'algo.daro.static': {spec!r} is neither 'ones', 'shape:<method>', nor a file")
+    where = f"config key 'algo.daro.static': {p}"
     try:
         data = json.loads(p.read_text())
-        return {int(k): float(v) for k, v in data.items()}
-    except (ValueError, AttributeError) as e:
-        raise ConfigError(f"config key 'algo.daro.static': {p} is not a JSON object {{k: weight}}: {e}") from e
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{where} is not a JSON object {{k: weight}}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} is not a JSON object {{k: weight}}, it holds a {type(data).__name__}")
+    weights = {}
+    for key, v in data.items():
+        try:
+            k = int(key)
+        except ValueError:
+            raise ConfigError(f"{where}: key {key!r} is not a number of right answers k") from None
+        if not 1 <= k <= K - 1:
+            raise ConfigError(f"{where}: key {key!r} is outside k = 1..{K - 1} (K = rollout.num_responses = {K}): "
+                              "weights of a run with another K?")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{where}: the weight of k = {key} must be a finite number > 0, got {v!r}")
+        weights[k] = float(v)
+    return weights
