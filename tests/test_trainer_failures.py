@@ -260,3 +260,28 @@ def test_static_weights_file_error_exits_2_with_no_run(tmp_path, store):
                               "--set", "trainer.steps=1", "--tracking-uri", store])
     assert res.exit_code == 2 and "key '9' is outside k = 1..7" in res.output, res.output
     assert runs_in(store) == []
+
+
+def test_model_dir_whose_pickle_carries_code_is_refused_without_advice_to_load_it_unsafely(tmp_path, store):
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny_hf import make_model_dir
+
+    d = make_model_dir(tmp_path / "evil")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
+    res = runner.invoke(app, ["train", "--set", f"model.path={d}", "--set", "trainer.steps=1", "--tracking-uri", store])
+    assert res.exit_code == 2 and f"model.path {str(d)!r}" in res.output and "never executed" in res.output, res.output
+    assert "weights_only" not in res.output and "Re-running" not in res.output and not marker.exists()
+    assert runs_in(store) == []

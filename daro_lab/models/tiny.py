@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -77,6 +79,19 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrained
     return model.to(torch_dtype(cfg.dtype))
 
 
+_UNSAFE_ADVICE = re.compile(r"weights_only|trust|safe_globals|allowlist|documentation|https?://", re.IGNORECASE)
+
+
+def refused_pickle_reason(exc: BaseException) -> str:
+    """What a weights-only load refused, without PyTorch's advice to load the file unsafely (never print that)."""
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", str(exc))
+    kept = [x.strip() for x in sentences if x.strip() and not _UNSAFE_ADVICE.search(x)
+            and not x.strip().startswith(("Weights only load failed", "In PyTorch", "Re-running", "Do it only"))]
+    detail = " ".join(kept)[:300]
+    return "holds objects other than tensors, numbers and containers (refused, never executed)" + (
+        f": {detail}" if detail else "")
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
     """(model, tokenizer) from a local HF directory; CharTokenizer when the dir holds its vocab file."""
     p = Path(path)
@@ -89,6 +104,9 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
     bad = (OSError, ValueError, KeyError, SafetensorError)  # missing or unreadable files, unknown model types
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch_dtype(dtype))
+    except pickle.UnpicklingError as e:  # a .bin weights file with code in it: transformers loads weights-only
+        raise ConfigError(f"model.path {str(p)!r}: a weights file {refused_pickle_reason(e)}; use safetensors "
+                          "weights from a source you trust") from None
     except bad as e:
         raise ConfigError(f"model.path {str(p)!r} is not a loadable model directory "
                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None

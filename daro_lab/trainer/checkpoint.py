@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from daro_lab.config import ConfigError
+from daro_lab.models.tiny import refused_pickle_reason
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,19 +82,6 @@ class CheckpointError(ConfigError):
 
 # what every checkpoint's state.pt holds (Trainer.state_dict plus the RNG states)
 STATE_KEYS = ("step", "cursor", "order", "optimizer", "weights", "rollout_gen", "data_gen", "rng")
-_UNSAFE_ADVICE = re.compile(r"weights_only|trust|safe_globals|allowlist|documentation|https?://", re.IGNORECASE)
-
-
-def _unpickling_reason(exc: BaseException) -> str:
-    """What a weights-only load refused, without PyTorch's advice to load the file unsafely."""
-    sentences = re.split(r"(?<=[.!?])\s+|\n+", str(exc))
-    kept = [x.strip() for x in sentences if x.strip() and not _UNSAFE_ADVICE.search(x)
-            and not x.strip().startswith(("Weights only load failed", "In PyTorch", "Re-running", "Do it only"))]
-    detail = " ".join(kept)[:300]
-    return "state.pt holds objects other than tensors, numbers and containers (refused, never executed)" + (
-        f": {detail}" if detail else "")
-
-
 def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dict[str, Any]:
     """Load weights into `model` (None: leave them, see `load_weights`) and return the state (RNG states are
     restored here). Anything wrong with the files: `CheckpointError` naming the folder and what is wrong;
@@ -112,7 +100,7 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dic
     try:
         state = torch.load(directory / "state.pt", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(directory, _unpickling_reason(e)) from None
+        raise CheckpointError(directory, "state.pt " + refused_pickle_reason(e)) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(directory, f"state.pt cannot be read ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict):
