@@ -53,7 +53,7 @@ def config_cmd(
 def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
     """Train with clean error reporting: bad input -> exit 2 naming it, before any run exists; a crash -> run FAILED,
     exit 1; an interrupt -> run KILLED, exit 128 + the signal's number (Ctrl-C: 130), saying where it resumes."""
-    from daro_lab.tracking import TrackingError
+    from daro_lab.tracking import TrackingError, out_of_space, out_of_space_message, resolve_tracking_uri
     from daro_lab.trainer import train as train_run
 
     try:
@@ -65,6 +65,9 @@ def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
         _fail(_interrupt_message(e), code=_exit_code(e))
     except Exception as e:  # noqa: BLE001
         end = getattr(e, "daro_lab_run", None)
+        if out_of_space(e):  # name the cause, not MLflow's SQLAlchemy text, and the state the run was left in
+            _fail(out_of_space_message(resolve_tracking_uri(tracking_uri or cfg.tracking.uri or None) if cfg else
+                                       resolve_tracking_uri(tracking_uri), end.run_id if end else None), code=1)
         if end is not None:
             _fail(f"training failed ({type(e).__name__}: {e}); run {end.run_id} is marked FAILED with traceback.txt; "
                   f"--resume {end.run_id} continues it from its last checkpoint", code=1)
@@ -117,6 +120,9 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow logs every failed database write with SQLAlchemy's whole traceback before raising it; daro-lab catches
+    # what it raises and says what happened (e.g. a full disk, the run's state)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -285,3 +285,51 @@ def test_model_dir_whose_pickle_carries_code_is_refused_without_advice_to_load_i
     assert res.exit_code == 2 and f"model.path {str(d)!r}" in res.output and "never executed" in res.output, res.output
     assert "weights_only" not in res.output and "Re-running" not in res.output and not marker.exists()
     assert runs_in(store) == []
+
+
+def test_a_full_disk_under_the_mlflow_store_names_the_cause_and_the_runs_state(small_env, tmp_path, store, monkeypatch):
+    """sqlite's own 'database or disk is full' (SQLITE_FULL, what a full device gives) from step 2 on: the store is
+    capped with PRAGMA max_page_count on every connection MLflow checks out. The message names the cause and the
+    run's state, not MLflow's 'Query-invoked autoflush' text; once there is space, --resume finishes the run."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import Pool
+
+    from daro_lab.trainer import train
+    from daro_lab.trainer.loop import Trainer
+
+    full = {"on": False}
+
+    def cap(dbapi_conn, record, proxy):
+        cur = dbapi_conn.cursor()
+        n = cur.execute("PRAGMA page_count").fetchone()[0] if full["on"] else 2**30
+        cur.execute(f"PRAGMA max_page_count = {n}")
+        cur.close()
+
+    step = Trainer.train_step
+
+    def fill_after_step_2(self):
+        m = step(self)
+        full["on"] = full["on"] or self.step == 2
+        return m
+
+    event.listen(Pool, "checkout", cap)
+    monkeypatch.setattr(Trainer, "train_step", fill_after_step_2)
+    sets = [x for o in [*small_env, "trainer.steps=4", "trainer.checkpoint_every=1",
+                        f"trainer.checkpoint_dir={tmp_path}/ckpt"] for x in ("--set", o)]
+    try:
+        res = runner.invoke(app, ["train", *sets, "--tracking-uri", store])
+    finally:
+        full["on"] = False
+    err = res.output
+    (run,) = runs_in(store)
+    rid = run.info.run_id
+    assert res.exit_code == 1, err
+    assert f"the MLflow store {store} is out of space (no space left on the device holding" in err, err
+    assert "autoflush" not in err and f"--resume {rid} continues it" in err
+    assert f"run {rid} could not be marked FAILED and still reads RUNNING" in err or f"run {rid} is marked" in err
+    monkeypatch.setattr(Trainer, "train_step", step)
+    try:
+        assert train(resume=rid, progress=False, tracking_uri=store) == rid
+    finally:
+        event.remove(Pool, "checkout", cap)
+    assert open_client(store).get_run(rid).info.status == "FINISHED"

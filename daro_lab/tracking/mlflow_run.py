@@ -29,6 +29,7 @@ Infinite values: MLflow's SQL stores save +-inf as +-1.797e308 (the largest floa
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -36,6 +37,7 @@ import math
 import os
 import posixpath
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -191,6 +193,48 @@ def _short(exc: BaseException, limit: int = 500) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers
+
+
+_OUT_OF_SPACE = ("database or disk is full", "no space left on device")
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) says the disk is full: sqlite's SQLITE_FULL ('database or
+    disk is full', which MLflow wraps in SQLAlchemy's 'Query-invoked autoflush' text) or ENOSPC."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == errno.ENOSPC or any(t in str(exc).lower() for t in _OUT_OF_SPACE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _why(exc: BaseException) -> str:
+    """A failed write, in one line: the cause when the disk is full, else the error shortened."""
+    return "no space left on the store's device (database or disk is full)" if out_of_space(exc) else _short(exc)
+
+
+def out_of_space_message(uri: str, run_id: str | None) -> str:
+    """What a full disk under the MLflow store did, and the state the run was left in (read back: reads still work)."""
+    path = _sqlite_path(uri)
+    where = f"the device holding {path}" if path else f"the store {uri}"
+    if path:
+        try:
+            where += f", {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free // 2**20} MiB free now"
+        except OSError:
+            pass
+    msg = f"the MLflow store {uri} is out of space (no space left on {where}; sqlite: database or disk is full)"
+    if run_id is None:
+        return msg + "; no run was created"
+    try:
+        status = open_client(uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - the message is what matters here
+        status = "unknown"
+    marked = ("could not be marked FAILED and still reads RUNNING" if status == "RUNNING"
+              else f"is marked {status}")
+    return (f"{msg}: run {run_id} {marked}; the metrics of its last steps may be missing. Free space on that device, "
+            f"then --resume {run_id} continues it from its last checkpoint")
 
 
 @functools.lru_cache(maxsize=8192)  # the same keys every step: check each once (errors are not cached)
@@ -645,7 +689,7 @@ class Tracker:
             try:
                 self.finish("FAILED")
             except Exception as inner:  # noqa: BLE001
-                _logger.error("could not flush/close MLflow run %s: %s", self.run_id, inner)
+                _logger.error("could not flush/close MLflow run %s: %s", self.run_id, _why(inner))
 
     def __enter__(self) -> Tracker:
         return self
@@ -662,7 +706,7 @@ class Tracker:
             else:
                 self.fail(exc)
         except Exception as inner:  # noqa: BLE001 - never mask the exception that got us here
-            _logger.error("could not close MLflow run %s: %s", self.run_id, inner)
+            _logger.error("could not close MLflow run %s: %s", self.run_id, _why(inner))
         return False
 
     # ---- internals -------------------------------------------------------------------------
@@ -762,7 +806,7 @@ class Tracker:
             self.client.log_text(self.run_id, text, name)
             self._traceback_written = True
         except Exception as inner:  # noqa: BLE001
-            _logger.error("could not write %s for run %s: %s", name, self.run_id, inner)
+            _logger.error("could not write %s for run %s: %s", name, self.run_id, _why(inner))
 
     def _set_terminated(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -774,7 +818,7 @@ class Tracker:
         try:
             self._set_terminated(status)
         except Exception as inner:  # noqa: BLE001
-            _logger.error("could not mark run %s %s: %s", self.run_id, status, inner)
+            _logger.error("could not mark run %s %s: %s", self.run_id, status, _why(inner))
             self._finished = True
             self.status = status
 
