@@ -8,7 +8,8 @@ what training optimises) and `reward/mean` (mean verifier reward of the step's r
 the mean and CI are over the arm's runs that logged that step (`n_runs`). Steps to target, on the
 sampled accuracy when every run logged it (greedy otherwise; `accuracy` chooses): the first step at
 which the arm's mean curve reaches `target`; per run, the first step at which that run does. The
-default target is halfway from the mean starting accuracy to the best mean accuracy any arm reaches.
+default target is the ablation summary's: 80% of the way from the mean starting accuracy to the best arm's mean final
+accuracy (`daro_lab.ablation.summary.progress_target`), so a report's table and figure use one target.
 Tables: `convergence.csv` (arm, method, metric, step, mean, ci, n_runs), `convergence_steps.csv`.
 """
 
@@ -51,13 +52,15 @@ def curves(runs: RunSet, metrics: Sequence[str] = (ACC, SAMPLED, REWARD)) -> pd.
 
 
 def default_target(acc: pd.DataFrame) -> float:
-    """Halfway from the mean starting accuracy (the first logged step) to the best mean accuracy any
-    arm reaches after it; if no arm improves on the start, that best accuracy itself."""
+    """The ablation summary's definition (`daro_lab.ablation.summary.progress_target`): TARGET_FRACTION of the way from
+    the mean starting accuracy (the first logged step) to the best arm's mean accuracy at its last step (its final
+    accuracy, not the best of a noisy curve); if no arm improves on the start, that accuracy itself."""
+    from daro_lab.ablation.summary import progress_target
+
     first = acc.step.min()
     start = acc[acc.step == first]["mean"].mean()
-    later = acc[acc.step > first]["mean"]
-    best = later.max() if len(later) else start
-    return float(start + 0.5 * (best - start)) if best > start else float(best)
+    finals = acc.sort_values("step").groupby("arm")["mean"].last()
+    return progress_target(float(start), float(finals.max()) if len(finals) else float(start))
 
 
 def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float, key: str = ACC) -> pd.DataFrame:

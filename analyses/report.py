@@ -481,10 +481,12 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
 def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
                  experiment: str | None = None, run_ids: Sequence[str] | None = None,
                  figures: Sequence[str] | None = None, template: str | Path | None = None,
-                 title: str | None = None, preface: Preface | None = None) -> ReportResult:
+                 title: str | None = None, preface: Preface | None = None,
+                 figure_options: dict[str, dict] | None = None) -> ReportResult:
     """Draw every figure (or `figures`) and write report.html and report.pdf into `out_dir`
     (default: reports/<experiment> under the current directory). `title` replaces the default
-    'daro-lab report: <runs>'; `preface` is a first section (e.g. an ablation's summary).
+    'daro-lab report: <runs>'; `preface` is a first section (e.g. an ablation's summary); `figure_options`: keyword
+    arguments per figure (e.g. {"convergence": {"target": 0.6}}, the ablation summary's target).
 
     Raises AnalysisError only when no run can be selected or none has per-mu data; a figure that
     cannot be drawn is reported in the document instead."""
@@ -500,7 +502,7 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
     errors: dict[str, str] = {}
     for name in figures or list(FIGURES):
         try:
-            done[name] = figure_function(name)(runs, fig_dir)
+            done[name] = figure_function(name)(runs, fig_dir, **(figure_options or {}).get(name, {}))
         except AnalysisError as exc:
             errors[name] = str(exc)
     results = results_table(runs)

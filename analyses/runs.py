@@ -25,11 +25,13 @@ import numpy as np
 import pandas as pd
 
 from analyses import style
-from daro_lab.record import normalise_per_mu
+from daro_lab.record import normalise_per_mu, reading_label
 
 # params that never make two runs different arms (they differ between seeds or machines only)
 _NOT_ARM_PARAMS = ("seed", "tracking.", "trainer.checkpoint_dir", "model.cache_dir", "trainer.threads",
                    "trainer.device", "trainer.log_checkpoint")
+# the params a DARO arm's reading names (record.reading_label): in its label, not repeated as varying params
+_READING_PARAMS = ("algo.daro.signal", "algo.daro.reg", "algo.daro.lr_w", "algo.daro.signal_ema", "algo.daro.static")
 from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ARM_LABEL, TAG_METHOD, TAG_PARENT, TAG_ROLE, TAG_SEED  # noqa: E402,F401
 
 
@@ -194,18 +196,19 @@ def _label_arms(runs: Sequence[Run]) -> None:
     for r in runs:
         tagged = r.tags.get(TAG_ARM_LABEL) or r.tags.get(TAG_ARM)
         if tagged:
-            r.arm = tagged
+            reading = reading_label(r.method, r.params)  # a DARO arm says what its weights ran on
+            r.arm = tagged + (f" [{reading}]" if reading and reading not in tagged else "")
         else:
             by_method.setdefault(r.method, []).append(r)
     for method, rs in by_method.items():
         keys = sorted(set().union(*(r.params for r in rs)))
-        varying = [k for k in keys if not k.startswith(_NOT_ARM_PARAMS)
+        named = _READING_PARAMS if any(reading_label(method, r.params) for r in rs) else ()
+        varying = [k for k in keys if not k.startswith(_NOT_ARM_PARAMS + named)
                    and len({r.params.get(k) for r in rs}) > 1]
         for r in rs:
-            label = style.method_label(method)
-            if varying:
-                label += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={r.params.get(k)}" for k in varying) + ")"
-            r.arm = label
+            parts = [x for x in (reading_label(method, r.params),) if x]
+            parts += [f"{k.rsplit('.', 1)[-1]}={r.params.get(k)}" for k in varying]
+            r.arm = style.method_label(method) + (" (" + ", ".join(parts) + ")" if parts else "")
 
 
 def _make_run(client: Any, info: Any, exp_name: str) -> Run:

@@ -231,6 +231,7 @@ def ablation(
     workers: Optional[int] = typer.Option(None, "--workers", help="local executor: parallel processes (default: usable cores // the grid's num_cpus)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray executor: cluster address ('auto' joins a running one; default starts a local instance)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)"),
+    init_seed: Optional[str] = typer.Option(None, "--init-seed", help="'shared' (every seed from one warm start: seeds vary RL sampling only) or 'per_seed' (model.init_seed = the seed: the warm start varies too); default: the grid's (shared)"),
     report_: bool = typer.Option(True, "--report/--no-report", help="when the sweep ends, also write the paper-style report (analyses) to reports/ablation-<name>-<id>/"),
 ) -> None:
     """Run an ablation grid as a parent MLflow run with one child per arm and seed; print its summary."""
@@ -238,8 +239,9 @@ def ablation(
     from daro_lab.ablation import AblationError, run_ablation
     from daro_lab.tracking import TrackingError
 
-    if resume and (set_ or seeds is not None or steps is not None or preset != "tiny"):
-        _fail("--resume continues the ablation with the plan its parent run logged; drop --preset/--seeds/--steps/--set")
+    if resume and (set_ or seeds is not None or steps is not None or preset != "tiny" or init_seed is not None):
+        _fail("--resume continues the ablation with the plan its parent run logged; drop "
+              "--preset/--seeds/--steps/--set/--init-seed")
     from daro_lab.trainer.signals import StopSignals
 
     try:
@@ -247,7 +249,7 @@ def ablation(
             res = run_ablation(name, preset=preset, seeds=seeds, steps=steps, overrides=list(set_ or []),
                                executor=executor, tracking_uri=tracking_uri, resume=resume, retry_failed=retry_failed,
                                workers=workers, ray_address=ray_address, progress=True,
-                               echo=lambda m: typer.echo(m, err=True))
+                               echo=lambda m: typer.echo(m, err=True), init_seed=init_seed)
     except (AblationError, ConfigError, TrackingError) as e:
         _fail(str(e))
     except KeyboardInterrupt as e:

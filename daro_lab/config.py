@@ -167,7 +167,9 @@ class DaroConfig:
     init: float = _f(1.0, "initial value of every weight", range="(0, inf)")
     static: str = _f("ones", "frozen weights of the 'static' method: 'ones'; 'shape:<method>' (grpo, dapo, dr_grpo, lipo): w "
                      "such that, at equal lengths, each group's loss scale on DARO's path is one prompt of that method's "
-                     "(shape:grpo and shape:dapo are w = 1); or a JSON file {k: w} (e.g. a DARO run's final weights)")
+                     "(shape:grpo and shape:dapo are w = 1); 'shape:mass': the closed-form fixed point of DARO with the "
+                     "'mass' reading and C = auto, w = c / sqrt(mu(1-mu)) with harmonic mean 1 (docs/math.md, section "
+                     "4); or a JSON file {k: w} (e.g. a DARO run's final weights)")
 
 
 @dataclass
@@ -479,8 +481,9 @@ def validate(cfg: Config) -> None:
         bad("algo.daro.static", f"{d.static!r} is not a static-weight spec: frozen at a method's static shape is "
             f"'shape:<method>' (one of {', '.join(shapes)}), which weighs each group like one prompt of that method at "
             "equal lengths; or 'ones', or a JSON file {k: w}")
-    if d.static.startswith("shape:") and d.static.removeprefix("shape:") not in shapes:
-        bad("algo.daro.static", f"{d.static!r}: the shape of one of {', '.join(shapes)}, e.g. 'shape:dr_grpo'")
+    if d.static.startswith("shape:") and d.static.removeprefix("shape:") not in (*shapes, "mass"):
+        bad("algo.daro.static", f"{d.static!r}: the shape of one of {', '.join(shapes)}, e.g. 'shape:dr_grpo', or "
+            "'shape:mass' (the fixed point of DARO's 'mass' reading with C = auto)")
     if not 0 < d.w_min <= d.init <= d.w_max:
         bad("algo.daro", f"need 0 < w_min <= init <= w_max, got {d.w_min}, {d.init}, {d.w_max}")
     t = cfg.trainer

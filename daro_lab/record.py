@@ -136,3 +136,30 @@ def is_table_only(key: str) -> bool:
     """A step metric the per_mu / mu_hist tables hold instead of MLflow (TABLE_ONLY, and the mu histogram)."""
     parsed = parse_group_key(key)
     return parsed is not None and (parsed[0] in TABLE_ONLY or parsed[0] == "rollout/prompts")
+
+
+def reading_label(method: str, params: Mapping[str, object]) -> str:
+    """What DARO's weights ran on, for labels wherever an arm is compared: 'mass, C=auto, lr_w 0.01' for learned
+    weights, the frozen weights' spec ('ones', 'shape:dr_grpo', a file) for the static method, '' for the other methods and for runs that did not log their
+    reading. `params`: the run's flat params
+    (algo.daro.signal, algo.daro.reg, algo.daro.lr_w, algo.daro.signal_ema, algo.daro.static)."""
+    def get(key: str, default: str = "") -> str:
+        v = params.get(key)
+        return default if v in (None, "", "None") else str(v)
+
+    if method == "static":
+        return get("algo.daro.static")
+    if method != "daro" or not get("algo.daro.signal"):  # not DARO, or a run that did not log its reading
+        return ""
+    try:
+        lr = f"{float(get('algo.daro.lr_w', 'nan')):g}"
+    except ValueError:
+        lr = get("algo.daro.lr_w", "?")
+    reg = get("algo.daro.reg", "1")
+    try:
+        reg = f"{float(reg):g}"
+    except ValueError:
+        pass
+    label = f"{get('algo.daro.signal', 'abs')}, C={reg}, lr_w {lr}"
+    ema = get("algo.daro.signal_ema", "0")
+    return label + (f", ema {ema}" if ema not in ("0", "0.0") else "")

@@ -89,18 +89,19 @@ def test_task_checks_command_prints_the_balance_of_the_arms_with_weights(runs, c
     out = capsys.readouterr().out
     assert "on-policy dapo:" in out  # DAPO's runs, by default
     lines = {line.split("'")[1]: line for line in out.splitlines() if line.startswith("balance w signal/C of")}
-    assert set(lines) == {"DARO", "DARO, frozen w"}, out  # the arms with weights, and only those
+    daro, frozen = "DARO (mass, C=auto, lr_w 0.1)", "DARO, frozen w (ones)"  # each labelled with its reading
+    assert set(lines) == {daro, frozen}, out  # the arms with weights, and only those
     bal = balance_by_group(select_runs(runs["uri"], experiment="daro-lab")).set_index(["arm", "k"])
     for arm, line in lines.items():
         for k in bal.loc[arm].index:  # the printed numbers are the table's
             assert f"{k}: {bal.loc[(arm, k), 'balance_min']:.3f}" in line, (arm, k, line)
             assert f"{k}: {bal.loc[(arm, k), 'w_min']:.2f}" in line.split("final w:")[1], (arm, k, line)
-    frozen = bal.loc["DARO, frozen w"]
-    assert (frozen.w_min == 1).all() and (frozen.w_max == 1).all()  # frozen at ones
+    f_bal = bal.loc[frozen]
+    assert (f_bal.w_min == 1).all() and (f_bal.w_max == 1).all()  # frozen at ones
     # the balance is the record's daro/wS over the window, as the tables hold it
     d_pm = runs["daro"][0]
     want = d_pm[d_pm.step > DARO_STEPS - 50].groupby("k")["daro/wS"].mean()
-    np.testing.assert_allclose(bal.loc["DARO"].balance_min.to_numpy(), want.to_numpy())
+    np.testing.assert_allclose(bal.loc[daro].balance_min.to_numpy(), want.to_numpy())
     assert task_checks_main(["--tracking-uri", runs["uri"], "--experiment", "nope"]) == 2
     assert "experiment 'nope' not found" in capsys.readouterr().out
 

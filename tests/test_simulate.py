@@ -121,3 +121,21 @@ def test_cli_checks_out_before_computing_and_shows_progress_on_long_work(tmp_pat
     monkeypatch.setattr(sim, "simulate", spy)
     r = CliRunner().invoke(app, ["simulate", "--updates", "50000", "--prompts", "4", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and seen["progress"] is True, r.output
+
+
+def test_daro_mass_with_auto_C_converges_to_the_closed_form_static_weights():
+    """The claim behind 'shape:mass': DARO with the 'mass' reading and C = auto reaches w = c / sqrt(mu(1-mu)) with
+    harmonic mean 1 (at equal lengths, rho = 1). Learned by the real loss and AdamW in the simulator, compared with
+    the closed form; an 'abs' reading's weights are not that shape (the test can tell them apart)."""
+    from daro_lab.trainer.setup import mass_fixed_point_weights
+
+    closed = mass_fixed_point_weights(8)
+    assert closed[4] == pytest.approx(0.428 / 0.5, rel=1e-3)  # 0.428 / sqrt(mu(1-mu)) at K = 8
+    assert sum(1 / w for w in closed.values()) / 7 == pytest.approx(1.0)  # harmonic mean 1
+    s = simulate(SimConfig(len_correct=100, len_wrong=100, len_cv=0.0, prompts=64, updates=1500, lr_w=1e-2,
+                           readings=["mass:auto", "abs:auto"], methods=[])).summary()
+    mass = s[s.run == "daro[mass, C=auto]"].set_index("k").w_final
+    for k, w in closed.items():
+        assert mass[k] == pytest.approx(w, rel=0.03), (k, mass.round(3).to_dict(), closed)
+    absr = s[s.run == "daro[abs, C=auto]"].set_index("k").w_final
+    assert max(abs(absr[k] / w - 1) for k, w in closed.items()) > 0.1

@@ -21,7 +21,7 @@ import pandas as pd
 from daro_lab.ablation import summary as S
 from daro_lab.ablation.executors import ArmResult
 from daro_lab.ablation.grid import AblationError, Plan
-from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ROLE, TAG_SEED
+from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ROLE, TAG_SEED, reading_label
 from daro_lab.tracking import RunStore, TrackingError
 
 SUMMARY_TABLE = "ablation_summary"  # tables/ablation_summary.parquet on the parent (read_table)
@@ -79,7 +79,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
         key = (run.data.tags.get(TAG_ARM), int(run.data.tags.get(TAG_SEED, -1)))
         children.setdefault(key, run)
     acc_key = S.ACC_KEYS[plan.accuracy]
-    wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "daro/weight/", "daro/at_bound", "loss/total")
+    wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "gradnorm/", "daro/weight/", "daro/at_bound", "loss/total")
     rows, frames = [], {}
     for seed in plan.seeds:
         for pa in plan.arms:
@@ -98,33 +98,44 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
             rows.append(row)
     per_seed = pd.DataFrame(rows)
     notes = []
+    done = per_seed[per_seed.status == "FINISHED"] if "final_acc" in per_seed else per_seed.iloc[:0]
     if isinstance(plan.target_acc, (int, float)):
         target, tdesc = float(plan.target_acc), "the grid's target_acc"
-    else:
-        ref = per_seed[(per_seed.arm == plan.reference) & (per_seed.status == "FINISHED")]
-        vals = ref["final_acc"].dropna() if "final_acc" in ref else pd.Series(dtype=float)
+    elif plan.target_acc == "reference_final":
+        vals = done[done.arm == plan.reference]["final_acc"].dropna()
         target = float(vals.mean()) if len(vals) else math.nan
-        tdesc = f"the mean final accuracy of the reference arm '{plan.reference}'"
+        tdesc = (f"the mean final accuracy of the reference arm '{plan.reference}' (a target on the plateau: crossing "
+                 "it is evaluation noise)")
+    else:  # 'progress': the convergence figure's definition (summary.progress_target)
+        start = float(done["start_acc"].dropna().mean()) if "start_acc" in done and len(done) else math.nan
+        finals = done.groupby("arm")["final_acc"].mean().dropna() if len(done) else pd.Series(dtype=float)
+        target = S.progress_target(start, float(finals.max()) if len(finals) else math.nan)
+        tdesc = (f"{S.TARGET_FRACTION:.0%} of the way from the mean starting accuracy {start:.3f} to the best arm's "
+                 f"mean final accuracy {finals.max() if len(finals) else math.nan:.3f}")
     hits = [S.steps_to_target(frames[(r.arm, r.seed)], target, acc_key) if (r.arm, r.seed) in frames and r.status == "FINISHED"
             else (math.nan, False) for r in per_seed.itertuples()]
     per_seed["steps_to_target"] = [h[0] for h in hits]
     per_seed["reached"] = [float(h[1]) for h in hits]
-    for col in ("final_acc", "best_acc", "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
+    for col in ("final_acc", "best_acc", "auc_acc", "c_share_cv", "g_share_cv", "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
                                                             if plan.weight_stats else ()):
         if col not in per_seed:
             per_seed[col] = math.nan
     summary = S.summarize(per_seed, [a.name for a in plan.arms], plan.reference, plan.test, plan.weight_stats,
-                          {a.name: a.label for a in plan.arms}, {a.name: a.method for a in plan.arms}, target)
+                          {a.name: _arm_label(a) for a in plan.arms}, {a.name: a.method for a in plan.arms}, target)
     bad = per_seed[per_seed.status != "FINISHED"]
     for r in bad.itertuples():
         notes.append(f"{r.arm} seed {r.seed}: {r.status}" + (f" (run {r.run_id})" if r.run_id else "")
                      + ": left out of the means")
     if len(plan.seeds) == 1:
         notes.append("One seed: no confidence intervals and no p-values; differences between arms may be noise.")
+    init = getattr(plan, "init_seed", "shared")
+    notes.append("Seeds vary the RL sampling and the warm start (model.init_seed = the seed)." if init == "per_seed"
+                 else "Seeds vary the RL sampling only: every seed starts from the same warm-started policy "
+                      "(model.init_seed of the preset); differences between warm starts are not in these intervals.")
     meta = {"name": plan.name, "description": plan.description, "parent_run_id": parent_run_id,
             "experiment": plan.experiment, "preset": plan.preset, "seeds": plan.seeds, "reference": plan.reference,
             "target_acc": target, "target_desc": tdesc, "balance_window": plan.balance_window, "test": plan.test,
-            "accuracy": plan.accuracy,
+            "accuracy": plan.accuracy, "init_seed": init,
             "notes": notes}
     md = S.to_markdown(summary, meta)
     summary.attrs.update({k: v for k, v in meta.items() if k != "notes"})
@@ -132,6 +143,15 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
         _write_summary(store, parent_run_id, summary, per_seed, md)
     status = store.run(parent_run_id).info.status
     return AblationResult(parent_run_id, status, summary, per_seed, md, plan, uri=uri)
+
+
+def _arm_label(pa) -> str:
+    """The grid's label of the arm, with the reading DARO's weights ran on (record.reading_label) when it has one."""
+    reading = reading_label(pa.method, {f"algo.daro.{k}": v for k, v in pa.config["algo"]["daro"].items()})
+    label = pa.label or ""
+    if not reading or reading in label:
+        return label
+    return f"{label} [{reading}]" if label else reading
 
 
 def _nan0(x) -> float:
@@ -162,7 +182,7 @@ def _write_summary(store: RunStore, parent_run_id: str, summary: pd.DataFrame, p
         store.log_files(parent_run_id, [p])
     metrics = {}
     for r in summary.itertuples():
-        for m in ("final_acc", "best_acc", "balance_cv"):
+        for m in ("final_acc", "best_acc", "auc_acc", "balance_cv"):
             v = getattr(r, f"{m}_mean")
             if v is not None and math.isfinite(v):
                 metrics[f"{m}_mean/{r.arm}"] = float(v)

@@ -7,8 +7,11 @@ A grid file (every key but `arms` optional):
     seeds = 3                                 # default seed count (--seeds N overrides): seeds 0..N-1
                                               #   offset by the preset's `seed`; or a list [0, 1, 2]
     set = ["trainer.eval_every=10"]           # overrides for every arm, applied before the arms' own
-    target_acc = "reference_final"            # steps-to-target: a number, or the reference arm's
-                                              #   mean final held-out accuracy (the default)
+    target_acc = "progress"                   # steps-to-target: 80% of the way from the mean starting accuracy
+                                              #   to the best arm's mean final accuracy (the default, the
+                                              #   convergence figure's too); a number; or "reference_final"
+    init_seed = "shared"                      # "shared": every seed starts from one warm start (seeds vary the
+                                              #   RL sampling only); "per_seed": model.init_seed = the seed
     balance_window = 10                       # last steps over which the loss-balance spread is averaged
     accuracy = "greedy"                       # held-out accuracy compared: "greedy" or "sampled" (avg@n)
     test = "t"                                # paired test against the reference: "t" or "wilcoxon"
@@ -86,13 +89,14 @@ class Grid:
     reference: str = ""
     seeds: int | list[int] = 3
     set: list[str] = field(default_factory=list)
-    target_acc: float | str = "reference_final"
+    target_acc: float | str = "progress"
     balance_window: int = 10
     test: str = "t"
     weight_stats: bool = False
     num_cpus: float = 2
     num_gpus: float | None = None
     accuracy: str = "greedy"
+    init_seed: str = "shared"
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -191,8 +195,14 @@ class GridSpec:
     reference: str = setting("", "arm the paired tests compare against (default: the first)")
     seeds: int | list[int] = setting(3, "seed count (seeds 0..N-1 offset by the preset's seed), or a list")
     set: list[str] = setting([], "overrides for every arm, applied before the arms' own")
-    target_acc: float | Literal["reference_final"] = setting(
-        "reference_final", "steps-to-target: an accuracy, or the reference arm's mean final accuracy", range="[0, 1]")
+    target_acc: float | Literal["progress", "reference_final"] = setting(
+        "progress", "steps-to-target: 'progress' (summary.TARGET_FRACTION of the way from the mean starting accuracy to "
+        "the best arm's mean final accuracy, as the convergence figure), an accuracy, or 'reference_final' (the "
+        "reference arm's mean final accuracy: reached on a plateau, where crossing it is evaluation noise)",
+        range="[0, 1]")
+    init_seed: Literal["shared", "per_seed"] = setting(
+        "shared", "'shared': every seed starts from the preset's one warm start (model.init_seed), so seeds vary the "
+        "RL sampling only; 'per_seed': model.init_seed = the seed, so the warm start varies with it too")
     balance_window: int = setting(10, "last steps over which the loss-balance spread is averaged", range="[1, inf)")
     test: Literal["t", "wilcoxon"] = setting("t", "paired test against the reference: 't' or 'wilcoxon'")
     weight_stats: bool = setting(False, "add weight variance / balance gap / stability columns")
@@ -238,7 +248,7 @@ def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
     g = Grid(name=name, path=where, arms=arms, description=spec.description, reference=spec.reference or arms[0].name,
              seeds=spec.seeds, set=_check_overrides(where, "set", spec.set), target_acc=spec.target_acc,
              balance_window=spec.balance_window, test=spec.test, weight_stats=spec.weight_stats,
-             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, accuracy=spec.accuracy)
+             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, accuracy=spec.accuracy, init_seed=spec.init_seed)
     if g.reference not in [a.name for a in arms]:
         raise AblationError(f"{where}: key 'reference': no arm named {g.reference!r} "
                             f"(arms: {', '.join(a.name for a in arms)})")
@@ -354,13 +364,14 @@ class Plan:
     arms: list[PlannedArm]
     reference: str
     description: str = ""
-    target_acc: float | str = "reference_final"
+    target_acc: float | str = "reference_final"  # plans logged before 'progress' existed keep their target
     balance_window: int = 10
     test: str = "t"
     weight_stats: bool = False
     num_cpus: float = 2
     num_gpus: float | None = None  # None: 1 for arms on a CUDA device, else 0
     accuracy: str = "greedy"
+    init_seed: str = "shared"  # or "per_seed": model.init_seed = the seed (GridSpec.init_seed)
     version: int = 1
 
     def gpus(self, arm: str) -> float:
@@ -403,6 +414,7 @@ def make_plan(
     overrides: list[str] | None = None,
     experiment: str | None = None,
     check_paths: bool = True,
+    init_seed: str | None = None,
 ) -> Plan:
     """Resolve a grid against a preset: one validated Config per arm, and the seeds.
 
@@ -410,9 +422,12 @@ def make_plan(
     overriding a key that an arm sets is an error. `steps` sets trainer.steps. `experiment` is the
     MLflow experiment (default `daro-lab-ablation-<name>-<preset>`, or tracking.experiment when an
     override sets it). `check_paths` checks model.path and the data files on this machine (turn it
-    off when the arms run elsewhere, e.g. on a Ray cluster).
+    off when the arms run elsewhere, e.g. on a Ray cluster). `init_seed` ('shared' or 'per_seed') replaces the
+    grid's `init_seed`.
     """
     g = grid if isinstance(grid, Grid) else load_grid(grid)
+    if init_seed not in (None, "shared", "per_seed"):
+        raise AblationError(f"--init-seed: expected 'shared' or 'per_seed', got {init_seed!r}")
     ppath = preset_path(preset)
     base = _read_toml(ppath)
     cli = list(overrides or [])
@@ -480,7 +495,8 @@ def make_plan(
                 seeds=seed_list, steps=steps, cli_set=list(overrides or []), experiment=exp, arms=planned,
                 reference=g.reference, description=g.description, target_acc=g.target_acc,
                 balance_window=g.balance_window, test=g.test, weight_stats=g.weight_stats, num_cpus=float(g.num_cpus),
-                num_gpus=None if g.num_gpus is None else float(g.num_gpus), accuracy=g.accuracy)
+                num_gpus=None if g.num_gpus is None else float(g.num_gpus), accuracy=g.accuracy,
+                init_seed=init_seed or g.init_seed)
 
 
 def _slug(text: str) -> str:

@@ -13,6 +13,7 @@ ablation_summary.md / .csv and ablation_per_seed.csv.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Pa
     from analyses.report import write_report
 
     finished = res.per_seed.loc[res.per_seed.status == "FINISHED", "run_id"].tolist()
+    target = res.summary.attrs.get("target_acc")
+    conv = {"accuracy": res.plan.accuracy, **({"target": float(target)} if target is not None and math.isfinite(target)
+                                              else {})}  # the summary's target in panel (d): one definition
     rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures,
                        title=f"daro-lab ablation '{res.plan.name}' (parent run {parent_run_id[:8]})",
-                       preface=summary_preface(res))
+                       preface=summary_preface(res), figure_options={"convergence": conv})
     return rep, res

@@ -1,5 +1,6 @@
-"""The statistical summary of an ablation: per arm, mean and 95% CI over seeds, and a paired test
-against the reference arm. Everything is read back from what the child runs logged in MLflow.
+"""The statistical summary of an ablation: per arm, the mean over seeds with a 95% t-interval, the seed range
+shown apart, and a paired test against the reference arm with its minimal detectable difference (MDD). Everything
+is read back from what the child runs logged in MLflow.
 
 Per child run (table `per_seed`, one row per arm and seed):
 - `final_acc`: held-out accuracy at the last evaluation: greedy (`eval/greedy_acc`) or, with the grid's
@@ -7,14 +8,25 @@ Per child run (table `per_seed`, one row per arm and seed):
   temperature (`eval/sampled_acc`, avg@n: what training optimises);
 - `best_acc`: the best of the evaluations after the start (step >= 1; step 0 is the starting policy,
   the same convention as analyses.report);
-- `steps_to_target`: the first evaluation step whose accuracy is >= the target (the grid's
-  `target_acc`, or by default the reference arm's mean final accuracy), with `reached` 1; a seed that
-  never reaches it is censored at its last evaluation step (`reached` 0), never dropped. Evaluations
-  happen every `trainer.eval_every` steps, so this is resolved only to that grid;
-- `balance_cv`: loss-balance spread. For each pass-rate group, the mean over the last `balance_window`
-  training steps of its balance quantity x_mu: DARO's w_mu * signal_mu / C (metric `daro/wS/mu_k`, 1 at
-  its fixed point; older runs: w_mu * L_mu, `daro/wL/mu_k`) on DARO's code path (methods daro and
-  static), the group's contribution C_mu (metric `contrib/mu_k`) for every other method. Then the
+- `auc_acc`: the area under the run's accuracy curve from step 0 to its last evaluation (trapezoids), divided by
+  that many steps: the mean accuracy over training, a convergence speed that needs no target and does not
+  hinge on one crossing of a noisy plateau;
+- `steps_to_target`: the first evaluation step whose accuracy is >= the target (the grid's `target_acc`, or by
+  default `progress_target`: TARGET_FRACTION of the way from the mean starting accuracy to the best arm's mean
+  final accuracy, the definition the convergence figure uses too), with `reached` 1; a seed that never reaches it
+  is censored at its last evaluation step (`reached` 0), never dropped. Evaluations happen every
+  `trainer.eval_every` steps, so this is resolved only to that grid;
+- `c_share_cv`, `g_share_cv`: how unequally the pass-rate groups share the update, comparable across every
+  method (not true by construction for any): each group's share of the sum over groups of |C_mu| (its loss
+  contribution, metric `contrib/mu_k`) or of G_mu = ||grad C_mu|| (metric `gradnorm/mu_k`, logged every
+  `trainer.grad_norm_every` steps) over the last `balance_window` steps, then their coefficient of variation
+  across groups (0: equal shares);
+- `balance_cv`: a diagnostic of each method's own balance quantity, tested only between arms that share it.
+  For each pass-rate group, the mean over the last `balance_window` training steps of x_mu: DARO's
+  w_mu * signal_mu / C (metric `daro/wS/mu_k`, 1 at its fixed point, where learned weights put it by
+  construction: a convergence check of the weights, not evidence of balance; older runs: w_mu * L_mu,
+  `daro/wL/mu_k`) on DARO's code path (methods daro and static), the group's contribution C_mu (metric
+  `contrib/mu_k`) for every other method. Then the
   coefficient of variation (population std / mean) of |window mean| across the groups: 0 means every
   group contributes the same. `balance_floor` beside it is the noise floor: the expected CV of |x|
   across that many groups when x is zero-mean noise (no group differs from another on average): 0.44
@@ -26,16 +38,19 @@ Per child run (table `per_seed`, one row per arm and seed):
   w_min or w_max at any step (metric `daro/at_bound`); `nonfinite`, 1 if any weight, w*L or loss was
   NaN/inf, or the run failed on a non-finite value (FloatingPointError in its traceback).
 
-Per arm (table `summary`): for each of these, the mean over seeds and a 95% bootstrap CI of the
-mean (scipy.stats.bootstrap, percentile method, 9999 resamples, fixed seed); with one seed there is
-no CI (NaN), never a made-up one. Steps to target is a Kaplan-Meier restricted mean over the seeds
-(censored seeds count up to their last evaluation), shown with '>=' when a seed was censored, since
-the true mean is then larger; its CI bootstraps that statistic over seeds. With very few seeds a bootstrap CI is narrow (with 3 seeds only
-10 distinct resampled means exist): read it with the seed count beside it. Paired test against the
-reference arm, pairing runs by seed: the paired t-test (scipy.stats.ttest_rel, two-sided) or the
-Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact for small n; it cannot reach p < 0.05 with
-fewer than 6 pairs); the column `test` names it. `<metric>_diff` is the mean of arm minus reference
-over the pairs. Fewer than two pairs: no p-value.
+Per arm (table `summary`): for each of these, the mean over seeds with a 95% t-interval of the mean
+(`<m>_lo`, `<m>_hi`: mean +- t_{0.975, n-1} sd / sqrt(n)), and the seed range apart (`<m>_min`, `<m>_max`: the
+spread of the seeds, not an interval for the mean); with one seed there is no interval (NaN), never a made-up one.
+(A percentile bootstrap of a 3-seed mean is exactly [min, max] of the seeds and covers the mean about 75% of the
+time: `mean_ci(method="bootstrap")` refuses fewer than 5 values.) Steps to target is a Kaplan-Meier restricted
+mean over the seeds (censored seeds count up to their last evaluation), shown with '>=' when a seed was censored,
+since the true mean is then larger; its interval bootstraps that statistic over seeds, so it is given only from 5
+seeds. Paired test against the reference arm, pairing runs by seed: the paired t-test (scipy.stats.ttest_rel,
+two-sided) or the Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact for small n; it cannot reach p < 0.05
+with fewer than 6 pairs); the column `test` names it. `<metric>_diff` is the mean of arm minus reference over the
+pairs; `<metric>_mdd` the minimal detectable difference of that paired test (two-sided alpha 0.05, power 0.8,
+from the pairs' sd: (t_{0.975, n-1} + t_{0.8, n-1}) sd_d / sqrt(n)): a p above alpha says "no difference larger
+than the MDD", not "no difference". Fewer than two pairs: no p-value and no MDD.
 """
 
 from __future__ import annotations
@@ -53,9 +68,11 @@ from daro_lab.record import wide
 
 ACC = "eval/greedy_acc"
 ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
-STAT_METRICS = ("final_acc", "best_acc", "steps_to_target", "balance_cv", "balance_floor")
+STAT_METRICS = ("final_acc", "best_acc", "auc_acc", "steps_to_target", "c_share_cv", "g_share_cv", "balance_cv",
+                "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
-TESTED = ("final_acc", "best_acc", "balance_cv")
+TESTED = ("final_acc", "best_acc", "auc_acc", "c_share_cv", "g_share_cv", "balance_cv")  # balance_cv: same source only
+TARGET_FRACTION = 0.8  # steps to target: this fraction of the way from the start to the best arm's final accuracy
 TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
 
 
@@ -63,24 +80,72 @@ TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
 # Statistics
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95, n_resamples: int = 9999,
+def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t", n_resamples: int = 9999,
             seed: int = 0) -> tuple[float, float, float, int]:
-    """(mean, CI low, CI high, n) over the finite values: a bootstrap percentile interval of the
-    mean. n = 1: (v, NaN, NaN, 1), no interval. All values equal: the interval is that value."""
+    """(mean, CI low, CI high, n) over the finite values: a t-interval of the mean (method 't'), or a bootstrap
+    percentile interval ('bootstrap', refused below 5 values: with n = 3 it is the seed range). n = 1: (v, NaN,
+    NaN, 1), no interval. All values equal: the interval is that value."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     n = len(v)
     if n == 0:
         return math.nan, math.nan, math.nan, 0
     m = float(v.mean())
+    if method not in ("t", "bootstrap"):
+        raise ValueError(f"unknown interval {method!r}: 't' or 'bootstrap'")
+    if method == "bootstrap" and n < 5:
+        raise ValueError(f"a bootstrap interval of a mean of {n} values is their range, not a {level:.0%} interval: "
+                         "use the t-interval (method='t') below 5 values")
     if n == 1:
         return m, math.nan, math.nan, 1
     if np.ptp(v) == 0:
         return m, m, m, n
     from scipy import stats
 
+    if method == "t":
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+        return m, m - half, m + half, n
     res = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
                           rng=np.random.default_rng(seed), vectorized=True)
     return m, float(res.confidence_interval.low), float(res.confidence_interval.high), n
+
+
+def seed_range(values: Sequence[float]) -> tuple[float, float]:
+    """(min, max) of the finite values: the seeds' spread, shown apart from any interval of the mean."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return (float(min(v)), float(max(v))) if v else (math.nan, math.nan)
+
+
+def paired_mdd(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, power: float = 0.8) -> float:
+    """The minimal detectable difference of a two-sided paired t-test at `alpha` with `power`, from the sd of the
+    pairs' differences: (t_{1-alpha/2, n-1} + t_{power, n-1}) sd_d / sqrt(n). NaN with fewer than 2 pairs."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    d = x[ok] - y[ok]
+    n = len(d)
+    if n < 2:
+        return math.nan
+    from scipy import stats
+
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * d.std(ddof=1) / math.sqrt(n))
+
+
+def pairs_for_mdd(sd_diff: float, mdd: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Paired seeds a paired t-test needs to detect a difference `mdd` when the differences have sd `sd_diff`."""
+    from scipy import stats
+
+    for n in range(2, 100_000):
+        if (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd_diff / math.sqrt(n) <= mdd:
+            return n
+    return 100_000
+
+
+def progress_target(start: float, plateau: float, fraction: float = TARGET_FRACTION) -> float:
+    """The steps-to-target accuracy: `fraction` of the way from `start` (the mean starting accuracy) to `plateau`
+    (the best arm's mean final accuracy), shared by the ablation summary and the convergence figure; when no arm
+    improves on the start, the plateau itself."""
+    if not (np.isfinite(start) and np.isfinite(plateau)):
+        return math.nan
+    return float(start + fraction * (plateau - start)) if plateau > start else float(plateau)
 
 
 def paired_test(a: Sequence[float], b: Sequence[float], test: str = "t") -> tuple[float, float, int]:
@@ -161,7 +226,7 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
     t, e = t[ok], e[ok]
     n = len(t)
     m = km_restricted_mean(t, e.astype(bool))
-    if n < 2:
+    if n < 5:  # a percentile bootstrap of fewer seeds is their range, not an interval
         return m, math.nan, math.nan, n
     if np.ptp(t) == 0 and np.ptp(e) == 0:
         return m, m, m, n
@@ -188,6 +253,9 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     later = acc[acc.step >= 1]
     out["best_acc"] = float(later.value.max()) if len(later) else math.nan
     out["final_step"] = int(acc.step.iloc[-1]) if len(acc) else -1
+    out["auc_acc"] = area_under_curve(acc.step.to_numpy(dtype=float), acc.value.to_numpy(dtype=float))
+    for col, prefix in (("c_share_cv", "contrib"), ("g_share_cv", "gradnorm")):
+        out[col] = share_cv(wide(metrics, prefix), window)
     from daro_lab.algorithms import METHODS
 
     if method in METHODS and METHODS[method].daro_path:
@@ -236,6 +304,27 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     return out
 
 
+def area_under_curve(steps: np.ndarray, acc: np.ndarray) -> float:
+    """Trapezoid area under acc(step) from the first to the last evaluation, over that many steps: the mean accuracy
+    over training (NaN with fewer than two evaluations)."""
+    ok = np.isfinite(steps) & np.isfinite(acc)
+    steps, acc = steps[ok], acc[ok]
+    if len(steps) < 2 or steps[-1] <= steps[0]:
+        return math.nan
+    return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(steps)) / (steps[-1] - steps[0]))
+
+
+def share_cv(by_k: pd.DataFrame, window: int) -> float:
+    """CV across groups of each group's share of the summed |x| over the last `window` steps (`by_k`: steps x k,
+    e.g. contrib or gradnorm); NaN without two groups."""
+    if not len(by_k):
+        return math.nan
+    last = int(by_k.index.max())
+    totals = by_k[by_k.index > last - window].abs().sum(axis=0, skipna=True)
+    totals = totals[totals > 0]
+    return coefficient_of_variation((totals / totals.sum()).to_numpy()) if len(totals) >= 2 else math.nan
+
+
 def steps_to_target(metrics: pd.DataFrame, target: float, acc_key: str = ACC) -> tuple[float, bool]:
     """(step, reached): the first evaluation step (>= 1) with held-out accuracy >= target, or, when never
     reached, the last evaluation step (censored); (NaN, False) without a target or evaluations."""
@@ -272,6 +361,7 @@ def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test:
                                "not_run": int((~all_rows.status.isin(["FINISHED", "FAILED"])).sum()) if len(all_rows) else 0}
         for m in metrics:
             vals = d[m].to_numpy(dtype=float) if m in d else np.array([])
+            row[f"{m}_min"], row[f"{m}_max"] = seed_range(vals)
             if m == "steps_to_target":
                 hit = d["reached"].to_numpy(dtype=float) if "reached" in d else np.zeros(len(vals))
                 row[f"{m}_mean"], row[f"{m}_lo"], row[f"{m}_hi"], _ = km_ci(vals, hit)
@@ -289,15 +379,20 @@ def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test:
                 row[flag] = f"{int(known.sum())}/{len(known)}" if len(known) else "n/a"
         row["test"] = TEST_NAMES[test]
         pairs = 0
+        source = d["balance_source"].iloc[0] if "balance_source" in d and len(d) else None
+        ref_source = ref["balance_source"].iloc[0] if "balance_source" in ref and len(ref) else None
+        row["balance_source"] = source
         for m in TESTED:
-            if arm == reference or ref.empty or not len(d):
-                row[f"{m}_diff"], row[f"{m}_p"] = math.nan, math.nan
+            row[f"{m}_diff"], row[f"{m}_p"], row[f"{m}_mdd"] = math.nan, math.nan, math.nan
+            if arm == reference or ref.empty or not len(d) or m not in d or m not in ref:
+                continue
+            if m == "balance_cv" and source != ref_source:  # two different quantities: never tested
                 continue
             mine = d.set_index("seed")[m]
             common = sorted(set(mine.index) & set(ref.index))
-            diff, p, n = paired_test(mine.loc[common].to_numpy(dtype=float),
-                                     ref.loc[common, m].to_numpy(dtype=float), test)
-            row[f"{m}_diff"], row[f"{m}_p"] = diff, p
+            a, b = mine.loc[common].to_numpy(dtype=float), ref.loc[common, m].to_numpy(dtype=float)
+            diff, p, n = paired_test(a, b, test)
+            row[f"{m}_diff"], row[f"{m}_p"], row[f"{m}_mdd"] = diff, p, paired_mdd(a, b)
             pairs = max(pairs, n)
         row["pairs"] = pairs
         rows.append(row)
@@ -318,31 +413,41 @@ def _fmt(mean: float, lo: float, hi: float, digits: int | None = 3) -> str:
     return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-def _fmt_p(diff: float, p: float) -> str:
+def _fmt_p(diff: float, p: float, mdd: float = math.nan) -> str:
     if diff is None or not np.isfinite(diff):
         return "–"
     s = f"{diff:+.3f}"
-    return s + (f" (p={p:.3g})" if np.isfinite(p) else " (no p)")
+    if not np.isfinite(p):
+        return s + " (no p)"
+    return s + f" (p={p:.3g}" + (f"; MDD {mdd:.3g})" if np.isfinite(mdd) else ")")
+
+
+def _range(lo: float, hi: float, digits: int = 3) -> str:
+    return f"{lo:.{digits}f}–{hi:.{digits}f}" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
 
 
 def verdict(row: pd.Series, alpha: float = 0.05) -> str:
-    """One honest line on the arm's final accuracy against the reference."""
+    """One honest line on the arm's final accuracy against the reference, with the power to see a difference."""
     if row["reference"]:
         return "reference"
     if row["n_seeds"] == 0:
         return "no finished run"
     p, diff = row.get("final_acc_p", math.nan), row.get("final_acc_diff", math.nan)
+    mdd = row.get("final_acc_mdd", math.nan)
     if not np.isfinite(diff):
         return "no paired seeds"
     if not np.isfinite(p):
         return f"{'higher' if diff > 0 else 'lower' if diff < 0 else 'equal'} by {abs(diff):.3f}, untested (fewer than 2 paired seeds or zero variance)"
     if p < alpha:
-        return f"{'higher' if diff > 0 else 'lower'} than the reference (p={p:.3g} < {alpha})"
-    return f"within noise of the reference (p={p:.3g})"
+        return f"{'higher' if diff > 0 else 'lower'} than the reference by {abs(diff):.3f} (p={p:.3g} < {alpha})"
+    power = (f"no difference larger than {mdd:.3f} (the minimal detectable difference at 80% power with "
+             f"{int(row.get('pairs', 0))} paired seeds)" if np.isfinite(mdd) else "no detectable difference")
+    return f"within noise of the reference (p={p:.3g}): {power}"
 
 
 def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
-    """The summary as shown: one row per arm, formatted cells (mean [95% CI]), the reference arm in `bold`."""
+    """The summary as shown: one row per arm, formatted cells (mean [95% t-CI], the seed range apart), the reference
+    arm in `bold`."""
     ws = any(c.startswith("weight_var") for c in summary.columns)
     rows = []
     for _, r in summary.iterrows():
@@ -350,20 +455,31 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
         if r.label:
             arm += f" ({r.label})"
         seeds = str(r.n_seeds) + (f" ({r.failed} failed)" if r.failed else "") + (f" ({r.not_run} not run)" if r.not_run else "")
+        own = {"wS": "w·signal/C", "wL": "w·L", "C": "C_mu"}.get(r.get("balance_source"), "")
         row = {"arm": arm, "method": r.method, "seeds": seeds,
-               "final acc": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
-               "best acc": _fmt(r.best_acc_mean, r.best_acc_lo, r.best_acc_hi),
+               "final acc [95% t-CI]": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
+               "final acc, seed range": _range(r.get("final_acc_min", math.nan), r.get("final_acc_max", math.nan)),
+               "AUC acc [95% t-CI]": _fmt(r.get("auc_acc_mean", math.nan), r.get("auc_acc_lo", math.nan),
+                                          r.get("auc_acc_hi", math.nan)),
                "steps to target (reached)": ("≥ " if r.get("steps_to_target_censored", False) else "")
                + _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
                + f" ({r.steps_to_target_reached})",
-               "balance CV (noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
-               + (f" ({r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan)) else "")}
+               "|C| share CV": _fmt(r.get("c_share_cv_mean", math.nan), r.get("c_share_cv_lo", math.nan),
+                                    r.get("c_share_cv_hi", math.nan)),
+               "G share CV": _fmt(r.get("g_share_cv_mean", math.nan), r.get("g_share_cv_lo", math.nan),
+                                  r.get("g_share_cv_hi", math.nan)),
+               "own balance CV (of; noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
+               + (f" ({own}; {r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan))
+                  else "")}
         if ws:
             row.update({"weight var": _fmt(r.weight_var_mean, r.weight_var_lo, r.weight_var_hi, None),
                         "balance gap": _fmt(r.balance_gap_mean, r.balance_gap_lo, r.balance_gap_hi),
                         "at bound": str(r.at_bound), "non-finite": str(r.nonfinite)})
-        row["Δ final acc vs ref"] = _fmt_p(r.final_acc_diff, r.final_acc_p)
-        row["Δ balance CV vs ref"] = _fmt_p(r.balance_cv_diff, r.balance_cv_p)
+        row["Δ final acc vs ref"] = _fmt_p(r.final_acc_diff, r.final_acc_p, r.get("final_acc_mdd", math.nan))
+        row["Δ AUC vs ref"] = _fmt_p(r.get("auc_acc_diff", math.nan), r.get("auc_acc_p", math.nan),
+                                     r.get("auc_acc_mdd", math.nan))
+        row["Δ |C| share CV vs ref"] = _fmt_p(r.get("c_share_cv_diff", math.nan), r.get("c_share_cv_p", math.nan),
+                                              r.get("c_share_cv_mdd", math.nan))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -390,20 +506,26 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "How to read it:",
         "",
         f"- Accuracy: {meta.get('accuracy', 'greedy')} held-out accuracy; *final* at the last evaluation, *best* over the evaluations after "
-        "step 0. Mean over seeds with a 95% bootstrap percentile CI of the mean in brackets; no brackets with one "
-        "seed (no interval is possible). With few seeds the bootstrap CI is optimistic.",
+        "step 0. Mean over seeds with a 95% t-interval of the mean in brackets (none with one seed); the seed range "
+        "(min–max over seeds) is shown apart: it is the seeds' spread, not an interval for the mean.",
+        "- AUC acc: the area under each run's accuracy curve from step 0 to its last evaluation, over that many "
+        "steps (the mean accuracy over training): convergence speed without a target.",
         f"- Steps to target: first evaluation step with accuracy >= {tdesc} ({meta.get('target_desc', '')}); "
         "Kaplan-Meier restricted mean over seeds, a seed that never reached it counting up to its last evaluation "
         "(censored, never dropped): '≥' marks a mean with censored seeds, which the true mean exceeds; "
-        "(reached/finished) beside it; resolved to the evaluation interval.",
-        f"- Balance CV: per pass-rate group, the mean over the last {meta.get('balance_window', '')} steps of "
-        "w_mu·signal_mu/C (DARO's code path: 1 at its fixed point) or of C_mu (other methods); then the coefficient "
-        "of variation of their absolute values across the groups; 0 = every group contributes the same. In "
-        "brackets, its noise floor: the CV the same number of groups gives when the quantity is zero-mean noise; "
-        "a balance CV near it carries no balance information. The two sources are not the same quantity: "
-        "compare it within one method family.",
+        "(reached/finished) beside it; resolved to the evaluation interval; an interval only from 5 seeds (a "
+        "bootstrap of fewer is their range).",
+        f"- |C| share CV, G share CV: each pass-rate group's share of the summed |C_mu| (loss contribution) or G_mu "
+        f"(||grad C_mu||) over the last {meta.get('balance_window', '')} steps, then the coefficient of variation of "
+        "the shares across groups (0 = equal shares). Comparable across all arms.",
+        "- Own balance CV: each method's own balance quantity, per group over the same window: w_mu·signal_mu/C on "
+        "DARO's code path (1 at the fixed point of the weights' update, where learned weights put it by construction: "
+        "a convergence check of the weights, not evidence) or C_mu (other methods); the CV across groups, with the "
+        "noise floor of zero-mean noise. Tested only between arms with the same quantity.",
         f"- Δ vs ref: mean over seeds of (arm − reference), paired by seed; p from the two-sided "
-        f"{TEST_NAMES.get(meta.get('test', 't'), '')} over the paired seeds; 'no p' with fewer than two pairs.",
+        f"{TEST_NAMES.get(meta.get('test', 't'), '')} over the paired seeds; MDD: the smallest difference a paired "
+        "t-test on these pairs detects with 80% power at alpha 0.05 (from the pairs' sd): a p above 0.05 means no "
+        "difference larger than the MDD, not no difference; 'no p' with fewer than two pairs.",
     ]
     if ws:
         lines.append("- Weight var: variance across groups of the final weights; balance gap: mean distance of "

@@ -82,6 +82,7 @@ def run_ablation(
     echo: Callable[[str], None] | None = None,
     ray_address: str | None = None,
     experiment: str | None = None,
+    init_seed: str | None = None,
 ) -> AblationResult:
     """Run ablation `name` (a grid name, a grid file, or a Grid) as a parent run with one child per
     arm and seed, or continue the sweep of parent run `resume`; return its summary.
@@ -104,7 +105,8 @@ def run_ablation(
     else:
         if name is None:
             raise AblationError("name an ablation grid (or pass resume=PARENT_RUN_ID)")
-        plan = make_plan(name, preset, seeds, steps, overrides, experiment, check_paths=executor != "ray")
+        plan = make_plan(name, preset, seeds, steps, overrides, experiment, check_paths=executor != "ray",
+                         init_seed=init_seed)
     ex = make_executor(executor, plan, workers, ray_address)  # e.g. Ray missing: fails before any run
     try:
         if resume:
@@ -170,12 +172,13 @@ def _prewarm(plan: Plan, say: Callable[[str], None]) -> None:
         cfg = config_from_dict(json.loads(json.dumps(pa.config)))
         if cfg.model.path:
             continue
-        p = cache_path(cfg.model, cfg.task, cfg.model.init_seed)
-        if p in seen or (p / INFO_FILE).is_file():
-            continue
-        seen.add(p)
-        say(f"warm-starting the tiny model once for the parallel arms ({p})")
-        warm_start(cfg.model, cfg.task, cfg.model.init_seed)
+        for init in plan.seeds if plan.init_seed == "per_seed" else [cfg.model.init_seed]:
+            p = cache_path(cfg.model, cfg.task, init)
+            if p in seen or (p / INFO_FILE).is_file():
+                continue
+            seen.add(p)
+            say(f"warm-starting the tiny model once for the parallel arms ({p})")
+            warm_start(cfg.model, cfg.task, init)
 
 
 def _schedule(plan: Plan, uri: str, parent_id: str, ex, hooks, progress: bool, retry_failed: bool,
@@ -263,6 +266,8 @@ def _task(plan: Plan, uri: str, parent_id: str, pa, seed: int, resume_id: str | 
     if threads:
         _set_threads(cfg, threads)
     cfg["seed"] = seed
+    if plan.init_seed == "per_seed":  # the warm start varies with the seed too (each seed its own cached one)
+        cfg["model"]["init_seed"] = seed
     cfg["tracking"]["run_name"] = f"{pa.name}-seed{seed}"
     cfg["tracking"]["uri"] = uri
     tags = {TAG_ABLATION: plan.name, TAG_ARM: pa.name, TAG_SEED: str(seed)}

@@ -118,13 +118,27 @@ def static_shape_weights(method: str, K: int) -> dict[int, float]:
     return {k: v / mean for k, v in enumerate(shape, start=1)}
 
 
+def mass_fixed_point_weights(K: int) -> dict[int, float]:
+    """{k: w} for 'shape:mass': the weights DARO with the 'mass' reading and C = 'auto' converges to at equal lengths
+    (docs/math.md, section 4). At rho = 1 a group's token-mean of |A| is 2 mu(1-mu) / sigma_mu, proportional to
+    sqrt(mu(1-mu)) for group-std advantages (population or unbiased std alike), so the fixed point w = C / mass_mu
+    is proportional to 1 / sqrt(mu(1-mu)); C = 'auto' (the mean over groups of their signal) makes the harmonic mean
+    of the weights 1. K = 8: w = 0.428 / sqrt(mu(1-mu))."""
+    root = [math.sqrt(k / K * (1 - k / K)) for k in range(1, K)]
+    mean = sum(root) / len(root)
+    return {k: mean / r for k, r in enumerate(root, start=1)}
+
+
 def build_static_weights(cfg: Config) -> dict[int, float]:
     """The frozen weights of the 'static' method, {k: w} for k = 1..K-1, from `algo.daro.static`:
-    'ones', 'shape:<method>' (`static_shape_weights`) or a JSON file {k: w} (e.g. a DARO run's final weights)."""
+    'ones', 'shape:<method>' (`static_shape_weights`), 'shape:mass' (DARO-mass's closed-form fixed point,
+    `mass_fixed_point_weights`) or a JSON file {k: w} (e.g. a DARO run's final weights)."""
     K = cfg.rollout.num_responses
     spec = cfg.algo.daro.static
     if spec == "ones":
         return {k: 1.0 for k in range(1, K)}
+    if spec == "shape:mass":
+        return mass_fixed_point_weights(K)
     if spec.startswith("shape:"):
         return static_shape_weights(spec.removeprefix("shape:"), K)
     p = Path(spec)
