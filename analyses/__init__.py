@@ -5,7 +5,9 @@
     result = plot("loss-scale", runs, out_dir="reports/daro-lab-demo/figures")
     result.figure, result.table, result.paths, result.caption
 
-Figures (FIGURES): loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms. The
+Figures (FIGURES): loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms, grad-share (how the
+gradient is shared between groups, and clipping), levels (accuracy by difficulty level), mu-hist (pass rates over
+training). The
 report (`analyses.report.write_report`) draws them all into a self-contained HTML file and a PDF.
 """
 
@@ -25,6 +27,9 @@ FIGURES: dict[str, tuple[str, str]] = {
     "convergence": ("analyses.convergence", "plot_convergence"),
     "hoeffding": ("analyses.hoeffding", "plot_hoeffding"),
     "grad-norms": ("analyses.grad_norms", "plot_grad_norms"),
+    "grad-share": ("analyses.grad_share", "plot_grad_share"),
+    "levels": ("analyses.levels", "plot_levels"),
+    "mu-hist": ("analyses.mu_hist", "plot_mu_hist"),
 }
 
 

@@ -40,6 +40,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
 from daro_lab.config import load_config  # noqa: E402
 from daro_lab.hooks import default_hooks  # noqa: E402
 from daro_lab.trainer import Trainer  # noqa: E402
@@ -212,47 +214,58 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
 
 
 def bench_busy(preset: str, blocks: int, per_block: int) -> None:
-    """Step time beside one busy process (`python -c "while True: pass"`), as a ratio to idle: blocks of steps
-    alternate idle / busy in this one run, for the default thread policy (trainer.threads = 0: fewer threads while
-    other processes keep cores busy, trainer/threads.py) and for torch's full thread count fixed (the behaviour before
-    that policy), two trainers stepped in turn so both see the same load. A fair share of 2 cores is 2x."""
+    """Step time beside one busy process (`python -c "while True: pass"`), as a ratio to idle, at the default
+    trainer.threads = 0 (the cores other processes leave free when the run starts, trainer/threads.py): a trainer
+    built on the idle machine and one built beside the busy process, blocks of idle and busy steps interleaved in
+    this one run, both trainers stepped in each block so they see the same load. The idle-built trainer beside the
+    busy process is what a run sees when the load arrives after it started (its count is fixed for the run). A fair
+    share of 2 cores is 2x."""
     import subprocess
 
     overrides = [*PRESETS[preset], "trainer.grad_norm_every=0", f"trainer.steps={10 * blocks * per_block}"]
-    full = torch.get_num_threads()
-    arms = {"default (threads=0, fair)": Trainer(load_config(base_config(preset), overrides), hooks=[]),
-            f"fixed threads={full}": Trainer(load_config(base_config(preset), [*overrides, f"trainer.threads={full}"]),
-                                             hooks=[])}
+
+    def hog():
+        return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+    idle_built = Trainer(load_config(base_config(preset), overrides), hooks=[])
+    h = hog()
+    try:
+        time.sleep(0.5)
+        busy_built = Trainer(load_config(base_config(preset), overrides), hooks=[])
+    finally:
+        h.kill()
+        h.wait()
+    arms = {f"started idle ({idle_built.cfg.trainer.threads} threads)": idle_built,
+            f"started beside it ({busy_built.cfg.trainer.threads} thread(s))": busy_built}
     for tr in arms.values():  # warm-up
+        torch.set_num_threads(tr.cfg.trainer.threads)
         tr.train_step()
     times = {(a, mode): [] for a in arms for mode in ("idle", "busy")}
-    used = {a: [] for a in arms}
     for _ in range(blocks):
         for mode in ("idle", "busy"):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if mode == "busy" else None
+            h = hog() if mode == "busy" else None
             try:
-                time.sleep(0.5)  # the thread policy reads the load of the last interval
+                time.sleep(0.3)
                 for _ in range(per_block):
                     for name, tr in arms.items():
-                        if tr.fair_threads is None:  # torch's thread count is global: the other arm may have moved it
-                            torch.set_num_threads(full)
+                        torch.set_num_threads(tr.cfg.trainer.threads)  # global in torch: each trainer its own
                         t0 = time.perf_counter()
-                        m = tr.train_step()
+                        tr.train_step()
                         times[(name, mode)].append(time.perf_counter() - t0)
-                        if mode == "busy":
-                            used[name].append(m["perf/threads"])
             finally:
-                if hog is not None:
-                    hog.kill()
-                    hog.wait()
+                if h is not None:
+                    h.kill()
+                    h.wait()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = med[(next(iter(arms)), "idle")]
+    cores = os.cpu_count() or 1
     print(f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
-          f"interleaved; cpus {os.cpu_count()}, torch threads at start {full} (a fair share is "
-          f"{os.cpu_count() / max(1, os.cpu_count() - 1):.1f}x)")
+          f"interleaved; cpus {cores}, torch threads by default {TORCH_DEFAULT_THREADS} (a fair share is "
+          f"{cores / max(1, cores - 1):.1f}x)")
     for name in arms:
-        idle, busy = statistics.median(times[(name, "idle")]), statistics.median(times[(name, "busy")])
-        print(f"  {name:28s} idle {idle:.3f} s/step, busy {busy:.3f} s/step (medians; means "
-              f"{statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}), "
-              f"busy/idle {busy / idle:.2f}, threads while busy {statistics.mean(used[name]):.2f}")
+        print(f"  {name:34s} idle {med[(name, 'idle')]:.3f} s/step, busy {med[(name, 'busy')]:.3f} s/step (medians; "
+              f"means {statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}); "
+              f"busy / the idle run's idle {med[(name, 'busy')] / ref:.2f}")
 
 
 def main() -> None:

@@ -78,14 +78,14 @@ def _run_training(cfg, resume=None, tracking_uri=None, force=False) -> str:
 
 def _exit_code(e: BaseException) -> int:
     """128 + the signal's number (SIGTERM 143, SIGHUP 129), 130 for Ctrl-C or a KeyboardInterrupt raised by code."""
-    from daro_lab.trainer.signals import Interrupted
+    from daro_lab.signals import Interrupted
 
     return 128 + e.signum if isinstance(e, Interrupted) else 130
 
 
 def _interrupt_message(e: BaseException) -> str:
     """What an interrupt did to the run and its checkpoint (train() sets `daro_lab_run` on the exception)."""
-    from daro_lab.trainer.signals import signal_name
+    from daro_lab.signals import signal_name
 
     end = getattr(e, "daro_lab_run", None)
     what = f"interrupted ({signal_name(e)})"
@@ -201,7 +201,7 @@ def eval_cmd(
     except (ConfigError, FileNotFoundError, TrackingError) as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
-        from daro_lab.trainer.signals import signal_name
+        from daro_lab.signals import signal_name
 
         _fail(f"interrupted ({signal_name(e)}): the eval run (if it had started) is marked KILLED", code=_exit_code(e))
     except Exception as e:  # noqa: BLE001 - run_eval marks its run FAILED with traceback.txt
@@ -242,7 +242,7 @@ def ablation(
     if resume and (set_ or seeds is not None or steps is not None or preset != "tiny" or init_seed is not None):
         _fail("--resume continues the ablation with the plan its parent run logged; drop "
               "--preset/--seeds/--steps/--set/--init-seed")
-    from daro_lab.trainer.signals import StopSignals
+    from daro_lab.signals import StopSignals
 
     try:
         with StopSignals(graceful=False):  # between arms too: SIGTERM/SIGHUP mark the parent KILLED, exit 128+N

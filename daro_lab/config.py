@@ -208,9 +208,10 @@ class TrainerConfig:
     checkpoint_dir: str = _f("checkpoints", "checkpoints go to <checkpoint_dir>/<run id>/")
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
-    threads: int = _f(0, "torch intra-op threads; 0: torch's default on an idle machine, fewer while other processes "
-                      "keep cores busy (trainer/threads.py: a busy core stalls every parallel op); N: exactly N, "
-                      "for runs reproducible to the bit whatever the load", range="[0, inf)")
+    threads: int = _f(0, "torch intra-op threads; 0: on CPU, the cores other processes leave free when the run "
+                      "starts (at most torch's default; a busy core stalls every parallel op: trainer/threads.py), "
+                      "resolved once and logged as this key, so a resume and a rerun of the logged config use the "
+                      "same count; N: exactly N (under torchrun 0 leaves torchrun's OMP_NUM_THREADS)", range="[0, inf)")
     mixed_precision: bool = _f(True, "with model.dtype bf16/fp16: fp32 master weights and AdamW states, compute under "
                                "autocast in model.dtype, generation from a model.dtype copy (false: parameters and "
                                "AdamW in model.dtype, where steps below ~0.4% of a weight round away); FSDP always mixes")

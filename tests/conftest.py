@@ -30,6 +30,9 @@ SMALL = [
     "rollout.num_responses=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=8",
     "trainer.mini_batch_prompts=4", "trainer.eval_every=2", "trainer.grad_norm_every=2",
     "trainer.checkpoint_every=2", "trainer.lr=3e-3",
+    # a fixed thread count: left at 0, each run would take the cores free when it starts (trainer/threads.py), and
+    # two runs a test compares exactly could start under different loads (CI installs vLLM beside the tests)
+    "trainer.threads=2",
 ]
 
 

@@ -28,7 +28,7 @@ from daro_lab.tracking import Tracker, open_client, read_metrics, read_table
 from daro_lab.trainer import train
 from daro_lab.trainer.checkpoint import CheckpointError, latest, load_checkpoint, save_checkpoint
 from daro_lab.trainer.lock import RunLock, RunLockedError
-from daro_lab.trainer.signals import Interrupted
+from daro_lab.signals import Interrupted
 
 runner = CliRunner()
 # SMALL evaluates every 2 steps too; at lr 1e-3 every step has a mini-batch to update on (0 < mu < 1)

@@ -1,12 +1,12 @@
-"""FairThreads: torch's intra-op threads follow the cores other processes leave free (trainer/threads.py)."""
+"""trainer.threads = 0: torch's intra-op threads are the cores other processes leave free when the run starts,
+resolved once and logged with the config (trainer/threads.py)."""
 
 import subprocess
 import sys
-import time
 
-import torch
+import pytest
 
-from daro_lab.trainer.threads import _TICKS, FairThreads, _cpu_ticks
+from daro_lab.trainer.threads import _TICKS, _cpu_ticks, fair_threads, others_cores
 
 
 class Clock:
@@ -16,55 +16,44 @@ class Clock:
     def __call__(self):
         return self.t
 
-
-def test_threads_follow_the_cores_others_leave_free():
-    """Fake /proc readings: (all busy ticks, this process's ticks) after each second."""
-    before = torch.get_num_threads()
-    clock, readings = Clock(), iter([(0, 0), (2 * _TICKS, 2 * _TICKS), (4 * _TICKS, 3 * _TICKS),
-                                     (5 * _TICKS, 3 * _TICKS + _TICKS // 2), (7 * _TICKS, 5 * _TICKS + _TICKS // 2)])
-    fair = FairThreads(2, cores=2, read=lambda: next(readings), clock=clock)
-    try:
-        assert fair.adjust() == 2  # the first call has nothing to compare with
-        clock.t = 1.0
-        assert fair.adjust() == 2 and torch.get_num_threads() == 2  # all the busy time was ours
-        clock.t = 2.0
-        assert fair.others_cores() == 1.0 and fair.threads == 2  # another process took a core...
-        clock.t = 3.0
-        assert fair.adjust() == 1 and torch.get_num_threads() == 1  # ...half a core or more: one thread fewer
-        clock.t = 4.0
-        assert fair.adjust() == 2  # it went away
-    finally:
-        torch.set_num_threads(before)
+    def sleep(self, s):
+        self.t += s
 
 
-def test_never_fewer_than_one_nor_more_than_it_started_with():
-    clock, readings = Clock(), iter([(0, 0), (64 * _TICKS, 0), (64 * _TICKS, 0)])
-    before = torch.get_num_threads()
-    fair = FairThreads(4, cores=8, read=lambda: next(readings), clock=clock)
-    try:
-        fair.adjust()
-        clock.t = 1.0
-        assert fair.adjust() == 1  # 64 busy cores of others on 8: still one thread
-        clock.t = 2.0
-        assert fair.adjust() == 4  # an idle 8-core machine: the 4 it started with, not 8
-        no_proc = FairThreads(2, read=lambda: None)
-        assert no_proc.adjust() == 2 and no_proc.others_cores() is None
-    finally:
-        torch.set_num_threads(before)
+def test_others_cores_is_all_busy_time_less_this_process():
+    clock = Clock()
+    readings = iter([(0, 0), (3 * _TICKS, _TICKS)])  # over 2 s: 3 core-seconds busy, 1 of them ours
+    assert others_cores(2.0, read=lambda: next(readings), clock=clock, sleep=clock.sleep) == pytest.approx(1.0)
+    assert others_cores(0.1, read=lambda: None, clock=clock, sleep=clock.sleep) is None
 
 
-def test_a_real_busy_process_is_seen_on_this_machine():
+def test_threads_are_the_free_cores_within_one_and_the_default():
+    assert fair_threads(2, 0.0, cores=2) == 2
+    assert fair_threads(2, 0.4, cores=2) == 2  # less than half a core: not taken
+    assert fair_threads(2, 1.0, cores=2) == 1
+    assert fair_threads(2, 7.0, cores=2) == 1  # never fewer than one
+    assert fair_threads(4, 2.0, cores=64) == 4  # never more than torch's default
+    assert fair_threads(8, 60.0, cores=64) == 4
+    assert fair_threads(2, None) == 2  # load unknown: the default
+
+
+def test_a_real_busy_process_is_seen_and_the_run_logs_the_count_it_took(small_env, tmp_path):
+    from daro_lab.config import load_config
+    from daro_lab.trainer import Trainer
+
     if _cpu_ticks() is None:
-        import pytest
-
         pytest.skip("no /proc here")
-    fair = FairThreads(2, cores=2)
-    fair.others_cores()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(1.0)
-        seen = fair.others_cores()
+        seen = others_cores(1.0)
+        cfg = load_config(None, [*[o for o in small_env if not o.startswith("trainer.threads")], "trainer.threads=0"])
+        Trainer(cfg)
     finally:
         busy.kill()
         busy.wait()
     assert seen is not None and seen >= 0.6, seen  # one core, less what the scheduler gave to others
+    assert cfg.trainer.threads >= 1 and cfg.flat()["trainer.threads"] == cfg.trainer.threads  # resolved, logged
+    import os
+
+    if (os.cpu_count() or 1) == 2:  # on 2 cores the busy process takes one
+        assert cfg.trainer.threads == 1

@@ -168,7 +168,7 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
     """Evaluate every policy on `base.eval.benchmarks`; returns (MLflow run id, markdown of the paper tables).
     SIGINT, SIGTERM and SIGHUP stop it at once with the run marked KILLED (signals.Interrupted is raised)."""
     from daro_lab.tracking import Tracker, open_client, resolve_tracking_uri
-    from daro_lab.trainer.signals import StopSignals
+    from daro_lab.signals import StopSignals
 
     models, runs = list(models or []), list(runs or [])
     if not models and not runs:

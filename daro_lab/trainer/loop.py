@@ -37,7 +37,7 @@ from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.plan import PassPlan, plan_minibatches
 from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
-from daro_lab.trainer.threads import FairThreads
+from daro_lab.trainer.threads import fair_threads, others_cores
 
 
 def _rows(b: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
@@ -80,18 +80,21 @@ class Pass:
     ref_logp: torch.Tensor | None = None  # [B, T]
 
 
+TORCH_THREADS = torch.get_num_threads()  # torch's default, before any run set its own
+
+
 class Trainer:
     """Owns the model, the optimizer, the data position and the RNG; `train_step()` runs one RL step."""
 
     def __init__(self, cfg: Config, hooks: list[Hook] | None = None):
         self.cfg = cfg
         self.hooks = list(hooks or [])
+        self.dist = dp.init_from_env()  # torchrun: rank and world size; one process: rank 0 of 1
+        if not cfg.trainer.threads and cfg.trainer.device == "cpu" and not self.dist.enabled:
+            # 0: the cores other processes leave free now, resolved once and logged with the config (threads.py)
+            cfg.trainer.threads = fair_threads(TORCH_THREADS, others_cores())
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        # threads = 0 on CPU: as many as the other processes leave cores free (threads.py says why)
-        self.fair_threads = FairThreads(torch.get_num_threads()) if not cfg.trainer.threads and \
-            cfg.trainer.device == "cpu" else None
-        self.dist = dp.init_from_env()  # torchrun: rank and world size; one process: rank 0 of 1
         if cfg.trainer.prompts_per_step < self.dist.world_size:
             raise ConfigError(f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
                               f"need at least one prompt per data-parallel rank ({self.dist.world_size})")
@@ -179,8 +182,6 @@ class Trainer:
         step = self.step + 1  # steps are numbered from 1; step 0 is the starting policy
         N = cfg.trainer.prompts_per_step
         self.opt.param_groups[0]["lr"] = policy_lr(cfg.trainer, step)
-        if self.fair_threads is not None:
-            self.fair_threads.adjust()
         t0 = time.perf_counter()
         rollouts, rewards, problems, texts = [], [], [], []
         n_kept, n_batches = 0, 0
@@ -217,7 +218,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         m.update({"time/generate": t_gen, "time/old_logprobs": t_old, "time/update": t_upd, "time/step": dt,
                   "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9),
-                  "perf/threads": torch.get_num_threads()})
+                  "perf/threads": torch.get_num_threads()})  # the run's count, unless other code changed it
         for h in self.hooks:
             h.on_step_end(step, dict(m))
         return m
@@ -296,7 +297,8 @@ class Trainer:
             metrics.update(self._engine_gap(view_batch, [p.rows.logprobs for p in passes]))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
-        metrics["grad/norm"] = float(gnorm)
+        metrics["grad/norm"] = float(gnorm)  # before clipping
+        metrics["grad/clipped"] = float(gnorm > clip)  # the step's mean: the share of its updates the clip cut
         if not math.isfinite(metrics["grad/norm"]):
             raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
         if self.weights is not None and self.method.weights == "learned":
@@ -472,8 +474,6 @@ class Trainer:
     # -- evaluation and state -----------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
-        if self.fair_threads is not None:
-            self.fair_threads.adjust()
         m, table = evaluate(self.generation_model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
                             seed=self.cfg.seed + 7919 * (self.step + 1), dist=self.dist)
         for h in self.hooks:

@@ -3,7 +3,7 @@
 Order matters for "bad input loses nothing": the tracking store is opened, a resumed run's lock taken, and
 the model, data, config and checkpoint are built and loaded *before* a run is created or reopened, so a
 bad path, key or checkpoint never leaves a run RUNNING or changes it.
-A checkpoint only ever holds the state at a step boundary; what each interrupt does is in `signals.py`.
+A checkpoint only ever holds the state at a step boundary; what each interrupt does is in `daro_lab/signals.py`.
 Under torchrun only rank 0 touches MLflow and writes checkpoints; evaluation is split over the ranks;
 the other ranks get the run id and, on resume, the config and checkpoint from it.
 """
@@ -24,7 +24,7 @@ from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import latest, resume_point, write_pointer
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
-from daro_lab.trainer.signals import StopSignals
+from daro_lab.signals import StopSignals
 
 TAG_CKPT = TAG_CHECKPOINT_DIR  # where the run's checkpoints are (daro_lab.record)
 TAG_SAVED = TAG_CHECKPOINT_STEP  # the step of the last checkpoint the run wrote: a resume that finds none refuses
@@ -62,7 +62,7 @@ def train(
 ) -> str:
     """Train `cfg` (or continue run `resume` from its last checkpoint) and return the MLflow run id.
 
-    A checkpoint only ever holds the state at a step boundary (`signals.py` says what each interrupt does);
+    A checkpoint only ever holds the state at a step boundary (`daro_lab/signals.py` says what each interrupt does);
     a resumed run continues from its last checkpoint, or from the start when it has none, and records the
     same metrics for every later step as an uninterrupted run. A run has one writer: the lock file beside
     its checkpoints (`lock.py`) refuses a second; a FINISHED run is not resumed. `force`: take over a lock

@@ -1,28 +1,26 @@
-"""Torch's intra-op threads, fair to the other processes on the machine.
+"""Torch's intra-op threads, fair to the other processes on the machine: `trainer.threads = 0` is resolved once, when
+the trainer is built, to the cores the other processes leave free.
 
 Why: torch's CPU kernels run their parallel regions on OpenMP threads that meet at a barrier after every op. When
-another process keeps a core busy, the thread on that core is descheduled for a whole time slice while the others
+another process keeps a core busy, the thread on that core is descheduled for whole time slices while the others
 wait at the barrier; a tiny model runs thousands of short ops a step, so on 2 cores one busy process made a step
-3-4x slower (measured: 0.27 s idle, 0.91 s beside `python -c "while True: pass"`), where a fair share would be 2x.
-One thread beside the busy process loses nothing (0.34 s idle, 0.32 s beside it): it never waits for a
-descheduled partner. `OMP_WAIT_POLICY=PASSIVE` fixes the waiting too but slows every idle step, and it must be set
-before torch is imported.
+3-4x slower (measured: 0.27 s idle, 0.76-0.91 s beside `python -c "while True: pass"`), where a fair share would be
+2x. One thread beside the busy process loses nothing (0.34 s idle, 0.32 s beside it): it never waits for a
+descheduled partner. `OMP_WAIT_POLICY=PASSIVE` also fixes it (0.37-0.41 s busy) but slows every idle step by 27-40%
+(0.34-0.37 s) and must be set before torch is imported.
 
-So, before each step, `FairThreads.adjust()` reads how many cores the *other* processes used since the last call
-(all CPU time from /proc/stat less this process's own from /proc/self/stat) and sets torch's thread count to the
-cores they leave free (at least 1, at most the count it started with). Where /proc cannot be read it does nothing.
-
-Numbers: the thread count decides how some kernels split their work, so on large models it can change float
-rounding; on the presets here steps agree bit for bit at 1 and 2 threads. `trainer.threads = N` fixes the count
-(no adjustment) for runs that must be reproducible to the bit whatever the machine's load.
+Why once, not every step: the thread count decides how some kernels split their sums, so it changes float rounding
+(two runs of the small test preset at 1 and 2 threads differed by 1e-7 after a few steps, and sampling then
+diverges). Resolved at the start and written into the run's config (`trainer.threads` as logged), the count is part
+of what the run ran: a resume reads it back, and the same logged config and seed give the same numbers. A process
+that starts beside the run later still slows it (the benchmark measures both cases). `trainer.threads = N` fixes the
+count whatever the load.
 """
 
 from __future__ import annotations
 
 import os
 import time
-
-import torch
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -41,31 +39,20 @@ def _cpu_ticks() -> tuple[int, int] | None:
     return busy, sum(int(x) for x in mine[11:15])  # utime stime cutime cstime
 
 
-class FairThreads:
-    """`adjust()` before each step: torch's intra-op threads = the machine's cores less those other processes kept
-    busy since the last call (at least 1, at most `max_threads`); returns the count set."""
+def others_cores(seconds: float = 0.2, read=_cpu_ticks, clock=time.monotonic, sleep=time.sleep) -> float | None:
+    """How many cores the other processes kept busy over the next `seconds` (None without /proc)."""
+    t0, a = clock(), read()
+    sleep(seconds)
+    t1, b = clock(), read()
+    if a is None or b is None or t1 <= t0:
+        return None
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / _TICKS / (t1 - t0))
 
-    def __init__(self, max_threads: int, cores: int | None = None, read=_cpu_ticks, clock=time.monotonic):
-        self.max_threads = max(1, max_threads)
-        self.cores = cores or os.cpu_count() or self.max_threads  # what /proc/stat counts
-        self._read, self._clock = read, clock
-        self._last = None
-        self.threads = self.max_threads
 
-    def others_cores(self) -> float | None:
-        """Cores the other processes kept busy since the last call (None on the first call or without /proc)."""
-        now, ticks = self._clock(), self._read()
-        last, self._last = self._last, (now, ticks) if ticks is not None else None
-        if last is None or ticks is None or now - last[0] <= 0:
-            return None
-        busy, mine = ticks[0] - last[1][0], ticks[1] - last[1][1]
-        return max(0.0, (busy - mine) / _TICKS / (now - last[0]))
-
-    def adjust(self) -> int:
-        others = self.others_cores()
-        if others is not None:
-            free = self.cores - int(others + 0.5)  # a process using half a core or more takes one
-            self.threads = max(1, min(self.max_threads, free))
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-        return self.threads
+def fair_threads(max_threads: int, others: float | None, cores: int | None = None) -> int:
+    """The machine's cores less those the others keep busy (a process using half a core or more takes one), at least
+    1 and at most `max_threads` (torch's default); `max_threads` when the load is unknown."""
+    if others is None:
+        return max(1, max_threads)
+    cores = cores or os.cpu_count() or max_threads  # what /proc/stat counts
+    return max(1, min(max_threads, cores - int(others + 0.5)))

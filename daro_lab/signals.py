@@ -1,5 +1,7 @@
 """How `train()` stops on SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`, Slurm pre-emption) and SIGHUP (the terminal
-closed): a checkpoint only ever holds the state at a step boundary, and the run is always marked KILLED.
+closed): a checkpoint only ever holds the state at a step boundary, and the run is always marked KILLED. (`daro-lab
+eval` and an ablation sweep use the same handlers with `graceful=False`: every signal stops them at once, their run
+marked KILLED, exit 128 + the signal's number.)
 
 - The first Ctrl-C of a one-process run asks for a stop at the next step boundary: the current step finishes
   (with its evaluation and checkpoint when they are due), a checkpoint of that boundary is saved, then the
