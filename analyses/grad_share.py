@@ -118,7 +118,7 @@ def plot_grad_share(runs: RunSet | None = None, out_dir: str | Path | None = Non
             st = runs.arm_style(r.arm)
             ax.plot(s.index, s.to_numpy(), color=st["color"], linestyle=st["linestyle"], linewidth=0.6, alpha=0.7)
         if len(clips):
-            for c in sorted(set(clips.clip.dropna())):
+            for c in sorted(set(clips["clip"].dropna())):
                 if c > 0:
                     ax.axhline(c, color="0.3", linestyle=":", linewidth=0.9)
             style.log_axis(ax)

@@ -147,8 +147,9 @@ def reading_label(method: str, params: Mapping[str, object]) -> str:
         v = params.get(key)
         return default if v in (None, "", "None") else str(v)
 
-    if method == "static":
-        return get("algo.daro.static")
+    if method == "static":  # a weights file by its name only: a label never carries a machine-local path
+        spec = get("algo.daro.static")
+        return spec if "/" not in spec else "…/" + spec.rstrip("/").rsplit("/", 1)[-1]
     if method != "daro" or not get("algo.daro.signal"):  # not DARO, or a run that did not log its reading
         return ""
     try:

@@ -64,13 +64,17 @@ REWARD = {("grpo", 0): {1: 0.1, 2: 0.2}, ("grpo", 1): {1: 0.3, 2: 0.4}, ("daro",
 GNORM = {("grpo", 0): {1: 2.0, 2: 4.0}, ("grpo", 1): {1: 6.0, 2: 8.0}, ("daro", 0): {1: 1.0, 2: 3.0},
          ("daro", 1): {1: 5.0, 2: 7.0}, ("dapo", 0): {1: 1.0, 2: 1.0}}
 WEIGHTS = {("daro", 0): {1: (1.1, 0.9, 1.0), 2: (1.2, 0.8, 1.0)}, ("daro", 1): {1: (1.3, 1.0, 1.0), 2: (1.4, 1.0, 1.1)}}
+# prompts by pass rate k = 0..K at steps 1 and 2 (table mu_hist), the same for every run
+MU_HIST = [{"step": st, "k": k, "K": K, "mu": k / K, "prompts": n}
+           for st, counts in ((1, (4, 1, 1, 1, 1)), (2, (2, 2, 2, 1, 1))) for k, n in enumerate(counts)]
 PER_MU = {("grpo", 0): GRPO0, ("grpo", 1): GRPO1, ("daro", 0): DARO0, ("daro", 1): DARO1,
           ("dapo", 0): [pm(1, 0, 1, 1, 1, 2, G=1), pm(1, 0, 2, 1, 1, 1, G=1)]}
 
 
 def make_run(uri, art, experiment, method, seed, per_mu=None, acc=None, reward=None, gnorm=None, weights=None,
-             hoeffding=None, **params):
+             hoeffding=None, mu_hist=None, **params):
     p = {"algo.method": method, "seed": seed, "rollout.num_responses": K, "trainer.mini_batch_prompts": N_MB,
+         "trainer.grad_clip": 5.0,
          "algo.eps_low": 0.2, "algo.eps_high": 0.28, "algo.dual_clip": None, "trainer.steps": 2,
          "model.arch": "llama", "task.name": "arithmetic", **params}
     tr = Tracker.start(uri, experiment, f"{method}-seed{seed}", p, json.dumps(p),
@@ -89,6 +93,8 @@ def make_run(uri, art, experiment, method, seed, per_mu=None, acc=None, reward=N
         tr.log_table("per_mu", per_mu)
     if hoeffding is not None:
         tr.log_table("hoeffding", hoeffding)
+    if mu_hist is not None:
+        tr.log_table("mu_hist", mu_hist)
     tr.finish()
     return tr.run_id
 
@@ -104,7 +110,7 @@ def store(tmp_path_factory):
     for (method, seed), rows in PER_MU.items():
         key = (method, seed)
         ids[key] = make_run(uri, art, "full", method, seed, rows, ACC[key], REWARD[key], GNORM[key],
-                            WEIGHTS.get(key), hoeffding=hoef if key == ("grpo", 0) else None)
+                            WEIGHTS.get(key), hoeffding=hoef if key == ("grpo", 0) else None, mu_hist=MU_HIST)
     ids["solo"] = make_run(uri, art, "solo", "grpo", 0, GRPO1, ACC[("grpo", 0)], REWARD[("grpo", 0)])
     ids["noperm"] = make_run(uri, art, "noperm", "grpo", 0, None, ACC[("grpo", 0)])
     from daro_lab.tracking import open_client
@@ -421,6 +427,36 @@ def test_grad_norms_table(full_report):
     assert g.loc[("DARO", 1, 1)]["mean"] == pytest.approx(1.5)  # seeds: 1 and 2
     assert g.loc[("DARO", 2, 1)]["mean"] == pytest.approx(4.0)
     assert g.loc[("GRPO", 2, 3)].n_runs == 1
+
+
+def test_levels_table(full_report):
+    t = saved(full_report, "levels").set_index(["arm", "level", "step"])
+    assert set(t.metric) == {"greedy_acc"}  # the synthetic runs logged no sampled accuracy
+    assert t.loc[("GRPO", 1, 2)]["mean"] == pytest.approx(np.mean([0.6 + 0.2, 0.8 + 0.2]))
+    assert t.loc[("GRPO", 1, 2)].ci == pytest.approx(ci2(0.8, 1.0))
+    assert t.loc[("DAPO", 2, 1)]["mean"] == pytest.approx(0.65 - 0.1) and t.loc[("DAPO", 2, 1)].n_runs == 1
+
+
+def test_mu_hist_table(full_report):
+    t = saved(full_report, "mu_hist").set_index(["arm", "step", "k"])
+    assert t.loc[("GRPO", 1, 0)].prompts == 8  # two runs, 4 each
+    assert t.loc[("GRPO", 1, 0)].share == pytest.approx(4 / 8)
+    assert t.loc[("DARO", 2, 3)].share == pytest.approx(1 / 8)
+
+
+def test_grad_share_per_group_per_prompt_and_clipping(full_report):
+    t = saved(full_report, "grad_share").set_index(["arm", "k"])
+    # GRPO: measured (run, step, mini-batch) shares of G: k1 1/4 and 1/2; k2 3/4, 1/2, 1/2; k3 1/2
+    assert t.loc[("GRPO", 1)].g_share == pytest.approx(np.mean([0.25, 0.5]))
+    assert t.loc[("GRPO", 2)].g_share == pytest.approx(np.mean([0.75, 0.5, 0.5]))
+    assert t.loc[("GRPO", 3)].g_share == pytest.approx(0.5) and t.loc[("GRPO", 3)].n_steps == 1
+    # DAPO: equal G, but k1 holds two prompts: per group 1/2 and 1/2, per prompt 1/3 and 2/3
+    assert t.loc[("DAPO", 1)].g_share == pytest.approx(0.5)
+    assert (t.loc[("DAPO", 1)].g_share_per_prompt, t.loc[("DAPO", 2)].g_share_per_prompt) == \
+        (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    c = saved(full_report, "clipping").set_index("arm")
+    assert c.loc["GRPO"].clipped_fraction == pytest.approx(2 / 4)  # norms 2, 4, 6, 8 against the clip 5
+    assert c.loc["DAPO"].clipped_fraction == 0 and c.loc["GRPO"].median_norm == pytest.approx(5.0)
 
 
 # --------------------------------------------------------------------------------------------
