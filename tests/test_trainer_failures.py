@@ -333,3 +333,17 @@ def test_a_full_disk_under_the_mlflow_store_names_the_cause_and_the_runs_state(s
     finally:
         event.remove(Pool, "checkout", cap)
     assert open_client(store).get_run(rid).info.status == "FINISHED"
+
+
+def test_math_task_on_the_tiny_preset_names_the_row_its_tokenizer_cannot_encode(tmp_path, store, monkeypatch):
+    """The tiny preset's character tokenizer has digits and operators only: a math data file is refused (exit 2)
+    naming file, line and character, before the warm start (which would take minutes)."""
+    import json
+
+    monkeypatch.setattr("daro_lab.models.load.warm_start", lambda *a, **k: pytest.fail("the warm start ran"))
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(40)))
+    res = runner.invoke(app, ["train", "--set", "task.name=math", "--set", f"task.train_file={f}", "--set",
+                              "task.num_eval=8", "--set", "trainer.steps=1", "--tracking-uri", store])
+    assert res.exit_code == 2 and f"{f}: line 1" in res.output and "character 'W'" in res.output, res.output
+    assert runs_in(store) == []
