@@ -106,8 +106,15 @@ def run(cmd, timeout: float, **kw) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, *text)
 
 
-def leftovers(marker: str, exclude: set[int] = frozenset()) -> list[str]:
-    """'pid cmdline' of every live process (zombies aside) whose environment holds `marker`."""
+# multiprocessing's own helpers (a pool's workers, its resource tracker): they end when the process that owns them
+# does, so at the end of a test session they are the session's, not a test's leftovers
+MULTIPROCESSING_HELPERS = ("from multiprocessing.resource_tracker import", "from multiprocessing.spawn import",
+                           "from multiprocessing.forkserver import")
+
+
+def leftovers(marker: str, exclude: set[int] = frozenset(), ignore: tuple[str, ...] = ()) -> list[str]:
+    """'pid cmdline' of every live process (zombies aside) whose environment holds `marker`, except those whose
+    command line holds one of `ignore`."""
     me = os.getpid()
     found = []
     for p in Path("/proc").iterdir():
@@ -121,13 +128,16 @@ def leftovers(marker: str, exclude: set[int] = frozenset()) -> list[str]:
             cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
+        if any(x in cmd for x in ignore):
+            continue
         found.append(f"{p.name} {cmd[:200]}")
     return found
 
 
-def wait_gone(marker: str, exclude: set[int] = frozenset(), seconds: float = 10.0) -> list[str]:
+def wait_gone(marker: str, exclude: set[int] = frozenset(), seconds: float = 10.0,
+              ignore: tuple[str, ...] = ()) -> list[str]:
     """leftovers(marker) once they have had `seconds` to exit (a process killed just now takes a moment)."""
     deadline = time.time() + seconds
-    while (left := leftovers(marker, exclude)) and time.time() < deadline:
+    while (left := leftovers(marker, exclude, ignore)) and time.time() < deadline:
         time.sleep(0.2)
     return left

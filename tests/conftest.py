@@ -13,9 +13,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 def pytest_sessionfinish(session, exitstatus):
     """No test leaves a process behind: list (and kill) any process of this session still alive at its end."""
-    from _procs import kill_all, wait_gone
+    from _procs import MULTIPROCESSING_HELPERS, kill_all, wait_gone
 
-    left = wait_gone(SESSION_MARKER)
+    # a pool this process still owns (math-verify's) ends with it; anything else still alive would outlive it
+    left = wait_gone(SESSION_MARKER, ignore=MULTIPROCESSING_HELPERS)
     if left:
         print("\nprocesses this test session started and left running (killed now):\n  " + "\n  ".join(left),
               file=sys.stderr)
