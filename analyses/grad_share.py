@@ -124,7 +124,7 @@ def plot_grad_share(runs: RunSet | None = None, out_dir: str | Path | None = Non
             style.log_axis(ax)
         else:
             style.empty_panel(ax, f"no {TOTAL} logged")
-        ax.set(title="(c) gradient norm before clipping", xlabel="training step", ylabel="‖∇θ loss‖ (log; dotted: clip)")
+        ax.set(title="(c) pre-clip gradient norm", xlabel="training step", ylabel="‖∇θ loss‖ (log; dotted: clip)")
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
     return finish_figure(FigureResult(NAME, fig, {"grad_share": share, "clipping": clips},
                                       caption=_caption(share, clips), notes=notes), out_dir)
