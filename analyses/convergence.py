@@ -146,14 +146,7 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
                                   (axes[1, 0], REWARD, "(c) training reward")):
             d = c[c.metric == metric]
             for arm in arms:
-                a = d[d.arm == arm].sort_values("step")
-                if a.empty:
-                    continue
-                st = runs.arm_style(arm)
-                ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"],
-                        marker=st["marker"] if metric != REWARD else None, markersize=2.5)
-                if a.ci.notna().any():
-                    style.band(ax, a.step, a["mean"], a.ci, st["color"], lower=0.0, upper=1.0)
+                style.arm_curve(ax, runs, arm, d[d.arm == arm], marker=metric != REWARD, lower=0.0, upper=1.0)
             ax.set(title=title, xlabel="training step", ylabel="mean reward" if metric == REWARD else "accuracy")
             if d.empty:
                 style.empty_panel(ax, f"no {metric} logged")

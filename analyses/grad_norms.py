@@ -36,11 +36,11 @@ def grad_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
                              "K": np.nan, "mu": np.nan, "mean": m, "ci": ci, "n_runs": n})
         per_run = []
         for r in members:
-            pm = r.table("per_mu")
-            if pm is None or "gradnorm" not in pm.columns or pm.gradnorm.notna().sum() == 0:
+            pm = r.per_mu_with("gradnorm")
+            if pm is None:
                 notes.append(f"run {r.name} ({r.run_id}) has no per-group gradient norms G_mu")
                 continue
-            g = pm.dropna(subset=["gradnorm"]).groupby(["step", "k", "K"]).gradnorm.mean().rename(r.run_id)
+            g = pm.groupby(["step", "k", "K"]).gradnorm.mean().rename(r.run_id)
             per_run.append(g)
         if per_run:
             wide = pd.concat(per_run, axis=1)

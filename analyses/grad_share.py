@@ -36,11 +36,11 @@ def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         method = members[0].method
         per_step = []
         for r in members:
-            pm = r.table("per_mu")
-            if pm is None or "gradnorm" not in pm.columns or pm.gradnorm.notna().sum() == 0:
+            pm = r.per_mu_with("gradnorm")
+            if pm is None:
                 notes.append(f"run {r.name} ({r.run_id}) has no per-group gradient norms G_mu")
                 continue
-            d = pm.dropna(subset=["gradnorm"])[["step", "minibatch", "k", "K", "gradnorm", "prompts"]].copy()
+            d = pm[["step", "minibatch", "k", "K", "gradnorm", "prompts"]].copy()
             d["run"] = r.run_id
             key = ["run", "step", "minibatch"]
             d["g_share"] = d.gradnorm / d.groupby(key).gradnorm.transform("sum")

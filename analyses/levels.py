@@ -70,14 +70,7 @@ def plot_levels(runs: RunSet | None = None, out_dir: str | Path | None = None, *
         for ax, level in zip(flat, levels):
             d = table[table.level == level]
             for arm in arms:
-                a = d[d.arm == arm].sort_values("step")
-                if a.empty:
-                    continue
-                st = runs.arm_style(arm)
-                ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"], marker=st.get("marker"),
-                        markersize=2)
-                if a.ci.notna().any():
-                    style.band(ax, a.step, a["mean"], a.ci, st["color"], lower=0.0, upper=1.0)
+                style.arm_curve(ax, runs, arm, d[d.arm == arm], lower=0.0, upper=1.0)
             ax.set(title=f"level {level}", xlabel="training step",
                    ylabel=table.metric.iloc[0].replace("_", " ") if ax is flat[0] else None)
         for ax in flat[len(levels):]:

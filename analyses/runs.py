@@ -107,6 +107,14 @@ class Run:
             return pd.DataFrame({"key": [], "step": [], "value": []})
         return pd.concat(parts, ignore_index=True)
 
+    def per_mu_with(self, column: str) -> pd.DataFrame | None:
+        """The per_mu rows where `column` was measured (e.g. 'gradnorm', every trainer.grad_norm_every steps), or
+        None when the run has no such rows."""
+        pm = self.table("per_mu")
+        if pm is None or column not in pm.columns or pm[column].notna().sum() == 0:
+            return None
+        return pm.dropna(subset=[column])
+
     def table(self, name: str) -> pd.DataFrame | None:
         """Table `name` of the run (tables/<name>.parquet), or None if the run has none."""
         if name not in self._tables:

@@ -249,6 +249,19 @@ def log_axis(ax, axis: str = "y") -> None:
     a.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
+def arm_curve(ax, runs, arm: str, frame, marker: bool = True, lower: float | None = None,
+              upper: float | None = None) -> None:
+    """One arm's mean curve (`frame`: step, mean, ci) in its style, with its 95% band where it has several runs."""
+    a = frame.sort_values("step")
+    if a.empty:
+        return
+    st = runs.arm_style(arm)
+    ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"], marker=st["marker"] if marker else None,
+            markersize=2.5)
+    if a.ci.notna().any():
+        band(ax, a.step, a["mean"], a.ci, st["color"], lower=lower, upper=upper)
+
+
 def band(ax, x, mean, half, color, lower: float | None = None, upper: float | None = None) -> None:
     """Shade mean ± half (the CI over seeds), clipped to the quantity's feasible range."""
     lo, hi = np.asarray(mean) - np.asarray(half), np.asarray(mean) + np.asarray(half)
