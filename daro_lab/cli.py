@@ -304,6 +304,8 @@ def plot(
 
     if figure not in FIGURES:
         _fail(f"unknown figure {figure!r}; known: {', '.join(FIGURES)}")
+    if out is not None:
+        _writable_dir(out)
     try:
         selected = select_runs(tracking_uri, experiment=experiment, run_ids=_split_ids(runs))
         result = plot_figure(figure, selected, out or Path("reports") / selected.slug() / "figures")
@@ -326,6 +328,8 @@ def report(
 ) -> None:
     """Write a paper-style report (self-contained HTML and a PDF) of an experiment or an ablation."""
     _quiet_analysis()
+    if out is not None:
+        _writable_dir(out)
     from analyses import AnalysisError, select_runs
     from analyses.report import write_report
     from daro_lab.tracking import TrackingError

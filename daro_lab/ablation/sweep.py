@@ -45,9 +45,10 @@ from daro_lab.record import TAG_ARM_LABEL as TAG_LABEL
 
 
 def _has_checkpoint(run: Any) -> bool:
-    from daro_lab.trainer.checkpoint import latest
+    from daro_lab.trainer.checkpoint import resume_point
+
     root = run.data.tags.get(TAG_CHECKPOINT_DIR)
-    return bool(root) and latest(root) is not None
+    return bool(root) and resume_point(root)[0] is not None
 
 
 def _final_weights(uri: str, run_id: str, K: int) -> dict[int, float]:

@@ -215,7 +215,7 @@ def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | Non
             if tracker:
                 tracker.finish("KILLED")
             if run_id:
-                resume_from = latest(root) if root is not None else None
+                resume_from = resume_point(root)[0] if root is not None else None
                 e.daro_lab_run = RunEnd(run_id, "KILLED", saved, str(resume_from) if resume_from else None)
             raise
         except BaseException as e:
