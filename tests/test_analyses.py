@@ -738,3 +738,10 @@ def test_report_carries_no_local_paths_and_keeps_frozen_weights_beside_it(store,
     assert any("inputs/optimal-static-seed0-weights.json" in t for t in texts)
     assert json.loads((tmp_path / "rep" / "inputs" / "optimal-static-seed0-weights.json").read_text()) == weights
     assert rep.html.is_file()
+
+
+def test_plot_and_report_refuse_an_out_that_is_a_file_before_reading_runs(store, tmp_path):
+    (tmp_path / "f").write_text("x")
+    for args in (("plot", "loss-scale"), ("report",)):
+        r = _cli(*args, "--experiment", "full", "--tracking-uri", store["uri"], "--out", str(tmp_path / "f" / "sub"))
+        assert r.exit_code == 2 and f"--out {tmp_path / 'f' / 'sub'}: {tmp_path / 'f'} is a file" in r.output, r.output
