@@ -35,7 +35,7 @@ def one_process(tmp_path_factory, small_env):
     # lr 3e-4, not the small preset's 3e-3: AdamW's first steps are ~lr * sign(g), so a gradient component near 0
     # whose float32 rounding differs between one process and two ranks moves by a whole lr step; at 3e-3 that put
     # DARO's log-probs 1.5e-4 apart after two updates on one warm start, at 3e-4 every method agrees to 1e-5
-    ov = [*small_env, "trainer.prompts_per_step=9", "trainer.mini_batch_prompts=3", "trainer.grad_norm_every=1",
+    ov = [*small_env, "trainer.threads=1", "trainer.prompts_per_step=9", "trainer.mini_batch_prompts=3", "trainer.grad_norm_every=1",
           "trainer.lr=3e-4"]
     out = tmp_path_factory.mktemp("one") / "one.json"
     _run([sys.executable, str(HERE / "_dist_check.py"), str(out), *ov], out.parent)  # warm-starts first
