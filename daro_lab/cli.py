@@ -290,7 +290,7 @@ RunsOpt = typer.Option(None, "--runs", help="run ids, repeated or comma-separate
 
 @app.command()
 def plot(
-    figure: str = typer.Argument(..., help="loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms"),
+    figure: str = typer.Argument(..., help="loss-scale, length-vs-mu, weights, convergence, hoeffding, grad-norms, grad-share, levels, mu-hist"),
     experiment: Optional[str] = ExperimentOpt,
     runs: Optional[List[str]] = RunsOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: reports/<experiment>/figures)"),
