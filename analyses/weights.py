@@ -23,6 +23,16 @@ from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish
 
 NAME = "weights"
 PREFIX = "daro/weight/mu_"
+MAX_COLUMNS = 4  # arms per row of panels
+SMOOTH = 10  # the balance panel: rolling median over this many steps
+
+
+def smoothed_balance(dk: pd.DataFrame) -> pd.Series:
+    """One group's balance by step as a rolling median over SMOOTH steps: a step where the group's signal is near 0
+    (|L_mu| ~ 1e-6) gives w·signal/C ~ 1e-6, a spike that a log axis would draw over the whole panel."""
+    wl = dk.dropna(subset=["balance"])
+    wl = wl[wl.balance > 0].set_index("step").balance.sort_index()
+    return wl.rolling(SMOOTH, min_periods=1).median()
 
 
 def _k_of(key: str) -> tuple[int, int]:
@@ -86,7 +96,8 @@ def _caption(t: pd.DataFrame) -> str:
                     f"{wl_last.balance.max():.3g} (fixed point: 1)")
         parts.append(txt)
     return ("DARO weights w_μ after each step (top; log scale when they spread over more than a factor 3) and "
-            "the balance per step (bottom, log scale): w_μ·signal_μ/C, which the weights' gradient drives to 1 for "
+            f"the balance (bottom, log scale, {SMOOTH}-step rolling median, the axis spanning the bulk of it): "
+            "w_μ·signal_μ/C, which the weights' gradient drives to 1 for "
             "every group (runs without it: w_μ·|L_μ|, the paper's reading), mean over seeds (95% intervals in the "
             "table). " + "; ".join(parts) + ".")
 
@@ -98,33 +109,47 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
     table, notes = weights_table(runs)
     arms = list(dict.fromkeys(table.arm))
     n = len(arms)
-    width = min(style.PAGE_WIDTH, max(style.COLUMN_WIDTH, 2.6 * n))
+    ncols = min(n, MAX_COLUMNS)  # more arms wrap into more rows: titles and the last column keep their room
+    arm_rows = (n + ncols - 1) // ncols
+    width = min(style.PAGE_WIDTH, max(style.COLUMN_WIDTH, 2.6 * ncols))
     with style.paper_style():
-        fig, axes = style.new_figure(2, n, width=width, height=4.4, sharex="col")
-        chars = style.title_chars(width, n)  # long arm labels wrap inside their column
+        fig, axes = style.new_figure(2 * arm_rows, ncols, width=width, height=2.3 * 2 * arm_rows + 0.5)
+        chars = style.title_chars(width, ncols)  # long arm labels wrap inside their column
         Ks = sorted(table.K.unique())
         for j, arm in enumerate(arms):
             d = table[table.arm == arm]
             K = int(d.K.iloc[0])
             colors = style.mu_colors(K)
-            ax_w, ax_l = axes[0, j], axes[1, j]
+            row, col = 2 * (j // ncols), j % ncols
+            ax_w, ax_l = axes[row, col], axes[row + 1, col]
+            shown = []
             for k, dk in d.groupby("k"):
                 dk = dk.sort_values("step")
                 ax_w.plot(dk.step, dk.w, color=colors[int(k)], label=style.mu_label(int(k), K))
-                wl = dk.dropna(subset=["balance"])
-                wl = wl[wl.balance > 0]
-                ax_l.plot(wl.step, wl.balance, color=colors[int(k)], marker="o", markersize=2)
+                wl = smoothed_balance(dk)
+                ax_l.plot(wl.index, wl.to_numpy(), color=colors[int(k)], linewidth=1.0)
+                shown.append(wl)
             log_w = d.w.max() / max(d.w.min(), 1e-300) > 3
             if log_w:
                 style.log_axis(ax_w)
-            ax_w.set(title=style.wrap(arm, chars) + "\nweights w$_\\mu$", ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if j == 0 else None)
+            ax_w.set(title=style.wrap(arm, chars) + "\nweights w$_\\mu$",
+                     ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if col == 0 else None)
             ax_l.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9)
             style.log_axis(ax_l)
+            vals = pd.concat(shown).to_numpy() if shown else np.array([])
+            vals = vals[np.isfinite(vals) & (vals > 0)]
+            if len(vals):  # the bulk of the smoothed balance, and 1, in view
+                lo, hi = np.quantile(vals, [0.01, 0.99])
+                ax_l.set_ylim(min(lo, 1.0) / 1.5, max(hi, 1.0) * 1.5)
             what = "w$_\\mu$·signal$_\\mu$/C" if d.wS.notna().any() else "w$_\\mu$·|L$_\\mu$|"
-            ax_l.set(title=what, xlabel="training step",
-                     ylabel=f"{what} (log)" if j == 0 else None)
+            ax_l.set(title=f"balance, {SMOOTH}-step median", xlabel="training step",
+                     ylabel=f"{what} (log)" if col == 0 else None)
             if len(Ks) > 1:
                 ax_w.legend(loc="best", ncol=2, fontsize=5.5)
+        for j in range(n, arm_rows * ncols):
+            row, col = 2 * (j // ncols), j % ncols
+            axes[row, col].set_visible(False)
+            axes[row + 1, col].set_visible(False)
         if len(Ks) == 1:
             from matplotlib.lines import Line2D
 
