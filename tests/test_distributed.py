@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 import _procs as procs
 from daro_lab.tracking import open_client
 
+pytestmark = pytest.mark.slow  # torchrun with 2 ranks: tens of seconds a test
+
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

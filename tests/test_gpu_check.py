@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import _procs as procs
+
+pytestmark = pytest.mark.slow  # a subprocess building a model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -385,6 +385,7 @@ def test_a_lock_read_while_its_owner_writes_it_always_names_the_owner(tmp_path):
     assert all(f"pid {os.getpid()} on host {socket.gethostname()}" in m for m in refused), refused[:3]
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_a_live_process_trains_is_refused_and_sighup_marks_it_killed(tmp_path, small_env, store,
                                                                                          wait_for_checkpoint):
     """`daro-lab train` in a subprocess: a second writer is refused while it runs; SIGHUP (the terminal closed)

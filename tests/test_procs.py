@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import _procs as procs
 
 HERE = Path(__file__).parent
@@ -35,6 +37,7 @@ def test_a_timed_out_command_loses_its_whole_tree_even_a_child_in_a_session_of_i
     assert not _alive(int(pidfile.read_text()))
 
 
+@pytest.mark.slow
 def test_a_session_that_leaves_a_process_running_fails_and_names_it(tmp_path):
     shutil.copy(HERE / "conftest.py", tmp_path / "conftest.py")
     shutil.copy(HERE / "_procs.py", tmp_path / "_procs.py")

@@ -93,6 +93,7 @@ def test_ctrl_c_before_any_checkpoint_marks_killed_and_resumes_from_the_start(sm
     assert set(steps[steps.key == "reward/mean"].step) == {1, 2, 3}
 
 
+@pytest.mark.slow
 def test_ui_serves_the_store_on_localhost(store):
     from analyses.mlflow_ui import serve  # starts `daro-lab ui` on a free port, stops it with SIGTERM
 
@@ -142,6 +143,7 @@ def test_ui_refuses_a_port_in_use_naming_it(tmp_path):
     assert res.exit_code == 2 and f"port {port} on 127.0.0.1 is not free" in res.output, res.output
 
 
+@pytest.mark.slow
 def test_ui_port_out_of_range_is_refused_and_port_0_serves_where_it_says(tmp_path, store):
     import os
     import re
@@ -173,6 +175,7 @@ def test_ui_port_out_of_range_is_refused_and_port_0_serves_where_it_says(tmp_pat
         assert proc.wait(timeout=60) == 0
 
 
+@pytest.mark.slow
 def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
     """SIGHUP (the terminal closed) to `daro-lab ui`: the MLflow server, in a session of its own so that it never
     sees the terminal's signals, is stopped with it; nothing keeps serving the store."""
