@@ -103,8 +103,7 @@ def _vllm_env_problem() -> str | None:
     if not VLLM_PYTHON.exists():
         return (f"no vLLM environment: {VLLM_PYTHON} does not exist (run `bash .ci/install-vllm.sh`, "
                 f"or point DARO_LAB_VLLM_PYTHON at a python with vllm)")
-    r = procs.run([str(VLLM_PYTHON), "-c", "import vllm"], timeout=300,
-                       check=False)
+    r = procs.run([str(VLLM_PYTHON), "-c", "import vllm"], timeout=300)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
         return f"{VLLM_PYTHON} cannot import vllm ({tail}); run `bash .ci/install-vllm.sh`"
@@ -118,7 +117,7 @@ def test_vllm_logprobs_match_transformers_after_every_sync():
         pytest.skip(problem)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
     r = procs.run([str(VLLM_PYTHON), str(ROOT / "tests" / "_vllm_check.py"), "--e2e"], cwd=ROOT, env=env,
-                       timeout=1200)
+                  timeout=1200)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"tests/_vllm_check.py failed (exit {r.returncode}):\n{out[-6000:]}"
     line = next((s for s in r.stdout.splitlines() if s.startswith("VLLM_CHECK_RESULT ")), None)
@@ -151,8 +150,8 @@ def test_vllm_under_torchrun_samples_every_ranks_synced_weights(tmp_path, parall
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     r = procs.run([str(VLLM_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "tests" / "_vllm_dist_check.py"), str(tmp_path), parallel],
-                       cwd=tmp_path, env=env, timeout=900)
+                   str(ROOT / "tests" / "_vllm_dist_check.py"), str(tmp_path), parallel],
+                  cwd=tmp_path, env=env, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"tests/_vllm_dist_check.py failed (exit {r.returncode}):\n{out[-6000:]}"
     assert "Invalid process group" not in out  # vLLM is closed before torch.distributed goes
