@@ -107,6 +107,8 @@ class Trainer:
             raise ConfigError(f"config key 'trainer.device' = {cfg.trainer.device!r}: no such CUDA device here "
                               f"({torch.cuda.device_count()} visible)")
         torch.manual_seed(cfg.seed)
+        # frozen weights from a file: read (and refused, naming key and file) before the model's minutes of set-up
+        static = build_static_weights(cfg) if METHODS[cfg.algo.method].weights == "frozen" else None
         c = load_components(cfg)  # model, tokenizer, problems, task: fails before any run exists
         self.tokenizer, self.task = c.tokenizer, c.task
         self.train_set, self.eval_set = c.train_set, c.eval_set
@@ -126,7 +128,7 @@ class Trainer:
         if self.method.weights != "none":
             self.weights = DaroWeights(self.K, d.param, d.init, d.w_min, d.w_max).to(self.device)
             if self.method.weights == "frozen":
-                self.weights.load_values(build_static_weights(cfg))
+                self.weights.load_values(static)
                 self.weights.requires_grad_(False)
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.trainer.lr,
                    "weight_decay": cfg.trainer.weight_decay, "name": "policy"}]
