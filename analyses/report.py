@@ -397,11 +397,15 @@ def _table_page(pdf, title: str, df: pd.DataFrame, note: str) -> None:
     if len(df):
         ax = fig.add_axes([0.03, 0.1, 0.94, 0.72 - (0.91 - below)])
         ax.axis("off")
-        cols = ["\n".join(textwrap.wrap(str(c), 18 if wide else 14)) for c in df.columns]
-        tab = ax.table(cellText=df.astype(str).values, colLabels=cols, loc="upper center", cellLoc="center")
+        width = 16 if wide else 14
+        cols = ["\n".join(textwrap.wrap(str(c), width)) for c in df.columns]
+        # cells wrap too (a long one ran into its neighbour), and rows get the height of their longest cell
+        cells = [["\n".join(textwrap.wrap(str(v), width)) or "" for v in row] for row in df.astype(str).values]
+        lines = max([1] + [c.count("\n") + 1 for row in cells for c in row])
+        tab = ax.table(cellText=cells, colLabels=cols, loc="upper center", cellLoc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(6.5 if wide else 7.5)
-        tab.scale(1, 1.6)
+        tab.scale(1, 1.0 + 0.9 * lines)
     pdf.savefig(fig)
 
 

@@ -639,6 +639,7 @@ def test_minimal_detectable_difference_has_80_percent_power_by_simulation():
     d = a - b
     assert paired_mdd(a, b) == pytest.approx((stats.t.ppf(0.975, 5) + stats.t.ppf(0.8, 5)) * d.std(ddof=1) / math.sqrt(6))
     assert math.isnan(paired_mdd([0.5], [0.4]))
+    assert math.isnan(paired_mdd([0.5, 0.6], [0.5, 0.6]))  # identical pairs: no variance, no MDD
     # the numbers: a paired sd of 0.03 needs tens of seeds for a 0.015 effect
     assert 20 < pairs_for_mdd(0.03, 0.015) < 40 and pairs_for_mdd(0.03, 0.1) == 3
 
@@ -667,3 +668,6 @@ def test_null_verdict_states_the_minimal_detectable_difference():
     line = verdict(s.loc["a"])
     assert "no difference larger than" in line and "4 paired seeds" in line, line
     assert math.isnan(s.loc["a", "balance_cv_p"])  # w signal / C against C_mu: never tested
+    same = per_seed.assign(final_acc=[0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
+    s2 = summarize(same, ["a", "b"], reference="b").set_index("arm")
+    assert verdict(s2.loc["a"]) == "identical to the reference in all 4 paired seeds (nothing to test)"

@@ -50,7 +50,8 @@ two-sided) or the Wilcoxon signed-rank test (scipy.stats.wilcoxon, exact for sma
 with fewer than 6 pairs); the column `test` names it. `<metric>_diff` is the mean of arm minus reference over the
 pairs; `<metric>_mdd` the minimal detectable difference of that paired test (two-sided alpha 0.05, power 0.8,
 from the pairs' sd: (t_{0.975, n-1} + t_{0.8, n-1}) sd_d / sqrt(n)): a p above alpha says "no difference larger
-than the MDD", not "no difference". Fewer than two pairs: no p-value and no MDD.
+than the MDD", not "no difference". Fewer than two pairs, or pairs that all differ by the same amount (no variance):
+no MDD.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def paired_mdd(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, powe
     ok = np.isfinite(x) & np.isfinite(y)
     d = x[ok] - y[ok]
     n = len(d)
-    if n < 2:
+    if n < 2 or np.ptp(d) == 0:  # identical differences: no variance, no test, no power to speak of
         return math.nan
     from scipy import stats
 
@@ -436,6 +437,8 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
     mdd = row.get("final_acc_mdd", math.nan)
     if not np.isfinite(diff):
         return "no paired seeds"
+    if diff == 0 and p == 1.0 and not np.isfinite(mdd):
+        return f"identical to the reference in all {int(row.get('pairs', 0))} paired seeds (nothing to test)"
     if not np.isfinite(p):
         return f"{'higher' if diff > 0 else 'lower' if diff < 0 else 'equal'} by {abs(diff):.3f}, untested (fewer than 2 paired seeds or zero variance)"
     if p < alpha:
@@ -464,7 +467,7 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
                "steps to target (reached)": ("≥ " if r.get("steps_to_target_censored", False) else "")
                + _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
                + f" ({r.steps_to_target_reached})",
-               "|C| share CV": _fmt(r.get("c_share_cv_mean", math.nan), r.get("c_share_cv_lo", math.nan),
+               "C share CV": _fmt(r.get("c_share_cv_mean", math.nan), r.get("c_share_cv_lo", math.nan),
                                     r.get("c_share_cv_hi", math.nan)),
                "G share CV": _fmt(r.get("g_share_cv_mean", math.nan), r.get("g_share_cv_lo", math.nan),
                                   r.get("g_share_cv_hi", math.nan)),
@@ -478,7 +481,7 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
         row["Δ final acc vs ref"] = _fmt_p(r.final_acc_diff, r.final_acc_p, r.get("final_acc_mdd", math.nan))
         row["Δ AUC vs ref"] = _fmt_p(r.get("auc_acc_diff", math.nan), r.get("auc_acc_p", math.nan),
                                      r.get("auc_acc_mdd", math.nan))
-        row["Δ |C| share CV vs ref"] = _fmt_p(r.get("c_share_cv_diff", math.nan), r.get("c_share_cv_p", math.nan),
+        row["Δ C share CV vs ref"] = _fmt_p(r.get("c_share_cv_diff", math.nan), r.get("c_share_cv_p", math.nan),
                                               r.get("c_share_cv_mdd", math.nan))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -515,7 +518,7 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "(censored, never dropped): '≥' marks a mean with censored seeds, which the true mean exceeds; "
         "(reached/finished) beside it; resolved to the evaluation interval; an interval only from 5 seeds (a "
         "bootstrap of fewer is their range).",
-        f"- |C| share CV, G share CV: each pass-rate group's share of the summed |C_mu| (loss contribution) or G_mu "
+        f"- C share CV, G share CV: each pass-rate group's share of the summed |C_mu| (loss contribution) or G_mu "
         f"(||grad C_mu||) over the last {meta.get('balance_window', '')} steps, then the coefficient of variation of "
         "the shares across groups (0 = equal shares). Comparable across all arms.",
         "- Own balance CV: each method's own balance quantity, per group over the same window: w_mu·signal_mu/C on "
