@@ -657,6 +657,25 @@ def test_auc_and_group_shares_are_computed_from_the_curves_and_tables():
     assert share_cv(by_k.iloc[:, :1], 2) != share_cv(by_k.iloc[:, :1], 2)  # one group: NaN
 
 
+def test_share_cvs_from_the_per_mu_table_leave_out_daros_offset_and_divide_by_prompts():
+    from daro_lab.ablation.summary import coefficient_of_variation, table_share_cvs
+
+    pm = pd.DataFrame({"step": [1, 1, 2, 2, 3, 3], "k": [1, 2] * 3,
+                       "contrib": [5.0, 5.0, -1.0, 3.0, 2.0, -1.0], "contrib_offset": [5.0, 5.0, 0.0, 0.0, 0.0, 0.0],
+                       "gradnorm": [np.nan, np.nan, 2.0, 2.0, np.nan, np.nan], "prompts": [1, 1, 1, 3, 3, 1]})
+    got = table_share_cvs(pm, window=2)  # steps 2 and 3
+    c = np.array([1.0 + 2.0, 3.0 + 1.0])  # |C - offset| summed per k
+    assert got["c_share_cv"] == pytest.approx(coefficient_of_variation(c / c.sum()))
+    per_prompt = c / np.array([1 + 3, 3 + 1])
+    assert got["c_share_cv_prompt"] == pytest.approx(coefficient_of_variation(per_prompt / per_prompt.sum()))
+    assert got["g_share_cv"] == pytest.approx(0.0)  # equal G at step 2, the only measured step
+    g_prompt = np.array([2.0 / 1, 2.0 / 3])
+    assert got["g_share_cv_prompt"] == pytest.approx(coefficient_of_variation(g_prompt / g_prompt.sum()))
+    # the offset matters: with it, step 1 (outside the window) aside, the shares would differ
+    assert table_share_cvs(pm.assign(contrib_offset=0.0), window=3)["c_share_cv"] != \
+        pytest.approx(table_share_cvs(pm, window=3)["c_share_cv"])
+
+
 def test_null_verdict_states_the_minimal_detectable_difference():
     from daro_lab.ablation.summary import summarize, verdict
 

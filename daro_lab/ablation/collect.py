@@ -69,7 +69,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     """Recompute the summary of an ablation from what its child runs logged (and, with `write`,
     store it on the parent: tables/ablation_summary.parquet, tables/ablation_per_seed.parquet,
     ablation_summary.md, and per-arm metrics `<metric>_mean/<arm>`)."""
-    from daro_lab.tracking import read_metrics
+    from daro_lab.tracking import read_metrics, read_table
 
     store = RunStore(uri)
     uri = store.uri
@@ -91,8 +91,12 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
                 m = read_metrics(store.client, run.info.run_id, keys)
                 frames[(pa.name, seed)] = m
                 d = pa.config["algo"]["daro"]
+                try:
+                    pm = read_table(store.client, run.info.run_id, "per_mu")
+                except TrackingError:  # a run that recorded no table (hooks off, or it failed at once)
+                    pm = None
                 row.update(S.run_stats(m, pa.method, plan.balance_window, plan.weight_stats, (d["w_min"], d["w_max"]),
-                                       acc_key))
+                                       acc_key, per_mu=pm))
                 if plan.weight_stats and run.info.status == "FAILED":
                     row["nonfinite"] = max(_nan0(row.get("nonfinite")), _failed_nonfinite(store, run.info.run_id))
             rows.append(row)
@@ -116,7 +120,7 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
             else (math.nan, False) for r in per_seed.itertuples()]
     per_seed["steps_to_target"] = [h[0] for h in hits]
     per_seed["reached"] = [float(h[1]) for h in hits]
-    for col in ("final_acc", "best_acc", "auc_acc", "c_share_cv", "g_share_cv", "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
+    for col in ("final_acc", "best_acc", "auc_acc", *S.SHARE_METRICS, "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
                                                             if plan.weight_stats else ()):
         if col not in per_seed:
             per_seed[col] = math.nan

@@ -16,11 +16,14 @@ Per child run (table `per_seed`, one row per arm and seed):
   final accuracy, the definition the convergence figure uses too), with `reached` 1; a seed that never reaches it
   is censored at its last evaluation step (`reached` 0), never dropped. Evaluations happen every
   `trainer.eval_every` steps, so this is resolved only to that grid;
-- `c_share_cv`, `g_share_cv`: how unequally the pass-rate groups share the update, comparable across every
-  method (not true by construction for any): each group's share of the sum over groups of |C_mu| (its loss
-  contribution, metric `contrib/mu_k`) or of G_mu = ||grad C_mu|| (metric `gradnorm/mu_k`, logged every
-  `trainer.grad_norm_every` steps) over the last `balance_window` steps, then their coefficient of variation
-  across groups (0: equal shares);
+- `c_share_cv`, `g_share_cv` (per group) and `c_share_cv_prompt`, `g_share_cv_prompt` (per prompt): how unequally
+  the pass-rate groups share the update, comparable across every method (not true by construction for any): each
+  group's share of the sum over groups of |C_mu| (its loss contribution less DARO's -C ln w_mu, which carries no
+  theta-gradient: per_mu columns contrib - contrib_offset) or of G_mu = ||grad C_mu|| (column gradnorm, measured
+  every `trainer.grad_norm_every` steps) over the last `balance_window` steps, per group or divided by the group's
+  prompts in those mini-batches, then their coefficient of variation across groups (0: equal shares). Runs without
+  a per_mu table: per group from the metrics `contrib/` and `gradnorm/` (C on DARO's path then left out: its metric
+  holds the offset);
 - `balance_cv`: a diagnostic of each method's own balance quantity, tested only between arms that share it.
   For each pass-rate group, the mean over the last `balance_window` training steps of x_mu: DARO's
   w_mu * signal_mu / C (metric `daro/wS/mu_k`, 1 at its fixed point, where learned weights put it by
@@ -69,10 +72,10 @@ from daro_lab.record import wide
 
 ACC = "eval/greedy_acc"
 ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
-STAT_METRICS = ("final_acc", "best_acc", "auc_acc", "steps_to_target", "c_share_cv", "g_share_cv", "balance_cv",
-                "balance_floor")
+SHARE_METRICS = ("c_share_cv", "g_share_cv", "c_share_cv_prompt", "g_share_cv_prompt")
+STAT_METRICS = ("final_acc", "best_acc", "auc_acc", "steps_to_target", *SHARE_METRICS, "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
-TESTED = ("final_acc", "best_acc", "auc_acc", "c_share_cv", "g_share_cv", "balance_cv")  # balance_cv: same source only
+TESTED = ("final_acc", "best_acc", "auc_acc", *SHARE_METRICS, "balance_cv")  # balance_cv: same source only
 TARGET_FRACTION = 0.8  # steps to target: this fraction of the way from the start to the best arm's final accuracy
 TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
 
@@ -244,9 +247,10 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
 
 
 def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
-              w_bounds: tuple[float, float] | None = None, acc_key: str = ACC) -> dict[str, Any]:
-    """The per-run numbers of the module docstring from a run's `read_metrics` frame (except
-    steps_to_target, which needs the target: see `steps_to_target`)."""
+              w_bounds: tuple[float, float] | None = None, acc_key: str = ACC,
+              per_mu: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The per-run numbers of the module docstring from a run's `read_metrics` frame and its `per_mu` table (None:
+    the share CVs per group from the metrics, none per prompt); steps_to_target needs the target: `steps_to_target`."""
     out: dict[str, Any] = {}
     acc = metrics[metrics.key == acc_key].sort_values("step")
     out["start_acc"] = float(acc.value[acc.step == 0].iloc[0]) if (acc.step == 0).any() else math.nan
@@ -255,8 +259,15 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     out["best_acc"] = float(later.value.max()) if len(later) else math.nan
     out["final_step"] = int(acc.step.iloc[-1]) if len(acc) else -1
     out["auc_acc"] = area_under_curve(acc.step.to_numpy(dtype=float), acc.value.to_numpy(dtype=float))
-    for col, prefix in (("c_share_cv", "contrib"), ("g_share_cv", "gradnorm")):
-        out[col] = share_cv(wide(metrics, prefix), window)
+    from daro_lab.algorithms import METHODS
+
+    if per_mu is not None and len(per_mu):
+        out.update(table_share_cvs(per_mu, window))
+    else:
+        daro_path = method in METHODS and METHODS[method].daro_path
+        out["c_share_cv"] = math.nan if daro_path else share_cv(wide(metrics, "contrib"), window)
+        out["g_share_cv"] = share_cv(wide(metrics, "gradnorm"), window)
+        out["c_share_cv_prompt"] = out["g_share_cv_prompt"] = math.nan
     from daro_lab.algorithms import METHODS
 
     if method in METHODS and METHODS[method].daro_path:
@@ -324,6 +335,32 @@ def share_cv(by_k: pd.DataFrame, window: int) -> float:
     totals = by_k[by_k.index > last - window].abs().sum(axis=0, skipna=True)
     totals = totals[totals > 0]
     return coefficient_of_variation((totals / totals.sum()).to_numpy()) if len(totals) >= 2 else math.nan
+
+
+def table_share_cvs(per_mu: pd.DataFrame, window: int) -> dict[str, float]:
+    """The four share CVs (module docstring) from a per_mu table: over the rows of the last `window` steps, each
+    group's summed |C - C_offset| and G, as shares across groups, per group and per prompt."""
+    from daro_lab.record import normalise_per_mu
+
+    pm = normalise_per_mu(per_mu)
+    pm = pm[pm.step > pm.step.max() - window]
+    out = {}
+    c = pm["contrib"] - (pm["contrib_offset"].fillna(0.0) if "contrib_offset" in pm else 0.0)
+    for name, x in (("c", c.abs()), ("g", pm["gradnorm"] if "gradnorm" in pm else None)):
+        if x is None or x.notna().sum() == 0:
+            out[f"{name}_share_cv"] = out[f"{name}_share_cv_prompt"] = math.nan
+            continue
+        rows = pm[x.notna()]
+        total = x[x.notna()].groupby(rows.k).sum()
+        prompts = rows.prompts.groupby(rows.k).sum() if "prompts" in rows else None
+        for suffix, v in (("", total), ("_prompt", total / prompts if prompts is not None else None)):
+            if v is None:
+                out[f"{name}_share_cv{suffix}"] = math.nan
+                continue
+            v = v[(v > 0) & np.isfinite(v)]
+            out[f"{name}_share_cv{suffix}"] = (coefficient_of_variation((v / v.sum()).to_numpy()) if len(v) >= 2
+                                               else math.nan)
+    return out
 
 
 def steps_to_target(metrics: pd.DataFrame, target: float, acc_key: str = ACC) -> tuple[float, bool]:
@@ -471,6 +508,8 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
                                     r.get("c_share_cv_hi", math.nan)),
                "G share CV": _fmt(r.get("g_share_cv_mean", math.nan), r.get("g_share_cv_lo", math.nan),
                                   r.get("g_share_cv_hi", math.nan)),
+               "C / G share CV per prompt": _fmt(r.get("c_share_cv_prompt_mean", math.nan), math.nan, math.nan)
+               + " / " + _fmt(r.get("g_share_cv_prompt_mean", math.nan), math.nan, math.nan),
                "own balance CV (of; noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
                + (f" ({own}; {r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan))
                   else "")}
