@@ -40,11 +40,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-TORCH_DEFAULT_THREADS = torch.get_num_threads()
-
 from daro_lab.config import load_config  # noqa: E402
 from daro_lab.hooks import default_hooks  # noqa: E402
 from daro_lab.trainer import Trainer  # noqa: E402
+from daro_lab.trainer.loop import TORCH_THREADS  # noqa: E402
 
 PRESETS = {
     "tiny": [],
@@ -260,7 +259,7 @@ def bench_busy(preset: str, blocks: int, per_block: int) -> None:
     ref = med[(next(iter(arms)), "idle")]
     cores = os.cpu_count() or 1
     print(f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
-          f"interleaved; cpus {cores}, torch threads by default {TORCH_DEFAULT_THREADS} (a fair share is "
+          f"interleaved; cpus {cores}, torch threads by default {TORCH_THREADS} (a fair share is "
           f"{cores / max(1, cores - 1):.1f}x)")
     for name in arms:
         print(f"  {name:34s} idle {med[(name, 'idle')]:.3f} s/step, busy {med[(name, 'busy')]:.3f} s/step (medians; "

@@ -102,10 +102,8 @@ class SimConfig:
              "a finite number in [0, 10] (a coefficient of variation)", self.len_cv)
         need(finite(self.ratio_noise) and 0 <= self.ratio_noise <= 10, "--ratio-noise (ratio_noise)",
              "a finite number in [0, 10] (the std of a per-token log-ratio; 0: on-policy)", self.ratio_noise)
-        for name in ("eps_low", "eps_high"):
-            v = getattr(self, name)
-            need(finite(v) and 0 <= v < 1 if name == "eps_low" else finite(v) and v >= 0, name,
-                 "a finite clip range (eps_low in [0, 1), eps_high >= 0)", v)
+        need(finite(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "a finite number in [0, 1)", self.eps_low)
+        need(finite(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite number >= 0", self.eps_high)
         if self.mu_weights is not None:
             mw = list(self.mu_weights)
             need(len(mw) == self.K - 1 and all(finite(x) and x >= 0 for x in mw) and sum(mw) > 0,

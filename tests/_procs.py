@@ -44,11 +44,6 @@ def _descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
     return found
 
 
-def tree(pid: int) -> set[int]:
-    """`pid` and all its descendants, whatever session or process group they moved to."""
-    return _descendants({pid}, _parents())
-
-
 def kill_all(pids: set[int]) -> None:
     """SIGKILL `pids` and their descendants: stopped first (SIGSTOP), so none can start another while the tree is
     read (a child forked meanwhile is caught on the next pass), then killed together."""

@@ -261,16 +261,14 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
     out["auc_acc"] = area_under_curve(acc.step.to_numpy(dtype=float), acc.value.to_numpy(dtype=float))
     from daro_lab.algorithms import METHODS
 
+    daro_path = method in METHODS and METHODS[method].daro_path
     if per_mu is not None and len(per_mu):
         out.update(table_share_cvs(per_mu, window))
     else:
-        daro_path = method in METHODS and METHODS[method].daro_path
         out["c_share_cv"] = math.nan if daro_path else share_cv(wide(metrics, "contrib"), window)
         out["g_share_cv"] = share_cv(wide(metrics, "gradnorm"), window)
         out["c_share_cv_prompt"] = out["g_share_cv_prompt"] = math.nan
-    from daro_lab.algorithms import METHODS
-
-    if method in METHODS and METHODS[method].daro_path:
+    if daro_path:
         source = "wS" if metrics.key.str.startswith("daro/wS/mu_").any() else "wL"
         by_k = wide(metrics, f"daro/{source}")
     else:

@@ -7,7 +7,8 @@ wait at the barrier; a tiny model runs thousands of short ops a step, so on 2 co
 3-4x slower (measured: 0.27 s idle, 0.76-0.91 s beside `python -c "while True: pass"`), where a fair share would be
 2x. One thread beside the busy process loses nothing (0.34 s idle, 0.32 s beside it): it never waits for a
 descheduled partner. `OMP_WAIT_POLICY=PASSIVE` also fixes it (0.37-0.41 s busy) but slows every idle step by 27-40%
-(0.34-0.37 s) and must be set before torch is imported.
+(0.34-0.37 s) and must be set before torch is imported. (These figures are by-hand runs, one process per setting;
+`benchmarks/bench_trainer.py --busy` measures the policy below in one process.)
 
 Why once, not every step: the thread count decides how some kernels split their sums, so it changes float rounding
 (two runs of the small test preset at 1 and 2 threads differed by 1e-7 after a few steps, and sampling then
