@@ -564,6 +564,8 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
         assert f"<code>{arm}</code>" in page
     assert (tmp_path / "rep" / "ablation_summary.md").read_text() == again.markdown
     assert len(rep.results), "the analyses' results table is empty"
+    # one steps-to-target definition: the figure's panel (d) uses the summary's target
+    assert rep.figures["convergence"].summary["target"] == pytest.approx(again.summary.attrs["target_acc"])
 
 
 def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):
@@ -690,3 +692,19 @@ def test_null_verdict_states_the_minimal_detectable_difference():
     same = per_seed.assign(final_acc=[0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
     s2 = summarize(same, ["a", "b"], reference="b").set_index("arm")
     assert verdict(s2.loc["a"]) == "identical to the reference in all 4 paired seeds (nothing to test)"
+
+
+def test_per_seed_init_seed_gives_each_seed_its_own_warm_start():
+    from daro_lab.ablation.sweep import _task
+
+    shared = make_plan("static-weights", "tiny")
+    per_seed = make_plan("static-weights", "tiny", seeds=[3, 5], init_seed="per_seed")
+    assert shared.init_seed == "shared" and per_seed.init_seed == "per_seed"
+    arm = per_seed.arms[0]
+    for seed in (3, 5):
+        assert _task(per_seed, "sqlite:///x.db", "p", arm, seed, None, None, False).config["model"]["init_seed"] == seed
+        base = shared.arms[0].config["model"]["init_seed"]
+        assert _task(shared, "sqlite:///x.db", "p", shared.arms[0], seed, None, None, False).config["model"][
+            "init_seed"] == base
+    with pytest.raises(AblationError, match="--init-seed: expected 'shared' or 'per_seed'"):
+        make_plan("static-weights", "tiny", init_seed="each")

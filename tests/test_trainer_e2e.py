@@ -77,6 +77,10 @@ def test_same_config_and_seed_give_identical_metrics(small_cfg, store):
     assert len(a) > 50
     assert a.index.equals(b.index), set(a.index) ^ set(b.index)
     assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
+    # grad/clipped: the share of a step's updates whose pre-clip norm exceeded trainer.grad_clip (1.0 here)
+    clipped, norm = a.loc["grad/clipped"], a.loc["grad/norm"]
+    assert len(clipped) >= 1 and clipped.between(0, 1).all()  # steps with an update (a step may keep no prompt)
+    assert (norm[clipped == 1] > 1.0).all() and (norm[clipped == 0] <= 1.0).all(), (clipped, norm)
 
 
 def test_gradient_accumulation_records_the_run_of_one_pass(small_cfg, store):
