@@ -8,6 +8,7 @@ logging_steps); the per-mu tables hold every step either way.
     python benchmarks/bench_trainer.py --preset trl --vs-trl --steps 150   # and TRL's GRPOTrainer beside it
     python benchmarks/bench_trainer.py --preset none --vs-trl --steps 150  # the TRL comparison alone
     python benchmarks/bench_trainer.py --busy --steps 24    # beside one busy process, as a ratio to idle
+    python benchmarks/bench_trainer.py --busy --steps 24 --spin-counts 300000,1000,0  # each in its own process
 
 Presets:
   tiny  the demo preset (daro_lab/presets/demo.toml)
@@ -38,6 +39,7 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import daro_lab  # noqa: E402  (before torch: it sets OpenMP's spin count, daro_lab/__init__.py)
 import torch  # noqa: E402
 
 from daro_lab.config import load_config  # noqa: E402
@@ -259,8 +261,8 @@ def bench_busy(preset: str, blocks: int, per_block: int) -> None:
     ref = med[(next(iter(arms)), "idle")]
     cores = os.cpu_count() or 1
     print(f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
-          f"interleaved; cpus {cores}, torch threads by default {TORCH_THREADS} (a fair share is "
-          f"{cores / max(1, cores - 1):.1f}x)")
+          f"interleaved; cpus {cores}, torch threads by default {TORCH_THREADS}, GOMP_SPINCOUNT "
+          f"{daro_lab.SPINCOUNT or 'unset (300000)'} (a fair share is {cores / max(1, cores - 1):.1f}x)")
     for name in arms:
         print(f"  {name:34s} idle {med[(name, 'idle')]:.3f} s/step, busy {med[(name, 'busy')]:.3f} s/step (medians; "
               f"means {statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}); "
@@ -276,11 +278,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--busy", action="store_true",
                     help="the step time beside one busy process, as a ratio to idle (tiny preset, or --preset)")
+    ap.add_argument("--spin-counts", default="",
+                    help="with --busy: run it once per GOMP_SPINCOUNT in this comma list, each in its own process "
+                         "(libgomp reads it when torch loads); libgomp's default is 300000, daro-lab's 1000, PASSIVE 0")
     ap.add_argument("--vs-trl", action="store_true",
                     help='also run TRL\'s GRPOTrainer on the `trl` workload, interleaved (needs pip install -e ".[trl]")')
     a = ap.parse_args()
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    if a.busy and a.spin_counts:
+        import subprocess
+
+        for v in a.spin_counts.split(","):
+            if not v.strip().isdigit():
+                sys.exit(f"--spin-counts: {v!r} is not a non-negative integer")
+        for v in a.spin_counts.split(","):
+            sys.stdout.flush()
+            subprocess.run([sys.executable, __file__, "--busy", "--steps", str(a.steps), "--preset", a.preset],
+                           env={**os.environ, "GOMP_SPINCOUNT": v.strip()}, check=True)
+        return
     if a.busy:
         bench_busy("tiny" if a.preset in ("all", "none") else a.preset, blocks=4, per_block=max(1, a.steps // 8))
         return

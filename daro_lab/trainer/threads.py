@@ -6,16 +6,18 @@ another process keeps a core busy, the thread on that core is descheduled for wh
 wait at the barrier; a tiny model runs thousands of short ops a step, so on 2 cores one busy process made a step
 3-4x slower (measured: 0.27 s idle, 0.76-0.91 s beside `python -c "while True: pass"`), where a fair share would be
 2x. One thread beside the busy process loses nothing (0.34 s idle, 0.32 s beside it): it never waits for a
-descheduled partner. `OMP_WAIT_POLICY=PASSIVE` also fixes it (0.37-0.41 s busy) but slows every idle step by 27-40%
-(0.34-0.37 s) and must be set before torch is imported. (These figures are by-hand runs, one process per setting;
-`benchmarks/bench_trainer.py --busy` measures the policy below in one process.)
+descheduled partner. Load that arrives after the run started is met by OpenMP's spin count, not here: daro_lab sets
+`GOMP_SPINCOUNT=1000` before torch loads (daro_lab/__init__.py), so a waiting thread sleeps soon instead of spinning
+300,000 rounds; a 2-thread run beside a later busy process then runs 1.9x its idle step, not 3.5x, at no idle cost
+(`OMP_WAIT_POLICY=PASSIVE`, spin count 0, is as fair but slows every idle step by about 25%). Both figures:
+`benchmarks/bench_trainer.py --busy --spin-counts 300000,1000,0`, results in benchmarks/results/.
 
 Why once, not every step: the thread count decides how some kernels split their sums, so it changes float rounding
 (two runs of the small test preset at 1 and 2 threads differed by 1e-7 after a few steps, and sampling then
 diverges). Resolved at the start and written into the run's config (`trainer.threads` as logged), the count is part
-of what the run ran: a resume reads it back, and the same logged config and seed give the same numbers. A process
-that starts beside the run later still slows it (the benchmark measures both cases). `trainer.threads = N` fixes the
-count whatever the load.
+of what the run ran: a resume reads it back, and the same logged config and seed give the same numbers. The spin
+count changes no number, only how long a waiting thread holds its core. `trainer.threads = N` fixes the count
+whatever the load.
 """
 
 from __future__ import annotations
