@@ -431,6 +431,70 @@ def simulate(
     typer.echo(f"\n{fig.caption}")
 
 
+@app.command()
+def testbed(
+    arms: str = typer.Option(",".join(("grpo", "dapo", "frozen-1", "frozen-mass", "daro-mass", "daro-abs")), "--arms",
+                             help="comma-separated arms (daro_lab/testbed/loop.py ARMS): grpo, dapo, dr_grpo, lipo, "
+                                  "frozen-1, frozen-mass, daro-mass, daro-abs"),
+    reference: str = typer.Option("grpo", "--reference", help="the arm every other is paired against"),
+    seeds: int = typer.Option(50, "--seeds", help="paired seeds per arm and cell (seeds 0..N-1)"),
+    steps: int = typer.Option(150, "--steps", help="updates per run"),
+    sharing: str = typer.Option("0,1", "--sharing", help="parameter sharing values in [0, 1] (0: orthogonal group gradients, 1: aligned)"),
+    regime: str = typer.Option("adam,adam+clip,sgd,sgd+clip", "--regime", help="optimiser regimes: adam, adam+clip, sgd, sgd+clip (daro_lab/testbed/grid.py REGIMES)"),
+    mix: str = typer.Option("uniform,easy-heavy", "--mix", help="level mixes: uniform, easy-heavy, hard-heavy"),
+    lengths: str = typer.Option("learned,fixed", "--lengths", help="'learned' (the policy may shorten its answers) and/or 'fixed' (the length gap persists)"),
+    workers: int = typer.Option(2, "--workers", help="processes (one per core)"),
+    out: Path = typer.Option(Path("reports/testbed"), "--out", "-o", help="folder for the tables, the summary and the figure"),
+) -> None:
+    """Arms x paired seeds on the synthetic testbed, in every cell of a grid of knobs: AUC differences with their MDD."""
+    _quiet_analysis()
+    from daro_lab.testbed import ARMS
+    from daro_lab.testbed.grid import cells, run_experiment
+    from daro_lab.testbed.model import TestbedConfig
+
+    def split(text: str, what: str) -> list[str]:
+        vals = [x.strip() for x in text.split(",") if x.strip()]
+        if not vals:
+            _fail(f"{what}: expected comma-separated values, got {text!r}")
+        return vals
+
+    arm_list = split(arms, "--arms")
+    bad = [a for a in arm_list if a not in ARMS]
+    if bad:
+        _fail(f"--arms: unknown arm(s) {', '.join(bad)}; known: {', '.join(ARMS)}")
+    if reference not in arm_list:
+        _fail(f"--reference {reference!r} is not among --arms ({', '.join(arm_list)})")
+    if not 2 <= seeds <= 100_000:
+        _fail(f"--seeds: a paired comparison needs at least 2 seeds (at most 100000), got {seeds}")
+    if workers < 1:
+        _fail(f"--workers: at least 1, got {workers}")
+    share_vals = _listify(_numbers(sharing, "--sharing"))
+    try:
+        base = TestbedConfig(steps=steps)
+        grid = cells(sharing=share_vals, regime=split(regime, "--regime"), mix=split(mix, "--mix"),
+                     lengths=split(lengths, "--lengths"))
+    except ValueError as e:
+        _fail(str(e))
+    _writable_dir(out)
+    n = len(grid) * len(arm_list) * seeds
+    typer.echo(f"{len(grid)} cell(s) x {len(arm_list)} arms x {seeds} seeds = {n} runs of {steps} steps, "
+               f"{workers} worker(s)", err=True)
+    every = max(1, n // 20)
+
+    def progress(i, total):
+        if i % every == 0 or i == total:
+            typer.echo(f"  {i}/{total} runs", err=True)
+
+    result = run_experiment(grid, arm_list, list(range(seeds)), out, base, workers, reference, progress)
+    from analyses.testbed import plot_testbed
+
+    result["paths"]["figure"] = plot_testbed(result["per_run"], reference, out)
+    typer.echo(f"{result['runs']} runs in {result['seconds']:.0f} s")
+    for kind, p in result["paths"].items():
+        for path in (p.values() if isinstance(p, dict) else [p]):
+            typer.echo(f"{kind:20s} {path}")
+
+
 def _listify(x: float | list[float]) -> list[float]:
     return x if isinstance(x, list) else [x]
 
