@@ -95,6 +95,7 @@ def evaluation(cfg) -> dict:
 
 
 def main(path: str, overrides: list[str]) -> None:
+    import daro_lab.trainer.loop as loop
     from daro_lab.config import load_config
     from daro_lab.trainer.fsdp import full
     from daro_lab.trainer.loop import Trainer
@@ -105,13 +106,15 @@ def main(path: str, overrides: list[str]) -> None:
         t = Trainer(load_config(None, [*overrides, *extra]))
         views = []  # what a hook sees of each mini-batch: every rank's rows
         t.hooks = [ViewRecorder(views)]
-        passes = []  # passes of each accumulated mini-batch (gradient accumulation)
-        accumulate = t._accumulate
-        t._accumulate = lambda micro, *a, **kw: passes.append(len(micro)) or accumulate(micro, *a, **kw)
+        passes = []  # passes of each accumulated mini-batch (gradient accumulation: more than one)
+        unit = loop.backward_minibatch
+        loop.backward_minibatch = lambda m, micro, *a, **kw: (len(micro) > 1 and passes.append(len(micro))) or unit(
+            m, micro, *a, **kw)
         steps = []
         for step, (roll, rewards) in enumerate(batches(t, 2), start=1):
             mb, _, _ = t.update(step, roll, rewards)
             steps.append(mb)
+        loop.backward_minibatch = unit
         results[name] = {
             "world_size": t.dist.world_size,
             "accumulated_passes": passes,

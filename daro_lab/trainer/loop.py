@@ -19,14 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 
-from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, MetricSums, PolicyBatch, Totals, batch_totals,
-                                 compute_advantages, kept_prompts, loss_terms, mu_key)
+from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, mu_key
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.rollout import RolloutBatch
@@ -38,6 +35,7 @@ from daro_lab.trainer.plan import PassPlan, plan_minibatches
 from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 from daro_lab.trainer.threads import fair_threads, others_cores
+from daro_lab.trainer.update import Pass, PolicyRuntime, backward_minibatch, cat_batches, pad_cat
 
 
 def _rows(b: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
@@ -65,19 +63,6 @@ def _cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
                     pad(b.logprobs, (0, dt)), b.prompt_index + offset))
         offset += int(b.prompt_index.max()) + 1
     return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
-
-
-@dataclass
-class Pass:
-    """The data of one forward/backward pass: rows of the step's rollout, their prompts' advantages and rewards
-    [p, K], and the log-probs computed before the step's first update: the sampling policy's for an off-policy
-    mini-batch (None on-policy: the current ones are the old ones) and the reference model's (KL)."""
-
-    rows: RolloutBatch
-    advantages: torch.Tensor  # [p, K]
-    rewards: torch.Tensor  # [p, K]
-    old_logp: torch.Tensor | None = None  # [B, T]
-    ref_logp: torch.Tensor | None = None  # [B, T]
 
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before any run set its own
@@ -135,6 +120,7 @@ class Trainer:
         if self.weights is not None and self.method.weights == "learned":
             groups.append(self.weights.param_group(d.lr_w))
         self.opt = torch.optim.AdamW(groups, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas))
+        self.runtime = PolicyRuntime(self.policy, self.opt, self.shard, self.K, self.device)
         # every rank samples its own prompts with its own stream; rank 0 (or a single process) uses the seed
         self.rollout_gen = torch.Generator().manual_seed(cfg.seed + 7_777_777 * self.dist.rank)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -147,6 +133,10 @@ class Trainer:
     fsdp = property(lambda self: self.policy.fsdp)
     gen = property(lambda self: self.policy.gen)
     generation_model = property(lambda self: self.policy.generation_model)
+
+    def _group(self, name: str) -> dict:
+        """The optimizer's parameter group `name` ('policy', 'daro_weights')."""
+        return next(g for g in self.opt.param_groups if g.get("name") == name)
 
     def _sync_engine(self) -> None:
         """After the policy moved: refresh the generation copy (FSDP: a collective), then the engine (vLLM)."""
@@ -183,7 +173,7 @@ class Trainer:
         cfg = self.cfg
         step = self.step + 1  # steps are numbered from 1; step 0 is the starting policy
         N = cfg.trainer.prompts_per_step
-        self.opt.param_groups[0]["lr"] = policy_lr(cfg.trainer, step)
+        self._group("policy")["lr"] = policy_lr(cfg.trainer, step)
         t0 = time.perf_counter()
         rollouts, rewards, problems, texts = [], [], [], []
         n_kept, n_batches = 0, 0
@@ -214,9 +204,9 @@ class Trainer:
         m.update({k: v for k, v in _mean_metrics(mb_metrics).items() if k not in ("batch/prompts_mu0", "batch/prompts_mu1")})
         if self.weights is not None:
             m.update(self.weights.metrics())
-        m["lr/policy"] = self.opt.param_groups[0]["lr"]
+        m["lr/policy"] = self._group("policy")["lr"]
         if self.weights is not None and self.method.weights == "learned":
-            m["lr/weights"] = self.opt.param_groups[1]["lr"]
+            m["lr/weights"] = self._group("daro_weights")["lr"]
         dt = time.perf_counter() - t0
         m.update({"time/generate": t_gen, "time/old_logprobs": t_old, "time/update": t_upd, "time/step": dt,
                   "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9),
@@ -270,142 +260,37 @@ class Trainer:
         ref = self.policy.logprobs(rows, ref=True) if self.policy.ref_model is not None else None
         return Pass(rows, adv_p, rewards_p, old, ref)
 
-    def _batch(self, p: Pass, logp: torch.Tensor) -> PolicyBatch:
-        """The loss's view of a pass with its current log-probs logp [B, T]."""
-        dev = logp.device
-        k = p.rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
-        return PolicyBatch(
-            logp=logp, old_logp=logp.detach() if p.old_logp is None else p.old_logp,
-            mask=p.rows.response_mask.to(dev, logp.dtype), advantages=p.advantages.flatten().to(dev), num_correct=k,
-            rewards=p.rewards.flatten().to(dev), prompt_index=p.rows.prompt_index.to(dev), ref_logp=p.ref_logp,
-        )
-
     def _update(self, step: int, index: int, passes: list[Pass]) -> dict[str, float]:
-        """One optimizer step on one mini-batch: this rank's passes, one unless trainer.micro_batch_prompts splits
-        it: loss (and G_mu every grad_norm_every steps) -> backward -> clip -> AdamW -> DARO weights' projection
-        -> the hooks' view of the whole mini-batch."""
+        """One optimizer step on one mini-batch: this rank's passes (update.backward_minibatch: loss, G_mu every
+        grad_norm_every steps, backward) -> clip -> AdamW -> DARO weights' projection -> the hooks' view of the
+        whole mini-batch."""
         cfg, K = self.cfg, self.K
         self.model.train()
         every = cfg.trainer.grad_norm_every
-        want_g = index == 0 and every > 0 and (step % every == 0 or step == 1)
-        # the optimizer's own list: under FSDP the sharded parameters (the module shows the root's unsharded
-        # ones between its forward and backward)
-        params = self.opt.param_groups[0]["params"]
-        if len(passes) > 1:
-            metrics, view_batch, factor, daro_state = self._accumulate(passes, params, want_g)
-        else:
-            metrics, view_batch, factor, daro_state = self._one_pass(passes[0], params=params, want_g=want_g)
+        r = backward_minibatch(cfg.algo.method, passes, K, self.settings, self.shard, self.runtime, self.weights,
+                               measure_groups=index == 0 and every > 0 and (step % every == 0 or step == 1))
+        metrics = r.metrics
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
-            metrics.update(self._engine_gap(view_batch, [p.rows.logprobs for p in passes]))
+            metrics.update(self._engine_gap(r.batch, [p.rows.logprobs for p in passes]))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
-        gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: over all ranks' shards
+        gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.runtime.params, clip))  # FSDP: over all ranks' shards
         metrics["grad/norm"] = float(gnorm)  # before clipping
         metrics["grad/clipped"] = float(gnorm > clip)  # the step's mean: the share of its updates the clip cut
         if not math.isfinite(metrics["grad/norm"]):
             raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
         if self.weights is not None and self.method.weights == "learned":
-            self.weights.release_absent(metrics)
+            self.weights.release_absent(r.present[1:K])
         self.opt.step()
         if self.weights is not None:
             metrics.update(self.weights.project_())
-            self.weights.set_state(daro_state)  # the signal's EMA and the running regulariser constant
-        b, factor = self._whole_minibatch(view_batch, factor)
+            self.weights.set_state(r.daro_state)  # the signal's EMA and the running regulariser constant
+        b, factor = self._whole_minibatch(r.batch, r.factor)
         view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
                              b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
                              self.settings.dual_clip, metrics, factor)
         for h in self.hooks:
             h.on_minibatch(view)
         return metrics
-
-    def _one_pass(self, p: Pass, *, params, want_g):
-        """Loss, G_mu and backward of a mini-batch in one forward; leaves the gradients in .grad.
-        Returns (metrics, the batch, the loss's clipped factor g [B, T], DARO's signal state after this update)."""
-        K = self.K
-        logp = self.policy.logprobs(p.rows)  # [B, T], on the model's device
-        batch = self._batch(p, logp)
-        # data-parallel: the mini-batch's totals over the ranks; one process: the loss counts them from the batch
-        totals = (Totals.combine([batch_totals(batch, K, self.settings)], self.shard) if self.shard.world_size > 1
-                  else None)
-        t = self._loss(batch, totals, self._group_norms(totals, params, batch=batch))
-        metrics = MetricSums.combine([t.stats], self.shard).finish()
-        if want_g:
-            # G_mu = ||grad_theta C_mu|| (and ||grad_theta L_mu||), before the update's backward frees the graph
-            ks = _present(t.present)
-            norms = self._grad_norms([t.contrib[kk] for kk in ks] + [t.group_loss[kk] for kk in ks], params)
-            _put_group_norms(metrics, ks, norms, K)
-        self.opt.zero_grad(set_to_none=True)
-        # `loss` is this rank's share of the mini-batch's loss; DDP averages over ranks, so scale back up
-        (t.loss * self.shard.world_size).backward()
-        return metrics, batch, t.factor, t.daro_state
-
-    def _loss(self, batch: PolicyBatch, totals: Totals | None, group_norms: torch.Tensor | None = None):
-        """`loss_terms` of the run's method on one pass, with the mini-batch's totals (None: the pass is all of it)
-        and the current weights."""
-        w = self.weights() if self.weights is not None else None
-        state = self.weights.state() if self.weights is not None else None
-        return loss_terms(self.cfg.algo.method, batch, self.K, self.settings, weights=w, group_grad_norms=group_norms,
-                          totals=totals, daro_state=state)
-
-    def _group_norms(self, totals: Totals | None, params, batch: PolicyBatch | None = None, norms=None):
-        """DARO's 'grad' signal: [K-1] ||grad_theta L_mu|| of the mini-batch (None for every other reading), from
-        the one pass `batch` (its graph kept for the update's own backward) or, accumulating, by `norms(group_norms,
-        picks)`, which runs every pass once per group."""
-        K = self.K
-        if not (self.method.weights == "learned" and self.cfg.algo.daro.signal == "grad"):
-            return None
-        zeros = torch.zeros(K - 1, device=self.device)
-        if norms is None:
-            L = self._loss(batch, totals, zeros).group_loss
-            return torch.tensor(self._grad_norms([L[kk] for kk in range(1, K)], params), device=self.device)
-        return torch.tensor(norms(zeros, [partial(_pick_L, kk) for kk in range(1, K)]), device=self.device)
-
-    def _accumulate(self, micro: list[Pass], params, want_g: bool):
-        """Loss, G_mu and backward of a mini-batch in len(micro) passes whose gradients add up to the one-pass
-        gradients; leaves them in .grad. The mini-batch's totals come first: from the masks alone, or, when the
-        method's weights read L_mu, from a forward of every pass without grad. Each pass's loss, given them, is its
-        share of the mini-batch's. Returns the metrics, the whole batch (no grad), the loss's clipped factor g
-        [B, T] and DARO's signal state after this update."""
-        K, M = self.K, len(micro)
-        world = self.shard.world_size
-        reads_loss = self.method.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
-        with torch.no_grad():
-            parts = [batch_totals(self._batch(p, self.policy.logprobs(p.rows) if reads_loss
-                                              else torch.zeros(p.rows.response_mask.shape, device=self.device)),
-                                  K, self.settings, with_loss=reads_loss) for p in micro]
-        totals = Totals.combine(parts, self.shard)  # over the passes, then the ranks
-
-        def passes(group_norms, pick=None) -> list:
-            """Forward and backward of every pass (pick(C, L): what to backpropagate; default the loss)."""
-            out = []
-            for i, p in enumerate(micro):
-                with self.policy.no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the end
-                    b = self._batch(p, self.policy.logprobs(p.rows))
-                    t = self._loss(b, totals, group_norms)
-                    ((t.loss if pick is None else pick(t.contrib, t.group_loss)) * world).backward()
-                out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
-            return out
-
-        def norms(group_norms, picks) -> list[float]:
-            """||gradient of the whole mini-batch's pick(C, L)|| for each pick: M passes each."""
-            result = []
-            for pick in picks:
-                self.opt.zero_grad(set_to_none=True)
-                passes(group_norms, pick)
-                result.append(_total_grad_norm(params))
-            return result
-
-        group_norms = self._group_norms(totals, params, norms=norms)
-        g = None
-        if want_g:
-            ks = _present(totals.tokens > 0)
-            g = norms(group_norms, [partial(_pick_C, kk) for kk in ks] + [partial(_pick_L, kk) for kk in ks])
-        self.opt.zero_grad(set_to_none=True)
-        out = passes(group_norms)  # the update's backward
-        metrics = MetricSums.combine([t.stats for t, _ in out], self.shard).finish()
-        if g is not None:
-            _put_group_norms(metrics, ks, g, K)
-        factor = _pad_cat([t.factor for t, _ in out])
-        return metrics, _cat_batches([b for _, b in out]), factor, out[0][0].daro_state  # the state: every pass's
 
     def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
         """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):
@@ -429,26 +314,11 @@ class Trainer:
         fields = [f.name for f in dataclasses.fields(PolicyBatch)]
         mine = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k in fields for v in [getattr(b, k)]}
         parts = dp.gather_objects((mine, factor.detach().cpu()), self.dist)
-        whole = _cat_batches([PolicyBatch(**d) for d, _ in parts])
-        g = _pad_cat([f for _, f in parts])
+        whole = cat_batches([PolicyBatch(**d) for d, _ in parts])
+        g = pad_cat([f for _, f in parts])
         real = whole.prompt_index >= 0
         return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
                               for k in fields for v in [getattr(whole, k)]}), g[real]
-
-    def _grad_norms(self, xs: list[torch.Tensor], params: list[torch.Tensor]) -> list[float]:
-        """||d x / d params|| for each x (this rank's share of a group's loss; data-parallel: of the whole
-        mini-batch's gradient), keeping the graph for the update's own backward."""
-        if not self.fsdp:
-            return [_grad_norm(x, params, self.shard) for x in xs]
-        # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each norm is a backward
-        # of its own, run by every rank in the same order
-        out = []
-        for x in xs:
-            self.opt.zero_grad(set_to_none=True)
-            (x * self.shard.world_size).backward(retain_graph=True)
-            out.append(_total_grad_norm(params))
-        self.opt.zero_grad(set_to_none=True)
-        return out
 
     def _rollout_metrics(self, roll: RolloutBatch, rewards: torch.Tensor, keep: torch.Tensor, n_batches: int):
         K = self.K
@@ -567,61 +437,6 @@ def policy_lr(t, step: int) -> float:
         frac = min(1.0, (step - 1 - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps))
         return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
     return t.lr
-
-
-def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard) -> float:
-    """||d x / d params||, keeping the graph for the update's own backward.
-
-    Data-parallel: x is this rank's share; the gradients are summed over ranks before the norm.
-    """
-    grads = [None] * len(params)
-    if x.requires_grad:
-        grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
-    if shard.world_size == 1:
-        return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
-    return float(shard.reduce(flat, "sum").norm())
-
-
-def _total_grad_norm(params: list[torch.Tensor]) -> float:
-    """||gradient|| over `params` as they hold it now (FSDP: over every rank's shards, a collective)."""
-    return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])))
-
-
-def _present(groups: torch.Tensor) -> list[int]:
-    """The interior groups k (1..K-1) marked in `groups` [K+1] bool: those with tokens in the mini-batch."""
-    return [kk for kk in range(1, len(groups) - 1) if bool(groups[kk])]
-
-
-def _put_group_norms(metrics: dict[str, float], ks: list[int], norms: list[float], K: int) -> None:
-    """G_mu = ||grad C_mu|| and ||grad L_mu|| of the groups ks (norms: the C's, then the L's) into the metrics."""
-    for kk, gc, gl in zip(ks, norms[: len(ks)], norms[len(ks) :]):
-        metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
-
-
-def _pick_C(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    return C[k]
-
-
-def _pick_L(k: int, C: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    return L[k]
-
-
-def _pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate [b_i, T_i] tensors over rows, right-padding the token dimension with 0 to the widest."""
-    T = max(x.shape[1] for x in xs)
-    return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs])
-
-
-def _cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
-    """Concatenate policy batches over rows, right-padding the token dimension to the widest."""
-    def cat(name):
-        xs = [getattr(b, name) for b in bs]
-        if xs[0] is None:
-            return None
-        return _pad_cat(xs) if xs[0].dim() == 2 else torch.cat(xs)
-
-    return PolicyBatch(**{f.name: cat(f.name) for f in dataclasses.fields(PolicyBatch)})
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:

@@ -1,0 +1,225 @@
+"""One exact mini-batch update, written once: the loss of a mini-batch split into passes (and data-parallel ranks),
+its gradients accumulated so they equal the gradients of one pass over the whole mini-batch, and what the step
+records of it (docs/math.md, section 3).
+
+    totals    the mini-batch's sums over all its passes and ranks (tokens per group, L_mu, ...): a no-grad forward
+              of every pass; one pass: its own forward, kept for everything below
+    signal    DARO's 'grad' reading: ||grad L_mu|| of the whole mini-batch, per group
+    G_mu      ||grad C_mu|| and ||grad L_mu|| of the whole mini-batch (on the steps that measure them)
+    backward  every pass's exact share of the mini-batch's loss, given the totals (DDP: all-reduced once, at the last)
+
+One pass in one process is the case M = 1, world = 1 of the same code, not a second path. How the model runs
+(log-probs, DDP's no_sync, gradient norms under FSDP) is the `Runtime`'s: the trainer's is `PolicyRuntime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from daro_lab.algorithms import (METHODS, DaroState, LossSettings, LossTerms, MetricSums, PolicyBatch, Shard, Totals,
+                                 batch_totals, loss_terms, mu_key)
+from daro_lab.rollout import RolloutBatch
+from daro_lab.trainer import fsdp
+
+
+class Runtime(Protocol):
+    """What the update needs of the model: a pass's batch, gradients, and their norms."""
+
+    def batch(self, part: Any, forward: bool = True) -> PolicyBatch:
+        """The loss's view of one pass; forward False: log-probs left at 0 (only the masks are read)."""
+
+    def no_sync(self, skip: bool):
+        """Context: DDP skips the gradient all-reduce of this backward (skip True); otherwise a no-op."""
+
+    def grad_norms(self, xs: list[torch.Tensor]) -> list[float]:
+        """||d x / d theta|| of each scalar x of the whole mini-batch, keeping the graph."""
+
+    def total_grad_norm(self) -> float:
+        """||gradient|| as the parameters hold it now."""
+
+    def zero_grad(self) -> None: ...
+
+
+@dataclass
+class MinibatchResult:
+    """What one mini-batch's update produced, its gradients left in the parameters' .grad."""
+
+    metrics: dict[str, float]  # the loss's metrics of the whole mini-batch (every pass and rank), G_mu included
+    present: torch.Tensor  # [K+1] bool: the interior groups with tokens in the mini-batch
+    batch: PolicyBatch  # this rank's passes, concatenated, detached (the hooks' view)
+    factor: torch.Tensor  # [B, T] the clipped factor g of this rank's rows
+    daro_state: DaroState | None  # DARO's signal state after this update (every pass's: it reads the totals only)
+
+
+Pick = Callable[[LossTerms], torch.Tensor]
+
+
+def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: LossSettings, shard: Shard,
+                       runtime: Runtime, weights=None, measure_groups: bool = False) -> MinibatchResult:
+    """The exact update of one mini-batch given as `passes` (this rank's; every rank calls it with as many):
+    leaves the gradient of the whole mini-batch's loss (this rank's share, DDP-summed) in .grad.
+
+    weights: the DARO weights module (`DaroWeights`) for methods with weights, else None.
+    measure_groups: also measure G_mu = ||grad C_mu|| and ||grad L_mu|| (metrics `gradnorm/..`, `gradnorm_L/..`).
+    """
+    spec = METHODS[method]
+    M, world = len(passes), shard.world_size
+    state = weights.state() if weights is not None else None
+
+    def terms(b: PolicyBatch, totals: Totals, group_norms) -> LossTerms:
+        w = weights() if weights is not None else None  # a fresh graph for each backward
+        return loss_terms(method, b, K, settings, weights=w, group_grad_norms=group_norms, totals=totals,
+                          daro_state=state)
+
+    kept = None  # one pass: its batch with the graph, shared by the totals, the norms and the backward
+    if M == 1:
+        kept = runtime.batch(passes[0])
+        totals = Totals.combine([batch_totals(kept, K, settings)], shard)
+    else:
+        reads_loss = spec.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
+        with torch.no_grad():
+            totals = Totals.combine([batch_totals(runtime.batch(p, forward=reads_loss), K, settings,
+                                                  with_loss=reads_loss) for p in passes], shard)
+
+    def norms(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[float]:
+        """||gradient of the whole mini-batch's pick(terms)|| for each pick: from the kept graph, or M passes each."""
+        if kept is not None:
+            t = t1 if t1 is not None else terms(kept, totals, group_norms)
+            return runtime.grad_norms([pick(t) for pick in picks])
+        out = []
+        for pick in picks:
+            runtime.zero_grad()
+            for i, p in enumerate(passes):
+                with runtime.no_sync(i < M - 1):
+                    (pick(terms(runtime.batch(p), totals, group_norms)) * world).backward()
+            out.append(runtime.total_grad_norm())
+        return out
+
+    group_norms = None  # DARO's 'grad' reading: [K-1] ||grad L_mu||, measured with the signal zeroed
+    if spec.weights == "learned" and settings.weight_signal == "grad":
+        zeros = torch.zeros(K - 1, device=totals.tokens.device)
+        group_norms = torch.tensor(norms([_pick("group_loss", kk) for kk in range(1, K)], zeros),
+                                   device=totals.tokens.device)
+    t1 = terms(kept, totals, group_norms) if kept is not None else None
+    ks = [kk for kk in range(1, K) if bool(totals.tokens[kk] > 0)]
+    g = None
+    if measure_groups:  # before the update's backward (M passes zero the gradients; one pass keeps its graph)
+        g = norms([_pick("contrib", kk) for kk in ks] + [_pick("group_loss", kk) for kk in ks], group_norms, t1)
+    runtime.zero_grad()
+    out: list[tuple[LossTerms, PolicyBatch]] = []
+    for i, p in enumerate(passes):
+        with runtime.no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the last pass
+            b = kept if kept is not None else runtime.batch(p)
+            t = t1 if t1 is not None else terms(b, totals, group_norms)
+            (t.loss * world).backward()  # this rank's share of the mini-batch's loss; DDP averages, so scale up
+        out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
+    metrics = MetricSums.combine([t.stats for t, _ in out], shard).finish()
+    if g is not None:
+        for kk, gc, gl in zip(ks, g[: len(ks)], g[len(ks):]):
+            metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+    return MinibatchResult(metrics, out[0][0].present, cat_batches([b for _, b in out]),
+                           pad_cat([t.factor for t, _ in out]), out[0][0].daro_state)
+
+
+def _pick(name: str, k: int) -> Pick:
+    return lambda t: getattr(t, name)[k]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's runtime: the Policy (DDP or FSDP2) and its optimizer
+
+
+@dataclass
+class Pass:
+    """The data of one forward/backward pass: rows of the step's rollout, their prompts' advantages and rewards
+    [p, K], and the log-probs computed before the step's first update: the sampling policy's for an off-policy
+    mini-batch (None on-policy: the current ones are the old ones) and the reference model's (KL)."""
+
+    rows: RolloutBatch
+    advantages: torch.Tensor  # [p, K]
+    rewards: torch.Tensor  # [p, K]
+    old_logp: torch.Tensor | None = None  # [B, T]
+    ref_logp: torch.Tensor | None = None  # [B, T]
+
+
+class PolicyRuntime:
+    """The trainer's `Runtime`: log-probs from the Policy, gradients of the optimizer's policy parameters."""
+
+    def __init__(self, policy, opt: torch.optim.Optimizer, shard: Shard, K: int, device: torch.device):
+        self.policy, self.opt, self.shard, self.K, self.device = policy, opt, shard, K, device
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        # the optimizer's own list: under FSDP the sharded parameters (the module shows the root's unsharded ones
+        # between its forward and backward)
+        return next(g["params"] for g in self.opt.param_groups if g.get("name") == "policy")
+
+    def batch(self, p: Pass, forward: bool = True) -> PolicyBatch:
+        logp = (self.policy.logprobs(p.rows) if forward
+                else torch.zeros(p.rows.response_mask.shape, device=self.device))  # [B, T]
+        dev = logp.device
+        k = p.rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
+        return PolicyBatch(
+            logp=logp, old_logp=logp.detach() if p.old_logp is None else p.old_logp,
+            mask=p.rows.response_mask.to(dev, logp.dtype), advantages=p.advantages.flatten().to(dev), num_correct=k,
+            rewards=p.rewards.flatten().to(dev), prompt_index=p.rows.prompt_index.to(dev), ref_logp=p.ref_logp,
+        )
+
+    def no_sync(self, skip: bool):
+        return self.policy.no_sync(skip)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def total_grad_norm(self) -> float:
+        """Over every rank's shards under FSDP (a collective)."""
+        return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])))
+
+    def grad_norms(self, xs: list[torch.Tensor]) -> list[float]:
+        """Data-parallel: of the whole mini-batch's gradient (x is this rank's share; summed over ranks)."""
+        params = self.params
+        if not self.policy.fsdp:
+            return [_grad_norm(x, params, self.shard) for x in xs]
+        # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each norm is a backward
+        # of its own, run by every rank in the same order
+        out = []
+        for x in xs:
+            self.zero_grad()
+            (x * self.shard.world_size).backward(retain_graph=True)
+            out.append(self.total_grad_norm())
+        self.zero_grad()
+        return out
+
+
+def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard: Shard) -> float:
+    """||d x / d params||, keeping the graph; data-parallel: x is this rank's share, summed over ranks first."""
+    grads = [None] * len(params)
+    if x.requires_grad:
+        grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
+    if shard.world_size == 1:
+        return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
+    return float(shard.reduce(flat, "sum").norm())
+
+
+def pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [b_i, T_i] tensors over rows, right-padding the token dimension with 0 to the widest."""
+    T = max(x.shape[1] for x in xs)
+    return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in xs])
+
+
+def cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
+    """Concatenate policy batches over rows, right-padding the token dimension to the widest."""
+    def cat(name):
+        xs = [getattr(b, name) for b in bs]
+        if xs[0] is None:
+            return None
+        return pad_cat(xs) if xs[0].dim() == 2 else torch.cat(xs)
+
+    return PolicyBatch(**{f.name: cat(f.name) for f in dataclasses.fields(PolicyBatch)})
