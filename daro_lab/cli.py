@@ -445,12 +445,38 @@ def testbed(
     lengths: str = typer.Option("learned,fixed", "--lengths", help="'learned' (the policy may shorten its answers) and/or 'fixed' (the length gap persists)"),
     workers: int = typer.Option(2, "--workers", help="processes (one per core)"),
     out: Path = typer.Option(Path("reports/testbed"), "--out", "-o", help="folder for the tables, the summary and the figure"),
+    from_runs: Optional[Path] = typer.Option(None, "--from-runs", help="no runs: rewrite the summaries and the figure from a folder's testbed_per_run.csv and testbed_meta.json"),
 ) -> None:
     """Arms x paired seeds on the synthetic testbed, in every cell of a grid of knobs: AUC differences with their MDD."""
     _quiet_analysis()
+    from analyses.testbed import plot_testbed
     from daro_lab.testbed import ARMS
-    from daro_lab.testbed.grid import cells, run_experiment
+    from daro_lab.testbed.grid import cells, run_experiment, write_reports
     from daro_lab.testbed.model import TestbedConfig
+
+    if from_runs is not None:
+        import json
+
+        import pandas as pd
+
+        try:
+            per_run = pd.read_csv(from_runs / "testbed_per_run.csv")
+            meta = json.loads((from_runs / "testbed_meta.json").read_text())
+            reference = meta["reference"]
+            missing = {"arm", "seed", "auc", "auc_hardest", "regime", "sharing", "mix", "lengths"} - set(per_run.columns)
+        except (OSError, ValueError, KeyError) as e:
+            _fail(f"--from-runs {from_runs}: needs testbed_per_run.csv and testbed_meta.json written by daro-lab testbed ({e})")
+        if missing:
+            _fail(f"--from-runs {from_runs}/testbed_per_run.csv: missing column(s) {', '.join(sorted(missing))}")
+        if reference not in set(per_run.arm):
+            _fail(f"--from-runs {from_runs}: the reference arm {reference!r} has no runs")
+        _writable_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {**write_reports(per_run, meta, out), "figure": plot_testbed(per_run, reference, out)}
+        for kind, p in paths.items():
+            for path in (p.values() if isinstance(p, dict) else [p]):
+                typer.echo(f"{kind:20s} {path}")
+        return
 
     def split(text: str, what: str) -> list[str]:
         vals = [x.strip() for x in text.split(",") if x.strip()]
@@ -486,8 +512,6 @@ def testbed(
             typer.echo(f"  {i}/{total} runs", err=True)
 
     result = run_experiment(grid, arm_list, list(range(seeds)), out, base, workers, reference, progress)
-    from analyses.testbed import plot_testbed
-
     result["paths"]["figure"] = plot_testbed(result["per_run"], reference, out)
     typer.echo(f"{result['runs']} runs in {result['seconds']:.0f} s")
     for kind, p in result["paths"].items():

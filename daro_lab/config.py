@@ -204,6 +204,9 @@ class TrainerConfig:
     eval_every: int = _f(20, "evaluate on the held-out prompts every n steps (0: only at start and end)", range="[0, inf)")
     eval_samples: int = _f(8, "responses sampled per held-out prompt for eval/sampled_acc (avg@n at the rollout temperature)", range="[1, inf)")
     grad_norm_every: int = _f(10, "log per-group gradient norms G_mu every n steps (0: never); costs a backward per group", range="[0, inf)")
+    grad_cosines: bool = _f(True, "on the grad_norm_every steps also the cosines between the groups' gradients of C_mu "
+                                  "(gradcos/mu_k, grad/cos_mean): holds the K-1 groups' gradients at once, K-1 fp32 "
+                                  "copies of the parameters (false for models whose gradient that many times does not fit)")
     checkpoint_every: int = _f(20, "save a checkpoint every n steps (and always at the end)", range="[0, inf)")
     checkpoint_dir: str = _f("checkpoints", "checkpoints go to <checkpoint_dir>/<run id>/")
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")

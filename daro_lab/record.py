@@ -30,6 +30,7 @@ PER_MU: dict[str, str] = {
     "clipfrac_neg": "share of the group's A < 0 tokens whose clip is active",
     "gradnorm": "G_mu = ||grad_theta C_mu|| (every trainer.grad_norm_every steps)",
     "gradnorm_L": "||grad_theta L_mu||",
+    "gradcos": "cosine between grad_theta C_mu and the summed gradient of the other groups (trainer.grad_cosines)",
     "daro/weight": "DARO's w_mu: the weight the loss used (mini-batch), the weight after the step (step)",
     "daro/wL": "w_mu L_mu",
     "daro/wS": "w_mu signal_mu / C: 1 at the fixed point of the run's reading",

@@ -186,3 +186,10 @@ def test_the_command_writes_its_tables_summary_and_figure(tmp_path):
     assert (out / "testbed.png").stat().st_size > 10_000
     diffs = pd.read_csv(out / "testbed_diffs.csv")
     assert list(diffs.arm) == ["daro-mass"]
+    # the summaries and the figure again, from the runs alone, into another folder: the same tables
+    again = tmp_path / "again"
+    res = CliRunner().invoke(app, ["testbed", "--from-runs", str(out), "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    assert (again / "testbed_auc.md").read_text() == md and (again / "testbed.png").exists()
+    res = CliRunner().invoke(app, ["testbed", "--from-runs", str(tmp_path / "nothing"), "--out", str(again)])
+    assert res.exit_code == 2 and "--from-runs" in res.output and "testbed_per_run.csv" in res.output

@@ -12,6 +12,7 @@ a t-interval, and the paired difference to the reference arm with its p-value an
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import time
@@ -87,7 +88,7 @@ def _one(job: tuple[Cell, Arm, int, TestbedConfig]) -> dict:
     cell, arm, seed, base = job
     rec = run_seed(cell.config(base), arm, seed)
     steps = np.arange(len(rec.acc), dtype=float)
-    return {**asdict(cell), "arm": arm.name, "reading": arm.reading, "seed": seed,
+    return {**asdict(cell), "arm": arm.name, "reading": arm.reading, "seed": seed, "steps": base.steps,
             "auc": area_under_curve(steps, rec.acc), "final": float(rec.acc[-1]), "start": float(rec.acc[0]),
             "auc_hardest": area_under_curve(steps, rec.level_acc[:, -1]),
             "clipped": float(np.nanmean(rec.clipped)) if np.isfinite(rec.clipped).any() else math.nan,
@@ -119,9 +120,25 @@ def run_grid(grid: list[Cell], arms: list[str], seeds: list[int], base: TestbedC
     return pd.DataFrame(rows)
 
 
+# paired differences all below this are float32 rounding over a run (the policy is float32, eps 1.2e-7 per op, ~150
+# updates): the two arms ran the same trajectory, and a paired test of rounding residue would call it "significant"
+ROUNDING = 1e-5
+
+
+def compare(a: pd.Series, b: pd.Series) -> dict:
+    """Paired comparison of two arms' per-seed values (indexed by seed): mean difference [95% t-interval], p
+    (paired t-test), MDD at 80% power, pairs, and the largest |difference| (below ROUNDING: identical runs)."""
+    common = a.index.intersection(b.index)
+    x, y = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
+    diff, p, pairs = paired_test(x, y)
+    _, lo, hi, _ = mean_ci(x - y)
+    return {"diff": diff, "diff_low": lo, "diff_high": hi, "p": p, "mdd": paired_mdd(x, y), "pairs": pairs,
+            "max_abs_diff": float(np.abs(x - y).max()) if len(common) else math.nan}
+
+
 def summarize(per_run: pd.DataFrame, reference: str = "grpo", metric: str = "auc") -> pd.DataFrame:
     """Per cell and arm: mean `metric` [95% t-interval], the seed range, and the paired difference to `reference`
-    with its p-value (paired t-test) and minimal detectable difference at 80% power."""
+    (`compare`)."""
     keys = list(asdict(Cell()))
     out = []
     for cell, df in per_run.groupby(keys, sort=False):
@@ -134,12 +151,22 @@ def summarize(per_run: pd.DataFrame, reference: str = "grpo", metric: str = "auc
                    "ci_low": lo, "ci_high": hi, "range_low": rlo, "range_high": rhi,
                    "cosine": float(d.cosine.mean()), "clipped": float(d.clipped.mean())}
             if arm != reference and len(ref):
-                common = v.index.intersection(ref.index)
-                a, b = v.loc[common].to_numpy(), ref.loc[common].to_numpy()
-                diff, p, pairs = paired_test(a, b)
-                dm, dlo, dhi, _ = mean_ci(a - b)
-                row.update(diff=diff, diff_low=dlo, diff_high=dhi, p=p, mdd=paired_mdd(a, b), pairs=pairs)
+                row.update(compare(v, ref))
             out.append(row)
+    return pd.DataFrame(out)
+
+
+def weight_pairs(per_run: pd.DataFrame, pairs=(("daro-mass", "frozen-1"), ("daro-mass", "frozen-mass"),
+                                                 ("daro-abs", "frozen-1")), metric: str = "auc") -> pd.DataFrame:
+    """Learned against frozen weights, per cell: the paired `compare` of each pair present in the runs."""
+    keys = list(asdict(Cell()))
+    out = []
+    for cell, df in per_run.groupby(keys, sort=False):
+        arms = set(df.arm)
+        for a, b in pairs:
+            if a in arms and b in arms:
+                out.append({**dict(zip(keys, cell)), "arm": a, "against": b,
+                            **compare(df[df.arm == a].set_index("seed")[metric], df[df.arm == b].set_index("seed")[metric])})
     return pd.DataFrame(out)
 
 
@@ -148,6 +175,9 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
     if not np.isfinite(row.get("diff", math.nan)):
         return "reference"
     d, p, mdd = row["diff"], row["p"], row["mdd"]
+    if row.get("max_abs_diff", math.inf) < ROUNDING:
+        return (f"equal in every pair to within {row['max_abs_diff']:.1g} (< {ROUNDING:g}, float32 rounding over a "
+                "run): the same trajectory")
     if not np.isfinite(p):
         return "identical to the reference in every pair" if d == 0 else f"{d:+.4f}, untested (zero variance)"
     if p < alpha:
@@ -155,8 +185,8 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
     return f"no difference larger than {mdd:.4f} (p={p:.2g}; MDD at 80% power, {int(row['pairs'])} pairs)"
 
 
-def to_markdown(summary: pd.DataFrame, meta: dict, metric: str = "auc") -> str:
-    """The summary as markdown: one table per cell."""
+def to_markdown(summary: pd.DataFrame, meta: dict, metric: str = "auc", weights: pd.DataFrame | None = None) -> str:
+    """The summary as markdown: one table per cell, then learned against frozen weights (`weight_pairs`)."""
     lines = [f"# Testbed: {metric} by arm, paired against {meta['reference']}", "",
              f"{meta['seeds']} paired seeds per arm and cell, {meta['steps']} steps, K = {meta['K']}, "
              f"{meta['prompts_per_step']} prompts a step from a pool of {meta['prompts']}; exact expected accuracy "
@@ -179,6 +209,17 @@ def to_markdown(summary: pd.DataFrame, meta: dict, metric: str = "auc") -> str:
             lines.append(f"| {r.arm}: {r.reading} | {ci} | {r.range_low:.4f}–{r.range_high:.4f} | {dd} | "
                          f"{verdict(r)} | {r.cosine:.2f} | {r.clipped:.2f} |")
         lines.append("")
+    if weights is not None and len(weights):
+        lines += ["## Learned against frozen weights", "",
+                  f"The same paired comparison of {metric}, between the arms on DARO's path: what the learned weights "
+                  "add to frozen ones.", "",
+                  "| cell | arm | against | diff [95% t-interval] | verdict |", "|---|---|---|---|---|"]
+        for _, r in weights.iterrows():
+            cell = Cell(**{k: r[k] for k in asdict(Cell())}).label
+            ci = (f"{r['diff']:+.5f} [{r.diff_low:+.5f}, {r.diff_high:+.5f}]" if np.isfinite(r.diff_low)
+                  else f"{r['diff']:+.5f}")
+            lines.append(f"| {cell} | {r.arm} | {r.against} | {ci} | {verdict(r)} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -200,10 +241,22 @@ def run_experiment(grid: list[Cell], arms: list[str], seeds: list[int], out, bas
     meta = {"reference": reference, "seeds": len(seeds), "steps": base.steps, "K": base.K,
             "prompts_per_step": base.prompts_per_step, "prompts": base.prompts, "seconds": seconds, "workers": workers,
             "cpus": os.cpu_count()}
-    paths = {"per_run": out / "testbed_per_run.csv"}
-    for metric in ("auc", "auc_hardest"):
-        s = summarize(per_run, reference, metric)
-        s.to_csv(out / f"testbed_summary_{metric}.csv", index=False)
-        (out / f"testbed_{metric}.md").write_text(to_markdown(s, meta, metric))
-        paths[f"summary_{metric}"] = out / f"testbed_{metric}.md"
+    (out / "testbed_meta.json").write_text(json.dumps(meta, indent=1))
+    paths = {"per_run": out / "testbed_per_run.csv", **write_reports(per_run, meta, out)}
     return {"paths": paths, "seconds": seconds, "runs": len(per_run), "per_run": per_run}
+
+
+def write_reports(per_run: pd.DataFrame, meta: dict, out) -> dict:
+    """Per metric (auc, auc_hardest): testbed_summary_<metric>.csv and testbed_<metric>.md, learned-vs-frozen pairs
+    in testbed_weights_<metric>.csv; from the per-run rows alone (`daro-lab testbed --from-runs` rewrites them)."""
+    from pathlib import Path
+
+    out, paths = Path(out), {}
+    for metric in ("auc", "auc_hardest"):
+        s = summarize(per_run, meta["reference"], metric)
+        w = weight_pairs(per_run, metric=metric)
+        s.to_csv(out / f"testbed_summary_{metric}.csv", index=False)
+        w.to_csv(out / f"testbed_weights_{metric}.csv", index=False)
+        (out / f"testbed_{metric}.md").write_text(to_markdown(s, meta, metric, w))
+        paths[f"summary_{metric}"] = out / f"testbed_{metric}.md"
+    return paths

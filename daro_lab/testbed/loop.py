@@ -1,16 +1,17 @@
-"""One testbed run: sample, score, advantages, one on-policy update through the loss library, per step.
+"""One testbed run: sample, score, advantages, one on-policy update through the trainer's update unit, per step.
 
     for step in 1..steps:
         N prompts -> K answers each ~ softmax(logits)      rewards [N, K] in {0, 1}
         keep 0 < mu < 1 -> advantages (the method's estimator)
         token rows: answer i of length L_i has L_i tokens of log-prob log pi(answer) / L_i, so a token-sum of
             the per-token loss is the sequence's, and every normaliser (1/|o|, 1/tokens, 1/L_max) sees real lengths
-        loss_terms(method) -> [every grad_every steps: G_mu and the cosines between the groups' gradients]
-        -> backward -> clip -> AdamW/SGD (policy + DARO weights) -> project the weights
+        backward_minibatch (daro_lab/trainer/update.py, the trainer's own: loss_terms, and every grad_every steps
+            G_mu and the cosines between the groups' gradients) -> clip -> AdamW/SGD (policy + DARO weights)
+        -> project the weights
     the exact expected accuracy after every step
 
-The update is the trainer's one-pass, one-process, on-policy update (daro_lab/trainer/loop.py) on a model whose
-log-probs are exact; it reads the same LossTerms, so the per-mu quantities are the record's.
+One pass in one process, on-policy: the trainer's update on a model whose log-probs are exact, so the per-mu
+quantities (the unit's metrics) are the record's.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts,
-                                 loss_terms)
+import contextlib
+
+from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, Shard, compute_advantages,
+                                 kept_prompts)
 from daro_lab.testbed.model import RIGHT, SyntheticPolicy, TestbedConfig
 from daro_lab.trainer.setup import mass_fixed_point_weights
+from daro_lab.trainer.update import backward_minibatch
 
 
 @dataclass(frozen=True)
@@ -104,23 +108,46 @@ def token_batch(logits: torch.Tensor, answers: torch.Tensor, lengths: torch.Tens
                        rewards=rewards.flatten(), prompt_index=torch.arange(n).repeat_interleave(K))
 
 
-def _group_geometry(contrib: torch.Tensor, present: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
-    """(mean pairwise cosine between the present groups' grad C_mu, CV across them of each G_mu's share)."""
-    ks = [k for k in range(len(present)) if bool(present[k])]
-    if len(ks) < 2:
-        return math.nan, math.nan
-    grads = []
-    for k in ks:
-        g = torch.autograd.grad(contrib[k], params, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
-    G = torch.stack(grads).double()  # [groups, params]
-    norms = G.norm(dim=1)
-    unit = G / norms[:, None].clamp(min=1e-30)
-    cos = unit @ unit.T
-    iu = torch.triu_indices(len(ks), len(ks), 1)
-    share = norms / norms.sum().clamp(min=1e-30)
-    cv = float(share.std(unbiased=False) / share.mean())
-    return float(cos[iu[0], iu[1]].mean()), cv
+class TestbedRuntime:
+    """The update unit's `Runtime` for the synthetic policy: one process, exact gradients by autograd."""
+
+    def __init__(self, policy: SyntheticPolicy, opt: torch.optim.Optimizer):
+        self.policy, self.opt = policy, opt
+        self.params = list(policy.parameters())
+
+    def batch(self, part: tuple, forward: bool = True) -> PolicyBatch:
+        idx, answers, rewards, adv = part
+        return token_batch(self.policy(idx), answers, self.policy.lengths[idx], rewards, adv)
+
+    def no_sync(self, skip: bool):
+        return contextlib.nullcontext()
+
+    def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for x in xs:
+            g = (torch.autograd.grad(x, self.params, retain_graph=True, allow_unused=True) if x.requires_grad
+                 else [None] * len(self.params))
+            out.append(torch.cat([(a if a is not None else torch.zeros_like(p)).flatten() for a, p in zip(g, self.params)]))
+        return out
+
+    def grad_vector(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+
+    def gram(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        V = torch.stack(vectors).double() if vectors else torch.zeros(0, 0, dtype=torch.float64)
+        return V @ V.T
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _mean_cv(values: list[float]) -> float:
+    """CV across groups of each one's share of the summed values (NaN below two)."""
+    if len(values) < 2:
+        return math.nan
+    v = np.asarray(values, dtype=float)
+    share = v / max(v.sum(), 1e-30)
+    return float(share.std() / share.mean())
 
 
 def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
@@ -138,7 +165,7 @@ def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
             weights.load_values({k: 1.0 for k in range(1, K)} if arm.static == "ones" else mass_fixed_point_weights(K))
             weights.requires_grad_(False)
     opt = _optimizer(cfg, policy, weights, arm)
-    params = list(policy.parameters())
+    runtime = TestbedRuntime(policy, opt)
     gen = torch.Generator().manual_seed(seed + 1)
     P = len(policy.level)
     acc0, lev0 = policy.accuracy()
@@ -156,24 +183,21 @@ def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
         keep = kept_prompts(rewards)
         kept_n[step - 1] = float(keep.sum())
         if keep.any():
-            idx = prompts[keep]
             adv = compute_advantages(rewards[keep], spec.advantage)
-            batch = token_batch(policy(idx), answers[keep], policy.lengths[idx], rewards[keep], adv)
-            t = loss_terms(arm.method, batch, K, settings, weights=None if weights is None else weights(),
-                           daro_state=None if weights is None else weights.state())
-            if cfg.grad_every and (step % cfg.grad_every == 0 or step == 1):
-                cos, cv = _group_geometry(t.contrib, t.present, params)
-                rec.cosine.append(cos), rec.g_share_cv.append(cv)
-            opt.zero_grad(set_to_none=True)
-            t.loss.backward()
-            gn = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            measure = bool(cfg.grad_every) and (step % cfg.grad_every == 0 or step == 1)
+            r = backward_minibatch(arm.method, [(prompts[keep], answers[keep], rewards[keep], adv)], K, settings,
+                                   Shard(), runtime, weights, measure_groups=measure)
+            if measure:
+                rec.cosine.append(r.metrics.get("grad/cos_mean", math.nan))
+                rec.g_share_cv.append(_mean_cv([v for key, v in r.metrics.items() if key.startswith("gradnorm/")]))
+            gn = float(torch.nn.utils.clip_grad_norm_(runtime.params, clip))
             grad_norm[step - 1], clipped[step - 1] = gn, float(gn > clip)
             if weights is not None and spec.weights == "learned":
-                weights.release_absent(t.present[1:K])
+                weights.release_absent(r.present[1:K])
             opt.step()
             if weights is not None:
                 weights.project_()
-                weights.set_state(t.daro_state)
+                weights.set_state(r.daro_state)
         a, lev = policy.accuracy()
         acc.append(a), level_acc.append(lev)
     rec.acc, rec.level_acc = np.asarray(acc), np.asarray(level_acc)

@@ -74,7 +74,7 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # The SQL stores replace +-inf by the largest finite double (sqlalchemy_store.sanitize_metric_value).
 _SQL_INF = 1.7976931348623157e308
 
-# Project convention (docs/math.md, section 6): letters, digits, `_ - . / :` and spaces; ASCII only,
+# Project convention (docs/math.md, section 7): letters, digits, `_ - . / :` and spaces; ASCII only,
 # stricter than MLflow's `\w`, which admits any Unicode letter.
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-./: ]+$")
 

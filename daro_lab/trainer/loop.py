@@ -268,7 +268,8 @@ class Trainer:
         self.model.train()
         every = cfg.trainer.grad_norm_every
         r = backward_minibatch(cfg.algo.method, passes, K, self.settings, self.shard, self.runtime, self.weights,
-                               measure_groups=index == 0 and every > 0 and (step % every == 0 or step == 1))
+                               measure_groups=index == 0 and every > 0 and (step % every == 0 or step == 1),
+                               cosines=cfg.trainer.grad_cosines)
         metrics = r.metrics
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
             metrics.update(self._engine_gap(r.batch, [p.rows.logprobs for p in passes]))

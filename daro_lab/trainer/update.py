@@ -15,7 +15,6 @@ One pass in one process is the case M = 1, world = 1 of the same code, not a sec
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,11 +36,15 @@ class Runtime(Protocol):
     def no_sync(self, skip: bool):
         """Context: DDP skips the gradient all-reduce of this backward (skip True); otherwise a no-op."""
 
-    def grad_norms(self, xs: list[torch.Tensor]) -> list[float]:
-        """||d x / d theta|| of each scalar x of the whole mini-batch, keeping the graph."""
+    def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """d x / d theta of each scalar x of the whole mini-batch as one flat vector, keeping the graph (data-parallel:
+        summed over the ranks; FSDP: this rank's shard of it)."""
 
-    def total_grad_norm(self) -> float:
-        """||gradient|| as the parameters hold it now."""
+    def grad_vector(self) -> torch.Tensor:
+        """The gradient the parameters hold now, as one flat vector (same convention)."""
+
+    def gram(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """[n, n] float64 inner products of the vectors (FSDP: summed over the ranks' shards, a collective)."""
 
     def zero_grad(self) -> None: ...
 
@@ -61,12 +64,16 @@ Pick = Callable[[LossTerms], torch.Tensor]
 
 
 def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: LossSettings, shard: Shard,
-                       runtime: Runtime, weights=None, measure_groups: bool = False) -> MinibatchResult:
+                       runtime: Runtime, weights=None, measure_groups: bool = False,
+                       cosines: bool = True) -> MinibatchResult:
     """The exact update of one mini-batch given as `passes` (this rank's; every rank calls it with as many):
     leaves the gradient of the whole mini-batch's loss (this rank's share, DDP-summed) in .grad.
 
     weights: the DARO weights module (`DaroWeights`) for methods with weights, else None.
-    measure_groups: also measure G_mu = ||grad C_mu|| and ||grad L_mu|| (metrics `gradnorm/..`, `gradnorm_L/..`).
+    measure_groups: also measure the groups' gradients: G_mu = ||grad C_mu|| and ||grad L_mu|| (metrics
+        `gradnorm/..`, `gradnorm_L/..`), the cosine of each group's grad C_mu with the other groups' summed
+        (`gradcos/..`) and the mean pairwise cosine between the groups' grad C_mu (`grad/cos_mean`).
+    cosines: False measures the norms alone, one gradient at a time (the cosines hold every group's at once).
     """
     spec = METHODS[method]
     M, world = len(passes), shard.world_size
@@ -87,19 +94,23 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
             totals = Totals.combine([batch_totals(runtime.batch(p, forward=reads_loss), K, settings,
                                                   with_loss=reads_loss) for p in passes], shard)
 
-    def norms(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[float]:
-        """||gradient of the whole mini-batch's pick(terms)|| for each pick: from the kept graph, or M passes each."""
+    def vectors(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[torch.Tensor]:
+        """The whole mini-batch's gradient of pick(terms) for each pick: from the kept graph, or M passes each."""
         if kept is not None:
             t = t1 if t1 is not None else terms(kept, totals, group_norms)
-            return runtime.grad_norms([pick(t) for pick in picks])
+            return runtime.grad_vectors([pick(t) for pick in picks])
         out = []
         for pick in picks:
             runtime.zero_grad()
             for i, p in enumerate(passes):
                 with runtime.no_sync(i < M - 1):
                     (pick(terms(runtime.batch(p), totals, group_norms)) * world).backward()
-            out.append(runtime.total_grad_norm())
+            out.append(runtime.grad_vector())
         return out
+
+    def norms(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[float]:
+        """||the whole mini-batch's gradient of pick(terms)||, one gradient held at a time."""
+        return [float(runtime.gram(vectors([pick], group_norms, t1))[0, 0].clamp(min=0).sqrt()) for pick in picks]
 
     group_norms = None  # DARO's 'grad' reading: [K-1] ||grad L_mu||, measured with the signal zeroed
     if spec.weights == "learned" and settings.weight_signal == "grad":
@@ -108,9 +119,13 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
                                    device=totals.tokens.device)
     t1 = terms(kept, totals, group_norms) if kept is not None else None
     ks = [kk for kk in range(1, K) if bool(totals.tokens[kk] > 0)]
-    g = None
-    if measure_groups:  # before the update's backward (M passes zero the gradients; one pass keeps its graph)
-        g = norms([_pick("contrib", kk) for kk in ks] + [_pick("group_loss", kk) for kk in ks], group_norms, t1)
+    geometry = {}
+    if measure_groups and ks:  # before the update's backward (M passes zero the gradients; one pass keeps its graph)
+        C = [_pick("contrib", kk) for kk in ks]
+        geometry = (group_geometry(runtime.gram(vectors(C, group_norms, t1)), ks, K) if cosines
+                    else {f"gradnorm/{mu_key(kk, K)}": v for kk, v in zip(ks, norms(C, group_norms, t1))})
+        geometry.update({f"gradnorm_L/{mu_key(kk, K)}": v for kk, v in
+                         zip(ks, norms([_pick("group_loss", kk) for kk in ks], group_norms, t1))})
     runtime.zero_grad()
     out: list[tuple[LossTerms, PolicyBatch]] = []
     for i, p in enumerate(passes):
@@ -119,12 +134,29 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
             t = t1 if t1 is not None else terms(b, totals, group_norms)
             (t.loss * world).backward()  # this rank's share of the mini-batch's loss; DDP averages, so scale up
         out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
-    metrics = MetricSums.combine([t.stats for t, _ in out], shard).finish()
-    if g is not None:
-        for kk, gc, gl in zip(ks, g[: len(ks)], g[len(ks):]):
-            metrics[f"gradnorm/{mu_key(kk, K)}"], metrics[f"gradnorm_L/{mu_key(kk, K)}"] = gc, gl
+    metrics = {**MetricSums.combine([t.stats for t, _ in out], shard).finish(), **geometry}
     return MinibatchResult(metrics, out[0][0].present, cat_batches([b for _, b in out]),
                            pad_cat([t.factor for t, _ in out]), out[0][0].daro_state)
+
+
+def group_geometry(gram: torch.Tensor, ks: list[int], K: int) -> dict[str, float]:
+    """From the Gram matrix [n, n] of the groups ks' gradients of C_mu: G_mu (`gradnorm`), the cosine of each with
+    the sum of the others (`gradcos`: 1 when every group pushes the same way, 0 when the others are orthogonal to
+    it), and the mean pairwise cosine (`grad/cos_mean`, with two groups or more)."""
+    gram = gram.double()
+    norm = gram.diagonal().clamp(min=0).sqrt()  # [n]
+    out = {f"gradnorm/{mu_key(kk, K)}": float(v) for kk, v in zip(ks, norm)}
+    n = len(ks)
+    if n < 2:
+        return out
+    others = gram.sum(1) - gram.diagonal()  # [n] <g_i, sum_{j != i} g_j>
+    rest = (gram.sum() - 2 * gram.sum(1) + gram.diagonal()).clamp(min=0).sqrt()  # [n] ||sum_{j != i} g_j||
+    cos = others / (norm * rest).clamp(min=1e-30)
+    out.update({f"gradcos/{mu_key(kk, K)}": float(c) for kk, c in zip(ks, cos)})
+    pair = gram / (norm[:, None] * norm[None, :]).clamp(min=1e-30)
+    iu = torch.triu_indices(n, n, 1)
+    out["grad/cos_mean"] = float(pair[iu[0], iu[1]].mean())
+    return out
 
 
 def _pick(name: str, k: int) -> Pick:
@@ -177,35 +209,43 @@ class PolicyRuntime:
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
 
-    def total_grad_norm(self) -> float:
-        """Over every rank's shards under FSDP (a collective)."""
-        return float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])))
+    def grad_vector(self) -> torch.Tensor:
+        """Under FSDP this rank's shards (local tensors of the sharded gradients)."""
+        return torch.cat([_local(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                          for p in self.params])
 
-    def grad_norms(self, xs: list[torch.Tensor]) -> list[float]:
-        """Data-parallel: of the whole mini-batch's gradient (x is this rank's share; summed over ranks)."""
+    def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         params = self.params
         if not self.policy.fsdp:
-            return [_grad_norm(x, params, self.shard) for x in xs]
-        # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each norm is a backward
-        # of its own, run by every rank in the same order
+            out = []
+            for x in xs:
+                grads = (torch.autograd.grad(x, params, retain_graph=True, allow_unused=True) if x.requires_grad
+                         else [None] * len(params))
+                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                  for g, p in zip(grads, params)])
+                out.append(flat if self.shard.world_size == 1 else self.shard.reduce(flat, "sum"))
+            return out
+        # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each is a backward of its
+        # own, run by every rank in the same order
         out = []
         for x in xs:
             self.zero_grad()
             (x * self.shard.world_size).backward(retain_graph=True)
-            out.append(self.total_grad_norm())
+            out.append(self.grad_vector())
         self.zero_grad()
         return out
 
+    def gram(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        if not vectors:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        V = torch.stack(vectors).double()  # [n, D]
+        g = V @ V.T
+        return self.shard.reduce(g, "sum") if self.policy.fsdp and self.shard.world_size > 1 else g
 
-def _grad_norm(x: torch.Tensor, params: list[torch.Tensor], shard: Shard) -> float:
-    """||d x / d params||, keeping the graph; data-parallel: x is this rank's share, summed over ranks first."""
-    grads = [None] * len(params)
-    if x.requires_grad:
-        grads = torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
-    if shard.world_size == 1:
-        return math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None))
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(grads, params)])
-    return float(shard.reduce(flat, "sum").norm())
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) gradient; a plain tensor as it is."""
+    return t.to_local() if fsdp.is_sharded(t) else t
 
 
 def pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
