@@ -17,6 +17,8 @@ import sys
 import time
 
 import daro_lab  # noqa: F401  (before torch: OpenMP's spin count, daro_lab/__init__.py)
+
+# isort: split
 import torch
 
 from daro_lab.testbed.grid import Cell, run_grid

@@ -39,7 +39,9 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import daro_lab  # noqa: E402  (before torch: it sets OpenMP's spin count, daro_lab/__init__.py)
+import daro_lab  # noqa: E402, F401  (before torch: it sets OpenMP's spin count, daro_lab/__init__.py)
+
+# isort: split
 import torch  # noqa: E402
 
 from daro_lab.config import load_config  # noqa: E402

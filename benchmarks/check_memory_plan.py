@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from daro_lab.config import load_config
-from daro_lab.trainer.memory import GIB, load_arch_file, plan
 from daro_lab.models.prompting import enable_gradient_checkpointing
 from daro_lab.rollout.logprobs import sequence_logprobs
+from daro_lab.trainer.memory import GIB, load_arch_file, plan
 
 ARCH = "experiments/paper/arch/qwen2.5-math-1.5b.json"
 K, PROMPT, RESPONSE = 8, 256, 512

@@ -18,12 +18,13 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):

@@ -31,8 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, loss_terms,
-                                 shaped_methods)
+from daro_lab.algorithms import (
+    METHODS,
+    DaroWeights,
+    LossSettings,
+    PolicyBatch,
+    compute_advantages,
+    loss_terms,
+    shaped_methods,
+)
 from daro_lab.record import per_mu_rows
 
 BASELINES = tuple(shaped_methods())  # the methods with a static shape

@@ -37,9 +37,9 @@ class CoinFlips:
 
 
 def main(root: Path, parallel: str) -> None:
+    from daro_lab import distributed as dp
     from daro_lab.config import load_config
     from daro_lab.rollout.logprobs import sequence_logprobs
-    from daro_lab import distributed as dp
     from daro_lab.trainer.fsdp import full
     from daro_lab.trainer.loop import Trainer
     from daro_lab.trainer.setup import load_model_and_tokenizer

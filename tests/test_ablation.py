@@ -14,16 +14,23 @@ import textwrap
 import time
 from pathlib import Path
 
+import _procs as procs
 import numpy as np
 import pandas as pd
 import pytest
-
-import _procs as procs
 from typer.testing import CliRunner
 
 from daro_lab.ablation import AblationError, load_grid, make_plan, run_ablation, summarize_ablation
-from daro_lab.ablation.summary import (ACC, coefficient_of_variation, km_restricted_mean, mean_ci, noise_floor_cv, paired_test,
-                                      run_stats, steps_to_target)
+from daro_lab.ablation.summary import (
+    ACC,
+    coefficient_of_variation,
+    km_restricted_mean,
+    mean_ci,
+    noise_floor_cv,
+    paired_test,
+    run_stats,
+    steps_to_target,
+)
 from daro_lab.cli import app
 from daro_lab.tracking import open_client, read_metrics, read_table
 

@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _procs as procs
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import _procs as procs
 from daro_lab.tracking import open_client
 
 pytestmark = pytest.mark.slow  # torchrun with 2 ranks: tens of seconds a test

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_hf import make_model_dir, write_jsonl
 from typer.testing import CliRunner
 
-from _tiny_hf import make_model_dir, write_jsonl
 from daro_lab.config import ConfigError, load_config
 from daro_lab.eval import (
     BenchResult,
@@ -207,8 +207,7 @@ def _fake_training_run(uri: str, model_dir: Path, tmp: Path) -> tuple[str, dict]
 def test_eval_cli_models_and_runs_logged_in_the_paper_layout(env, tmp_path):
     from daro_lab.cli import app
     from daro_lab.eval.run import Policy, load_policy_for_eval
-    from daro_lab.tracking import list_tables, read_table
-    from daro_lab.tracking import config_of_run
+    from daro_lab.tracking import config_of_run, list_tables, read_table
 
     uri = f"sqlite:///{env}/mlflow.db"  # one store per module: creating one costs seconds
     run_id, state = _fake_training_run(uri, env / "modelB", tmp_path)
@@ -267,8 +266,7 @@ def test_run_of_the_tiny_preset_loads_without_a_warm_start(env, tmp_path):
 
     from daro_lab.eval.run import Policy, load_policy_for_eval
     from daro_lab.models import CharTokenizer, build_tiny_model
-    from daro_lab.tracking import Tracker
-    from daro_lab.tracking import config_of_run
+    from daro_lab.tracking import Tracker, config_of_run
 
     uri = f"sqlite:///{env}/mlflow.db"
     cfg = load_config(None, ["model.hidden_size=32", "model.intermediate_size=64", f"model.cache_dir={tmp_path}/none"])

@@ -6,13 +6,11 @@ Its figures on a GPU go to benchmarks/results/; here only that every part runs a
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import _procs as procs
+import pytest
 
 pytestmark = pytest.mark.slow  # a subprocess building a model
 

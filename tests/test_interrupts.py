@@ -14,21 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _procs as procs
 import numpy as np
 import pytest
-
-import _procs as procs
 import torch
 from typer.testing import CliRunner
 
 from daro_lab.cli import app
 from daro_lab.config import ConfigError, load_config
 from daro_lab.hooks import Hook, default_hooks
+from daro_lab.signals import Interrupted
 from daro_lab.tracking import Tracker, open_client, read_metrics, read_table
 from daro_lab.trainer import train
 from daro_lab.trainer.checkpoint import CheckpointError, latest, load_checkpoint, save_checkpoint
 from daro_lab.trainer.lock import RunLock, RunLockedError
-from daro_lab.signals import Interrupted
 
 runner = CliRunner()
 # SMALL evaluates every 2 steps too; at lr 1e-3 every step has a mini-batch to update on (0 < mu < 1)

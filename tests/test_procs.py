@@ -7,9 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import _procs as procs
+import pytest
 
 HERE = Path(__file__).parent
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from _tiny_hf import make_model_dir, make_tokenizer
+
 from daro_lab.config import ConfigError, load_config
 from daro_lab.models.prompting import QWEN_MATH_TEMPLATE, PromptTokenizer, render, resolve_dtype, wrap_tokenizer
 

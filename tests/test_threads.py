@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from _procs import run
+
 from daro_lab.trainer.threads import _TICKS, _cpu_ticks, fair_threads, others_cores
 
 

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _procs as procs
 import numpy as np
 import pytest
-
-import _procs as procs
 import torch
 from safetensors.torch import load_file
 

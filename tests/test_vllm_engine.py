@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import _procs as procs
+import pytest
 import torch
 import transformers
 

@@ -12,9 +12,9 @@ children logged, collected back: `collect`; the statistics: `summary`. The comma
 `daro-lab run ablation NAME`.
 """
 
-from daro_lab.ablation.grid import AblationError, Arm, Grid, Plan, list_grids, load_grid, make_plan, preset_path
 from daro_lab.ablation.collect import AblationResult, find_children, load_plan, summarize_ablation
 from daro_lab.ablation.executors import ArmResult
+from daro_lab.ablation.grid import AblationError, Arm, Grid, Plan, list_grids, load_grid, make_plan, preset_path
 from daro_lab.ablation.sweep import run_ablation
 
 __all__ = [

@@ -44,13 +44,23 @@ import copy
 import json
 import math
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from daro_lab.config import (REQUIRED, Config, ConfigError, apply_overrides, build, check_ranges, config_from_dict,
-                             read_toml, setting)
+import tomllib
+
+from daro_lab.config import (
+    REQUIRED,
+    Config,
+    ConfigError,
+    apply_overrides,
+    build,
+    check_ranges,
+    config_from_dict,
+    read_toml,
+    setting,
+)
 
 
 class AblationError(ValueError):

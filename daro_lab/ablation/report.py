@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from daro_lab.ablation.summary import display_table, verdict
 from daro_lab.ablation.collect import AblationResult, summarize_ablation
+from daro_lab.ablation.summary import display_table, verdict
 
 
 def summary_html(res: AblationResult) -> str:

@@ -39,8 +39,18 @@ from typing import Any
 from daro_lab.ablation.collect import AblationResult, find_children, load_plan, summarize_ablation
 from daro_lab.ablation.executors import EXECUTORS, ArmResult, ArmTask, lost_worker, make_executor
 from daro_lab.ablation.grid import AblationError, Grid, Plan, make_plan
-from daro_lab.record import (ROLE_PARENT, TAG_ABLATION, TAG_ARM, TAG_ARMS_FAILED, TAG_CHECKPOINT_DIR, TAG_ROLE,
-                             TAG_SEED, TAG_STATIC_FROM, TAG_STATIC_WEIGHTS, TAG_SUPERSEDED)
+from daro_lab.record import (
+    ROLE_PARENT,
+    TAG_ABLATION,
+    TAG_ARM,
+    TAG_ARMS_FAILED,
+    TAG_CHECKPOINT_DIR,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_STATIC_FROM,
+    TAG_STATIC_WEIGHTS,
+    TAG_SUPERSEDED,
+)
 from daro_lab.record import TAG_ARM_LABEL as TAG_LABEL
 
 

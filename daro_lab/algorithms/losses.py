@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from daro_lab.algorithms.aggregation import constant_normaliser, seq_mean_token_mean, token_mean
-from daro_lab.record import group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
+from daro_lab.record import group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
 
 
 @dataclass(frozen=True)

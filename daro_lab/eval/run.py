@@ -167,8 +167,8 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
              tracking_uri: str | None = None, device: str | None = None, echo=print) -> tuple[str, str]:
     """Evaluate every policy on `base.eval.benchmarks`; returns (MLflow run id, markdown of the paper tables).
     SIGINT, SIGTERM and SIGHUP stop it at once with the run marked KILLED (signals.Interrupted is raised)."""
-    from daro_lab.tracking import Tracker, open_client, resolve_tracking_uri
     from daro_lab.signals import StopSignals
+    from daro_lab.tracking import Tracker, open_client, resolve_tracking_uri
 
     models, runs = list(models or []), list(runs or [])
     if not models and not runs:

@@ -43,8 +43,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from daro_lab.algorithms import (METHODS, LossSettings, PolicyBatch, compute_advantages, length_corrected_shape,
-                                 loss_terms, mu_key, static_shape)
+from daro_lab.algorithms import (
+    METHODS,
+    LossSettings,
+    PolicyBatch,
+    compute_advantages,
+    length_corrected_shape,
+    loss_terms,
+    mu_key,
+    static_shape,
+)
 
 FORMATS = ("verl", "jsonl", "parquet")
 LENGTH_UNITS = ("chars", "words")

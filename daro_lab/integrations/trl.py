@@ -84,9 +84,23 @@ try:
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError('daro_lab.integrations.trl needs TRL: pip install -e ".[trl]"') from _e
 
-from daro_lab.algorithms import (METHODS, SIGNALS, DaroWeights, LossSettings, MetricSums, PolicyBatch, Shard, Totals,
-                                 batch_totals, clipped_surrogate, compute_advantages, group_keys, kl_k3, loss_terms,
-                                 mu_key)
+from daro_lab.algorithms import (
+    METHODS,
+    SIGNALS,
+    DaroWeights,
+    LossSettings,
+    MetricSums,
+    PolicyBatch,
+    Shard,
+    Totals,
+    batch_totals,
+    clipped_surrogate,
+    compute_advantages,
+    group_keys,
+    kl_k3,
+    loss_terms,
+    mu_key,
+)
 from daro_lab.hooks.builtin import per_mu_rows
 from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
 

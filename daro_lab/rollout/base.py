@@ -27,6 +27,32 @@ class RolloutBatch:
     #                         (logits / temperature, before top-p truncation); 0 where response_mask is False
     prompt_index: torch.Tensor  # [B] long, which prompt (0 .. num_prompts-1) the row answers
 
+    def rows(self, idx: torch.Tensor) -> "RolloutBatch":
+        """The rows `idx`, trimmed to their longest response and to the prompt columns they use."""
+        rm = self.response_mask[idx]
+        T = int(rm.sum(1).max()) if len(idx) else 0
+        pm = self.prompt_mask[idx]
+        P0 = int((~pm).all(0).sum()) if len(idx) else 0  # columns of padding in every row (left)
+        return RolloutBatch(self.prompt_ids[idx][:, P0:], pm[:, P0:], self.response_ids[idx][:, :T], rm[:, :T],
+                            self.logprobs[idx][:, :T], self.prompt_index[idx])
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+        """Batches one after another (prompt indices renumbered), padded to the widest."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_ids.shape[1] for b in batches)
+        T = max(b.response_ids.shape[1] for b in batches)
+        pad = torch.nn.functional.pad
+        out, offset = [], 0
+        for b in batches:
+            dp, dt = P - b.prompt_ids.shape[1], T - b.response_ids.shape[1]
+            out.append((pad(b.prompt_ids, (dp, 0), value=pad_id), pad(b.prompt_mask, (dp, 0), value=False),
+                        pad(b.response_ids, (0, dt), value=pad_id), pad(b.response_mask, (0, dt), value=False),
+                        pad(b.logprobs, (0, dt)), b.prompt_index + offset))
+            offset += int(b.prompt_index.max()) + 1
+        return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
+
     @property
     def batch_size(self) -> int:
         return int(self.response_ids.shape[0])

@@ -12,7 +12,7 @@ differences of the area under the accuracy curve with their minimal detectable d
     rec = run_seed(TestbedConfig(sharing=1.0), Arm("daro-mass", "daro", signal="mass"), seed=0)
 """
 
-from daro_lab.testbed.model import RESPONSES, SyntheticPolicy, TestbedConfig
 from daro_lab.testbed.loop import ARMS, Arm, RunRecord, run_seed
+from daro_lab.testbed.model import RESPONSES, SyntheticPolicy, TestbedConfig
 
 __all__ = ["ARMS", "Arm", "RESPONSES", "RunRecord", "SyntheticPolicy", "TestbedConfig", "run_seed"]

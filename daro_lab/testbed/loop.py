@@ -16,16 +16,14 @@ quantities (the unit's metrics) are the record's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import contextlib
-
-from daro_lab.algorithms import (METHODS, DaroWeights, LossSettings, PolicyBatch, Shard, compute_advantages,
-                                 kept_prompts)
+from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, Shard, compute_advantages, kept_prompts
 from daro_lab.testbed.model import RIGHT, SyntheticPolicy, TestbedConfig
 from daro_lab.trainer.setup import mass_fixed_point_weights
 from daro_lab.trainer.update import backward_minibatch

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts, mu_key
+from daro_lab import distributed as dp
+from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
+from daro_lab.record import mu_key
 from daro_lab.rollout import RolloutBatch
 from daro_lab.trainer import fsdp
-from daro_lab import distributed as dp
 from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from daro_lab.trainer.evaluate import evaluate
 from daro_lab.trainer.plan import PassPlan, plan_minibatches
@@ -36,34 +37,6 @@ from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
 from daro_lab.trainer.threads import fair_threads, others_cores
 from daro_lab.trainer.update import Pass, PolicyRuntime, backward_minibatch, cat_batches, pad_cat
-
-
-def _rows(b: RolloutBatch, idx: torch.Tensor) -> RolloutBatch:
-    """The rows `idx` of a rollout batch, trimmed to their longest response."""
-    rm = b.response_mask[idx]
-    T = int(rm.sum(1).max()) if len(idx) else 0
-    pm = b.prompt_mask[idx]
-    P0 = int((~pm).all(0).sum()) if len(idx) else 0  # columns of padding in every row (left)
-    return RolloutBatch(b.prompt_ids[idx][:, P0:], pm[:, P0:], b.response_ids[idx][:, :T], rm[:, :T],
-                        b.logprobs[idx][:, :T], b.prompt_index[idx])
-
-
-def _cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
-    """Concatenate rollout batches (prompt indices renumbered), padding to the widest."""
-    if len(batches) == 1:
-        return batches[0]
-    P = max(b.prompt_ids.shape[1] for b in batches)
-    T = max(b.response_ids.shape[1] for b in batches)
-    out, offset = [], 0
-    for b in batches:
-        dp, dt = P - b.prompt_ids.shape[1], T - b.response_ids.shape[1]
-        pad = torch.nn.functional.pad
-        out.append((pad(b.prompt_ids, (dp, 0), value=pad_id), pad(b.prompt_mask, (dp, 0), value=False),
-                    pad(b.response_ids, (0, dt), value=pad_id), pad(b.response_mask, (0, dt), value=False),
-                    pad(b.logprobs, (0, dt)), b.prompt_index + offset))
-        offset += int(b.prompt_index.max()) + 1
-    return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
-
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before any run set its own
 
@@ -182,14 +155,14 @@ class Trainer:
             b, r, tx = self.generate(probs[dp.split(len(probs), self.dist)])  # this rank's slice
             if self.dist.enabled:  # every rank gets the whole batch, in prompt order
                 parts = dp.gather_objects((b, r, tx), self.dist)
-                b, r, tx = _cat([x[0] for x in parts], self.tokenizer.pad_token_id), torch.cat([x[1] for x in parts]), \
+                b, r, tx = RolloutBatch.concat([x[0] for x in parts], self.tokenizer.pad_token_id), torch.cat([x[1] for x in parts]), \
                     [t for x in parts for t in x[2]]
             rollouts.append(b), rewards.append(r), problems.extend(probs), texts.extend(tx)
             n_batches += 1
             n_kept += int(kept_prompts(r).sum())
             if not cfg.trainer.dynamic_sampling or n_kept >= N or n_batches >= cfg.trainer.dynamic_sampling_max_batches:
                 break
-        roll = _cat(rollouts, self.tokenizer.pad_token_id)
+        roll = RolloutBatch.concat(rollouts, self.tokenizer.pad_token_id)
         rewards = torch.cat(rewards)  # [P, K]
         for h in self.hooks:
             h.on_rollout(step, [p.prompt for p in problems], texts, rewards, [p.answer for p in problems])
@@ -248,13 +221,13 @@ class Trainer:
         collectives in step and count for nothing."""
         K = self.K
         if p.filler:
-            first = _rows(roll, torch.arange(K) + K * int(kept[p.first]))
+            first = roll.rows(torch.arange(K) + K * int(kept[p.first]))
             rows = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
                                        prompt_index=torch.full_like(first.prompt_index, -1))
             adv_p, rewards_p = torch.zeros(1, K), torch.zeros(1, K)
         else:
             prompts = kept[p.positions]
-            rows = _rows(roll, (prompts[:, None] * K + torch.arange(K)).flatten())
+            rows = roll.rows((prompts[:, None] * K + torch.arange(K)).flatten())
             adv_p, rewards_p = adv[p.positions], rewards[prompts]
         old = None if on_policy else self.policy.logprobs(rows)  # on-policy: the current log-probs are old
         ref = self.policy.logprobs(rows, ref=True) if self.policy.ref_model is not None else None

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from daro_lab import distributed as dp
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks import Hook, default_hooks
 from daro_lab.record import TAG_CHECKPOINT_DIR, TAG_CHECKPOINT_STEP
-from daro_lab import distributed as dp
+from daro_lab.signals import StopSignals
 from daro_lab.trainer.checkpoint import latest, resume_point, write_pointer
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
-from daro_lab.signals import StopSignals
 
 TAG_CKPT = TAG_CHECKPOINT_DIR  # where the run's checkpoints are (daro_lab.record)
 TAG_SAVED = TAG_CHECKPOINT_STEP  # the step of the last checkpoint the run wrote: a resume that finds none refuses

@@ -21,8 +21,19 @@ from typing import Any, Protocol
 
 import torch
 
-from daro_lab.algorithms import (METHODS, DaroState, LossSettings, LossTerms, MetricSums, PolicyBatch, Shard, Totals,
-                                 batch_totals, loss_terms, mu_key)
+from daro_lab.algorithms import (
+    METHODS,
+    DaroState,
+    LossSettings,
+    LossTerms,
+    MetricSums,
+    PolicyBatch,
+    Shard,
+    Totals,
+    batch_totals,
+    loss_terms,
+    mu_key,
+)
 from daro_lab.rollout import RolloutBatch
 from daro_lab.trainer import fsdp
 
