@@ -337,19 +337,6 @@ def fmt_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def by_seed_mean(frames: list[pd.DataFrame], keys: list[str], cols: list[str]) -> pd.DataFrame:
-    """Mean over runs (one frame per run) of `cols`, by `keys`, with n_runs and the 95% CI half-width."""
-    if not frames:
-        return pd.DataFrame(columns=[*keys, *cols, "n_runs"])
-    df = pd.concat(frames, ignore_index=True)
-    g = df.groupby(keys, sort=True)
-    out = g[cols].mean()
-    out["n_runs"] = g.size()
-    for c in cols:
-        out[f"{c}_ci"] = g[c].agg(lambda s: mean_ci(s)[1])
-    return out.reset_index()
-
-
 # --------------------------------------------------------------------------------------------
 # What a figure function returns
 

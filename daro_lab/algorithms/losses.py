@@ -451,18 +451,13 @@ def policy_loss(
     settings: LossSettings = LossSettings(),
     weights: Tensor | None = None,
     group_grad_norms: Tensor | None = None,
-    return_groups: bool = False,
     totals: Totals | None = None,
     daro_state: DaroState | None = None,
-):
-    """Loss and per-pass-rate metrics of `method` on one mini-batch (the drop-in API; see `loss_terms`).
-
-    Returns (loss [] scalar, metrics dict[str, float]), or (loss, metrics, (C [K+1], L [K+1])) with
-    return_groups. With `totals` (a part of a split mini-batch) the metrics are this part's alone.
-    """
+) -> tuple[Tensor, dict[str, float]]:
+    """Loss and per-pass-rate metrics of `method` on one mini-batch (the drop-in API; `loss_terms` has the
+    per-group terms): (loss [] scalar, metrics dict[str, float]). With `totals` (a part of a split mini-batch) the
+    metrics are this part's alone."""
     t = loss_terms(method, batch, K, settings, weights, group_grad_norms, totals, daro_state)
-    if return_groups:
-        return t.loss, t.metrics, (t.contrib, t.group_loss)
     return t.loss, t.metrics
 
 

@@ -21,11 +21,8 @@ class MiniBatchView:
     advantages: Tensor  # [B]
     num_correct: Tensor  # [B] long
     prompt_index: Tensor  # [B] long, index into the step's prompts
-    eps_low: float
-    eps_high: float
-    dual_clip: float | None
     metrics: dict[str, float]  # the loss's metrics for this mini-batch
-    factor: Tensor | None = None  # [B, T] the loss's clipped factor g of l = -A g (None: the hook recomputes it)
+    factor: Tensor  # [B, T] the loss's clipped factor g of l = -A g
 
 
 class Hook:

@@ -110,15 +110,9 @@ class HoeffdingHook(Hook):
     def on_minibatch(self, view: MiniBatchView) -> None:
         if view.index == 0:
             return
-        a = view.advantages[:, None]
         m = view.mask.to(torch.float64)
         rho = torch.exp((view.logp - view.old_logp).to(torch.float64)) * m
-        if view.factor is not None:  # the loss's own g
-            g = view.factor.to(torch.float64) * m
-        else:
-            g = torch.where(a > 0, rho.clamp(max=1 + view.eps_high), rho.clamp(min=1 - view.eps_low))
-            if view.dual_clip is not None:
-                g = torch.where(a < 0, g.clamp(max=view.dual_clip), g)
+        g = view.factor.to(torch.float64) * m  # the loss's own g
         n = m.sum(1)
         keep = (n > 0) & (view.advantages != 0)
         if not keep.any():

@@ -260,8 +260,7 @@ class Trainer:
             self.weights.set_state(r.daro_state)  # the signal's EMA and the running regulariser constant
         b, factor = self._whole_minibatch(r.batch, r.factor)
         view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
-                             b.num_correct, b.prompt_index, self.settings.eps_low, self.settings.eps_high,
-                             self.settings.dual_clip, metrics, factor)
+                             b.num_correct, b.prompt_index, metrics, factor)
         for h in self.hooks:
             h.on_minibatch(view)
         return metrics
