@@ -10,6 +10,7 @@ the other ranks get the run id and, on resume, the config and checkpoint from it
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -72,7 +73,7 @@ def train(
 
     d = dp.init_from_env()
     uri = resolve_tracking_uri(tracking_uri or (cfg.tracking.uri if cfg else None) or None)
-    lock = None
+    lock = trainer = None
     try:
         ckpt = root = None
         if resume is not None and not str(resume).strip():
@@ -95,6 +96,11 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+    # the model goes before the process group: DDP's reducer holds the group, and freed after it was destroyed it
+    # would tear the group down itself, holding the GIL while joining gloo's worker thread, which may need the GIL
+    # to free a finished collective's tensors (a deadlock seen at the end of a 2-rank run)
+    trainer = None
+    gc.collect()
     dp.shutdown(d)  # every rank, once all have finished (vLLM's close may have ended the group already)
     return run_id
 
