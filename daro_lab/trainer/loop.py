@@ -4,10 +4,10 @@ One step (docs/math.md):
     N prompts x K responses          (DAPO dynamic sampling: more batches until N have 0 < mu < 1)
     rewards [N, K] -> keep 0 < mu < 1 -> advantages over the kept prompts, once
     old log-probs for the off-policy mini-batches (the first one is on-policy: old = current)
-    for each mini-batch: its totals (tokens per group, responses, L_mu: summed over its passes and ranks)
-                         -> each pass's loss given them (its exact share) -> backward (gradients accumulate
-                         over the passes of trainer.micro_batch_prompts prompts) -> clip -> AdamW (policy
-                         + DARO weights)
+    for each mini-batch: update.backward_minibatch (its totals over its passes and ranks -> each pass's exact
+                         share of the loss -> backward, gradients accumulating over the passes of
+                         trainer.micro_batch_prompts prompts; G_mu and cosines on the measured steps)
+                         -> clip -> AdamW (policy + DARO weights)
     engine sync: the next generation samples from the updated policy
 Hooks see every stage and change nothing; the trainer never logs by itself. How the model runs (DDP or FSDP2,
 fp32 masters, the reference, the generation copy) is `policy.py`'s; which prompts each pass and rank runs is

@@ -5,7 +5,8 @@ records of it (docs/math.md, section 3).
     totals    the mini-batch's sums over all its passes and ranks (tokens per group, L_mu, ...): a no-grad forward
               of every pass; one pass: its own forward, kept for everything below
     signal    DARO's 'grad' reading: ||grad L_mu|| of the whole mini-batch, per group
-    G_mu      ||grad C_mu|| and ||grad L_mu|| of the whole mini-batch (on the steps that measure them)
+    G_mu      ||grad C_mu|| and ||grad L_mu|| of the whole mini-batch, and the cosines between the groups'
+              grad C_mu (on the steps that measure them)
     backward  every pass's exact share of the mini-batch's loss, given the totals (DDP: all-reduced once, at the last)
 
 One pass in one process is the case M = 1, world = 1 of the same code, not a second path. How the model runs
@@ -121,6 +122,8 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
 
     def norms(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[float]:
         """||the whole mini-batch's gradient of pick(terms)||, one gradient held at a time."""
+        if kept is not None and t1 is None:  # one loss evaluation for every pick
+            t1 = terms(kept, totals, group_norms)
         return [float(runtime.gram(vectors([pick], group_norms, t1))[0, 0].clamp(min=0).sqrt()) for pick in picks]
 
     group_norms = None  # DARO's 'grad' reading: [K-1] ||grad L_mu||, measured with the signal zeroed
