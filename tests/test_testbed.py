@@ -151,6 +151,10 @@ def test_bad_knobs_name_themselves():
         TestbedConfig(levels="0.5,1.2")
     with pytest.raises(ValueError, match="level_mix"):
         TestbedConfig(level_mix="1,1")
+    with pytest.raises(ValueError, match="level_mix"):
+        TestbedConfig(level_mix="1,1,1,0")
+    with pytest.raises(ValueError, match=r"prompts: 4 leave level\(s\) \[3\]"):
+        TestbedConfig(prompts=4, prompts_per_step=4, level_mix="8,4,2,1")
     with pytest.raises(ValueError, match="sharing"):
         TestbedConfig(sharing=float("nan"))
     with pytest.raises(ValueError, match="prompts_per_step"):

@@ -70,17 +70,19 @@ class TestbedConfig:
         p0, mix = self.level_p0(), self.mix()
         if not all(0 < p < 1 for p in p0):
             raise ValueError(f"levels: every starting pass rate must lie in (0, 1), got {self.levels!r}")
-        if len(mix) != len(p0) or not all(math.isfinite(m) and m >= 0 for m in mix) or sum(mix) <= 0:
-            raise ValueError(f"level_mix: {len(p0)} non-negative weights (one per level) with a positive sum, "
-                             f"got {self.level_mix!r}")
+        if len(mix) != len(p0) or not all(math.isfinite(m) and m > 0 for m in mix):
+            raise ValueError(f"level_mix: {len(p0)} positive weights (one per level; leave a level out of `levels` "
+                             f"instead of weighting it 0), got {self.level_mix!r}")
         ints = {"K": (2, 256), "prompts": (1, 100_000), "prompts_per_step": (1, self.prompts),
                 "len_short": (1, 4096), "len_run_on": (1, 4096), "steps": (1, 1_000_000), "grad_every": (0, 1_000_000)}
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValueError(f"{name}: an integer in [{lo}, {hi}], got {v!r}")
-        if self.prompts < len(p0):
-            raise ValueError(f"prompts: at least one per level ({len(p0)}), got {self.prompts}")
+        empty = [j for j, n in enumerate(self.level_sizes()) if n == 0]
+        if empty:
+            raise ValueError(f"prompts: {self.prompts} leave level(s) {empty} of level_mix {self.level_mix!r} without a "
+                             "prompt (each level's accuracy would read 0): more prompts or a flatter mix")
         floats = {"start_jitter": (0, 10), "level_length_growth": (0, 10), "run_on_right": (0, 1),
                   "run_on_wrong": (0, 1), "sharing": (0, 1), "lr": (0, 100), "grad_clip": (0, 1e9)}
         for name, (lo, hi) in floats.items():
@@ -98,7 +100,7 @@ class TestbedConfig:
             raise ValueError(f"optimizer: 'adam' or 'sgd', got {self.optimizer!r}")
 
     def level_sizes(self) -> list[int]:
-        """Prompts per level: the pool split by level_mix (largest remainders), at least one where the weight > 0."""
+        """Prompts per level: the pool split by level_mix (largest remainders; `check` refuses a level left empty)."""
         mix = self.mix()
         raw = [self.prompts * m / sum(mix) for m in mix]
         sizes = [int(r) for r in raw]
