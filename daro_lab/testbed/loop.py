@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from daro_lab.ablation.summary import coefficient_of_variation
 from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, Shard, compute_advantages, kept_prompts
 from daro_lab.testbed.model import RIGHT, SyntheticPolicy, TestbedConfig
 from daro_lab.trainer.setup import mass_fixed_point_weights
-from daro_lab.trainer.update import backward_minibatch
+from daro_lab.trainer.update import backward_minibatch, flat_grad
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,7 @@ class TestbedRuntime:
         return contextlib.nullcontext()
 
     def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for x in xs:
-            g = (torch.autograd.grad(x, self.params, retain_graph=True, allow_unused=True) if x.requires_grad
-                 else [None] * len(self.params))
-            out.append(torch.cat([(a if a is not None else torch.zeros_like(p)).flatten() for a, p in zip(g, self.params)]))
-        return out
+        return [flat_grad(x, self.params) for x in xs]
 
     def grad_vector(self) -> torch.Tensor:
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
@@ -137,15 +133,6 @@ class TestbedRuntime:
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-
-
-def _mean_cv(values: list[float]) -> float:
-    """CV across groups of each one's share of the summed values (NaN below two)."""
-    if len(values) < 2:
-        return math.nan
-    v = np.asarray(values, dtype=float)
-    share = v / max(v.sum(), 1e-30)
-    return float(share.std() / share.mean())
 
 
 def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
@@ -187,7 +174,8 @@ def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
                                    Shard(), runtime, weights, measure_groups=measure)
             if measure:
                 rec.cosine.append(r.metrics.get("grad/cos_mean", math.nan))
-                rec.g_share_cv.append(_mean_cv([v for key, v in r.metrics.items() if key.startswith("gradnorm/")]))
+                rec.g_share_cv.append(coefficient_of_variation([v for key, v in r.metrics.items()
+                                                                 if key.startswith("gradnorm/")]))
             gn = float(torch.nn.utils.clip_grad_norm_(runtime.params, clip))
             grad_norm[step - 1], clipped[step - 1] = gn, float(gn > clip)
             if weights is not None and spec.weights == "learned":

@@ -99,7 +99,8 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
     kept = None  # one pass: its batch with the graph, shared by the totals, the norms and the backward
     if M == 1:
         kept = runtime.batch(passes[0])
-        totals = Totals.combine([batch_totals(kept, K, settings)], shard)
+        # one process: the loss counts the totals from the batch itself (no second pass over its tokens)
+        totals = Totals.combine([batch_totals(kept, K, settings)], shard) if world > 1 else None
     else:
         reads_loss = spec.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
         with torch.no_grad():
@@ -128,11 +129,12 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
 
     group_norms = None  # DARO's 'grad' reading: [K-1] ||grad L_mu||, measured with the signal zeroed
     if spec.weights == "learned" and settings.weight_signal == "grad":
-        zeros = torch.zeros(K - 1, device=totals.tokens.device)
-        group_norms = torch.tensor(norms([_pick("group_loss", kk) for kk in range(1, K)], zeros),
-                                   device=totals.tokens.device)
+        dev = kept.logp.device if kept is not None else totals.tokens.device
+        group_norms = torch.tensor(norms([_pick("group_loss", kk) for kk in range(1, K)],
+                                         torch.zeros(K - 1, device=dev)), device=dev)
     t1 = terms(kept, totals, group_norms) if kept is not None else None
-    ks = [kk for kk in range(1, K) if bool(totals.tokens[kk] > 0)]
+    present = t1.present if t1 is not None else (totals.tokens > 0)  # [K+1]; t1's is the interior groups'
+    ks = [kk for kk in range(1, K) if bool(present[kk])]
     geometry = {}
     if measure_groups and ks:  # before the update's backward (M passes zero the gradients; one pass keeps its graph)
         C = [_pick("contrib", kk) for kk in ks]
@@ -231,14 +233,8 @@ class PolicyRuntime:
     def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         params = self.params
         if not self.policy.fsdp:
-            out = []
-            for x in xs:
-                grads = (torch.autograd.grad(x, params, retain_graph=True, allow_unused=True) if x.requires_grad
-                         else [None] * len(params))
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                                  for g, p in zip(grads, params)])
-                out.append(flat if self.shard.world_size == 1 else self.shard.reduce(flat, "sum"))
-            return out
+            flats = [flat_grad(x, params).float() for x in xs]
+            return flats if self.shard.world_size == 1 else [self.shard.reduce(f, "sum") for f in flats]
         # FSDP: gradients exist only as reduce-scattered shards (averaged over ranks), so each is a backward of its
         # own, run by every rank in the same order
         out = []
@@ -255,6 +251,13 @@ class PolicyRuntime:
         V = torch.stack(vectors).double()  # [n, D]
         g = V @ V.T
         return self.shard.reduce(g, "sum") if self.policy.fsdp and self.shard.world_size > 1 else g
+
+
+def flat_grad(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """d x / d params as one flat vector (zeros where x does not reach), keeping the graph."""
+    grads = (torch.autograd.grad(x, params, retain_graph=True, allow_unused=True) if x.requires_grad
+             else [None] * len(params))
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
