@@ -122,6 +122,10 @@ class TaskConfig:
     max_terms: int = _f(5, "chain: most operands; more operands, harder and longer answers", range="[2, inf)")
     num_train: int = _f(4096, "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)", range="[0, inf)")
     num_eval: int = _f(256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)", range="[0, inf)")
+    level_mix: list[float] = _f([], "arithmetic, chain: relative frequency of each level in the training prompts, easiest "
+                                "first, one positive weight per level (chain: min_terms..max_terms; arithmetic: "
+                                "min_digits..max_digits), e.g. [8, 4, 2, 1] easy-heavy; empty: levels equally common. The "
+                                "held-out set stays level-uniform, so every level's accuracy is measured alike")
     data_seed: int = _f(1234, "seed of the prompt generator (independent of the training seed)", range="[0, inf)")
     train_file: str = _f("", "math/file tasks: local JSONL or parquet of training problems (MATH, DAPO-Math-17k, OpenR1-Math layouts)")
     eval_file: str = _f("", "math/file tasks: held-out problems; empty holds out num_eval rows of train_file")
@@ -516,6 +520,17 @@ def validate(cfg: Config) -> None:
         bad("task.max_digits", f"must be >= task.min_digits ({tk.min_digits}), got {tk.max_digits}")
     if tk.max_terms < tk.min_terms:
         bad("task.max_terms", f"must be >= task.min_terms ({tk.min_terms}), got {tk.max_terms}")
+    if tk.level_mix and tk.name in ("chain", "arithmetic"):
+        lo, hi = (tk.min_terms, tk.max_terms) if tk.name == "chain" else (tk.min_digits, tk.max_digits)
+        if len(tk.level_mix) != hi - lo + 1:
+            bad("task.level_mix", f"expected one weight per level {lo}..{hi} ({hi - lo + 1}), got {len(tk.level_mix)}: "
+                f"{list(tk.level_mix)}")
+        for i, w in enumerate(tk.level_mix):
+            if not (math.isfinite(w) and w > 0):
+                bad(f"task.level_mix[{i}]", f"level {lo + i}: a weight must be a positive number (a level of weight 0 "
+                    f"has no training prompts; drop it with the level range instead), got {w}")
+    elif tk.level_mix:
+        bad("task.level_mix", f"only the generated tasks (chain, arithmetic) have levels to mix; task.name is {tk.name!r}")
     if not tk.ops:
         bad("task.ops", "expected a non-empty list drawn from '+', '-', '*', got []")
     if tk.name == "chain" and cfg.rollout.max_new_tokens <= (longest := longest_chain_answer(tk)):

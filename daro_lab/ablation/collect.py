@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +65,30 @@ def load_plan(store: RunStore, parent_run_id: str) -> Plan:
 
 
 def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = None,
-                       write: bool = False) -> AblationResult:
+                       write: bool = False, accuracy: str | None = None) -> AblationResult:
     """Recompute the summary of an ablation from what its child runs logged (and, with `write`,
     store it on the parent: tables/ablation_summary.parquet, tables/ablation_per_seed.parquet,
-    ablation_summary.md, and per-arm metrics `<metric>_mean/<arm>`)."""
+    ablation_summary.md, and per-arm metrics `<metric>_mean/<arm>`). `accuracy` replaces the plan's endpoint
+    (e.g. 'sampled' beside a plan's 'sampled:level_5'); it cannot be combined with `write`."""
     from daro_lab.tracking import read_metrics, read_table
 
     store = RunStore(uri)
     uri = store.uri
     plan = plan or load_plan(store, parent_run_id)
+    if accuracy is not None:
+        if write:
+            raise AblationError("summarize_ablation: the summary stored on the parent is the plan's endpoint; "
+                                "another accuracy is a reading, not stored (drop write)")
+        try:
+            S.acc_key(accuracy)
+        except ValueError as e:
+            raise AblationError(f"accuracy: {e}") from None
+        plan = replace(plan, accuracy=accuracy)
     children: dict[tuple[str, int], Any] = {}
     for run in find_children(store, parent_run_id):
         key = (run.data.tags.get(TAG_ARM), int(run.data.tags.get(TAG_SEED, -1)))
         children.setdefault(key, run)
-    acc_key = S.ACC_KEYS[plan.accuracy]
+    acc_key = S.acc_key(plan.accuracy)
     wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "gradnorm/", "daro/weight/", "daro/at_bound", "loss/total")
     rows, frames = [], {}
     for seed in plan.seeds:

@@ -13,7 +13,8 @@ A grid file (every key but `arms` optional):
     init_seed = "shared"                      # "shared": every seed starts from one warm start (seeds vary the
                                               #   RL sampling only); "per_seed": model.init_seed = the seed
     balance_window = 10                       # last steps over which the loss-balance spread is averaged
-    accuracy = "greedy"                       # held-out accuracy compared: "greedy" or "sampled" (avg@n)
+    accuracy = "greedy"                       # held-out accuracy compared: "greedy" or "sampled" (avg@n), or
+                                              #   "sampled:level_5": the level-5 held-out prompts only
     test = "t"                                # paired test against the reference: "t" or "wilcoxon"
     weight_stats = false                      # add weight variance / balance gap / stability columns
     num_cpus = 2                              # CPUs per arm: a Ray task's resources; process-pool size
@@ -50,6 +51,7 @@ from typing import Any, Literal
 
 import tomllib
 
+from daro_lab.ablation.summary import acc_key
 from daro_lab.config import (
     REQUIRED,
     Config,
@@ -219,7 +221,9 @@ class GridSpec:
     num_cpus: float = setting(2, "CPUs per arm: a Ray task's resources; the process pool's size", range="(0, inf)")
     num_gpus: float | None = setting(None, "GPUs per arm (Ray); default 1 for arms on trainer.device 'cuda...', else 0",
                                      range="[0, inf)")
-    accuracy: Literal["greedy", "sampled"] = setting("greedy", "held-out accuracy compared: greedy or sampled (avg@n)")
+    accuracy: str = setting("greedy", "held-out accuracy compared: 'greedy' or 'sampled' (avg@n), over all held-out "
+                            "prompts, or 'greedy:level_N' / 'sampled:level_N' over the level-N prompts only "
+                            "(eval/<mode>_acc/level_N, e.g. the hardest level as the endpoint)")
 
 
 def _check_overrides(where: str, key: str, items: list) -> list[str]:
@@ -242,6 +246,10 @@ def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
         check_ranges(spec, noun="grid key")
     except ConfigError as e:
         raise AblationError(f"{where}: {e}") from None
+    try:
+        acc_key(spec.accuracy)
+    except ValueError as e:
+        raise AblationError(f"{where}: key 'accuracy': {e}") from None
     arms: list[Arm] = []
     for i, a in enumerate(spec.arms):
         aw = f"{where}: arms[{i}] ('{a.name}')"

@@ -7,7 +7,8 @@ ablation's statistical summary as its first section.
 This is the one function `daro-lab report --ablation RUN_ID` needs. It calls into `analyses` only
 through `analyses.report.write_report(uri=..., run_ids=..., out_dir=..., figures=...)`; the summary
 is recomputed from the store (daro_lab.ablation.summarize_ablation) and saved beside the report as
-ablation_summary.md / .csv and ablation_per_seed.csv.
+ablation_summary.md / .csv and ablation_per_seed.csv (and, when the endpoint is one level's accuracy, the same
+over all held-out prompts as ablation_summary_all_levels.md / .csv, ablation_per_seed_all_levels.csv).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daro_lab.ablation.collect import AblationResult, summarize_ablation
-from daro_lab.ablation.summary import display_table, verdict
+from daro_lab.ablation.summary import acc_mode, display_table, verdict
 
 
 def summary_html(res: AblationResult) -> str:
@@ -71,12 +72,20 @@ def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Pa
     (out / "ablation_summary.md").write_text(res.markdown)
     res.summary.to_csv(out / "ablation_summary.csv", index=False)
     res.per_seed.to_csv(out / "ablation_per_seed.csv", index=False)
+    mode = acc_mode(res.plan.accuracy)
+    if mode != res.plan.accuracy:  # one level's accuracy is the endpoint: all held-out prompts' beside it
+        every = summarize_ablation(uri, parent_run_id, res.plan, accuracy=mode)
+        (out / "ablation_summary_all_levels.md").write_text(every.markdown)
+        every.summary.to_csv(out / "ablation_summary_all_levels.csv", index=False)
+        every.per_seed.to_csv(out / "ablation_per_seed_all_levels.csv", index=False)
     from analyses.report import write_report
 
     finished = res.per_seed.loc[res.per_seed.status == "FINISHED", "run_id"].tolist()
     target = res.summary.attrs.get("target_acc")
-    conv = {"accuracy": res.plan.accuracy, **({"target": float(target)} if target is not None and math.isfinite(target)
-                                              else {})}  # the summary's target in panel (d): one definition
+    # panel (d) of the convergence figure: the summary's target (one definition), when the summary's endpoint is the
+    # figure's (all held-out prompts); a one-level endpoint's target is not drawn there
+    conv = {"accuracy": mode, **({"target": float(target)} if target is not None and math.isfinite(target)
+                                 and mode == res.plan.accuracy else {})}
     rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures,
                        title=f"daro-lab ablation '{res.plan.name}' (parent run {parent_run_id[:8]})",
                        preface=summary_preface(res), figure_options={"convergence": conv})

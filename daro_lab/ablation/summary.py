@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,25 @@ from daro_lab.record import wide
 
 ACC = "eval/greedy_acc"
 ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
+_LEVEL_RE = re.compile(r"^(greedy|sampled):level_(-?\d+)$")
+
+
+def acc_key(accuracy: str) -> str:
+    """The metric a grid's `accuracy` compares: 'greedy' or 'sampled' (all held-out prompts), or 'MODE:level_N' (the
+    held-out prompts of level N only, `eval/MODE_acc/level_N`, e.g. the hardest level as the endpoint).
+    ValueError naming the value otherwise."""
+    if accuracy in ACC_KEYS:
+        return ACC_KEYS[accuracy]
+    m = _LEVEL_RE.match(accuracy)
+    if not m:
+        raise ValueError(f"expected 'greedy', 'sampled', 'greedy:level_N' or 'sampled:level_N', got {accuracy!r}")
+    return f"{ACC_KEYS[m.group(1)]}/level_{m.group(2)}"
+
+
+def acc_mode(accuracy: str) -> str:
+    """'greedy' or 'sampled': the decoding of the grid's `accuracy` (without its level)."""
+    acc_key(accuracy)
+    return accuracy.split(":")[0]
 SHARE_METRICS = ("c_share_cv", "g_share_cv", "c_share_cv_prompt", "g_share_cv_prompt")
 STAT_METRICS = ("final_acc", "best_acc", "auc_acc", "steps_to_target", *SHARE_METRICS, "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
@@ -244,6 +264,13 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
 
 # --------------------------------------------------------------------------------------------
 # Per run
+
+
+def _acc_words(accuracy: str) -> str:
+    """'sampled:level_5' -> 'sampled held-out accuracy on the level-5 prompts only (eval/sampled_acc/level_5)'."""
+    mode, _, level = accuracy.partition(":")
+    return (f"{mode} held-out accuracy on the {level.replace('_', '-')} prompts only ({acc_key(accuracy)})" if level
+            else f"{mode} held-out accuracy")
 
 
 def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
@@ -545,7 +572,7 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "",
         "How to read it:",
         "",
-        f"- Accuracy: {meta.get('accuracy', 'greedy')} held-out accuracy; *final* at the last evaluation, *best* over the evaluations after "
+        f"- Accuracy: {_acc_words(meta.get('accuracy', 'greedy'))}; *final* at the last evaluation, *best* over the evaluations after "
         "step 0. Mean over seeds with a 95% t-interval of the mean in brackets (none with one seed); the seed range "
         "(min–max over seeds) is shown apart: it is the seeds' spread, not an interval for the mean.",
         "- AUC acc: the area under each run's accuracy curve from step 0 to its last evaluation, over that many "

@@ -43,7 +43,8 @@ GRAD_CLIP = 1.0  # max global gradient norm
 _MODEL_NOT_IN_KEY = ("path", "cache_dir", "prompt_template", "stop_token", "gradient_checkpointing",
                      "logprob_chunk_size", "arch_file")
 _TASK_NOT_IN_KEY = ("train_file", "eval_file", "prompt_field", "answer_field", "level_field", "answer_extract",
-                    "reward_workers", "reward_timeout_s", "max_prompt_tokens", "long_prompts")
+                    "reward_workers", "reward_timeout_s", "max_prompt_tokens", "long_prompts",
+                    "level_mix")  # the warm start draws its own level-uniform demonstrations
 
 
 def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> str:

@@ -79,12 +79,13 @@ def _sample_in_level(cfg: TaskConfig, rng: random.Random, level: int) -> Problem
 
 def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problem lists, deterministic from cfg.data_seed; every level (digits of the longer
-    operand) equally common in both (`tasks.leveled`): the held-out set has distinct prompts, disjoint from
+    operand) equally common in both (`tasks.leveled`; training: or mixed by task.level_mix): the held-out set has distinct prompts, disjoint from
     training; a level with fewer distinct prompts than its share of training (one digit: 100) repeats them."""
     _check(cfg)
     levels = list(range(cfg.min_digits, cfg.max_digits + 1))
     return build_leveled(levels, lambda lvl: level_size(cfg, lvl), lambda rng, lvl: _sample_in_level(cfg, rng, lvl),
-                         lambda lvl: _enumerate_level(cfg, lvl), cfg.num_train, cfg.num_eval, cfg.data_seed)
+                         lambda lvl: _enumerate_level(cfg, lvl), cfg.num_train, cfg.num_eval, cfg.data_seed,
+                         cfg.level_mix)
 
 
 def parse_answer(text: str) -> str | None:

@@ -71,11 +71,12 @@ def num_distinct(cfg: TaskConfig) -> int:
 
 
 def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval), deterministic from cfg.data_seed, levels equally common (see tasks.leveled)."""
+    """(train, eval), deterministic from cfg.data_seed, levels equally common (training: or mixed by
+    task.level_mix; see tasks.leveled)."""
     _check(cfg)
     levels = list(range(cfg.min_terms, cfg.max_terms + 1))
     return build_leveled(levels, lambda m: level_size(cfg, m), lambda rng, m: _sample_in_level(cfg, rng, m),
-                         lambda m: _enumerate_level(cfg, m), cfg.num_train, cfg.num_eval, cfg.data_seed)
+                         lambda m: _enumerate_level(cfg, m), cfg.num_train, cfg.num_eval, cfg.data_seed, cfg.level_mix)
 
 
 def run_on(problem: Problem, cfg: TaskConfig, extra: int | None = None) -> str:

@@ -1,7 +1,8 @@
 """Problem sets whose difficulty levels are equally common: the built-in generated tasks use this.
 
 `build_leveled` draws the held-out set first, then the training set, each slot's level uniform over the
-task's levels. The held-out set has distinct prompts and takes at most a quarter of a level's distinct
+task's levels (training: or drawn by `mix`, the levels' relative weights, config key task.level_mix; the held-out
+set stays uniform so that every level's accuracy is measured alike). The held-out set has distinct prompts and takes at most a quarter of a level's distinct
 prompts (so training keeps most of a small level); training draws distinct prompts of a level while its
 remaining pool lasts and repeats them after that (one-digit addition has only 100 prompts: a level-uniform
 training set repeats them, as sampling them during training would).
@@ -10,7 +11,7 @@ training set repeats them, as sampling them during training would).
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Sequence
 
 from daro_lab.tasks.base import Problem
 
@@ -18,13 +19,16 @@ EVAL_SHARE = 0.25  # most of a level's distinct prompts the held-out set may tak
 
 
 def build_leveled(levels: list[int], level_size: Callable[[int], int], sample: Callable[[random.Random, int], Problem],
-                  enumerate_level: Callable[[int], list[Problem]], num_train: int, num_eval: int, seed: int
-                  ) -> tuple[list[Problem], list[Problem]]:
+                  enumerate_level: Callable[[int], list[Problem]], num_train: int, num_eval: int, seed: int,
+                  mix: Sequence[float] = ()) -> tuple[list[Problem], list[Problem]]:
     """(train, eval), deterministic from `seed`.
 
     level_size(l): distinct prompts of level l; sample(rng, l): a uniform prompt of level l;
-    enumerate_level(l): every prompt of level l (called only for levels small next to the request).
+    enumerate_level(l): every prompt of level l (called only for levels small next to the request);
+    mix: one positive weight per level for the training set (empty: uniform, the same draws as before it existed).
     """
+    if mix and (len(mix) != len(levels) or min(mix) <= 0):
+        raise ValueError(f"task.level_mix: expected {len(levels)} positive weights (levels {levels}), got {list(mix)}")
     rng = random.Random(seed)
     pools: dict[int, list[Problem] | None] = {}  # level -> all its prompts, shuffled (small levels only)
     cursor: dict[int, int] = {}  # level -> next unread position in its pool
@@ -68,7 +72,7 @@ def build_leveled(levels: list[int], level_size: Callable[[int], int], sample: C
     repeat: dict[int, list[Problem]] = {}  # level -> its training prompts, once its pool is used up
     train: list[Problem] = []
     for _ in range(num_train):
-        level = rng.choice(levels)
+        level = rng.choices(levels, weights=mix)[0] if mix else rng.choice(levels)
         p = fresh(level)
         if p is None:  # a small level's pool is used up: repeat one of its training prompts
             if level not in repeat:
