@@ -248,6 +248,20 @@ def test_summary_equals_what_the_children_logged(sweep):
     # recomputed from the store alone, it is the same
     again = summarize_ablation(uri, res.parent_run_id).summary.set_index("arm")
     assert again.loc["optimal", "balance_cv_mean"] == pytest.approx(s.loc["optimal", "balance_cv_mean"], nan_ok=True)
+    # one level's accuracy as the endpoint (grid key accuracy = 'greedy:level_N'): read from that level's metric
+    level = max(int(k.rsplit("_", 1)[1]) for k in read_metrics(uri, res.per_seed.run_id.iloc[0]).key
+                if k.startswith("eval/greedy_acc/level_"))
+    lv = summarize_ablation(uri, res.parent_run_id, accuracy=f"greedy:level_{level}")
+    for r in lv.per_seed.itertuples():
+        m = read_metrics(uri, r.run_id)
+        acc = m[m.key == f"eval/greedy_acc/level_{level}"].sort_values("step")
+        assert r.final_acc == pytest.approx(acc.value.iloc[-1]) and r.start_acc == pytest.approx(acc.value.iloc[0])
+    assert f"on the level-{level} prompts only (eval/greedy_acc/level_{level})" in lv.markdown
+    assert lv.plan.accuracy == f"greedy:level_{level}" and res.plan.accuracy == "greedy"
+    with pytest.raises(AblationError, match="accuracy: expected 'greedy', 'sampled'.*got 'level_5'"):
+        summarize_ablation(uri, res.parent_run_id, accuracy="level_5")
+    with pytest.raises(AblationError, match="not stored"):
+        summarize_ablation(uri, res.parent_run_id, accuracy="greedy", write=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +382,8 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
     ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown grid key 'sett'"),
     ("[[arms]]\nlabel = 'a'\n", "arms[0]: missing grid key 'name'"),
     ("test = 'anova'\n[[arms]]\nname = 'a'\n", "grid key 'test': expected 't' or 'wilcoxon', got 'anova'"),
-    ("accuracy = 'best'\n[[arms]]\nname = 'a'\n", "grid key 'accuracy': expected 'greedy' or 'sampled'"),
+    ("accuracy = 'best'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy', 'sampled', 'greedy:level_N'"),
+    ("accuracy = 'sampled:level_x'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy'"),
     ("num_cpus = 0\n[[arms]]\nname = 'a'\n", "grid key 'num_cpus': must be a finite number > 0, got 0.0"),
     ("target_acc = 'final'\n[[arms]]\nname = 'a'\n", "grid key 'target_acc': expected a number or 'progress'"),
     ("init_seed = 'each'\n[[arms]]\nname = 'a'\n", "grid key 'init_seed': expected 'shared' or 'per_seed'"),
@@ -426,6 +441,10 @@ def test_every_shipped_grid_resolves_against_the_tiny_preset():
     assert {c["trainer"]["prompts_per_step"] for n, c in k.items() if "prompts" in n or n == "K8"} == {
         k["K8"]["trainer"]["prompts_per_step"]}
     assert load_grid("static-weights").arm("optimal-static").static_from == "learned"
+    mix = make_plan("level-mix", "tiny")
+    assert mix.accuracy == "sampled:level_5" and mix.init_seed == "per_seed" and len(mix.seeds) == 16
+    assert {a.config["task"]["level_mix"] == [8, 4, 2, 1] and a.config["trainer"]["threads"] == 1 for a in mix.arms} == {True}
+    assert {a.name: a.config["algo"]["daro"]["signal_ema"] for a in mix.arms}["daro-abs"] == 0.9
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,3 +217,42 @@ def test_chain_cap_must_exceed_the_longest_answer():
     with pytest.raises(ConfigError, match="rollout.max_new_tokens"):
         load_config(None, ["task.name=chain", "task.max_digits=2", "rollout.max_new_tokens=15"])
     load_config(None, ["task.name=chain", "task.max_digits=2", "rollout.max_new_tokens=16"])
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "chain"])
+def test_level_mix_weights_the_training_levels_and_leaves_the_held_out_set(name):
+    """task.level_mix: each level's share of the training prompts follows its weight (easy-heavy 8:4:2:1 here);
+    the held-out set is the level-uniform one, prompt for prompt, and stays disjoint from training."""
+    kw = dict(name=name, min_digits=1, max_digits=3 if name == "arithmetic" else 1, num_train=4000, num_eval=200)
+    mix = [6, 3, 1] if name == "arithmetic" else [8, 4, 2, 1]
+    train, ev = build_task(cfg(**kw, level_mix=mix))
+    uniform_train, uniform_ev = build_task(cfg(**kw))
+    levels = sorted({p.level for p in train})
+    for lvl, w in zip(levels, mix):
+        share = sum(p.level == lvl for p in train) / len(train)
+        assert abs(share - w / sum(mix)) < 0.03, (lvl, share)
+    assert [p.prompt for p in ev] == [p.prompt for p in uniform_ev]
+    assert not {p.prompt for p in train} & {p.prompt for p in ev}
+    assert [p.prompt for p in train] != [p.prompt for p in uniform_train]
+
+
+@pytest.mark.parametrize("mix,needle", [
+    ("[1, 2]", "config key 'task.level_mix': expected one weight per level 2..5 (4), got 2"),
+    ("[1, 0, 1, 1]", "config key 'task.level_mix[1]': level 3: a weight must be a positive number"),
+    ("[1, -1, 1, 1]", "config key 'task.level_mix[1]'"),
+    ("[1, nan, 1, 1]", "config key 'task.level_mix[1]'"),
+])
+def test_a_bad_level_mix_is_refused_naming_the_key_and_level(mix, needle):
+    from typer.testing import CliRunner
+
+    from daro_lab.cli import app
+    from daro_lab.config import ConfigError, load_config
+
+    base = ["task.name=chain", "task.max_digits=1", "rollout.max_new_tokens=24"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*base, f"task.level_mix={mix}"])
+    assert needle in str(e.value)
+    res = CliRunner().invoke(app, ["config", *sum((["--set", s] for s in [*base, f"task.level_mix={mix}"]), [])])
+    assert res.exit_code == 2 and "task.level_mix" in res.output
+    with pytest.raises(ConfigError, match="only the generated tasks"):
+        load_config(None, ["task.name=math", "task.train_file=x.jsonl", "task.level_mix=[1]"])
