@@ -279,9 +279,18 @@ def test_trl_daro_grad_signal(tmp_path):
     assert rows and all(r[signal] > 0 for r in rows)
     assert all(abs(r[signal] - abs(r[loss])) > 1e-6 for r in rows)  # a gradient norm, not the 'abs' reading |L_mu|
     assert any(abs(w - 1.0) > 1e-3 for w in trainer.daro_weights.as_dict().values())
-    with pytest.raises(ValueError, match="daro_signal='grad' needs gradient_accumulation_steps = 1"):
-        _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", per_device_train_batch_size=8,
-                 gradient_accumulation_steps=2)
+    # the same update in two accumulated micro-batches (daro-lab's update unit: the signal is still the whole
+    # update's ||grad L_mu||, from a backward of every micro-batch per group): the same signal, loss and weights
+    split = _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", daro_lr_w=0.05, max_steps=1,
+                     num_iterations=1, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    split.train()
+    one = {r["k"]: r for r in rows}
+    two = {r["k"]: r for r in split.per_mu_rows}
+    assert one.keys() == two.keys()
+    for kk in one:
+        for col in (signal, loss, "tokens"):
+            assert two[kk][col] == pytest.approx(one[kk][col], rel=1e-4, abs=1e-7), (kk, col)
+    assert split.daro_weights.as_dict() == pytest.approx(trainer.daro_weights.as_dict(), rel=1e-5)
 
 
 @pytest.mark.parametrize("key,value", [("pass_threshold", float("nan")), ("pass_threshold", float("inf")),
@@ -327,3 +336,26 @@ def test_trl_run_that_stops_on_an_error_is_failed_in_mlflow_and_keeps_its_tables
     import mlflow
 
     assert mlflow.active_run() is None  # nothing left for the exit handler to end FINISHED
+
+
+def test_trl_daro_runs_every_update_through_daro_labs_update_unit(tmp_path, monkeypatch):
+    """loss_type='daro' has no update code of its own: each optimizer update is one call of the trainer's
+    `backward_minibatch` with all of the update's micro-batches, at its last one; the loss HF logs is the update's."""
+    import daro_lab.integrations.trl as trl_mod
+    from daro_lab.trainer import update
+
+    calls = []
+
+    def spy(method, passes, *a, **kw):
+        res = update.backward_minibatch(method, passes, *a, **kw)
+        calls.append((method, len(passes), res.metrics["loss/total"]))
+        return res
+
+    monkeypatch.setattr(trl_mod, "backward_minibatch", spy)
+    trainer = _trainer(tmp_path, "daro", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                       num_iterations=1, max_steps=2, daro_lr_w=0.05)
+    trainer.train()
+    assert [(m, n) for m, n, _ in calls] == [("daro", 2), ("daro", 2)]
+    for step, (_, _, total) in zip((1, 2), calls):
+        losses = [r["loss"] for r in trainer.spy if r["step"] == step]
+        assert losses[0] == 0.0 and losses[1] == pytest.approx(total, rel=1e-6)  # zero, then the update's loss

@@ -55,12 +55,14 @@
    grad, `daro_reg` a number or 'auto', `daro_signal_ema`), the weights of groups absent from an update not
    stepped, clamped to [w_min, w_max] after each step, and saved with TRL's checkpoints (`daro_weights.pt` in
    the checkpoint folder: weights and signal state; the optimizer state holds their AdamW moments) and restored
-   by `train(resume_from_checkpoint=...)`. One optimizer update is daro-lab's mini-batch: with gradient
-   accumulation the update's totals (`Totals`: tokens per group, L_mu, ...) come from a no-grad forward of its
-   micro-batches first and are passed to each micro-batch's loss, so the accumulated gradient is the whole
-   update's, as in daro-lab's trainer.
+   by `train(resume_from_checkpoint=...)`. One optimizer update is daro-lab's mini-batch, run by the trainer's
+   own update unit (`daro_lab.trainer.update.backward_minibatch` with `TRLRuntime`) at the update's last
+   micro-batch, over all of its micro-batches: with gradient accumulation the update's totals (`Totals`: tokens
+   per group, L_mu, ...) come from a no-grad forward of its micro-batches first and each micro-batch's backward
+   is its exact share of the whole update's loss, as in daro-lab's trainer ('grad' signal included). HF's loop
+   backpropagates a zero for each micro-batch (the unit has done the update's backward) and logs the update's loss.
    Needs steps_per_generation to be a multiple of gradient_accumulation_steps (an update within one generation
-   batch); the 'grad' signal needs gradient_accumulation_steps = 1.
+   batch); no router auxiliary loss.
 
 Several processes (accelerate / torchrun): the totals and metric sums are all-reduced over a `Shard`, as daro-lab's
 trainer does; this path follows daro-lab's data-parallel accounting but is not exercised by the tests here (one
@@ -69,6 +71,7 @@ CPU process).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -103,6 +106,7 @@ from daro_lab.algorithms import (
 )
 from daro_lab.hooks.builtin import per_mu_rows
 from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
+from daro_lab.trainer.update import MinibatchResult, backward_minibatch, cat_batches, flat_grad
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
 METHOD_OF_LOSS_TYPE = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "bnpo": "dapo", "daro": "daro"}
@@ -200,24 +204,6 @@ def process_shard(num_processes: int) -> Shard:
     return Shard(num_processes, reduce)
 
 
-def cat_batches(batches: list[PolicyBatch]) -> PolicyBatch:
-    """One PolicyBatch from several (rows stacked, padded on the right to the widest)."""
-    if len(batches) == 1:
-        return batches[0]
-    T = max(b.logp.shape[1] for b in batches)
-
-    def pad(x: Tensor | None) -> Tensor | None:
-        return None if x is None else torch.nn.functional.pad(x, (0, T - x.shape[1]))
-
-    out = {}
-    for name in ("logp", "old_logp", "mask", "ref_logp"):
-        parts = [pad(getattr(b, name)) for b in batches]
-        out[name] = None if parts[0] is None else torch.cat(parts)
-    for name in ("advantages", "num_correct", "rewards", "prompt_index"):
-        out[name] = torch.cat([getattr(b, name) for b in batches])
-    return PolicyBatch(**out)
-
-
 def trl_coefficients(loss_type: str, mask: Tensor, grad_accum: int, max_completion_length: int,
                      num_items: float | None, num_processes: int, steps_per_generation: int) -> Tensor:
     """[B, T] TRL's aggregation coefficient of one micro-batch (its loss is sum c * l), as GRPOTrainer._compute_loss
@@ -272,10 +258,8 @@ class DaroGRPOTrainer(GRPOTrainer):
         self._rewards_per_func: Tensor | None = None
         self._gen_count = 0
         self._pending_hist: Tensor | None = None
-        self._daro_totals = None  # the running update's totals (accumulation: from a no-grad forward first)
-        self._daro_parts: list = []  # the metric sums of the running update's micro-batches
-        self._daro_pending_state = None  # the signal state after the running update
-        self._daro_next_state = None
+        self._daro_result: MinibatchResult | None = None  # the running update's, until its metrics are recorded
+        self._daro_next_state = None  # the signal state after the running update, kept after the optimizer step
         self.per_mu_rows: list[dict] = []  # the per_mu table (daro-lab's columns plus trl/contrib, trl/scale)
         self.mu_hist_rows: list[dict] = []
         self.last_update_batch: PolicyBatch | None = None  # the last update's batch, detached (inspection, tests)
@@ -335,6 +319,8 @@ class DaroGRPOTrainer(GRPOTrainer):
             bad.append("entropy_coef / use_adaptive_entropy")
         if self.use_vllm and self.vllm_importance_sampling_correction:
             bad.append("vllm_importance_sampling_correction=True")
+        if self.aux_loss_enabled:
+            bad.append("a router auxiliary loss (output_router_logits; the update is daro-lab's loss alone)")
         if self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False):
             bad.append("use_bias_correction_kl=True with beta > 0 (daro-lab's KL is the plain k3 estimator)")
         if bad:
@@ -343,9 +329,6 @@ class DaroGRPOTrainer(GRPOTrainer):
         if s % G:
             raise ValueError(f"loss_type='daro': steps_per_generation ({s}) must be a multiple of "
                              f"gradient_accumulation_steps ({G}), so that an optimizer update lies in one generation batch")
-        if a.daro_signal == "grad" and G != 1:
-            raise ValueError("daro_signal='grad' needs gradient_accumulation_steps = 1 (||grad L_mu|| of the whole "
-                             f"update, one backward per group), got {G}")
 
     def create_optimizer(self, model=None):
         """TRL's optimizer, plus DARO's weights as their own parameter group (own lr, no weight decay)."""
@@ -476,65 +459,30 @@ class DaroGRPOTrainer(GRPOTrainer):
         return loss
 
     def _daro_loss(self, model, inputs):
+        """Training: the whole optimizer update runs at its last micro-batch, through daro-lab's update unit
+        (`trainer.update.backward_minibatch`, the trainer's own: totals, the 'grad' signal, every micro-batch's exact
+        share of the update's loss, backward by backward); the other micro-batches return a zero that carries no
+        gradient. Evaluation: the batch's DARO loss."""
         K, s, w_mod = self.K, self.daro_settings, self.daro_weights
-        w, state = w_mod(), w_mod.state()
         if not self.model.training:  # evaluation: this batch's DARO loss, nothing kept
             b = self.policy_batch(inputs, self._forward(model, inputs)[0])
             s_eval = s if s.weight_signal != "grad" else dataclasses.replace(s, weight_signal="abs")  # no backward here
-            return loss_terms("daro", b, K, s_eval, weights=w.detach(), daro_state=state).loss
+            return loss_terms("daro", b, K, s_eval, weights=w_mod().detach(), daro_state=w_mod.state()).loss
+        dev = inputs["completion_ids"].device
         M = self.current_gradient_accumulation_steps
-        if M > 1 and self._step % M == 0:  # the update's totals, from all of its micro-batches
-            self._daro_totals = self._daro_phase1(model, M)
-        logp, entropies, aux = self._forward(model, inputs, entropy=True)
-        b = self.policy_batch(inputs, logp)
-        world = self.daro_shard.world_size
-        norms = None
-        if M == 1:
-            self._daro_totals = Totals.combine([batch_totals(b, K, s)], self.daro_shard)
-            norms = self._group_grad_norms(model, b, w, state, self._daro_totals) if s.weight_signal == "grad" else None
-        t = loss_terms("daro", b, K, s, weights=w, group_grad_norms=norms, totals=self._daro_totals, daro_state=state)
-        self._daro_parts.append(t.stats)
-        self._daro_pending_state = t.daro_state  # every micro-batch's: it depends on the totals only
-        self._window.append({"batch": _detached(b)})
-        loss = t.loss * world  # this process's share of the update; DDP averages over processes
-        if aux is not None:
-            loss = loss + self.router_aux_loss_coef * aux / M
-        m = self._loss_mask(inputs).float()
-        tot = self.daro_shard.reduce(torch.stack([(entropies.detach() * m).sum(), m.sum()]), "sum")
-        self._metrics["train"]["entropy"].append(float(tot[0] / tot[1].clamp(min=1)))
-        return loss
-
-    def _daro_phase1(self, model, M: int) -> Totals:
-        """The update's totals (tokens per group, L_mu, ...) from a no-grad forward of its M micro-batches."""
-        start = self._step % self.args.steps_per_generation
-        micro = self._buffered_inputs[start : start + M]
-        if len(micro) != M:
-            raise RuntimeError(f"DARO: the update's {M} micro-batches are not all in the generation batch "
-                               f"(found {len(micro)} from micro-step {start})")
-        with torch.no_grad():
-            parts = [batch_totals(self.policy_batch(mb, self._forward(model, mb)[0]), self.K, self.daro_settings)
-                     for mb in micro]
-        return Totals.combine(parts, self.daro_shard)
-
-    def _group_grad_norms(self, model, b: PolicyBatch, w: Tensor, state, totals: Totals) -> Tensor:
-        """[K-1] ||grad_theta L_mu|| of the update (DARO's 'grad' signal), keeping the graph."""
-        K = self.K
-        zeros = torch.zeros(K - 1, device=w.device)
-        L = loss_terms("daro", b, K, self.daro_settings, weights=w.detach(), group_grad_norms=zeros, totals=totals,
-                       daro_state=state).group_loss
-        params = [p for p in model.parameters() if p.requires_grad]
-        out = []
-        for kk in range(1, K):
-            x = L[kk]
-            grads = (torch.autograd.grad(x, params, retain_graph=True, allow_unused=True) if x.requires_grad
-                     else [None] * len(params))
-            if self.daro_shard.world_size == 1:
-                out.append(math.sqrt(sum(float((g.float() ** 2).sum()) for g in grads if g is not None)))
-            else:
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                                  for g, p in zip(grads, params)])
-                out.append(float(self.daro_shard.reduce(flat, "sum").norm()))
-        return torch.tensor(out, device=w.device)
+        if (self._step + 1) % M:  # TRL counts this micro-batch after it: not the update's last one yet
+            return torch.zeros((), device=dev, requires_grad=True)
+        start = (self._step + 1 - M) % self.args.steps_per_generation
+        passes = self._buffered_inputs[start : start + M]
+        if len(passes) != M or passes[-1] is not inputs:
+            raise RuntimeError(f"DARO: the update's {M} micro-batches are not the generation batch's {start}.."
+                               f"{start + M - 1} ending with this micro-batch (found {len(passes)})")
+        runtime = TRLRuntime(self, model)
+        self._daro_result = backward_minibatch("daro", passes, K, s, self.daro_shard, runtime, weights=w_mod)
+        ent = self.daro_shard.reduce(torch.stack(list(runtime.entropy.values())).sum(0), "sum")  # [entropy, tokens]
+        self._metrics["train"]["entropy"].append(float(ent[0] / ent[1].clamp(min=1)))
+        # what HF logs as this update's loss (its backward is a no-op: the unit has done the update's)
+        return torch.zeros((), device=dev, requires_grad=True) + self._daro_result.metrics["loss/total"]
 
     # ---------------------------------------------------------------------------------------------------------
     # per update: metrics, table rows; after the optimizer step: DARO's weights
@@ -550,13 +498,13 @@ class DaroGRPOTrainer(GRPOTrainer):
         window, self._window = self._window, []
         metrics: dict[str, float] = {}
         if self.is_daro:
-            if not self._daro_parts:
+            res, self._daro_result = self._daro_result, None
+            if res is None:
                 return
-            metrics = MetricSums.combine(self._daro_parts, self.daro_shard).finish()  # the update's, all processes
-            state = self._daro_pending_state
-            self._daro_parts, self._daro_totals, self._daro_pending_state = [], None, None
+            metrics = dict(res.metrics)  # the update's, all processes
             self.daro_weights.release_absent(metrics)
-            self._daro_next_state = state
+            self._daro_next_state = res.daro_state
+            window = [{"batch": res.batch}]
         elif window:
             batch = cat_batches([r["batch"] for r in window])
             with torch.no_grad():
@@ -777,8 +725,51 @@ class DaroGRPOTrainer(GRPOTrainer):
             RunStore(uri).log_files(run_id, paths, TABLES_DIR)
 
 
-def _detached(b: PolicyBatch) -> PolicyBatch:
-    return PolicyBatch(**{k: (v.detach() if isinstance(v, Tensor) else v) for k, v in b.__dict__.items()})
+class TRLRuntime:
+    """The update unit's `Runtime` (daro_lab.trainer.update) over TRL's model: a pass is one of TRL's buffered
+    micro-batches; log-probs from GRPOTrainer's own forward; gradients of the model's trainable parameters (accelerate's
+    DDP wrapper or the bare module; summed over processes where the unit needs the whole update's); the backward
+    through accelerate (its loss scaler). Keeps each pass's entropy sum for TRL's `entropy` metric."""
+
+    def __init__(self, trainer: DaroGRPOTrainer, model):
+        self.trainer, self.model = trainer, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.entropy: dict[int, Tensor] = {}  # id(pass) -> [entropy sum, tokens] of its last forward
+
+    def batch(self, inputs, forward: bool = True) -> PolicyBatch:
+        tr = self.trainer
+        if not forward:
+            return tr.policy_batch(inputs, torch.zeros(inputs["completion_mask"].shape,
+                                                       device=inputs["completion_mask"].device))
+        logp, entropies, _ = tr._forward(self.model, inputs, entropy=True)
+        m = tr._loss_mask(inputs).float()
+        self.entropy[id(inputs)] = torch.stack([(entropies.detach().float() * m).sum(), m.sum()])
+        return tr.policy_batch(inputs, logp)
+
+    def no_sync(self, skip: bool):
+        return self.trainer.accelerator.no_sync(self.model) if skip else contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        self.trainer.accelerator.backward(loss)
+
+    def grad_vectors(self, xs: list[Tensor]) -> list[Tensor]:
+        flats = [flat_grad(x, self.params).float() for x in xs]
+        shard = self.trainer.daro_shard
+        return flats if shard.world_size == 1 else [shard.reduce(f, "sum") for f in flats]
+
+    def grad_vector(self) -> Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                          for p in self.params])
+
+    def gram(self, vectors: list[Tensor]) -> Tensor:
+        if not vectors:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        V = torch.stack(vectors).double()  # [n, D]
+        return V @ V.T
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.trainer.daro_weights.zero_grad(set_to_none=True)
 
 
 class _DaroLabCallback(TrainerCallback):

@@ -121,6 +121,9 @@ class TestbedRuntime:
     def no_sync(self, skip: bool):
         return contextlib.nullcontext()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
     def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [flat_grad(x, self.params) for x in xs]
 

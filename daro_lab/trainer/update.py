@@ -10,7 +10,8 @@ records of it (docs/math.md, section 3).
     backward  every pass's exact share of the mini-batch's loss, given the totals (DDP: all-reduced once, at the last)
 
 One pass in one process is the case M = 1, world = 1 of the same code, not a second path. How the model runs
-(log-probs, DDP's no_sync, gradient norms under FSDP) is the `Runtime`'s: the trainer's is `PolicyRuntime`.
+(log-probs, DDP's no_sync, gradient norms under FSDP) is the `Runtime`'s: the trainer's is `PolicyRuntime`, the
+testbed's `testbed.loop.TestbedRuntime`, TRL's `integrations.trl.TRLRuntime`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class Runtime(Protocol):
 
     def gram(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """[n, n] float64 inner products of the vectors (FSDP: summed over the ranks' shards, a collective)."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The update's backward of one pass's loss share (TRL: through accelerate, which applies its loss scaler)."""
 
     def zero_grad(self) -> None: ...
 
@@ -148,7 +152,7 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
         with runtime.no_sync(i < M - 1):  # DDP: all-reduce the accumulated gradients once, at the last pass
             b = kept if kept is not None else runtime.batch(p)
             t = t1 if t1 is not None else terms(b, totals, group_norms)
-            (t.loss * world).backward()  # this rank's share of the mini-batch's loss; DDP averages, so scale up
+            runtime.backward(t.loss * world)  # this rank's share of the mini-batch's loss; DDP averages, so scale up
         out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
     metrics = {**MetricSums.combine([t.stats for t, _ in out], shard).finish(), **geometry}
     return MinibatchResult(metrics, out[0][0].present, cat_batches([b for _, b in out]),
@@ -221,6 +225,9 @@ class PolicyRuntime:
 
     def no_sync(self, skip: bool):
         return self.policy.no_sync(skip)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
