@@ -627,8 +627,6 @@ class MetricSums:
             "batch/tokens": n_tok,
             "batch/empty_responses": t["empty"],
             "batch/prompts": sum(g["prompts"]),
-            "batch/prompts_mu0": g["prompts"][0],  # a caller that passes every prompt (TRL) sees them here
-            "batch/prompts_mu1": g["prompts"][K],
             "clipfrac/pos": div(t["clip_pos"], t["pos"]),
             "clipfrac/neg": div(t["clip_neg"], t["neg"]),
             "clipfrac/all": div(t["clip_all"], n_tok),

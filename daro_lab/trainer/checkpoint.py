@@ -4,7 +4,9 @@
     <dir>/state.pt            optimizer, scheduler, DARO weights, RNG states, data position, step
     <dir>/meta.json           step and run id, human-readable
 
-Written to a temporary folder then renamed, so a kill mid-write never leaves a half checkpoint
+`save_trainer` / `load_trainer` write and restore a `loop.Trainer`'s whole state (the policy, under FSDP gathered to
+full weights; the optimizer; DARO's weights; every rank's sampling stream; the data position). Written to a
+temporary folder then renamed, so a kill mid-write never leaves a half checkpoint
 where `latest()` would find it.
 """
 
@@ -25,8 +27,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from daro_lab import distributed as dp
 from daro_lab.config import ConfigError
 from daro_lab.models.tiny import refused_pickle_reason
+from daro_lab.trainer import fsdp
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,3 +174,71 @@ def resume_point(root: str | Path) -> tuple[Path | None, str | None]:
     why = (f"its pointer {pointer} names {named}, which is missing or incomplete" if named
            else f"{pointer} is missing")
     return steps[-1][1], f"resuming from {steps[-1][1]}, the newest intact checkpoint under {root}: {why}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A trainer's state
+
+
+def trainer_state(tr) -> dict[str, Any]:
+    """Everything a resume of the `loop.Trainer` tr needs; data-parallel: collective (each rank's sampling stream is
+    gathered)."""
+    gens = dp.gather_objects(tr.rollout_gen.get_state(), tr.dist)
+    return {
+        "step": tr.step, "cursor": tr.cursor, "order": tr.order,
+        "optimizer": fsdp.optimizer_state(_state_root(tr), tr.opt) if tr.fsdp else tr.opt.state_dict(),
+        "weights": tr.weights.state_dict() if tr.weights is not None else {},
+        "rollout_gen": gens[0], "data_gen": tr.data_gen.get_state(),
+        "world_size": tr.dist.world_size, "rollout_gens": torch.stack(gens),
+    }
+
+def save_trainer(tr, directory, meta: dict | None = None):
+    """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
+    # FSDP: the shards differ by design; the full generation copies (if any) must agree
+    replicas = [tr.gen.model] if tr.gen is not None else [] if tr.fsdp else [tr.model]
+    dp.check_in_sync(replicas + ([tr.weights] if tr.weights is not None else []), tr.dist)
+    state = trainer_state(tr)
+    weights = fsdp.model_state(tr.policy.forward, tr.model) if tr.fsdp else tr.model  # FSDP: gathered, fp32
+    if not tr.dist.is_main:
+        return None
+    path = save_checkpoint(directory, weights, state, {"step": tr.step, **(meta or {})})
+    for h in tr.hooks:
+        h.on_checkpoint(tr.step)
+    return path
+
+def load_trainer(tr, directory) -> None:
+    """Restore the state saved by `save` (every rank). A checkpoint that is corrupt, tampered with or not this
+    run's: `CheckpointError` naming it (load_checkpoint reads state.pt weights-only)."""
+    st = load_checkpoint(directory, None if tr.fsdp else tr.model)
+    if tr.fsdp:  # every rank reads the full weights and keeps its shards
+        fsdp.load_model_state(tr.policy.forward, tr.model, load_weights(directory))
+    saved_world = int(st.get("world_size", 1))
+    if saved_world != tr.dist.world_size:
+        raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
+                          f"resume it with as many (this is {tr.dist.world_size})")
+    try:
+        step, cursor, order = int(st["step"]), int(st["cursor"]), st["order"]
+        if not isinstance(order, torch.Tensor) or order.numel() != len(tr.train_set) or not 0 <= cursor <= len(order):
+            raise ValueError(f"data position (cursor {cursor}, order of {getattr(order, 'numel', lambda: '?')()} "
+                             f"prompts) does not fit this run's {len(tr.train_set)} training prompts")
+        if tr.fsdp:
+            fsdp.load_optimizer_state(_state_root(tr), tr.opt, st["optimizer"])
+        else:
+            tr.opt.load_state_dict(st["optimizer"])
+        if tr.weights is not None:
+            tr.weights.load_state_dict(st["weights"])
+        # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
+        tr.rollout_gen.set_state(st["rollout_gens"][tr.dist.rank].clone() if "rollout_gens" in st
+                                   else st["rollout_gen"])
+        tr.data_gen.set_state(st["data_gen"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(directory, f"its state does not fit this run ({type(e).__name__}: {e})") from None
+    tr.step, tr.cursor, tr.order = step, cursor, order
+    tr._sync_engine()
+
+def _state_root(tr) -> torch.nn.Module:
+    """FSDP: one module holding every parameter the optimizer steps, for the full optimizer state dict."""
+    mods = {"policy": tr.policy.forward}
+    if tr.weights is not None and tr.method.weights == "learned":
+        mods["weights"] = tr.weights
+    return torch.nn.ModuleDict(mods)

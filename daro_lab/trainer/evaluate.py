@@ -8,6 +8,7 @@ import torch
 
 from daro_lab.config import Config
 from daro_lab.distributed import DistInfo, gather_objects, split
+from daro_lab.record import mu_key
 
 
 @torch.no_grad()
@@ -63,3 +64,19 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
 
         metrics.update(benchmark_metrics(evaluate_on_benchmarks(model, engine, tokenizer, cfg, seed=seed, dist=dist)))
     return metrics, table
+
+
+@torch.no_grad()
+def start_distribution(tr) -> dict[str, float]:
+    """How the held-out prompts of the `loop.Trainer` tr spread over pass rates under its current policy (K samples
+    each at the rollout's settings): {mu_key: prompts}."""
+    r = tr.cfg.rollout
+    gen = torch.Generator().manual_seed(tr.cfg.seed + 104729)
+    ids = tr.tokenizer.encode_prompts([p.prompt for p in tr.eval_set])
+    out = tr.engine.generate(ids, tr.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                               top_p=r.top_p, generator=gen)
+    texts = tr.tokenizer.decode_responses(out.response_ids)
+    answers = [p.answer for p in tr.eval_set for _ in range(tr.K)]
+    k = torch.tensor(tr.task.reward_batch(texts, answers)).view(-1, tr.K).sum(1).round().long()
+    hist = torch.bincount(k, minlength=tr.K + 1).tolist()
+    return {mu_key(kk, tr.K): float(n) for kk, n in enumerate(hist)}

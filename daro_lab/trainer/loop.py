@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
 
 import torch
 
@@ -27,11 +26,11 @@ from daro_lab import distributed as dp
 from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
-from daro_lab.record import mu_key
 from daro_lab.rollout import RolloutBatch
 from daro_lab.trainer import fsdp
-from daro_lab.trainer.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from daro_lab.trainer.checkpoint import load_trainer, save_trainer
 from daro_lab.trainer.evaluate import evaluate
+from daro_lab.trainer.measures import engine_gap, rollout_metrics
 from daro_lab.trainer.plan import PassPlan, plan_minibatches
 from daro_lab.trainer.policy import Policy
 from daro_lab.trainer.setup import build_engine, build_static_weights, load_components
@@ -169,12 +168,11 @@ class Trainer:
         keep = kept_prompts(rewards)
         t_gen = time.perf_counter() - t0
 
-        m: dict[str, float] = self._rollout_metrics(roll, rewards, keep, n_batches)
+        m: dict[str, float] = rollout_metrics(roll, rewards, keep, n_batches)
         mb_metrics, t_old, t_upd = self.update(step, roll, rewards)
         self.step = step
 
-        # the update sees the kept prompts only (its batch/prompts_mu0|1 are 0): the rollout's counts are above
-        m.update({k: v for k, v in _mean_metrics(mb_metrics).items() if k not in ("batch/prompts_mu0", "batch/prompts_mu1")})
+        m.update(_mean_metrics(mb_metrics))
         if self.weights is not None:
             m.update(self.weights.metrics())
         m["lr/policy"] = self._group("policy")["lr"]
@@ -245,7 +243,7 @@ class Trainer:
                                cosines=cfg.trainer.grad_cosines)
         metrics = r.metrics
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
-            metrics.update(self._engine_gap(r.batch, [p.rows.logprobs for p in passes]))
+            metrics.update(engine_gap(r.batch, [p.rows.logprobs for p in passes], self.dist))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.runtime.params, clip))  # FSDP: over all ranks' shards
         metrics["grad/norm"] = float(gnorm)  # before clipping
@@ -265,20 +263,6 @@ class Trainer:
             h.on_minibatch(view)
         return metrics
 
-    def _engine_gap(self, b: PolicyBatch, engine_logprobs: list[torch.Tensor]) -> dict[str, float]:
-        """|engine log-prob - trainer log-prob| over the on-policy mini-batch's response tokens (all ranks):
-        ~0 when the engine samples from the trained weights (a stale or mis-synced vLLM shows up here; with
-        top_p < 1 the transformers engine reports the truncated distribution's log-probs)."""
-        T = b.logp.shape[1]
-        eng = torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in engine_logprobs]).to(b.logp.device)
-        gap = (b.logp.detach().float() - eng.float()).abs() * b.mask
-        stats = torch.stack([gap.sum(), b.mask.sum()]).double()
-        top = gap.max().double() if gap.numel() else torch.zeros((), dtype=torch.float64, device=gap.device)
-        if self.dist.enabled:
-            stats, top = dp.all_reduce(stats), dp.all_reduce(top, "max")
-        return {"rollout/engine_logprob_gap_mean": float(stats[0] / stats[1].clamp(min=1)),
-                "rollout/engine_logprob_gap_max": float(top)}
-
     def _whole_minibatch(self, b: PolicyBatch, factor: torch.Tensor) -> tuple[PolicyBatch, torch.Tensor]:
         """The hooks' view: data-parallel, every rank's rows of the mini-batch (filler rows dropped) and their
         clipped factors g, gathered from all ranks (a collective); one process, `b` and `factor` themselves."""
@@ -293,29 +277,6 @@ class Trainer:
         return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
                               for k in fields for v in [getattr(whole, k)]}), g[real]
 
-    def _rollout_metrics(self, roll: RolloutBatch, rewards: torch.Tensor, keep: torch.Tensor, n_batches: int):
-        K = self.K
-        lengths = roll.response_mask.sum(1).float()
-        correct = rewards.flatten() > 0.5
-        k_all = rewards.sum(1).round().long()
-        hist = torch.bincount(k_all, minlength=K + 1)
-        m = {
-            "reward/mean": float(rewards.mean()),
-            "rollout/prompts": float(len(rewards)),
-            "rollout/kept_prompts": float(keep.sum()),
-            "rollout/prompts_mu0": float(hist[0]),
-            "rollout/prompts_mu1": float(hist[K]),
-            "rollout/batches": float(n_batches),
-            "length/mean": float(lengths.mean()),
-            # mean of -log pi(sampled token): a Monte Carlo estimate of the per-token policy entropy
-            "entropy/token_mc": float(-(roll.logprobs * roll.response_mask).sum() / roll.response_mask.sum().clamp(min=1)),
-            "length/correct": float(lengths[correct].mean()) if correct.any() else float("nan"),
-            "length/incorrect": float(lengths[~correct].mean()) if (~correct).any() else float("nan"),
-        }
-        for kk in range(K + 1):
-            m[f"rollout/prompts/{mu_key(kk, K)}"] = float(hist[kk])
-        return m
-
     # -- evaluation and state -----------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
@@ -325,81 +286,13 @@ class Trainer:
             h.on_eval(self.step, m, table)
         return m, table
 
-    @torch.no_grad()
-    def start_distribution(self) -> dict[str, float]:
-        """How the held-out prompts spread over pass rates under the current policy: {mu_key: prompts}."""
-        r = self.cfg.rollout
-        gen = torch.Generator().manual_seed(self.cfg.seed + 104729)
-        ids = self.tokenizer.encode_prompts([p.prompt for p in self.eval_set])
-        out = self.engine.generate(ids, self.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                   top_p=r.top_p, generator=gen)
-        texts = self.tokenizer.decode_responses(out.response_ids)
-        answers = [p.answer for p in self.eval_set for _ in range(self.K)]
-        k = torch.tensor(self.task.reward_batch(texts, answers)).view(-1, self.K).sum(1).round().long()
-        hist = torch.bincount(k, minlength=self.K + 1).tolist()
-        return {mu_key(kk, self.K): float(n) for kk, n in enumerate(hist)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs; data-parallel: collective (each rank's sampling stream is gathered)."""
-        gens = dp.gather_objects(self.rollout_gen.get_state(), self.dist)
-        return {
-            "step": self.step, "cursor": self.cursor, "order": self.order,
-            "optimizer": fsdp.optimizer_state(self._state_root(), self.opt) if self.fsdp else self.opt.state_dict(),
-            "weights": self.weights.state_dict() if self.weights is not None else {},
-            "rollout_gen": gens[0], "data_gen": self.data_gen.get_state(),
-            "world_size": self.dist.world_size, "rollout_gens": torch.stack(gens),
-        }
-
     def save(self, directory, meta: dict | None = None):
-        """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
-        # FSDP: the shards differ by design; the full generation copies (if any) must agree
-        replicas = [self.gen.model] if self.gen is not None else [] if self.fsdp else [self.model]
-        dp.check_in_sync(replicas + ([self.weights] if self.weights is not None else []), self.dist)
-        state = self.state_dict()
-        weights = fsdp.model_state(self.policy.forward, self.model) if self.fsdp else self.model  # FSDP: gathered, fp32
-        if not self.dist.is_main:
-            return None
-        path = save_checkpoint(directory, weights, state, {"step": self.step, **(meta or {})})
-        for h in self.hooks:
-            h.on_checkpoint(self.step)
-        return path
+        """Write a checkpoint (every rank calls; rank 0 writes): checkpoint.save_trainer."""
+        return save_trainer(self, directory, meta)
 
     def load(self, directory) -> None:
-        """Restore the state saved by `save` (every rank). A checkpoint that is corrupt, tampered with or not this
-        run's: `CheckpointError` naming it (load_checkpoint reads state.pt weights-only)."""
-        st = load_checkpoint(directory, None if self.fsdp else self.model)
-        if self.fsdp:  # every rank reads the full weights and keeps its shards
-            fsdp.load_model_state(self.policy.forward, self.model, load_weights(directory))
-        saved_world = int(st.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
-                              f"resume it with as many (this is {self.dist.world_size})")
-        try:
-            step, cursor, order = int(st["step"]), int(st["cursor"]), st["order"]
-            if not isinstance(order, torch.Tensor) or order.numel() != len(self.train_set) or not 0 <= cursor <= len(order):
-                raise ValueError(f"data position (cursor {cursor}, order of {getattr(order, 'numel', lambda: '?')()} "
-                                 f"prompts) does not fit this run's {len(self.train_set)} training prompts")
-            if self.fsdp:
-                fsdp.load_optimizer_state(self._state_root(), self.opt, st["optimizer"])
-            else:
-                self.opt.load_state_dict(st["optimizer"])
-            if self.weights is not None:
-                self.weights.load_state_dict(st["weights"])
-            # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
-            self.rollout_gen.set_state(st["rollout_gens"][self.dist.rank].clone() if "rollout_gens" in st
-                                       else st["rollout_gen"])
-            self.data_gen.set_state(st["data_gen"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CheckpointError(directory, f"its state does not fit this run ({type(e).__name__}: {e})") from None
-        self.step, self.cursor, self.order = step, cursor, order
-        self._sync_engine()
-
-    def _state_root(self) -> torch.nn.Module:
-        """FSDP: one module holding every parameter the optimizer steps, for the full optimizer state dict."""
-        mods = {"policy": self.policy.forward}
-        if self.weights is not None and self.method.weights == "learned":
-            mods["weights"] = self.weights
-        return torch.nn.ModuleDict(mods)
+        """Restore what `save` wrote (every rank): checkpoint.load_trainer."""
+        load_trainer(self, directory)
 
 
 def policy_lr(t, step: int) -> float:

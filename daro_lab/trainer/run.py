@@ -24,6 +24,7 @@ from daro_lab.hooks import Hook, default_hooks
 from daro_lab.record import TAG_CHECKPOINT_DIR, TAG_CHECKPOINT_STEP
 from daro_lab.signals import StopSignals
 from daro_lab.trainer.checkpoint import latest, resume_point, write_pointer
+from daro_lab.trainer.evaluate import start_distribution
 from daro_lab.trainer.lock import RunLock
 from daro_lab.trainer.loop import Trainer
 
@@ -253,7 +254,7 @@ def _log_start(trainer: Trainer, tracker) -> None:
     info = warm_start_info(cfg.model, cfg.task, cfg.model.init_seed) if not cfg.model.path else None
     if info:
         tracker.log_dict(info, "warmstart.json")
-    hist = trainer.start_distribution()
+    hist = start_distribution(trainer)
     tracker.log_metrics({f"start/prompts/{k}": v for k, v in hist.items()}, 0)
     tracker.log_table("start_mu_hist", [{"k": int(k.split("_")[1].split("of")[0]), "K": trainer.K,
                                          "prompts": v} for k, v in hist.items()], 0)
