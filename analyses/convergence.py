@@ -46,8 +46,17 @@ def curves(runs: RunSet, metrics: Sequence[str] = (ACC, SAMPLED, REWARD)) -> pd.
             for step, vals in wide.iterrows():
                 m, ci, n = mean_ci(vals.to_numpy())
                 if n:
-                    rows.append({"arm": arm, "method": members[0].method, "metric": key, "step": int(step),
-                                 "mean": m, "ci": ci, "n_runs": n})
+                    rows.append(
+                        {
+                            "arm": arm,
+                            "method": members[0].method,
+                            "metric": key,
+                            "step": int(step),
+                            "mean": m,
+                            "ci": ci,
+                            "n_runs": n,
+                        }
+                    )
     return pd.DataFrame(rows, columns=["arm", "method", "metric", "step", "mean", "ci", "n_runs"])
 
 
@@ -76,13 +85,22 @@ def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float, key: str = A
             h = s[(s >= target - 1e-12) & (s.index >= 1)]
             per_run.append(int(h.index[0]) if len(h) else None)
         reached = [s for s in per_run if s is not None]
-        rows.append({"arm": arm, "method": members[0].method, "target": target,
-                     "step_mean_curve": int(hit.step.iloc[0]) if len(hit) else None,
-                     "n_reached": len(reached), "n_runs": len(per_run),
-                     "steps_per_run": ";".join("-" if s is None else str(s) for s in per_run),
-                     "last_step": int(a.step.max())})
-    return pd.DataFrame(rows, columns=["arm", "method", "target", "step_mean_curve", "n_reached", "n_runs",
-                                       "steps_per_run", "last_step"])
+        rows.append(
+            {
+                "arm": arm,
+                "method": members[0].method,
+                "target": target,
+                "step_mean_curve": int(hit.step.iloc[0]) if len(hit) else None,
+                "n_reached": len(reached),
+                "n_runs": len(per_run),
+                "steps_per_run": ";".join("-" if s is None else str(s) for s in per_run),
+                "last_step": int(a.step.max()),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["arm", "method", "target", "step_mean_curve", "n_reached", "n_runs", "steps_per_run", "last_step"],
+    )
 
 
 def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> str:
@@ -93,33 +111,53 @@ def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> s
         a = a.sort_values("step")
         last = a.iloc[-1]
         s = steps[steps.arm == arm].iloc[0]
-        reach = (f"first reaches {target:.3f} at step {int(s.step_mean_curve)}" if pd.notna(s.step_mean_curve)
-                 else f"does not reach {target:.3f} within {int(s.last_step)} steps")
-        txt = (f"{arm}'s {what} accuracy goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step "
-               f"{int(last.step)} (best {a['mean'].max():.3f}) and {reach}")
+        reach = (
+            f"first reaches {target:.3f} at step {int(s.step_mean_curve)}"
+            if pd.notna(s.step_mean_curve)
+            else f"does not reach {target:.3f} within {int(s.last_step)} steps"
+        )
+        txt = (
+            f"{arm}'s {what} accuracy goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step "
+            f"{int(last.step)} (best {a['mean'].max():.3f}) and {reach}"
+        )
         if key == SAMPLED:
             g = c[(c.metric == ACC) & (c.arm == arm)].sort_values("step")
             if len(g):
                 txt += f"; greedy {g['mean'].iloc[0]:.3f} → {g['mean'].iloc[-1]:.3f}"
         parts.append(txt)
     n = int(c.n_runs.max()) if len(c) else 0
-    band = ("bands: 95% t-interval over seeds, clipped to [0, 1]" + (" — wide with 2 seeds (t = 12.7)" if n == 2 else "")
-            if n > 1 else "one seed per arm, so no confidence band")
+    band = (
+        "bands: 95% t-interval over seeds, clipped to [0, 1]" + (" — wide with 2 seeds (t = 12.7)" if n == 2 else "")
+        if n > 1
+        else "one seed per arm, so no confidence band"
+    )
     first = acc.step.min()
     improved = (acc[acc.step > first]["mean"] > acc[acc.step == first]["mean"].mean()).any()
     if not improved:
         band += "; no arm improved on its starting accuracy, so the target is the best accuracy reached after the start"
     sampled = c[c.metric == SAMPLED]
-    panels = ("held-out greedy accuracy (a), held-out sampled accuracy (b: avg@n at the rollout temperature, what "
-              "training optimises), training reward (c)" if len(sampled) else
-              "held-out greedy accuracy (a), training reward (c)")
-    return (f"{panels} against step, mean over seeds ({band}); (d): training steps (≥ 1) until the mean {what} "
-            f"accuracy curve first reaches {target:.3f}. " + "; ".join(parts) + ".")
+    panels = (
+        "held-out greedy accuracy (a), held-out sampled accuracy (b: avg@n at the rollout temperature, what "
+        "training optimises), training reward (c)"
+        if len(sampled)
+        else "held-out greedy accuracy (a), training reward (c)"
+    )
+    return (
+        f"{panels} against step, mean over seeds ({band}); (d): training steps (≥ 1) until the mean {what} "
+        f"accuracy curve first reaches {target:.3f}. " + "; ".join(parts) + "."
+    )
 
 
-def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                     experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                     target: float | None = None, accuracy: str | None = None) -> FigureResult:
+def plot_convergence(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    target: float | None = None,
+    accuracy: str | None = None,
+) -> FigureResult:
     """Draw the convergence figure; save it and its tables in `out_dir`. accuracy: 'greedy' or 'sampled', the
     accuracy of steps-to-target (default: sampled when every run logged it, else greedy)."""
     runs = as_runset(runs, uri, experiment, run_ids)
@@ -141,9 +179,11 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
     arms = list(dict.fromkeys(c.arm))
     with style.paper_style():
         fig, axes = style.new_figure(2, 2, height=FIG_HEIGHT_IN)
-        for ax, metric, title in ((axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
-                                  (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
-                                  (axes[1, 0], REWARD, "(c) training reward")):
+        for ax, metric, title in (
+            (axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
+            (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
+            (axes[1, 0], REWARD, "(c) training reward"),
+        ):
             d = c[c.metric == metric]
             for arm in arms:
                 style.arm_curve(ax, runs, arm, d[d.arm == arm], marker=metric != REWARD, lower=0.0, upper=1.0)
@@ -152,16 +192,27 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
                 style.empty_panel(ax, f"no {metric} logged")
         target_ax = axes[0, 1] if key == SAMPLED else axes[0, 0]
         target_ax.axhline(target, color="0.4", linestyle=":", linewidth=0.9)
-        target_ax.annotate(f"target {target:.3f}", (0.02, target), xycoords=("axes fraction", "data"),
-                           fontsize=6, color="0.35", va="bottom")
+        target_ax.annotate(
+            f"target {target:.3f}",
+            (0.02, target),
+            xycoords=("axes fraction", "data"),
+            fontsize=6,
+            color="0.35",
+            va="bottom",
+        )
         ax = axes[1, 1]
         y = np.arange(len(steps))
         vals = [v if pd.notna(v) else np.nan for v in steps.step_mean_curve]
         colors = [runs.arm_style(a)["color"] for a in steps.arm]
         ax.barh(y, [0 if math.isnan(v) else v for v in vals], color=colors, height=0.6)
         for yi, v, last in zip(y, vals, steps.last_step):
-            ax.text(0 if math.isnan(v) else v, yi, f" not reached (≤{last})" if math.isnan(v) else f" {int(v)}",
-                    va="center", fontsize=6)
+            ax.text(
+                0 if math.isnan(v) else v,
+                yi,
+                f" not reached (≤{last})" if math.isnan(v) else f" {int(v)}",
+                va="center",
+                fontsize=6,
+            )
         ax.set_yticks(y, style.wrap_rows(steps.arm, 26, PANEL_HEIGHT_IN), fontsize=6)
         ax.invert_yaxis()
         ax.set(title=f"(d) steps to {accuracy} accuracy {target:.3f}", xlabel="training step")
@@ -169,7 +220,12 @@ def plot_convergence(runs: RunSet | None = None, out_dir: str | Path | None = No
         ax.set_xlim(0, xmax * 1.35)
         ax.grid(axis="y", visible=False)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
-    result = FigureResult(NAME, fig, {"convergence": c, "convergence_steps": steps},
-                          caption=_caption(c, steps, target, key), notes=notes,
-                          summary={"target": target, "accuracy": accuracy})
+    result = FigureResult(
+        NAME,
+        fig,
+        {"convergence": c, "convergence_steps": steps},
+        caption=_caption(c, steps, target, key),
+        notes=notes,
+        summary={"target": target, "accuracy": accuracy},
+    )
     return finish_figure(result, out_dir)

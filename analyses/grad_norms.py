@@ -32,8 +32,20 @@ def grad_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
             wide = pd.concat(tot, axis=1)
             for step, vals in wide.iterrows():
                 m, ci, n = mean_ci(vals.to_numpy())
-                rows.append({"arm": arm, "method": method, "quantity": "total", "step": int(step), "k": np.nan,
-                             "K": np.nan, "mu": np.nan, "mean": m, "ci": ci, "n_runs": n})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "method": method,
+                        "quantity": "total",
+                        "step": int(step),
+                        "k": np.nan,
+                        "K": np.nan,
+                        "mu": np.nan,
+                        "mean": m,
+                        "ci": ci,
+                        "n_runs": n,
+                    }
+                )
         per_run = []
         for r in members:
             pm = r.per_mu_with("gradnorm")
@@ -46,8 +58,20 @@ def grad_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
             wide = pd.concat(per_run, axis=1)
             for (step, k, K), vals in wide.iterrows():
                 m, ci, n = mean_ci(vals.to_numpy())
-                rows.append({"arm": arm, "method": method, "quantity": "G", "step": int(step), "k": int(k),
-                             "K": int(K), "mu": k / K, "mean": m, "ci": ci, "n_runs": n})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "method": method,
+                        "quantity": "G",
+                        "step": int(step),
+                        "k": int(k),
+                        "K": int(K),
+                        "mu": k / K,
+                        "mean": m,
+                        "ci": ci,
+                        "n_runs": n,
+                    }
+                )
     if not rows:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged gradient norms ({TOTAL} or per_mu gradnorm)")
     return pd.DataFrame(rows, columns=COLUMNS), notes
@@ -62,16 +86,26 @@ def _caption(t: pd.DataFrame) -> str:
         if len(g):
             by_k = g.groupby(["k", "K"])["mean"].mean()
             (kmax, K), (kmin, _) = by_k.idxmax(), by_k.idxmin()
-            txt += (f", largest mean G at μ={int(kmax)}/{int(K)} ({by_k.max():.3g}), smallest at "
-                    f"μ={int(kmin)}/{int(K)} ({by_k.min():.3g})")
+            txt += (
+                f", largest mean G at μ={int(kmax)}/{int(K)} ({by_k.max():.3g}), smallest at "
+                f"μ={int(kmin)}/{int(K)} ({by_k.min():.3g})"
+            )
         parts.append(txt)
-    return ("Gradient norms over training: the total norm of the policy gradient before clipping (left, mean "
-            "over seeds) and G_μ = ‖∇_θ C_μ‖, the norm of each pass-rate group's contribution (one panel per "
-            "method, log scale). " + "; ".join(parts) + ".")
+    return (
+        "Gradient norms over training: the total norm of the policy gradient before clipping (left, mean "
+        "over seeds) and G_μ = ‖∇_θ C_μ‖, the norm of each pass-rate group's contribution (one panel per "
+        "method, log scale). " + "; ".join(parts) + "."
+    )
 
 
-def plot_grad_norms(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                    experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+def plot_grad_norms(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> FigureResult:
     """Draw the grad-norms figure; save it and its table `grad_norms.csv` in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table, notes = grad_table(runs)
@@ -108,20 +142,33 @@ def plot_grad_norms(runs: RunSet | None = None, out_dir: str | Path | None = Non
             for k, dk in d.groupby("k"):
                 dk = dk.sort_values("step")
                 dk = dk[dk["mean"] > 0]
-                ax.plot(dk.step, dk["mean"], color=colors[int(k)], marker="o", markersize=2.5,
-                        label=style.mu_label(int(k), K))
+                ax.plot(
+                    dk.step,
+                    dk["mean"],
+                    color=colors[int(k)],
+                    marker="o",
+                    markersize=2.5,
+                    label=style.mu_label(int(k), K),
+                )
             style.log_axis(ax)
             title = f"({letters[i]}) {arm}: G$_\\mu$ = ‖∇θ C$_\\mu$‖"
-            ax.set(title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)), xlabel="training step",
-                   ylabel="G$_\\mu$ (log)")
+            ax.set(
+                title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)),
+                xlabel="training step",
+                ylabel="G$_\\mu$ (log)",
+            )
             if len(Ks) > 1:
                 ax.legend(loc="best", ncol=2, fontsize=5.5)
         for ax in flat[n:]:
             ax.set_visible(False)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
         if len(Ks) == 1:
-            fig.legend(handles=style.mu_handles(int(Ks[0])), loc="outside lower center", ncol=int(Ks[0]) - 1,
-                       title="pass-rate group")
+            fig.legend(
+                handles=style.mu_handles(int(Ks[0])),
+                loc="outside lower center",
+                ncol=int(Ks[0]) - 1,
+                title="pass-rate group",
+            )
         if not g_arms:
             notes.append("no per-group gradient norms G_mu in any run (trainer.grad_norm_every = 0)")
     result = FigureResult(NAME, fig, {"grad_norms": table}, caption=_caption(table), notes=notes)

@@ -49,8 +49,15 @@ def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
             per_step.append(d)
         if per_step:
             d = pd.concat(per_step)
-            g = d.groupby(["k", "K"]).agg(g_share=("g_share", "mean"), g_share_per_prompt=("g_share_per_prompt", "mean"),
-                                          n_steps=("g_share", "size")).reset_index()
+            g = (
+                d.groupby(["k", "K"])
+                .agg(
+                    g_share=("g_share", "mean"),
+                    g_share_per_prompt=("g_share_per_prompt", "mean"),
+                    n_steps=("g_share", "size"),
+                )
+                .reset_index()
+            )
             g.insert(0, "method", method)
             g.insert(0, "arm", arm)
             g.insert(4, "mu", g.k / g.K)
@@ -65,12 +72,24 @@ def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                 frac = float(np.nanmean(pd.concat(cut).to_numpy(dtype=float)))
             else:
                 frac = float((v > clip).mean()) if clip and np.isfinite(clip) and clip > 0 else np.nan
-            clips.append({"arm": arm, "method": method, "runs": len(norms), "steps": len(v), "clipped_fraction": frac,
-                          "median_norm": float(np.median(v)) if len(v) else np.nan, "clip": clip})
+            clips.append(
+                {
+                    "arm": arm,
+                    "method": method,
+                    "runs": len(norms),
+                    "steps": len(v),
+                    "clipped_fraction": frac,
+                    "median_norm": float(np.median(v)) if len(v) else np.nan,
+                    "clip": clip,
+                }
+            )
     if not shares and not clips:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged G_mu (per_mu gradnorm) or {TOTAL}")
-    share = pd.concat(shares, ignore_index=True) if shares else pd.DataFrame(
-        columns=["arm", "method", "k", "K", "mu", "g_share", "g_share_per_prompt", "n_steps"])
+    share = (
+        pd.concat(shares, ignore_index=True)
+        if shares
+        else pd.DataFrame(columns=["arm", "method", "k", "K", "mu", "g_share", "g_share_per_prompt", "n_steps"])
+    )
     return share, pd.DataFrame(clips), notes
 
 
@@ -82,25 +101,39 @@ def _cv(x: pd.Series) -> float:
 def _caption(share: pd.DataFrame, clips: pd.DataFrame) -> str:
     parts = []
     for arm, d in share.groupby("arm", sort=False):
-        parts.append(f"{arm}: CV across groups {_cv(d.g_share):.2f} per group, {_cv(d.g_share_per_prompt):.2f} "
-                     "per prompt")
-    clip = [f"{r.arm} {r.clipped_fraction:.0%} (median norm {r.median_norm:.3g} over {r.steps} steps, clip {r.clip:g})"
-            for r in clips.itertuples() if np.isfinite(r.clipped_fraction)]
-    return ("Share of the update's gradient per pass-rate group, G_μ = ‖∇θ C_μ‖ over the sum across groups, (a) per "
-            "group and (b) per prompt (mean over the measured steps and runs); (c) the gradient norm before "
-            "clipping. " + "; ".join(parts) + "." + (" Updates clipped: " + "; ".join(clip) + "." if clip else ""))
+        parts.append(
+            f"{arm}: CV across groups {_cv(d.g_share):.2f} per group, {_cv(d.g_share_per_prompt):.2f} per prompt"
+        )
+    clip = [
+        f"{r.arm} {r.clipped_fraction:.0%} (median norm {r.median_norm:.3g} over {r.steps} steps, clip {r.clip:g})"
+        for r in clips.itertuples()
+        if np.isfinite(r.clipped_fraction)
+    ]
+    return (
+        "Share of the update's gradient per pass-rate group, G_μ = ‖∇θ C_μ‖ over the sum across groups, (a) per "
+        "group and (b) per prompt (mean over the measured steps and runs); (c) the gradient norm before "
+        "clipping. " + "; ".join(parts) + "." + (" Updates clipped: " + "; ".join(clip) + "." if clip else "")
+    )
 
 
-def plot_grad_share(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                    experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+def plot_grad_share(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> FigureResult:
     """Draw the grad-share figure; save it and its tables in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     share, clips, notes = share_tables(runs)
     arms = list(dict.fromkeys(list(share.arm) + list(clips.arm if len(clips) else [])))
     with style.paper_style():
         fig, axes = style.new_figure(1, 3, height=2.6)
-        for ax, col, title in ((axes[0][0], "g_share", "(a) share of G$_\\mu$ per group"),
-                               (axes[0][1], "g_share_per_prompt", "(b) share of G$_\\mu$ per prompt")):
+        for ax, col, title in (
+            (axes[0][0], "g_share", "(a) share of G$_\\mu$ per group"),
+            (axes[0][1], "g_share_per_prompt", "(b) share of G$_\\mu$ per prompt"),
+        ):
             for arm in arms:
                 d = share[share.arm == arm].sort_values("mu")
                 if d.empty:
@@ -126,5 +159,7 @@ def plot_grad_share(runs: RunSet | None = None, out_dir: str | Path | None = Non
             style.empty_panel(ax, f"no {TOTAL} logged")
         ax.set(title="(c) pre-clip gradient norm", xlabel="training step", ylabel="‖∇θ loss‖ (log; dotted: clip)")
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
-    return finish_figure(FigureResult(NAME, fig, {"grad_share": share, "clipping": clips},
-                                      caption=_caption(share, clips), notes=notes), out_dir)
+    return finish_figure(
+        FigureResult(NAME, fig, {"grad_share": share, "clipping": clips}, caption=_caption(share, clips), notes=notes),
+        out_dir,
+    )

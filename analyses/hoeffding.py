@@ -140,11 +140,28 @@ def _ranges(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             over = float((neg.rho_max > b).mean())
         b_neg[d.index] = b
         if (d.sign > 0).any():
-            rows.append({"run_id": run_id, "sign": "+", "a": 0.0, "b": 1.0 + float(d.eps_high.iloc[0]),
-                         "b_source": "1 + eps_high", "responses": int((d.sign > 0).sum())})
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "sign": "+",
+                    "a": 0.0,
+                    "b": 1.0 + float(d.eps_high.iloc[0]),
+                    "b_source": "1 + eps_high",
+                    "responses": int((d.sign > 0).sum()),
+                }
+            )
         if len(neg):
-            rows.append({"run_id": run_id, "sign": "-", "a": 1.0 - float(neg.eps_low.iloc[0]), "b": b,
-                         "b_source": src, "responses": len(neg), "share_above_b": over})
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "sign": "-",
+                    "a": 1.0 - float(neg.eps_low.iloc[0]),
+                    "b": b,
+                    "b_source": src,
+                    "responses": len(neg),
+                    "share_above_b": over,
+                }
+            )
     df["b"] = np.where(pos, 1.0 + df.eps_high, b_neg)
     df["width"] = df.b - df.a
     return df, pd.DataFrame(rows, columns=["run_id", "sign", "a", "b", "b_source", "responses", "share_above_b"])
@@ -184,9 +201,16 @@ def _verdict(covered: int, total: int, delta: float, informative: bool = True) -
     return ("consistent" if covered / total >= 1 - delta else "inconclusive"), lo, hi
 
 
-def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float = 0.28,
-                    dual_clip: float | None = None, deltas: Sequence[float] = DELTAS, n_bins: int = 4,
-                    t_grid: Sequence[float] | None = None, min_tokens: int = MIN_TOKENS) -> HoeffdingCheck:
+def hoeffding_check(
+    table: pd.DataFrame,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    deltas: Sequence[float] = DELTAS,
+    n_bins: int = 4,
+    t_grid: Sequence[float] | None = None,
+    min_tokens: int = MIN_TOKENS,
+) -> HoeffdingCheck:
     """Run the check on rows of `hoeffding` tables (columns step, minibatch, k, sign, adv, length,
     g_mean, g_group_mean, rho_max; optional run_id, method, and per-row eps_low, eps_high, dual_clip
     that override the arguments)."""
@@ -219,13 +243,38 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
     short = df.n < min_tokens
     excluded_short = int(short.sum())
     if short.all():  # nothing to test: every verdict is vacuous
-        check = HoeffdingCheck(df, pd.DataFrame(columns=["length_bin", "t", "empirical", "bound", "responses",
-                                                         "cp_low", "exceeds", "significant"]),
-                               pd.DataFrame(columns=["scope", "group", "delta", "required", "coverage", "responses",
-                                                     "covered", "cp_low", "cp_high", "verdict", "n_min", "n_max"]),
-                               fact, ranges, {d: "vacuous" for d in deltas}, singletons, excluded_short, min_tokens)
-        check.text = (f"Hoeffding check: VACUOUS. All {len(df)} responses are shorter than {min_tokens} tokens, where "
-                      "the bound's band is too wide for any deviation to contradict it.")
+        check = HoeffdingCheck(
+            df,
+            pd.DataFrame(
+                columns=["length_bin", "t", "empirical", "bound", "responses", "cp_low", "exceeds", "significant"]
+            ),
+            pd.DataFrame(
+                columns=[
+                    "scope",
+                    "group",
+                    "delta",
+                    "required",
+                    "coverage",
+                    "responses",
+                    "covered",
+                    "cp_low",
+                    "cp_high",
+                    "verdict",
+                    "n_min",
+                    "n_max",
+                ]
+            ),
+            fact,
+            ranges,
+            {d: "vacuous" for d in deltas},
+            singletons,
+            excluded_short,
+            min_tokens,
+        )
+        check.text = (
+            f"Hoeffding check: VACUOUS. All {len(df)} responses are shorter than {min_tokens} tokens, where "
+            "the bound's band is too wide for any deviation to contradict it."
+        )
         return check
     df = df[~short]
     df["length_bin"] = _length_bins(df.n, n_bins)
@@ -236,8 +285,12 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
 
     # coverage, overall and by length bin, sign and method
     cov_rows = []
-    scopes = [("all", pd.Series("all", index=df.index)), ("length", df.length_bin),
-              ("sign", df.sign.map({1: "A>0", -1: "A<0"})), ("method", df.method)]
+    scopes = [
+        ("all", pd.Series("all", index=df.index)),
+        ("length", df.length_bin),
+        ("sign", df.sign.map({1: "A>0", -1: "A<0"})),
+        ("method", df.method),
+    ]
     for scope, labels in scopes:
         if scope == "method" and (labels == "").all():
             continue
@@ -247,10 +300,22 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
                 c = int(df.loc[sel, f"covered_{delta:g}"].sum())
                 m = int(sel.sum())
                 verdict, lo, hi = _verdict(c, m, delta, bool(df.loc[sel, "informative"].any()))
-                cov_rows.append({"scope": scope, "group": group, "delta": delta, "required": 1 - delta,
-                                 "coverage": c / m if m else math.nan, "responses": m, "covered": c,
-                                 "cp_low": lo, "cp_high": hi, "verdict": verdict,
-                                 "n_min": int(df.loc[sel, "n"].min()), "n_max": int(df.loc[sel, "n"].max())})
+                cov_rows.append(
+                    {
+                        "scope": scope,
+                        "group": group,
+                        "delta": delta,
+                        "required": 1 - delta,
+                        "coverage": c / m if m else math.nan,
+                        "responses": m,
+                        "covered": c,
+                        "cp_low": lo,
+                        "cp_high": hi,
+                        "verdict": verdict,
+                        "n_min": int(df.loc[sel, "n"].min()),
+                        "n_max": int(df.loc[sel, "n"].max()),
+                    }
+                )
     coverage = pd.DataFrame(cov_rows)
 
     # the tail as a function of t = tau / (b - a), per length bin
@@ -266,9 +331,18 @@ def hoeffding_check(table: pd.DataFrame, eps_low: float = 0.2, eps_high: float =
             cnt = int((sel.t >= t).sum())
             bound = float(hoeffding_bound(t, sel.n).mean())
             lo, _ = clopper_pearson(cnt, m)
-            tail_rows.append({"length_bin": group, "t": float(t), "empirical": cnt / m, "bound": bound,
-                              "responses": m, "cp_low": lo, "exceeds": cnt / m > bound,
-                              "significant": lo > bound})
+            tail_rows.append(
+                {
+                    "length_bin": group,
+                    "t": float(t),
+                    "empirical": cnt / m,
+                    "bound": bound,
+                    "responses": m,
+                    "cp_low": lo,
+                    "exceeds": cnt / m > bound,
+                    "significant": lo > bound,
+                }
+            )
     tail = pd.DataFrame(tail_rows)
     verdicts = {d: coverage[(coverage.scope == "all") & (coverage.delta == d)].verdict.iloc[0] for d in deltas}
     check = HoeffdingCheck(df, tail, coverage, fact, ranges, verdicts, singletons, excluded_short, min_tokens)
@@ -297,82 +371,137 @@ def _factorisation(df: pd.DataFrame) -> pd.DataFrame:
     out["abs_err"] = (out.exact - out.factorised).abs()
     out["rel_err"] = out.abs_err / out.exact.abs().where(out.exact.abs() > 1e-12)
     out["err_vs_mass"] = out.abs_err / out.mass.where(out.mass > 0)
-    return out[["run_id", "method", "step", "minibatch", "k", "responses", "length", "exact", "factorised",
-                "abs_err", "rel_err", "mass", "err_vs_mass"]].rename(columns={"length": "tokens"})
+    return out[
+        [
+            "run_id",
+            "method",
+            "step",
+            "minibatch",
+            "k",
+            "responses",
+            "length",
+            "exact",
+            "factorised",
+            "abs_err",
+            "rel_err",
+            "mass",
+            "err_vs_mass",
+        ]
+    ].rename(columns={"length": "tokens"})
 
 
 def _verdict_text(c: HoeffdingCheck, deltas: Sequence[float]) -> str:
     df, cov = c.responses, c.coverage
     n_mb = df.groupby(["run_id", "step", "minibatch"]).ngroups
-    lines = [f"Hoeffding check on {len(df)} responses from {n_mb} off-policy mini-batches "
-             f"(lengths {int(df.n.min())}–{int(df.n.max())} tokens; {c.excluded_singletons} "
-             f"response{'' if c.excluded_singletons == 1 else 's'} alone in their (k, sign of A) group and "
-             f"{c.excluded_short} shorter than {c.min_tokens} tokens left out)."]
+    lines = [
+        f"Hoeffding check on {len(df)} responses from {n_mb} off-policy mini-batches "
+        f"(lengths {int(df.n.min())}–{int(df.n.max())} tokens; {c.excluded_singletons} "
+        f"response{'' if c.excluded_singletons == 1 else 's'} alone in their (k, sign of A) group and "
+        f"{c.excluded_short} shorter than {c.min_tokens} tokens left out)."
+    ]
     parts = []
     for d in deltas:
         r = cov[(cov.scope == "all") & (cov.delta == d)].iloc[0]
-        parts.append(f"δ={d:g}: {r.coverage:.1%} within the bound (needs ≥ {1 - d:.0%}; 95% CI "
-                     f"{r.cp_low:.1%}–{r.cp_high:.1%}): {r.verdict.upper()}")
+        parts.append(
+            f"δ={d:g}: {r.coverage:.1%} within the bound (needs ≥ {1 - d:.0%}; 95% CI "
+            f"{r.cp_low:.1%}–{r.cp_high:.1%}): {r.verdict.upper()}"
+        )
     lines.append("Coverage of the 1−δ band: " + "; ".join(parts) + ".")
     mid = 0.05 if 0.05 in deltas else deltas[len(deltas) // 2]
     by_len = cov[(cov.scope == "length") & (cov.delta == mid)]
+
     def which(verdict):
         return [g for g, v in zip(by_len.group, by_len.verdict) if v == verdict]
 
-    lines.append(f"By response length at δ={mid:g}: the bound holds for {', '.join(which('holds')) or 'no length'}"
-                 + (f"; it fails for {', '.join(which('fails'))}" if which("fails") else "; it fails for no length")
-                 + (f"; consistent with it but too few responses to establish it for {', '.join(which('consistent'))}"
-                    if which("consistent") else "")
-                 + (f"; short of it within sampling noise for {', '.join(which('inconclusive'))}"
-                    if which("inconclusive") else "")
-                 + (f"; vacuous (the bound ≥ 1 at every observed deviation) for {', '.join(which('vacuous'))}"
-                    if which("vacuous") else "") + ".")
+    lines.append(
+        f"By response length at δ={mid:g}: the bound holds for {', '.join(which('holds')) or 'no length'}"
+        + (f"; it fails for {', '.join(which('fails'))}" if which("fails") else "; it fails for no length")
+        + (
+            f"; consistent with it but too few responses to establish it for {', '.join(which('consistent'))}"
+            if which("consistent")
+            else ""
+        )
+        + (
+            f"; short of it within sampling noise for {', '.join(which('inconclusive'))}"
+            if which("inconclusive")
+            else ""
+        )
+        + (
+            f"; vacuous (the bound ≥ 1 at every observed deviation) for {', '.join(which('vacuous'))}"
+            if which("vacuous")
+            else ""
+        )
+        + "."
+    )
     by_sign = cov[(cov.scope == "sign") & (cov.delta == mid)]
     if len(by_sign):
-        lines.append("By sign of the advantage at δ=" + f"{mid:g}: " + "; ".join(
-            f"{g}: {cv:.1%} ({v})" for g, cv, v in zip(by_sign.group, by_sign.coverage, by_sign.verdict)) + ".")
+        lines.append(
+            "By sign of the advantage at δ="
+            + f"{mid:g}: "
+            + "; ".join(f"{g}: {cv:.1%} ({v})" for g, cv, v in zip(by_sign.group, by_sign.coverage, by_sign.verdict))
+            + "."
+        )
     t = c.tail
-    lines.append(f"Tail: the empirical P(|ḡ_i − ḡ| ≥ τ) exceeds the bound at {int(t.exceeds.sum())} of {len(t)} "
-                 f"(τ, length) points, beyond sampling noise (95% Clopper–Pearson) at {int(t.significant.sum())}.")
+    lines.append(
+        f"Tail: the empirical P(|ḡ_i − ḡ| ≥ τ) exceeds the bound at {int(t.exceeds.sum())} of {len(t)} "
+        f"(τ, length) points, beyond sampling noise (95% Clopper–Pearson) at {int(t.significant.sum())}."
+    )
     f = c.factorisation
     rel, mass = f.rel_err.dropna(), f.err_vs_mass.dropna()
     if len(rel):
-        lines.append(f"Factorised loss (g_i replaced by its group mean), over {len(f)} groups: relative error median "
-                     f"{rel.median():.2%}, 90th percentile {rel.quantile(0.9):.2%}, max {rel.max():.2%}; "
-                     f"relative to the group's loss mass: median {mass.median():.2%}, 90th percentile "
-                     f"{mass.quantile(0.9):.2%}.")
+        lines.append(
+            f"Factorised loss (g_i replaced by its group mean), over {len(f)} groups: relative error median "
+            f"{rel.median():.2%}, 90th percentile {rel.quantile(0.9):.2%}, max {rel.max():.2%}; "
+            f"relative to the group's loss mass: median {mass.median():.2%}, 90th percentile "
+            f"{mass.quantile(0.9):.2%}."
+        )
     neg = c.ranges[c.ranges.sign == "-"]
     if len(neg):
         src = "; ".join(sorted(set(neg.b_source)))
         b_txt = f"{neg.b.min():.3g}" if neg.b.min() == neg.b.max() else f"{neg.b.min():.3g}–{neg.b.max():.3g}"
         pos = c.ranges[c.ranges.sign == "+"]
         above = float(np.nanmax(neg.share_above_b)) if neg.share_above_b.notna().any() else 0.0
-        lines.append(f"Range of g for A<0: [{neg.a.min():.2f}, b] with b = {b_txt} ({src}"
-                     + (f"; {above:.1%} of those responses have a ratio above b, where g is not bounded by it" if above
-                        else "") + ")" + (f"; for A>0: [0, {pos.b.max():.2f}]." if len(pos) else "."))
+        lines.append(
+            f"Range of g for A<0: [{neg.a.min():.2f}, b] with b = {b_txt} ({src}"
+            + (f"; {above:.1%} of those responses have a ratio above b, where g is not bounded by it" if above else "")
+            + ")"
+            + (f"; for A>0: [0, {pos.b.max():.2f}]." if len(pos) else ".")
+        )
     if c.vacuous:
-        overall = ("The check is VACUOUS for these runs: the bound is ≥ 1 at every observed deviation (each "
-                   "response's |ḡ_i − ḡ| is below √(ln 2 / 2n) of g's range), so no observation could have "
-                   "contradicted it. The deviations are small; that is not evidence for the bound.")
+        overall = (
+            "The check is VACUOUS for these runs: the bound is ≥ 1 at every observed deviation (each "
+            "response's |ḡ_i − ḡ| is below √(ln 2 / 2n) of g's range), so no observation could have "
+            "contradicted it. The deviations are small; that is not evidence for the bound."
+        )
     elif c.holds and c.tail_exceeds:
         sig = t[t.significant]
-        overall = (f"The 1−δ coverage HOLDS at every δ, beyond sampling noise, but the tail does not: at "
-                   f"{len(sig)} (τ, length) points ({', '.join(dict.fromkeys(sig.length_bin))}; τ/(b−a) from "
-                   f"{sig.t.min():.2f}) more responses deviate than the bound allows, beyond sampling noise, so the "
-                   "bound fails there for these runs.")
+        overall = (
+            f"The 1−δ coverage HOLDS at every δ, beyond sampling noise, but the tail does not: at "
+            f"{len(sig)} (τ, length) points ({', '.join(dict.fromkeys(sig.length_bin))}; τ/(b−a) from "
+            f"{sig.t.min():.2f}) more responses deviate than the bound allows, beyond sampling noise, so the "
+            "bound fails there for these runs."
+        )
     elif c.holds:
         overall = "The bound HOLDS at every δ, beyond sampling noise, and its tail nowhere falls short, for these runs."
     elif c.fails:
-        overall = ("The bound FAILS, beyond sampling noise, at δ = "
-                   + ", ".join(f"{d:g}" for d, v in c.verdicts.items() if v == "fails") + " for these runs.")
+        overall = (
+            "The bound FAILS, beyond sampling noise, at δ = "
+            + ", ".join(f"{d:g}" for d, v in c.verdicts.items() if v == "fails")
+            + " for these runs."
+        )
     else:
-        overall = ("NO FIRM VERDICT for these runs: " + ", ".join(f"δ={d:g} {v}" for d, v in c.verdicts.items())
-                   + " ('consistent': met, but too few responses to establish it; 'inconclusive': short of it "
-                   "within sampling noise).")
-    lines.append(overall + " Tokens of a response are not independent and the group mean "
-                 "stands in for E g, so this is a measurement, not an assumption: a failure means the "
-                 "factorisation's premise does not hold here (token dependence or differences between the "
-                 "prompts of a group), a pass is evidence for these runs only.")
+        overall = (
+            "NO FIRM VERDICT for these runs: "
+            + ", ".join(f"δ={d:g} {v}" for d, v in c.verdicts.items())
+            + " ('consistent': met, but too few responses to establish it; 'inconclusive': short of it "
+            "within sampling noise)."
+        )
+    lines.append(
+        overall + " Tokens of a response are not independent and the group mean "
+        "stands in for E g, so this is a measurement, not an assumption: a failure means the "
+        "factorisation's premise does not hold here (token dependence or differences between the "
+        "prompts of a group), a pass is evidence for these runs only."
+    )
     return " ".join(lines)
 
 
@@ -393,13 +522,21 @@ def gather(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
     if not frames:
         raise AnalysisError(
             f"{NAME}: none of the selected runs ({runs.source}) has off-policy mini-batches (table 'hoeffding'); "
-            "they appear when a step keeps more prompts than trainer.mini_batch_prompts")
+            "they appear when a step keeps more prompts than trainer.mini_batch_prompts"
+        )
     return pd.concat(frames, ignore_index=True), notes
 
 
-def plot_hoeffding(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                   experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                   deltas: Sequence[float] = DELTAS, check: HoeffdingCheck | None = None) -> FigureResult:
+def plot_hoeffding(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    deltas: Sequence[float] = DELTAS,
+    check: HoeffdingCheck | None = None,
+) -> FigureResult:
     """Run the check on the selected runs and draw it; save the figure and its tables in `out_dir`.
     (`check`: draw an already computed check instead, e.g. on synthetic data.)"""
     notes: list[str] = []
@@ -408,16 +545,34 @@ def plot_hoeffding(runs: RunSet | None = None, out_dir: str | Path | None = None
         data, notes = gather(runs)
         check = hoeffding_check(data, deltas=deltas)
     fig = draw_check(check, deltas)
-    tables = {"hoeffding_coverage": check.coverage, "hoeffding_tail": check.tail,
-              "hoeffding_factorisation": check.factorisation, "hoeffding_ranges": check.ranges}
-    caption = ("The Hoeffding check of docs/math.md on the off-policy mini-batches. (a) empirical tail of the deviation "
-               "of a response's mean clipped factor from its group's mean (solid) against Hoeffding's bound "
-               "(dashed), by response length; (b) coverage of the 1−δ band with 95% Clopper–Pearson intervals "
-               "(dotted: required 1−δ); (c) each response's deviation against the band's half-width; (d) error of "
-               "the factorised loss. " + check.text)
-    result = FigureResult(NAME, fig, tables, caption=caption, notes=notes,
-                          summary={"verdicts": check.verdicts, "holds": check.holds, "fails": check.fails,
-                                   "vacuous": check.vacuous, "tail_exceeds": check.tail_exceeds, "text": check.text})
+    tables = {
+        "hoeffding_coverage": check.coverage,
+        "hoeffding_tail": check.tail,
+        "hoeffding_factorisation": check.factorisation,
+        "hoeffding_ranges": check.ranges,
+    }
+    caption = (
+        "The Hoeffding check of docs/math.md on the off-policy mini-batches. (a) empirical tail of the deviation "
+        "of a response's mean clipped factor from its group's mean (solid) against Hoeffding's bound "
+        "(dashed), by response length; (b) coverage of the 1−δ band with 95% Clopper–Pearson intervals "
+        "(dotted: required 1−δ); (c) each response's deviation against the band's half-width; (d) error of "
+        "the factorised loss. " + check.text
+    )
+    result = FigureResult(
+        NAME,
+        fig,
+        tables,
+        caption=caption,
+        notes=notes,
+        summary={
+            "verdicts": check.verdicts,
+            "holds": check.holds,
+            "fails": check.fails,
+            "vacuous": check.vacuous,
+            "tail_exceeds": check.tail_exceeds,
+            "text": check.text,
+        },
+    )
     return finish_figure(result, out_dir)
 
 
@@ -447,8 +602,10 @@ def draw_check(check: HoeffdingCheck, deltas: Sequence[float] = DELTAS):
         from matplotlib.lines import Line2D
 
         h, _ = ax.get_legend_handles_labels()
-        h += [Line2D([], [], color="0.3", label="measured"), Line2D([], [], color="0.3", linestyle="--",
-                                                                     label="Hoeffding bound")]
+        h += [
+            Line2D([], [], color="0.3", label="measured"),
+            Line2D([], [], color="0.3", linestyle="--", label="Hoeffding bound"),
+        ]
         ax.legend(handles=h, loc="lower left", title="length (responses)", fontsize=5.5)
 
         ax = axes[0, 1]
@@ -459,11 +616,25 @@ def draw_check(check: HoeffdingCheck, deltas: Sequence[float] = DELTAS):
             c = cov[(cov.delta == delta) & cov.scope.isin(["all", "length"])].set_index("group").reindex(groups)
             xs = x - 0.4 + width * (i + 0.5)
             err = np.vstack([c.coverage - c.cp_low, c.cp_high - c.coverage])
-            ax.errorbar(xs, c.coverage, yerr=err, fmt="o", color=delta_colors[delta], markersize=3, capsize=1.5,
-                        linewidth=0.8, label=f"δ={delta:g}")
+            ax.errorbar(
+                xs,
+                c.coverage,
+                yerr=err,
+                fmt="o",
+                color=delta_colors[delta],
+                markersize=3,
+                capsize=1.5,
+                linewidth=0.8,
+                label=f"δ={delta:g}",
+            )
             for xi in xs:
-                ax.plot([xi - width / 2, xi + width / 2], [1 - delta] * 2, color=delta_colors[delta], linestyle=":",
-                        linewidth=1.0)
+                ax.plot(
+                    [xi - width / 2, xi + width / 2],
+                    [1 - delta] * 2,
+                    color=delta_colors[delta],
+                    linestyle=":",
+                    linewidth=1.0,
+                )
         ax.set_xticks(x, groups, rotation=20)
         lo = float(np.nanmin(cov.coverage)) if len(cov) else 0.8
         ax.set_ylim(min(0.85, lo - 0.05), 1.01)
@@ -473,20 +644,24 @@ def draw_check(check: HoeffdingCheck, deltas: Sequence[float] = DELTAS):
         ax = axes[1, 0]
         rng = np.random.default_rng(0)
         jitter = rng.uniform(-0.25, 0.25, len(df))
-        ax.scatter(df.n + jitter, df.t, s=3, alpha=0.35, color="0.25", linewidths=0, rasterized=True,
-                   label="responses")
+        ax.scatter(df.n + jitter, df.t, s=3, alpha=0.35, color="0.25", linewidths=0, rasterized=True, label="responses")
         n_line = np.linspace(max(df.n.min(), 1), df.n.max(), 100)
         for delta in deltas:
             ax.plot(n_line, tau_delta(n_line, delta), color=delta_colors[delta], label=f"τ_δ(n), δ={delta:g}")
-        ax.set(title="(c) deviation vs Hoeffding half-width", xlabel="response length n (tokens)",
-               ylabel="|ḡᵢ − ḡ| / (b − a)")
+        ax.set(
+            title="(c) deviation vs Hoeffding half-width",
+            xlabel="response length n (tokens)",
+            ylabel="|ḡᵢ − ḡ| / (b − a)",
+        )
         ax.set_ylim(0, max(float(df.t.max()) * 1.1, float(tau_delta(n_line.max(), min(deltas))) * 1.2, 0.05))
         ax.legend(loc="upper right")
 
         ax = axes[1, 1]
         exact_share = []
-        for col, label, color in (("rel_err", "|exact − fact.| / |exact|", "#0173B2"),
-                                  ("err_vs_mass", "|exact − fact.| / loss mass", "#D55E00")):
+        for col, label, color in (
+            ("rel_err", "|exact − fact.| / |exact|", "#0173B2"),
+            ("err_vs_mass", "|exact − fact.| / loss mass", "#D55E00"),
+        ):
             allv = fact[col].dropna().to_numpy()
             v = np.sort(allv[allv >= EXACT])
             if len(allv):
@@ -500,11 +675,22 @@ def draw_check(check: HoeffdingCheck, deltas: Sequence[float] = DELTAS):
             if exact_share and max(exact_share) > 0:
                 lo_s, hi_s = f"{min(exact_share):.0%}", f"{max(exact_share):.0%}"
                 share_txt = lo_s if lo_s == hi_s else f"{lo_s}–{hi_s}"
-                ax.text(0.98, 0.04, f"{share_txt} of groups: error < {EXACT:g}\n"
-                        "(exact up to rounding; start of the curves)", transform=ax.transAxes, ha="right",
-                        va="bottom", fontsize=5.5, color="0.35")
+                ax.text(
+                    0.98,
+                    0.04,
+                    f"{share_txt} of groups: error < {EXACT:g}\n(exact up to rounding; start of the curves)",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="bottom",
+                    fontsize=5.5,
+                    color="0.35",
+                )
         else:
             style.empty_panel(ax, f"factorised loss equals the exact one\n(every error < {EXACT:g})")
-        ax.set(title="(d) error of the factorised loss (per group)", xlabel="relative error (log)",
-               ylabel="share of groups (ECDF)", ylim=(0, 1.02))
+        ax.set(
+            title="(d) error of the factorised loss (per group)",
+            xlabel="relative error (log)",
+            ylabel="share of groups (ECDF)",
+            ylim=(0, 1.02),
+        )
     return fig

@@ -23,8 +23,22 @@ from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, require_table
 
 NAME = "length-vs-mu"
-COLUMNS = ["arm", "method", "phase", "step_first", "step_last", "k", "K", "mu", "len_correct", "len_incorrect",
-           "gap", "n_correct", "n_incorrect", "n_runs"]
+COLUMNS = [
+    "arm",
+    "method",
+    "phase",
+    "step_first",
+    "step_last",
+    "k",
+    "K",
+    "mu",
+    "len_correct",
+    "len_incorrect",
+    "gap",
+    "n_correct",
+    "n_incorrect",
+    "n_runs",
+]
 
 
 def phases_of(steps: Sequence[int], n_phases: int) -> list[tuple[int, int]]:
@@ -88,16 +102,27 @@ def _caption(t: pd.DataFrame) -> str:
         if last.empty:
             continue
         longer = int((last.gap > 0).sum())
-        parts.append(f"{arm}: incorrect answers are longer at {longer} of {len(last)} pass rates in the last phase "
-                     f"(mean gap {last.gap.mean():+.2f} tokens)")
-    return ("Mean response length of correct (solid) and incorrect (dashed) answers against the pass rate μ, "
-            "one panel per phase of training (response-weighted means over the phase's mini-batches and seeds). "
-            + "; ".join(parts) + ".")
+        parts.append(
+            f"{arm}: incorrect answers are longer at {longer} of {len(last)} pass rates in the last phase "
+            f"(mean gap {last.gap.mean():+.2f} tokens)"
+        )
+    return (
+        "Mean response length of correct (solid) and incorrect (dashed) answers against the pass rate μ, "
+        "one panel per phase of training (response-weighted means over the phase's mini-batches and seeds). "
+        + "; ".join(parts)
+        + "."
+    )
 
 
-def plot_length_vs_mu(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                      experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                      n_phases: int = 3) -> FigureResult:
+def plot_length_vs_mu(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    n_phases: int = 3,
+) -> FigureResult:
     """Draw the length-vs-mu figure; save it and its table `length_vs_mu.csv` in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table, notes = length_table(runs, n_phases)
@@ -111,8 +136,14 @@ def plot_length_vs_mu(runs: RunSet | None = None, out_dir: str | Path | None = N
                 a = d[d.arm == arm].sort_values("mu")
                 st = runs.arm_style(arm)
                 ax.plot(a.mu, a.len_correct, color=st["color"], marker=st["marker"], linestyle="-")
-                ax.plot(a.mu, a.len_incorrect, color=st["color"], marker=st["marker"], linestyle="--",
-                        markerfacecolor="white")
+                ax.plot(
+                    a.mu,
+                    a.len_incorrect,
+                    color=st["color"],
+                    marker=st["marker"],
+                    linestyle="--",
+                    markerfacecolor="white",
+                )
             a0, b0 = int(d.step_first.iloc[0]), int(d.step_last.iloc[0])
             ax.set(title=f"steps {a0}–{b0}" if a0 != b0 else f"step {a0}", xlabel="pass rate μ", xlim=(0, 1))
         axes[0, 0].set_ylabel("mean response length (tokens)")
@@ -120,7 +151,10 @@ def plot_length_vs_mu(runs: RunSet | None = None, out_dir: str | Path | None = N
 
         handles = style.arm_handles(runs, arms) + [
             Line2D([], [], color="0.3", linestyle="-", label="correct"),
-            Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white", label="incorrect")]
-        fig.legend(handles=handles, loc="outside upper center", ncol=style.legend_columns([h.get_label() for h in handles], 8))
+            Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white", label="incorrect"),
+        ]
+        fig.legend(
+            handles=handles, loc="outside upper center", ncol=style.legend_columns([h.get_label() for h in handles], 8)
+        )
     result = FigureResult(NAME, fig, {"length_vs_mu": table}, caption=_caption(table), notes=notes)
     return finish_figure(result, out_dir)

@@ -36,8 +36,18 @@ def level_table(runs: RunSet) -> pd.DataFrame:
             wide = pd.concat(series, axis=1)
             for step, vals in wide.iterrows():
                 m, ci, n = mean_ci(vals.to_numpy())
-                rows.append({"arm": arm, "method": members[0].method, "metric": f"{mode}_acc", "level": level,
-                             "step": int(step), "mean": m, "ci": ci, "n_runs": n})
+                rows.append(
+                    {
+                        "arm": arm,
+                        "method": members[0].method,
+                        "metric": f"{mode}_acc",
+                        "level": level,
+                        "step": int(step),
+                        "mean": m,
+                        "ci": ci,
+                        "n_runs": n,
+                    }
+                )
     if not rows:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged accuracy by level (eval/sampled_acc/level_N)")
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -51,12 +61,20 @@ def _caption(t: pd.DataFrame) -> str:
         txt = ", ".join(f"{arm} {first.loc[arm, 'mean']:.3f} → {last.loc[arm, 'mean']:.3f}" for arm in last.index)
         parts.append(f"level {level}: {txt}")
     metric = t.metric.iloc[0].replace("_", " ")
-    return (f"Held-out {metric} by difficulty level over training (mean over each arm's runs; bands: 95% t-interval "
-            "over runs where an arm has several). First → last evaluation: " + "; ".join(parts) + ".")
+    return (
+        f"Held-out {metric} by difficulty level over training (mean over each arm's runs; bands: 95% t-interval "
+        "over runs where an arm has several). First → last evaluation: " + "; ".join(parts) + "."
+    )
 
 
-def plot_levels(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+def plot_levels(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> FigureResult:
     """Draw the levels figure; save it and its table `levels.csv` in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table = level_table(runs)
@@ -71,9 +89,12 @@ def plot_levels(runs: RunSet | None = None, out_dir: str | Path | None = None, *
             d = table[table.level == level]
             for arm in arms:
                 style.arm_curve(ax, runs, arm, d[d.arm == arm], lower=0.0, upper=1.0)
-            ax.set(title=f"level {level}", xlabel="training step",
-                   ylabel=table.metric.iloc[0].replace("_", " ") if ax is flat[0] else None)
-        for ax in flat[len(levels):]:
+            ax.set(
+                title=f"level {level}",
+                xlabel="training step",
+                ylabel=table.metric.iloc[0].replace("_", " ") if ax is flat[0] else None,
+            )
+        for ax in flat[len(levels) :]:
             ax.set_visible(False)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
     return finish_figure(FigureResult(NAME, fig, {"levels": table}, caption=_caption(table)), out_dir)

@@ -83,8 +83,13 @@ def _prompt_shapes(df: pd.DataFrame, method: str, std: str, eps: float) -> pd.Da
     out["measured"] = _minibatch_shares(df, df.scale / df.prompts)
     if method in shaped_methods():
         eq = pd.Series([static_shape(method, k / K, 1, sigma_batch=1.0) for k, K in zip(df.k, df.K)], index=df.index)
-        lc = pd.Series([length_corrected_shape(method, int(k), int(K), a, b, std, eps)
-                        for k, K, a, b in zip(df.k, df.K, df.len_correct, df.len_incorrect)], index=df.index)
+        lc = pd.Series(
+            [
+                length_corrected_shape(method, int(k), int(K), a, b, std, eps)
+                for k, K, a, b in zip(df.k, df.K, df.len_correct, df.len_incorrect)
+            ],
+            index=df.index,
+        )
         out["equal_length"] = _minibatch_shares(df, eq)
         out["length_corrected"] = _minibatch_shares(df, lc)
     return out
@@ -101,8 +106,11 @@ def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
     out["K"] = K
     out["mu"] = out.k / K
     shapes = _prompt_shapes(df, run.method, run.param("algo.std", "unbiased"), run.param("algo.adv_eps", 1e-6, float))
-    for col, name in (("measured", "S_share_per_prompt"), ("equal_length", "ref_share"),
-                      ("length_corrected", "lc_share")):
+    for col, name in (
+        ("measured", "S_share_per_prompt"),
+        ("equal_length", "ref_share"),
+        ("length_corrected", "lc_share"),
+    ):
         if col in shapes:
             m = shapes[col].groupby(df.k).mean()
             out[name] = out.k.map(m / m.sum())
@@ -173,11 +181,24 @@ def _steps_table(runs_by_arm: dict, window) -> pd.DataFrame:
 
 SHARES = ("S_share", "C_abs_share", "G_share")  # what each group receives: 0 in a run where it never appears
 PROMPT_SHARES = ("S_share_per_prompt", "ref_share", "lc_share")  # per prompt: mean over the runs that had the group
-MEANS = ("S_per_prompt", "prompts", "daro/weight", "daro/wL", "wL_abs", "daro/wS", "loss", "mass", "daro/signal",
-         "len_correct", "len_incorrect")
+MEANS = (
+    "S_per_prompt",
+    "prompts",
+    "daro/weight",
+    "daro/wL",
+    "wL_abs",
+    "daro/wS",
+    "loss",
+    "mass",
+    "daro/signal",
+    "len_correct",
+    "len_incorrect",
+)
 
 
-def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+def loss_scale_tables(
+    runs: RunSet, window: tuple[int, int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
     """(per arm and mu, per arm/step/mu, static reference shares, notes)."""
     have, notes = require_table(runs, "per_mu", "loss-scale")
     arms = {a: [r for r in m if r in have] for a, m in runs.arms().items()}
@@ -218,9 +239,34 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
     if not main:
         raise AnalysisError(f"loss-scale: no per-mu rows in the step window {window} for {runs.source}")
     table = pd.concat(main, ignore_index=True)[
-        ["arm", "method", "k", "K", "mu", "n_runs", "step_first", "step_last", "prompts", "S_per_prompt",
-         "S_share_per_prompt", "ref_share", "lc_share", "S_share", "C_abs_share", "G_share", "loss", "len_correct",
-         "len_incorrect", "mass", "daro/weight", "daro/wL", "wL_abs", "daro/signal", "daro/wS"]]
+        [
+            "arm",
+            "method",
+            "k",
+            "K",
+            "mu",
+            "n_runs",
+            "step_first",
+            "step_last",
+            "prompts",
+            "S_per_prompt",
+            "S_share_per_prompt",
+            "ref_share",
+            "lc_share",
+            "S_share",
+            "C_abs_share",
+            "G_share",
+            "loss",
+            "len_correct",
+            "len_incorrect",
+            "mass",
+            "daro/weight",
+            "daro/wL",
+            "wL_abs",
+            "daro/signal",
+            "daro/wS",
+        ]
+    ]
     ref_rows = []
     for method in sorted(set(table.method) & set(shaped_methods()), key=style.method_rank):
         t = table[table.method == method]
@@ -230,8 +276,17 @@ def loss_scale_tables(runs: RunSet, window: tuple[int, int] | None = None) -> tu
         from daro_lab.algorithms.losses import static_shape
 
         for k, share in zip(ks, reference_shares(method, K, N, ks)):
-            ref_rows.append({"method": method, "k": k, "K": K, "mu": k / K, "n_prompts": N,
-                             "static_shape": static_shape(method, k / K, N, sigma_batch=1.0), "ref_share": share})
+            ref_rows.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "K": K,
+                    "mu": k / K,
+                    "n_prompts": N,
+                    "static_shape": static_shape(method, k / K, N, sigma_batch=1.0),
+                    "ref_share": share,
+                }
+            )
     ref = pd.DataFrame(ref_rows, columns=["method", "k", "K", "mu", "n_prompts", "static_shape", "ref_share"])
     return table, _steps_table(arms, window), ref, notes
 
@@ -243,8 +298,10 @@ def _caption(table: pd.DataFrame, window_txt: str) -> str:
         n_groups = len(t)
         if t.C_abs_share.notna().any():
             top = t.loc[t.C_abs_share.idxmax()]
-            txt = (f"under {arm}, the group μ={int(top.k)}/{int(top.K)} carries the largest share of |C_μ| "
-                   f"({top.C_abs_share:.0%}, equal shares would be {1 / n_groups:.0%})")
+            txt = (
+                f"under {arm}, the group μ={int(top.k)}/{int(top.K)} carries the largest share of |C_μ| "
+                f"({top.C_abs_share:.0%}, equal shares would be {1 / n_groups:.0%})"
+            )
         else:
             txt = f"under {arm}, C_μ is 0 up to rounding in the window (no share drawn)"
         if t.G_share.notna().any() and t.G_share.sum() > 0:
@@ -254,31 +311,48 @@ def _caption(table: pd.DataFrame, window_txt: str) -> str:
             dev = float(np.nanmax(np.abs(t.S_share_per_prompt - t.ref_share)))
             lc = float(np.nanmax(np.abs(t.S_share_per_prompt - t.lc_share)))
             if not METHODS[t.method.iloc[0]].token_sum:
-                txt += (f"; its per-prompt S_μ is on its static shape to {dev:.1g} in share (a consistency check: "
-                        "GRPO's per-response token-mean makes this hold at any lengths)")
+                txt += (
+                    f"; its per-prompt S_μ is on its static shape to {dev:.1g} in share (a consistency check: "
+                    "GRPO's per-response token-mean makes this hold at any lengths)"
+                )
             else:
-                txt += (f"; its per-prompt S_μ departs from the equal-length shape by up to {dev:.3f} in share (the "
-                        f"effect of the lengths of right and wrong answers) and is on the length-corrected shape to "
-                        f"{lc:.1g} (a consistency check: both come from the same logged lengths)")
+                txt += (
+                    f"; its per-prompt S_μ departs from the equal-length shape by up to {dev:.3f} in share (the "
+                    f"effect of the lengths of right and wrong answers) and is on the length-corrected shape to "
+                    f"{lc:.1g} (a consistency check: both come from the same logged lengths)"
+                )
         if t["daro/wS"].notna().any():
             ws = t["daro/wS"].dropna()
             txt += f"; w_μ·signal_μ/C spans {ws.min():.3g} to {ws.max():.3g} (1 at DARO's fixed point)"
         elif t.wL_abs.notna().any():
             wl = t.wL_abs.dropna()
-            txt += f"; w_μ·|L_μ| spans {wl.min():.3g} to {wl.max():.3g} (DARO's fixed point with the paper's reading is 1)"
+            txt += (
+                f"; w_μ·|L_μ| spans {wl.min():.3g} to {wl.max():.3g} (DARO's fixed point with the paper's reading is 1)"
+            )
         parts.append(txt)
-    refs = ("against the equal-length static shapes (dashed) and the shapes corrected for the logged lengths "
-            "(dotted)" if table.ref_share.notna().any() else "(no static shape among these methods)")
-    return (f"Loss scale by pass rate, {window_txt}. Top left: S_μ per prompt as a share (markers) {refs}. Then "
-            "|C_μ| (the part with a θ-gradient: DARO's offset −C ln w is left out; pooled over mini-batches, so a "
-            "mini-batch whose loss is ~0 weighs nothing) and G_μ as shares of the total per group (grey dotted: "
-            "equal shares), DARO's w_μ·signal_μ/C (mean over the window), and each group's share of |C| over "
-            "training. " + ("; ".join(parts))[:1].upper() + "; ".join(parts)[1:] + ".")
+    refs = (
+        "against the equal-length static shapes (dashed) and the shapes corrected for the logged lengths (dotted)"
+        if table.ref_share.notna().any()
+        else "(no static shape among these methods)"
+    )
+    return (
+        f"Loss scale by pass rate, {window_txt}. Top left: S_μ per prompt as a share (markers) {refs}. Then "
+        "|C_μ| (the part with a θ-gradient: DARO's offset −C ln w is left out; pooled over mini-batches, so a "
+        "mini-batch whose loss is ~0 weighs nothing) and G_μ as shares of the total per group (grey dotted: "
+        "equal shares), DARO's w_μ·signal_μ/C (mean over the window), and each group's share of |C| over "
+        "training. " + ("; ".join(parts))[:1].upper() + "; ".join(parts)[1:] + "."
+    )
 
 
-def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                    experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                    window: tuple[int, int] | None = None) -> FigureResult:
+def plot_loss_scale(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    window: tuple[int, int] | None = None,
+) -> FigureResult:
     """Draw the loss-scale figure; save it (PNG, SVG, PDF) and its tables (CSV) in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table, steps, ref, notes = loss_scale_tables(runs, window)
@@ -321,8 +395,10 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
         ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C| (θ-part)")
         ax_g.set(title="(c) G$_\\mu$ = ‖∇C$_\\mu$‖: share", ylabel="share of Σ G")
         paper_reading = table["daro/wS"].isna().all()
-        ax_w.set(title="(d) DARO: w$_\\mu$·|L$_\\mu$|" if paper_reading else "(d) DARO: w$_\\mu$·signal$_\\mu$/C",
-                 ylabel="balance (log)" if table.wL_abs.notna().any() else None)
+        ax_w.set(
+            title="(d) DARO: w$_\\mu$·|L$_\\mu$|" if paper_reading else "(d) DARO: w$_\\mu$·signal$_\\mu$/C",
+            ylabel="balance (log)" if table.wL_abs.notna().any() else None,
+        )
         for ax in (ax_s, ax_c, ax_g, ax_w):
             ax.set_xlabel("pass rate μ")
             ax.set_xlim(0, 1)
@@ -348,21 +424,41 @@ def plot_loss_scale(runs: RunSet | None = None, out_dir: str | Path | None = Non
             colors = style.mu_colors(K)
             for k, dk in d.groupby("k"):  # one step's shares swing with its few prompts: a centred rolling mean
                 dk = dk.sort_values("step")
-                ax.plot(dk.step, dk.C_abs_share.rolling(STEP_SMOOTHING, min_periods=1, center=True).mean(),
-                        color=colors[int(k)], label=style.mu_label(int(k), K))
+                ax.plot(
+                    dk.step,
+                    dk.C_abs_share.rolling(STEP_SMOOTHING, min_periods=1, center=True).mean(),
+                    color=colors[int(k)],
+                    label=style.mu_label(int(k), K),
+                )
             title = f"({letters[i]}) {arm}: share of |C| by step"
-            ax.set(title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)), xlabel="training step",
-                   ylabel=f"share of Σ|C| ({STEP_SMOOTHING}-step mean)", ylim=(-0.02, 1.02))
+            ax.set(
+                title=style.wrap(title, style.title_chars(style.PAGE_WIDTH, ncols)),
+                xlabel="training step",
+                ylabel=f"share of Σ|C| ({STEP_SMOOTHING}-step mean)",
+                ylim=(-0.02, 1.02),
+            )
             if len(Ks) > 1:
                 ax.legend(loc="upper right", ncol=2, fontsize=5.5)
         fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
         if len(Ks) == 1:
             span = "(e)" if len(arms) == 1 else f"(e)–({letters[len(arms) - 1]})"
-            fig.legend(handles=style.mu_handles(int(Ks[0])), loc="outside lower center", ncol=int(Ks[0]) - 1,
-                       title=f"panels {span}: pass-rate group")
-    window_txt = (f"steps {window[0]}–{window[1]}" if window else
-                  f"averaged over steps {int(table.step_first.min())}–{int(table.step_last.max())}")
-    result = FigureResult(NAME, fig, {"loss_scale": table, "loss_scale_steps": steps, "loss_scale_reference": ref},
-                          caption=_caption(table, window_txt), notes=notes,
-                          summary={"arms": arms})
+            fig.legend(
+                handles=style.mu_handles(int(Ks[0])),
+                loc="outside lower center",
+                ncol=int(Ks[0]) - 1,
+                title=f"panels {span}: pass-rate group",
+            )
+    window_txt = (
+        f"steps {window[0]}–{window[1]}"
+        if window
+        else f"averaged over steps {int(table.step_first.min())}–{int(table.step_last.max())}"
+    )
+    result = FigureResult(
+        NAME,
+        fig,
+        {"loss_scale": table, "loss_scale_steps": steps, "loss_scale_reference": ref},
+        caption=_caption(table, window_txt),
+        notes=notes,
+        summary={"arms": arms},
+    )
     return finish_figure(result, out_dir)

@@ -23,8 +23,13 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM_ARGS = [  # no sandbox as root; no background connections, which this machine's network refuses
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -51,8 +56,12 @@ def serve(tracking_uri: str, timeout: float = 90):
     """`daro-lab ui` on a free port for the duration of the block; yields its base URL."""
     port = _free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri",
-                             tracking_uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", tracking_uri],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
@@ -75,8 +84,13 @@ def serve(tracking_uri: str, timeout: float = 90):
             proc.kill()
 
 
-def ablation_page(tracking_uri: str, parent_run_id: str, screenshot: str | Path | None = None,
-                  chromium: str | None = None, timeout_s: float = 60) -> list[str]:
+def ablation_page(
+    tracking_uri: str,
+    parent_run_id: str,
+    screenshot: str | Path | None = None,
+    chromium: str | None = None,
+    timeout_s: float = 60,
+) -> list[str]:
     """Run names the MLflow UI lists under the ablation's parent run, once the parent is expanded."""
     from playwright.sync_api import sync_playwright
 
@@ -123,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     names = ablation_page(store.uri, a.parent, a.out)
     want = {r.info.run_name for r in store.children(a.parent)}
     missing = sorted(want - set(names))
-    print(f"the MLflow UI lists {len(set(names) & want)} of the {len(want)} child runs" +
-          (f"; missing: {', '.join(missing)}" if missing else "") + (f"; screenshot {a.out}" if a.out else ""))
+    print(
+        f"the MLflow UI lists {len(set(names) & want)} of the {len(want)} child runs"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + (f"; screenshot {a.out}" if a.out else "")
+    )
     return 1 if missing else 0
 
 

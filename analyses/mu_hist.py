@@ -48,19 +48,30 @@ def _caption(t: pd.DataFrame) -> str:
     for arm, d in t.groupby("arm", sort=False):
         K = int(d.K.iloc[0])
         steps = sorted(d.step.unique())
-        head, tail = steps[: min(10, len(steps))], steps[-min(10, len(steps)):]
+        head, tail = steps[: min(10, len(steps))], steps[-min(10, len(steps)) :]
 
         def interior(window):
             w = d[d.step.isin(window)]
             return w[(w.k > 0) & (w.k < K)].prompts.sum() / w.prompts.sum()
-        parts.append(f"{arm}: interior share {interior(head):.2f} over the first {len(head)} steps, "
-                     f"{interior(tail):.2f} over the last {len(tail)}")
-    return ("Share of each step's prompts at each pass rate k/K (summed over an arm's runs, 10-step rolling mean; "
-            "k = 0 at the bottom). Only the interior 0 < k < K carries a gradient. " + "; ".join(parts) + ".")
+
+        parts.append(
+            f"{arm}: interior share {interior(head):.2f} over the first {len(head)} steps, "
+            f"{interior(tail):.2f} over the last {len(tail)}"
+        )
+    return (
+        "Share of each step's prompts at each pass rate k/K (summed over an arm's runs, 10-step rolling mean; "
+        "k = 0 at the bottom). Only the interior 0 < k < K carries a gradient. " + "; ".join(parts) + "."
+    )
 
 
-def plot_mu_hist(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                 experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+def plot_mu_hist(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> FigureResult:
     """Draw the mu-hist figure; save it and its table `mu_hist.csv` in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table, notes = mu_hist_table(runs)
@@ -77,12 +88,17 @@ def plot_mu_hist(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             wide = d.pivot_table(index="step", columns="k", values="share", fill_value=0.0).sort_index()
             wide = wide.reindex(columns=range(K + 1), fill_value=0.0).rolling(SMOOTH, min_periods=1).mean()
             colors = {0: "0.75", K: "0.45", **style.mu_colors(K)}
-            ax.stackplot(wide.index, *[wide[k] for k in range(K + 1)], colors=[colors[k] for k in range(K + 1)],
-                         linewidth=0)
-            ax.set(title=style.wrap(arm, style.title_chars(style.PAGE_WIDTH, ncols)), xlabel="training step",
-                   ylabel="share of prompts" if ax is flat[0] else None, ylim=(0, 1), xlim=(wide.index.min(),
-                                                                                          wide.index.max()))
-        for ax in flat[len(arms):]:
+            ax.stackplot(
+                wide.index, *[wide[k] for k in range(K + 1)], colors=[colors[k] for k in range(K + 1)], linewidth=0
+            )
+            ax.set(
+                title=style.wrap(arm, style.title_chars(style.PAGE_WIDTH, ncols)),
+                xlabel="training step",
+                ylabel="share of prompts" if ax is flat[0] else None,
+                ylim=(0, 1),
+                xlim=(wide.index.min(), wide.index.max()),
+            )
+        for ax in flat[len(arms) :]:
             ax.set_visible(False)
         if len(Ks) == 1:
             from matplotlib.patches import Patch

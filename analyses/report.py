@@ -44,8 +44,10 @@ ACC = "eval/greedy_acc"
 SAMPLED = "eval/sampled_acc"
 PAPER_METHODS = ("grpo", "dapo", "dr_grpo", "lipo", "daro")
 TEMPLATE = Path(__file__).resolve().parent.parent / "reports" / "template.html"
-_FALLBACK_TEMPLATE = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>$title</title></head>"
-                      "<body><h1>$title</h1><p>$subtitle</p><ol>$toc</ol>$body<footer>$generated</footer></body></html>")
+_FALLBACK_TEMPLATE = (
+    "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>$title</title></head>"
+    "<body><h1>$title</h1><p>$subtitle</p><ol>$toc</ol>$body<footer>$generated</footer></body></html>"
+)
 FIGURE_TITLES = {
     "loss-scale": "The loss scale issue: what each pass-rate group receives",
     "length-vs-mu": "Response length against the pass rate",
@@ -55,10 +57,24 @@ FIGURE_TITLES = {
     "grad-norms": "Gradient norms",
 }
 # params shown in the setup's summary lines
-_MODEL_KEYS = ("model.path", "model.arch", "model.hidden_size", "model.num_layers", "model.num_heads", "model.dtype",
-               "model.warmstart_steps")
-_DATA_KEYS = ("task.name", "task.min_digits", "task.max_digits", "task.ops", "task.num_train", "task.num_eval",
-              "task.data_seed")
+_MODEL_KEYS = (
+    "model.path",
+    "model.arch",
+    "model.hidden_size",
+    "model.num_layers",
+    "model.num_heads",
+    "model.dtype",
+    "model.warmstart_steps",
+)
+_DATA_KEYS = (
+    "task.name",
+    "task.min_digits",
+    "task.max_digits",
+    "task.ops",
+    "task.num_train",
+    "task.num_eval",
+    "task.data_seed",
+)
 
 
 @dataclass
@@ -120,8 +136,20 @@ def results_table(runs: RunSet, metric: str = ACC) -> pd.DataFrame:
                 row[f"{name}_mean"], row[f"{name}_ci"] = m, ci
             row["final_steps"], row["seeds"] = ";".join(steps), ";".join(seeds)
             rows.append(row)
-    cols = ["arm", "method", "level", "n_seeds", "start_mean", "start_ci", "final_mean", "final_ci", "best_mean",
-            "best_ci", "final_steps", "seeds"]
+    cols = [
+        "arm",
+        "method",
+        "level",
+        "n_seeds",
+        "start_mean",
+        "start_ci",
+        "final_mean",
+        "final_ci",
+        "best_mean",
+        "best_ci",
+        "final_steps",
+        "seeds",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -130,9 +158,19 @@ def runs_table(runs: RunSet) -> pd.DataFrame:
     for arm, members in runs.arms().items():
         for r in members:
             steps = r.series(ACC).index.max() if r.has_metric(ACC) else None
-            rows.append({"arm": arm, "method": r.method, "seed": r.seed, "run_name": r.name, "run_id": r.run_id,
-                         "status": r.status, "steps": r.param("trainer.steps"), "last_eval_step": steps,
-                         "experiment": r.experiment})
+            rows.append(
+                {
+                    "arm": arm,
+                    "method": r.method,
+                    "seed": r.seed,
+                    "run_name": r.name,
+                    "run_id": r.run_id,
+                    "status": r.status,
+                    "steps": r.param("trainer.steps"),
+                    "last_eval_step": steps,
+                    "experiment": r.experiment,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -147,7 +185,7 @@ def portable(text: str) -> str:
     text = str(text)
     for prefix in ("sqlite:///", "file://"):  # sqlite:////abs/path, file:///abs/path: the path part
         if text.startswith(prefix):
-            return prefix + portable(text[len(prefix):])
+            return prefix + portable(text[len(prefix) :])
     if re.match(r"^[A-Za-z][\w+.-]*://", text):
         return text
     return _ABS_PATH.sub(lambda m: f"…/{m.group(1)}", text)
@@ -180,8 +218,10 @@ def write_inputs(runs: RunSet, out: Path) -> list[str]:
         elif Path(value).is_file():
             target.write_text(Path(value).read_text())
         else:
-            notes.append(f"run {r.name} ({r.run_id}): its frozen weights {portable(value)} are gone from this machine "
-                         "and not in its tags; inputs/ lacks them")
+            notes.append(
+                f"run {r.name} ({r.run_id}): its frozen weights {portable(value)} are gone from this machine "
+                "and not in its tags; inputs/ lacks them"
+            )
     return notes
 
 
@@ -222,8 +262,10 @@ def missing_items(runs: RunSet, figures: dict[str, FigureResult], errors: dict[s
         out.append("No DARO run: the weights figure and DARO's w·|L| panel cannot be drawn.")
     single = [arm for arm, m in runs.arms().items() if len(m) == 1]
     if single:
-        out.append(f"One seed only for {', '.join(single)}: no confidence interval (mean ± 95% CI needs at least "
-                   f"two seeds); differences between arms may be noise.")
+        out.append(
+            f"One seed only for {', '.join(single)}: no confidence interval (mean ± 95% CI needs at least "
+            f"two seeds); differences between arms may be noise."
+        )
     out.extend(s[0].upper() + s[1:] + "." if not s.endswith(".") else s for s in runs.skipped)
     for name, msg in errors.items():
         out.append(f"Figure '{name}' could not be drawn: {msg}")
@@ -270,29 +312,37 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
 
 def _figure_html(name: str, res: FigureResult, rel_dir: str) -> str:
     png = base64.b64encode(Path(res.paths["png"]).read_bytes()).decode("ascii")
-    files = " · ".join(f"<a href='{_esc(rel_dir)}/{_esc(Path(p).name)}'>{_esc(Path(p).name)}</a>"
-                       for k, p in res.paths.items() if k in ("png", "pdf", "svg") or k.startswith("csv"))
-    return (f"<figure id='fig-{_esc(name)}'><img src='data:image/png;base64,{png}' alt='figure {_esc(name)}'>"
-            f"<figcaption><b>Figure: {_esc(name)}.</b> {_esc(res.caption)}"
-            f"<span class='files'>Data and vector files (beside this report): {files}</span></figcaption></figure>")
+    files = " · ".join(
+        f"<a href='{_esc(rel_dir)}/{_esc(Path(p).name)}'>{_esc(Path(p).name)}</a>"
+        for k, p in res.paths.items()
+        if k in ("png", "pdf", "svg") or k.startswith("csv")
+    )
+    return (
+        f"<figure id='fig-{_esc(name)}'><img src='data:image/png;base64,{png}' alt='figure {_esc(name)}'>"
+        f"<figcaption><b>Figure: {_esc(name)}.</b> {_esc(res.caption)}"
+        f"<span class='files'>Data and vector files (beside this report): {files}</span></figcaption></figure>"
+    )
 
 
 def _verdict_html(hoef: FigureResult | None, error: str | None) -> str:
     if hoef is None:
-        return (f"<div class='verdict'><span class='tag inconclusive'>NO VERDICT</span> The Hoeffding check could "
-                f"not run: {_esc(error or 'not requested')}</div>")
+        return (
+            f"<div class='verdict'><span class='tag inconclusive'>NO VERDICT</span> The Hoeffding check could "
+            f"not run: {_esc(error or 'not requested')}</div>"
+        )
     s = hoef.summary
     klass = "holds" if s.get("holds") else ("fails" if s.get("fails") else "inconclusive")
-    tags = " ".join(f"<span class='tag {_esc(v if v in ('holds', 'fails') else 'inconclusive')}'>δ={d:g}: "
-                    f"{_esc(v)}</span>" for d, v in s.get("verdicts", {}).items())
+    tags = " ".join(
+        f"<span class='tag {_esc(v if v in ('holds', 'fails') else 'inconclusive')}'>δ={d:g}: {_esc(v)}</span>"
+        for d, v in s.get("verdicts", {}).items()
+    )
     return f"<div class='verdict {klass}'>{tags}<p>{_esc(s.get('text', ''))}</p></div>"
 
 
 def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_df: pd.DataFrame) -> str:
     r0 = runs.runs[0]
     model = ", ".join(f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _MODEL_KEYS if r0.params.get(k) not in (None, ""))
-    model = (f"local model {r0.params['model.path']}" if r0.params.get("model.path") else
-             f"the tiny preset ({model})")
+    model = f"local model {r0.params['model.path']}" if r0.params.get("model.path") else f"the tiny preset ({model})"
     data = ", ".join(f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _DATA_KEYS if k in r0.params)
     seeds = "; ".join(f"{arm}: {', '.join(str(r.seed) for r in m)}" for arm, m in runs.arms().items())
     vers = ", ".join(f"{k} {v}" for k, v in versions().items())
@@ -301,8 +351,10 @@ def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_
         f"<p><b>Runs:</b> {len(runs)} from {_esc(runs.source)} in <code>{_esc(portable(runs.uri))}</code>.</p>",
         f"<p><b>Model:</b> {_esc(model)}.<br><b>Data:</b> {_esc(data)}.<br><b>Seeds:</b> {_esc(seeds)}.<br>"
         f"<b>Versions (of this report's environment):</b> {_esc(vers)}."
-        + (f"<br><b>Code commit of the runs:</b> {_esc(', '.join(commits))}." if commits else "") + "</p>",
-        "<h3>Runs</h3>", _html_table(runs_df, key_col="run_id"),
+        + (f"<br><b>Code commit of the runs:</b> {_esc(', '.join(commits))}." if commits else "")
+        + "</p>",
+        "<h3>Runs</h3>",
+        _html_table(runs_df, key_col="run_id"),
     ]
     if len(varying):
         parts += ["<h3>Config keys that differ between runs</h3>", _html_table(varying, key_col="key")]
@@ -310,31 +362,58 @@ def _setup_html(runs: RunSet, common: pd.DataFrame, varying: pd.DataFrame, runs_
     return "\n".join(parts)
 
 
-def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult], errors: dict[str, str],
-                missing: list[str], fig_dir: Path, out_dir: Path, template: Path | None = None,
-                title: str | None = None, preface: Preface | None = None,
-                results_sampled: pd.DataFrame | None = None) -> str:
+def render_html(
+    runs: RunSet,
+    results: pd.DataFrame,
+    figures: dict[str, FigureResult],
+    errors: dict[str, str],
+    missing: list[str],
+    fig_dir: Path,
+    out_dir: Path,
+    template: Path | None = None,
+    title: str | None = None,
+    preface: Preface | None = None,
+    results_sampled: pd.DataFrame | None = None,
+) -> str:
     tpl_path = Path(template) if template else TEMPLATE
     tpl = string.Template(tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else _FALLBACK_TEMPLATE)
     common, varying = config_tables(runs)
     sections = [(preface.anchor, preface.title, preface.html)] if preface else []
-    miss = ("<div class='missing'><p><b>What these runs lack.</b></p><ul>"
-            + "".join(f"<li>{_esc(m)}</li>" for m in missing) + "</ul></div>") if missing else \
-        "<p class='note'>Nothing is missing: every method of the paper, several seeds, every figure.</p>"
+    miss = (
+        (
+            "<div class='missing'><p><b>What these runs lack.</b></p><ul>"
+            + "".join(f"<li>{_esc(m)}</li>" for m in missing)
+            + "</ul></div>"
+        )
+        if missing
+        else "<p class='note'>Nothing is missing: every method of the paper, several seeds, every figure.</p>"
+    )
     sections.append(("missing", "What is missing", miss))
     sections.append(("setup", "Setup", _setup_html(runs, common, varying, runs_table(runs))))
     disp = results_display(results) if len(results) else pd.DataFrame()
-    res_html = (_html_table(disp, cls="results", num_cols=[c for c in disp.columns if c not in ("method",)])
-                if len(disp) else "<p>No held-out accuracy was logged.</p>")
+    res_html = (
+        _html_table(disp, cls="results", num_cols=[c for c in disp.columns if c not in ("method",)])
+        if len(disp)
+        else "<p>No held-out accuracy was logged.</p>"
+    )
     if results_sampled is not None and len(results_sampled):
         sd = results_display(results_sampled)
-        res_html += ("<p>Sampled held-out accuracy (avg@n: the mean reward of trainer.eval_samples responses per "
-                     "prompt at the rollout temperature, what training optimises), the same layout:</p>"
-                     + _html_table(sd, cls="results", num_cols=[c for c in sd.columns if c not in ("method",)]))
-    sections.append(("results", "Results", (
-        "<p>Held-out accuracy (greedy decoding) per arm: at the start (step 0), at the last evaluation, and the best "
-        "over the evaluations after the start; overall and by difficulty level. Mean ± half-width of the 95% "
-        "t-interval over seeds (no ± with a single seed).</p>" + res_html)))
+        res_html += (
+            "<p>Sampled held-out accuracy (avg@n: the mean reward of trainer.eval_samples responses per "
+            "prompt at the rollout temperature, what training optimises), the same layout:</p>"
+            + _html_table(sd, cls="results", num_cols=[c for c in sd.columns if c not in ("method",)])
+        )
+    sections.append(
+        (
+            "results",
+            "Results",
+            (
+                "<p>Held-out accuracy (greedy decoding) per arm: at the start (step 0), at the last evaluation, and the best "
+                "over the evaluations after the start; overall and by difficulty level. Mean ± half-width of the 95% "
+                "t-interval over seeds (no ± with a single seed).</p>" + res_html
+            ),
+        )
+    )
     rel = _relpath(fig_dir, out_dir)
     for name in FIGURES:
         if name in figures:
@@ -346,10 +425,14 @@ def render_html(runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureRe
     body = "\n".join(f"<section id='{sid}'><h2>{_esc(t)}</h2>\n{b}\n</section>" for sid, t, b in sections)
     toc = "".join(f"<li><a href='#{sid}'>{_esc(t)}</a></li>" for sid, t, _ in sections)
     title = title or f"daro-lab report: {runs.title()}"
-    subtitle = (f"{len(runs)} runs, methods {', '.join(style.method_label(m) for m in runs.methods())}; "
-                f"loss scale issue and DARO (arXiv 2510.09001)")
-    generated = (f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by daro-lab "
-                 f"{versions().get('daro-lab', '')} from {_esc(portable(runs.uri))}.")
+    subtitle = (
+        f"{len(runs)} runs, methods {', '.join(style.method_label(m) for m in runs.methods())}; "
+        f"loss scale issue and DARO (arXiv 2510.09001)"
+    )
+    generated = (
+        f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by daro-lab "
+        f"{versions().get('daro-lab', '')} from {_esc(portable(runs.uri))}."
+    )
     return tpl.safe_substitute(title=_esc(title), subtitle=_esc(subtitle), toc=toc, body=body, generated=generated)
 
 
@@ -379,9 +462,16 @@ def _text_pages(pdf, title: str, paragraphs: list[str], width_chars: int = 105, 
     for start in range(0, len(lines), lines_per_page):
         fig = Figure(figsize=(8.27, 11.69))
         y = 0.95
-        for text, bold in lines[start:start + lines_per_page]:
-            fig.text(0.07, y, text, fontsize=10.5 if bold else 8.2, fontweight="bold" if bold else "normal",
-                     family="DejaVu Sans", va="top")
+        for text, bold in lines[start : start + lines_per_page]:
+            fig.text(
+                0.07,
+                y,
+                text,
+                fontsize=10.5 if bold else 8.2,
+                fontweight="bold" if bold else "normal",
+                family="DejaVu Sans",
+                va="top",
+            )
             y -= 0.0142
         pdf.savefig(fig)
 
@@ -431,17 +521,30 @@ def _figure_page(pdf, name: str, res: FigureResult) -> None:
     pdf.savefig(fig)
 
 
-def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[str, FigureResult],
-               errors: dict[str, str], missing: list[str], title: str | None = None,
-               preface: Preface | None = None, results_sampled: pd.DataFrame | None = None) -> None:
+def render_pdf(
+    path: Path,
+    runs: RunSet,
+    results: pd.DataFrame,
+    figures: dict[str, FigureResult],
+    errors: dict[str, str],
+    missing: list[str],
+    title: str | None = None,
+    preface: Preface | None = None,
+    results_sampled: pd.DataFrame | None = None,
+) -> None:
     from matplotlib.backends.backend_pdf import PdfPages
 
     common, varying = config_tables(runs)
     r0 = runs.runs[0]
     setup = [
         f"Runs: {len(runs)} from {runs.source} in {portable(runs.uri)}.",
-        "Model: " + (r0.params.get("model.path") or "tiny preset, " + ", ".join(
-            f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _MODEL_KEYS[1:] if k in r0.params)) + ".",
+        "Model: "
+        + (
+            r0.params.get("model.path")
+            or "tiny preset, "
+            + ", ".join(f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _MODEL_KEYS[1:] if k in r0.params)
+        )
+        + ".",
         "Data: " + ", ".join(f"{k.split('.', 1)[1]}={r0.params[k]}" for k in _DATA_KEYS if k in r0.params) + ".",
         "Seeds: " + "; ".join(f"{arm}: {', '.join(str(r.seed) for r in m)}" for arm, m in runs.arms().items()) + ".",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".",
@@ -450,43 +553,72 @@ def render_pdf(path: Path, runs: RunSet, results: pd.DataFrame, figures: dict[st
     ]
     if len(varying):
         setup.append("## Config keys that differ between runs")
-        setup += [f"• {row['key']}: " + ", ".join(f"{c}={row[c]}" for c in varying.columns[1:]) for _, row in varying.iterrows()]
+        setup += [
+            f"• {row['key']}: " + ", ".join(f"{c}={row[c]}" for c in varying.columns[1:])
+            for _, row in varying.iterrows()
+        ]
     setup.append("## Config shared by every run")
     setup += [f"• {row.key} = {row.value}" for row in common.itertuples()]
     title = title or f"daro-lab report: {runs.title()}"
     with PdfPages(path, metadata={"Title": title, "Creator": "daro-lab"}) as pdf:
         if preface is not None:
-            _table_page(pdf, f"{title}\n{preface.title}", preface.table if preface.table is not None else pd.DataFrame(),
-                        preface.note)
+            _table_page(
+                pdf,
+                f"{title}\n{preface.title}",
+                preface.table if preface.table is not None else pd.DataFrame(),
+                preface.note,
+            )
             if preface.lines:
                 _text_pages(pdf, preface.title, preface.lines)
-        _text_pages(pdf, title if preface is None else "Setup and runs",
-                    ["## What is missing", *(f"• {m}" for m in missing or ["Nothing is missing."]), "## Setup", *setup])
-        _table_page(pdf, "Results: held-out accuracy (greedy)", results_display(results) if len(results) else results,
-                    "Start (step 0), final (last evaluation) and best (over evaluations after the start) held-out "
-                    "accuracy per arm, overall and by difficulty level; mean ± half-width of the 95% t-interval "
-                    "over seeds (no ± with a single seed).")
+        _text_pages(
+            pdf,
+            title if preface is None else "Setup and runs",
+            ["## What is missing", *(f"• {m}" for m in missing or ["Nothing is missing."]), "## Setup", *setup],
+        )
+        _table_page(
+            pdf,
+            "Results: held-out accuracy (greedy)",
+            results_display(results) if len(results) else results,
+            "Start (step 0), final (last evaluation) and best (over evaluations after the start) held-out "
+            "accuracy per arm, overall and by difficulty level; mean ± half-width of the 95% t-interval "
+            "over seeds (no ± with a single seed).",
+        )
         if results_sampled is not None and len(results_sampled):
-            _table_page(pdf, "Results: held-out accuracy (sampled, avg@n)", results_display(results_sampled),
-                        "The same for the mean reward of trainer.eval_samples responses per prompt at the rollout "
-                        "temperature (what training optimises).")
+            _table_page(
+                pdf,
+                "Results: held-out accuracy (sampled, avg@n)",
+                results_display(results_sampled),
+                "The same for the mean reward of trainer.eval_samples responses per prompt at the rollout "
+                "temperature (what training optimises).",
+            )
         for name in FIGURES:
             if name in figures:
                 _figure_page(pdf, name, figures[name])
         hoef = figures.get("hoeffding")
-        _text_pages(pdf, "Hoeffding verdict", [hoef.summary["text"] if hoef else
-                                               f"No verdict: {errors.get('hoeffding', 'not requested')}"]
-                    + [f"• Figure '{n}' not drawn: {e}" for n, e in errors.items()])
+        _text_pages(
+            pdf,
+            "Hoeffding verdict",
+            [hoef.summary["text"] if hoef else f"No verdict: {errors.get('hoeffding', 'not requested')}"]
+            + [f"• Figure '{n}' not drawn: {e}" for n, e in errors.items()],
+        )
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                 experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                 figures: Sequence[str] | None = None, template: str | Path | None = None,
-                 title: str | None = None, preface: Preface | None = None,
-                 figure_options: dict[str, dict] | None = None) -> ReportResult:
+def write_report(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    figures: Sequence[str] | None = None,
+    template: str | Path | None = None,
+    title: str | None = None,
+    preface: Preface | None = None,
+    figure_options: dict[str, dict] | None = None,
+) -> ReportResult:
     """Draw every figure (or `figures`) and write report.html and report.pdf into `out_dir`
     (default: reports/<experiment> under the current directory). `title` replaces the default
     'daro-lab report: <runs>'; `preface` is a first section (e.g. an ablation's summary); `figure_options`: keyword
@@ -497,8 +629,10 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
     runs = as_runset(runs, uri, experiment, run_ids)
     have, _ = runs.with_table("per_mu")
     if not have:
-        raise AnalysisError(f"report: none of the selected runs ({runs.source}) has per-mu data (table 'per_mu'); "
-                            f"runs: {', '.join(r.run_id for r in runs)}")
+        raise AnalysisError(
+            f"report: none of the selected runs ({runs.source}) has per-mu data (table 'per_mu'); "
+            f"runs: {', '.join(r.run_id for r in runs)}"
+        )
     out = Path(out_dir) if out_dir else Path("reports") / runs.slug()
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -521,8 +655,10 @@ def write_report(runs: RunSet | None = None, out_dir: str | Path | None = None, 
         style.save_table(varying, out, "config_varying")
     missing = missing_items(runs, done, errors) + write_inputs(runs, out)
     html_path = out / "report.html"
-    html_path.write_text(render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface,
-                                     sampled), encoding="utf-8")
+    html_path.write_text(
+        render_html(runs, results, done, errors, missing, fig_dir, out, template, title, preface, sampled),
+        encoding="utf-8",
+    )
     pdf_path = out / "report.pdf"
     with style.paper_style():
         render_pdf(pdf_path, runs, results, done, errors, missing, title, preface, sampled)

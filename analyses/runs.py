@@ -28,8 +28,15 @@ from analyses import style
 from daro_lab.record import normalise_per_mu, reading_label
 
 # params that never make two runs different arms (they differ between seeds or machines only)
-_NOT_ARM_PARAMS = ("seed", "tracking.", "trainer.checkpoint_dir", "model.cache_dir", "trainer.threads",
-                   "trainer.device", "trainer.log_checkpoint")
+_NOT_ARM_PARAMS = (
+    "seed",
+    "tracking.",
+    "trainer.checkpoint_dir",
+    "model.cache_dir",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.log_checkpoint",
+)
 # the params a DARO arm's reading names (record.reading_label): in its label, not repeated as varying params
 _READING_PARAMS = ("algo.daro.signal", "algo.daro.reg", "algo.daro.lr_w", "algo.daro.signal_ema", "algo.daro.static")
 from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ARM_LABEL, TAG_METHOD, TAG_PARENT, TAG_ROLE, TAG_SEED  # noqa: E402,F401
@@ -101,8 +108,9 @@ class Run:
         """Long table run_id, key, step, value of the given metrics."""
         keys = list(keys)
         self.load_metrics(keys)
-        parts = [pd.DataFrame({"key": k, "step": s.index, "value": s.to_numpy()}) for k in keys
-                 if len(s := self._metrics[k])]
+        parts = [
+            pd.DataFrame({"key": k, "step": s.index, "value": s.to_numpy()}) for k in keys if len(s := self._metrics[k])
+        ]
         if not parts:
             return pd.DataFrame({"key": [], "step": [], "value": []})
         return pd.concat(parts, ignore_index=True)
@@ -172,8 +180,11 @@ class RunSet:
             taken = {style.method_color(m) for m in self.methods() if m != method}
             palette = [own] + [c for c in style.ARM_PALETTE if c != own and c not in taken]
             color = palette[i % len(palette)]
-        return {"color": color, "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)],
-                "marker": style.MARKERS[i % len(style.MARKERS)]}
+        return {
+            "color": color,
+            "linestyle": style.LINESTYLES[i % len(style.LINESTYLES)],
+            "marker": style.MARKERS[i % len(style.MARKERS)],
+        }
 
     def methods(self) -> list[str]:
         return sorted({r.method for r in self.runs}, key=style.method_rank)
@@ -211,8 +222,9 @@ def _label_arms(runs: Sequence[Run]) -> None:
     for method, rs in by_method.items():
         keys = sorted(set().union(*(r.params for r in rs)))
         named = _READING_PARAMS if any(reading_label(method, r.params) for r in rs) else ()
-        varying = [k for k in keys if not k.startswith(_NOT_ARM_PARAMS + named)
-                   and len({r.params.get(k) for r in rs}) > 1]
+        varying = [
+            k for k in keys if not k.startswith(_NOT_ARM_PARAMS + named) and len({r.params.get(k) for r in rs}) > 1
+        ]
         for r in rs:
             parts = [x for x in (reading_label(method, r.params),) if x]
             parts += [f"{k.rsplit('.', 1)[-1]}={r.params.get(k)}" for k in varying]
@@ -229,9 +241,18 @@ def _make_run(client: Any, info: Any, exp_name: str) -> Run:
         seed = int(seed_s) if seed_s not in (None, "") else None
     except ValueError:
         seed = None
-    return Run(run_id=info.info.run_id, name=info.info.run_name or info.info.run_id[:8], experiment=exp_name,
-               method=method, seed=seed, status=info.info.status, params=params, tags=tags,
-               metric_keys=frozenset(data.metrics), client=client)
+    return Run(
+        run_id=info.info.run_id,
+        name=info.info.run_name or info.info.run_id[:8],
+        experiment=exp_name,
+        method=method,
+        seed=seed,
+        status=info.info.status,
+        params=params,
+        tags=tags,
+        metric_keys=frozenset(data.metrics),
+        client=client,
+    )
 
 
 def list_experiments(uri: str | None = None) -> list[str]:
@@ -241,8 +262,12 @@ def list_experiments(uri: str | None = None) -> list[str]:
     return RunStore(uri).experiments()
 
 
-def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: Sequence[str] | None = None,
-                statuses: Sequence[str] = ("FINISHED",)) -> RunSet:
+def select_runs(
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+    statuses: Sequence[str] = ("FINISHED",),
+) -> RunSet:
     """The runs to analyse: every run of `experiment` with a status in `statuses` (parents of
     nested runs replaced by their children), or exactly `run_ids` (any status; a parent run id
     expands to its children). With neither, the store's only experiment with runs.
@@ -263,12 +288,15 @@ def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: 
         if len(names) != 1:
             raise AnalysisError(
                 f"name an experiment (--experiment): {resolved} holds "
-                + (f"{len(names)} experiments with runs: {', '.join(names)}" if names else "no runs at all"))
+                + (f"{len(names)} experiments with runs: {', '.join(names)}" if names else "no runs at all")
+            )
         experiment = names[0]
     infos = store.experiment_runs(experiment)
     if infos is None:
-        raise AnalysisError(f"experiment {experiment!r} not found in {resolved} "
-                            f"(experiments with runs: {', '.join(store.experiments()) or 'none'})")
+        raise AnalysisError(
+            f"experiment {experiment!r} not found in {resolved} "
+            f"(experiments with runs: {', '.join(store.experiments()) or 'none'})"
+        )
     if not infos:
         raise AnalysisError(f"experiment {experiment!r} in {resolved} has no runs")
     parents = {i.data.tags.get(TAG_PARENT) for i in infos} - {None}
@@ -282,8 +310,10 @@ def select_runs(uri: str | None = None, experiment: str | None = None, run_ids: 
             continue
         runs.append(_make_run(client, info, experiment))
     if not runs:
-        raise AnalysisError(f"experiment {experiment!r} in {resolved} has no {'/'.join(statuses)} training runs"
-                            + (f" ({'; '.join(skipped)})" if skipped else ""))
+        raise AnalysisError(
+            f"experiment {experiment!r} in {resolved} has no {'/'.join(statuses)} training runs"
+            + (f" ({'; '.join(skipped)})" if skipped else "")
+        )
     return RunSet(resolved, runs, f"experiment '{experiment}'", experiment, skipped)
 
 
@@ -298,7 +328,7 @@ def _select_ids(store: Any, run_ids: list[str]) -> RunSet:
         except TrackingError as exc:
             raise AnalysisError(f"run {rid!r} not found in {uri}") from exc
         exp_name = store.experiment_of(info)
-        for i in (store.children(rid) or [info]):
+        for i in store.children(rid) or [info]:
             runs.append(_make_run(store.client, i, exp_name))
             exp_names.add(exp_name)
     seen, unique = set(), []
@@ -377,13 +407,18 @@ def require_table(runs: RunSet, name: str, what: str) -> tuple[list[Run], list[s
     if not have:
         raise AnalysisError(
             f"{what}: none of the selected runs ({runs.source}) has the table '{name}' "
-            f"(runs without it: {', '.join(r.run_id for r in lack)})")
+            f"(runs without it: {', '.join(r.run_id for r in lack)})"
+        )
     notes = [f"run {r.name} ({r.run_id}) has no '{name}' table and is left out of this figure" for r in lack]
     return have, notes
 
 
-def as_runset(runs: RunSet | None = None, uri: str | None = None, experiment: str | None = None,
-              run_ids: Sequence[str] | None = None) -> RunSet:
+def as_runset(
+    runs: RunSet | None = None,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> RunSet:
     """Accept a RunSet, or select one from (uri, experiment | run_ids)."""
     if isinstance(runs, RunSet):
         return runs

@@ -52,15 +52,24 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
                 if t.C_abs_share.notna().any():
                     ax_c.plot(t.mu, t.C_abs_share, color=c, marker="o", label=style.method_label(run))
             else:
-                ax_c.plot(t.mu, t.C_abs_share, color=style.method_color("daro"), marker=".", alpha=0.6,
-                          linestyle=style.LINESTYLES[readings.index(run) % len(style.LINESTYLES)], label=run)
+                ax_c.plot(
+                    t.mu,
+                    t.C_abs_share,
+                    color=style.method_color("daro"),
+                    marker=".",
+                    alpha=0.6,
+                    linestyle=style.LINESTYLES[readings.index(run) % len(style.LINESTYLES)],
+                    label=run,
+                )
         ax_c.axhline(1 / (K - 1), color="0.4", linestyle=":", linewidth=0.9)
         ax_s.set(title="(a) S$_\\mu$ per prompt: share over μ", ylabel="share", xlabel="pass rate μ")
         from matplotlib.lines import Line2D
 
         h, _ = ax_s.get_legend_handles_labels()
-        h += [Line2D([], [], color="0.3", linestyle="--", label="equal lengths"),
-              Line2D([], [], color="0.3", linestyle=":", label="given lengths")]
+        h += [
+            Line2D([], [], color="0.3", linestyle="--", label="equal lengths"),
+            Line2D([], [], color="0.3", linestyle=":", label="given lengths"),
+        ]
         ax_s.legend(handles=h, loc="lower center", fontsize=5.5, ncol=2)
         ax_c.set(title="(b) |C$_\\mu$| share (coefficient part)", ylabel="share of Σ|C|", xlabel="pass rate μ")
         ax_c.legend(loc="upper right", fontsize=5)
@@ -85,25 +94,47 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
             verdict = "reached" if reached(summary, run) else "not reached"
             ax.set(title=f"({letters[i]}) {run}\nfixed point {verdict}", xlabel="update", ylabel="w$_\\mu$")
             style.log_axis(ax)
-        fig.legend(handles=style.mu_handles(K), loc="outside lower center", ncol=K - 1,
-                   title="weights by pass-rate group (dotted: fixed point C / signal)")
+        fig.legend(
+            handles=style.mu_handles(K),
+            loc="outside lower center",
+            ncol=K - 1,
+            title="weights by pass-rate group (dotted: fixed point C / signal)",
+        )
     lc, lw = cfg.lengths("correct"), cfg.lengths("wrong")
-    zero = [style.method_label(r) for r in BASELINES if r in set(summary.run)
-            and summary[summary.run == r].C_abs_share.isna().all()]
+    zero = [
+        style.method_label(r)
+        for r in BASELINES
+        if r in set(summary.run) and summary[summary.run == r].C_abs_share.isna().all()
+    ]
     parts = []
     for run in readings:
         s = summary[summary.run == run]
-        parts.append(f"{run}: w from {s.w_final.min():.3g} to {s.w_final.max():.3g}, max |w·signal/C − 1| "
-                     f"{(s.wS - 1).abs().max():.3g} ({'reached' if reached(summary, run) else 'not reached'})")
-    caption = (f"Simulated loss scale, K={K}, {cfg.prompts} prompts per mini-batch, {cfg.updates} updates, lengths "
-               f"of right answers {_span(lc)} and of wrong ones {_span(lw)} tokens (CV {cfg.len_cv:g}), "
-               f"log-ratio noise {cfg.ratio_noise:g}. Window: the last tenth of the updates. DARO's weights step by "
-               f"AdamW at lr_w {cfg.lr_w:g}, so |ln w| can move by at most about {reach_limit(cfg.lr_w, cfg.updates):.3g} "
-               f"(lr_w × updates). " + "; ".join(parts) + "."
-               + (f" Not drawn in (b): {', '.join(zero)}, whose loss is 0 up to rounding here (at ρ = 1 its advantages "
-                  "sum to 0 within each group)." if zero else ""))
-    res = FigureResult(NAME, fig, {"simulate_summary": summary, "simulate_groups": groups}, caption=caption,
-                       summary={"reached": {r: reached(summary, r) for r in readings}})
+        parts.append(
+            f"{run}: w from {s.w_final.min():.3g} to {s.w_final.max():.3g}, max |w·signal/C − 1| "
+            f"{(s.wS - 1).abs().max():.3g} ({'reached' if reached(summary, run) else 'not reached'})"
+        )
+    caption = (
+        f"Simulated loss scale, K={K}, {cfg.prompts} prompts per mini-batch, {cfg.updates} updates, lengths "
+        f"of right answers {_span(lc)} and of wrong ones {_span(lw)} tokens (CV {cfg.len_cv:g}), "
+        f"log-ratio noise {cfg.ratio_noise:g}. Window: the last tenth of the updates. DARO's weights step by "
+        f"AdamW at lr_w {cfg.lr_w:g}, so |ln w| can move by at most about {reach_limit(cfg.lr_w, cfg.updates):.3g} "
+        f"(lr_w × updates). "
+        + "; ".join(parts)
+        + "."
+        + (
+            f" Not drawn in (b): {', '.join(zero)}, whose loss is 0 up to rounding here (at ρ = 1 its advantages "
+            "sum to 0 within each group)."
+            if zero
+            else ""
+        )
+    )
+    res = FigureResult(
+        NAME,
+        fig,
+        {"simulate_summary": summary, "simulate_groups": groups},
+        caption=caption,
+        summary={"reached": {r: reached(summary, r) for r in readings}},
+    )
     return finish_figure(res, out_dir)
 
 

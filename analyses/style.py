@@ -41,8 +41,20 @@ _EXTRA_COLORS = ("#CA9161", "#FBAFE4", "#56B4E9", "#ECE133", "#8C564B", "#17BECF
 # shades of the method's colour (`shade`), more get colours of their own from ARM_PALETTE (seaborn
 # "colorblind", then the extra colours).
 MAX_SHADES = 3
-ARM_PALETTE = ("#0173B2", "#DE8F05", "#029E73", "#D55E00", "#CC78BC", "#CA9161", "#FBAFE4", "#949494", "#ECE133",
-               "#56B4E9", "#8C564B", "#17BECF")
+ARM_PALETTE = (
+    "#0173B2",
+    "#DE8F05",
+    "#029E73",
+    "#D55E00",
+    "#CC78BC",
+    "#CA9161",
+    "#FBAFE4",
+    "#949494",
+    "#ECE133",
+    "#56B4E9",
+    "#8C564B",
+    "#17BECF",
+)
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FORMATS = ("png", "svg", "pdf")
@@ -99,25 +111,27 @@ def _rc() -> dict:
     rc = {}
     rc.update(sns.axes_style("whitegrid"))
     rc.update(sns.plotting_context("paper", font_scale=1.0))
-    rc.update({
-        "font.family": "sans-serif",
-        "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
-        "axes.titlesize": 8.5,
-        "axes.labelsize": 8,
-        "xtick.labelsize": 7,
-        "ytick.labelsize": 7,
-        "legend.fontsize": 6.5,
-        "legend.title_fontsize": 7,
-        "legend.frameon": True,
-        "legend.framealpha": 0.85,
-        "lines.linewidth": 1.3,
-        "lines.markersize": 3.5,
-        "grid.linewidth": 0.5,
-        "axes.linewidth": 0.6,
-        "svg.fonttype": "none",  # text stays text in the SVG
-        "pdf.fonttype": 42,  # embed TrueType fonts: editable and accepted by publishers
-        "savefig.dpi": PNG_DPI,
-    })
+    rc.update(
+        {
+            "font.family": "sans-serif",
+            "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
+            "axes.titlesize": 8.5,
+            "axes.labelsize": 8,
+            "xtick.labelsize": 7,
+            "ytick.labelsize": 7,
+            "legend.fontsize": 6.5,
+            "legend.title_fontsize": 7,
+            "legend.frameon": True,
+            "legend.framealpha": 0.85,
+            "lines.linewidth": 1.3,
+            "lines.markersize": 3.5,
+            "grid.linewidth": 0.5,
+            "axes.linewidth": 0.6,
+            "svg.fonttype": "none",  # text stays text in the SVG
+            "pdf.fonttype": 42,  # embed TrueType fonts: editable and accepted by publishers
+            "savefig.dpi": PNG_DPI,
+        }
+    )
     return rc
 
 
@@ -128,8 +142,9 @@ def paper_style() -> Iterator[None]:
         yield
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, width: float = PAGE_WIDTH, height: float | None = None,
-               **subplot_kw) -> tuple[Figure, np.ndarray]:
+def new_figure(
+    nrows: int = 1, ncols: int = 1, width: float = PAGE_WIDTH, height: float | None = None, **subplot_kw
+) -> tuple[Figure, np.ndarray]:
     """A constrained-layout Figure and a 2-D array of its axes. Call inside `paper_style()`."""
     if height is None:
         height = 2.2 * nrows
@@ -143,8 +158,7 @@ def empty_panel(ax, message: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=7, color="0.35", wrap=True,
-            transform=ax.transAxes)
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=7, color="0.35", wrap=True, transform=ax.transAxes)
 
 
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> dict[str, Path]:
@@ -221,8 +235,9 @@ def arm_handles(runs, arms) -> list:
     out = []
     for arm in arms:
         st = runs.arm_style(arm)
-        out.append(Line2D([], [], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
-                          label=wrap(arm, 40)))
+        out.append(
+            Line2D([], [], color=st["color"], linestyle=st["linestyle"], marker=st["marker"], label=wrap(arm, 40))
+        )
     return out
 
 
@@ -249,15 +264,22 @@ def log_axis(ax, axis: str = "y") -> None:
     a.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
-def arm_curve(ax, runs, arm: str, frame, marker: bool = True, lower: float | None = None,
-              upper: float | None = None) -> None:
+def arm_curve(
+    ax, runs, arm: str, frame, marker: bool = True, lower: float | None = None, upper: float | None = None
+) -> None:
     """One arm's mean curve (`frame`: step, mean, ci) in its style, with its 95% band where it has several runs."""
     a = frame.sort_values("step")
     if a.empty:
         return
     st = runs.arm_style(arm)
-    ax.plot(a.step, a["mean"], color=st["color"], linestyle=st["linestyle"], marker=st["marker"] if marker else None,
-            markersize=2.5)
+    ax.plot(
+        a.step,
+        a["mean"],
+        color=st["color"],
+        linestyle=st["linestyle"],
+        marker=st["marker"] if marker else None,
+        markersize=2.5,
+    )
     if a.ci.notna().any():
         band(ax, a.step, a["mean"], a.ci, st["color"], lower=lower, upper=upper)
 

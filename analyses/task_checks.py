@@ -79,10 +79,14 @@ def predicted_on_policy_loss(on: pd.DataFrame, std: str = "unbiased", eps: float
 
 def advantage_settings(runs: RunSet, method: str) -> tuple[str, float]:
     """(algo.std, algo.adv_eps) the runs of `method` trained with (one setting: an AnalysisError otherwise)."""
-    seen = {(r.param("algo.std", "unbiased"), r.param("algo.adv_eps", 1e-6, float)) for r in runs.runs if r.method == method}
+    seen = {
+        (r.param("algo.std", "unbiased"), r.param("algo.adv_eps", 1e-6, float)) for r in runs.runs if r.method == method
+    }
     if len(seen) != 1:
-        raise AnalysisError(f"the runs of {method!r} differ in algo.std / algo.adv_eps ({sorted(seen)}): "
-                            "check them one setting at a time")
+        raise AnalysisError(
+            f"the runs of {method!r} differ in algo.std / algo.adv_eps ({sorted(seen)}): "
+            "check them one setting at a time"
+        )
     return seen.pop()
 
 
@@ -118,10 +122,20 @@ def balance_by_group(runs: RunSet, window: int = 50) -> pd.DataFrame:
         bal = pd.concat([p[0] for p in per_run], axis=1)
         w = pd.concat([p[1] for p in per_run], axis=1)
         for k in bal.index:
-            rows.append({"arm": arm, "k": int(k), "K": per_run[0][4], "balance_min": bal.loc[k].min(),
-                         "balance_max": bal.loc[k].max(), "w_min": w.loc[k].min() if k in w.index else math.nan,
-                         "w_max": w.loc[k].max() if k in w.index else math.nan, "runs": int(bal.loc[k].count()),
-                         "step_first": min(p[2] for p in per_run), "step_last": max(p[3] for p in per_run)})
+            rows.append(
+                {
+                    "arm": arm,
+                    "k": int(k),
+                    "K": per_run[0][4],
+                    "balance_min": bal.loc[k].min(),
+                    "balance_max": bal.loc[k].max(),
+                    "w_min": w.loc[k].min() if k in w.index else math.nan,
+                    "w_max": w.loc[k].max() if k in w.index else math.nan,
+                    "runs": int(bal.loc[k].count()),
+                    "step_first": min(p[2] for p in per_run),
+                    "step_last": max(p[3] for p in per_run),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -129,8 +143,12 @@ def _range(lo: float, hi: float, fmt: str = ".2f") -> str:
     return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}"
 
 
-def report(runs: RunSet, method: str | None = None, windows: Sequence[tuple[int, int]] = ((1, 1), (1, 10)),
-           loss_windows: Sequence[tuple[int, int]] = ((1, 50),)) -> str:
+def report(
+    runs: RunSet,
+    method: str | None = None,
+    windows: Sequence[tuple[int, int]] = ((1, 1), (1, 10)),
+    loss_windows: Sequence[tuple[int, int]] = ((1, 50),),
+) -> str:
     """The checks as text (module docstring): lengths over every run, the on-policy loss over the runs of
     `method` (None: DAPO's when there are any, else the first method with group-std advantages), the balance
     of every arm with weights."""
@@ -139,12 +157,16 @@ def report(runs: RunSet, method: str | None = None, windows: Sequence[tuple[int,
     lines = [f"{pm.run.nunique()} runs, steps 1-{last}; per_mu rows {len(pm)}"]
     for lo, hi in [*windows, (max(1, last - 9), last)]:
         g = lengths_by_k(pm[(pm.step >= lo) & (pm.step <= hi)])
-        lines.append(f"lengths, steps {lo}-{hi} (k = {', '.join(map(str, g.index))}): gap/mean "
-                     f"{' '.join(f'{x:.2f}' for x in g.gap_over_mean)}; mean length "
-                     f"{' '.join(f'{x:.1f}' for x in g['mean'])} (max/min {g['mean'].max() / g['mean'].min():.2f})")
+        lines.append(
+            f"lengths, steps {lo}-{hi} (k = {', '.join(map(str, g.index))}): gap/mean "
+            f"{' '.join(f'{x:.2f}' for x in g.gap_over_mean)}; mean length "
+            f"{' '.join(f'{x:.1f}' for x in g['mean'])} (max/min {g['mean'].max() / g['mean'].min():.2f})"
+        )
     if method is None:
-        present = sorted({r.method for r in runs.runs if METHODS.get(r.method) and METHODS[r.method].advantage == "group_std"},
-                         key=lambda m: (m != "dapo", list(METHODS).index(m)))
+        present = sorted(
+            {r.method for r in runs.runs if METHODS.get(r.method) and METHODS[r.method].advantage == "group_std"},
+            key=lambda m: (m != "dapo", list(METHODS).index(m)),
+        )
         method = present[0] if present else None
         if method is None:
             lines.append("on-policy check: no run with group-std advantages (grpo, dapo, daro, static)")
@@ -154,18 +176,25 @@ def report(runs: RunSet, method: str | None = None, windows: Sequence[tuple[int,
         on = pooled_per_mu(runs, method)
         on = on[on.minibatch == 0]
         err = (on["loss"] - predicted_on_policy_loss(on, *advantage_settings(runs, method))).abs().max()
-        lines.append(f"on-policy {method}: max |L_mu - predicted from lengths| = {err:.2g} over {len(on)} rows "
-                     "(a consistency check)")
+        lines.append(
+            f"on-policy {method}: max |L_mu - predicted from lengths| = {err:.2g} over {len(on)} rows "
+            "(a consistency check)"
+        )
         for lo, hi in [*loss_windows, (max(1, last - 49), last)]:
             st = on_policy_t(on[(on.step >= lo) & (on.step <= hi)])
-            lines.append(f"on-policy {method} L_mu, steps {lo}-{hi}: mean {' '.join(f'{x:.3f}' for x in st['mean'])}; "
-                         f"t {' '.join('nan' if math.isnan(x) else f'{x:.1f}' for x in st.t)}")
+            lines.append(
+                f"on-policy {method} L_mu, steps {lo}-{hi}: mean {' '.join(f'{x:.3f}' for x in st['mean'])}; "
+                f"t {' '.join('nan' if math.isnan(x) else f'{x:.1f}' for x in st.t)}"
+            )
     bal = balance_by_group(runs)
     for arm, d in bal.groupby("arm", sort=False):
-        lines.append(f"balance w signal/C of '{arm}' ({d.runs.max()} runs), mean over steps {d.step_first.min()}-"
-                     f"{d.step_last.max()} by k (min-max over runs; 1 at the fixed point): "
-                     + ", ".join(f"{r.k}: {_range(r.balance_min, r.balance_max, '.3f')}" for r in d.itertuples())
-                     + "; final w: " + ", ".join(f"{r.k}: {_range(r.w_min, r.w_max)}" for r in d.itertuples()))
+        lines.append(
+            f"balance w signal/C of '{arm}' ({d.runs.max()} runs), mean over steps {d.step_first.min()}-"
+            f"{d.step_last.max()} by k (min-max over runs; 1 at the fixed point): "
+            + ", ".join(f"{r.k}: {_range(r.balance_min, r.balance_max, '.3f')}" for r in d.itertuples())
+            + "; final w: "
+            + ", ".join(f"{r.k}: {_range(r.w_min, r.w_max)}" for r in d.itertuples())
+        )
     return "\n".join(lines)
 
 
@@ -174,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     ap.add_argument("--experiment", default=None, help="experiment whose finished runs to read")
     ap.add_argument("--parent", default=None, help="an ablation's parent run id: its children")
-    ap.add_argument("--method", default=None, help="method of the on-policy check, one with group-std advantages "
-                    "(default: dapo if the runs have it, else the first such method they have)")
+    ap.add_argument(
+        "--method",
+        default=None,
+        help="method of the on-policy check, one with group-std advantages "
+        "(default: dapo if the runs have it, else the first such method they have)",
+    )
     a = ap.parse_args(argv)
     try:
         runs = as_runset(uri=a.tracking_uri, experiment=a.experiment, run_ids=[a.parent] if a.parent else None)

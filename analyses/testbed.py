@@ -19,8 +19,16 @@ from analyses import style
 from daro_lab.testbed.grid import summarize
 
 NAME = "testbed"
-ARM_COLORS = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "lipo": "lipo", "frozen-1": "static",
-              "frozen-mass": "static", "daro-mass": "daro", "daro-abs": "daro"}
+ARM_COLORS = {
+    "grpo": "grpo",
+    "dapo": "dapo",
+    "dr_grpo": "dr_grpo",
+    "lipo": "lipo",
+    "frozen-1": "static",
+    "frozen-mass": "static",
+    "daro-mass": "daro",
+    "daro-abs": "daro",
+}
 
 
 def plot_testbed(per_run: pd.DataFrame, reference: str, out: str | Path, metric: str = "auc") -> dict[str, Path]:
@@ -34,7 +42,7 @@ def plot_testbed(per_run: pd.DataFrame, reference: str, out: str | Path, metric:
     nrows = -(-len(panels) // ncols)
     with style.paper_style():
         fig, axes = style.new_figure(nrows, ncols, height=2.0 * nrows + 0.9)
-        for ax in axes.flat[len(panels):]:
+        for ax in axes.flat[len(panels) :]:
             ax.set_visible(False)
         for ax, (regime, sharing) in zip(axes.flat, panels):
             d = s[(s.regime == regime) & (s.sharing == sharing)]
@@ -48,8 +56,16 @@ def plot_testbed(per_run: pd.DataFrame, reference: str, out: str | Path, metric:
                 off = (i - (len(arms) - 1) / 2) * 0.7 / max(1, len(arms))
                 c = style.shade(style.method_color(ARM_COLORS.get(arm, arm)), i, len(arms), 0.4)
                 err = np.vstack([a["diff"] - a.diff_low, a.diff_high - a["diff"]])
-                ax.errorbar(np.arange(len(xs)) + off, a["diff"], yerr=np.nan_to_num(err), fmt="o", ms=2.5, lw=0.8,
-                            color=c, label=arm)
+                ax.errorbar(
+                    np.arange(len(xs)) + off,
+                    a["diff"],
+                    yerr=np.nan_to_num(err),
+                    fmt="o",
+                    ms=2.5,
+                    lw=0.8,
+                    color=c,
+                    label=arm,
+                )
             ax.axhline(0, color="0.3", lw=0.6)
             ax.grid(axis="x", visible=False)
             ax.set_xticks(range(len(xs)), xs, fontsize=5.5)
@@ -59,8 +75,13 @@ def plot_testbed(per_run: pd.DataFrame, reference: str, out: str | Path, metric:
             ax.set_ylabel(f"{metric.upper()} − {reference} (paired, 95% t-CI)", fontsize=6.5)
         h, lab = axes.flat[0].get_legend_handles_labels()
         readings = dict(zip(s.arm, s.reading))
-        fig.legend(h, [f"{x}: {readings[x]}" for x in lab], loc="outside lower center",
-                   ncols=style.legend_columns(lab, 2), fontsize=6)
+        fig.legend(
+            h,
+            [f"{x}: {readings[x]}" for x in lab],
+            loc="outside lower center",
+            ncols=style.legend_columns(lab, 2),
+            fontsize=6,
+        )
         paths = style.save_figure(fig, out, NAME)
     style.save_table(s.drop(columns="x"), out, "testbed_diffs")
     return paths

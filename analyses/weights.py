@@ -36,7 +36,7 @@ def smoothed_balance(dk: pd.DataFrame) -> pd.Series:
 
 
 def _k_of(key: str) -> tuple[int, int]:
-    k, K = key[len(PREFIX):].split("of")
+    k, K = key[len(PREFIX) :].split("of")
     return int(k), int(K)
 
 
@@ -68,7 +68,8 @@ def weights_table(runs: RunSet) -> tuple[pd.DataFrame, list[str]]:
     if not frames:
         raise AnalysisError(
             f"{NAME}: none of the selected runs ({runs.source}) has DARO weights (metrics daro/weight/*); "
-            f"methods selected: {', '.join(runs.methods())}. Train with --algo daro (or static).")
+            f"methods selected: {', '.join(runs.methods())}. Train with --algo daro (or static)."
+        )
     df = pd.concat(frames, ignore_index=True)
     g = df.groupby(["arm", "method", "step", "k", "K"], sort=False)
     out = g[["w", "wL", "wL_abs", "wS"]].mean()
@@ -86,24 +87,36 @@ def _caption(t: pd.DataFrame) -> str:
     for arm, d in t.groupby("arm", sort=False):
         last = d[d.step == d.step.max()]
         lo, hi = last.loc[last.w.idxmin()], last.loc[last.w.idxmax()]
-        txt = (f"{arm} at step {int(last.step.iloc[0])}: w ranges from {lo.w:.3g} (μ={int(lo.k)}/{int(lo.K)}) "
-               f"to {hi.w:.3g} (μ={int(hi.k)}/{int(hi.K)})")
+        txt = (
+            f"{arm} at step {int(last.step.iloc[0])}: w ranges from {lo.w:.3g} (μ={int(lo.k)}/{int(lo.K)}) "
+            f"to {hi.w:.3g} (μ={int(hi.k)}/{int(hi.K)})"
+        )
         wl = d.dropna(subset=["balance"])
         if len(wl):
             wl_last = wl[wl.step == wl.step.max()]
             what = "w·signal/C" if d.wS.notna().any() else "w·|L|"
-            txt += (f"; {what} at step {int(wl_last.step.iloc[0])} spans {wl_last.balance.min():.3g}–"
-                    f"{wl_last.balance.max():.3g} (fixed point: 1)")
+            txt += (
+                f"; {what} at step {int(wl_last.step.iloc[0])} spans {wl_last.balance.min():.3g}–"
+                f"{wl_last.balance.max():.3g} (fixed point: 1)"
+            )
         parts.append(txt)
-    return ("DARO weights w_μ after each step (top; log scale when they spread over more than a factor 3) and "
-            f"the balance (bottom, log scale, {SMOOTH}-step rolling median, the axis spanning the bulk of it): "
-            "w_μ·signal_μ/C, which the weights' gradient drives to 1 for "
-            "every group (runs without it: w_μ·|L_μ|, the paper's reading), mean over seeds (95% intervals in the "
-            "table). " + "; ".join(parts) + ".")
+    return (
+        "DARO weights w_μ after each step (top; log scale when they spread over more than a factor 3) and "
+        f"the balance (bottom, log scale, {SMOOTH}-step rolling median, the axis spanning the bulk of it): "
+        "w_μ·signal_μ/C, which the weights' gradient drives to 1 for "
+        "every group (runs without it: w_μ·|L_μ|, the paper's reading), mean over seeds (95% intervals in the "
+        "table). " + "; ".join(parts) + "."
+    )
 
 
-def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, *, uri: str | None = None,
-                 experiment: str | None = None, run_ids: Sequence[str] | None = None) -> FigureResult:
+def plot_weights(
+    runs: RunSet | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_ids: Sequence[str] | None = None,
+) -> FigureResult:
     """Draw the weights figure; save it and its table `weights.csv` in `out_dir`."""
     runs = as_runset(runs, uri, experiment, run_ids)
     table, notes = weights_table(runs)
@@ -132,8 +145,10 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             log_w = d.w.max() / max(d.w.min(), 1e-300) > 3
             if log_w:
                 style.log_axis(ax_w)
-            ax_w.set(title=style.wrap(arm, chars) + "\nweights w$_\\mu$",
-                     ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if col == 0 else None)
+            ax_w.set(
+                title=style.wrap(arm, chars) + "\nweights w$_\\mu$",
+                ylabel=("w$_\\mu$ (log)" if log_w else "w$_\\mu$") if col == 0 else None,
+            )
             ax_l.axhline(1.0, color="0.4", linestyle=":", linewidth=0.9)
             style.log_axis(ax_l)
             vals = pd.concat(shown).to_numpy() if shown else np.array([])
@@ -142,8 +157,11 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
                 lo, hi = np.quantile(vals, [0.01, 0.99])
                 ax_l.set_ylim(min(lo, 1.0) / 1.5, max(hi, 1.0) * 1.5)
             what = "w$_\\mu$·signal$_\\mu$/C" if d.wS.notna().any() else "w$_\\mu$·|L$_\\mu$|"
-            ax_l.set(title=f"balance, {SMOOTH}-step median", xlabel="training step",
-                     ylabel=f"{what} (log)" if col == 0 else None)
+            ax_l.set(
+                title=f"balance, {SMOOTH}-step median",
+                xlabel="training step",
+                ylabel=f"{what} (log)" if col == 0 else None,
+            )
             if len(Ks) > 1:
                 ax_w.legend(loc="best", ncol=2, fontsize=5.5)
         for j in range(n, arm_rows * ncols):
@@ -154,7 +172,8 @@ def plot_weights(runs: RunSet | None = None, out_dir: str | Path | None = None, 
             from matplotlib.lines import Line2D
 
             handles = style.mu_handles(int(Ks[0])) + [
-                Line2D([], [], color="0.4", linestyle=":", label="fixed point (1)")]
+                Line2D([], [], color="0.4", linestyle=":", label="fixed point (1)")
+            ]
             ncol = min(len(handles), 8 if n > 1 else 4)
             fig.legend(handles=handles, loc="outside lower center", ncol=ncol)
     result = FigureResult(NAME, fig, {"weights": table}, caption=_caption(table), notes=notes)

@@ -38,10 +38,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    base = [f"trainer.prompts_per_step={a.prompts}", f"trainer.mini_batch_prompts={a.prompts}",
-            "trainer.grad_norm_every=0", f"trainer.threads={a.threads}"]  # the warm start: the demo's cache
-    configs = {(m, micro): load_config(DEMO, base + [f"algo.method={m}", f"trainer.micro_batch_prompts={micro}"])
-               for m in ("dapo", "daro") for micro in (0, a.micro)}
+    base = [
+        f"trainer.prompts_per_step={a.prompts}",
+        f"trainer.mini_batch_prompts={a.prompts}",
+        "trainer.grad_norm_every=0",
+        f"trainer.threads={a.threads}",
+    ]  # the warm start: the demo's cache
+    configs = {
+        (m, micro): load_config(DEMO, base + [f"algo.method={m}", f"trainer.micro_batch_prompts={micro}"])
+        for m in ("dapo", "daro")
+        for micro in (0, a.micro)
+    }
     trainers = {key: Trainer(cfg) for key, cfg in configs.items()}
     # one batch of scored rollouts, the same for every configuration (the policies start equal)
     first = trainers[("dapo", 0)]
@@ -56,13 +63,17 @@ def main() -> None:
             if rep:  # the first update warms up
                 times[key].append(time.perf_counter() - t0)
     K = first.K
-    print(f"cpu; torch {torch.__version__}; {torch.get_num_threads()} threads; demo preset; one mini-batch of "
-          f"{a.prompts} prompts x {K} ({kept} kept), {a.reps} updates each, interleaved")
+    print(
+        f"cpu; torch {torch.__version__}; {torch.get_num_threads()} threads; demo preset; one mini-batch of "
+        f"{a.prompts} prompts x {K} ({kept} kept), {a.reps} updates each, interleaved"
+    )
     for m in ("dapo", "daro"):
         one, split = statistics.median(times[(m, 0)]), statistics.median(times[(m, a.micro)])
         n_pass = -(-kept // a.micro)
-        print(f"{m:5s} one pass {one:.3f} s/update; {n_pass} passes of {a.micro} prompts {split:.3f} s/update; "
-              f"split / one pass {split / one:.2f}x")
+        print(
+            f"{m:5s} one pass {one:.3f} s/update; {n_pass} passes of {a.micro} prompts {split:.3f} s/update; "
+            f"split / one pass {split / one:.2f}x"
+        )
     sys.stdout.flush()
 
 

@@ -29,8 +29,13 @@ PAD, EOS = 0, 1
 def build(eos_bias: float) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(
-        vocab_size=20, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=512, max_position_embeddings=64,
+        vocab_size=20,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        max_position_embeddings=64,
     )
     model = transformers.Qwen2ForCausalLM(cfg)
     if eos_bias:
@@ -53,9 +58,18 @@ def hf_generate(model, prompts, k, max_new, temperature, top_p, seed):
     torch.manual_seed(seed)  # model.generate cannot take a torch.Generator
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-            max_new_tokens=max_new, num_return_sequences=k, eos_token_id=EOS, pad_token_id=PAD,
-            return_dict_in_generate=True, output_logits=True,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new,
+            num_return_sequences=k,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            return_dict_in_generate=True,
+            output_logits=True,
         )
         resp = out.sequences[:, P:]
         logits = torch.stack(out.logits, 1).float() / temperature
@@ -89,18 +103,24 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = build(a.eos_bias)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 20, (int(torch.randint(5, 10, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(a.prompts)]
+    prompts = [
+        torch.randint(2, 20, (int(torch.randint(5, 10, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(a.prompts)
+    ]
     engine = HFEngine(model, eos_id=EOS, pad_id=PAD)
     kw = dict(max_new_tokens=a.max_new, temperature=a.temperature, top_p=a.top_p)
     gen = torch.Generator().manual_seed(1)
     batch = engine.generate(prompts, a.k, generator=gen, **kw)
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
-    print(f"workload: {a.prompts} prompts x {a.k} responses, max_new_tokens {a.max_new}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, mean response length "
-          f"{batch.response_lengths.float().mean():.2f}; times: median (min) over {a.reps} calls")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus"
+    )
+    print(
+        f"workload: {a.prompts} prompts x {a.k} responses, max_new_tokens {a.max_new}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, mean response length "
+        f"{batch.response_lengths.float().mean():.2f}; times: median (min) over {a.reps} calls"
+    )
     loop_med, loop_min = timed(lambda: engine.generate(prompts, a.k, generator=gen, **kw), a.reps)
     hf_med, hf_min = timed(lambda: hf_generate(model, prompts, a.k, a.max_new, a.temperature, a.top_p, 0), a.reps)
     print(f"  HFEngine.generate (KV-cache loop)              {loop_med:7.2f} ms ({loop_min:.2f})")
@@ -110,6 +130,7 @@ def main() -> None:
     args = (model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, a.temperature)
 
     for group in (None, a.k):
+
         def old_logprobs():
             with torch.no_grad():
                 sequence_logprobs(*args, group_size=group)
@@ -123,8 +144,10 @@ def main() -> None:
         tag = f"group_size={group}"
         print(f"  sequence_logprobs {tag:13s} no grad      {old_med:7.2f} ms ({old_min:.2f})")
         print(f"  sequence_logprobs {tag:13s} + backward   {upd_med:7.2f} ms ({upd_min:.2f})")
-        print(f"  generate + old log-probs + update              {loop_med + old_med + upd_med:7.2f} ms"
-              f"   (generate + update: {loop_med + upd_med:.2f} ms; optimizer step not included)")
+        print(
+            f"  generate + old log-probs + update              {loop_med + old_med + upd_med:7.2f} ms"
+            f"   (generate + update: {loop_med + upd_med:.2f} ms; optimizer step not included)"
+        )
 
 
 if __name__ == "__main__":

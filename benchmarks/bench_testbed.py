@@ -33,18 +33,26 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args()
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, workers {a.workers} "
-          f"(1 torch thread each), load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, workers {a.workers} "
+        f"(1 torch thread each), load average {os.getloadavg()[0]:.2f}"
+    )
     t0 = time.perf_counter()
     rows = run_grid([Cell()], list(METHODS), list(range(a.seeds)), TestbedConfig(steps=a.steps), workers=a.workers)
     dt = time.perf_counter() - t0
     runs = len(rows)
-    print(f"{len(METHODS)} methods x {a.seeds} seeds x {a.steps} steps = {runs} runs in {dt:.1f} s "
-          f"({dt / 60:.2f} min; target for 5 x 100 x 150 on 2 cores: under 10 min)")
-    print(f"  {dt * a.workers / runs:.3f} core-seconds per run, {1e3 * dt * a.workers / (runs * a.steps):.2f} "
-          f"core-ms per step (pool start-up included)")
-    print("  mean AUC by method (a sanity check, not a result): "
-          + ", ".join(f"{m} {rows[rows.arm == m].auc.mean():.4f}" for m in METHODS))
+    print(
+        f"{len(METHODS)} methods x {a.seeds} seeds x {a.steps} steps = {runs} runs in {dt:.1f} s "
+        f"({dt / 60:.2f} min; target for 5 x 100 x 150 on 2 cores: under 10 min)"
+    )
+    print(
+        f"  {dt * a.workers / runs:.3f} core-seconds per run, {1e3 * dt * a.workers / (runs * a.steps):.2f} "
+        f"core-ms per step (pool start-up included)"
+    )
+    print(
+        "  mean AUC by method (a sanity check, not a result): "
+        + ", ".join(f"{m} {rows[rows.arm == m].auc.mean():.4f}" for m in METHODS)
+    )
 
 
 if __name__ == "__main__":

@@ -52,11 +52,24 @@ from daro_lab.trainer.loop import TORCH_THREADS  # noqa: E402
 PRESETS = {
     "tiny": [],
     "trl": [
-        "model.arch=qwen2", "model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=2", "model.intermediate_size=512", "model.tie_embeddings=false",
-        "task.min_digits=1", "task.max_digits=3", "task.ops=['+']", "rollout.num_responses=8",
-        "rollout.max_new_tokens=8", "rollout.temperature=1.0", "algo.method=dapo", "algo.kl_beta=0.0",
-        "trainer.prompts_per_step=16", "trainer.mini_batch_prompts=16", "trainer.lr=1e-4",
+        "model.arch=qwen2",
+        "model.hidden_size=128",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "model.intermediate_size=512",
+        "model.tie_embeddings=false",
+        "task.min_digits=1",
+        "task.max_digits=3",
+        "task.ops=['+']",
+        "rollout.num_responses=8",
+        "rollout.max_new_tokens=8",
+        "rollout.temperature=1.0",
+        "algo.method=dapo",
+        "algo.kl_beta=0.0",
+        "trainer.prompts_per_step=16",
+        "trainer.mini_batch_prompts=16",
+        "trainer.lr=1e-4",
     ],
 }
 
@@ -76,9 +89,18 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     overrides = [*PRESETS[preset], "trainer.grad_norm_every=0", f"trainer.steps={steps + warmup}"]
     cfg = load_config(base_config(preset), overrides)
     tmp = tempfile.mkdtemp()
-    trackers = {every: Tracker.start(f"sqlite:///{tmp}/mlflow.db", "bench", f"{preset}-log-every-{every}", cfg.flat(),
-                                     cfg.to_json(), artifact_location=f"{tmp}/artifacts", context_tags=False)
-                for every in (1, 10)}
+    trackers = {
+        every: Tracker.start(
+            f"sqlite:///{tmp}/mlflow.db",
+            "bench",
+            f"{preset}-log-every-{every}",
+            cfg.flat(),
+            cfg.to_json(),
+            artifact_location=f"{tmp}/artifacts",
+            context_tags=False,
+        )
+        for every in (1, 10)
+    }
     on = Trainer(cfg, hooks=default_hooks(trackers[1]))
     cfg10 = load_config(base_config(preset), [*overrides, "tracking.log_every=10"])
     on10 = Trainer(cfg10, hooks=default_hooks(trackers[10]))
@@ -86,8 +108,9 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
         for h in tr.hooks:
             h.on_train_start(tr)
     off = Trainer(cfg, hooks=[])
-    gcfg = load_config(base_config(preset),
-                       [*overrides[:-2], "trainer.grad_norm_every=1", f"trainer.steps={steps + warmup}"])
+    gcfg = load_config(
+        base_config(preset), [*overrides[:-2], "trainer.grad_norm_every=1", f"trainer.steps={steps + warmup}"]
+    )
     with_g = Trainer(gcfg, hooks=[])
     times: dict[str, list[float]] = {"on": [], "on10": [], "off": [], "g": []}
     split: dict[str, list[float]] = {"time/generate": [], "time/old_logprobs": [], "time/update": []}
@@ -116,17 +139,29 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     on10_total = mean["on10"] + flush[10] / steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n== preset {preset}: {steps} timed steps after {warmup} warm-up, torch threads {torch.get_num_threads()}")
-    print(f"  s/step, hooks on (incl. amortised MLflow flush): {on_total:.4f}  (median {statistics.median(times['on']):.4f})")
-    print(f"  s/step, hooks off:                               {mean['off']:.4f}  (median {statistics.median(times['off']):.4f})")
+    print(
+        f"  s/step, hooks on (incl. amortised MLflow flush): {on_total:.4f}  (median {statistics.median(times['on']):.4f})"
+    )
+    print(
+        f"  s/step, hooks off:                               {mean['off']:.4f}  (median {statistics.median(times['off']):.4f})"
+    )
     print(f"  hooks overhead, on/off ratio:                    {on_total / mean['off']:.3f}")
-    print(f"  s/step, hooks on, MLflow metrics every 10 steps: {on10_total:.4f}  (median {statistics.median(times['on10']):.4f})")
+    print(
+        f"  s/step, hooks on, MLflow metrics every 10 steps: {on10_total:.4f}  (median {statistics.median(times['on10']):.4f})"
+    )
     print(f"  hooks overhead at log_every=10, on/off ratio:    {on10_total / mean['off']:.3f}")
-    print(f"  final flush (pending metrics, parquet tables):   {flush[1]:.3f} s / {flush[10]:.3f} s at log_every 1 / 10")
-    print(f"  G_mu every step (no hooks), ratio to off:        {mean['g'] / mean['off']:.3f}  (sampled every n steps in training)")
+    print(
+        f"  final flush (pending metrics, parquet tables):   {flush[1]:.3f} s / {flush[10]:.3f} s at log_every 1 / 10"
+    )
+    print(
+        f"  G_mu every step (no hooks), ratio to off:        {mean['g'] / mean['off']:.3f}  (sampled every n steps in training)"
+    )
     for k, v in split.items():
         print(f"  {k:32s} {statistics.mean(v):.4f} s  ({100 * statistics.mean(v) / mean['on']:.0f}%)")
     print(f"  response tokens/s (hooks on):                    {statistics.mean(toks) / mean['on']:.0f}")
-    print(f"  kept prompts per step (0 < mu < 1):              {statistics.mean(kept):.1f} of {cfg.trainer.prompts_per_step}")
+    print(
+        f"  kept prompts per step (0 < mu < 1):              {statistics.mean(kept):.1f} of {cfg.trainer.prompts_per_step}"
+    )
     print(f"  peak resident memory of this process:            {peak_mb:.0f} MiB")
 
 
@@ -147,25 +182,48 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("datasets").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
-    cfg = load_config(base_config("trl"), [*PRESETS["trl"], "trainer.grad_norm_every=0",
-                                           f"trainer.steps={steps + warmup}"])
+    cfg = load_config(
+        base_config("trl"), [*PRESETS["trl"], "trainer.grad_norm_every=0", f"trainer.steps={steps + warmup}"]
+    )
     ours = Trainer(cfg, hooks=[])
     K, P = cfg.rollout.num_responses, cfg.trainer.prompts_per_step
     reward_batch = ours.task.reward_batch
-    data = Dataset.from_dict({"prompt": [p.prompt for p in ours.train_set], "answer": [p.answer for p in ours.train_set]})
+    data = Dataset.from_dict(
+        {"prompt": [p.prompt for p in ours.train_set], "answer": [p.answer for p in ours.train_set]}
+    )
 
     def verifier(completions, answer, **kwargs):
         return reward_batch(list(completions), list(answer))
 
     tmp = tempfile.mkdtemp()
     args = GRPOConfig(
-        output_dir=tmp, per_device_train_batch_size=P * K, gradient_accumulation_steps=1, num_generations=K,
-        max_completion_length=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=1.0,
-        loss_type="dapo", beta=0.0, epsilon=cfg.algo.eps_low, epsilon_high=cfg.algo.eps_high,
-        learning_rate=cfg.trainer.lr, lr_scheduler_type="constant", weight_decay=cfg.trainer.weight_decay,
-        adam_beta1=cfg.trainer.betas[0], adam_beta2=cfg.trainer.betas[1], max_grad_norm=cfg.trainer.grad_clip,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, max_steps=steps + warmup, logging_steps=10,
-        report_to=[], save_strategy="no", disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0,
+        output_dir=tmp,
+        per_device_train_batch_size=P * K,
+        gradient_accumulation_steps=1,
+        num_generations=K,
+        max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=1.0,
+        loss_type="dapo",
+        beta=0.0,
+        epsilon=cfg.algo.eps_low,
+        epsilon_high=cfg.algo.eps_high,
+        learning_rate=cfg.trainer.lr,
+        lr_scheduler_type="constant",
+        weight_decay=cfg.trainer.weight_decay,
+        adam_beta1=cfg.trainer.betas[0],
+        adam_beta2=cfg.trainer.betas[1],
+        max_grad_norm=cfg.trainer.grad_clip,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        max_steps=steps + warmup,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
     )
     times: dict[str, list[float]] = {"trl": [], "ours": []}
     kept: list[float] = []
@@ -187,8 +245,14 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
                 times["ours"].append(dt_ours)
                 kept.append(m["rollout/kept_prompts"])
 
-    theirs = GRPOTrainer(model=copy.deepcopy(ours.model), reward_funcs=verifier, args=args, train_dataset=data,
-                         processing_class=ours.tokenizer, callbacks=[Interleave()])
+    theirs = GRPOTrainer(
+        model=copy.deepcopy(ours.model),
+        reward_funcs=verifier,
+        args=args,
+        train_dataset=data,
+        processing_class=ours.tokenizer,
+        callbacks=[Interleave()],
+    )
     from transformers.trainer_callback import PrinterCallback
 
     theirs.remove_callback(PrinterCallback)  # TRL's logs stay in its log_history, not on stdout
@@ -200,20 +264,32 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
     n_trl = P * K  # TRL updates every completion (those of mu in {0, 1} prompts with advantage 0)
     n_ours = statistics.mean(kept) * K
     n_signal_trl = (1 - statistics.mean(zero_std)) * P * K if zero_std else float("nan")
-    print(f"\n== daro-lab vs TRL {trl.__version__} GRPOTrainer, `trl` workload: {len(times['trl'])} timed steps of each "
-          f"after {warmup} warm-up, interleaved, torch threads {torch.get_num_threads()}")
-    print(f"  load average (1 min) at start / end:             {load0:.2f} / {load1:.2f}  (2 cores: above 2, other work shares them)")
-    print(f"  s/step, TRL GRPOTrainer (report_to none):        {t_trl:.4f}  (median {statistics.median(times['trl']):.4f})")
-    print(f"  s/step, daro-lab (hooks off):                    {t_ours:.4f}  (median {statistics.median(times['ours']):.4f})")
+    print(
+        f"\n== daro-lab vs TRL {trl.__version__} GRPOTrainer, `trl` workload: {len(times['trl'])} timed steps of each "
+        f"after {warmup} warm-up, interleaved, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"  load average (1 min) at start / end:             {load0:.2f} / {load1:.2f}  (2 cores: above 2, other work shares them)"
+    )
+    print(
+        f"  s/step, TRL GRPOTrainer (report_to none):        {t_trl:.4f}  (median {statistics.median(times['trl']):.4f})"
+    )
+    print(
+        f"  s/step, daro-lab (hooks off):                    {t_ours:.4f}  (median {statistics.median(times['ours']):.4f})"
+    )
     print(f"  ratio daro-lab / TRL, per step:                  {t_ours / t_trl:.3f}")
-    print(f"  sequences updated per step, TRL:                 {n_trl}  (with a non-zero advantage: {n_signal_trl:.1f})")
+    print(
+        f"  sequences updated per step, TRL:                 {n_trl}  (with a non-zero advantage: {n_signal_trl:.1f})"
+    )
     print(f"  sequences updated per step, daro-lab:            {n_ours:.1f}  (the prompts with 0 < mu < 1, x {K})")
     print(f"  ms per updated sequence, TRL:                    {1e3 * t_trl / n_trl:.3f}")
     print(f"  ms per updated sequence, daro-lab:               {1e3 * t_ours / n_ours:.3f}")
     print(f"  ratio daro-lab / TRL, per updated sequence:      {(t_ours / n_ours) / (t_trl / n_trl):.3f}")
     if zero_std:
-        print(f"  ms per sequence with a non-zero advantage, TRL:  {1e3 * t_trl / n_signal_trl:.3f}  "
-              f"(ratio daro-lab / TRL {(t_ours / n_ours) / (t_trl / n_signal_trl):.3f})")
+        print(
+            f"  ms per sequence with a non-zero advantage, TRL:  {1e3 * t_trl / n_signal_trl:.3f}  "
+            f"(ratio daro-lab / TRL {(t_ours / n_ours) / (t_trl / n_signal_trl):.3f})"
+        )
 
 
 def bench_busy(preset: str, blocks: int, per_block: int) -> None:
@@ -238,8 +314,10 @@ def bench_busy(preset: str, blocks: int, per_block: int) -> None:
     finally:
         h.kill()
         h.wait()
-    arms = {f"started idle ({idle_built.cfg.trainer.threads} threads)": idle_built,
-            f"started beside it ({busy_built.cfg.trainer.threads} thread(s))": busy_built}
+    arms = {
+        f"started idle ({idle_built.cfg.trainer.threads} threads)": idle_built,
+        f"started beside it ({busy_built.cfg.trainer.threads} thread(s))": busy_built,
+    }
     for tr in arms.values():  # warm-up
         torch.set_num_threads(tr.cfg.trainer.threads)
         tr.train_step()
@@ -262,32 +340,51 @@ def bench_busy(preset: str, blocks: int, per_block: int) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med[(next(iter(arms)), "idle")]
     cores = os.cpu_count() or 1
-    print(f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
-          f"interleaved; cpus {cores}, torch threads by default {TORCH_THREADS}, GOMP_SPINCOUNT "
-          f"{daro_lab.SPINCOUNT or 'unset (300000)'} (a fair share is {cores / max(1, cores - 1):.1f}x)")
+    print(
+        f"\n== preset {preset} beside one busy process: {blocks} blocks of {per_block} steps each idle and busy, "
+        f"interleaved; cpus {cores}, torch threads by default {TORCH_THREADS}, GOMP_SPINCOUNT "
+        f"{daro_lab.SPINCOUNT or 'unset (300000)'} (a fair share is {cores / max(1, cores - 1):.1f}x)"
+    )
     for name in arms:
-        print(f"  {name:34s} idle {med[(name, 'idle')]:.3f} s/step, busy {med[(name, 'busy')]:.3f} s/step (medians; "
-              f"means {statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}); "
-              f"busy / the idle run's idle {med[(name, 'busy')] / ref:.2f}")
+        print(
+            f"  {name:34s} idle {med[(name, 'idle')]:.3f} s/step, busy {med[(name, 'busy')]:.3f} s/step (medians; "
+            f"means {statistics.mean(times[(name, 'idle')]):.3f} / {statistics.mean(times[(name, 'busy')]):.3f}); "
+            f"busy / the idle run's idle {med[(name, 'busy')] / ref:.2f}"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=[*PRESETS, "all", "none"], default="all",
-                    help="the hooks benchmark of one preset, both (all), or none (with --vs-trl: the comparison only)")
+    ap.add_argument(
+        "--preset",
+        choices=[*PRESETS, "all", "none"],
+        default="all",
+        help="the hooks benchmark of one preset, both (all), or none (with --vs-trl: the comparison only)",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--busy", action="store_true",
-                    help="the step time beside one busy process, as a ratio to idle (tiny preset, or --preset)")
-    ap.add_argument("--spin-counts", default="",
-                    help="with --busy: run it once per GOMP_SPINCOUNT in this comma list, each in its own process "
-                         "(libgomp reads it when torch loads); libgomp's default is 300000, daro-lab's 1000, PASSIVE 0")
-    ap.add_argument("--vs-trl", action="store_true",
-                    help='also run TRL\'s GRPOTrainer on the `trl` workload, interleaved (needs pip install -e ".[trl]")')
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="the step time beside one busy process, as a ratio to idle (tiny preset, or --preset)",
+    )
+    ap.add_argument(
+        "--spin-counts",
+        default="",
+        help="with --busy: run it once per GOMP_SPINCOUNT in this comma list, each in its own process "
+        "(libgomp reads it when torch loads); libgomp's default is 300000, daro-lab's 1000, PASSIVE 0",
+    )
+    ap.add_argument(
+        "--vs-trl",
+        action="store_true",
+        help='also run TRL\'s GRPOTrainer on the `trl` workload, interleaved (needs pip install -e ".[trl]")',
+    )
     a = ap.parse_args()
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, cpus {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     if a.busy and a.spin_counts:
         import subprocess
 
@@ -296,8 +393,11 @@ def main() -> None:
                 sys.exit(f"--spin-counts: {v!r} is not a non-negative integer")
         for v in a.spin_counts.split(","):
             sys.stdout.flush()
-            subprocess.run([sys.executable, __file__, "--busy", "--steps", str(a.steps), "--preset", a.preset],
-                           env={**os.environ, "GOMP_SPINCOUNT": v.strip()}, check=True)
+            subprocess.run(
+                [sys.executable, __file__, "--busy", "--steps", str(a.steps), "--preset", a.preset],
+                env={**os.environ, "GOMP_SPINCOUNT": v.strip()},
+                check=True,
+            )
         return
     if a.busy:
         bench_busy("tiny" if a.preset in ("all", "none") else a.preset, blocks=4, per_block=max(1, a.steps // 8))

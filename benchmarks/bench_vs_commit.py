@@ -45,24 +45,42 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--grad-norm-every", type=int, default=0, help="0: no G_mu steps (the preset's own is 10)")
     a = ap.parse_args()
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "other"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), a.commit], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), a.commit],
+            check=True,
+            capture_output=True,
+        )
         try:
             trees = {f"this tree ({head}, with its changes)": ROOT, f"commit {a.commit}": other}
             times = {name: [] for name in trees}
-            print(f"python {sys.version.split()[0]}, cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; "
-                  f"{a.rounds} rounds x {a.steps} steps, grad_norm_every {a.grad_norm_every}")
+            print(
+                f"python {sys.version.split()[0]}, cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}; "
+                f"{a.rounds} rounds x {a.steps} steps, grad_norm_every {a.grad_norm_every}"
+            )
             for r in range(a.rounds):
                 order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
                 for name, tree in order:
                     env = {**os.environ, "PYTHONPATH": str(tree), "MLFLOW_DISABLE_TELEMETRY": "true"}
-                    out = subprocess.run([sys.executable, "-c", CHILD, str(a.steps), str(a.grad_norm_every),
-                                          str(tree / "daro_lab/presets/demo.toml")], env=env, cwd=tree,
-                                         capture_output=True, text=True, check=True)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            "-c",
+                            CHILD,
+                            str(a.steps),
+                            str(a.grad_norm_every),
+                            str(tree / "daro_lab/presets/demo.toml"),
+                        ],
+                        env=env,
+                        cwd=tree,
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     times[name] += json.loads(out.stdout.strip().splitlines()[-1])
             med = {k: statistics.median(v) for k, v in times.items()}
             for name, m in med.items():

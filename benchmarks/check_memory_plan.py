@@ -57,19 +57,50 @@ def main() -> None:
                 measured, err = float("nan"), str(e)[:200]
             dt = time.perf_counter() - t0
             model.zero_grad(set_to_none=True)
-            cfg = load_config(None, ["trainer.device=cuda", "model.dtype=auto", "trainer.prompts_per_step=1",
-                                     "trainer.mini_batch_prompts=1", f"rollout.num_responses={K}",
-                                     f"rollout.max_new_tokens={RESPONSE}", f"model.gradient_checkpointing={str(ckpt).lower()}",
-                                     f"model.logprob_chunk_size={chunk or 0}", f"model.arch_file={ARCH}"])
+            cfg = load_config(
+                None,
+                [
+                    "trainer.device=cuda",
+                    "model.dtype=auto",
+                    "trainer.prompts_per_step=1",
+                    "trainer.mini_batch_prompts=1",
+                    f"rollout.num_responses={K}",
+                    f"rollout.max_new_tokens={RESPONSE}",
+                    f"model.gradient_checkpointing={str(ckpt).lower()}",
+                    f"model.logprob_chunk_size={chunk or 0}",
+                    f"model.arch_file={ARCH}",
+                ],
+            )
             p = plan(cfg, prompt_tokens=PROMPT)
-            est = p.gib["update_peak_as_configured"] - p.gib["weights"] - p.gib["adamw_states_fp32"]  # no optimizer here
-            rows.append({"checkpointing": ckpt, "chunk": chunk, "measured_gib": round(measured, 2),
-                         "estimate_gib": round(est, 2), "seconds": round(dt, 3), "error": err})
+            est = (
+                p.gib["update_peak_as_configured"] - p.gib["weights"] - p.gib["adamw_states_fp32"]
+            )  # no optimizer here
+            rows.append(
+                {
+                    "checkpointing": ckpt,
+                    "chunk": chunk,
+                    "measured_gib": round(measured, 2),
+                    "estimate_gib": round(est, 2),
+                    "seconds": round(dt, 3),
+                    "error": err,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "arch": ARCH, "K": K,
-                       "prompt": PROMPT, "response": RESPONSE, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "arch": ARCH,
+                    "K": K,
+                    "prompt": PROMPT,
+                    "response": RESPONSE,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

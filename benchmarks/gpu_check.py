@@ -41,9 +41,18 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "1.5b": json.loads((ROOT / "experiments/paper/arch/qwen2.5-math-1.5b.json").read_text()),
-    "tiny": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
-             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "vocab_size": 1000, "tie_word_embeddings": True, "max_position_embeddings": 256},
+    "tiny": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 256,
+    },
 }
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -109,10 +118,14 @@ def synthetic_rollout(rows: int, prompt: int, response: int, K: int, vocab: int)
     g = torch.Generator().manual_seed(0)
     P = rows // K
     pids = torch.randint(3, vocab, (P, prompt), generator=g).repeat_interleave(K, 0)
-    roll = RolloutBatch(pids, torch.ones(rows, prompt, dtype=torch.bool),
-                        torch.randint(3, vocab, (rows, response), generator=g),
-                        torch.ones(rows, response, dtype=torch.bool), torch.zeros(rows, response),
-                        torch.arange(P).repeat_interleave(K))
+    roll = RolloutBatch(
+        pids,
+        torch.ones(rows, prompt, dtype=torch.bool),
+        torch.randint(3, vocab, (rows, response), generator=g),
+        torch.ones(rows, response, dtype=torch.bool),
+        torch.zeros(rows, response),
+        torch.arange(P).repeat_interleave(K),
+    )
     rewards = torch.zeros(P, K)
     rewards[:, : K // 2] = 1.0  # mu = 1/2 for every prompt: all kept
     return roll, rewards
@@ -130,9 +143,12 @@ def main() -> None:
     ap.add_argument("--rollout-rows", type=int, default=64)
     ap.add_argument("--rollout-tokens", type=int, default=256)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
-    ap.add_argument("--pure-bf16", action="store_true",
-                    help="trainer.mixed_precision=false: the update's parameters and AdamW states in bf16 "
-                         "(default: fp32 master weights, bf16 autocast, as the trainer trains)")
+    ap.add_argument(
+        "--pure-bf16",
+        action="store_true",
+        help="trainer.mixed_precision=false: the update's parameters and AdamW states in bf16 "
+        "(default: fp32 master weights, bf16 autocast, as the trainer trains)",
+    )
     a = ap.parse_args()
 
     from daro_lab.config import load_config
@@ -153,18 +169,31 @@ def main() -> None:
         return f"{100 * flops / seconds / (peak * 1e12):.1f}%" if peak else "n/a (give --peak-tflops)"
 
     # the trainer, as `daro-lab train --set model.path=...` builds it
-    cfg = load_config(None, [
-        f"model.path={tmp / 'model'}", f"model.dtype={'bfloat16' if on_gpu else 'float32'}", f"trainer.device={a.device}",
-        "model.gradient_checkpointing=true", f"model.logprob_chunk_size={a.chunk}", "algo.method=daro",
-        "rollout.num_responses=8", f"rollout.max_new_tokens={a.seq - a.prompt}", f"trainer.prompts_per_step={a.rows // 8}",
-        f"trainer.mini_batch_prompts={a.rows // 8}", "trainer.grad_norm_every=0", "trainer.lr=1e-6",
-        f"trainer.mixed_precision={'false' if a.pure_bf16 else 'true'}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tmp / 'model'}",
+            f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
+            f"trainer.device={a.device}",
+            "model.gradient_checkpointing=true",
+            f"model.logprob_chunk_size={a.chunk}",
+            "algo.method=daro",
+            "rollout.num_responses=8",
+            f"rollout.max_new_tokens={a.seq - a.prompt}",
+            f"trainer.prompts_per_step={a.rows // 8}",
+            f"trainer.mini_batch_prompts={a.rows // 8}",
+            "trainer.grad_norm_every=0",
+            "trainer.lr=1e-6",
+            f"trainer.mixed_precision={'false' if a.pure_bf16 else 'true'}",
+        ],
+    )
     tr = Trainer(cfg)
     model = tr.model
     mixed = tr.policy.autocast is not None
-    print(f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M, vocab {model.config.vocab_size}; "
-          f"update in {'fp32 masters + ' + str(tr.policy.autocast).replace('torch.', '') + ' autocast' if mixed else str(dtype)}")
+    print(
+        f"parameters {sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M, vocab {model.config.vocab_size}; "
+        f"update in {'fp32 masters + ' + str(tr.policy.autocast).replace('torch.', '') + ' autocast' if mixed else str(dtype)}"
+    )
 
     # the reference runs the model in `dtype` (under mixed precision: the trainer's generation copy)
     plain = tr.generation_model.requires_grad_(True)
@@ -172,8 +201,10 @@ def main() -> None:
     if plain is not model:
         plain.requires_grad_(False).eval()
     ref_flops = model_flops(plain, a.rows * a.seq, a.seq)
-    print(f"reference  HF forward/backward, full logits: {ref_s:.3f} s/step, {a.rows * a.seq / ref_s:,.0f} tokens/s, "
-          f"MFU {mfu(ref_flops, ref_s)}, peak {ref_peak:.1f} GiB")
+    print(
+        f"reference  HF forward/backward, full logits: {ref_s:.3f} s/step, {a.rows * a.seq / ref_s:,.0f} tokens/s, "
+        f"MFU {mfu(ref_flops, ref_s)}, peak {ref_peak:.1f} GiB"
+    )
 
     roll, rewards = synthetic_rollout(a.rows, a.prompt, a.seq - a.prompt, 8, model.config.vocab_size)
     times, fb_peak = [], float("nan")
@@ -195,21 +226,26 @@ def main() -> None:
     fb_peak = peak_gib(device)
     model.zero_grad(set_to_none=True)
     tokens = a.rows * a.seq
-    print(f"update     Trainer.update (DARO, chunked log-probs {a.chunk}): {upd_s:.3f} s/step, "
-          f"{tokens / upd_s:,.0f} tokens/s, MFU {mfu(model_flops(model, tokens, a.seq), upd_s)}, "
-          f"peak {upd_peak:.1f} GiB with AdamW, {fb_peak:.1f} GiB forward+backward; "
-          f"loss {mb[0]['loss/total']:.4f}, grad norm {mb[0]['grad/norm']:.3f}")
+    print(
+        f"update     Trainer.update (DARO, chunked log-probs {a.chunk}): {upd_s:.3f} s/step, "
+        f"{tokens / upd_s:,.0f} tokens/s, MFU {mfu(model_flops(model, tokens, a.seq), upd_s)}, "
+        f"peak {upd_peak:.1f} GiB with AdamW, {fb_peak:.1f} GiB forward+backward; "
+        f"loss {mb[0]['loss/total']:.4f}, grad norm {mb[0]['grad/norm']:.3f}"
+    )
 
     ids = torch.randint(3, model.config.vocab_size, (a.rollout_rows // 8, a.prompt))
     sync(device)
     t0 = time.perf_counter()
-    out = tr.engine.generate(ids, 8, max_new_tokens=a.rollout_tokens, temperature=1.0,
-                             generator=torch.Generator().manual_seed(0))
+    out = tr.engine.generate(
+        ids, 8, max_new_tokens=a.rollout_tokens, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     sync(device)
     dt = time.perf_counter() - t0
     n = int(out.response_mask.sum())
-    print(f"rollout    transformers engine: {n:,} new tokens in {dt:.2f} s, {n / dt:,.0f} tokens/s "
-          f"({out.batch_size} rows, up to {a.rollout_tokens} tokens)")
+    print(
+        f"rollout    transformers engine: {n:,} new tokens in {dt:.2f} s, {n / dt:,.0f} tokens/s "
+        f"({out.batch_size} rows, up to {a.rollout_tokens} tokens)"
+    )
 
 
 if __name__ == "__main__":

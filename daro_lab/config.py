@@ -90,57 +90,126 @@ TaskName = Literal["arithmetic", "chain", "math", "file"]
 class ModelConfig:
     path: str = _f("", "local Hugging Face model directory; empty builds the tiny preset from this section")
     arch: Literal["llama", "qwen2"] = _f("llama", "tiny preset: architecture, 'llama' or 'qwen2'")
-    init_seed: int = _f(0, "tiny preset: seed of its initialisation and warm start (shared by every training seed)", range="[0, inf)")
+    init_seed: int = _f(
+        0, "tiny preset: seed of its initialisation and warm start (shared by every training seed)", range="[0, inf)"
+    )
     hidden_size: int = _f(64, "tiny preset: hidden size of the Llama-architecture model", range="[1, inf)")
     num_layers: int = _f(2, "tiny preset: number of decoder layers", range="[1, inf)")
     num_heads: int = _f(4, "tiny preset: attention heads", range="[1, inf)")
     num_kv_heads: int = _f(2, "tiny preset: key/value heads (grouped-query attention)", range="[1, inf)")
     intermediate_size: int = _f(256, "tiny preset: MLP width", range="[1, inf)")
     tie_embeddings: bool = _f(False, "tiny preset: tie input and output embeddings")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f("float32", "parameter dtype: float32, bfloat16, float16, or 'auto' (bfloat16 on GPU, float32 on CPU)")
-    warmstart_steps: int = _f(1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)", range="[0, inf)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f(
+        "float32", "parameter dtype: float32, bfloat16, float16, or 'auto' (bfloat16 on GPU, float32 on CPU)"
+    )
+    warmstart_steps: int = _f(
+        1200, "tiny preset: supervised warm-start steps, so pass rates spread over (0, 1)", range="[0, inf)"
+    )
     warmstart_lr: float = _f(1e-3, "tiny preset: warm-start learning rate", range="(0, inf)")
     warmstart_batch: int = _f(64, "tiny preset: warm-start batch size", range="[1, inf)")
-    warmstart_run_on: float = _f(0.0, "tiny preset, chain task: share of warm-start demonstrations (scaled by level, this at the "
-                                 "hardest) that lose count and run on without stopping, the failure mode of long wrong "
-                                 "answers; 0: every demonstration stops", range="[0, 1]")
+    warmstart_run_on: float = _f(
+        0.0,
+        "tiny preset, chain task: share of warm-start demonstrations (scaled by level, this at the "
+        "hardest) that lose count and run on without stopping, the failure mode of long wrong "
+        "answers; 0: every demonstration stops",
+        range="[0, 1]",
+    )
     cache_dir: str = _f(".daro_cache", "where warm-started tiny models are cached, keyed by a hash of their config")
-    prompt_template: str = _f("plain", "'plain' ({prompt}), 'qwen_math' (Qwen2.5-Math's boxed CoT prompt, QwenLM/Qwen2.5-Math evaluation), 'chat' (the tokenizer's chat template), or a string with {prompt}")
-    stop_token: str = _f("", "token that ends a response; empty: '<|im_end|>' or '<|eot_id|>' when the prompt uses it, else the tokenizer's eos")
-    gradient_checkpointing: bool = _f(False, "recompute decoder-layer activations in backward: less memory, ~1/3 more compute (off: the tiny preset needs none)")
-    logprob_chunk_size: int = _f(0, "tokens per lm_head + fp32 log-softmax chunk in the trainer's log-probs; 0 unchunked (fine at the tiny preset's few tokens; 150k-token vocabularies need it)", range="[0, inf)")
-    arch_file: str = _f("", "HF config.json of the architecture, for `train --dry-run` when model.path has none (experiments/paper/arch/)")
+    prompt_template: str = _f(
+        "plain",
+        "'plain' ({prompt}), 'qwen_math' (Qwen2.5-Math's boxed CoT prompt, QwenLM/Qwen2.5-Math evaluation), 'chat' (the tokenizer's chat template), or a string with {prompt}",
+    )
+    stop_token: str = _f(
+        "",
+        "token that ends a response; empty: '<|im_end|>' or '<|eot_id|>' when the prompt uses it, else the tokenizer's eos",
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute decoder-layer activations in backward: less memory, ~1/3 more compute (off: the tiny preset needs none)",
+    )
+    logprob_chunk_size: int = _f(
+        0,
+        "tokens per lm_head + fp32 log-softmax chunk in the trainer's log-probs; 0 unchunked (fine at the tiny preset's few tokens; 150k-token vocabularies need it)",
+        range="[0, inf)",
+    )
+    arch_file: str = _f(
+        "",
+        "HF config.json of the architecture, for `train --dry-run` when model.path has none (experiments/paper/arch/)",
+    )
 
 
 @dataclass
 class TaskConfig:
-    name: TaskName = _f("arithmetic", "'arithmetic' or 'chain' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)")
+    name: TaskName = _f(
+        "arithmetic",
+        "'arithmetic' or 'chain' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)",
+    )
     min_digits: int = _f(1, "arithmetic, chain: fewest digits of an operand", range="[1, inf)")
-    max_digits: int = _f(3, "arithmetic, chain: most digits of an operand; arithmetic: more digits, harder and longer answers", range="[1, inf)")
+    max_digits: int = _f(
+        3,
+        "arithmetic, chain: most digits of an operand; arithmetic: more digits, harder and longer answers",
+        range="[1, inf)",
+    )
     ops: list[Literal["+", "-", "*"]] = _f(["+"], "arithmetic: operations drawn from ('+', '-', '*')")
-    min_terms: int = _f(2, "chain: fewest operands (the answer lists the partial sums after the first)", range="[2, inf)")
+    min_terms: int = _f(
+        2, "chain: fewest operands (the answer lists the partial sums after the first)", range="[2, inf)"
+    )
     max_terms: int = _f(5, "chain: most operands; more operands, harder and longer answers", range="[2, inf)")
-    num_train: int = _f(4096, "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)", range="[0, inf)")
-    num_eval: int = _f(256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)", range="[0, inf)")
-    level_mix: list[float] = _f([], "arithmetic, chain: relative frequency of each level in the training prompts, easiest "
-                                "first, one positive weight per level (chain: min_terms..max_terms; arithmetic: "
-                                "min_digits..max_digits), e.g. [8, 4, 2, 1] easy-heavy; empty: levels equally common. The "
-                                "held-out set stays level-uniform, so every level's accuracy is measured alike")
+    num_train: int = _f(
+        4096,
+        "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)",
+        range="[0, inf)",
+    )
+    num_eval: int = _f(
+        256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)", range="[0, inf)"
+    )
+    level_mix: list[float] = _f(
+        [],
+        "arithmetic, chain: relative frequency of each level in the training prompts, easiest "
+        "first, one positive weight per level (chain: min_terms..max_terms; arithmetic: "
+        "min_digits..max_digits), e.g. [8, 4, 2, 1] easy-heavy; empty: levels equally common. The "
+        "held-out set stays level-uniform, so every level's accuracy is measured alike",
+        range="(0, inf)",
+    )
     data_seed: int = _f(1234, "seed of the prompt generator (independent of the training seed)", range="[0, inf)")
-    train_file: str = _f("", "math/file tasks: local JSONL or parquet of training problems (MATH, DAPO-Math-17k, OpenR1-Math layouts)")
+    train_file: str = _f(
+        "", "math/file tasks: local JSONL or parquet of training problems (MATH, DAPO-Math-17k, OpenR1-Math layouts)"
+    )
     eval_file: str = _f("", "math/file tasks: held-out problems; empty holds out num_eval rows of train_file")
-    prompt_field: str = _f("", "field of the problem text, dotted for nesting ('a.b.0'); empty: first of problem, prompt, question")
-    answer_field: str = _f("", "field of the answer, dotted (DAPO-Math-17k: reward_model.ground_truth); empty: first of answer, reward_model.ground_truth, solution, ground_truth")
+    prompt_field: str = _f(
+        "", "field of the problem text, dotted for nesting ('a.b.0'); empty: first of problem, prompt, question"
+    )
+    answer_field: str = _f(
+        "",
+        "field of the answer, dotted (DAPO-Math-17k: reward_model.ground_truth); empty: first of answer, reward_model.ground_truth, solution, ground_truth",
+    )
     level_field: str = _f("", "optional difficulty field ('Level 3' -> 3); empty: 'level' when the row has it, else 0")
-    answer_extract: Literal["auto", "none", "boxed"] = _f("auto", "'boxed': the last \\boxed{} of the answer field (MATH solutions); 'none': as is; 'auto': boxed when it has one")
-    reward_workers: int = _f(2, "math task: processes verifying answers with math-verify, 2 for a 2-core machine; 0: in-process, no hard timeout", range="[0, inf)")
-    reward_timeout_s: float = _f(5.0, "math task: seconds per answer before it scores 0 (math-verify's own per-call default is 5 s)", range="(0, inf)")
-    max_prompt_tokens: int = _f(0, "longest prompt in tokens, prompt template included; 0: the model's context "
-                                "(max_position_embeddings) less the longest response (rollout/eval max_new_tokens)",
-                                range="[0, inf)")
-    long_prompts: Literal["error", "drop"] = _f("error", "training and held-out prompts longer than that: 'error' stops before any run exists, "
-                           "naming the rows; 'drop' leaves them out, counted on stderr and in the run's tag "
-                           "daro_lab.dropped_prompts (a benchmark's long prompts are always an error)")
+    answer_extract: Literal["auto", "none", "boxed"] = _f(
+        "auto",
+        "'boxed': the last \\boxed{} of the answer field (MATH solutions); 'none': as is; 'auto': boxed when it has one",
+    )
+    reward_workers: int = _f(
+        2,
+        "math task: processes verifying answers with math-verify, 2 for a 2-core machine; 0: in-process, no hard timeout",
+        range="[0, inf)",
+    )
+    reward_timeout_s: float = _f(
+        5.0,
+        "math task: seconds per answer before it scores 0 (math-verify's own per-call default is 5 s)",
+        range="(0, inf)",
+    )
+    max_prompt_tokens: int = _f(
+        0,
+        "longest prompt in tokens, prompt template included; 0: the model's context "
+        "(max_position_embeddings) less the longest response (rollout/eval max_new_tokens)",
+        range="[0, inf)",
+    )
+    long_prompts: Literal["error", "drop"] = _f(
+        "error",
+        "training and held-out prompts longer than that: 'error' stops before any run exists, "
+        "naming the rows; 'drop' leaves them out, counted on stderr and in the run's tag "
+        "daro_lab.dropped_prompts (a benchmark's long prompts are always an error)",
+    )
 
 
 @dataclass
@@ -148,33 +217,56 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = _f("hf", "rollout engine: 'hf' (transformers) or 'vllm'")
     num_responses: int = _f(8, "K, responses sampled per prompt (paper: 8)", range="[2, inf)")
     max_new_tokens: int = _f(8, "longest response; also Dr. GRPO's constant normaliser L_max", range="[1, inf)")
-    temperature: float = _f(1.0, "sampling temperature (paper setup: 1.0); below 0.01 the logits / T overflow float32",
-                            range="[0.01, 100]")
+    temperature: float = _f(
+        1.0, "sampling temperature (paper setup: 1.0); below 0.01 the logits / T overflow float32", range="[0.01, 100]"
+    )
     top_p: float = _f(1.0, "nucleus sampling threshold; 1.0 disables it", range="(0, 1]")
-    vllm_gpu_memory: float = _f(0.3, "engine 'vllm': fraction of the GPU's memory vLLM holds for its weights and KV cache "
-                                "beside the trainer (vLLM's gpu_memory_utilization; colocated as in verl)", range="(0, 1)")
+    vllm_gpu_memory: float = _f(
+        0.3,
+        "engine 'vllm': fraction of the GPU's memory vLLM holds for its weights and KV cache "
+        "beside the trainer (vLLM's gpu_memory_utilization; colocated as in verl)",
+        range="(0, 1)",
+    )
 
 
 @dataclass
 class DaroConfig:
-    lr_w: float = _f(1e-3, "learning rate of the DARO weights (paper: 1e-3), own AdamW group, no weight decay", range="[0, inf)")
-    param: Literal["log", "direct"] = _f("log", "weight parametrisation: 'log' (w = exp(s)) or 'direct' (w clamped to bounds) (docs/math.md)")
-    signal: str = _f("abs", "what drives w (w-gradient signal - C/w, fixed point w = C/signal): 'abs' |L_mu| (docs/math.md), "
-                     "'signed' L_mu (paper-literal), 'grad' ||grad L_mu||, 'mass' token-mean of |A| g (the group's loss "
-                     "mass before advantages of opposite sign cancel)")
-    reg: float | Literal["auto"] = _f(1.0, "C of the regulariser sum_mu (w L_mu - C ln w_mu): a number (1.0 = the paper's), or 'auto': the "
-                          "running mean (bias-corrected EMA, decay 0.99) of the present groups' mean signal, so that the "
-                          "weights' geometric centre stays near 1", range="(0, inf)")
-    signal_ema: float = _f(0.0, "decay of a per-group, bias-corrected EMA of the signal across updates (0: each mini-batch's "
-                           "own signal, the paper's reading)", range="[0, 1)")
+    lr_w: float = _f(
+        1e-3, "learning rate of the DARO weights (paper: 1e-3), own AdamW group, no weight decay", range="[0, inf)"
+    )
+    param: Literal["log", "direct"] = _f(
+        "log", "weight parametrisation: 'log' (w = exp(s)) or 'direct' (w clamped to bounds) (docs/math.md)"
+    )
+    signal: str = _f(
+        "abs",
+        "what drives w (w-gradient signal - C/w, fixed point w = C/signal): 'abs' |L_mu| (docs/math.md), "
+        "'signed' L_mu (paper-literal), 'grad' ||grad L_mu||, 'mass' token-mean of |A| g (the group's loss "
+        "mass before advantages of opposite sign cancel)",
+    )
+    reg: float | Literal["auto"] = _f(
+        1.0,
+        "C of the regulariser sum_mu (w L_mu - C ln w_mu): a number (1.0 = the paper's), or 'auto': the "
+        "running mean (bias-corrected EMA, decay 0.99) of the present groups' mean signal, so that the "
+        "weights' geometric centre stays near 1",
+        range="(0, inf)",
+    )
+    signal_ema: float = _f(
+        0.0,
+        "decay of a per-group, bias-corrected EMA of the signal across updates (0: each mini-batch's "
+        "own signal, the paper's reading)",
+        range="[0, 1)",
+    )
     w_min: float = _f(1e-3, "lower bound of every weight (docs/math.md)", range="(0, inf)")
     w_max: float = _f(1e3, "upper bound of every weight (docs/math.md)", range="(0, inf)")
     init: float = _f(1.0, "initial value of every weight", range="(0, inf)")
-    static: str = _f("ones", "frozen weights of the 'static' method: 'ones'; 'shape:<method>' (grpo, dapo, dr_grpo, lipo): w "
-                     "such that, at equal lengths, each group's loss scale on DARO's path is one prompt of that method's "
-                     "(shape:grpo and shape:dapo are w = 1); 'shape:mass': the closed-form fixed point of DARO with the "
-                     "'mass' reading and C = auto, w = c / sqrt(mu(1-mu)) with harmonic mean 1 (docs/math.md, section "
-                     "4); or a JSON file {k: w} (e.g. a DARO run's final weights)")
+    static: str = _f(
+        "ones",
+        "frozen weights of the 'static' method: 'ones'; 'shape:<method>' (grpo, dapo, dr_grpo, lipo): w "
+        "such that, at equal lengths, each group's loss scale on DARO's path is one prompt of that method's "
+        "(shape:grpo and shape:dapo are w = 1); 'shape:mass': the closed-form fixed point of DARO with the "
+        "'mass' reading and C = auto, w = c / sqrt(mu(1-mu)) with harmonic mean 1 (docs/math.md, section "
+        "4); or a JSON file {k: w} (e.g. a DARO run's final weights)",
+    )
 
 
 @dataclass
@@ -182,10 +274,18 @@ class AlgoConfig:
     method: str = _f("daro", "loss: grpo, dapo, dr_grpo, lipo, daro, static (docs/math.md)")
     eps_low: float = _f(0.2, "lower clip range, rho >= 1 - eps_low (paper: 0.2)", range="[0, 1]")
     eps_high: float = _f(0.28, "upper clip range, clip-higher (DAPO, arXiv 2503.14476; paper: 0.28)", range="[0, inf)")
-    dual_clip: float | None = _f(None, "dual-clip constant c > 1 bounding the loss of negative advantages (arXiv 1912.09729)", range="(1, inf)")
-    kl_beta: float = _f(0.0, "coefficient of the k3 KL penalty to the initial policy (paper: 0, no KL; GRPO's "
-                        "DeepSeekMath setting 0.04); above 100 the penalty swamps every reward", range="[0, 100]")
-    std: Literal["unbiased", "population"] = _f("unbiased", "group std for the advantage: 'unbiased' (verl, TRL) or 'population'")
+    dual_clip: float | None = _f(
+        None, "dual-clip constant c > 1 bounding the loss of negative advantages (arXiv 1912.09729)", range="(1, inf)"
+    )
+    kl_beta: float = _f(
+        0.0,
+        "coefficient of the k3 KL penalty to the initial policy (paper: 0, no KL; GRPO's "
+        "DeepSeekMath setting 0.04); above 100 the penalty swamps every reward",
+        range="[0, 100]",
+    )
+    std: Literal["unbiased", "population"] = _f(
+        "unbiased", "group std for the advantage: 'unbiased' (verl, TRL) or 'population'"
+    )
     adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage denominator", range="[0, inf)")
     daro: DaroConfig = field(default_factory=DaroConfig, metadata={"help": "DARO weight options"})
 
@@ -194,10 +294,16 @@ class AlgoConfig:
 class TrainerConfig:
     steps: int = _f(60, "training steps (paper: 300)", range="[1, inf)")
     prompts_per_step: int = _f(16, "N, prompts per step (paper: batch 128)", range="[1, inf)")
-    mini_batch_prompts: int = _f(8, "prompts per optimizer step; later mini-batches are off-policy (paper: 64)", range="[1, inf)")
-    micro_batch_prompts: int = _f(0, "prompts per forward/backward pass of a rank (gradient accumulation, the same update "
-                                  "to float rounding; TRL's per_device_train_batch_size, verl's ppo_micro_batch_size); "
-                                  "0: a rank's whole share of the mini-batch in one pass", range="[0, inf)")
+    mini_batch_prompts: int = _f(
+        8, "prompts per optimizer step; later mini-batches are off-policy (paper: 64)", range="[1, inf)"
+    )
+    micro_batch_prompts: int = _f(
+        0,
+        "prompts per forward/backward pass of a rank (gradient accumulation, the same update "
+        "to float rounding; TRL's per_device_train_batch_size, verl's ppo_micro_batch_size); "
+        "0: a rank's whole share of the mini-batch in one pass",
+        range="[0, inf)",
+    )
     lr: float = _f(1e-4, "policy learning rate lr_theta (paper: 1e-6 on 1.5B-8B models)", range="[0, inf)")
     weight_decay: float = _f(0.0, "AdamW weight decay of the policy", range="[0, inf)")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas", range="[0, 1)")
@@ -205,41 +311,83 @@ class TrainerConfig:
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "'constant' or 'cosine' decay to 10% after warm-up")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps", range="[0, inf)")
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: regenerate until N prompts have 0 < mu < 1")
-    dynamic_sampling_max_batches: int = _f(3, "most generation batches per step under dynamic sampling", range="[1, inf)")
-    eval_every: int = _f(20, "evaluate on the held-out prompts every n steps (0: only at start and end)", range="[0, inf)")
-    eval_samples: int = _f(8, "responses sampled per held-out prompt for eval/sampled_acc (avg@n at the rollout temperature)", range="[1, inf)")
-    grad_norm_every: int = _f(10, "log per-group gradient norms G_mu every n steps (0: never); costs a backward per group", range="[0, inf)")
-    grad_cosines: bool = _f(True, "on the grad_norm_every steps also the cosines between the groups' gradients of C_mu "
-                                  "(gradcos/mu_k, grad/cos_mean): holds the K-1 groups' gradients at once, K-1 fp32 "
-                                  "copies of the parameters (false for models whose gradient that many times does not fit)")
+    dynamic_sampling_max_batches: int = _f(
+        3, "most generation batches per step under dynamic sampling", range="[1, inf)"
+    )
+    eval_every: int = _f(
+        20, "evaluate on the held-out prompts every n steps (0: only at start and end)", range="[0, inf)"
+    )
+    eval_samples: int = _f(
+        8,
+        "responses sampled per held-out prompt for eval/sampled_acc (avg@n at the rollout temperature)",
+        range="[1, inf)",
+    )
+    grad_norm_every: int = _f(
+        10, "log per-group gradient norms G_mu every n steps (0: never); costs a backward per group", range="[0, inf)"
+    )
+    grad_cosines: bool = _f(
+        True,
+        "on the grad_norm_every steps also the cosines between the groups' gradients of C_mu "
+        "(gradcos/mu_k, grad/cos_mean): holds the K-1 groups' gradients at once, K-1 fp32 "
+        "copies of the parameters (false for models whose gradient that many times does not fit)",
+    )
     checkpoint_every: int = _f(20, "save a checkpoint every n steps (and always at the end)", range="[0, inf)")
     checkpoint_dir: str = _f("checkpoints", "checkpoints go to <checkpoint_dir>/<run id>/")
     log_checkpoint: bool = _f(True, "also store the final checkpoint as the run's MLflow artifact 'checkpoint/'")
     device: str = _f("cpu", "torch device")
-    threads: int = _f(0, "torch intra-op threads; 0: on CPU, the cores other processes leave free when the run "
-                      "starts (at most torch's default; a busy core stalls every parallel op: trainer/threads.py), "
-                      "resolved once and logged as this key, so a resume and a rerun of the logged config use the "
-                      "same count; N: exactly N (under torchrun 0 leaves torchrun's OMP_NUM_THREADS)", range="[0, inf)")
-    mixed_precision: bool = _f(True, "with model.dtype bf16/fp16: fp32 master weights and AdamW states, compute under "
-                               "autocast in model.dtype, generation from a model.dtype copy (false: parameters and "
-                               "AdamW in model.dtype, where steps below ~0.4% of a weight round away); FSDP always mixes")
-    parallel: Literal["ddp", "fsdp"] = _f("ddp", "data parallelism under torchrun: 'ddp' (torch DDP, a full replica per rank) or "
-                       "'fsdp' (FSDP2 fully_shard: parameters, gradients and AdamW states sharded over ranks, "
-                       "fp32 master weights with compute in model.dtype; verl's actor strategy 'fsdp2'); "
-                       "ignored in one process")
+    threads: int = _f(
+        0,
+        "torch intra-op threads; 0: on CPU, the cores other processes leave free when the run "
+        "starts (at most torch's default; a busy core stalls every parallel op: trainer/threads.py), "
+        "resolved once and logged as this key, so a resume and a rerun of the logged config use the "
+        "same count; N: exactly N (under torchrun 0 leaves torchrun's OMP_NUM_THREADS)",
+        range="[0, inf)",
+    )
+    mixed_precision: bool = _f(
+        True,
+        "with model.dtype bf16/fp16: fp32 master weights and AdamW states, compute under "
+        "autocast in model.dtype, generation from a model.dtype copy (false: parameters and "
+        "AdamW in model.dtype, where steps below ~0.4% of a weight round away); FSDP always mixes",
+    )
+    parallel: Literal["ddp", "fsdp"] = _f(
+        "ddp",
+        "data parallelism under torchrun: 'ddp' (torch DDP, a full replica per rank) or "
+        "'fsdp' (FSDP2 fully_shard: parameters, gradients and AdamW states sharded over ranks, "
+        "fp32 master weights with compute in model.dtype; verl's actor strategy 'fsdp2'); "
+        "ignored in one process",
+    )
 
 
 @dataclass
 class EvalConfig:
-    benchmarks: list[str] = _f([], "benchmarks as name=path (JSONL/parquet, problem/answer), e.g. MATH500=data/math500.jsonl; also run at the trainer's evaluations")
-    k: int = _f(4, "samples per problem for avg@k and pass@k (pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)", range="[1, inf)")
+    benchmarks: list[str] = _f(
+        [],
+        "benchmarks as name=path (JSONL/parquet, problem/answer), e.g. MATH500=data/math500.jsonl; also run at the trainer's evaluations",
+    )
+    k: int = _f(
+        4,
+        "samples per problem for avg@k and pass@k (pass@k: the unbiased estimator of Chen et al. 2021, arXiv 2107.03374)",
+        range="[1, inf)",
+    )
     greedy: bool = _f(False, "one greedy response per problem instead of k samples (avg@1 = pass@1)")
-    temperature: float = _f(0.6, "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948); "
-                            "eval.greedy for argmax decoding", range="[0.01, 100]")
-    top_p: float = _f(0.95, "nucleus threshold of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, 1]")
+    temperature: float = _f(
+        0.6,
+        "sampling temperature of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948); "
+        "eval.greedy for argmax decoding",
+        range="[0.01, 100]",
+    )
+    top_p: float = _f(
+        0.95, "nucleus threshold of evaluation (DeepSeek-R1's evaluation setting, arXiv 2501.12948)", range="(0, 1]"
+    )
     max_new_tokens: int = _f(0, "longest evaluation response; 0: rollout.max_new_tokens", range="[0, inf)")
-    batch_size: int = _f(64, "prompts generated at once during evaluation (64: our choice, half the paper's 128-prompt batch)", range="[1, inf)")
-    reward: TaskName = _f("math", "task whose verifier scores benchmark answers: 'math' (math-verify), 'file' (exact match), 'arithmetic'")
+    batch_size: int = _f(
+        64,
+        "prompts generated at once during evaluation (64: our choice, half the paper's 128-prompt batch)",
+        range="[1, inf)",
+    )
+    reward: TaskName = _f(
+        "math", "task whose verifier scores benchmark answers: 'math' (math-verify), 'file' (exact match), 'arithmetic'"
+    )
     experiment: str = _f("daro-lab-eval", "MLflow experiment of `daro-lab eval` runs")
 
 
@@ -248,8 +396,12 @@ class TrackingConfig:
     uri: str = _f("", "MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = _f("daro-lab", "MLflow experiment name")
     run_name: str = _f("", "MLflow run name; empty derives '<method>-seed<seed>'")
-    log_every: int = _f(1, "log the step metrics to MLflow every n steps, each as its mean over those n steps (as TRL's "
-                           "logging_steps); the per-mu tables keep every step and evaluations are logged when they run", range="[1, inf)")
+    log_every: int = _f(
+        1,
+        "log the step metrics to MLflow every n steps, each as its mean over those n steps (as TRL's "
+        "logging_steps); the per-mu tables keep every step and evaluations are logged when they run",
+        range="[1, inf)",
+    )
 
 
 @dataclass
@@ -300,7 +452,9 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8") from None
+        raise ConfigError(
+            f"{what} {p} is not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{what} {p} is not valid TOML: {e}") from e
 
@@ -357,9 +511,12 @@ def _coerce(key: str, value: Any, tp: Any, noun: str = "config key") -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{noun} '{key}' is a section; got {value!r}")
         return build(tp, value, noun, f"{key}.")
-    ok = {float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}
+    ok = {
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
     if tp not in ok:
         raise ConfigError(f"{noun} '{key}': unsupported type {tp}")
     if not ok[tp](value):
@@ -487,23 +644,34 @@ def validate(cfg: Config) -> None:
         bad("algo.daro.signal", f"expected one of {', '.join(map(repr, SIGNALS))}, got {d.signal!r}")
     shapes = ("grpo", "dapo", "dr_grpo", "lipo")
     if d.static in shapes or d.static in METHODS:
-        bad("algo.daro.static", f"{d.static!r} is not a static-weight spec: frozen at a method's static shape is "
+        bad(
+            "algo.daro.static",
+            f"{d.static!r} is not a static-weight spec: frozen at a method's static shape is "
             f"'shape:<method>' (one of {', '.join(shapes)}), which weighs each group like one prompt of that method at "
-            "equal lengths; or 'ones', or a JSON file {k: w}")
+            "equal lengths; or 'ones', or a JSON file {k: w}",
+        )
     if d.static.startswith("shape:") and d.static.removeprefix("shape:") not in (*shapes, "mass"):
-        bad("algo.daro.static", f"{d.static!r}: the shape of one of {', '.join(shapes)}, e.g. 'shape:dr_grpo', or "
-            "'shape:mass' (the fixed point of DARO's 'mass' reading with C = auto)")
+        bad(
+            "algo.daro.static",
+            f"{d.static!r}: the shape of one of {', '.join(shapes)}, e.g. 'shape:dr_grpo', or "
+            "'shape:mass' (the fixed point of DARO's 'mass' reading with C = auto)",
+        )
     if not 0 < d.w_min <= d.init <= d.w_max:
         bad("algo.daro", f"need 0 < w_min <= init <= w_max, got {d.w_min}, {d.init}, {d.w_max}")
     t = cfg.trainer
     if t.prompts_per_step % t.mini_batch_prompts:
-        bad("trainer.mini_batch_prompts",
-            f"must divide prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
+        bad(
+            "trainer.mini_batch_prompts",
+            f"must divide prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}",
+        )
     if len(t.betas) != 2:
         bad("trainer.betas", f"expected two numbers, got {t.betas}")
     m = cfg.model
     if m.prompt_template not in ("plain", "qwen_math", "chat") and "{prompt}" not in m.prompt_template:
-        bad("model.prompt_template", f"expected 'plain', 'qwen_math', 'chat' or a string containing {{prompt}}, got {m.prompt_template!r}")
+        bad(
+            "model.prompt_template",
+            f"expected 'plain', 'qwen_math', 'chat' or a string containing {{prompt}}, got {m.prompt_template!r}",
+        )
     if not m.path:  # the tiny preset is built from these
         if m.hidden_size % m.num_heads:
             bad("model.num_heads", f"must divide model.hidden_size ({m.hidden_size}), got {m.num_heads}")
@@ -523,19 +691,24 @@ def validate(cfg: Config) -> None:
     if tk.level_mix and tk.name in ("chain", "arithmetic"):
         lo, hi = (tk.min_terms, tk.max_terms) if tk.name == "chain" else (tk.min_digits, tk.max_digits)
         if len(tk.level_mix) != hi - lo + 1:
-            bad("task.level_mix", f"expected one weight per level {lo}..{hi} ({hi - lo + 1}), got {len(tk.level_mix)}: "
-                f"{list(tk.level_mix)}")
-        for i, w in enumerate(tk.level_mix):
-            if not (math.isfinite(w) and w > 0):
-                bad(f"task.level_mix[{i}]", f"level {lo + i}: a weight must be a positive number (a level of weight 0 "
-                    f"has no training prompts; drop it with the level range instead), got {w}")
+            bad(
+                "task.level_mix",
+                f"expected one weight per level {lo}..{hi} ({hi - lo + 1}), got {len(tk.level_mix)}: "
+                f"{list(tk.level_mix)}",
+            )
     elif tk.level_mix:
-        bad("task.level_mix", f"only the generated tasks (chain, arithmetic) have levels to mix; task.name is {tk.name!r}")
+        bad(
+            "task.level_mix",
+            f"only the generated tasks (chain, arithmetic) have levels to mix; task.name is {tk.name!r}",
+        )
     if not tk.ops:
         bad("task.ops", "expected a non-empty list drawn from '+', '-', '*', got []")
     if tk.name == "chain" and cfg.rollout.max_new_tokens <= (longest := longest_chain_answer(tk)):
-        bad("rollout.max_new_tokens", f"the chain task's longest answer has {longest} characters; the cap must "
-            f"exceed it (so that an answer that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}")
+        bad(
+            "rollout.max_new_tokens",
+            f"the chain task's longest answer has {longest} characters; the cap must "
+            f"exceed it (so that an answer that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}",
+        )
     for key, name in (("tracking.experiment", cfg.tracking.experiment), ("eval.experiment", cfg.eval.experiment)):
         if not name.strip():
             bad(key, "an MLflow experiment needs a name, got an empty string")

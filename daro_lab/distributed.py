@@ -142,8 +142,10 @@ def check_in_sync(modules: list[torch.nn.Module], d: DistInfo) -> None:
     bad = torch.nonzero(hi != -neg_lo).flatten()
     if len(bad):
         names = [n for m in modules for n, _ in m.named_parameters()]
-        raise RuntimeError(f"data-parallel replicas diverged on rank {d.rank}: {len(bad)} parameters differ "
-                           f"between ranks, first {names[int(bad[0])]!r}")
+        raise RuntimeError(
+            f"data-parallel replicas diverged on rank {d.rank}: {len(bad)} parameters differ "
+            f"between ranks, first {names[int(bad[0])]!r}"
+        )
 
 
 class LogprobModule(torch.nn.Module):
@@ -163,5 +165,6 @@ def wrap_ddp(policy: torch.nn.Module, fn, d: DistInfo) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device = next(policy.parameters()).device
-    return DDP(LogprobModule(policy, fn), device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False)
+    return DDP(
+        LogprobModule(policy, fn), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+    )

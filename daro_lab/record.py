@@ -69,8 +69,18 @@ TAG_SUPERSEDED = "daro_lab.superseded_by"
 TAG_ARMS_FAILED = "daro_lab.arms_failed"
 
 # the per_mu columns of runs recorded before this vocabulary
-LEGACY_PER_MU = {"L": "loss", "C": "contrib", "C_offset": "contrib_offset", "S": "scale", "w": "daro/weight",
-                 "wL": "daro/wL", "wS": "daro/wS", "signal": "daro/signal", "G": "gradnorm", "G_L": "gradnorm_L"}
+LEGACY_PER_MU = {
+    "L": "loss",
+    "C": "contrib",
+    "C_offset": "contrib_offset",
+    "S": "scale",
+    "w": "daro/weight",
+    "wL": "daro/wL",
+    "wS": "daro/wS",
+    "signal": "daro/signal",
+    "G": "gradnorm",
+    "G_L": "gradnorm_L",
+}
 
 
 def mu_key(k: int, K: int) -> str:
@@ -144,6 +154,7 @@ def reading_label(method: str, params: Mapping[str, object]) -> str:
     weights, the frozen weights' spec ('ones', 'shape:dr_grpo', a file) for the static method, '' for the other methods and for runs that did not log their
     reading. `params`: the run's flat params
     (algo.daro.signal, algo.daro.reg, algo.daro.lr_w, algo.daro.signal_ema, algo.daro.static)."""
+
     def get(key: str, default: str = "") -> str:
         v = params.get(key)
         return default if v in (None, "", "None") else str(v)

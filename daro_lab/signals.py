@@ -75,8 +75,10 @@ class StopSignals:
             return
         if signum == signal.SIGINT and self.graceful and self.requested is None:
             self.requested = signum
-            self._echo("Ctrl-C: finishing this step, then saving a checkpoint and stopping "
-                       "(Ctrl-C again stops at once; the unfinished step is discarded)")
+            self._echo(
+                "Ctrl-C: finishing this step, then saving a checkpoint and stopping "
+                "(Ctrl-C again stops at once; the unfinished step is discarded)"
+            )
             return
         self.closing, self.raised = True, signum
         raise Interrupted(signum)

@@ -79,16 +79,19 @@ class SimConfig:
         opt = f"--len-{which} (len_{which})"
         vals = [float(v)] * (self.K - 1) if isinstance(v, (int, float)) else [float(x) for x in v]
         if len(vals) != self.K - 1:
-            raise ValueError(f"{opt}: expected one value or K-1 = {self.K - 1} values (k = 1..{self.K - 1}), "
-                             f"got {len(vals)}")
+            raise ValueError(
+                f"{opt}: expected one value or K-1 = {self.K - 1} values (k = 1..{self.K - 1}), got {len(vals)}"
+            )
         bad = [x for x in vals if not 1 <= x <= self.max_len]
         if bad:
-            raise ValueError(f"{opt}: mean lengths must be between 1 and max_len = {self.max_len} tokens, got "
-                             f"{bad[0]!r}")
+            raise ValueError(
+                f"{opt}: mean lengths must be between 1 and max_len = {self.max_len} tokens, got {bad[0]!r}"
+            )
         return vals
 
     def check(self) -> None:
         """ValueError naming the option (and field) of the first value the simulator cannot use."""
+
         def need(ok: bool, opt: str, what: str, value) -> None:
             if not ok:
                 raise ValueError(f"{opt}: {what}, got {value!r}")
@@ -96,25 +99,48 @@ class SimConfig:
         def finite(x) -> bool:
             return isinstance(x, (int, float)) and math.isfinite(x)
 
-        need(isinstance(self.K, int) and 2 <= self.K <= self.MAX_K, "--k (K)",
-             f"an integer in [2, {self.MAX_K}] (a pass rate strictly between 0 and 1 needs K >= 2; memory grows "
-             "with K)", self.K)
-        need(isinstance(self.prompts, int) and 1 <= self.prompts <= self.MAX_PROMPTS, "--prompts (prompts)",
-             f"an integer in [1, {self.MAX_PROMPTS}]", self.prompts)
-        need(isinstance(self.updates, int) and 1 <= self.updates <= self.MAX_UPDATES, "--updates (updates)",
-             f"an integer in [1, {self.MAX_UPDATES}]", self.updates)
+        need(
+            isinstance(self.K, int) and 2 <= self.K <= self.MAX_K,
+            "--k (K)",
+            f"an integer in [2, {self.MAX_K}] (a pass rate strictly between 0 and 1 needs K >= 2; memory grows with K)",
+            self.K,
+        )
+        need(
+            isinstance(self.prompts, int) and 1 <= self.prompts <= self.MAX_PROMPTS,
+            "--prompts (prompts)",
+            f"an integer in [1, {self.MAX_PROMPTS}]",
+            self.prompts,
+        )
+        need(
+            isinstance(self.updates, int) and 1 <= self.updates <= self.MAX_UPDATES,
+            "--updates (updates)",
+            f"an integer in [1, {self.MAX_UPDATES}]",
+            self.updates,
+        )
         need(isinstance(self.max_len, int) and self.max_len >= 1, "max_len", "an integer >= 1", self.max_len)
         need(finite(self.lr_w) and self.lr_w > 0, "--lr-w (lr_w)", "a finite number > 0", self.lr_w)
-        need(finite(self.len_cv) and 0 <= self.len_cv <= 10, "--len-cv (len_cv)",
-             "a finite number in [0, 10] (a coefficient of variation)", self.len_cv)
-        need(finite(self.ratio_noise) and 0 <= self.ratio_noise <= 10, "--ratio-noise (ratio_noise)",
-             "a finite number in [0, 10] (the std of a per-token log-ratio; 0: on-policy)", self.ratio_noise)
+        need(
+            finite(self.len_cv) and 0 <= self.len_cv <= 10,
+            "--len-cv (len_cv)",
+            "a finite number in [0, 10] (a coefficient of variation)",
+            self.len_cv,
+        )
+        need(
+            finite(self.ratio_noise) and 0 <= self.ratio_noise <= 10,
+            "--ratio-noise (ratio_noise)",
+            "a finite number in [0, 10] (the std of a per-token log-ratio; 0: on-policy)",
+            self.ratio_noise,
+        )
         need(finite(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "a finite number in [0, 1)", self.eps_low)
         need(finite(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite number >= 0", self.eps_high)
         if self.mu_weights is not None:
             mw = list(self.mu_weights)
-            need(len(mw) == self.K - 1 and all(finite(x) and x >= 0 for x in mw) and sum(mw) > 0,
-                 "--mu-weights (mu_weights)", f"K-1 = {self.K - 1} finite non-negative numbers, not all 0", mw)
+            need(
+                len(mw) == self.K - 1 and all(finite(x) and x >= 0 for x in mw) and sum(mw) > 0,
+                "--mu-weights (mu_weights)",
+                f"K-1 = {self.K - 1} finite non-negative numbers, not all 0",
+                mw,
+            )
         self.lengths("correct"), self.lengths("wrong")
 
 
@@ -179,9 +205,15 @@ def _batch(cfg: SimConfig, gen: torch.Generator, adv_kind: str, compact: bool = 
     old = torch.zeros(P * K, T, dtype=torch.float64)
     logp = old + cfg.ratio_noise * torch.randn(P * K, T, generator=gen, dtype=torch.float64)
     adv = compute_advantages(rewards, adv_kind, cfg.std)
-    return PolicyBatch(logp=logp, old_logp=old, mask=mask, advantages=adv.flatten(),
-                       num_correct=k.repeat_interleave(K), rewards=rewards.flatten(),
-                       prompt_index=torch.arange(P).repeat_interleave(K))
+    return PolicyBatch(
+        logp=logp,
+        old_logp=old,
+        mask=mask,
+        advantages=adv.flatten(),
+        num_correct=k.repeat_interleave(K),
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(P).repeat_interleave(K),
+    )
 
 
 def _group_rows(metrics: dict, K: int, run: str, update: int) -> list[dict]:
@@ -266,8 +298,9 @@ def simulate(cfg: SimConfig, compact: bool = True, progress: bool = False) -> Si
     for r in readings:
         dw = DaroWeights(K, dtype=torch.float64)
         opt = torch.optim.AdamW(dw.param_group(cfg.lr_w)["params"], lr=cfg.lr_w, weight_decay=0.0)
-        s = LossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, weight_signal=r.signal, reg=r.reg,
-                         signal_ema=r.ema)
+        s = LossSettings(
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, weight_signal=r.signal, reg=r.reg, signal_ema=r.ema
+        )
         darow.append((r, dw, opt, s))
     baselines_every = max(1, cfg.updates // 100)  # their shapes do not depend on the update: sample 100 of them
     bar = None

@@ -34,7 +34,11 @@ VARIANTS = {
     # tied input/output embeddings: one parameter used at both ends (FSDP keeps it in the root unit)
     "daro-tied-embeddings": ["algo.method=daro", "model.tie_embeddings=true"],
     # the paper configs' memory savers: gradient checkpointing (FSDP: recomputation re-gathers a layer) + chunked head
-    "daro-checkpointed-chunked": ["algo.method=daro", "model.gradient_checkpointing=true", "model.logprob_chunk_size=7"],
+    "daro-checkpointed-chunked": [
+        "algo.method=daro",
+        "model.gradient_checkpointing=true",
+        "model.logprob_chunk_size=7",
+    ],
 }
 
 
@@ -46,8 +50,9 @@ def batches(trainer, n_steps: int):
     for s in range(n_steps):
         probs = trainer.train_set[s * cfg.trainer.prompts_per_step : (s + 1) * cfg.trainer.prompts_per_step]
         ids = trainer.tokenizer.encode_prompts([p.prompt for p in probs])
-        roll = trainer.engine.generate(ids, K, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       temperature=cfg.rollout.temperature, generator=gen)
+        roll = trainer.engine.generate(
+            ids, K, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, generator=gen
+        )
         # coin-flip rewards, not the verifier's: the check is about the update, and they keep most
         # prompts (0 < mu < 1), so a step has several mini-batches split unevenly over the ranks
         out.append((roll, (torch.rand(len(probs), K, generator=gen) < 0.5).float()))
@@ -62,8 +67,14 @@ class ViewRecorder(Hook):
 
     def on_minibatch(self, view) -> None:
         m = view.mask.bool()
-        self.out.append([sorted(view.prompt_index.tolist()), int(m.sum()), float(view.logp[m].double().sum()),
-                         float(view.old_logp[m].double().sum())])
+        self.out.append(
+            [
+                sorted(view.prompt_index.tolist()),
+                int(m.sum()),
+                float(view.logp[m].double().sum()),
+                float(view.old_logp[m].double().sum()),
+            ]
+        )
 
 
 def evaluation(cfg) -> dict:
@@ -78,20 +89,29 @@ def evaluation(cfg) -> dict:
     # every other problem's answer becomes its greedy response (the same on every rank) and the others' an answer
     # no response can give, so the results have a pattern that a merge missing a rank or out of order would break
     ids = t.tokenizer.encode_prompts([p.prompt for p in t.eval_set])
-    out = t.engine.generate(ids, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True,
-                            generator=torch.Generator().manual_seed(0))
+    out = t.engine.generate(
+        ids, 1, max_new_tokens=cfg.rollout.max_new_tokens, greedy=True, generator=torch.Generator().manual_seed(0)
+    )
     texts = t.tokenizer.decode_responses(out.response_ids)
-    t.eval_set = [dataclasses.replace(p, answer=text.strip() if i % 2 == 0 else "no answer")
-                  for i, (p, text) in enumerate(zip(t.eval_set, texts))]
+    t.eval_set = [
+        dataclasses.replace(p, answer=text.strip() if i % 2 == 0 else "no answer")
+        for i, (p, text) in enumerate(zip(t.eval_set, texts))
+    ]
     m, table = t.evaluate()
     greedy = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, greedy=True, reward=cfg.task.name))
     bench = Benchmark("held-out", "-", t.eval_set)
-    (res,) = evaluate_on_benchmarks(t.generation_model, t.engine, t.tokenizer, greedy, seed=5, benchmarks=[bench],
-                                    dist=t.dist)
-    return {"greedy": {k: v for k, v in m.items() if k.startswith("eval/greedy")}, "table_n": [r["n"] for r in table],
-            "sampled_keys": sorted(k for k in m if k.startswith("eval/sampled")),
-            "bench_correct": res.correct, "bench_levels": res.levels,
-            "bench_mean_length": round(res.mean_length, 9), "bench_samples": [s["response"] for s in res.samples]}
+    (res,) = evaluate_on_benchmarks(
+        t.generation_model, t.engine, t.tokenizer, greedy, seed=5, benchmarks=[bench], dist=t.dist
+    )
+    return {
+        "greedy": {k: v for k, v in m.items() if k.startswith("eval/greedy")},
+        "table_n": [r["n"] for r in table],
+        "sampled_keys": sorted(k for k in m if k.startswith("eval/sampled")),
+        "bench_correct": res.correct,
+        "bench_levels": res.levels,
+        "bench_mean_length": round(res.mean_length, 9),
+        "bench_samples": [s["response"] for s in res.samples],
+    }
 
 
 def main(path: str, overrides: list[str]) -> None:
@@ -108,8 +128,9 @@ def main(path: str, overrides: list[str]) -> None:
         t.hooks = [ViewRecorder(views)]
         passes = []  # passes of each accumulated mini-batch (gradient accumulation: more than one)
         unit = loop.backward_minibatch
-        loop.backward_minibatch = lambda m, micro, *a, **kw: (len(micro) > 1 and passes.append(len(micro))) or unit(
-            m, micro, *a, **kw)
+        loop.backward_minibatch = lambda m, micro, *a, **kw: (
+            (len(micro) > 1 and passes.append(len(micro))) or unit(m, micro, *a, **kw)
+        )
         steps = []
         for step, (roll, rewards) in enumerate(batches(t, 2), start=1):
             mb, _, _ = t.update(step, roll, rewards)

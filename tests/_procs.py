@@ -103,8 +103,11 @@ def run(cmd, timeout: float, **kw) -> subprocess.CompletedProcess:
 
 # multiprocessing's own helpers (a pool's workers, its resource tracker): they end when the process that owns them
 # does, so at the end of a test session they are the session's, not a test's leftovers
-MULTIPROCESSING_HELPERS = ("from multiprocessing.resource_tracker import", "from multiprocessing.spawn import",
-                           "from multiprocessing.forkserver import")
+MULTIPROCESSING_HELPERS = (
+    "from multiprocessing.resource_tracker import",
+    "from multiprocessing.spawn import",
+    "from multiprocessing.forkserver import",
+)
 
 
 def leftovers(marker: str, exclude: set[int] = frozenset(), ignore: tuple[str, ...] = ()) -> list[str]:
@@ -129,8 +132,9 @@ def leftovers(marker: str, exclude: set[int] = frozenset(), ignore: tuple[str, .
     return found
 
 
-def wait_gone(marker: str, exclude: set[int] = frozenset(), seconds: float = 10.0,
-              ignore: tuple[str, ...] = ()) -> list[str]:
+def wait_gone(
+    marker: str, exclude: set[int] = frozenset(), seconds: float = 10.0, ignore: tuple[str, ...] = ()
+) -> list[str]:
     """leftovers(marker) once they have had `seconds` to exit (a process killed just now takes a moment)."""
     deadline = time.time() + seconds
     while (left := leftovers(marker, exclude, ignore)) and time.time() < deadline:

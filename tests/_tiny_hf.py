@@ -26,9 +26,13 @@ def make_tokenizer(pad: bool = True, bos: str | None = None):
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>" if pad else None, bos_token=bos,
-                                  additional_special_tokens=SPECIALS[1:])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>" if pad else None,
+        bos_token=bos,
+        additional_special_tokens=SPECIALS[1:],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -39,10 +43,19 @@ def make_model_dir(path: Path, arch: str = "qwen2", tie: bool = False, pad: bool
 
     tok = make_tokenizer(pad=pad)
     cls_cfg, cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    cfg = cls_cfg(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=tie, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  bos_token_id=tok.eos_token_id)
+    cfg = cls_cfg(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(seed)
     model = cls(cfg)
     path.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,24 @@ def build(arch: str, tie: bool, root: Path):
     from daro_lab.models import CharTokenizer
 
     tok = CharTokenizer()
-    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1,  # head_dim 32: vLLM's CPU attention needs >= 32
-              max_position_embeddings=256, tie_word_embeddings=tie, initializer_range=0.3,  # peaky logits
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    kw = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # head_dim 32: vLLM's CPU attention needs >= 32
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        initializer_range=0.3,  # peaky logits
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**kw))
     d = root / f"{arch}-{'tied' if tie else 'untied'}"
@@ -83,8 +95,9 @@ def reference(model, batch, temperature):
     from daro_lab.rollout.logprobs import sequence_logprobs
 
     with torch.no_grad():
-        return sequence_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
-                                 batch.response_mask, temperature=temperature)
+        return sequence_logprobs(
+            model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, temperature=temperature
+        )
 
 
 def max_err(model, batch, temperature) -> float:
@@ -146,8 +159,14 @@ def check_model(arch: str, tie: bool, root: Path, engine_kw: dict) -> dict:
 
     policy, tok = build(arch, tie, root)
     policy.eval()
-    rec: dict = {"model": f"{arch} {'tied' if tie else 'untied'}", "max_abs_err": {}, "err_vs_T1": {},
-                 "update_move": [], "stale_err_vs_old": None, "stale_err_vs_new": None}
+    rec: dict = {
+        "model": f"{arch} {'tied' if tie else 'untied'}",
+        "max_abs_err": {},
+        "err_vs_T1": {},
+        "update_move": [],
+        "stale_err_vs_old": None,
+        "stale_err_vs_new": None,
+    }
     t0 = time.perf_counter()
     engine = VLLMEngine(policy, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, **engine_kw)
     rec["engine_init_s"] = round(time.perf_counter() - t0, 2)
@@ -203,14 +222,31 @@ def e2e(root: Path) -> dict:
     from daro_lab.trainer import train
 
     store = f"sqlite:///{root}/mlflow.db"
-    cfg = load_config(None, [
-        "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_size=64",
-        "model.warmstart_steps=100", "model.warmstart_batch=32", f"model.cache_dir={root}/cache",
-        "task.max_digits=1", "task.num_train=40", "task.num_eval=8", "rollout.num_responses=4",
-        "rollout.max_new_tokens=4", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
-        "trainer.steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=0", "rollout.engine=vllm",
-        f"tracking.uri={store}", f"trainer.checkpoint_dir={root}/ckpt",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.hidden_size=64",
+            "model.num_heads=2",
+            "model.num_kv_heads=1",
+            "model.intermediate_size=64",
+            "model.warmstart_steps=100",
+            "model.warmstart_batch=32",
+            f"model.cache_dir={root}/cache",
+            "task.max_digits=1",
+            "task.num_train=40",
+            "task.num_eval=8",
+            "rollout.num_responses=4",
+            "rollout.max_new_tokens=4",
+            "trainer.prompts_per_step=4",
+            "trainer.mini_batch_prompts=2",
+            "trainer.steps=2",
+            "trainer.eval_every=2",
+            "trainer.checkpoint_every=0",
+            "rollout.engine=vllm",
+            f"tracking.uri={store}",
+            f"trainer.checkpoint_dir={root}/ckpt",
+        ],
+    )
     t = time.perf_counter()
     run_id = train(cfg, progress=False)
     run = open_client(store).get_run(run_id)
@@ -231,8 +267,14 @@ def main() -> int:
 
     from daro_lab.rollout.vllm_engine import VLLMEngine  # noqa: F401
 
-    out: dict = {"vllm": vllm.__version__, "torch": torch.__version__, "python": sys.executable,
-                 "import_s": round(time.perf_counter() - t0, 1), "tolerance": TOL, "models": []}
+    out: dict = {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "python": sys.executable,
+        "import_s": round(time.perf_counter() - t0, 1),
+        "tolerance": TOL,
+        "models": [],
+    }
     import transformers
 
     out["transformers"] = transformers.__version__

@@ -45,13 +45,30 @@ def main(root: Path, parallel: str) -> None:
     from daro_lab.trainer.setup import load_model_and_tokenizer
 
     torch.set_num_threads(1)
-    cfg = load_config(None, [
-        "model.arch=qwen2", "model.tie_embeddings=true", "model.hidden_size=64", "model.num_heads=2",
-        "model.num_kv_heads=1", "model.intermediate_size=64", "model.warmstart_steps=60", "model.warmstart_batch=32",
-        f"model.cache_dir={root}/cache", "task.max_digits=1", "task.num_train=40", "task.num_eval=8",
-        "rollout.num_responses=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=4",
-        "trainer.mini_batch_prompts=2", "trainer.lr=3e-3", "rollout.engine=vllm", f"trainer.parallel={parallel}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=qwen2",
+            "model.tie_embeddings=true",
+            "model.hidden_size=64",
+            "model.num_heads=2",
+            "model.num_kv_heads=1",
+            "model.intermediate_size=64",
+            "model.warmstart_steps=60",
+            "model.warmstart_batch=32",
+            f"model.cache_dir={root}/cache",
+            "task.max_digits=1",
+            "task.num_train=40",
+            "task.num_eval=8",
+            "rollout.num_responses=4",
+            "rollout.max_new_tokens=4",
+            "trainer.prompts_per_step=4",
+            "trainer.mini_batch_prompts=2",
+            "trainer.lr=3e-3",
+            "rollout.engine=vllm",
+            f"trainer.parallel={parallel}",
+        ],
+    )
     t = Trainer(cfg)
     assert t.dist.world_size == 2, "run under torchrun with 2 processes"
     t.task = CoinFlips(t.dist.rank)  # the check is about the weight sync: rewards that keep most prompts
@@ -90,8 +107,19 @@ def main(root: Path, parallel: str) -> None:
     gathered = dp.gather_objects({"rank": t.dist.rank, "errs": errs, "stale_errs": stale_errs, "moved": moved}, t.dist)
     t.engine.close()
     if int(os.environ.get("RANK", "0")) == 0:
-        print("VLLM_DIST_RESULT " + json.dumps({"parallel": parallel, "ranks": gathered, "eval_greedy_acc": acc,
-                                                "tolerance": TOL, "checkpoint": str(saved)}), flush=True)
+        print(
+            "VLLM_DIST_RESULT "
+            + json.dumps(
+                {
+                    "parallel": parallel,
+                    "ranks": gathered,
+                    "eval_greedy_acc": acc,
+                    "tolerance": TOL,
+                    "checkpoint": str(saved),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -18,19 +18,32 @@ def pytest_sessionfinish(session, exitstatus):
     # a pool this process still owns (math-verify's) ends with it; anything else still alive would outlive it
     left = wait_gone(SESSION_MARKER, ignore=MULTIPROCESSING_HELPERS)
     if left:
-        print("\nprocesses this test session started and left running (killed now):\n  " + "\n  ".join(left),
-              file=sys.stderr)
+        print(
+            "\nprocesses this test session started and left running (killed now):\n  " + "\n  ".join(left),
+            file=sys.stderr,
+        )
         kill_all({int(x.split()[0]) for x in left})
         session.exitstatus = 1
+
 
 # A very small training preset: one-digit addition, a 2-layer width-32 model, 8 prompts x 4 responses
 # per step in two mini-batches (the second off-policy). Small enough for many end-to-end runs in CI.
 SMALL = [
-    "model.hidden_size=32", "model.intermediate_size=64", "model.warmstart_steps=150",
-    "model.warmstart_batch=32", "task.max_digits=1", "task.num_train=80", "task.num_eval=16",
-    "rollout.num_responses=4", "rollout.max_new_tokens=4", "trainer.prompts_per_step=8",
-    "trainer.mini_batch_prompts=4", "trainer.eval_every=2", "trainer.grad_norm_every=2",
-    "trainer.checkpoint_every=2", "trainer.lr=3e-3",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.warmstart_steps=150",
+    "model.warmstart_batch=32",
+    "task.max_digits=1",
+    "task.num_train=80",
+    "task.num_eval=16",
+    "rollout.num_responses=4",
+    "rollout.max_new_tokens=4",
+    "trainer.prompts_per_step=8",
+    "trainer.mini_batch_prompts=4",
+    "trainer.eval_every=2",
+    "trainer.grad_norm_every=2",
+    "trainer.checkpoint_every=2",
+    "trainer.lr=3e-3",
     # a fixed thread count: left at 0, each run would take the cores free when it starts (trainer/threads.py), and
     # two runs a test compares exactly could start under different loads (CI installs vLLM beside the tests)
     "trainer.threads=2",
@@ -69,7 +82,9 @@ def small_cfg(tmp_path, small_env, store):
     from daro_lab.config import load_config
 
     def make(*extra):
-        return load_config(None, [*small_env, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt", *extra])
+        return load_config(
+            None, [*small_env, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt", *extra]
+        )
 
     return make
 

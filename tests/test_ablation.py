@@ -147,9 +147,18 @@ def test_sweep_creates_parent_and_tagged_children(sweep):
         seen.add((t["daro_lab.arm"], int(t["daro_lab.seed"])))
     assert seen == {(a, s) for a in ("learned", "grpo", "optimal") for s in (0, 1)}
     # jobs run seed by seed, arms in grid order: learned DARO before the arm that freezes its weights
-    order = [(r.data.tags["daro_lab.seed"], r.data.tags["daro_lab.arm"])
-             for r in sorted(children, key=lambda r: r.info.start_time)]
-    assert order == [("0", "learned"), ("0", "grpo"), ("0", "optimal"), ("1", "learned"), ("1", "grpo"), ("1", "optimal")]
+    order = [
+        (r.data.tags["daro_lab.seed"], r.data.tags["daro_lab.arm"])
+        for r in sorted(children, key=lambda r: r.info.start_time)
+    ]
+    assert order == [
+        ("0", "learned"),
+        ("0", "grpo"),
+        ("0", "optimal"),
+        ("1", "learned"),
+        ("1", "grpo"),
+        ("1", "optimal"),
+    ]
 
 
 def test_optimal_static_arm_uses_the_final_weights_of_learned_daro(sweep):
@@ -172,7 +181,8 @@ def test_optimal_static_arm_uses_the_final_weights_of_learned_daro(sweep):
             vals = mo[mo.key == f"daro/weight/mu_{k}of4"].value
             assert len(vals) and np.allclose(vals, v, rtol=1e-5)
         assert json.loads(Path(run.data.params["algo.daro.static"]).read_text()) == pytest.approx(
-            {str(k): v for k, v in final.items()})
+            {str(k): v for k, v in final.items()}
+        )
 
 
 def _balance(m, prefix, window):
@@ -198,7 +208,10 @@ def test_summary_equals_what_the_children_logged(sweep):
         assert list(acc.step) == [0, 2]
         prefix = "contrib" if arm == "grpo" else "daro/wS"
         per_arm.setdefault(arm, {})[seed] = {
-            "final": acc.value.iloc[-1], "best": acc[acc.step >= 1].value.max(), "balance": _balance(m, prefix, 2)}
+            "final": acc.value.iloc[-1],
+            "best": acc[acc.step >= 1].value.max(),
+            "balance": _balance(m, prefix, 2),
+        }
     s = res.summary.set_index("arm")
     for arm, seeds in per_arm.items():
         for q, col in (("final", "final_acc"), ("best", "best_acc"), ("balance", "balance_cv")):
@@ -249,8 +262,11 @@ def test_summary_equals_what_the_children_logged(sweep):
     again = summarize_ablation(uri, res.parent_run_id).summary.set_index("arm")
     assert again.loc["optimal", "balance_cv_mean"] == pytest.approx(s.loc["optimal", "balance_cv_mean"], nan_ok=True)
     # one level's accuracy as the endpoint (grid key accuracy = 'greedy:level_N'): read from that level's metric
-    level = max(int(k.rsplit("_", 1)[1]) for k in read_metrics(uri, res.per_seed.run_id.iloc[0]).key
-                if k.startswith("eval/greedy_acc/level_"))
+    level = max(
+        int(k.rsplit("_", 1)[1])
+        for k in read_metrics(uri, res.per_seed.run_id.iloc[0]).key
+        if k.startswith("eval/greedy_acc/level_")
+    )
     lv = summarize_ablation(uri, res.parent_run_id, accuracy=f"greedy:level_{level}")
     for r in lv.per_seed.itertuples():
         m = read_metrics(uri, r.run_id)
@@ -294,7 +310,9 @@ run_ablation({grid!r}, preset="arithmetic", steps=3, overrides={overrides!r}, tr
 
 def test_killed_sweep_resumes_without_rerunning_finished_arms(tmp_path, template_db, small_env):
     uri = new_store(template_db, tmp_path)
-    grid = write_grid(tmp_path, """
+    grid = write_grid(
+        tmp_path,
+        """
         reference = "a"
         seeds = [0]
         [[arms]]
@@ -306,13 +324,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_arms(tmp_path, template
         [[arms]]
         name = "c"
         set = ["algo.method=dr_grpo"]
-    """)
+    """,
+    )
     marker = tmp_path / "hung"
     script = tmp_path / "kill_me.py"
-    script.write_text(KILL_SCRIPT.format(marker=str(marker), grid=str(grid), overrides=small(small_env, tmp_path),
-                                         uri=uri))
-    with procs.started([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}) as proc:
+    script.write_text(
+        KILL_SCRIPT.format(marker=str(marker), grid=str(grid), overrides=small(small_env, tmp_path), uri=uri)
+    )
+    with procs.started(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    ) as proc:
         deadline = time.time() + 240
         while not marker.exists():
             assert proc.poll() is None, proc.stdout.read().decode()
@@ -353,17 +377,33 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
     from daro_lab.tracking import Tracker
 
     uri = new_store(template_db, tmp_path)
-    grid = write_grid(tmp_path, """
+    grid = write_grid(
+        tmp_path,
+        """
         seeds = [0]
         [[arms]]
         name = "only"
         set = ["algo.method=grpo"]
-    """)
+    """,
+    )
     plan = make_plan(grid, "arithmetic", steps=2, overrides=small(small_env, tmp_path))
-    parent = Tracker.start(uri, plan.experiment, "ablation-g", {}, plan.to_json(),
-                           tags={"daro_lab.ablation": "g", "daro_lab.role": "ablation-parent"})
-    stale = Tracker.start(uri, plan.experiment, "only-seed0", {}, "{}", parent_run_id=parent.run_id,
-                          tags={"daro_lab.ablation": "g", "daro_lab.arm": "only", "daro_lab.seed": "0"})
+    parent = Tracker.start(
+        uri,
+        plan.experiment,
+        "ablation-g",
+        {},
+        plan.to_json(),
+        tags={"daro_lab.ablation": "g", "daro_lab.role": "ablation-parent"},
+    )
+    stale = Tracker.start(
+        uri,
+        plan.experiment,
+        "only-seed0",
+        {},
+        "{}",
+        parent_run_id=parent.run_id,
+        tags={"daro_lab.ablation": "g", "daro_lab.arm": "only", "daro_lab.seed": "0"},
+    )
     res = run_ablation(None, resume=parent.run_id, tracking_uri=uri)
     c = open_client(uri)
     gone = c.get_run(stale.run_id)
@@ -377,28 +417,39 @@ def test_resume_restarts_a_running_child_that_has_no_checkpoint(tmp_path, templa
 # Bad grids: clear errors naming the file and key, before any run exists
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("refrence = 'a'\n[[arms]]\nname = 'a'\n", "unknown grid key 'refrence'"),
-    ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown grid key 'sett'"),
-    ("[[arms]]\nlabel = 'a'\n", "arms[0]: missing grid key 'name'"),
-    ("test = 'anova'\n[[arms]]\nname = 'a'\n", "grid key 'test': expected 't' or 'wilcoxon', got 'anova'"),
-    ("accuracy = 'best'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy', 'sampled', 'greedy:level_N'"),
-    ("accuracy = 'sampled:level_x'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy'"),
-    ("num_cpus = 0\n[[arms]]\nname = 'a'\n", "grid key 'num_cpus': must be a finite number > 0, got 0.0"),
-    ("target_acc = 'final'\n[[arms]]\nname = 'a'\n", "grid key 'target_acc': expected a number or 'progress'"),
-    ("init_seed = 'each'\n[[arms]]\nname = 'a'\n", "grid key 'init_seed': expected 'shared' or 'per_seed'"),
-    ("seeds = [0, true]\n[[arms]]\nname = 'a'\n", "grid key 'seeds[1]': expected an integer, got True"),
-    ("[[arms]]\nname = 'a'\nset = ['algo.daro.lrw=1e-3']\n", "arm 'a': unknown config key 'algo.daro.lrw'"),
-    ("[[arms]]\nname = 'a'\nset = ['algo.method=ppo']\n", "arm 'a': config key 'algo.method': unknown method 'ppo'"),
-    ("arms = []\n", "the grid is empty"),
-    ("description = 'nothing'\n", "the grid is empty"),
-    ("reference = 'x'\n[[arms]]\nname = 'a'\n", "key 'reference': no arm named 'x'"),
-    ("[[arms]]\nname = 'o'\nset = ['algo.method=static']\nstatic_from = 'l'\n[[arms]]\nname = 'l'\n",
-     "must come before this arm"),
-    ("[[arms]]\nname = 'a'\nset = ['trainer.prompts_per_step*=1.3']\n", "is an integer"),
-    ("seeds = 0\n[[arms]]\nname = 'a'\n", "key 'seeds' must be >= 1"),
-    ("seeds = [-1, 2]\n[[arms]]\nname = 'a'\n", "key 'seeds': seeds must be integers in [0, 2^63) (config key 'seed'), got -1"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("refrence = 'a'\n[[arms]]\nname = 'a'\n", "unknown grid key 'refrence'"),
+        ("[[arms]]\nname = 'a'\nsett = ['algo.method=grpo']\n", "arms[0] ('a'): unknown grid key 'sett'"),
+        ("[[arms]]\nlabel = 'a'\n", "arms[0]: missing grid key 'name'"),
+        ("test = 'anova'\n[[arms]]\nname = 'a'\n", "grid key 'test': expected 't' or 'wilcoxon', got 'anova'"),
+        ("accuracy = 'best'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy', 'sampled', 'greedy:level_N'"),
+        ("accuracy = 'sampled:level_x'\n[[arms]]\nname = 'a'\n", "key 'accuracy': expected 'greedy'"),
+        ("num_cpus = 0\n[[arms]]\nname = 'a'\n", "grid key 'num_cpus': must be a finite number > 0, got 0.0"),
+        ("target_acc = 'final'\n[[arms]]\nname = 'a'\n", "grid key 'target_acc': expected a number or 'progress'"),
+        ("init_seed = 'each'\n[[arms]]\nname = 'a'\n", "grid key 'init_seed': expected 'shared' or 'per_seed'"),
+        ("seeds = [0, true]\n[[arms]]\nname = 'a'\n", "grid key 'seeds[1]': expected an integer, got True"),
+        ("[[arms]]\nname = 'a'\nset = ['algo.daro.lrw=1e-3']\n", "arm 'a': unknown config key 'algo.daro.lrw'"),
+        (
+            "[[arms]]\nname = 'a'\nset = ['algo.method=ppo']\n",
+            "arm 'a': config key 'algo.method': unknown method 'ppo'",
+        ),
+        ("arms = []\n", "the grid is empty"),
+        ("description = 'nothing'\n", "the grid is empty"),
+        ("reference = 'x'\n[[arms]]\nname = 'a'\n", "key 'reference': no arm named 'x'"),
+        (
+            "[[arms]]\nname = 'o'\nset = ['algo.method=static']\nstatic_from = 'l'\n[[arms]]\nname = 'l'\n",
+            "must come before this arm",
+        ),
+        ("[[arms]]\nname = 'a'\nset = ['trainer.prompts_per_step*=1.3']\n", "is an integer"),
+        ("seeds = 0\n[[arms]]\nname = 'a'\n", "key 'seeds' must be >= 1"),
+        (
+            "seeds = [-1, 2]\n[[arms]]\nname = 'a'\n",
+            "key 'seeds': seeds must be integers in [0, 2^63) (config key 'seed'), got -1",
+        ),
+    ],
+)
 def test_bad_grid_is_a_clear_error_naming_file_and_key(tmp_path, text, needle):
     grid = write_grid(tmp_path, text, "bad")
     with pytest.raises(AblationError) as e:
@@ -415,7 +466,9 @@ def test_bad_grid_on_the_command_line_exits_2_and_creates_no_run(tmp_path, templ
     assert res.exit_code == 2 and "no ablation grid 'no-such-grid'" in res.output
     res = CliRunner().invoke(app, ["run", "ablation", "weight-lr", "--tracking-uri", uri, "--set", "algo.daro.lr_w=1"])
     assert res.exit_code == 2 and "arm 'lr_w-1e-4'" in res.output
-    res = CliRunner().invoke(app, ["run", "ablation", "methods", "--preset", "paper/no-such-model", "--tracking-uri", uri])
+    res = CliRunner().invoke(
+        app, ["run", "ablation", "methods", "--preset", "paper/no-such-model", "--tracking-uri", uri]
+    )
     assert res.exit_code == 2 and "paper/no-such-model/daro.toml" in res.output
     grid = write_grid(tmp_path, "seeds = [-1, 2]\n[[arms]]\nname = 'a'\n", "negative")
     res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--tracking-uri", uri])
@@ -439,11 +492,14 @@ def test_every_shipped_grid_resolves_against_the_tiny_preset():
     budget = {n: c["rollout"]["num_responses"] * c["trainer"]["prompts_per_step"] for n, c in k.items()}
     assert budget["K4-matched-budget"] == budget["K8"] == budget["K16-matched-budget"]
     assert {c["trainer"]["prompts_per_step"] for n, c in k.items() if "prompts" in n or n == "K8"} == {
-        k["K8"]["trainer"]["prompts_per_step"]}
+        k["K8"]["trainer"]["prompts_per_step"]
+    }
     assert load_grid("static-weights").arm("optimal-static").static_from == "learned"
     mix = make_plan("level-mix", "tiny")
     assert mix.accuracy == "sampled:level_5" and mix.init_seed == "per_seed" and len(mix.seeds) == 16
-    assert {a.config["task"]["level_mix"] == [8, 4, 2, 1] and a.config["trainer"]["threads"] == 1 for a in mix.arms} == {True}
+    assert {
+        a.config["task"]["level_mix"] == [8, 4, 2, 1] and a.config["trainer"]["threads"] == 1 for a in mix.arms
+    } == {True}
     assert {a.name: a.config["algo"]["daro"]["signal_ema"] for a in mix.arms}["daro-abs"] == 0.9
 
 
@@ -453,7 +509,9 @@ def test_every_shipped_grid_resolves_against_the_tiny_preset():
 
 def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, small_env):
     uri = new_store(template_db, tmp_path)
-    grid = write_grid(tmp_path, """
+    grid = write_grid(
+        tmp_path,
+        """
         reference = "ok"
         seeds = [0]
         weight_stats = true
@@ -466,7 +524,8 @@ def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, sma
         [[arms]]
         name = "ok"
         set = ["algo.method=daro"]
-    """)
+    """,
+    )
     res = run_ablation(grid, preset="arithmetic", steps=2, overrides=small(small_env, tmp_path), tracking_uri=uri)
     c = open_client(uri)
     assert res.status == "FAILED"
@@ -474,7 +533,11 @@ def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, sma
     assert parent.info.status == "FAILED"
     assert parent.data.tags["daro_lab.arms_failed"] == "diverges/seed0, bad-static/seed0"
     runs = {r.data.tags["daro_lab.arm"]: r for r in all_runs(uri) if "daro_lab.arm" in r.data.tags}
-    assert {a: r.info.status for a, r in runs.items()} == {"diverges": "FAILED", "bad-static": "FAILED", "ok": "FINISHED"}
+    assert {a: r.info.status for a, r in runs.items()} == {
+        "diverges": "FAILED",
+        "bad-static": "FAILED",
+        "ok": "FINISHED",
+    }
     tb = Path(c.download_artifacts(runs["diverges"].info.run_id, "traceback.txt")).read_text()
     assert "FloatingPointError" in tb
     # failed before its run existed (the weights file is missing): still a FAILED child with the traceback
@@ -496,7 +559,9 @@ def test_crashed_arms_are_failed_and_the_others_go_on(tmp_path, template_db, sma
 def test_ray_executor_on_a_local_instance(tmp_path, template_db, small_env):
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'daro-lab[ray]'")
     uri = new_store(template_db, tmp_path)
-    grid = write_grid(tmp_path, """
+    grid = write_grid(
+        tmp_path,
+        """
         seeds = [0]
         num_cpus = 1
         [[arms]]
@@ -505,7 +570,8 @@ def test_ray_executor_on_a_local_instance(tmp_path, template_db, small_env):
         [[arms]]
         name = "grpo"
         set = ["algo.method=grpo"]
-    """)
+    """,
+    )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         unpinned = [o for o in small(small_env, tmp_path) if not o.startswith("trainer.threads=")]  # the sweep sets it
@@ -596,15 +662,32 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
 
 def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):
     uri = new_store(template_db, tmp_path)
-    grid = write_grid(tmp_path, """
+    grid = write_grid(
+        tmp_path,
+        """
         seeds = [3]
         [[arms]]
         name = "solo"
         set = ["algo.method=grpo"]
-    """)
+    """,
+    )
     sets = [x for o in small(small_env, tmp_path) for x in ("--set", o)]
-    res = CliRunner().invoke(app, ["run", "ablation", str(grid), "--steps", "1", "--tracking-uri", uri, "--no-report",
-                                   "--preset", "arithmetic", *sets])
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "ablation",
+            str(grid),
+            "--steps",
+            "1",
+            "--tracking-uri",
+            uri,
+            "--no-report",
+            "--preset",
+            "arithmetic",
+            *sets,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "| **solo**" in res.output and "One seed: no confidence intervals" in res.output
     (child,) = [r for r in all_runs(uri) if r.data.tags.get("daro_lab.arm") == "solo"]
@@ -632,11 +715,19 @@ def test_summary_counts_censored_seeds_and_prints_the_noise_floor():
 
     from daro_lab.ablation.summary import display_table, summarize
 
-    per_seed = pd.DataFrame({
-        "arm": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "status": "FINISHED",
-        "final_acc": [0.5, 0.6, 0.7, 0.4, 0.5, 0.6], "best_acc": 0.7,
-        "steps_to_target": [20.0, 40.0, 100.0, 30.0, 30.0, 30.0], "reached": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0],
-        "balance_cv": [0.05, 0.07, 0.06, 0.7, 0.8, 0.75], "balance_floor": noise_floor_cv(7)})
+    per_seed = pd.DataFrame(
+        {
+            "arm": ["a"] * 3 + ["b"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "status": "FINISHED",
+            "final_acc": [0.5, 0.6, 0.7, 0.4, 0.5, 0.6],
+            "best_acc": 0.7,
+            "steps_to_target": [20.0, 40.0, 100.0, 30.0, 30.0, 30.0],
+            "reached": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+            "balance_cv": [0.05, 0.07, 0.06, 0.7, 0.8, 0.75],
+            "balance_floor": noise_floor_cv(7),
+        }
+    )
     s = summarize(per_seed, ["a", "b"], reference="b").set_index("arm")
     assert s.loc["a", "steps_to_target_mean"] == pytest.approx(160 / 3)  # not 30, the mean over survivors
     assert s.loc["a", "steps_to_target_reached"] == "2/3" and bool(s.loc["a", "steps_to_target_censored"])
@@ -665,7 +756,9 @@ def test_minimal_detectable_difference_has_80_percent_power_by_simulation():
     a = rng.normal(0.6, 0.05, 6)
     b = a - rng.normal(0.01, sd, 6)
     d = a - b
-    assert paired_mdd(a, b) == pytest.approx((stats.t.ppf(0.975, 5) + stats.t.ppf(0.8, 5)) * d.std(ddof=1) / math.sqrt(6))
+    assert paired_mdd(a, b) == pytest.approx(
+        (stats.t.ppf(0.975, 5) + stats.t.ppf(0.8, 5)) * d.std(ddof=1) / math.sqrt(6)
+    )
     assert math.isnan(paired_mdd([0.5], [0.4]))
     assert math.isnan(paired_mdd([0.5, 0.6], [0.5, 0.6]))  # identical pairs: no variance, no MDD
     # the issue's numbers: a paired sd of 0.03 needs tens of seeds for a 0.015 effect
@@ -688,9 +781,16 @@ def test_auc_and_group_shares_are_computed_from_the_curves_and_tables():
 def test_share_cvs_from_the_per_mu_table_leave_out_daros_offset_and_divide_by_prompts():
     from daro_lab.ablation.summary import coefficient_of_variation, table_share_cvs
 
-    pm = pd.DataFrame({"step": [1, 1, 2, 2, 3, 3], "k": [1, 2] * 3,
-                       "contrib": [5.0, 5.0, -1.0, 3.0, 2.0, -1.0], "contrib_offset": [5.0, 5.0, 0.0, 0.0, 0.0, 0.0],
-                       "gradnorm": [np.nan, np.nan, 2.0, 2.0, np.nan, np.nan], "prompts": [1, 1, 1, 3, 3, 1]})
+    pm = pd.DataFrame(
+        {
+            "step": [1, 1, 2, 2, 3, 3],
+            "k": [1, 2] * 3,
+            "contrib": [5.0, 5.0, -1.0, 3.0, 2.0, -1.0],
+            "contrib_offset": [5.0, 5.0, 0.0, 0.0, 0.0, 0.0],
+            "gradnorm": [np.nan, np.nan, 2.0, 2.0, np.nan, np.nan],
+            "prompts": [1, 1, 1, 3, 3, 1],
+        }
+    )
     got = table_share_cvs(pm, window=2)  # steps 2 and 3
     c = np.array([1.0 + 2.0, 3.0 + 1.0])  # |C - offset| summed per k
     assert got["c_share_cv"] == pytest.approx(coefficient_of_variation(c / c.sum()))
@@ -700,17 +800,28 @@ def test_share_cvs_from_the_per_mu_table_leave_out_daros_offset_and_divide_by_pr
     g_prompt = np.array([2.0 / 1, 2.0 / 3])
     assert got["g_share_cv_prompt"] == pytest.approx(coefficient_of_variation(g_prompt / g_prompt.sum()))
     # the offset matters: with it, step 1 (outside the window) aside, the shares would differ
-    assert table_share_cvs(pm.assign(contrib_offset=0.0), window=3)["c_share_cv"] != \
-        pytest.approx(table_share_cvs(pm, window=3)["c_share_cv"])
+    assert table_share_cvs(pm.assign(contrib_offset=0.0), window=3)["c_share_cv"] != pytest.approx(
+        table_share_cvs(pm, window=3)["c_share_cv"]
+    )
 
 
 def test_null_verdict_states_the_minimal_detectable_difference():
     from daro_lab.ablation.summary import summarize, verdict
 
-    per_seed = pd.DataFrame({"arm": ["a"] * 4 + ["b"] * 4, "seed": [0, 1, 2, 3] * 2, "status": "FINISHED",
-                             "final_acc": [0.60, 0.62, 0.58, 0.61, 0.61, 0.60, 0.60, 0.62], "best_acc": 0.7,
-                             "steps_to_target": 10.0, "reached": 1.0, "balance_cv": 0.1, "balance_floor": 0.68,
-                             "balance_source": ["wS"] * 4 + ["C"] * 4})
+    per_seed = pd.DataFrame(
+        {
+            "arm": ["a"] * 4 + ["b"] * 4,
+            "seed": [0, 1, 2, 3] * 2,
+            "status": "FINISHED",
+            "final_acc": [0.60, 0.62, 0.58, 0.61, 0.61, 0.60, 0.60, 0.62],
+            "best_acc": 0.7,
+            "steps_to_target": 10.0,
+            "reached": 1.0,
+            "balance_cv": 0.1,
+            "balance_floor": 0.68,
+            "balance_source": ["wS"] * 4 + ["C"] * 4,
+        }
+    )
     s = summarize(per_seed, ["a", "b"], reference="b").set_index("arm")
     line = verdict(s.loc["a"])
     assert "no difference larger than" in line and "4 paired seeds" in line, line
@@ -730,7 +841,9 @@ def test_per_seed_init_seed_gives_each_seed_its_own_warm_start():
     for seed in (3, 5):
         assert _task(per_seed, "sqlite:///x.db", "p", arm, seed, None, None, False).config["model"]["init_seed"] == seed
         base = shared.arms[0].config["model"]["init_seed"]
-        assert _task(shared, "sqlite:///x.db", "p", shared.arms[0], seed, None, None, False).config["model"][
-            "init_seed"] == base
+        assert (
+            _task(shared, "sqlite:///x.db", "p", shared.arms[0], seed, None, None, False).config["model"]["init_seed"]
+            == base
+        )
     with pytest.raises(AblationError, match="--init-seed: expected 'shared' or 'per_seed'"):
         make_plan("static-weights", "tiny", init_seed="each")

@@ -38,51 +38,128 @@ def ci2(a, b):
 def pm(step, mb, k, S, C, P, G=np.nan, w=np.nan, wL=np.nan, lc=3.0, li=5.0):
     """A per_mu row with the column names runs had before the record's vocabulary (L, C, S, w, wL, G): the
     analyses read them through record.normalise_per_mu, as they read old runs."""
-    return {"step": step, "minibatch": mb, "k": k, "K": K, "mu": k / K, "L": C, "C": C, "S": S, "prompts": float(P),
-            "tokens": 10.0, "len_correct": lc, "len_incorrect": li, "clipfrac_pos": 0.0, "clipfrac_neg": 0.0,
-            "w": w, "wL": wL, "G": G, "G_L": G}
+    return {
+        "step": step,
+        "minibatch": mb,
+        "k": k,
+        "K": K,
+        "mu": k / K,
+        "L": C,
+        "C": C,
+        "S": S,
+        "prompts": float(P),
+        "tokens": 10.0,
+        "len_correct": lc,
+        "len_incorrect": li,
+        "clipfrac_pos": 0.0,
+        "clipfrac_neg": 0.0,
+        "w": w,
+        "wL": wL,
+        "G": G,
+        "G_L": G,
+    }
 
 
 # The per_mu tables of the main experiment. GRPO seed 0 has three mini-batches, (1,0), (1,1), (2,0):
 #   (1,0): k1 S=1 C=-2 G=1 P=1 | k2 S=3 C=1 G=3 P=1              S shares 1/4, 3/4; |C| 2/3, 1/3; G 1/4, 3/4
 #   (1,1): k1 S=2 C=1 P=2      | k3 S=2 C=-3 P=1  (no G)          S 1/2, 1/2; |C| 1/4, 3/4
 #   (2,0): k2 S=1 C=1 G=2 P=1  | k3 S=1 C=1 G=2 P=1              S 1/2, 1/2; |C| 1/2, 1/2; G 1/2, 1/2
-GRPO0 = [pm(1, 0, 1, 1, -2, 1, G=1, lc=2, li=4), pm(1, 0, 2, 3, 1, 1, G=3, lc=3, li=5),
-         pm(1, 1, 1, 2, 1, 2, lc=4, li=6), pm(1, 1, 3, 2, -3, 1, lc=3, li=3),
-         pm(2, 0, 2, 1, 1, 1, G=2, lc=5, li=7), pm(2, 0, 3, 1, 1, 1, G=2, lc=3, li=9)]
+GRPO0 = [
+    pm(1, 0, 1, 1, -2, 1, G=1, lc=2, li=4),
+    pm(1, 0, 2, 3, 1, 1, G=3, lc=3, li=5),
+    pm(1, 1, 1, 2, 1, 2, lc=4, li=6),
+    pm(1, 1, 3, 2, -3, 1, lc=3, li=3),
+    pm(2, 0, 2, 1, 1, 1, G=2, lc=5, li=7),
+    pm(2, 0, 3, 1, 1, 1, G=2, lc=3, li=9),
+]
 # GRPO seed 1: one mini-batch, (1,0): k1 S=1 C=1 G=1 P=1 | k2 S=1 C=1 G=1 P=1 (k3 never appears)
 GRPO1 = [pm(1, 0, 1, 1, 1, 1, G=1, lc=6, li=6), pm(1, 0, 2, 1, 1, 1, G=1, lc=3, li=5)]
-DARO0 = [pm(1, 0, 1, 1, 1, 1, G=1, w=1.1, wL=0.5), pm(1, 0, 2, 1, -2, 1, G=1, w=0.9, wL=-2.0),
-         pm(2, 0, 1, 1, 1, 1, G=4, w=1.2, wL=1.5)]
+DARO0 = [
+    pm(1, 0, 1, 1, 1, 1, G=1, w=1.1, wL=0.5),
+    pm(1, 0, 2, 1, -2, 1, G=1, w=0.9, wL=-2.0),
+    pm(2, 0, 1, 1, 1, 1, G=4, w=1.2, wL=1.5),
+]
 DARO1 = [pm(1, 0, 1, 1, 1, 1, G=2, w=1.3, wL=0.25), pm(2, 0, 3, 1, 1, 1, G=2, w=1.0, wL=0.75)]
 # held-out accuracy by step (overall and two levels), reward, total grad norm
-ACC = {("grpo", 0): {0: 0.5, 2: 0.6}, ("grpo", 1): {0: 0.5, 2: 0.8},
-       ("daro", 0): {0: 0.5, 2: 0.7}, ("daro", 1): {0: 0.5, 2: 0.9}, ("dapo", 0): {0: 0.5, 1: 0.65, 2: 0.55}}
+ACC = {
+    ("grpo", 0): {0: 0.5, 2: 0.6},
+    ("grpo", 1): {0: 0.5, 2: 0.8},
+    ("daro", 0): {0: 0.5, 2: 0.7},
+    ("daro", 1): {0: 0.5, 2: 0.9},
+    ("dapo", 0): {0: 0.5, 1: 0.65, 2: 0.55},
+}
 LEVEL = {1: 0.2, 2: -0.1}  # level_n accuracy = overall + LEVEL[n]
-REWARD = {("grpo", 0): {1: 0.1, 2: 0.2}, ("grpo", 1): {1: 0.3, 2: 0.4}, ("daro", 0): {1: 0.2, 2: 0.5},
-          ("daro", 1): {1: 0.2, 2: 0.7}, ("dapo", 0): {1: 0.5, 2: 0.6}}
-GNORM = {("grpo", 0): {1: 2.0, 2: 4.0}, ("grpo", 1): {1: 6.0, 2: 8.0}, ("daro", 0): {1: 1.0, 2: 3.0},
-         ("daro", 1): {1: 5.0, 2: 7.0}, ("dapo", 0): {1: 1.0, 2: 1.0}}
+REWARD = {
+    ("grpo", 0): {1: 0.1, 2: 0.2},
+    ("grpo", 1): {1: 0.3, 2: 0.4},
+    ("daro", 0): {1: 0.2, 2: 0.5},
+    ("daro", 1): {1: 0.2, 2: 0.7},
+    ("dapo", 0): {1: 0.5, 2: 0.6},
+}
+GNORM = {
+    ("grpo", 0): {1: 2.0, 2: 4.0},
+    ("grpo", 1): {1: 6.0, 2: 8.0},
+    ("daro", 0): {1: 1.0, 2: 3.0},
+    ("daro", 1): {1: 5.0, 2: 7.0},
+    ("dapo", 0): {1: 1.0, 2: 1.0},
+}
 WEIGHTS = {("daro", 0): {1: (1.1, 0.9, 1.0), 2: (1.2, 0.8, 1.0)}, ("daro", 1): {1: (1.3, 1.0, 1.0), 2: (1.4, 1.0, 1.1)}}
 # prompts by pass rate k = 0..K at steps 1 and 2 (table mu_hist), the same for every run
-MU_HIST = [{"step": st, "k": k, "K": K, "mu": k / K, "prompts": n}
-           for st, counts in ((1, (4, 1, 1, 1, 1)), (2, (2, 2, 2, 1, 1))) for k, n in enumerate(counts)]
-PER_MU = {("grpo", 0): GRPO0, ("grpo", 1): GRPO1, ("daro", 0): DARO0, ("daro", 1): DARO1,
-          ("dapo", 0): [pm(1, 0, 1, 1, 1, 2, G=1), pm(1, 0, 2, 1, 1, 1, G=1)]}
+MU_HIST = [
+    {"step": st, "k": k, "K": K, "mu": k / K, "prompts": n}
+    for st, counts in ((1, (4, 1, 1, 1, 1)), (2, (2, 2, 2, 1, 1)))
+    for k, n in enumerate(counts)
+]
+PER_MU = {
+    ("grpo", 0): GRPO0,
+    ("grpo", 1): GRPO1,
+    ("daro", 0): DARO0,
+    ("daro", 1): DARO1,
+    ("dapo", 0): [pm(1, 0, 1, 1, 1, 2, G=1), pm(1, 0, 2, 1, 1, 1, G=1)],
+}
 
 
-def make_run(uri, art, experiment, method, seed, per_mu=None, acc=None, reward=None, gnorm=None, weights=None,
-             hoeffding=None, mu_hist=None, **params):
-    p = {"algo.method": method, "seed": seed, "rollout.num_responses": K, "trainer.mini_batch_prompts": N_MB,
-         "trainer.grad_clip": 5.0,
-         "algo.eps_low": 0.2, "algo.eps_high": 0.28, "algo.dual_clip": None, "trainer.steps": 2,
-         "model.arch": "llama", "task.name": "arithmetic", **params}
-    tr = Tracker.start(uri, experiment, f"{method}-seed{seed}", p, json.dumps(p),
-                       tags={"daro_lab.method": method, "daro_lab.seed": seed}, artifact_location=art,
-                       context_tags=False)
+def make_run(
+    uri,
+    art,
+    experiment,
+    method,
+    seed,
+    per_mu=None,
+    acc=None,
+    reward=None,
+    gnorm=None,
+    weights=None,
+    hoeffding=None,
+    mu_hist=None,
+    **params,
+):
+    p = {
+        "algo.method": method,
+        "seed": seed,
+        "rollout.num_responses": K,
+        "trainer.mini_batch_prompts": N_MB,
+        "trainer.grad_clip": 5.0,
+        "algo.eps_low": 0.2,
+        "algo.eps_high": 0.28,
+        "algo.dual_clip": None,
+        "trainer.steps": 2,
+        "model.arch": "llama",
+        "task.name": "arithmetic",
+        **params,
+    }
+    tr = Tracker.start(
+        uri,
+        experiment,
+        f"{method}-seed{seed}",
+        p,
+        json.dumps(p),
+        tags={"daro_lab.method": method, "daro_lab.seed": seed},
+        artifact_location=art,
+        context_tags=False,
+    )
     for step, v in (acc or {}).items():
-        tr.log_metrics({"eval/greedy_acc": v, **{f"eval/greedy_acc/level_{n}": v + d for n, d in LEVEL.items()}},
-                       step)
+        tr.log_metrics({"eval/greedy_acc": v, **{f"eval/greedy_acc/level_{n}": v + d for n, d in LEVEL.items()}}, step)
     for step, v in (reward or {}).items():
         tr.log_metrics({"reward/mean": v}, step)
     for step, v in (gnorm or {}).items():
@@ -109,8 +186,20 @@ def store(tmp_path_factory):
     hoef = synthetic_hoeffding(np.random.default_rng(1), correlated=False, steps=1, per_group=12)
     for (method, seed), rows in PER_MU.items():
         key = (method, seed)
-        ids[key] = make_run(uri, art, "full", method, seed, rows, ACC[key], REWARD[key], GNORM[key],
-                            WEIGHTS.get(key), hoeffding=hoef if key == ("grpo", 0) else None, mu_hist=MU_HIST)
+        ids[key] = make_run(
+            uri,
+            art,
+            "full",
+            method,
+            seed,
+            rows,
+            ACC[key],
+            REWARD[key],
+            GNORM[key],
+            WEIGHTS.get(key),
+            hoeffding=hoef if key == ("grpo", 0) else None,
+            mu_hist=MU_HIST,
+        )
     ids["solo"] = make_run(uri, art, "solo", "grpo", 0, GRPO1, ACC[("grpo", 0)], REWARD[("grpo", 0)])
     ids["noperm"] = make_run(uri, art, "noperm", "grpo", 0, None, ACC[("grpo", 0)])
     from daro_lab.tracking import open_client
@@ -160,7 +249,6 @@ def test_arms_of_one_method_get_shades_of_its_colour():
     assert r / R == pytest.approx(g / G, abs=0.01)  # darker by a common factor: the same hue
 
 
-
 def test_row_labels_are_cut_to_the_lines_a_row_has_room_for():
     from analyses import style
 
@@ -177,8 +265,18 @@ def test_many_arms_of_one_method_get_colours_of_their_own():
     from analyses.runs import Run, RunSet
 
     def run(i, method, arm):
-        return Run(run_id=f"r{i}", name=f"r{i}", experiment="x", method=method, seed=0, status="FINISHED",
-                   params={}, tags={"daro_lab.arm_label": arm}, metric_keys=frozenset(), client=None)
+        return Run(
+            run_id=f"r{i}",
+            name=f"r{i}",
+            experiment="x",
+            method=method,
+            seed=0,
+            status="FINISHED",
+            params={},
+            tags={"daro_lab.arm_label": arm},
+            metric_keys=frozenset(),
+            client=None,
+        )
 
     few = RunSet("sqlite:///x.db", [run(0, "daro", "a"), run(1, "daro", "b"), run(2, "grpo", "g")], "test")
     assert few.arm_style("a")["color"] != few.arm_style("b")["color"]  # shades of DARO's colour
@@ -205,9 +303,17 @@ def test_parent_run_expands_to_children(store):
     parent = Tracker.start(uri, "ablation", "parent", {"x": 1}, "{}", artifact_location=art, context_tags=False)
     kids = []
     for seed in (0, 1):
-        tr = Tracker.start(uri, "ablation", f"daro-{seed}", {"algo.method": "daro", "seed": seed, "algo.daro.lr_w": 0.01 * (seed + 1)},
-                           "{}", tags={"daro_lab.method": "daro", "daro_lab.seed": seed}, parent_run_id=parent.run_id,
-                           artifact_location=art, context_tags=False)
+        tr = Tracker.start(
+            uri,
+            "ablation",
+            f"daro-{seed}",
+            {"algo.method": "daro", "seed": seed, "algo.daro.lr_w": 0.01 * (seed + 1)},
+            "{}",
+            tags={"daro_lab.method": "daro", "daro_lab.seed": seed},
+            parent_run_id=parent.run_id,
+            artifact_location=art,
+            context_tags=False,
+        )
         tr.finish()
         kids.append(tr.run_id)
     parent.finish()
@@ -217,12 +323,25 @@ def test_parent_run_expands_to_children(store):
     assert sorted(runs.arms()) == ["DARO (lr_w=0.01)", "DARO (lr_w=0.02)"]
     exp = select_runs(uri, experiment="ablation")
     assert sorted(r.run_id for r in exp) == sorted(kids)  # the parent holds no training data
-    assert exp.slug() == "ablation" and select_runs(uri, run_ids=[parent.run_id]).slug() == f"ablation-{parent.run_id[:8]}"
+    assert (
+        exp.slug() == "ablation" and select_runs(uri, run_ids=[parent.run_id]).slug() == f"ablation-{parent.run_id[:8]}"
+    )
     # children of `daro-lab run ablation` carry their arm's label: it names the arm
-    tr = Tracker.start(uri, "ablation", "static-grpo-seed0", {"algo.method": "static", "seed": 0}, "{}",
-                       tags={"daro_lab.method": "static", "daro_lab.arm": "static-grpo",
-                             "daro_lab.arm_label": "w frozen at GRPO's shape"}, parent_run_id=parent.run_id,
-                       artifact_location=art, context_tags=False)
+    tr = Tracker.start(
+        uri,
+        "ablation",
+        "static-grpo-seed0",
+        {"algo.method": "static", "seed": 0},
+        "{}",
+        tags={
+            "daro_lab.method": "static",
+            "daro_lab.arm": "static-grpo",
+            "daro_lab.arm_label": "w frozen at GRPO's shape",
+        },
+        parent_run_id=parent.run_id,
+        artifact_location=art,
+        context_tags=False,
+    )
     tr.finish()
     assert "w frozen at GRPO's shape" in select_runs(uri, run_ids=[parent.run_id]).arms()
 
@@ -322,9 +441,15 @@ def test_loss_scale_shapes_from_the_real_loss_with_unequal_lengths(method):
         old = -torch.rand(len(lengths), T, generator=g, dtype=torch.float64)
         logp = old + (0.3 * torch.randn(len(lengths), T, generator=g, dtype=torch.float64) if mb else 0.0)
         adv = compute_advantages(rewards, METHODS[method].advantage)
-        b = PolicyBatch(logp=logp, old_logp=old, mask=mask, advantages=adv.flatten(),
-                        num_correct=ks.repeat_interleave(Kk), rewards=rewards.flatten(),
-                        prompt_index=torch.arange(len(ks)).repeat_interleave(Kk))
+        b = PolicyBatch(
+            logp=logp,
+            old_logp=old,
+            mask=mask,
+            advantages=adv.flatten(),
+            num_correct=ks.repeat_interleave(Kk),
+            rewards=rewards.flatten(),
+            prompt_index=torch.arange(len(ks)).repeat_interleave(Kk),
+        )
         _, m = policy_loss(method, b, Kk, LossSettings(max_response_length=T))
         rows += per_mu_rows(m, Kk, step=1, minibatch=mb)
     s = run_summary(_TableRun(method, rows)).set_index("k")
@@ -351,10 +476,15 @@ def test_grpo_on_policy_loss_is_rounding_and_gets_no_share():
     lengths = torch.tensor([3, 5, 7, 2] * 4)
     mask = (torch.arange(7)[None, :] < lengths[:, None]).double()
     logp = -torch.rand(16, 7, dtype=torch.float64)
-    b = PolicyBatch(logp=logp, old_logp=logp.clone(), mask=mask,
-                    advantages=compute_advantages(rewards, "group_std").flatten(),
-                    num_correct=ks.repeat_interleave(Kk), rewards=rewards.flatten(),
-                    prompt_index=torch.arange(4).repeat_interleave(Kk))
+    b = PolicyBatch(
+        logp=logp,
+        old_logp=logp.clone(),
+        mask=mask,
+        advantages=compute_advantages(rewards, "group_std").flatten(),
+        num_correct=ks.repeat_interleave(Kk),
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(4).repeat_interleave(Kk),
+    )
     _, m = policy_loss("grpo", b, Kk)
     s = run_summary(_TableRun("grpo", per_mu_rows(m, Kk, step=1, minibatch=0)))
     assert s.C_abs_share.isna().all()
@@ -452,8 +582,10 @@ def test_grad_share_per_group_per_prompt_and_clipping(full_report):
     assert t.loc[("GRPO", 3)].g_share == pytest.approx(0.5) and t.loc[("GRPO", 3)].n_steps == 1
     # DAPO: equal G, but k1 holds two prompts: per group 1/2 and 1/2, per prompt 1/3 and 2/3
     assert t.loc[("DAPO", 1)].g_share == pytest.approx(0.5)
-    assert (t.loc[("DAPO", 1)].g_share_per_prompt, t.loc[("DAPO", 2)].g_share_per_prompt) == \
-        (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert (t.loc[("DAPO", 1)].g_share_per_prompt, t.loc[("DAPO", 2)].g_share_per_prompt) == (
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+    )
     c = saved(full_report, "clipping").set_index("arm")
     assert c.loc["GRPO"].clipped_fraction == pytest.approx(2 / 4)  # norms 2, 4, 6, 8 against the clip 5
     assert c.loc["DAPO"].clipped_fraction == 0 and c.loc["GRPO"].median_norm == pytest.approx(5.0)
@@ -474,9 +606,20 @@ def synthetic_hoeffding(rng, correlated: bool, steps: int = 3, per_group: int = 
                 for p in range(per_group):
                     n = int(rng.integers(8, 65))
                     g = np.full(n, rng.uniform(a, b)) if correlated else rng.uniform(a, b, n)
-                    rows.append({"step": step, "minibatch": 1, "K": K, "k": k, "prompt": p, "adv": 0.7 * sign,
-                                 "sign": sign, "length": float(n), "g_mean": float(g.mean()),
-                                 "rho_max": b if sign < 0 else 1.1})
+                    rows.append(
+                        {
+                            "step": step,
+                            "minibatch": 1,
+                            "K": K,
+                            "k": k,
+                            "prompt": p,
+                            "adv": 0.7 * sign,
+                            "sign": sign,
+                            "length": float(n),
+                            "g_mean": float(g.mean()),
+                            "rho_max": b if sign < 0 else 1.1,
+                        }
+                    )
     df = pd.DataFrame(rows)
     df["g_group_mean"] = df.groupby(["step", "minibatch", "k", "sign"]).g_mean.transform("mean")
     return df
@@ -575,9 +718,20 @@ def test_hoeffding_factorised_loss_error():
     from analyses.hoeffding import hoeffding_check
 
     # one group (k=1): two A>0 responses (n 2 and 4, mean g 1.0 and 1.3) and two A<0 ones (g 0.9, 0.9)
-    df = pd.DataFrame({"step": 1, "minibatch": 1, "K": 4, "k": 1, "prompt": [0, 0, 1, 1],
-                       "adv": [1.0, 1.0, -1.0, -1.0], "sign": [1, 1, -1, -1], "length": [2.0, 4.0, 2.0, 2.0],
-                       "g_mean": [1.0, 1.3, 0.9, 0.9], "rho_max": [1.0, 1.3, 0.95, 0.95]})
+    df = pd.DataFrame(
+        {
+            "step": 1,
+            "minibatch": 1,
+            "K": 4,
+            "k": 1,
+            "prompt": [0, 0, 1, 1],
+            "adv": [1.0, 1.0, -1.0, -1.0],
+            "sign": [1, 1, -1, -1],
+            "length": [2.0, 4.0, 2.0, 2.0],
+            "g_mean": [1.0, 1.3, 0.9, 0.9],
+            "rho_max": [1.0, 1.3, 0.95, 0.95],
+        }
+    )
     df["g_group_mean"] = df.groupby("sign").g_mean.transform("mean")
     f = hoeffding_check(df).factorisation.iloc[0]
     exact = -(2 * 1.0 + 4 * 1.3 - 2 * 0.9 - 2 * 0.9) / 10
@@ -690,8 +844,16 @@ def test_cli_errors_exit_2_naming_what_is_missing(store, tmp_path):
 
 def test_cli_plot_writes_the_figure_and_its_table(store, tmp_path):
     ids = store["ids"]
-    r = _cli("plot", "weights", "--runs", f"{ids[('daro', 0)]},{ids[('daro', 1)]}", "--tracking-uri", store["uri"],
-             "--out", str(tmp_path))
+    r = _cli(
+        "plot",
+        "weights",
+        "--runs",
+        f"{ids[('daro', 0)]},{ids[('daro', 1)]}",
+        "--tracking-uri",
+        store["uri"],
+        "--out",
+        str(tmp_path),
+    )
     assert r.exit_code == 0, r.output
     for ext in ("png", "svg", "pdf", "csv"):
         assert (tmp_path / f"weights.{ext}").stat().st_size > 0
@@ -703,9 +865,25 @@ def test_daro_shares_leave_the_offset_out():
     """C_mu on DARO's path includes -C ln w_mu, which carries no theta-gradient: the |C| share uses C - C_offset."""
     from analyses.loss_scale import run_summary
 
-    rows = [{"step": 1, "minibatch": 0, "k": k, "K": 4, "mu": k / 4, "scale": 1.0, "prompts": 1.0, "loss": 0.1 * k,
-             "contrib": 0.1 * k * w - np.log(w), "contrib_offset": -np.log(w), "daro/weight": w, "daro/wS": 1.0,
-             "len_correct": 2.0, "len_incorrect": 3.0} for k, w in ((1, 1.5), (2, 0.5), (3, 1.0))]
+    rows = [
+        {
+            "step": 1,
+            "minibatch": 0,
+            "k": k,
+            "K": 4,
+            "mu": k / 4,
+            "scale": 1.0,
+            "prompts": 1.0,
+            "loss": 0.1 * k,
+            "contrib": 0.1 * k * w - np.log(w),
+            "contrib_offset": -np.log(w),
+            "daro/weight": w,
+            "daro/wS": 1.0,
+            "len_correct": 2.0,
+            "len_incorrect": 3.0,
+        }
+        for k, w in ((1, 1.5), (2, 0.5), (3, 1.0))
+    ]
     s = run_summary(_TableRun("daro", rows)).set_index("k")
     coef = np.array([0.1 * 1.5, 0.2 * 0.5, 0.3])
     np.testing.assert_allclose(s.C_abs_share, coef / coef.sum(), rtol=1e-12)
@@ -719,15 +897,26 @@ def test_report_carries_no_local_paths_and_keeps_frozen_weights_beside_it(store,
     uri, art = store["uri"], str(store["root"] / "artifacts")
     weights = {"1": 1.5, "2": 0.75, "3": 1.0}
     ids = []
-    for method, extra in (("daro", {}), ("static", {"algo.daro.static": "/tmp/sweep-x/ckpt/optimal-static-seed0-weights.json"})):
-        p = {"algo.method": method, "seed": 0, "rollout.num_responses": K, "trainer.mini_batch_prompts": N_MB,
-             "tracking.uri": "sqlite:////tmp/sweep-x/mlflow.db", "trainer.checkpoint_dir": "/tmp/sweep-x/ckpt",
-             "model.cache_dir": "/tmp/sweep-x/.daro_cache", **extra}
+    for method, extra in (
+        ("daro", {}),
+        ("static", {"algo.daro.static": "/tmp/sweep-x/ckpt/optimal-static-seed0-weights.json"}),
+    ):
+        p = {
+            "algo.method": method,
+            "seed": 0,
+            "rollout.num_responses": K,
+            "trainer.mini_batch_prompts": N_MB,
+            "tracking.uri": "sqlite:////tmp/sweep-x/mlflow.db",
+            "trainer.checkpoint_dir": "/tmp/sweep-x/ckpt",
+            "model.cache_dir": "/tmp/sweep-x/.daro_cache",
+            **extra,
+        }
         tags = {"daro_lab.method": method, "daro_lab.seed": 0}
         if method == "static":
             tags["daro_lab.static_weights"] = json.dumps(weights)
-        tr = Tracker.start(uri, "paths", f"{method}-seed0", p, json.dumps(p), tags=tags, artifact_location=art,
-                           context_tags=False)
+        tr = Tracker.start(
+            uri, "paths", f"{method}-seed0", p, json.dumps(p), tags=tags, artifact_location=art, context_tags=False
+        )
         tr.log_metrics({"eval/greedy_acc": 0.5}, 0)
         tr.log_table("per_mu", DARO0)
         tr.finish()

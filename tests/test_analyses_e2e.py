@@ -24,8 +24,9 @@ def test_demo_then_every_plot_then_report(tmp_path, monkeypatch, small_env, stor
 
     out = tmp_path / "figs"
     for name in FIGURES:
-        res = runner.invoke(app, ["plot", name, "--experiment", "daro-lab-demo", "--out", str(out),
-                                  "--tracking-uri", store])
+        res = runner.invoke(
+            app, ["plot", name, "--experiment", "daro-lab-demo", "--out", str(out), "--tracking-uri", store]
+        )
         assert res.exit_code == 0, f"{name}: {res.output}"
     pngs, svgs, pdfs = (sorted(out.rglob(f"*.{ext}")) for ext in ("png", "svg", "pdf"))
     assert len(pngs) >= len(FIGURES) and len(svgs) >= len(FIGURES) and len(pdfs) >= len(FIGURES)

@@ -27,11 +27,25 @@ from daro_lab.trainer import train
 
 pytestmark = pytest.mark.slow
 
-CHAIN = ["task.name=chain", "model.warmstart_steps=600", "model.warmstart_lr=2e-3", "task.max_digits=1",
-         "task.min_terms=2", "task.max_terms=5", "model.warmstart_run_on=0.3",
-         "rollout.max_new_tokens=24", "task.num_train=512", "task.num_eval=32", "trainer.prompts_per_step=32",
-         "trainer.mini_batch_prompts=16", "trainer.lr=1e-4", "trainer.eval_every=0", "trainer.grad_norm_every=0",
-         "trainer.checkpoint_every=100", "trainer.log_checkpoint=false"]
+CHAIN = [
+    "task.name=chain",
+    "model.warmstart_steps=600",
+    "model.warmstart_lr=2e-3",
+    "task.max_digits=1",
+    "task.min_terms=2",
+    "task.max_terms=5",
+    "model.warmstart_run_on=0.3",
+    "rollout.max_new_tokens=24",
+    "task.num_train=512",
+    "task.num_eval=32",
+    "trainer.prompts_per_step=32",
+    "trainer.mini_batch_prompts=16",
+    "trainer.lr=1e-4",
+    "trainer.eval_every=0",
+    "trainer.grad_norm_every=0",
+    "trainer.checkpoint_every=100",
+    "trainer.log_checkpoint=false",
+]
 STEPS = 12  # DAPO's run: the length and loss checks
 DARO_STEPS = 16  # DARO's and the frozen arm's: the weights' direction and balance
 
@@ -41,11 +55,23 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     uri = f"sqlite:///{root}/mlflow.db"
     base = [*CHAIN, f"model.cache_dir={root}/cache", f"tracking.uri={uri}", f"trainer.checkpoint_dir={root}/ckpt"]
-    arms = {"dapo": ["algo.method=dapo", f"trainer.steps={STEPS}"],
-            "daro": ["algo.method=daro", "algo.daro.signal=mass", "algo.daro.reg=auto", "algo.daro.lr_w=0.1",
-                     f"trainer.steps={DARO_STEPS}"],
-            "frozen": ["algo.method=static", "algo.daro.static=ones", "algo.daro.signal=mass", "algo.daro.reg=auto",
-                       f"trainer.steps={DARO_STEPS}"]}
+    arms = {
+        "dapo": ["algo.method=dapo", f"trainer.steps={STEPS}"],
+        "daro": [
+            "algo.method=daro",
+            "algo.daro.signal=mass",
+            "algo.daro.reg=auto",
+            "algo.daro.lr_w=0.1",
+            f"trainer.steps={DARO_STEPS}",
+        ],
+        "frozen": [
+            "algo.method=static",
+            "algo.daro.static=ones",
+            "algo.daro.signal=mass",
+            "algo.daro.reg=auto",
+            f"trainer.steps={DARO_STEPS}",
+        ],
+    }
     out = {"uri": uri}
     for name, extra in arms.items():
         rid = train(load_config(None, base + extra), progress=False)
@@ -70,7 +96,11 @@ def test_on_policy_loss_is_the_length_gap_and_above_its_noise(runs):
     on = on[on.minibatch == 0]
     np.testing.assert_allclose(on["loss"], predicted_on_policy_loss(on), rtol=1e-5, atol=1e-6)  # float32 sums
     t = on["loss"].mean() / (on["loss"].std(ddof=1) / math.sqrt(len(on)))
-    assert t > 3, (on["loss"].mean(), on["loss"].std(), len(on))  # 5.6-7.0 over 76-79 rows under the six kernels, (on["loss"].mean(), on["loss"].std(), len(on))
+    assert t > 3, (
+        on["loss"].mean(),
+        on["loss"].std(),
+        len(on),
+    )  # 5.6-7.0 over 76-79 rows under the six kernels, (on["loss"].mean(), on["loss"].std(), len(on))
 
 
 def test_task_checks_report_reads_the_runs_from_mlflow(runs):

@@ -118,16 +118,26 @@ def test_every_numeric_field_declares_its_range():
             else:
                 yield f"{prefix}{f.name}", tp, f.metadata.get("range")
 
-    numeric = [(k, r) for k, tp, r in walk(Config) if {int, float} & set(typing.get_args(tp) or (tp,))
-               or tp == list[float]]
+    numeric = [
+        (k, r) for k, tp, r in walk(Config) if {int, float} & set(typing.get_args(tp) or (tp,)) or tp == list[float]
+    ]
     assert len(numeric) > 40
     assert all(isinstance(r, Range) for _, r in numeric), [k for k, r in numeric if r is None]
 
 
 def test_bad_value_from_the_cli_exits_2_before_any_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    small = ["--set", "model.warmstart_steps=1", "--set", "trainer.steps=1", "--set", "task.num_train=8"]  # cheap if accepted
-    res = runner.invoke(app, ["train", "--set", "rollout.top_p=1.5", *small, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    small = [
+        "--set",
+        "model.warmstart_steps=1",
+        "--set",
+        "trainer.steps=1",
+        "--set",
+        "task.num_train=8",
+    ]  # cheap if accepted
+    res = runner.invoke(
+        app, ["train", "--set", "rollout.top_p=1.5", *small, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
     assert res.exit_code == 2 and "'rollout.top_p'" in res.output and "1.5" in res.output, res.output
     assert not (tmp_path / "m.db").exists()  # not even the store was opened
 

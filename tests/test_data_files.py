@@ -28,11 +28,19 @@ def cfg(**kw) -> TaskConfig:
 
 
 def test_math_layout_boxed_answer_from_solution_and_levels(tmp_path):
-    f = jsonl(tmp_path / "math.jsonl", [
-        {"problem": "What is $1+1$?", "solution": "Add: $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
-        {"problem": "Simplify $\\frac{2}{4}$.", "solution": "First \\boxed{3}, no: $\\boxed{\\frac{1}{2}}$", "level": "Level 5"},
-        {"problem": "Odd one", "solution": "$\\boxed{\\{1, 2\\}}$", "level": "Level ?"},
-    ], extra="\n\n")  # trailing blank lines are fine
+    f = jsonl(
+        tmp_path / "math.jsonl",
+        [
+            {"problem": "What is $1+1$?", "solution": "Add: $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
+            {
+                "problem": "Simplify $\\frac{2}{4}$.",
+                "solution": "First \\boxed{3}, no: $\\boxed{\\frac{1}{2}}$",
+                "level": "Level 5",
+            },
+            {"problem": "Odd one", "solution": "$\\boxed{\\{1, 2\\}}$", "level": "Level ?"},
+        ],
+        extra="\n\n",
+    )  # trailing blank lines are fine
     probs = load_problems(f, cfg())
     assert probs == [
         Problem("What is $1+1$?", "2", 1),
@@ -42,10 +50,16 @@ def test_math_layout_boxed_answer_from_solution_and_levels(tmp_path):
 
 
 def test_dapo_layout_parquet_chat_prompt_and_nested_answer(tmp_path):
-    rows = [{"data_source": "math_dapo", "ability": "MATH",
-             "prompt": [{"role": "user", "content": f"Solve {i}+1. Answer: $Answer"}],
-             "reward_model": {"ground_truth": str(i + 1), "style": "rule-lighteval/MATH_v2"},
-             "extra_info": {"index": str(i)}} for i in range(5)]
+    rows = [
+        {
+            "data_source": "math_dapo",
+            "ability": "MATH",
+            "prompt": [{"role": "user", "content": f"Solve {i}+1. Answer: $Answer"}],
+            "reward_model": {"ground_truth": str(i + 1), "style": "rule-lighteval/MATH_v2"},
+            "extra_info": {"index": str(i)},
+        }
+        for i in range(5)
+    ]
     f = tmp_path / "dapo.parquet"
     pq.write_table(pa.Table.from_pylist(rows), f)
     probs = load_problems(f, cfg())  # detected: prompt (chat messages) and reward_model.ground_truth
@@ -56,17 +70,31 @@ def test_dapo_layout_parquet_chat_prompt_and_nested_answer(tmp_path):
 
 
 def test_openr1_and_eval_set_layouts(tmp_path):
-    openr1 = jsonl(tmp_path / "openr1.jsonl", [
-        {"problem": "Find x.", "solution": "long text \\boxed{7}", "answer": "7", "problem_type": "Algebra",
-         "generations": ["..."], "correctness_math_verify": [True]}])
+    openr1 = jsonl(
+        tmp_path / "openr1.jsonl",
+        [
+            {
+                "problem": "Find x.",
+                "solution": "long text \\boxed{7}",
+                "answer": "7",
+                "problem_type": "Algebra",
+                "generations": ["..."],
+                "correctness_math_verify": [True],
+            }
+        ],
+    )
     assert load_problems(openr1, cfg()) == [Problem("Find x.", "7", 0)]  # 'answer' wins over 'solution'
-    math500 = jsonl(tmp_path / "MATH500.jsonl", [{"problem": "p", "answer": "\\frac{\\pi}{2}", "level": 3,
-                                                  "subject": "Geometry", "unique_id": "test/x.json"}])
+    math500 = jsonl(
+        tmp_path / "MATH500.jsonl",
+        [{"problem": "p", "answer": "\\frac{\\pi}{2}", "level": 3, "subject": "Geometry", "unique_id": "test/x.json"}],
+    )
     assert load_problems(math500, cfg()) == [Problem("p", "\\frac{\\pi}{2}", 3)]
     aime = jsonl(tmp_path / "AIME24.jsonl", [{"problem": "p", "answer": 33, "id": 60}, {"problem": "q", "answer": 7.0}])
     assert [p.answer for p in load_problems(aime, cfg())] == ["33", "7"]  # numbers become text
-    olymp = jsonl(tmp_path / "olympiad.jsonl", [{"question": "q", "final_answer": ["$3$"]},
-                                                {"question": "r", "final_answer": ["1", "2"]}])
+    olymp = jsonl(
+        tmp_path / "olympiad.jsonl",
+        [{"question": "q", "final_answer": ["$3$"]}, {"question": "r", "final_answer": ["1", "2"]}],
+    )
     assert [p.answer for p in load_problems(olymp, cfg(answer_field="final_answer"))] == ["$3$", "1, 2"]
     array = tmp_path / "amc.json"
     array.write_text(json.dumps([{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}]))
@@ -99,18 +127,29 @@ def test_get_field_and_last_boxed():
 # Bad input: file, row (1-based line number), key
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("", "is empty: no rows"),
-    ("\n  \n", "is empty: no rows"),
-    ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "2"}\n{"problem": "c", "answer": \n',
-     "line 3: not valid JSON"),
-    ('{"problem": "a", "answer": "1"}\n{"problem": "b"}\n', "line 2: missing field 'answer'"),
-    ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "  "}\n', "line 2: empty answer (field 'answer')"),
-    ('{"problem": "a", "answer": "1"}\n{"problem": "", "answer": "2"}\n', "line 2: empty prompt (field 'problem')"),
-    ('{"problem": "a", "answer": "1"}\n[1, 2]\n', "line 2: expected a JSON object"),
-    ('{"problem": "a", "answer": {"x": 1}}\n', "line 1: field 'answer' is not text"),
-    ('{"text": "a", "label": "1"}\n', "line 1: no prompt field (looked for problem, prompt, question; the row has: label, text)"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("", "is empty: no rows"),
+        ("\n  \n", "is empty: no rows"),
+        (
+            '{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "2"}\n{"problem": "c", "answer": \n',
+            "line 3: not valid JSON",
+        ),
+        ('{"problem": "a", "answer": "1"}\n{"problem": "b"}\n', "line 2: missing field 'answer'"),
+        (
+            '{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "  "}\n',
+            "line 2: empty answer (field 'answer')",
+        ),
+        ('{"problem": "a", "answer": "1"}\n{"problem": "", "answer": "2"}\n', "line 2: empty prompt (field 'problem')"),
+        ('{"problem": "a", "answer": "1"}\n[1, 2]\n', "line 2: expected a JSON object"),
+        ('{"problem": "a", "answer": {"x": 1}}\n', "line 1: field 'answer' is not text"),
+        (
+            '{"text": "a", "label": "1"}\n',
+            "line 1: no prompt field (looked for problem, prompt, question; the row has: label, text)",
+        ),
+    ],
+)
 def test_malformed_rows_name_file_row_and_key(tmp_path, content, needle):
     f = tmp_path / "data.jsonl"
     f.write_text(content)
@@ -133,7 +172,9 @@ def test_missing_file_and_parquet_rows(tmp_path):
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataFileError, match="not a readable parquet file"):
         load_problems(bad, cfg())
-    explicit = jsonl(tmp_path / "lv.jsonl", [{"problem": "a", "answer": "1", "difficulty": 2}, {"problem": "b", "answer": "1"}])
+    explicit = jsonl(
+        tmp_path / "lv.jsonl", [{"problem": "a", "answer": "1", "difficulty": 2}, {"problem": "b", "answer": "1"}]
+    )
     with pytest.raises(DataFileError, match=r"line 2: missing field 'difficulty' \(level"):
         load_problems(explicit, cfg(level_field="difficulty"))
 
@@ -200,8 +241,20 @@ def test_train_with_a_bad_data_file_exits_2_and_leaves_no_run(tmp_path):
         f = tmp_path / f"train{i}.jsonl"
         if content is not None:
             f.write_text(content)
-        res = CliRunner().invoke(app, ["train", "--set", "task.name=math", "--set", f"task.train_file={f}",
-                                       "--set", "trainer.steps=1", "--tracking-uri", uri])
+        res = CliRunner().invoke(
+            app,
+            [
+                "train",
+                "--set",
+                "task.name=math",
+                "--set",
+                f"task.train_file={f}",
+                "--set",
+                "trainer.steps=1",
+                "--tracking-uri",
+                uri,
+            ],
+        )
         assert res.exit_code == 2, res.output
         assert str(f) in res.output and needle in res.output, res.output
     client = MlflowClient(uri)
@@ -217,17 +270,27 @@ def test_prompts_too_long_for_the_model_or_outside_its_vocabulary_are_named_or_d
     from daro_lab.trainer.setup import load_components
 
     tok = CharTokenizer()
-    build_tiny_model(load_config(None, ["model.hidden_size=32"]).model, tok.vocab_size, seed=0).save_pretrained(tmp_path / "m")
+    build_tiny_model(load_config(None, ["model.hidden_size=32"]).model, tok.vocab_size, seed=0).save_pretrained(
+        tmp_path / "m"
+    )
     tok.save_pretrained(tmp_path / "m")
     short = [{"problem": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
     jsonl(tmp_path / "eval.jsonl", short[:2])
     jsonl(tmp_path / "long.jsonl", short + [{"problem": "1+" * 50_000 + "1=", "answer": "50001"}])
     jsonl(tmp_path / "accent.jsonl", short[:3] + [{"problem": "2+\u00e9=", "answer": "3"}])
-    base = [f"model.path={tmp_path / 'm'}", "model.hidden_size=32", "task.name=file", f"task.eval_file={tmp_path / 'eval.jsonl'}",
-            "rollout.max_new_tokens=4", "task.num_train=0"]
+    base = [
+        f"model.path={tmp_path / 'm'}",
+        "model.hidden_size=32",
+        "task.name=file",
+        f"task.eval_file={tmp_path / 'eval.jsonl'}",
+        "rollout.max_new_tokens=4",
+        "task.num_train=0",
+    ]
     with pytest.raises(ConfigError, match=r"1 of 7 training prompts are longer than 60 tokens.*long.jsonl: line 7"):
         load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'long.jsonl'}"]))
-    c = load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'long.jsonl'}", "task.long_prompts=drop"]))
+    c = load_components(
+        load_config(None, [*base, f"task.train_file={tmp_path / 'long.jsonl'}", "task.long_prompts=drop"])
+    )
     assert len(c.train_set) == 6 and c.dropped == {"train": 1}
     with pytest.raises(ConfigError, match=r"accent.jsonl: line 4\): cannot be encoded: character '\u00e9' \(U\+00E9\)"):
         load_components(load_config(None, [*base, f"task.train_file={tmp_path / 'accent.jsonl'}"]))

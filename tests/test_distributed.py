@@ -37,8 +37,14 @@ def one_process(tmp_path_factory, small_env):
     # lr 3e-4, not the small preset's 3e-3: AdamW's first steps are ~lr * sign(g), so a gradient component near 0
     # whose float32 rounding differs between one process and two ranks moves by a whole lr step; at 3e-3 that put
     # DARO's log-probs 1.5e-4 apart after two updates on one warm start, at 3e-4 every method agrees to 1e-5
-    ov = [*small_env, "trainer.threads=1", "trainer.prompts_per_step=9", "trainer.mini_batch_prompts=3", "trainer.grad_norm_every=1",
-          "trainer.lr=3e-4"]
+    ov = [
+        *small_env,
+        "trainer.threads=1",
+        "trainer.prompts_per_step=9",
+        "trainer.mini_batch_prompts=3",
+        "trainer.grad_norm_every=1",
+        "trainer.lr=3e-4",
+    ]
     out = tmp_path_factory.mktemp("one") / "one.json"
     _run([sys.executable, str(HERE / "_dist_check.py"), str(out), *ov], out.parent)  # warm-starts first
     return ov, json.loads(out.read_text())
@@ -103,8 +109,10 @@ def test_split_updates_equal_one_process_on_the_same_global_batch(tmp_path, one_
 
 
 # FSDP runs compute in bfloat16 with tied embeddings: the checkpoint must still hold fp32 master weights
-TRAIN_MODES = {"ddp": ["trainer.parallel=ddp"],
-               "fsdp": ["trainer.parallel=fsdp", "model.dtype=bfloat16", "model.tie_embeddings=true"]}
+TRAIN_MODES = {
+    "ddp": ["trainer.parallel=ddp"],
+    "fsdp": ["trainer.parallel=fsdp", "model.dtype=bfloat16", "model.tie_embeddings=true"],
+}
 
 
 def _check_whole_batch_run(p, client, run, ckpt: Path, ov: list[str], parallel: str, steps: int) -> None:
@@ -130,13 +138,16 @@ def _check_whole_batch_run(p, client, run, ckpt: Path, ov: list[str], parallel: 
     assert policy.model.embed_tokens.weight.abs().sum() > 0
     if parallel == "fsdp":
         assert {t.dtype for t in weights.values()} == {torch.float32}
-        assert policy.lm_head.weight is policy.model.embed_tokens.weight and len(weights) == len(dict(policy.named_parameters()))
+        assert policy.lm_head.weight is policy.model.embed_tokens.weight and len(weights) == len(
+            dict(policy.named_parameters())
+        )
         assert torch.equal(policy.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
 
 
 @pytest.mark.parametrize("parallel", TRAIN_MODES)
 def test_torchrun_run_records_the_whole_batch_and_resumes_from_sigkill_like_an_uninterrupted_one(
-        tmp_path, small_env, wait_for_checkpoint, parallel):
+    tmp_path, small_env, wait_for_checkpoint, parallel
+):
     """`torchrun ... daro-lab train` on 2 gloo ranks records one run of the whole batch (`_check_whole_batch_run`);
     then SIGKILL to the whole job once the step-2 checkpoint exists, `torchrun daro-lab train --resume`: every
     later step's metrics equal those of the uninterrupted 2-rank run (each rank's sampling stream comes back from
@@ -149,17 +160,38 @@ def test_torchrun_run_records_the_whole_batch_and_resumes_from_sigkill_like_an_u
     # a cache of its own: the first torchrun run warm-starts the tiny model under torch.distributed
     # (rank 0 builds the entry; transformers writes no model files from the other ranks)
     env = [o for o in small_env if not o.startswith("model.cache_dir=")] + [f"model.cache_dir={tmp_path}/cache"]
-    ov = [*env, *TRAIN_MODES[parallel], "algo.method=daro", "trainer.steps=4", "trainer.checkpoint_every=2", "trainer.threads=1",
-          "trainer.log_checkpoint=false", f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
+    ov = [
+        *env,
+        *TRAIN_MODES[parallel],
+        "algo.method=daro",
+        "trainer.steps=4",
+        "trainer.checkpoint_every=2",
+        "trainer.threads=1",
+        "trainer.log_checkpoint=false",
+        f"tracking.uri={store}",
+        f"trainer.checkpoint_dir={tmp_path}/ckpt",
+    ]
     sets = [x for o in ov for x in ("--set", o)]
     p = _run([*TORCHRUN, "-m", "daro_lab.cli", "train", *sets, "--set", "tracking.run_name=whole"], tmp_path)
     client = open_client(store)
     exp = client.get_experiment_by_name("daro-lab").experiment_id
     (whole_run,) = client.search_runs([exp])
-    _check_whole_batch_run(p, client, whole_run, latest(tmp_path / "ckpt" / whole_run.info.run_id),
-                           env + TRAIN_MODES[parallel], parallel, steps=4)
-    with procs.started([*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"], cwd=tmp_path,
-                       env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    _check_whole_batch_run(
+        p,
+        client,
+        whole_run,
+        latest(tmp_path / "ckpt" / whole_run.info.run_id),
+        env + TRAIN_MODES[parallel],
+        parallel,
+        steps=4,
+    )
+    with procs.started(
+        [*TORCHRUN, str(HERE / "_slow_train.py"), *ov, "tracking.run_name=killed"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
         run_id, root = wait_for_checkpoint(client, "attributes.run_name = 'killed'", proc, 2)
         procs.kill_tree(proc.pid)  # torchrun and both ranks at once (the ranks run in sessions of their own)
         proc.wait()

@@ -42,7 +42,9 @@ def brute_pass_at_k(n: int, c: int, k: int) -> float:
     return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 2), (8, 3, 4), (8, 0, 8), (8, 8, 1), (10, 3, 4), (6, 5, 2)])
+@pytest.mark.parametrize(
+    "n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 2), (8, 3, 4), (8, 0, 8), (8, 8, 1), (10, 3, 4), (6, 5, 2)]
+)
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k))
     assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
@@ -90,8 +92,14 @@ class ScriptedEngine:
         self.offset += len(prompts)
         ids = torch.tensor(rows)
         B = len(rows)
-        return RolloutBatch(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.bool), ids,
-                            torch.ones(B, 2, dtype=torch.bool), torch.zeros(B, 2), torch.arange(len(prompts)).repeat_interleave(n))
+        return RolloutBatch(
+            torch.ones(B, 1, dtype=torch.long),
+            torch.ones(B, 1, dtype=torch.bool),
+            ids,
+            torch.ones(B, 2, dtype=torch.bool),
+            torch.zeros(B, 2),
+            torch.arange(len(prompts)).repeat_interleave(n),
+        )
 
 
 def exact(responses, answers):
@@ -99,11 +107,28 @@ def exact(responses, answers):
 
 
 def test_evaluate_benchmark_counts_and_metrics():
-    script = [[True, False, False, False], [True, True, True, True], [False] * 4, [False, False, True, True], [True, False, True, False]]
+    script = [
+        [True, False, False, False],
+        [True, True, True, True],
+        [False] * 4,
+        [False, False, True, True],
+        [True, False, True, False],
+    ]
     bench = Benchmark("B", "b.jsonl", [Problem(f"p{i}", "right", i % 2) for i in range(5)])
     eng = ScriptedEngine(script)
-    r = evaluate_benchmark(eng, Words(), exact, bench, n=4, greedy=False, temperature=0.6, top_p=0.95,
-                           max_new_tokens=8, batch_size=2, seed=0)
+    r = evaluate_benchmark(
+        eng,
+        Words(),
+        exact,
+        bench,
+        n=4,
+        greedy=False,
+        temperature=0.6,
+        top_p=0.95,
+        max_new_tokens=8,
+        batch_size=2,
+        seed=0,
+    )
     assert r.correct == [1, 4, 0, 2, 2] and [c[0] for c in eng.calls] == [2, 2, 1]  # batches of 2 prompts
     m = r.metrics()
     assert m["avg_at_4"] == pytest.approx((1 + 4 + 0 + 2 + 2) / 20)
@@ -111,15 +136,32 @@ def test_evaluate_benchmark_counts_and_metrics():
     assert m["pass_at_2"] == pytest.approx(sum(brute_pass_at_k(4, c, 2) for c in r.correct) / 5)
     assert m["pass_at_4"] == pytest.approx(4 / 5)
     assert r.mean_length == 2.0 and len(r.samples) == 4
-    g = evaluate_benchmark(ScriptedEngine(script), Words(), exact, bench, n=4, greedy=True, temperature=0.6,
-                           top_p=0.95, max_new_tokens=8, batch_size=8, seed=0)
+    g = evaluate_benchmark(
+        ScriptedEngine(script),
+        Words(),
+        exact,
+        bench,
+        n=4,
+        greedy=True,
+        temperature=0.6,
+        top_p=0.95,
+        max_new_tokens=8,
+        batch_size=8,
+        seed=0,
+    )
     assert g.n == 1 and g.metrics() == {"greedy": pytest.approx(3 / 5)}
 
 
 def test_paper_table_layout_and_markdown():
     res = {
-        "grpo": [BenchResult("MATH500", 4, False, [4, 0], [1, 2], 10.0), BenchResult("AIME24", 4, False, [1, 1], [0, 0], 20.0)],
-        "daro": [BenchResult("MATH500", 4, False, [4, 2], [1, 2], 10.0), BenchResult("AIME24", 4, False, [2, 2], [0, 0], 20.0)],
+        "grpo": [
+            BenchResult("MATH500", 4, False, [4, 0], [1, 2], 10.0),
+            BenchResult("AIME24", 4, False, [1, 1], [0, 0], 20.0),
+        ],
+        "daro": [
+            BenchResult("MATH500", 4, False, [4, 2], [1, 2], 10.0),
+            BenchResult("AIME24", 4, False, [2, 2], [0, 0], 20.0),
+        ],
     }
     long = long_table(res)
     assert set(long.metric) == {"avg_at_4", "pass_at_1", "pass_at_2", "pass_at_4"}
@@ -153,7 +195,9 @@ def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     make_model_dir(d / "modelA", arch="qwen2", tie=False, seed=0)
     make_model_dir(d / "modelB", arch="llama", tie=True, pad=False, seed=1)
-    write_jsonl(d / "b1.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1), "level": i % 3} for i in range(5)])
+    write_jsonl(
+        d / "b1.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1), "level": i % 3} for i in range(5)]
+    )
     write_jsonl(d / "b2.jsonl", [{"problem": f"Compute {i}*3.", "answer": i * 3} for i in range(3)])
     return d
 
@@ -164,8 +208,17 @@ def test_trainer_evaluation_runs_the_configured_benchmarks(env):
     from daro_lab.trainer.evaluate import evaluate
     from daro_lab.trainer.setup import load_model_and_tokenizer
 
-    cfg = load_config(None, [f"model.path={env / 'modelA'}", "model.prompt_template=qwen_math", "rollout.max_new_tokens=4",
-                             f"eval.benchmarks=['B1={env / 'b1.jsonl'}']", "eval.k=2", "eval.reward=file"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={env / 'modelA'}",
+            "model.prompt_template=qwen_math",
+            "rollout.max_new_tokens=4",
+            f"eval.benchmarks=['B1={env / 'b1.jsonl'}']",
+            "eval.k=2",
+            "eval.reward=file",
+        ],
+    )
     model, tok = load_model_and_tokenizer(cfg)
     engine = HFEngine(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     problems = [Problem("What is 1+1?", "2", 1)]
@@ -189,8 +242,16 @@ def _fake_training_run(uri: str, model_dir: Path, tmp: Path) -> tuple[str, dict]
 
     from daro_lab.tracking import Tracker
 
-    cfg = load_config(None, [f"model.path={model_dir}", "model.prompt_template=chat", "algo.method=daro",
-                             "tracking.run_name=daro-seed0", "rollout.max_new_tokens=3"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.prompt_template=chat",
+            "algo.method=daro",
+            "tracking.run_name=daro-seed0",
+            "rollout.max_new_tokens=3",
+        ],
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         for p in model.parameters():
@@ -220,17 +281,42 @@ def test_eval_cli_models_and_runs_logged_in_the_paper_layout(env, tmp_path):
     assert tok.template == "chat" and tok.eos_token_id == tok.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tok.pad_token_id == tok.tokenizer.eos_token_id  # no pad token: eos pads
 
-    res = runner.invoke(app, ["eval", "--model", str(env / "modelA"), "--run", run_id,
-                              "--benchmarks", f"B1={env / 'b1.jsonl'}", "--benchmarks", f"B2={env / 'b2.jsonl'}",
-                              "--k", "2", "--set", "eval.reward=file", "--set", "eval.max_new_tokens=3",
-                              "--set", "model.prompt_template=qwen_math", "--device", "cpu", "--tracking-uri", uri])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(env / "modelA"),
+            "--run",
+            run_id,
+            "--benchmarks",
+            f"B1={env / 'b1.jsonl'}",
+            "--benchmarks",
+            f"B2={env / 'b2.jsonl'}",
+            "--k",
+            "2",
+            "--set",
+            "eval.reward=file",
+            "--set",
+            "eval.max_new_tokens=3",
+            "--set",
+            "model.prompt_template=qwen_math",
+            "--device",
+            "cpu",
+            "--tracking-uri",
+            uri,
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "| method | B1 | B2 | Avg |" in res.output
     client, runs = _eval_run_of(uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     r = runs[0]
     assert r.data.tags["daro_lab.eval_of"] == run_id
-    assert r.data.params["policy.modelA"] == f"model:{env / 'modelA'}" and r.data.params["policy.daro-seed0"] == f"run:{run_id}"
+    assert (
+        r.data.params["policy.modelA"] == f"model:{env / 'modelA'}"
+        and r.data.params["policy.daro-seed0"] == f"run:{run_id}"
+    )
     assert {"modelA/B1/avg_at_2", "modelA/B2/pass_at_2", "daro-seed0/avg/avg_at_2"} <= set(r.data.metrics)
     wide = read_table(uri, r.info.run_id, "paper_avg_at_2")
     assert list(wide.columns) == ["method", "B1", "B2", "Avg"] and list(wide.method) == ["modelA", "daro-seed0"]
@@ -293,15 +379,34 @@ def test_eval_of_prompts_the_tokenizer_cannot_encode_names_the_row_and_character
     tok = CharTokenizer()
     build_tiny_model(cfg.model, tok.vocab_size, seed=0).save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    write_jsonl(tmp_path / "accent.jsonl", [{"problem": "1+1=", "answer": "2"}, {"problem": "2+\u00e9=", "answer": "3"}])
+    write_jsonl(
+        tmp_path / "accent.jsonl", [{"problem": "1+1=", "answer": "2"}, {"problem": "2+\u00e9=", "answer": "3"}]
+    )
     write_jsonl(tmp_path / "long.jsonl", [{"problem": "1+" * 40 + "1=", "answer": "41"}])
     uri = f"sqlite:///{env}/mlflow.db"
     before = len(_eval_run_of(uri)[1])
-    for bench, needles in [("accent", ["accent.jsonl: line 2", "character '\u00e9' (U+00E9) at position 3"]),
-                           ("long", ["long.jsonl: line 1", "1 of 1 benchmark B problems are longer than 60 tokens"])]:
-        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "tiny"), "--benchmarks", f"B={tmp_path / bench}.jsonl",
-                                  "--set", "eval.max_new_tokens=4", "--set", "eval.reward=arithmetic", "--device", "cpu",
-                                  "--tracking-uri", uri])
+    for bench, needles in [
+        ("accent", ["accent.jsonl: line 2", "character '\u00e9' (U+00E9) at position 3"]),
+        ("long", ["long.jsonl: line 1", "1 of 1 benchmark B problems are longer than 60 tokens"]),
+    ]:
+        res = runner.invoke(
+            app,
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--benchmarks",
+                f"B={tmp_path / bench}.jsonl",
+                "--set",
+                "eval.max_new_tokens=4",
+                "--set",
+                "eval.reward=arithmetic",
+                "--device",
+                "cpu",
+                "--tracking-uri",
+                uri,
+            ],
+        )
         assert res.exit_code == 2, res.output
         assert all(n in res.output for n in needles), res.output
     assert len(_eval_run_of(uri)[1]) == before
@@ -327,9 +432,28 @@ def test_eval_stopped_by_a_signal_marks_its_run_killed_and_exits_128_plus_n(env,
 
     monkeypatch.setattr(eval_run, "evaluate_on_benchmarks", signalled)
     before = signal.getsignal(getattr(signal, sig))
-    res = runner.invoke(app, ["eval", "--model", str(env / "modelA"), "--benchmarks", f"B1={env / 'b1.jsonl'}",
-                              "--k", "1", "--set", "eval.reward=file", "--set", "eval.max_new_tokens=2",
-                              "--set", "model.prompt_template=qwen_math", "--device", "cpu", "--tracking-uri", uri])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(env / "modelA"),
+            "--benchmarks",
+            f"B1={env / 'b1.jsonl'}",
+            "--k",
+            "1",
+            "--set",
+            "eval.reward=file",
+            "--set",
+            "eval.max_new_tokens=2",
+            "--set",
+            "model.prompt_template=qwen_math",
+            "--device",
+            "cpu",
+            "--tracking-uri",
+            uri,
+        ],
+    )
     assert res.exit_code == 128 + getattr(signal, sig), res.output
     assert f"interrupted ({sig})" in res.output and "marked KILLED" in res.output
     assert signal.getsignal(getattr(signal, sig)) is before  # restored

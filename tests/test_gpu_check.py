@@ -18,11 +18,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_every_part_at_toy_size_on_cpu(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--shape", "tiny", "--device", "cpu",
-           "--steps", "1", "--rows", "16", "--seq", "48", "--prompt", "8", "--chunk", "64",
-           "--rollout-rows", "16", "--rollout-tokens", "4", "--peak-tflops", "1"]
-    p = procs.run(cmd, cwd=tmp_path, timeout=600,
-                  env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks/gpu_check.py"),
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--rows",
+        "16",
+        "--seq",
+        "48",
+        "--prompt",
+        "8",
+        "--chunk",
+        "64",
+        "--rollout-rows",
+        "16",
+        "--rollout-tokens",
+        "4",
+        "--peak-tflops",
+        "1",
+    ]
+    p = procs.run(cmd, cwd=tmp_path, timeout=600, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     ref = re.search(r"reference .*?([\d.]+) s/step, ([\d,]+) tokens/s, MFU ([\d.]+)%", out)

@@ -27,8 +27,15 @@ def test_hoeffding_rows_are_the_naive_loop_over_the_loss_factor():
     old = -torch.rand(P * K, T, generator=g, dtype=torch.float64)
     logp = old + 0.5 * torch.randn(P * K, T, generator=g, dtype=torch.float64)  # ratios past both clips
     adv = compute_advantages(rewards, "group_std").flatten()
-    b = PolicyBatch(logp=logp, old_logp=old, mask=mask, advantages=adv, num_correct=rewards.sum(1).long().repeat_interleave(K),
-                    rewards=rewards.flatten(), prompt_index=torch.arange(P).repeat_interleave(K))
+    b = PolicyBatch(
+        logp=logp,
+        old_logp=old,
+        mask=mask,
+        advantages=adv,
+        num_correct=rewards.sum(1).long().repeat_interleave(K),
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(P).repeat_interleave(K),
+    )
     s = LossSettings(dual_clip=2.0)
     t = loss_terms("dapo", b, K, s)
     view = MiniBatchView(1, 1, K, logp, old, mask, adv, b.num_correct, b.prompt_index, t.metrics, t.factor)

@@ -40,8 +40,11 @@ def _parts():
     from daro_lab.models.tokenizer import CharTokenizer
 
     tok = CharTokenizer()  # loaded explicitly (AutoTokenizer could swap in the model family's tokenizer)
-    model = build_tiny_model(ModelConfig(arch="qwen2", hidden_size=32, intermediate_size=64, num_layers=2,
-                                         num_heads=4, num_kv_heads=2), tok.vocab_size, seed=0)
+    model = build_tiny_model(
+        ModelConfig(arch="qwen2", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
+        tok.vocab_size,
+        seed=0,
+    )
     return model, tok, Dataset.from_dict({"prompt": PROMPTS})
 
 
@@ -57,7 +60,9 @@ class SpyTrainer(DaroGRPOTrainer):
         with torch.no_grad():
             ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
             am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-            logp = GRPOTrainer._get_per_token_logps_and_entropies(self, model, ids, am, inputs["completion_ids"].size(1))[0]
+            logp = GRPOTrainer._get_per_token_logps_and_entropies(
+                self, model, ids, am, inputs["completion_ids"].size(1)
+            )[0]
         loss = super()._compute_loss(model, inputs)
         if not hasattr(self, "spy"):
             self.spy = []
@@ -68,13 +73,30 @@ class SpyTrainer(DaroGRPOTrainer):
 
 def _trainer(tmp_path, loss_type, cls=SpyTrainer, **kw):
     model, tok, ds = _parts()
-    args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                num_generations=K, max_completion_length=8, max_steps=3, num_iterations=2, learning_rate=1e-2,
-                temperature=1.0, logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
-                seed=0, disable_tqdm=True, loss_type=loss_type, lr_scheduler_type="constant")
+    args = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        num_generations=K,
+        max_completion_length=8,
+        max_steps=3,
+        num_iterations=2,
+        learning_rate=1e-2,
+        temperature=1.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        loss_type=loss_type,
+        lr_scheduler_type="constant",
+    )
     args.update(kw)
-    return cls(model=model, reward_funcs=parity_reward, args=DaroGRPOConfig(**args), train_dataset=ds,
-               processing_class=tok)
+    return cls(
+        model=model, reward_funcs=parity_reward, args=DaroGRPOConfig(**args), train_dataset=ds, processing_class=tok
+    )
 
 
 def _rebuilt(trainer, records) -> tuple[PolicyBatch, list[dict]]:
@@ -97,9 +119,17 @@ def _rebuilt(trainer, records) -> tuple[PolicyBatch, list[dict]]:
     for x, logp, ps, r in parts:
         B = len(ps)
         old = x.get("old_per_token_logps")
-        batches.append(PolicyBatch(logp=logp.float(), old_logp=(logp if old is None else old).float(),
-                                   mask=x["completion_mask"].float(), advantages=x["advantages"].float(),
-                                   num_correct=k_of[prompt[n : n + B]], rewards=r, prompt_index=prompt[n : n + B]))
+        batches.append(
+            PolicyBatch(
+                logp=logp.float(),
+                old_logp=(logp if old is None else old).float(),
+                mask=x["completion_mask"].float(),
+                advantages=x["advantages"].float(),
+                num_correct=k_of[prompt[n : n + B]],
+                rewards=r,
+                prompt_index=prompt[n : n + B],
+            )
+        )
         n += B
     return cat_batches(batches), [p[0] for p in parts]
 
@@ -116,7 +146,16 @@ def _check_update(trainer, step: int, method: str, settings: LossSettings) -> tu
     logged = _logged(trainer, step)
     per_mu = [key for key in expected if "/mu_" in key]
     assert per_mu and {key.split("/mu_")[0] for key in per_mu} >= {
-        "loss", "contrib", "scale", "prompts", "tokens", "len_correct", "len_incorrect", "clipfrac_pos", "clipfrac_neg"}
+        "loss",
+        "contrib",
+        "scale",
+        "prompts",
+        "tokens",
+        "len_correct",
+        "len_incorrect",
+        "clipfrac_pos",
+        "clipfrac_neg",
+    }
     for key, v in expected.items():
         assert logged[key] == pytest.approx(v, **TOL), key
     return logged, expected, batch, records
@@ -141,7 +180,9 @@ def test_trl_dapo_metrics_equal_policy_loss_and_read_back_from_mlflow(tmp_path, 
         assert logged["trl/loss"] == pytest.approx(expected["loss/total"] * factor, **TOL)
         for kk, c in group_keys(expected, "contrib").items():
             assert logged[f"trl/contrib/{mu_key(kk, K)}"] == pytest.approx(c * factor, **TOL)
-            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL)
+            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(
+                expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL
+            )
     assert clipped > 0  # the off-policy update clips: the clip fractions were compared where they are not 0
 
     from analyses import select_runs
@@ -170,8 +211,9 @@ def test_trl_dapo_metrics_equal_policy_loss_and_read_back_from_mlflow(tmp_path, 
 def test_trl_grpo_normalisers(tmp_path, loss_type, accum):
     """grpo over two accumulated micro-batches, dr_grpo in one: TRL averages over every completion of the update
     (B x G rows), daro-lab over the kept ones."""
-    trainer = _trainer(tmp_path, loss_type, per_device_train_batch_size=16 // accum, gradient_accumulation_steps=accum,
-                       max_steps=2)
+    trainer = _trainer(
+        tmp_path, loss_type, per_device_train_batch_size=16 // accum, gradient_accumulation_steps=accum, max_steps=2
+    )
     trainer.train()
     settings = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8)
     for step in (1, 2):
@@ -181,7 +223,9 @@ def test_trl_grpo_normalisers(tmp_path, loss_type, accum):
         assert logged["trl/loss"] == pytest.approx(sum(r["loss"] for r in records), **TOL)
         for kk, c in group_keys(expected, "contrib").items():
             assert logged[f"trl/contrib/{mu_key(kk, K)}"] == pytest.approx(c * factor, **TOL)
-            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL)
+            assert logged[f"trl/scale/{mu_key(kk, K)}"] == pytest.approx(
+                expected[f"scale/{mu_key(kk, K)}"] * factor, **TOL
+            )
 
 
 class WatchWeights(SpyTrainer):
@@ -191,14 +235,29 @@ class WatchWeights(SpyTrainer):
         super()._recording_begin(state)
         group = next(g for g in self.optimizer.param_groups if g.get("name") == "daro_weights")
         st = [self.optimizer.state.get(p, {}).get("step") for p in group["params"]]
-        self.at_begin = (self.daro_weights.as_dict(), self.daro_weights.state(), [None if s is None else float(s) for s in st],
-                         group["lr"], group["weight_decay"])
+        self.at_begin = (
+            self.daro_weights.as_dict(),
+            self.daro_weights.state(),
+            [None if s is None else float(s) for s in st],
+            group["lr"],
+            group["weight_decay"],
+        )
 
 
 def test_trl_daro_weights_step_accumulate_exactly_and_survive_a_checkpoint(tmp_path):
-    common = dict(loss_type="daro", per_device_train_batch_size=8, gradient_accumulation_steps=2, num_iterations=1,
-                  daro_lr_w=0.05, daro_reg="auto", daro_signal_ema=0.5, save_strategy="steps", save_steps=2,
-                  lr_scheduler_type="linear", warmup_steps=1)
+    common = dict(
+        loss_type="daro",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_iterations=1,
+        daro_lr_w=0.05,
+        daro_reg="auto",
+        daro_signal_ema=0.5,
+        save_strategy="steps",
+        save_steps=2,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+    )
     first = _trainer(tmp_path, cls=WatchWeights, max_steps=2, **common)
     first.train()
     assert first.at_begin[0] == {k: pytest.approx(1.0) for k in range(1, K)} and first.at_begin[3:] == (0.05, 0.0)
@@ -235,11 +294,26 @@ def test_trl_non_binary_reward_is_a_clear_error(tmp_path):
     from datasets import Dataset
 
     model, tok, _ = _parts()
-    args = DaroGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=K,
-                          max_completion_length=4, max_steps=1, report_to=[], use_cpu=True, bf16=False,
-                          save_strategy="no", disable_tqdm=True, loss_type="dapo")
-    tr = DaroGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.5] * len(completions), args=args,
-                         train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), processing_class=tok)
+    args = DaroGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_generations=K,
+        max_completion_length=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_type="dapo",
+    )
+    tr = DaroGRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.5] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+        processing_class=tok,
+    )
     with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got \[0\.5\].*pass_threshold"):
         tr.train()
     with pytest.raises(ValueError, match="daro_reg"):
@@ -259,8 +333,18 @@ def test_readme_trl_example_runs(tmp_path):
     model, tok, _ = _parts()
 
     def config(**kw):
-        return DaroGRPOConfig(**{**kw, "output_dir": str(tmp_path / "out"), "report_to": [], "use_cpu": True,
-                                 "bf16": False, "max_steps": 1, "logging_steps": 1, "disable_tqdm": True})
+        return DaroGRPOConfig(
+            **{
+                **kw,
+                "output_dir": str(tmp_path / "out"),
+                "report_to": [],
+                "use_cpu": True,
+                "bf16": False,
+                "max_steps": 1,
+                "logging_steps": 1,
+                "disable_tqdm": True,
+            }
+        )
 
     ns = {"model": model, "tokenizer": tok, "DaroGRPOConfig": config, "DaroGRPOTrainer": DaroGRPOTrainer}
     exec(compile(src, "README.md", "exec"), ns)
@@ -270,8 +354,9 @@ def test_readme_trl_example_runs(tmp_path):
 
 def test_trl_daro_grad_signal(tmp_path):
     """DARO's 'grad' reading: the signal of a group is ||grad_theta L_mu|| of the update (one backward per group)."""
-    trainer = _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", daro_lr_w=0.05, max_steps=1,
-                       num_iterations=1)
+    trainer = _trainer(
+        tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", daro_lr_w=0.05, max_steps=1, num_iterations=1
+    )
     trainer.train()
     rows = trainer.per_mu_rows
     signal = "daro/signal" if "daro/signal" in rows[0] else "signal"  # daro-lab's per_mu column, new or legacy
@@ -281,8 +366,17 @@ def test_trl_daro_grad_signal(tmp_path):
     assert any(abs(w - 1.0) > 1e-3 for w in trainer.daro_weights.as_dict().values())
     # the same update in two accumulated micro-batches (daro-lab's update unit: the signal is still the whole
     # update's ||grad L_mu||, from a backward of every micro-batch per group): the same signal, loss and weights
-    split = _trainer(tmp_path, "daro", cls=DaroGRPOTrainer, daro_signal="grad", daro_lr_w=0.05, max_steps=1,
-                     num_iterations=1, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    split = _trainer(
+        tmp_path,
+        "daro",
+        cls=DaroGRPOTrainer,
+        daro_signal="grad",
+        daro_lr_w=0.05,
+        max_steps=1,
+        num_iterations=1,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+    )
     split.train()
     one = {r["k"]: r for r in rows}
     two = {r["k"]: r for r in split.per_mu_rows}
@@ -293,9 +387,17 @@ def test_trl_daro_grad_signal(tmp_path):
     assert split.daro_weights.as_dict() == pytest.approx(trainer.daro_weights.as_dict(), rel=1e-5)
 
 
-@pytest.mark.parametrize("key,value", [("pass_threshold", float("nan")), ("pass_threshold", float("inf")),
-                                       ("daro_lr_w", float("nan")), ("daro_lr_w", float("inf")), ("daro_lr_w", "abc"),
-                                       ("daro_lr_w", -1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("pass_threshold", float("nan")),
+        ("pass_threshold", float("inf")),
+        ("daro_lr_w", float("nan")),
+        ("daro_lr_w", float("inf")),
+        ("daro_lr_w", "abc"),
+        ("daro_lr_w", -1.0),
+    ],
+)
 def test_trl_config_refuses_values_that_would_train_nothing(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"^{key}: expected a finite number"):
         DaroGRPOConfig(output_dir=str(tmp_path), loss_type="daro", use_cpu=True, bf16=False, **{key: value})
@@ -318,12 +420,25 @@ def test_trl_run_that_stops_on_an_error_is_failed_in_mlflow_and_keeps_its_tables
         return parity_reward(completions)
 
     model, tok, ds = _parts()
-    args = DaroGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=K,
-                          max_completion_length=8, max_steps=4, learning_rate=1e-2, logging_steps=1,
-                          report_to=["mlflow"], use_cpu=True, bf16=False, save_strategy="no", seed=0,
-                          disable_tqdm=True, loss_type="dapo")
-    trainer = DaroGRPOTrainer(model=model, reward_funcs=breaks_at_step_3, args=args, train_dataset=ds,
-                              processing_class=tok)
+    args = DaroGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        num_generations=K,
+        max_completion_length=8,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=["mlflow"],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        loss_type="dapo",
+    )
+    trainer = DaroGRPOTrainer(
+        model=model, reward_funcs=breaks_at_step_3, args=args, train_dataset=ds, processing_class=tok
+    )
     with pytest.raises(RuntimeError, match="reward server went away"):
         trainer.train()
     run_id = trainer._mlflow[1]
@@ -352,8 +467,15 @@ def test_trl_daro_runs_every_update_through_daro_labs_update_unit(tmp_path, monk
         return res
 
     monkeypatch.setattr(trl_mod, "backward_minibatch", spy)
-    trainer = _trainer(tmp_path, "daro", per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                       num_iterations=1, max_steps=2, daro_lr_w=0.05)
+    trainer = _trainer(
+        tmp_path,
+        "daro",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_iterations=1,
+        max_steps=2,
+        daro_lr_w=0.05,
+    )
     trainer.train()
     assert [(m, n) for m, n, _ in calls] == [("daro", 2), ("daro", 2)]
     for step, (_, _, total) in zip((1, 2), calls):

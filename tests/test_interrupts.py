@@ -99,7 +99,8 @@ def only_run(uri):
 
 
 def test_interrupt_inside_a_step_discards_it_and_a_resume_elsewhere_matches_the_uninterrupted_run(
-        tmp_path, small_cfg, store, reference, monkeypatch):
+    tmp_path, small_cfg, store, reference, monkeypatch
+):
     """KeyboardInterrupt after the first optimizer step of step 3: the half-done step is not saved (step_000002 stays
     the periodic one), and --resume from another directory continues from it, writing beside it, to the same numbers."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
@@ -297,6 +298,7 @@ def test_ablation_cli_says_what_an_interrupt_did_to_the_running_arm(monkeypatch)
 
     ends = [RunEnd("arm42", "KILLED", 7, "/ck/arm42/step_000007"), RunEnd("arm43", "KILLED", None, None), None]
     for end in ends:
+
         def stopped(*a, end=end, **k):
             e = KeyboardInterrupt()
             if end is not None:
@@ -317,6 +319,7 @@ def test_ablation_cli_says_what_an_interrupt_did_to_the_running_arm(monkeypatch)
 
 def test_sigterm_to_an_ablation_exits_143_between_arms_too(monkeypatch):
     """SIGTERM while the sweep is between arms (no train() handling signals): the sweep stops, exit 128 + 15."""
+
     def between_arms(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the sweep")
@@ -385,15 +388,29 @@ def test_a_lock_read_while_its_owner_writes_it_always_names_the_owner(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_of_a_run_that_a_live_process_trains_is_refused_and_sighup_marks_it_killed(tmp_path, small_env, store,
-                                                                                         wait_for_checkpoint):
+def test_resume_of_a_run_that_a_live_process_trains_is_refused_and_sighup_marks_it_killed(
+    tmp_path, small_env, store, wait_for_checkpoint
+):
     """`daro-lab train` in a subprocess: a second writer is refused while it runs; SIGHUP (the terminal closed)
     stops it with exit 129, the run KILLED, its lock released and the message saying where it resumes."""
-    sets = [x for o in [*small_env, "trainer.steps=1000", "trainer.checkpoint_every=2", f"tracking.uri={store}",
-                        f"trainer.checkpoint_dir={tmp_path}/ckpt"] for x in ("--set", o)]
-    with procs.started([sys.executable, "-m", "daro_lab.cli", "train", *sets], cwd=tmp_path,
-                       env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    sets = [
+        x
+        for o in [
+            *small_env,
+            "trainer.steps=1000",
+            "trainer.checkpoint_every=2",
+            f"tracking.uri={store}",
+            f"trainer.checkpoint_dir={tmp_path}/ckpt",
+        ]
+        for x in ("--set", o)
+    ]
+    with procs.started(
+        [sys.executable, "-m", "daro_lab.cli", "train", *sets],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
         run_id, root = wait_for_checkpoint(open_client(store), "attributes.status = 'RUNNING'", proc, 2)
         with pytest.raises(RunLockedError, match=f"being trained by another process, pid {proc.pid}"):
             train(resume=run_id, progress=False, tracking_uri=store)
@@ -420,8 +437,9 @@ def test_bad_model_path_and_empty_resume_exit_2_naming_them_with_no_run(tmp_path
     w = truncated / "model.safetensors"
     w.write_bytes(w.read_bytes()[:200])
     for path in (not_a_model, truncated):
-        res = runner.invoke(app, ["train", "--set", f"model.path={path}", "--set", "trainer.steps=1",
-                                  "--tracking-uri", store])
+        res = runner.invoke(
+            app, ["train", "--set", f"model.path={path}", "--set", "trainer.steps=1", "--tracking-uri", store]
+        )
         assert res.exit_code == 2 and f"model.path '{path}'" in res.output and "FAILED" not in res.output, res.output
     res = runner.invoke(app, ["train", "--resume", "", "--tracking-uri", store])
     assert res.exit_code == 2 and "--resume needs the id" in res.output, res.output
@@ -435,8 +453,15 @@ def test_bad_model_path_and_empty_resume_exit_2_naming_them_with_no_run(tmp_path
 
 def test_bad_checkpoints_are_named_without_unsafe_advice(tmp_path):
     model = torch.nn.Linear(2, 2)
-    state = {"step": 1, "cursor": 0, "order": torch.arange(3), "optimizer": {}, "weights": {},
-             "rollout_gen": torch.Generator().get_state(), "data_gen": torch.Generator().get_state()}
+    state = {
+        "step": 1,
+        "cursor": 0,
+        "order": torch.arange(3),
+        "optimizer": {},
+        "weights": {},
+        "rollout_gen": torch.Generator().get_state(),
+        "data_gen": torch.Generator().get_state(),
+    }
     good = save_checkpoint(tmp_path / "good", model, state, {"step": 1})
     assert load_checkpoint(good, model)["step"] == 1
 
@@ -457,8 +482,10 @@ def test_bad_checkpoints_are_named_without_unsafe_advice(tmp_path):
 
     assert "refused, never executed" in broken("tampered", lambda d: torch.save({"x": Evil()}, d / "state.pt"))
     assert "model.safetensors: " in broken(
-        "truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:20]))
+        "truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:20])
+    )
     assert "state.pt is not a complete torch.save file" in broken(
-        "cut", lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:-300]))
+        "cut", lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:-300])
+    )
     assert "lacks 'rng'" in broken("no_rng", lambda d: torch.save(state, d / "state.pt"))
     assert "missing" in broken("missing", lambda d: (d / "state.pt").unlink())

@@ -43,9 +43,14 @@ def make_batch(method, rewards, mask, logp, old, ref=None, std="unbiased"):
     P, K = rewards.shape
     adv = compute_advantages(rewards, METHODS[method].advantage, std=std)
     return PolicyBatch(
-        logp=logp, old_logp=old, mask=mask, advantages=adv.flatten(),
-        num_correct=rewards.sum(1).long().repeat_interleave(K), rewards=rewards.flatten(),
-        prompt_index=torch.arange(P).repeat_interleave(K), ref_logp=ref,
+        logp=logp,
+        old_logp=old,
+        mask=mask,
+        advantages=adv.flatten(),
+        num_correct=rewards.sum(1).long().repeat_interleave(K),
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(P).repeat_interleave(K),
+        ref_logp=ref,
     )
 
 
@@ -107,9 +112,18 @@ def naive_loss(method, rewards, mask, logp, old, ref, s: LossSettings, w=None, e
             continue
         L = sum(toks) / len(toks)
         wk = w[k - 1]
-        sig = naive_signal(s, L.item(), [(A[p * K + i], naive_factor(A[p * K + i], logp[p * K + i, t], old[p * K + i, t], s))
-                                         for p in kept if sum(r[p]) == k for i in range(K) for t in range(T)
-                                         if mask[p * K + i, t] > 0])
+        sig = naive_signal(
+            s,
+            L.item(),
+            [
+                (A[p * K + i], naive_factor(A[p * K + i], logp[p * K + i, t], old[p * K + i, t], s))
+                for p in kept
+                if sum(r[p]) == k
+                for i in range(K)
+                for t in range(T)
+                if mask[p * K + i, t] > 0
+            ],
+        )
         wd = wk.detach()
         total = total + wd * L + (wk - wd) * sig - float(s.reg) * torch.log(wk)
     return total
@@ -212,9 +226,13 @@ def fixed_batch(K, L_target, T=4):
     n = len(ks)
     adv = torch.tensor([-L_target[k] for k in ks], dtype=DT)  # at rho = 1, l = -A on every token
     return PolicyBatch(
-        logp=torch.zeros(n, T, dtype=DT), old_logp=torch.zeros(n, T, dtype=DT),
-        mask=torch.ones(n, T, dtype=DT), advantages=adv, num_correct=torch.tensor(ks),
-        rewards=torch.ones(n, dtype=DT), prompt_index=torch.arange(n),
+        logp=torch.zeros(n, T, dtype=DT),
+        old_logp=torch.zeros(n, T, dtype=DT),
+        mask=torch.ones(n, T, dtype=DT),
+        advantages=adv,
+        num_correct=torch.tensor(ks),
+        rewards=torch.ones(n, dtype=DT),
+        prompt_index=torch.arange(n),
     )
 
 
@@ -295,15 +313,21 @@ def test_all_padding_response_is_defined(method):
     logp[1] = float("nan")  # whatever sits in padding must not leak
     logp.requires_grad_()
     w = torch.ones(3, dtype=DT, requires_grad=True) if METHODS[method].weights != "none" else None
-    loss, m = policy_loss(method, make_batch(method, rewards, mask, logp, old), 4,
-                          LossSettings(max_response_length=5), weights=w)
+    loss, m = policy_loss(
+        method, make_batch(method, rewards, mask, logp, old), 4, LossSettings(max_response_length=5), weights=w
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
     assert m["batch/empty_responses"] == float((mask.sum(1) == 0).sum()) >= 1
     # every response empty: a zero loss, still differentiable, no NaN
     logp2 = old.clone().requires_grad_()
-    loss2, m2 = policy_loss(method, make_batch(method, rewards, torch.zeros_like(mask), logp2, old), 4,
-                            LossSettings(max_response_length=5), weights=w)
+    loss2, m2 = policy_loss(
+        method,
+        make_batch(method, rewards, torch.zeros_like(mask), logp2, old),
+        4,
+        LossSettings(max_response_length=5),
+        weights=w,
+    )
     loss2.backward()
     assert loss2.item() == 0.0 and m2["batch/tokens"] == 0.0
 
@@ -315,8 +339,13 @@ def test_every_prompt_solved_or_failed_gives_zero_loss_and_counts(method):
     mask = torch.ones(3 * K, 3, dtype=DT)
     logp = torch.full((3 * K, 3), -1.0, dtype=DT, requires_grad=True)
     w = torch.ones(K - 1, dtype=DT, requires_grad=True) if METHODS[method].weights != "none" else None
-    loss, m = policy_loss(method, make_batch(method, rewards, mask, logp, logp.detach() - 0.1), K,
-                          LossSettings(max_response_length=3), weights=w)
+    loss, m = policy_loss(
+        method,
+        make_batch(method, rewards, mask, logp, logp.detach() - 0.1),
+        K,
+        LossSettings(max_response_length=3),
+        weights=w,
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logp.grad == 0)
     assert m["batch/prompts"] == 3.0 and not m.keys() & {"batch/prompts_mu0", "batch/prompts_mu1"}
@@ -386,11 +415,27 @@ def _split_setup(method, seed):
 
     def part(rows):
         if rows is None:
-            b = PolicyBatch(logp[:K].clone(), old[:K], torch.zeros(K, T, dtype=DT), torch.zeros(K, dtype=DT),
-                            torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=DT), torch.full((K,), -1), ref[:K])
+            b = PolicyBatch(
+                logp[:K].clone(),
+                old[:K],
+                torch.zeros(K, T, dtype=DT),
+                torch.zeros(K, dtype=DT),
+                torch.zeros(K, dtype=torch.long),
+                torch.zeros(K, dtype=DT),
+                torch.full((K,), -1),
+                ref[:K],
+            )
         else:
-            b = PolicyBatch(logp[rows].clone(), old[rows], mask[rows], full.advantages[rows], full.num_correct[rows],
-                            full.rewards[rows], full.prompt_index[rows], ref[rows])
+            b = PolicyBatch(
+                logp[rows].clone(),
+                old[rows],
+                mask[rows],
+                full.advantages[rows],
+                full.num_correct[rows],
+                full.rewards[rows],
+                full.prompt_index[rows],
+                ref[rows],
+            )
         b.logp.requires_grad_(True)
         return b
 
@@ -532,7 +577,7 @@ def naive_running(signals: list[dict[int, float]], beta: float, decay: float = 0
             n[k] = n.get(k, 0) + 1
             eff[k] = m[k] / (1 - beta ** n[k])
         rm, rn = decay * rm + (1 - decay) * sum(abs(v) for v in eff.values()) / len(eff), rn + 1
-        out.append((eff, rm / (1 - decay ** rn)))
+        out.append((eff, rm / (1 - decay**rn)))
     return out
 
 

@@ -113,10 +113,19 @@ def test_a_crashing_worker_scores_zero_and_the_others_are_rescored():
 
 def test_math_task_builds_from_files_and_rewards(tmp_path):
     f = tmp_path / "train.jsonl"
-    f.write_text("".join(json.dumps({"problem": f"What is {i}/2?", "solution": f"It is $\\boxed{{\\frac{{{i}}}{{2}}}}$"})
-                         + "\n" for i in range(1, 11)))
+    f.write_text(
+        "".join(
+            json.dumps({"problem": f"What is {i}/2?", "solution": f"It is $\\boxed{{\\frac{{{i}}}{{2}}}}$"}) + "\n"
+            for i in range(1, 11)
+        )
+    )
     task = get_task("math")
     train, ev = task.build(TaskConfig(name="math", train_file=str(f), num_eval=2, reward_workers=1, reward_timeout_s=5))
     assert len(train) == 8 and len(ev) == 2 and train[0].answer.startswith("\\frac{")
     assert math_task._ACTIVE is math_task.get_pool(1, 5.0)  # built and started with the config's settings
-    assert task.reward_batch(["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{2}", "1/2"], ["\\frac{1}{2}"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert task.reward_batch(["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{2}", "1/2"], ["\\frac{1}{2}"] * 4) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]

@@ -33,8 +33,16 @@ def test_every_paper_config_dry_runs(path, monkeypatch):
     monkeypatch.chdir(PAPER.parents[1])  # configs name repo-relative arch files
     res = runner.invoke(app, ["train", "--config", str(path), "--dry-run"])
     assert res.exit_code == 0, res.output
-    for needle in ("daro-lab dry run", "parameters", "weights", "AdamW states (2 x fp32)", "activations, no checkpointing",
-                   "activations, gradient checkpointing", "log-prob logits, unchunked", "log-prob logits, chunks of"):
+    for needle in (
+        "daro-lab dry run",
+        "parameters",
+        "weights",
+        "AdamW states (2 x fp32)",
+        "activations, no checkpointing",
+        "activations, gradient checkpointing",
+        "log-prob logits, unchunked",
+        "log-prob logits, chunks of",
+    ):
         assert needle in res.output, res.output
 
 
@@ -71,12 +79,34 @@ def test_paper_hyperparameters_and_architectures(model, monkeypatch):
 
 
 def test_dry_run_prefers_the_models_own_config_json(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True,
-        "max_position_embeddings": 512}))
-    res = runner.invoke(app, ["train", "--config", str(PAPER / "qwen2.5-math-7b" / "daro.toml"), "--dry-run",
-                              "--set", f"model.path={tmp_path}", "--set", "rollout.max_new_tokens=100"])
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 1000,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 512,
+            }
+        )
+    )
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(PAPER / "qwen2.5-math-7b" / "daro.toml"),
+            "--dry-run",
+            "--set",
+            f"model.path={tmp_path}",
+            "--set",
+            "rollout.max_new_tokens=100",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert f"from {tmp_path}/config.json" in res.output and "3 layers" in res.output
     res = runner.invoke(app, ["train", "--dry-run", "--set", f"model.path={tmp_path / 'nothing'}"])
@@ -106,18 +136,28 @@ def test_the_memory_plan_of_an_fsdp_job_shards_the_training_state(model, monkeyp
     unsplit = plan(load_config(PAPER / model / "daro.toml", ["trainer.micro_batch_prompts=0"]), gpus=8)
     if unsplit.gib["update_peak_as_configured"] > 80:  # 7B, 8B: the plan says how to split
         assert any("set trainer.micro_batch_prompts" in note for note in unsplit.notes), unsplit.notes
-    assert unsplit.seqs == 64 // 8 * 8 and unsplit.gib["update_peak_as_configured"] > eight.gib["update_peak_as_configured"]
-    assert eight.gib["weights"] == pytest.approx(P * 4 / 8 / GIB) and eight.gib["gradients"] == pytest.approx(P * 4 / 8 / GIB)
+    assert (
+        unsplit.seqs == 64 // 8 * 8
+        and unsplit.gib["update_peak_as_configured"] > eight.gib["update_peak_as_configured"]
+    )
+    assert eight.gib["weights"] == pytest.approx(P * 4 / 8 / GIB) and eight.gib["gradients"] == pytest.approx(
+        P * 4 / 8 / GIB
+    )
     assert eight.gib["adamw_states_fp32"] == pytest.approx(P * 8 / 8 / GIB)
     assert "generation_copy" not in eight.gib  # vLLM syncs from the shards; it holds its own copy
     assert cfg.rollout.engine == "vllm" and eight.gib["vllm_reserved"] == pytest.approx(0.3 * 80)  # colocated
     hf = [plan(load_config(PAPER / model / "daro.toml", ["rollout.engine=hf"]), gpus=g) for g in (1, 8)]
-    assert hf[1].gib["rollout_kv_cache"] == pytest.approx(hf[0].gib["rollout_kv_cache"] / 8) and "vllm_reserved" not in hf[1].gib
+    assert (
+        hf[1].gib["rollout_kv_cache"] == pytest.approx(hf[0].gib["rollout_kv_cache"] / 8)
+        and "vllm_reserved" not in hf[1].gib
+    )
     assert hf[1].gib["generation_copy"] == pytest.approx(P * 2 / GIB)  # the transformers engine's bf16 copy
     assert not any("round away" in n or "exceed one" in n for n in eight.notes)  # fp32 masters, sharded
     if P > 5e9:
         assert any("exceed one" in n for n in one.notes)
     res = runner.invoke(app, ["train", "--config", str(PAPER / model / "daro.toml"), "--dry-run", "--gpus", "8"])
-    assert res.exit_code == 0 and "one GPU of 8 (FSDP)" in res.output and "fp32 master, 1/8 shard" in res.output, res.output
+    assert res.exit_code == 0 and "one GPU of 8 (FSDP)" in res.output and "fp32 master, 1/8 shard" in res.output, (
+        res.output
+    )
     ddp = plan(load_config(PAPER / model / "daro.toml", ["trainer.parallel=ddp"]), gpus=8)
     assert not ddp.fsdp and ddp.gib["weights"] == one.gib["weights"]

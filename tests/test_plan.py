@@ -23,8 +23,9 @@ def reference(P, mbp, mp, world, rank):
     return out
 
 
-@pytest.mark.parametrize("P,mbp,mp,world", list(itertools.product([0, 1, 5, 9, 16], [1, 3, 4, 16], [0, 1, 2, 3],
-                                                                      [1, 2, 3])))
+@pytest.mark.parametrize(
+    "P,mbp,mp,world", list(itertools.product([0, 1, 5, 9, 16], [1, 3, 4, 16], [0, 1, 2, 3], [1, 2, 3]))
+)
 def test_plan_covers_every_prompt_once_in_step_with_every_rank(P, mbp, mp, world):
     plans = [plan_minibatches(P, mbp, mp, world, r) for r in range(world)]
     assert len({len(p) for p in plans}) == 1 and len(plans[0]) == -(-P // mbp)

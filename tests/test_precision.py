@@ -10,8 +10,12 @@ def _trainer(small_env, *extra):
     from daro_lab.config import load_config
     from daro_lab.trainer.loop import Trainer
 
-    return Trainer(load_config(None, [*small_env, "model.dtype=bfloat16", "algo.method=daro", "trainer.lr=1e-6",
-                                      "trainer.grad_clip=0", *extra]))
+    return Trainer(
+        load_config(
+            None,
+            [*small_env, "model.dtype=bfloat16", "algo.method=daro", "trainer.lr=1e-6", "trainer.grad_clip=0", *extra],
+        )
+    )
 
 
 def _moved(t, before) -> int:
@@ -46,7 +50,7 @@ def test_bf16_policy_trains_on_fp32_masters_and_generates_from_a_bf16_copy(small
 
 def test_mixed_precision_checkpoints_hold_the_fp32_masters(small_env, tmp_path):
     t = _trainer(small_env)
-    (roll, rewards), = batches(t, 1)
+    ((roll, rewards),) = batches(t, 1)
     t.update(1, roll, rewards)
     t.save(tmp_path / "ck")
     resumed = _trainer(small_env)

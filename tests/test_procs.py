@@ -24,8 +24,10 @@ def _alive(pid: int) -> bool:
 def test_a_timed_out_command_loses_its_whole_tree_even_a_child_in_a_session_of_its_own(tmp_path):
     """As torchrun's ranks: a grandchild started with setsid, outside the child's process group."""
     pidfile = tmp_path / "grandchild"
-    code = (f"import subprocess, time; p = subprocess.Popen(['setsid', 'sleep', '300']); "
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    code = (
+        f"import subprocess, time; p = subprocess.Popen(['setsid', 'sleep', '300']); "
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(300)"
+    )
     try:
         procs.run([sys.executable, "-c", code], timeout=3)
     except subprocess.TimeoutExpired:
@@ -45,9 +47,13 @@ def test_a_session_that_leaves_a_process_running_fails_and_names_it(tmp_path):
         "import subprocess\n"
         "def test_leaks():\n"
         f"    p = subprocess.Popen(['setsid', 'sleep', '300'])\n"
-        f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n")
-    r = procs.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_leak.py")],
-                  timeout=120, cwd=tmp_path)
+        f"    open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+    )
+    r = procs.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_leak.py")],
+        timeout=120,
+        cwd=tmp_path,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "1 passed" in out, out[-2000:]
     assert "left running (killed now)" in out and "sleep 300" in out, out[-2000:]

@@ -75,8 +75,15 @@ def test_load_components_applies_dtype_template_checkpointing(tmp_path):
     from daro_lab.trainer.setup import load_model_and_tokenizer
 
     make_model_dir(tmp_path / "m", arch="qwen2")
-    cfg = load_config(None, [f"model.path={tmp_path / 'm'}", "model.dtype=auto", "model.prompt_template=qwen_math",
-                             "model.gradient_checkpointing=true"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tmp_path / 'm'}",
+            "model.dtype=auto",
+            "model.prompt_template=qwen_math",
+            "model.gradient_checkpointing=true",
+        ],
+    )
     model, tok = load_model_and_tokenizer(cfg)
     assert next(model.parameters()).dtype == torch.float32  # 'auto' on CPU
     assert isinstance(tok, PromptTokenizer) and tok.template == "qwen_math"
@@ -95,8 +102,16 @@ def test_trainer_passes_the_logprob_chunk_size(monkeypatch):
     monkeypatch.setattr(policy, "sequence_logprobs", lambda *a, **kw: seen.append(kw["chunk_size"]))
     s = SimpleNamespace(prompt_ids=None, prompt_mask=None, response_ids=None, response_mask=None)
     for chunk, want in ((0, None), (512, 512)):
-        fake = SimpleNamespace(cfg=load_config(None, [f"model.logprob_chunk_size={chunk}"]), K=8, model=None,
-                               ref_model=None, forward=None, fsdp=False, autocast=None, device=torch.device("cpu"))
+        fake = SimpleNamespace(
+            cfg=load_config(None, [f"model.logprob_chunk_size={chunk}"]),
+            K=8,
+            model=None,
+            ref_model=None,
+            forward=None,
+            fsdp=False,
+            autocast=None,
+            device=torch.device("cpu"),
+        )
         policy.Policy.logprobs(fake, s)
         assert seen[-1] == want
     with pytest.raises(ConfigError, match="model.logprob_chunk_size"):

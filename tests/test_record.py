@@ -18,15 +18,38 @@ def test_group_keys_round_trip_and_reject_lookalikes():
 
 
 def test_per_mu_rows_carry_the_metric_names():
-    m = {"loss/mu_1of4": 0.1, "contrib/mu_1of4": 0.2, "daro/weight/mu_1of4": 1.5, "daro/wS/mu_1of4": 0.9,
-         "prompts/mu_1of4": 2.0, "scale/mu_2of4": 0.5, "daro/reg": 0.7, "loss/total": 0.3}
+    m = {
+        "loss/mu_1of4": 0.1,
+        "contrib/mu_1of4": 0.2,
+        "daro/weight/mu_1of4": 1.5,
+        "daro/wS/mu_1of4": 0.9,
+        "prompts/mu_1of4": 2.0,
+        "scale/mu_2of4": 0.5,
+        "daro/reg": 0.7,
+        "loss/total": 0.3,
+    }
     rows = record.per_mu_rows(m, 4, step=5, minibatch=1)
-    assert rows == [{"step": 5, "minibatch": 1, "k": 1, "K": 4, "mu": 0.25, "loss": 0.1, "contrib": 0.2,
-                     "daro/weight": 1.5, "daro/wS": 0.9, "prompts": 2.0, "reg": 0.7}]  # k=2 has no loss: no row
+    assert rows == [
+        {
+            "step": 5,
+            "minibatch": 1,
+            "k": 1,
+            "K": 4,
+            "mu": 0.25,
+            "loss": 0.1,
+            "contrib": 0.2,
+            "daro/weight": 1.5,
+            "daro/wS": 0.9,
+            "prompts": 2.0,
+            "reg": 0.7,
+        }
+    ]  # k=2 has no loss: no row
 
 
 def test_older_runs_columns_are_renamed_and_table_only_keys_are_known():
-    old = pd.DataFrame({"step": [1], "k": [1], "L": [0.1], "C": [0.2], "S": [0.3], "w": [1.1], "wL": [0.11], "G": [2.0]})
+    old = pd.DataFrame(
+        {"step": [1], "k": [1], "L": [0.1], "C": [0.2], "S": [0.3], "w": [1.1], "wL": [0.11], "G": [2.0]}
+    )
     new = record.normalise_per_mu(old)
     assert list(new.columns) == ["step", "k", "loss", "contrib", "scale", "daro/weight", "daro/wL", "gradnorm"]
     assert record.normalise_per_mu(new) is new  # current tables pass through
@@ -35,7 +58,12 @@ def test_older_runs_columns_are_renamed_and_table_only_keys_are_known():
 
 
 def test_wide_frame_of_one_quantity():
-    long = pd.DataFrame({"key": ["daro/wS/mu_1of4", "daro/wS/mu_2of4", "daro/wS/mu_1of4", "loss/mu_1of4"],
-                         "step": [1, 1, 2, 1], "value": [0.9, 1.1, 1.0, 5.0]})
+    long = pd.DataFrame(
+        {
+            "key": ["daro/wS/mu_1of4", "daro/wS/mu_2of4", "daro/wS/mu_1of4", "loss/mu_1of4"],
+            "step": [1, 1, 2, 1],
+            "value": [0.9, 1.1, 1.0, 5.0],
+        }
+    )
     w = record.wide(long, "daro/wS")
     assert w.loc[1].to_dict() == {1: 0.9, 2: 1.1} and w.loc[2, 1] == 1.0 and len(record.wide(long, "nope")) == 0

@@ -18,8 +18,14 @@ PAD, EOS, V = 0, 1, 20
 def _model(arch: str = "llama", seed: int = 0, eos_bias: float | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     kw = dict(
-        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=256, max_position_embeddings=64, initializer_range=0.2,  # peaky, well-separated logits
+        vocab_size=V,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # peaky, well-separated logits
     )
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
@@ -55,7 +61,7 @@ def _check_layout(b: RolloutBatch, prompts: list[list[int]], k: int, max_new: in
     assert torch.equal(b.prompt_index, torch.arange(n).repeat_interleave(k))
     for i, p in enumerate(prompts):
         for r in range(i * k, i * k + k):
-            assert b.prompt_ids[r, P - len(p):].tolist() == p
+            assert b.prompt_ids[r, P - len(p) :].tolist() == p
             assert (b.prompt_ids[r, : P - len(p)] == PAD).all()
             assert b.prompt_mask[r].tolist() == [False] * (P - len(p)) + [True] * len(p)
     T = b.response_ids.shape[1]
@@ -149,8 +155,14 @@ def test_generate_logprobs_match_teacher_forced(arch, temperature, top_p, eos_bi
         )
         variants = {
             (chunk, group): sequence_logprobs(
-                model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, temperature=temperature,
-                chunk_size=chunk, group_size=group,
+                model,
+                b.prompt_ids,
+                b.prompt_mask,
+                b.response_ids,
+                b.response_mask,
+                temperature=temperature,
+                chunk_size=chunk,
+                group_size=group,
             )
             for chunk in (None, 5)
             for group in (None, 4)
@@ -185,7 +197,13 @@ def test_chunked_and_shared_prompt_equal_plain_with_gradients():
     def grads(chunk, group=None):
         model.zero_grad()
         lp = sequence_logprobs(
-            model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, temperature=0.9, chunk_size=chunk,
+            model,
+            b.prompt_ids,
+            b.prompt_mask,
+            b.response_ids,
+            b.response_mask,
+            temperature=0.9,
+            chunk_size=chunk,
             group_size=group,
         )
         (lp * w).sum().backward()

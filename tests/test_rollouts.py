@@ -92,8 +92,23 @@ def test_loss_scale_on_the_dump_is_the_real_loss_of_each_step():
 
 def test_cli_writes_figures_and_tables(tmp_path):
     out = tmp_path / "report"
-    res = CliRunner().invoke(app, ["analyze-rollouts", str(VERL), "--format", "verl", "--out", str(out),
-                                   "--updates", "12", "--reading", "abs:1", "--reading", "mass:auto"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "analyze-rollouts",
+            str(VERL),
+            "--format",
+            "verl",
+            "--out",
+            str(out),
+            "--updates",
+            "12",
+            "--reading",
+            "abs:1",
+            "--reading",
+            "mass:auto",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for name in ("rollouts.png", "rollouts.pdf", "rollouts.svg", "simulate/simulate.png"):
         assert (out / name).is_file(), name
@@ -116,8 +131,9 @@ def test_generic_jsonl_and_parquet_tables(tmp_path):
     for step in (1, 2):
         for p, k in enumerate([1, 3, 0]):
             for j in range(K):
-                rows.append({"step": step, "prompt_id": f"q{p}", "response_length": 10 + 5 * (j >= k) + j,
-                             "reward": int(j < k)})
+                rows.append(
+                    {"step": step, "prompt_id": f"q{p}", "response_length": 10 + 5 * (j >= k) + j, "reward": int(j < k)}
+                )
     pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     a = read_rollouts(tmp_path / "t.parquet", "parquet")
@@ -136,8 +152,9 @@ def test_tokenizer_lengths(tmp_path):
     CharTokenizer().save_pretrained(tmp_path / "tok")
     dump = tmp_path / "dump"
     dump.mkdir()
-    entries = [{"input": "1+2=", "output": out, "score": float(out == "3"), "step": 1}
-               for out in ("3", "3", "12", "4 4")]
+    entries = [
+        {"input": "1+2=", "output": out, "score": float(out == "3"), "step": 1} for out in ("3", "3", "12", "4 4")
+    ]
     (dump / "1.jsonl").write_text("\n".join(json.dumps(e) for e in entries) + "\n")
     d = read_rollouts(dump, "verl", tokenizer=tmp_path / "tok")
     assert d.responses.length.tolist() == [1.0, 1.0, 2.0, 3.0] and d.length_unit.startswith("tokens")
@@ -162,15 +179,18 @@ def _edit(at_step: int, line: int, **change) -> str:
     return json.dumps({k: v for k, v in e.items() if v is not ...})
 
 
-@pytest.mark.parametrize("step,line,new,message", [
-    (2, 3, '{"input": "oops", ', r"2\.jsonl:3: not valid JSON"),
-    (2, 5, "missing", r"2\.jsonl:5: missing field 'score' \(the response's reward\)"),
-    (2, 5, "nan", r"2\.jsonl:5: field 'score' \(the response's reward\) is NaN"),
-    (2, 4, "latin1", r"2\.jsonl:4: not UTF-8 text \(byte 0xe9"),
-    (2, 7, "half", r"2\.jsonl:7: reward 'score' = 0\.5 is not 0 or 1.*--threshold"),
-    (3, 2, "step", r"3\.jsonl:2: field 'step' \(the step\) must be an integer, got 'two'"),
-    (2, 9, None, r"2\.jsonl:\d+: the prompt of this response has 3 responses at step 2, the others 4"),
-])
+@pytest.mark.parametrize(
+    "step,line,new,message",
+    [
+        (2, 3, '{"input": "oops", ', r"2\.jsonl:3: not valid JSON"),
+        (2, 5, "missing", r"2\.jsonl:5: missing field 'score' \(the response's reward\)"),
+        (2, 5, "nan", r"2\.jsonl:5: field 'score' \(the response's reward\) is NaN"),
+        (2, 4, "latin1", r"2\.jsonl:4: not UTF-8 text \(byte 0xe9"),
+        (2, 7, "half", r"2\.jsonl:7: reward 'score' = 0\.5 is not 0 or 1.*--threshold"),
+        (3, 2, "step", r"3\.jsonl:2: field 'step' \(the step\) must be an integer, got 'two'"),
+        (2, 9, None, r"2\.jsonl:\d+: the prompt of this response has 3 responses at step 2, the others 4"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, step, line, new, message):
     if new == "missing":
         new = _edit(step, line, score=...)
@@ -208,23 +228,31 @@ def test_dapo_recipe_scores_and_parquet_rows(tmp_path):
     dapo = FIXTURES / "verl_dapo"
     with pytest.raises(RolloutError, match=r"5\.jsonl:\d+: reward 'score' = -1\.0 is not 0 or 1.*'acc'"):
         read_rollouts(dapo, "verl")
-    d = read_rollouts(dapo, "verl", fields=Fields(step="step", prompt="input", response="output", length=None,
-                                                    reward="acc", prompt_fallback=None))
+    d = read_rollouts(
+        dapo,
+        "verl",
+        fields=Fields(step="step", prompt="input", response="output", length=None, reward="acc", prompt_fallback=None),
+    )
     assert sorted(d.groups.k) == [1, 3]
     assert sorted(read_rollouts(dapo, "verl", threshold=0.0).groups.k) == [1, 3]
-    res = CliRunner().invoke(app, ["analyze-rollouts", str(dapo), "--reward-field", "acc", "--no-simulate",
-                                   "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app, ["analyze-rollouts", str(dapo), "--reward-field", "acc", "--no-simulate", "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 0, res.output
-    bad = pd.DataFrame({"step": [1] * 4, "prompt_id": ["a"] * 4, "response_length": [3, 4, math.nan, 5],
-                        "reward": [1, 0, 0, 1]})
+    bad = pd.DataFrame(
+        {"step": [1] * 4, "prompt_id": ["a"] * 4, "response_length": [3, 4, math.nan, 5], "reward": [1, 0, 0, 1]}
+    )
     bad.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(RolloutError, match=r"bad\.parquet:row 3: missing field 'response' or 'response_length'"):
         read_rollouts(tmp_path / "bad.parquet", "parquet")
     for huge in (math.inf, 1e300):
         bad.response_length = [3, 4, huge, 5]
         bad.to_parquet(tmp_path / "bad.parquet")
-        with pytest.raises(RolloutError, match=r"bad\.parquet:row 3: field 'response_length' \(the response length\) "
-                                               r"must be a number in \[0, 1e\+07\], got "):
+        with pytest.raises(
+            RolloutError,
+            match=r"bad\.parquet:row 3: field 'response_length' \(the response length\) "
+            r"must be a number in \[0, 1e\+07\], got ",
+        ):
             read_rollouts(tmp_path / "bad.parquet", "parquet")
 
 

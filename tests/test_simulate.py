@@ -36,6 +36,7 @@ def test_baseline_shapes_follow_the_given_lengths():
     """Lengths that differ between right and wrong answers but not across mu leave DAPO on its equal-length
     shape (the length factor is common to all groups); lengths that change with mu move it off, onto the
     length-corrected shape. GRPO stays on its shape in both."""
+
     def shares(lc, lw):
         s = simulate(SimConfig(len_correct=lc, len_wrong=lw, prompts=64, updates=20, readings=[], len_cv=0.0)).summary()
         return s.set_index(["run", "k"])
@@ -57,8 +58,17 @@ def test_which_readings_reach_their_fixed_point():
     far from it; the 'mass' reading with C = 'auto' (fixed points near 1) gets six of seven groups to within 1%,
     the seventh (w* ~ 1.76, |ln w*| 0.56: at the edge of the reach) to within 15%."""
     assert reach_limit(1e-3, 600) == pytest.approx(0.6)
-    s = simulate(SimConfig(len_correct=LC, len_wrong=LW, prompts=16, updates=600, readings=["abs:1", "mass:auto"], methods=[],
-                           lr_w=1e-3)).summary()
+    s = simulate(
+        SimConfig(
+            len_correct=LC,
+            len_wrong=LW,
+            prompts=16,
+            updates=600,
+            readings=["abs:1", "mass:auto"],
+            methods=[],
+            lr_w=1e-3,
+        )
+    ).summary()
     paper = s[s.run == "daro[abs, C=1]"]
     mass = s[s.run == "daro[mass, C=auto]"]
     assert (paper.wS - 1).abs().max() > 0.5 and paper.w_final.max() < np.exp(0.6) * 1.01
@@ -68,15 +78,35 @@ def test_which_readings_reach_their_fixed_point():
 
 def test_reading_parse_errors_name_the_part():
     assert Reading.parse("mass:auto:0.9") == Reading("mass", "auto", 0.9)
-    for bad, needle in (("nope", "signal one of"), ("abs:zero", "reg must be"), ("abs:-1", "reg must be"),
-                        ("abs:1:1.5", "ema must be")):
+    for bad, needle in (
+        ("nope", "signal one of"),
+        ("abs:zero", "reg must be"),
+        ("abs:-1", "reg must be"),
+        ("abs:1:1.5", "ema must be"),
+    ):
         with pytest.raises(ValueError, match=needle):
             Reading.parse(bad)
 
 
 def test_cli_prints_tables_writes_the_figure_and_rejects_bad_lengths(tmp_path):
-    r = CliRunner().invoke(app, ["simulate", "--updates", "4", "--prompts", "8", "--reading", "mass:auto",
-                                 "--len-correct", ",".join(map(str, LC)), "--len-wrong", "600", "--out", str(tmp_path)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--updates",
+            "4",
+            "--prompts",
+            "8",
+            "--reading",
+            "mass:auto",
+            "--len-correct",
+            ",".join(map(str, LC)),
+            "--len-wrong",
+            "600",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "daro[mass, C=auto]" in r.output and "length_corrected_share" in r.output
     assert (tmp_path / "simulate.png").stat().st_size > 0 and (tmp_path / "simulate_summary.csv").is_file()
@@ -86,19 +116,22 @@ def test_cli_prints_tables_writes_the_figure_and_rejects_bad_lengths(tmp_path):
     assert bad.exit_code == 2 and "--len-wrong" in bad.output
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--ratio-noise", "-1"], "--ratio-noise (ratio_noise): a finite number in [0, 10]"),
-    (["--len-cv", "-1"], "--len-cv (len_cv): a finite number in [0, 10]"),
-    (["--len-cv", "nan"], "--len-cv (len_cv)"),
-    (["--len-correct", "inf"], "--len-correct (len_correct): mean lengths must be between 1 and max_len = 4096"),
-    (["--len-wrong", "5000"], "--len-wrong (len_wrong): mean lengths must be between 1 and max_len"),
-    (["--lr-w", "inf"], "--lr-w (lr_w): a finite number > 0"),
-    (["--lr-w", "0"], "--lr-w (lr_w)"),
-    (["--mu-weights", "1,1,nan,1,1,1,1"], "--mu-weights (mu_weights): K-1 = 7 finite non-negative"),
-    (["--k", "100000"], "--k (K): an integer in [2, 1024]"),
-    (["--updates", "100000000"], "--updates (updates): an integer in [1, 1000000]"),
-    (["--reading", "abs:-1"], "reg must be"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--ratio-noise", "-1"], "--ratio-noise (ratio_noise): a finite number in [0, 10]"),
+        (["--len-cv", "-1"], "--len-cv (len_cv): a finite number in [0, 10]"),
+        (["--len-cv", "nan"], "--len-cv (len_cv)"),
+        (["--len-correct", "inf"], "--len-correct (len_correct): mean lengths must be between 1 and max_len = 4096"),
+        (["--len-wrong", "5000"], "--len-wrong (len_wrong): mean lengths must be between 1 and max_len"),
+        (["--lr-w", "inf"], "--lr-w (lr_w): a finite number > 0"),
+        (["--lr-w", "0"], "--lr-w (lr_w)"),
+        (["--mu-weights", "1,1,nan,1,1,1,1"], "--mu-weights (mu_weights): K-1 = 7 finite non-negative"),
+        (["--k", "100000"], "--k (K): an integer in [2, 1024]"),
+        (["--updates", "100000000"], "--updates (updates): an integer in [1, 1000000]"),
+        (["--reading", "abs:-1"], "reg must be"),
+    ],
+)
 def test_cli_refuses_every_bad_value_before_computing_naming_the_option(tmp_path, args, needle):
     r = CliRunner().invoke(app, ["simulate", *args, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and needle in r.output, r.output
@@ -132,8 +165,18 @@ def test_daro_mass_with_auto_C_converges_to_the_closed_form_static_weights():
     closed = mass_fixed_point_weights(8)
     assert closed[4] == pytest.approx(0.428 / 0.5, rel=1e-3)  # 0.428 / sqrt(mu(1-mu)) at K = 8
     assert sum(1 / w for w in closed.values()) / 7 == pytest.approx(1.0)  # harmonic mean 1
-    s = simulate(SimConfig(len_correct=100, len_wrong=100, len_cv=0.0, prompts=64, updates=1500, lr_w=1e-2,
-                           readings=["mass:auto", "abs:auto"], methods=[])).summary()
+    s = simulate(
+        SimConfig(
+            len_correct=100,
+            len_wrong=100,
+            len_cv=0.0,
+            prompts=64,
+            updates=1500,
+            lr_w=1e-2,
+            readings=["mass:auto", "abs:auto"],
+            methods=[],
+        )
+    ).summary()
     mass = s[s.run == "daro[mass, C=auto]"].set_index("k").w_final
     for k, w in closed.items():
         assert mass[k] == pytest.approx(w, rel=0.03), (k, mass.round(3).to_dict(), closed)

@@ -236,12 +236,15 @@ def test_level_mix_weights_the_training_levels_and_leaves_the_held_out_set(name)
     assert [p.prompt for p in train] != [p.prompt for p in uniform_train]
 
 
-@pytest.mark.parametrize("mix,needle", [
-    ("[1, 2]", "config key 'task.level_mix': expected one weight per level 2..5 (4), got 2"),
-    ("[1, 0, 1, 1]", "config key 'task.level_mix[1]': level 3: a weight must be a positive number"),
-    ("[1, -1, 1, 1]", "config key 'task.level_mix[1]'"),
-    ("[1, nan, 1, 1]", "config key 'task.level_mix[1]'"),
-])
+@pytest.mark.parametrize(
+    "mix,needle",
+    [
+        ("[1, 2]", "config key 'task.level_mix': expected one weight per level 2..5 (4), got 2"),
+        ("[1, 0, 1, 1]", "config key 'task.level_mix[1]': must be a finite number > 0, got 0.0"),
+        ("[1, -1, 1, 1]", "config key 'task.level_mix[1]'"),
+        ("[1, nan, 1, 1]", "config key 'task.level_mix[1]'"),
+    ],
+)
 def test_a_bad_level_mix_is_refused_naming_the_key_and_level(mix, needle):
     from typer.testing import CliRunner
 

@@ -76,8 +76,11 @@ def test_the_policy_gradient_through_the_loss_library_is_the_analytic_one(method
     (grad,) = torch.autograd.grad(t.loss, [policy.theta])
     lengths = policy.lengths[idx].gather(1, answers[keep]).double()  # [n, K]
     n = float(len(idx) * K)
-    coef = {"grpo": 1 / (n * lengths), "dapo": torch.full_like(lengths, 1 / float(lengths.sum())),
-            "dr_grpo": torch.full_like(lengths, 1 / (n * L_max))}[method]
+    coef = {
+        "grpo": 1 / (n * lengths),
+        "dapo": torch.full_like(lengths, 1 / float(lengths.sum())),
+        "dr_grpo": torch.full_like(lengths, 1 / (n * L_max)),
+    }[method]
     pi = torch.softmax(policy(idx).detach().double(), -1)  # [n, 4]
     onehot = torch.nn.functional.one_hot(answers[keep], 4).double()  # [n, K, 4]
     expected = torch.zeros_like(policy.theta, dtype=torch.float64)
@@ -132,8 +135,19 @@ def test_the_grid_pairs_arms_by_seed_and_prints_the_mdd(tmp_path):
     r = rows[rows.sharing == 0.0]
     d = (r[r.arm == "dapo"].set_index("seed").auc - r[r.arm == "grpo"].set_index("seed").auc).mean()
     assert other[(other.arm == "dapo") & (other.sharing == 0.0)]["diff"].item() == pytest.approx(d)
-    md = to_markdown(s, {"reference": "grpo", "seeds": 4, "steps": 25, "K": 8, "prompts_per_step": 16,
-                         "prompts": 64, "seconds": 1.0, "workers": 1})
+    md = to_markdown(
+        s,
+        {
+            "reference": "grpo",
+            "seeds": 4,
+            "steps": 25,
+            "K": 8,
+            "prompts_per_step": 16,
+            "prompts": 64,
+            "seconds": 1.0,
+            "workers": 1,
+        },
+    )
     assert "MDD" in md and "sharing 1, adam, uniform, lengths learned" in md and "DARO, frozen w (w = 1)" in md
 
 
@@ -165,11 +179,19 @@ def test_bad_knobs_name_themselves():
         cells(regime=["adamw"])
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--seeds", "1"], "--seeds"), (["--arms", "grpo,foo"], "foo"), (["--mix", "flat"], "mix"),
-    (["--steps", "0"], "steps"), (["--sharing", "2"], "sharing"), (["--reference", "lipo"], "--reference"),
-    (["--workers", "0"], "--workers"), (["--sharing", "x"], "--sharing"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seeds", "1"], "--seeds"),
+        (["--arms", "grpo,foo"], "foo"),
+        (["--mix", "flat"], "mix"),
+        (["--steps", "0"], "steps"),
+        (["--sharing", "2"], "sharing"),
+        (["--reference", "lipo"], "--reference"),
+        (["--workers", "0"], "--workers"),
+        (["--sharing", "x"], "--sharing"),
+    ],
+)
 def test_the_command_refuses_bad_input_with_exit_2_naming_it(args, needle, tmp_path):
     res = CliRunner().invoke(app, ["testbed", *args, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
@@ -179,9 +201,30 @@ def test_the_command_refuses_bad_input_with_exit_2_naming_it(args, needle, tmp_p
 
 def test_the_command_writes_its_tables_summary_and_figure(tmp_path):
     out = tmp_path / "tb"
-    res = CliRunner().invoke(app, ["testbed", "--arms", "grpo,daro-mass", "--seeds", "3", "--steps", "12",
-                                   "--sharing", "1", "--regime", "adam+clip", "--mix", "easy-heavy",
-                                   "--lengths", "fixed", "--workers", "1", "--out", str(out)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "testbed",
+            "--arms",
+            "grpo,daro-mass",
+            "--seeds",
+            "3",
+            "--steps",
+            "12",
+            "--sharing",
+            "1",
+            "--regime",
+            "adam+clip",
+            "--mix",
+            "easy-heavy",
+            "--lengths",
+            "fixed",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     per_run = pd.read_csv(out / "testbed_per_run.csv")
     assert len(per_run) == 6 and set(per_run.regime) == {"adam+clip"} and (per_run.clipped == 1).all()

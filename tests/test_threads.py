@@ -60,19 +60,21 @@ def test_a_real_busy_process_is_seen_and_the_run_logs_the_count_it_took(small_en
         assert cfg.trainer.threads == 1
 
 
-@pytest.mark.parametrize("preset, first, expected", [
-    (None, "daro_lab", "1000"),   # daro-lab's default, set before torch loads libgomp
-    ("7", "daro_lab", "7"),       # the user's own value is kept
-    (None, "torch", "None"),      # torch came first: libgomp has read its environment already, nothing is claimed
-])
+@pytest.mark.parametrize(
+    "preset, first, expected",
+    [
+        (None, "daro_lab", "1000"),  # daro-lab's default, set before torch loads libgomp
+        ("7", "daro_lab", "7"),  # the user's own value is kept
+        (None, "torch", "None"),  # torch came first: libgomp has read its environment already, nothing is claimed
+    ],
+)
 def test_importing_daro_lab_before_torch_sets_openmp_spin_count_once(preset, first, expected):
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     if preset is not None:
         env["GOMP_SPINCOUNT"] = preset
-    code = (f"import {first}, daro_lab, torch, os; "
-            "print(daro_lab.SPINCOUNT, os.environ.get('GOMP_SPINCOUNT'))")
+    code = f"import {first}, daro_lab, torch, os; print(daro_lab.SPINCOUNT, os.environ.get('GOMP_SPINCOUNT'))"
     out = run([sys.executable, "-c", code], timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected, expected]

@@ -356,8 +356,15 @@ def test_metrics_hook_logs_window_means_every_n_steps():
     hook.on_train_start(SimpleNamespace(cfg=SimpleNamespace(tracking=SimpleNamespace(log_every=3))))
     nan = float("nan")
     for step in range(1, 9):
-        hook.on_step_end(step, {"reward/mean": float(step), "length/correct": nan if step < 3 else 10.0 * step,
-                                "prompts/mu_1of4": 5.0, "daro/weight/mu_1of4": 1.0 + step})
+        hook.on_step_end(
+            step,
+            {
+                "reward/mean": float(step),
+                "length/correct": nan if step < 3 else 10.0 * step,
+                "prompts/mu_1of4": 5.0,
+                "daro/weight/mu_1of4": 1.0 + step,
+            },
+        )
         if step == 5:
             hook.on_checkpoint(step)
     hook.on_train_end(8, "FINISHED")
@@ -372,7 +379,7 @@ def test_metrics_hook_logs_window_means_every_n_steps():
     rec1 = Rec()
     one = MetricsHook(rec1)
     one.on_step_end(1, {"length/correct": nan, "loss/total": 0.25})
-    (step, m), = rec1.logged
+    ((step, m),) = rec1.logged
     assert step == 1 and m["loss/total"] == 0.25 and m["length/correct"] != m["length/correct"]  # NaN
 
 
@@ -386,9 +393,13 @@ def test_run_store_finds_reads_and_marks_runs(store, tmp_path):
         pass
     children = {}
     for arm, seed in (("a", 0), ("b", 0), ("a", 1)):
-        tr = start(store, f"{arm}-seed{seed}", parent_run_id=parent.run_id,
-                   tags={"daro_lab.arm": arm, "daro_lab.seed": str(seed)},
-                   config_json=Config().to_json())
+        tr = start(
+            store,
+            f"{arm}-seed{seed}",
+            parent_run_id=parent.run_id,
+            tags={"daro_lab.arm": arm, "daro_lab.seed": str(seed)},
+            config_json=Config().to_json(),
+        )
         children[(arm, seed)] = tr  # left RUNNING
     rs = RunStore(uri)
     assert {r.info.run_id for r in rs.children(parent.run_id)} == {t.run_id for t in children.values()}

@@ -47,8 +47,17 @@ def test_every_method_trains_and_is_recorded(small_cfg, store, method):
         for q in ("loss", "contrib", "scale", "len_correct", "clipfrac_pos"):
             assert f"{q}/{key}" in keys, f"{q}/{key} missing"
     # one vocabulary (daro_lab.record): the table's columns are the metrics' quantity names
-    assert {"loss", "contrib", "scale", "mass", "prompts", "tokens", "len_correct", "clipfrac_pos",
-            "clipfrac_neg"} <= set(per_mu.columns)
+    assert {
+        "loss",
+        "contrib",
+        "scale",
+        "mass",
+        "prompts",
+        "tokens",
+        "len_correct",
+        "clipfrac_pos",
+        "clipfrac_neg",
+    } <= set(per_mu.columns)
     if METHODS[method].weights != "none":
         assert {"daro/weight", "daro/wL", "daro/wS", "daro/signal", "contrib_offset", "reg"} <= set(per_mu.columns)
     assert not keys & {"batch/prompts_mu0", "batch/prompts_mu1"}  # never emitted: the rollout's rollout/prompts_mu0|1
@@ -70,8 +79,7 @@ def test_every_method_trains_and_is_recorded(small_cfg, store, method):
 
 
 def test_same_config_and_seed_give_identical_metrics(small_cfg, store):
-    ids = [train(small_cfg("trainer.steps=3", "algo.method=daro"), progress=False)
-           for _ in range(2)]
+    ids = [train(small_cfg("trainer.steps=3", "algo.method=daro"), progress=False) for _ in range(2)]
     a, b = (stable(read_metrics(store, i)) for i in ids)
     assert len(a) > 50
     assert a.index.equals(b.index), set(a.index) ^ set(b.index)
@@ -90,7 +98,9 @@ def test_gradient_accumulation_records_the_run_of_one_pass(small_cfg, store):
     a, b = (stable(read_metrics(store, i)) for i in ids)
     assert len(a) > 50 and a.index.equals(b.index), set(a.index) ^ set(b.index)
     assert np.allclose(a.values, b.values, rtol=1e-4, atol=1e-5, equal_nan=True), a.compare(b)
-    ta, tb = (read_table(store, i, "per_mu").sort_values(["step", "minibatch", "k"]).reset_index(drop=True) for i in ids)
+    ta, tb = (
+        read_table(store, i, "per_mu").sort_values(["step", "minibatch", "k"]).reset_index(drop=True) for i in ids
+    )
     assert len(ta) and ta.columns.equals(tb.columns)
     num = ta.select_dtypes("number").columns
     assert np.allclose(ta[num].values, tb[num].values, rtol=1e-4, atol=1e-5, equal_nan=True)
@@ -106,8 +116,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cf
     overrides = [*small_env, *extra, f"tracking.uri={store}", f"trainer.checkpoint_dir={tmp_path}/ckpt"]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     client = open_client(store)
-    with procs.started([sys.executable, str(Path(__file__).parent / "_slow_train.py"), *overrides], env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path) as proc:
+    with procs.started(
+        [sys.executable, str(Path(__file__).parent / "_slow_train.py"), *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    ) as proc:
         run_id, _ = wait_for_checkpoint(client, "attributes.status = 'RUNNING'", proc, 4)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -120,5 +135,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, small_env, small_cf
     assert np.array_equal(a.values, b.values, equal_nan=True), a.compare(b)
     ta = read_table(store, ref, "per_mu")
     tb = read_table(store, run_id, "per_mu")
-    assert ta.sort_values(["step", "minibatch", "k"]).reset_index(drop=True).equals(
-        tb.sort_values(["step", "minibatch", "k"]).reset_index(drop=True))
+    assert (
+        ta.sort_values(["step", "minibatch", "k"])
+        .reset_index(drop=True)
+        .equals(tb.sort_values(["step", "minibatch", "k"]).reset_index(drop=True))
+    )

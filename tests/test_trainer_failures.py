@@ -156,9 +156,13 @@ def test_ui_port_out_of_range_is_refused_and_port_0_serves_where_it_says(tmp_pat
     for bad in ("70000", "-1"):
         res = runner.invoke(app, ["ui", "--port", bad, "--tracking-uri", store])
         assert res.exit_code == 2 and f"--port {bad}: expected a port number in 1-65535" in res.output, res.output
-    with procs.started([sys.executable, "-m", "daro_lab.cli", "ui", "--port", "0", "--tracking-uri", store],
-                       cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"},
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with procs.started(
+        [sys.executable, "-m", "daro_lab.cli", "ui", "--port", "0", "--tracking-uri", store],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
         line = proc.stdout.readline().decode()
         port = int(re.search(r"at http://127\.0\.0\.1:(\d+) ", line).group(1))
         assert port > 0, line
@@ -188,9 +192,13 @@ def test_ui_stops_its_server_when_the_terminal_closes(tmp_path, store):
     port = _free_port()
     import _procs as procs
 
-    ui = procs.started([sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", store],
-                       cwd=tmp_path, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ui = procs.started(
+        [sys.executable, "-m", "daro_lab.cli", "ui", "--port", str(port), "--tracking-uri", store],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
     def serving() -> bool:
         try:
@@ -221,7 +229,9 @@ def _cmdline(p) -> str:
 def test_demo_refuses_an_unknown_method_before_training_any(tmp_path, store, monkeypatch):
     monkeypatch.setattr("daro_lab.trainer.train", lambda *a, **k: pytest.fail("a method was trained"))
     res = runner.invoke(app, ["demo", "--methods", "grpo,foo", "--tracking-uri", store])
-    assert res.exit_code == 2 and "--methods foo: config key 'algo.method': unknown method 'foo'" in res.output, res.output
+    assert res.exit_code == 2 and "--methods foo: config key 'algo.method': unknown method 'foo'" in res.output, (
+        res.output
+    )
 
 
 def test_tiny_prompts_too_long_for_the_context_are_refused_before_the_warm_start(tmp_path, monkeypatch):
@@ -234,16 +244,19 @@ def test_tiny_prompts_too_long_for_the_context_are_refused_before_the_warm_start
         Trainer(cfg)
 
 
-@pytest.mark.parametrize("content,needle", [
-    ('{"1": 1.0, "9": 2.0}', "key '9' is outside k = 1..7 (K = rollout.num_responses = 8)"),
-    ('{"0": 1.0}', "key '0' is outside k = 1..7"),
-    ('{"2": -1.0}', "the weight of k = 2 must be a finite number > 0, got -1.0"),
-    ('{"2": 0}', "the weight of k = 2 must be a finite number > 0, got 0"),
-    ('{"2": NaN}', "the weight of k = 2 must be a finite number > 0, got nan"),
-    ('{"2": {"w": 1}}', "the weight of k = 2 must be a finite number > 0, got {'w': 1}"),
-    ('{"two": 1}', "key 'two' is not a number of right answers k"),
-    ('[1, 2]', "is not a JSON object {k: weight}, it holds a list"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"1": 1.0, "9": 2.0}', "key '9' is outside k = 1..7 (K = rollout.num_responses = 8)"),
+        ('{"0": 1.0}', "key '0' is outside k = 1..7"),
+        ('{"2": -1.0}', "the weight of k = 2 must be a finite number > 0, got -1.0"),
+        ('{"2": 0}', "the weight of k = 2 must be a finite number > 0, got 0"),
+        ('{"2": NaN}', "the weight of k = 2 must be a finite number > 0, got nan"),
+        ('{"2": {"w": 1}}', "the weight of k = 2 must be a finite number > 0, got {'w': 1}"),
+        ('{"two": 1}', "key 'two' is not a number of right answers k"),
+        ("[1, 2]", "is not a JSON object {k: weight}, it holds a list"),
+    ],
+)
 def test_static_weights_file_with_bad_keys_or_values_names_them(tmp_path, content, needle):
     from daro_lab.config import ConfigError, load_config
     from daro_lab.trainer.setup import build_static_weights
@@ -259,8 +272,20 @@ def test_static_weights_file_with_bad_keys_or_values_names_them(tmp_path, conten
 def test_static_weights_file_error_exits_2_with_no_run(tmp_path, store):
     f = tmp_path / "w.json"
     f.write_text('{"1": 1.0, "9": 2.0}')
-    res = runner.invoke(app, ["train", "--set", "algo.method=static", "--set", f"algo.daro.static={f}",
-                              "--set", "trainer.steps=1", "--tracking-uri", store])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--set",
+            "algo.method=static",
+            "--set",
+            f"algo.daro.static={f}",
+            "--set",
+            "trainer.steps=1",
+            "--tracking-uri",
+            store,
+        ],
+    )
     assert res.exit_code == 2 and "key '9' is outside k = 1..7" in res.output, res.output
     assert runs_in(store) == []
 
@@ -317,8 +342,16 @@ def test_a_full_disk_under_the_mlflow_store_names_the_cause_and_the_runs_state(s
 
     event.listen(Pool, "checkout", cap)
     monkeypatch.setattr(Trainer, "train_step", fill_after_step_2)
-    sets = [x for o in [*small_env, "trainer.steps=4", "trainer.checkpoint_every=1",
-                        f"trainer.checkpoint_dir={tmp_path}/ckpt"] for x in ("--set", o)]
+    sets = [
+        x
+        for o in [
+            *small_env,
+            "trainer.steps=4",
+            "trainer.checkpoint_every=1",
+            f"trainer.checkpoint_dir={tmp_path}/ckpt",
+        ]
+        for x in ("--set", o)
+    ]
     try:
         res = runner.invoke(app, ["train", *sets, "--tracking-uri", store])
     finally:
@@ -346,7 +379,21 @@ def test_math_task_on_the_tiny_preset_names_the_row_its_tokenizer_cannot_encode(
     monkeypatch.setattr("daro_lab.models.load.warm_start", lambda *a, **k: pytest.fail("the warm start ran"))
     f = tmp_path / "m.jsonl"
     f.write_text("".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(40)))
-    res = runner.invoke(app, ["train", "--set", "task.name=math", "--set", f"task.train_file={f}", "--set",
-                              "task.num_eval=8", "--set", "trainer.steps=1", "--tracking-uri", store])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--set",
+            "task.name=math",
+            "--set",
+            f"task.train_file={f}",
+            "--set",
+            "task.num_eval=8",
+            "--set",
+            "trainer.steps=1",
+            "--tracking-uri",
+            store,
+        ],
+    )
     assert res.exit_code == 2 and f"{f}: line 1" in res.output and "character 'W'" in res.output, res.output
     assert runs_in(store) == []

@@ -45,8 +45,9 @@ def _parts(cfg: TestbedConfig, seed: int = 0):
     return policy, prompts[keep], answers[keep], rewards[keep]
 
 
-@pytest.mark.parametrize("method, signal", [("grpo", "mass"), ("dapo", "mass"), ("daro", "mass"), ("daro", "grad"),
-                                            ("static", "mass")])
+@pytest.mark.parametrize(
+    "method, signal", [("grpo", "mass"), ("dapo", "mass"), ("daro", "mass"), ("daro", "grad"), ("static", "mass")]
+)
 def test_passes_add_up_to_the_one_pass_update_with_its_metrics(method, signal):
     """The mini-batch split into 3 passes: the same gradients, loss metrics, G_mu and cosines as one pass."""
     cfg = TestbedConfig(prompts=48, prompts_per_step=24, sharing=0.5)
@@ -60,10 +61,23 @@ def test_passes_add_up_to_the_one_pass_update_with_its_metrics(method, signal):
         opt = torch.optim.SGD([*policy.parameters(), *([] if weights is None else weights.parameters())], lr=0.1)
         chunks = torch.arange(len(idx)).tensor_split(n_passes)
         parts = [(idx[c], answers[c], rewards[c], adv[c]) for c in chunks]
-        r = backward_minibatch(method, parts, K, LossSettings(weight_signal=signal, reg="auto"), Shard(),
-                               TestbedRuntime(policy, opt), weights, measure_groups=True)
-        out.append((r, torch.cat([p.grad.flatten() for p in policy.parameters()]),
-                    None if method != "daro" else torch.stack([p.grad for p in weights.raw])))
+        r = backward_minibatch(
+            method,
+            parts,
+            K,
+            LossSettings(weight_signal=signal, reg="auto"),
+            Shard(),
+            TestbedRuntime(policy, opt),
+            weights,
+            measure_groups=True,
+        )
+        out.append(
+            (
+                r,
+                torch.cat([p.grad.flatten() for p in policy.parameters()]),
+                None if method != "daro" else torch.stack([p.grad for p in weights.raw]),
+            )
+        )
     (r1, g1, w1), (r3, g3, w3) = out
     assert torch.allclose(g1, g3, rtol=1e-5, atol=1e-9)
     if method == "daro":
@@ -81,8 +95,15 @@ def test_orthogonal_groups_have_cosine_zero_and_shared_parameters_align_them():
         policy, idx, answers, rewards = _parts(TestbedConfig(prompts=64, prompts_per_step=32, sharing=sharing))
         adv = compute_advantages(rewards, "group_std")
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        r = backward_minibatch("grpo", [(idx, answers, rewards, adv)], K, LossSettings(), Shard(),
-                               TestbedRuntime(policy, opt), measure_groups=True)
+        r = backward_minibatch(
+            "grpo",
+            [(idx, answers, rewards, adv)],
+            K,
+            LossSettings(),
+            Shard(),
+            TestbedRuntime(policy, opt),
+            measure_groups=True,
+        )
         cos[sharing] = [v for k, v in r.metrics.items() if k.startswith("gradcos/")]
         assert len(cos[sharing]) >= 3
     assert max(abs(c) for c in cos[0.0]) < 1e-12  # disjoint parameters per prompt, so per group

@@ -33,9 +33,17 @@ def _has_vllm_here() -> bool:
 
 def _tiny_model():
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=18, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=18,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def test_module_imports_without_vllm():
@@ -99,8 +107,10 @@ def _vllm_env_problem() -> str | None:
     if (late := _wait_for_install()) is not None:
         return late
     if not VLLM_PYTHON.exists():
-        return (f"no vLLM environment: {VLLM_PYTHON} does not exist (run `bash .ci/install-vllm.sh`, "
-                f"or point DARO_LAB_VLLM_PYTHON at a python with vllm)")
+        return (
+            f"no vLLM environment: {VLLM_PYTHON} does not exist (run `bash .ci/install-vllm.sh`, "
+            f"or point DARO_LAB_VLLM_PYTHON at a python with vllm)"
+        )
     r = procs.run([str(VLLM_PYTHON), "-c", "import vllm"], timeout=300)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -114,8 +124,7 @@ def test_vllm_logprobs_match_transformers_after_every_sync():
     if problem:
         pytest.skip(problem)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
-    r = procs.run([str(VLLM_PYTHON), str(ROOT / "tests" / "_vllm_check.py"), "--e2e"], cwd=ROOT, env=env,
-                  timeout=1200)
+    r = procs.run([str(VLLM_PYTHON), str(ROOT / "tests" / "_vllm_check.py"), "--e2e"], cwd=ROOT, env=env, timeout=1200)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"tests/_vllm_check.py failed (exit {r.returncode}):\n{out[-6000:]}"
     line = next((s for s in r.stdout.splitlines() if s.startswith("VLLM_CHECK_RESULT ")), None)
@@ -128,9 +137,11 @@ def test_vllm_logprobs_match_transformers_after_every_sync():
         assert m["worst_err"] <= res["tolerance"], m
         assert m["stale_err_vs_new"] > 10 * res["tolerance"], m  # the test can tell stale weights apart
     assert res["e2e"]["run"]
-    print(f"\nvLLM {res['vllm']} (torch {res['torch']}, transformers {res['transformers']}): worst |logp diff| "
-          + ", ".join(f"{m['model']} {m['worst_err']:.1e}" for m in res["models"])
-          + f"; tolerance {res['tolerance']}; {res['total_s']} s")
+    print(
+        f"\nvLLM {res['vllm']} (torch {res['torch']}, transformers {res['transformers']}): worst |logp diff| "
+        + ", ".join(f"{m['model']} {m['worst_err']:.1e}" for m in res["models"])
+        + f"; tolerance {res['tolerance']}; {res['total_s']} s"
+    )
 
 
 @pytest.mark.slow
@@ -145,11 +156,29 @@ def test_vllm_under_torchrun_samples_every_ranks_synced_weights(tmp_path, parall
     problem = _vllm_env_problem()
     if problem:
         pytest.skip(problem)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    r = procs.run([str(VLLM_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   str(ROOT / "tests" / "_vllm_dist_check.py"), str(tmp_path), parallel],
-                  cwd=tmp_path, env=env, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    r = procs.run(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "_vllm_dist_check.py"),
+            str(tmp_path),
+            parallel,
+        ],
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"tests/_vllm_dist_check.py failed (exit {r.returncode}):\n{out[-6000:]}"
     assert "Invalid process group" not in out  # vLLM is closed before torch.distributed goes

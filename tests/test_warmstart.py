@@ -20,8 +20,16 @@ TASK = TaskConfig(num_train=200, num_eval=50)
 
 
 def tiny_cfg(tmp_path, **kw) -> ModelConfig:
-    base = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                       warmstart_steps=5, warmstart_batch=8, cache_dir=str(tmp_path / "cache"))
+    base = ModelConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        warmstart_steps=5,
+        warmstart_batch=8,
+        cache_dir=str(tmp_path / "cache"),
+    )
     return dataclasses.replace(base, **kw)
 
 

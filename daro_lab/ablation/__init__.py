@@ -18,6 +18,18 @@ from daro_lab.ablation.grid import AblationError, Arm, Grid, Plan, list_grids, l
 from daro_lab.ablation.sweep import run_ablation
 
 __all__ = [
-    "AblationError", "AblationResult", "Arm", "ArmResult", "Grid", "Plan", "find_children", "list_grids",
-    "load_grid", "load_plan", "make_plan", "preset_path", "run_ablation", "summarize_ablation",
+    "AblationError",
+    "AblationResult",
+    "Arm",
+    "ArmResult",
+    "Grid",
+    "Plan",
+    "find_children",
+    "list_grids",
+    "load_grid",
+    "load_plan",
+    "make_plan",
+    "preset_path",
+    "run_ablation",
+    "summarize_ablation",
 ]

@@ -55,7 +55,9 @@ def load_plan(store: RunStore, parent_run_id: str) -> Plan:
     """The plan logged with an ablation's parent run (its config.json)."""
     run = store.run(parent_run_id, what="ablation parent run")
     if run.data.tags.get(TAG_ROLE) != ROLE_PARENT:
-        raise AblationError(f"run {parent_run_id} is not the parent run of an ablation (no tag {TAG_ROLE}={ROLE_PARENT})")
+        raise AblationError(
+            f"run {parent_run_id} is not the parent run of an ablation (no tag {TAG_ROLE}={ROLE_PARENT})"
+        )
     try:
         return Plan.from_json(store.read_text(parent_run_id, "config.json"))
     except AblationError:
@@ -64,8 +66,9 @@ def load_plan(store: RunStore, parent_run_id: str) -> Plan:
         raise AblationError(f"ablation parent run {parent_run_id} has no readable plan (config.json): {e}") from e
 
 
-def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = None,
-                       write: bool = False, accuracy: str | None = None) -> AblationResult:
+def summarize_ablation(
+    uri: str | None, parent_run_id: str, plan: Plan | None = None, write: bool = False, accuracy: str | None = None
+) -> AblationResult:
     """Recompute the summary of an ablation from what its child runs logged (and, with `write`,
     store it on the parent: tables/ablation_summary.parquet, tables/ablation_per_seed.parquet,
     ablation_summary.md, and per-arm metrics `<metric>_mean/<arm>`). `accuracy` replaces the plan's endpoint
@@ -77,8 +80,10 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     plan = plan or load_plan(store, parent_run_id)
     if accuracy is not None:
         if write:
-            raise AblationError("summarize_ablation: the summary stored on the parent is the plan's endpoint; "
-                                "another accuracy is a reading, not stored (drop write)")
+            raise AblationError(
+                "summarize_ablation: the summary stored on the parent is the plan's endpoint; "
+                "another accuracy is a reading, not stored (drop write)"
+            )
         try:
             S.acc_key(accuracy)
         except ValueError as e:
@@ -94,8 +99,14 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     for seed in plan.seeds:
         for pa in plan.arms:
             run = children.get((pa.name, seed))
-            row: dict[str, Any] = {"arm": pa.name, "label": pa.label, "method": pa.method, "seed": seed,
-                                   "run_id": run.info.run_id if run else "", "status": run.info.status if run else "NOT_RUN"}
+            row: dict[str, Any] = {
+                "arm": pa.name,
+                "label": pa.label,
+                "method": pa.method,
+                "seed": seed,
+                "run_id": run.info.run_id if run else "",
+                "status": run.info.status if run else "NOT_RUN",
+            }
             if run is not None:
                 keys = [k for k in run.data.metrics if k == acc_key or k.startswith(wanted)]
                 m = read_metrics(store.client, run.info.run_id, keys)
@@ -105,8 +116,17 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
                     pm = read_table(store.client, run.info.run_id, "per_mu")
                 except TrackingError:  # a run that recorded no table (hooks off, or it failed at once)
                     pm = None
-                row.update(S.run_stats(m, pa.method, plan.balance_window, plan.weight_stats, (d["w_min"], d["w_max"]),
-                                       acc_key, per_mu=pm))
+                row.update(
+                    S.run_stats(
+                        m,
+                        pa.method,
+                        plan.balance_window,
+                        plan.weight_stats,
+                        (d["w_min"], d["w_max"]),
+                        acc_key,
+                        per_mu=pm,
+                    )
+                )
                 if plan.weight_stats and run.info.status == "FAILED":
                     row["nonfinite"] = max(_nan0(row.get("nonfinite")), _failed_nonfinite(store, run.info.run_id))
             rows.append(row)
@@ -118,39 +138,73 @@ def summarize_ablation(uri: str | None, parent_run_id: str, plan: Plan | None = 
     elif plan.target_acc == "reference_final":
         vals = done[done.arm == plan.reference]["final_acc"].dropna()
         target = float(vals.mean()) if len(vals) else math.nan
-        tdesc = (f"the mean final accuracy of the reference arm '{plan.reference}' (a target on the plateau: crossing "
-                 "it is evaluation noise)")
+        tdesc = (
+            f"the mean final accuracy of the reference arm '{plan.reference}' (a target on the plateau: crossing "
+            "it is evaluation noise)"
+        )
     else:  # 'progress': the convergence figure's definition (summary.progress_target)
         start = float(done["start_acc"].dropna().mean()) if "start_acc" in done and len(done) else math.nan
         finals = done.groupby("arm")["final_acc"].mean().dropna() if len(done) else pd.Series(dtype=float)
         target = S.progress_target(start, float(finals.max()) if len(finals) else math.nan)
-        tdesc = (f"{S.TARGET_FRACTION:.0%} of the way from the mean starting accuracy {start:.3f} to the best arm's "
-                 f"mean final accuracy {finals.max() if len(finals) else math.nan:.3f}")
-    hits = [S.steps_to_target(frames[(r.arm, r.seed)], target, acc_key) if (r.arm, r.seed) in frames and r.status == "FINISHED"
-            else (math.nan, False) for r in per_seed.itertuples()]
+        tdesc = (
+            f"{S.TARGET_FRACTION:.0%} of the way from the mean starting accuracy {start:.3f} to the best arm's "
+            f"mean final accuracy {finals.max() if len(finals) else math.nan:.3f}"
+        )
+    hits = [
+        S.steps_to_target(frames[(r.arm, r.seed)], target, acc_key)
+        if (r.arm, r.seed) in frames and r.status == "FINISHED"
+        else (math.nan, False)
+        for r in per_seed.itertuples()
+    ]
     per_seed["steps_to_target"] = [h[0] for h in hits]
     per_seed["reached"] = [float(h[1]) for h in hits]
-    for col in ("final_acc", "best_acc", "auc_acc", *S.SHARE_METRICS, "balance_cv", "balance_floor") + ((S.WEIGHT_METRICS + ("at_bound", "nonfinite"))
-                                                            if plan.weight_stats else ()):
+    for col in ("final_acc", "best_acc", "auc_acc", *S.SHARE_METRICS, "balance_cv", "balance_floor") + (
+        (S.WEIGHT_METRICS + ("at_bound", "nonfinite")) if plan.weight_stats else ()
+    ):
         if col not in per_seed:
             per_seed[col] = math.nan
-    summary = S.summarize(per_seed, [a.name for a in plan.arms], plan.reference, plan.test, plan.weight_stats,
-                          {a.name: _arm_label(a) for a in plan.arms}, {a.name: a.method for a in plan.arms}, target)
+    summary = S.summarize(
+        per_seed,
+        [a.name for a in plan.arms],
+        plan.reference,
+        plan.test,
+        plan.weight_stats,
+        {a.name: _arm_label(a) for a in plan.arms},
+        {a.name: a.method for a in plan.arms},
+        target,
+    )
     bad = per_seed[per_seed.status != "FINISHED"]
     for r in bad.itertuples():
-        notes.append(f"{r.arm} seed {r.seed}: {r.status}" + (f" (run {r.run_id})" if r.run_id else "")
-                     + ": left out of the means")
+        notes.append(
+            f"{r.arm} seed {r.seed}: {r.status}"
+            + (f" (run {r.run_id})" if r.run_id else "")
+            + ": left out of the means"
+        )
     if len(plan.seeds) == 1:
         notes.append("One seed: no confidence intervals and no p-values; differences between arms may be noise.")
     init = getattr(plan, "init_seed", "shared")
-    notes.append("Seeds vary the RL sampling and the warm start (model.init_seed = the seed)." if init == "per_seed"
-                 else "Seeds vary the RL sampling only: every seed starts from the same warm-started policy "
-                      "(model.init_seed of the preset); differences between warm starts are not in these intervals.")
-    meta = {"name": plan.name, "description": plan.description, "parent_run_id": parent_run_id,
-            "experiment": plan.experiment, "preset": plan.preset, "seeds": plan.seeds, "reference": plan.reference,
-            "target_acc": target, "target_desc": tdesc, "balance_window": plan.balance_window, "test": plan.test,
-            "accuracy": plan.accuracy, "init_seed": init,
-            "notes": notes}
+    notes.append(
+        "Seeds vary the RL sampling and the warm start (model.init_seed = the seed)."
+        if init == "per_seed"
+        else "Seeds vary the RL sampling only: every seed starts from the same warm-started policy "
+        "(model.init_seed of the preset); differences between warm starts are not in these intervals."
+    )
+    meta = {
+        "name": plan.name,
+        "description": plan.description,
+        "parent_run_id": parent_run_id,
+        "experiment": plan.experiment,
+        "preset": plan.preset,
+        "seeds": plan.seeds,
+        "reference": plan.reference,
+        "target_acc": target,
+        "target_desc": tdesc,
+        "balance_window": plan.balance_window,
+        "test": plan.test,
+        "accuracy": plan.accuracy,
+        "init_seed": init,
+        "notes": notes,
+    }
     md = S.to_markdown(summary, meta)
     summary.attrs.update({k: v for k, v in meta.items() if k != "notes"})
     if write:

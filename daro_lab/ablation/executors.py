@@ -74,8 +74,15 @@ def _fail_child(task: ArmTask, exc: BaseException) -> str:
         except Exception:  # noqa: BLE001 - the config itself may be what failed
             cfg_json = json.dumps(task.config)
     tags = {"daro_lab.method": (task.config or {}).get("algo", {}).get("method", ""), **task.tags}
-    tr = Tracker.start(task.uri, task.experiment, f"{task.arm}-seed{task.seed}", params, cfg_json, tags=tags,
-                       parent_run_id=task.parent_run_id)
+    tr = Tracker.start(
+        task.uri,
+        task.experiment,
+        f"{task.arm}-seed{task.seed}",
+        params,
+        cfg_json,
+        tags=tags,
+        parent_run_id=task.parent_run_id,
+    )
     tr.fail(exc)
     return tr.run_id
 
@@ -103,8 +110,14 @@ def run_arm(task: ArmTask) -> ArmResult:
             action = "resumed"
         else:
             cfg = config_from_dict(json.loads(json.dumps(task.config)))
-            run_id = train(cfg, hooks=hooks, progress=task.progress, tracking_uri=task.uri,
-                           parent_run_id=task.parent_run_id, tags=task.tags)
+            run_id = train(
+                cfg,
+                hooks=hooks,
+                progress=task.progress,
+                tracking_uri=task.uri,
+                parent_run_id=task.parent_run_id,
+                tags=task.tags,
+            )
             action = "ran"
         return ArmResult(task.arm, task.seed, run_id, "FINISHED", action=action, seconds=time.perf_counter() - t0)
     except KeyboardInterrupt:

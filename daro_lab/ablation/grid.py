@@ -72,7 +72,9 @@ class AblationError(ValueError):
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
 TINY_PRESET = PACKAGE_DIR / "presets" / "demo.toml"  # the chain task
-ARITHMETIC_PRESET = PACKAGE_DIR / "presets" / "arithmetic.toml"  # the earlier demo task: a control without length structure
+ARITHMETIC_PRESET = (
+    PACKAGE_DIR / "presets" / "arithmetic.toml"
+)  # the earlier demo task: a control without length structure
 # `--preset paper` is the smallest model of the paper's setups; `paper/<model>` picks another one.
 PAPER_DEFAULT_MODEL = "qwen2.5-math-1.5b"
 PRESETS = ("tiny", "arithmetic", "paper")
@@ -140,14 +142,18 @@ def grid_path(name: str | Path) -> Path:
             raise AblationError(f"grid file not found: {p}")
         return p
     if not _NAME_RE.match(str(name)):
-        raise AblationError(f"ablation name {str(name)!r} is not a file and not a grid name (letters, digits, '-', '_')")
+        raise AblationError(
+            f"ablation name {str(name)!r} is not a file and not a grid name (letters, digits, '-', '_')"
+        )
     tried = [d / "ablations" / f"{name}.toml" for d in _experiments_dirs()]
     for t in tried:
         if t.is_file():
             return t
     known = sorted({f.stem for d in _experiments_dirs() for f in (d / "ablations").glob("*.toml")})
-    raise AblationError(f"no ablation grid {str(name)!r}: looked for {', '.join(str(t) for t in tried)} "
-                        f"(known grids: {', '.join(known) or 'none'})")
+    raise AblationError(
+        f"no ablation grid {str(name)!r}: looked for {', '.join(str(t) for t in tried)} "
+        f"(known grids: {', '.join(known) or 'none'})"
+    )
 
 
 def list_grids() -> list[str]:
@@ -171,17 +177,28 @@ def preset_path(preset: str | Path) -> Path:
         for t in tried:
             if t.is_file():
                 return t
-        have = sorted({p.name for d in _experiments_dirs() if (d / "paper").is_dir()
-                       for p in (d / "paper").iterdir() if (p / "daro.toml").is_file()})
-        raise AblationError(f"preset {s!r}: no paper config at {', '.join(str(t) for t in tried)} "
-                            f"(paper models with a daro.toml: {', '.join(have) or 'none yet'}); "
-                            f"use --preset tiny, --preset paper/<model>, or a config path")
+        have = sorted(
+            {
+                p.name
+                for d in _experiments_dirs()
+                if (d / "paper").is_dir()
+                for p in (d / "paper").iterdir()
+                if (p / "daro.toml").is_file()
+            }
+        )
+        raise AblationError(
+            f"preset {s!r}: no paper config at {', '.join(str(t) for t in tried)} "
+            f"(paper models with a daro.toml: {', '.join(have) or 'none yet'}); "
+            f"use --preset tiny, --preset paper/<model>, or a config path"
+        )
     p = Path(s)
     if p.suffix == ".toml":
         if not p.is_file():
             raise AblationError(f"preset config file not found: {p}")
         return p
-    raise AblationError(f"unknown preset {s!r}: use 'tiny', 'arithmetic', 'paper', 'paper/<model>' or a path to a .toml config")
+    raise AblationError(
+        f"unknown preset {s!r}: use 'tiny', 'arithmetic', 'paper', 'paper/<model>' or a path to a .toml config"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,22 +225,30 @@ class GridSpec:
     seeds: int | list[int] = setting(3, "seed count (seeds 0..N-1 offset by the preset's seed), or a list")
     set: list[str] = setting([], "overrides for every arm, applied before the arms' own")
     target_acc: float | Literal["progress", "reference_final"] = setting(
-        "progress", "steps-to-target: 'progress' (summary.TARGET_FRACTION of the way from the mean starting accuracy to "
+        "progress",
+        "steps-to-target: 'progress' (summary.TARGET_FRACTION of the way from the mean starting accuracy to "
         "the best arm's mean final accuracy, as the convergence figure), an accuracy, or 'reference_final' (the "
         "reference arm's mean final accuracy: reached on a plateau, where crossing it is evaluation noise)",
-        range="[0, 1]")
+        range="[0, 1]",
+    )
     init_seed: Literal["shared", "per_seed"] = setting(
-        "shared", "'shared': every seed starts from the preset's one warm start (model.init_seed), so seeds vary the "
-        "RL sampling only; 'per_seed': model.init_seed = the seed, so the warm start varies with it too")
+        "shared",
+        "'shared': every seed starts from the preset's one warm start (model.init_seed), so seeds vary the "
+        "RL sampling only; 'per_seed': model.init_seed = the seed, so the warm start varies with it too",
+    )
     balance_window: int = setting(10, "last steps over which the loss-balance spread is averaged", range="[1, inf)")
     test: Literal["t", "wilcoxon"] = setting("t", "paired test against the reference: 't' or 'wilcoxon'")
     weight_stats: bool = setting(False, "add weight variance / balance gap / stability columns")
     num_cpus: float = setting(2, "CPUs per arm: a Ray task's resources; the process pool's size", range="(0, inf)")
-    num_gpus: float | None = setting(None, "GPUs per arm (Ray); default 1 for arms on trainer.device 'cuda...', else 0",
-                                     range="[0, inf)")
-    accuracy: str = setting("greedy", "held-out accuracy compared: 'greedy' or 'sampled' (avg@n), over all held-out "
-                            "prompts, or 'greedy:level_N' / 'sampled:level_N' over the level-N prompts only "
-                            "(eval/<mode>_acc/level_N, e.g. the hardest level as the endpoint)")
+    num_gpus: float | None = setting(
+        None, "GPUs per arm (Ray); default 1 for arms on trainer.device 'cuda...', else 0", range="[0, inf)"
+    )
+    accuracy: str = setting(
+        "greedy",
+        "held-out accuracy compared: 'greedy' or 'sampled' (avg@n), over all held-out "
+        "prompts, or 'greedy:level_N' / 'sampled:level_N' over the level-N prompts only "
+        "(eval/<mode>_acc/level_N, e.g. the hardest level as the endpoint)",
+    )
 
 
 def _check_overrides(where: str, key: str, items: list) -> list[str]:
@@ -260,16 +285,32 @@ def parse_grid(data: dict[str, Any], name: str, path: str) -> Grid:
         src = a.static_from
         if src is not None and not any(x.name == src for x in arms):
             later = any(x.name == src for x in spec.arms)
-            raise AblationError(f"{aw}: key 'static_from': arm {src!r} "
-                                + ("must come before this arm (it must finish first)" if later else "is not defined"))
+            raise AblationError(
+                f"{aw}: key 'static_from': arm {src!r} "
+                + ("must come before this arm (it must finish first)" if later else "is not defined")
+            )
         arms.append(Arm(a.name, a.label, _check_overrides(aw, "set", a.set), src))
-    g = Grid(name=name, path=where, arms=arms, description=spec.description, reference=spec.reference or arms[0].name,
-             seeds=spec.seeds, set=_check_overrides(where, "set", spec.set), target_acc=spec.target_acc,
-             balance_window=spec.balance_window, test=spec.test, weight_stats=spec.weight_stats,
-             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, accuracy=spec.accuracy, init_seed=spec.init_seed)
+    g = Grid(
+        name=name,
+        path=where,
+        arms=arms,
+        description=spec.description,
+        reference=spec.reference or arms[0].name,
+        seeds=spec.seeds,
+        set=_check_overrides(where, "set", spec.set),
+        target_acc=spec.target_acc,
+        balance_window=spec.balance_window,
+        test=spec.test,
+        weight_stats=spec.weight_stats,
+        num_cpus=spec.num_cpus,
+        num_gpus=spec.num_gpus,
+        accuracy=spec.accuracy,
+        init_seed=spec.init_seed,
+    )
     if g.reference not in [a.name for a in arms]:
-        raise AblationError(f"{where}: key 'reference': no arm named {g.reference!r} "
-                            f"(arms: {', '.join(a.name for a in arms)})")
+        raise AblationError(
+            f"{where}: key 'reference': no arm named {g.reference!r} (arms: {', '.join(a.name for a in arms)})"
+        )
     if isinstance(g.seeds, list):
         if not g.seeds:
             raise AblationError(f"{where}: key 'seeds' must be a positive integer or a non-empty list of integers")
@@ -460,8 +501,10 @@ def make_plan(
     for o in cli:
         k = override_key(o)
         if k in arm_keys:
-            raise AblationError(f"override '{o}' sets '{k}', which arm '{arm_keys[k]}' of {g.path} sets: "
-                                f"it would undo the ablation; edit the grid instead")
+            raise AblationError(
+                f"override '{o}' sets '{k}', which arm '{arm_keys[k]}' of {g.path} sets: "
+                f"it would undo the ablation; edit the grid instead"
+            )
     try:
         common = apply_arm_overrides(copy.deepcopy(base), list(g.set))
     except ConfigError as e:
@@ -471,8 +514,11 @@ def make_plan(
         base_cfg = config_from_dict(copy.deepcopy(common))
     except ConfigError as e:
         raise AblationError(f"{e} (preset {ppath}, grid {g.path}, command-line overrides)") from None
-    exp = experiment or (base_cfg.tracking.experiment if any(override_key(o) == "tracking.experiment" for o in cli)
-                         else f"daro-lab-ablation-{g.name}-{_slug(preset)}")
+    exp = experiment or (
+        base_cfg.tracking.experiment
+        if any(override_key(o) == "tracking.experiment" for o in cli)
+        else f"daro-lab-ablation-{g.name}-{_slug(preset)}"
+    )
     if isinstance(seeds, int):
         if seeds < 1:
             raise AblationError(f"--seeds must be >= 1, got {seeds}")
@@ -498,23 +544,43 @@ def make_plan(
         if a.static_from is not None:
             src = next(p for p in planned if p.name == a.static_from)
             if cfg.algo.method != "static":
-                raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from' needs algo.method = 'static', "
-                                    f"the arm has {cfg.algo.method!r}")
+                raise AblationError(
+                    f"{g.path}: arm '{a.name}': key 'static_from' needs algo.method = 'static', "
+                    f"the arm has {cfg.algo.method!r}"
+                )
             if src.method != "daro":
-                raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has method "
-                                    f"{src.method!r}; its weights are learned only with 'daro'")
+                raise AblationError(
+                    f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has method "
+                    f"{src.method!r}; its weights are learned only with 'daro'"
+                )
             if src.config["rollout"]["num_responses"] != cfg.rollout.num_responses:
                 raise AblationError(f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has a different K")
         if check_paths:
             _preflight(cfg, f"{g.path}: arm '{a.name}'")
-        planned.append(PlannedArm(a.name, a.label, list(a.set), _absolute_paths(cfg).to_dict(), cfg.algo.method,
-                                  a.static_from))
-    return Plan(name=g.name, grid_path=str(Path(g.path).resolve()), preset=str(preset), preset_path=str(ppath.resolve()),
-                seeds=seed_list, steps=steps, cli_set=list(overrides or []), experiment=exp, arms=planned,
-                reference=g.reference, description=g.description, target_acc=g.target_acc,
-                balance_window=g.balance_window, test=g.test, weight_stats=g.weight_stats, num_cpus=float(g.num_cpus),
-                num_gpus=None if g.num_gpus is None else float(g.num_gpus), accuracy=g.accuracy,
-                init_seed=init_seed or g.init_seed)
+        planned.append(
+            PlannedArm(a.name, a.label, list(a.set), _absolute_paths(cfg).to_dict(), cfg.algo.method, a.static_from)
+        )
+    return Plan(
+        name=g.name,
+        grid_path=str(Path(g.path).resolve()),
+        preset=str(preset),
+        preset_path=str(ppath.resolve()),
+        seeds=seed_list,
+        steps=steps,
+        cli_set=list(overrides or []),
+        experiment=exp,
+        arms=planned,
+        reference=g.reference,
+        description=g.description,
+        target_acc=g.target_acc,
+        balance_window=g.balance_window,
+        test=g.test,
+        weight_stats=g.weight_stats,
+        num_cpus=float(g.num_cpus),
+        num_gpus=None if g.num_gpus is None else float(g.num_gpus),
+        accuracy=g.accuracy,
+        init_seed=init_seed or g.init_seed,
+    )
 
 
 def _slug(text: str) -> str:
@@ -531,8 +597,13 @@ def _absolute_paths(cfg: Config) -> Config:
 
 def _preflight(cfg: Config, where: str) -> None:
     """Cheap checks of local paths, so that a missing model or data file fails before any run exists."""
-    for key, value in (("model.path", cfg.model.path), ("task.train_file", cfg.task.train_file),
-                       ("task.eval_file", cfg.task.eval_file)):
+    for key, value in (
+        ("model.path", cfg.model.path),
+        ("task.train_file", cfg.task.train_file),
+        ("task.eval_file", cfg.task.eval_file),
+    ):
         if value and not Path(value).exists():
-            raise AblationError(f"{where}: config key '{key}': {value} does not exist on this machine "
-                                f"(point it elsewhere with --set {key}=...)")
+            raise AblationError(
+                f"{where}: config key '{key}': {value} does not exist on this machine "
+                f"(point it elsewhere with --set {key}=...)"
+            )

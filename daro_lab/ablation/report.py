@@ -26,13 +26,16 @@ def summary_html(res: AblationResult) -> str:
     """The summary as HTML: the ablation's description, table, verdicts and the markdown's reading notes."""
     disp = display_table(res.summary, bold="")
     table = disp.to_html(index=False, escape=True, classes="results", border=0)
-    verdicts = "".join(f"<li><code>{html.escape(str(r.arm))}</code>: {html.escape(verdict(r))}</li>"
-                       for _, r in res.summary.iterrows())
+    verdicts = "".join(
+        f"<li><code>{html.escape(str(r.arm))}</code>: {html.escape(verdict(r))}</li>" for _, r in res.summary.iterrows()
+    )
     notes_html = "".join(f"<li>{html.escape(line)}</li>" for line in _notes(res))
     p = res.plan
-    head = (f"<p>Ablation <b>{html.escape(p.name)}</b>: parent run <code>{html.escape(res.parent_run_id)}</code>, "
-            f"preset {html.escape(p.preset)}, seeds {html.escape(str(p.seeds))}, reference arm "
-            f"<code>{html.escape(p.reference)}</code>.</p>")
+    head = (
+        f"<p>Ablation <b>{html.escape(p.name)}</b>: parent run <code>{html.escape(res.parent_run_id)}</code>, "
+        f"preset {html.escape(p.preset)}, seeds {html.escape(str(p.seeds))}, reference arm "
+        f"<code>{html.escape(p.reference)}</code>.</p>"
+    )
     if p.description:
         head += f"<p>{html.escape(p.description)}</p>"
     return f"{head}\n{table}\n<h3>Verdicts</h3><ul>{verdicts}</ul><h3>How to read it</h3><ul>{notes_html}</ul>"
@@ -51,16 +54,24 @@ def summary_preface(res: AblationResult):
     compact = display_table(res.summary, bold="").drop(columns=["method"])
     compact["arm"] = [f"{a} (ref)" if ref else a for a, ref in zip(res.summary.arm, res.summary.reference)]
     p = res.plan
-    note = (f"Parent run {res.parent_run_id}, preset {p.preset}, seeds {p.seeds}, reference arm '{p.reference}'. "
-            + " ".join((p.description or "").split()))
-    lines = ["## Arms", *(f"• {r.arm}: {r.label}" for _, r in res.summary.iterrows() if r.label),
-             "## Verdicts", *(f"• {r.arm}: {verdict(r)}" for _, r in res.summary.iterrows()),
-             "## How to read it", *(f"• {line}" for line in _notes(res))]
+    note = (
+        f"Parent run {res.parent_run_id}, preset {p.preset}, seeds {p.seeds}, reference arm '{p.reference}'. "
+        + " ".join((p.description or "").split())
+    )
+    lines = [
+        "## Arms",
+        *(f"• {r.arm}: {r.label}" for _, r in res.summary.iterrows() if r.label),
+        "## Verdicts",
+        *(f"• {r.arm}: {verdict(r)}" for _, r in res.summary.iterrows()),
+        "## How to read it",
+        *(f"• {line}" for line in _notes(res)),
+    ]
     return Preface("ablation", "Ablation summary", summary_html(res), compact, note, lines)
 
 
-def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Path | None = None,
-                          figures: list[str] | None = None) -> tuple[Any, AblationResult]:
+def write_ablation_report(
+    uri: str | None, parent_run_id: str, out_dir: str | Path | None = None, figures: list[str] | None = None
+) -> tuple[Any, AblationResult]:
     """Write the report of the ablation `parent_run_id` into `out_dir` (default
     reports/ablation-<name>-<first 8 of the id>); return (analyses' ReportResult, the summary).
 
@@ -84,9 +95,21 @@ def write_ablation_report(uri: str | None, parent_run_id: str, out_dir: str | Pa
     target = res.summary.attrs.get("target_acc")
     # panel (d) of the convergence figure: the summary's target (one definition), when the summary's endpoint is the
     # figure's (all held-out prompts); a one-level endpoint's target is not drawn there
-    conv = {"accuracy": mode, **({"target": float(target)} if target is not None and math.isfinite(target)
-                                 and mode == res.plan.accuracy else {})}
-    rep = write_report(uri=res.uri, run_ids=finished or [parent_run_id], out_dir=out, figures=figures,
-                       title=f"daro-lab ablation '{res.plan.name}' (parent run {parent_run_id[:8]})",
-                       preface=summary_preface(res), figure_options={"convergence": conv})
+    conv = {
+        "accuracy": mode,
+        **(
+            {"target": float(target)}
+            if target is not None and math.isfinite(target) and mode == res.plan.accuracy
+            else {}
+        ),
+    }
+    rep = write_report(
+        uri=res.uri,
+        run_ids=finished or [parent_run_id],
+        out_dir=out,
+        figures=figures,
+        title=f"daro-lab ablation '{res.plan.name}' (parent run {parent_run_id[:8]})",
+        preface=summary_preface(res),
+        figure_options={"convergence": conv},
+    )
     return rep, res

@@ -92,6 +92,8 @@ def acc_mode(accuracy: str) -> str:
     """'greedy' or 'sampled': the decoding of the grid's `accuracy` (without its level)."""
     acc_key(accuracy)
     return accuracy.split(":")[0]
+
+
 SHARE_METRICS = ("c_share_cv", "g_share_cv", "c_share_cv_prompt", "g_share_cv_prompt")
 STAT_METRICS = ("final_acc", "best_acc", "auc_acc", "steps_to_target", *SHARE_METRICS, "balance_cv", "balance_floor")
 WEIGHT_METRICS = ("weight_var", "balance_gap")
@@ -104,8 +106,9 @@ TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank"}
 # Statistics
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t", n_resamples: int = 9999,
-            seed: int = 0) -> tuple[float, float, float, int]:
+def mean_ci(
+    values: Sequence[float], level: float = 0.95, method: str = "t", n_resamples: int = 9999, seed: int = 0
+) -> tuple[float, float, float, int]:
     """(mean, CI low, CI high, n) over the finite values: a t-interval of the mean (method 't'), or a bootstrap
     percentile interval ('bootstrap', refused below 5 values: with n = 3 it is the seed range). n = 1: (v, NaN,
     NaN, 1), no interval. All values equal: the interval is that value."""
@@ -117,8 +120,10 @@ def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t", n_r
     if method not in ("t", "bootstrap"):
         raise ValueError(f"unknown interval {method!r}: 't' or 'bootstrap'")
     if method == "bootstrap" and n < 5:
-        raise ValueError(f"a bootstrap interval of a mean of {n} values is their range, not a {level:.0%} interval: "
-                         "use the t-interval (method='t') below 5 values")
+        raise ValueError(
+            f"a bootstrap interval of a mean of {n} values is their range, not a {level:.0%} interval: "
+            "use the t-interval (method='t') below 5 values"
+        )
     if n == 1:
         return m, math.nan, math.nan, 1
     if np.ptp(v) == 0:
@@ -128,8 +133,15 @@ def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t", n_r
     if method == "t":
         half = float(stats.t.ppf(0.5 + level / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
         return m, m - half, m + half, n
-    res = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                          rng=np.random.default_rng(seed), vectorized=True)
+    res = stats.bootstrap(
+        (v,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+        vectorized=True,
+    )
     return m, float(res.confidence_interval.low), float(res.confidence_interval.high), n
 
 
@@ -241,8 +253,9 @@ def km_restricted_mean(times: Sequence[float], reached: Sequence[bool]) -> float
     return float(area)
 
 
-def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, n_resamples: int = 9999,
-          seed: int = 0) -> tuple[float, float, float, int]:
+def km_ci(
+    times: Sequence[float], reached: Sequence[bool], level: float = 0.95, n_resamples: int = 9999, seed: int = 0
+) -> tuple[float, float, float, int]:
     """(restricted mean, CI low, CI high, n): a bootstrap percentile interval over seeds (as mean_ci)."""
     t = np.asarray(times, dtype=float)
     e = np.asarray(reached, dtype=float)
@@ -256,9 +269,16 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
         return m, m, m, n
     from scipy import stats
 
-    res = stats.bootstrap((t, e), lambda a, b: km_restricted_mean(a, b.astype(bool)), paired=True,
-                          vectorized=False, confidence_level=level, n_resamples=n_resamples, method="percentile",
-                          rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (t, e),
+        lambda a, b: km_restricted_mean(a, b.astype(bool)),
+        paired=True,
+        vectorized=False,
+        confidence_level=level,
+        n_resamples=n_resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return m, float(res.confidence_interval.low), float(res.confidence_interval.high), n
 
 
@@ -269,13 +289,22 @@ def km_ci(times: Sequence[float], reached: Sequence[bool], level: float = 0.95, 
 def _acc_words(accuracy: str) -> str:
     """'sampled:level_5' -> 'sampled held-out accuracy on the level-5 prompts only (eval/sampled_acc/level_5)'."""
     mode, _, level = accuracy.partition(":")
-    return (f"{mode} held-out accuracy on the {level.replace('_', '-')} prompts only ({acc_key(accuracy)})" if level
-            else f"{mode} held-out accuracy")
+    return (
+        f"{mode} held-out accuracy on the {level.replace('_', '-')} prompts only ({acc_key(accuracy)})"
+        if level
+        else f"{mode} held-out accuracy"
+    )
 
 
-def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: bool = False,
-              w_bounds: tuple[float, float] | None = None, acc_key: str = ACC,
-              per_mu: pd.DataFrame | None = None) -> dict[str, Any]:
+def run_stats(
+    metrics: pd.DataFrame,
+    method: str,
+    window: int,
+    weight_stats: bool = False,
+    w_bounds: tuple[float, float] | None = None,
+    acc_key: str = ACC,
+    per_mu: pd.DataFrame | None = None,
+) -> dict[str, Any]:
     """The per-run numbers of the module docstring from a run's `read_metrics` frame and its `per_mu` table (None:
     the share CVs per group from the metrics, none per prompt); steps_to_target needs the target: `steps_to_target`."""
     out: dict[str, Any] = {}
@@ -332,12 +361,14 @@ def run_stats(metrics: pd.DataFrame, method: str, window: int, weight_stats: boo
                 allw = allw[np.isfinite(allw)]
                 hit = hit or bool(((allw <= lo * (1 + 1e-6)) | (allw >= hi * (1 - 1e-6))).any())
             out["at_bound"] = int(hit)
-            watched = metrics[metrics.key.str.startswith(("daro/weight/", "daro/wL/", "daro/wS/"))
-                              | (metrics.key == "loss/total")]
+            watched = metrics[
+                metrics.key.str.startswith(("daro/weight/", "daro/wL/", "daro/wS/")) | (metrics.key == "loss/total")
+            ]
             out["nonfinite"] = int(not np.isfinite(watched.value.to_numpy()).all())
         else:
-            out.update(weight_var=math.nan, balance_gap=math.nan, at_bound=math.nan, nonfinite=math.nan,
-                       weight_final="")
+            out.update(
+                weight_var=math.nan, balance_gap=math.nan, at_bound=math.nan, nonfinite=math.nan, weight_final=""
+            )
     return out
 
 
@@ -383,8 +414,9 @@ def table_share_cvs(per_mu: pd.DataFrame, window: int) -> dict[str, float]:
                 out[f"{name}_share_cv{suffix}"] = math.nan
                 continue
             v = v[(v > 0) & np.isfinite(v)]
-            out[f"{name}_share_cv{suffix}"] = (coefficient_of_variation((v / v.sum()).to_numpy()) if len(v) >= 2
-                                               else math.nan)
+            out[f"{name}_share_cv{suffix}"] = (
+                coefficient_of_variation((v / v.sum()).to_numpy()) if len(v) >= 2 else math.nan
+            )
     return out
 
 
@@ -404,9 +436,16 @@ def steps_to_target(metrics: pd.DataFrame, target: float, acc_key: str = ACC) ->
 # Per arm
 
 
-def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test: str = "t",
-              weight_stats: bool = False, labels: dict[str, str] | None = None,
-              methods: dict[str, str] | None = None, target: float = math.nan) -> pd.DataFrame:
+def summarize(
+    per_seed: pd.DataFrame,
+    arms: Sequence[str],
+    reference: str,
+    test: str = "t",
+    weight_stats: bool = False,
+    labels: dict[str, str] | None = None,
+    methods: dict[str, str] | None = None,
+    target: float = math.nan,
+) -> pd.DataFrame:
     """One row per arm from the per-seed table (rows with status FINISHED count): n_seeds, failed,
     `<m>_mean`, `<m>_lo`, `<m>_hi` for each metric, `steps_to_target_reached` ('k/n'), and the
     paired test against `reference` (`<m>_diff`, `<m>_p`, `pairs`, `test`)."""
@@ -418,10 +457,15 @@ def summarize(per_seed: pd.DataFrame, arms: Sequence[str], reference: str, test:
     for arm in arms:
         all_rows = per_seed[per_seed.arm == arm] if len(per_seed) else per_seed
         d = done[done.arm == arm] if len(done) else done
-        row: dict[str, Any] = {"arm": arm, "label": labels.get(arm, ""), "method": methods.get(arm, ""),
-                               "reference": arm == reference, "n_seeds": int(len(d)),
-                               "failed": int((all_rows.status == "FAILED").sum()) if len(all_rows) else 0,
-                               "not_run": int((~all_rows.status.isin(["FINISHED", "FAILED"])).sum()) if len(all_rows) else 0}
+        row: dict[str, Any] = {
+            "arm": arm,
+            "label": labels.get(arm, ""),
+            "method": methods.get(arm, ""),
+            "reference": arm == reference,
+            "n_seeds": int(len(d)),
+            "failed": int((all_rows.status == "FAILED").sum()) if len(all_rows) else 0,
+            "not_run": int((~all_rows.status.isin(["FINISHED", "FAILED"])).sum()) if len(all_rows) else 0,
+        }
         for m in metrics:
             vals = d[m].to_numpy(dtype=float) if m in d else np.array([])
             row[f"{m}_min"], row[f"{m}_max"] = seed_range(vals)
@@ -505,8 +549,12 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
         return f"{'higher' if diff > 0 else 'lower' if diff < 0 else 'equal'} by {abs(diff):.3f}, untested (fewer than 2 paired seeds or zero variance)"
     if p < alpha:
         return f"{'higher' if diff > 0 else 'lower'} than the reference by {abs(diff):.3f} (p={p:.3g} < {alpha})"
-    power = (f"no difference larger than {mdd:.3f} (the minimal detectable difference at 80% power with "
-             f"{int(row.get('pairs', 0))} paired seeds)" if np.isfinite(mdd) else "no detectable difference")
+    power = (
+        f"no difference larger than {mdd:.3f} (the minimal detectable difference at 80% power with "
+        f"{int(row.get('pairs', 0))} paired seeds)"
+        if np.isfinite(mdd)
+        else "no detectable difference"
+    )
     return f"within noise of the reference (p={p:.3g}): {power}"
 
 
@@ -519,34 +567,52 @@ def display_table(summary: pd.DataFrame, bold: str = "**") -> pd.DataFrame:
         arm = f"{bold}{r.arm}{bold}" if r.reference else r.arm
         if r.label:
             arm += f" ({r.label})"
-        seeds = str(r.n_seeds) + (f" ({r.failed} failed)" if r.failed else "") + (f" ({r.not_run} not run)" if r.not_run else "")
+        seeds = (
+            str(r.n_seeds)
+            + (f" ({r.failed} failed)" if r.failed else "")
+            + (f" ({r.not_run} not run)" if r.not_run else "")
+        )
         own = {"wS": "w·signal/C", "wL": "w·L", "C": "C_mu"}.get(r.get("balance_source"), "")
-        row = {"arm": arm, "method": r.method, "seeds": seeds,
-               "final acc [95% t-CI]": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
-               "final acc, seed range": _range(r.get("final_acc_min", math.nan), r.get("final_acc_max", math.nan)),
-               "AUC acc [95% t-CI]": _fmt(r.get("auc_acc_mean", math.nan), r.get("auc_acc_lo", math.nan),
-                                          r.get("auc_acc_hi", math.nan)),
-               "steps to target (reached)": ("≥ " if r.get("steps_to_target_censored", False) else "")
-               + _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
-               + f" ({r.steps_to_target_reached})",
-               "C share CV": _fmt(r.get("c_share_cv_mean", math.nan), r.get("c_share_cv_lo", math.nan),
-                                    r.get("c_share_cv_hi", math.nan)),
-               "G share CV": _fmt(r.get("g_share_cv_mean", math.nan), r.get("g_share_cv_lo", math.nan),
-                                  r.get("g_share_cv_hi", math.nan)),
-               "C / G share CV per prompt": _fmt(r.get("c_share_cv_prompt_mean", math.nan), math.nan, math.nan)
-               + " / " + _fmt(r.get("g_share_cv_prompt_mean", math.nan), math.nan, math.nan),
-               "own balance CV (of; noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
-               + (f" ({own}; {r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan))
-                  else "")}
+        row = {
+            "arm": arm,
+            "method": r.method,
+            "seeds": seeds,
+            "final acc [95% t-CI]": _fmt(r.final_acc_mean, r.final_acc_lo, r.final_acc_hi),
+            "final acc, seed range": _range(r.get("final_acc_min", math.nan), r.get("final_acc_max", math.nan)),
+            "AUC acc [95% t-CI]": _fmt(
+                r.get("auc_acc_mean", math.nan), r.get("auc_acc_lo", math.nan), r.get("auc_acc_hi", math.nan)
+            ),
+            "steps to target (reached)": ("≥ " if r.get("steps_to_target_censored", False) else "")
+            + _fmt(r.steps_to_target_mean, r.steps_to_target_lo, r.steps_to_target_hi, 1)
+            + f" ({r.steps_to_target_reached})",
+            "C share CV": _fmt(
+                r.get("c_share_cv_mean", math.nan), r.get("c_share_cv_lo", math.nan), r.get("c_share_cv_hi", math.nan)
+            ),
+            "G share CV": _fmt(
+                r.get("g_share_cv_mean", math.nan), r.get("g_share_cv_lo", math.nan), r.get("g_share_cv_hi", math.nan)
+            ),
+            "C / G share CV per prompt": _fmt(r.get("c_share_cv_prompt_mean", math.nan), math.nan, math.nan)
+            + " / "
+            + _fmt(r.get("g_share_cv_prompt_mean", math.nan), math.nan, math.nan),
+            "own balance CV (of; noise floor)": _fmt(r.balance_cv_mean, r.balance_cv_lo, r.balance_cv_hi)
+            + (f" ({own}; {r.balance_floor_mean:.2f})" if np.isfinite(r.get("balance_floor_mean", math.nan)) else ""),
+        }
         if ws:
-            row.update({"weight var": _fmt(r.weight_var_mean, r.weight_var_lo, r.weight_var_hi, None),
-                        "balance gap": _fmt(r.balance_gap_mean, r.balance_gap_lo, r.balance_gap_hi),
-                        "at bound": str(r.at_bound), "non-finite": str(r.nonfinite)})
+            row.update(
+                {
+                    "weight var": _fmt(r.weight_var_mean, r.weight_var_lo, r.weight_var_hi, None),
+                    "balance gap": _fmt(r.balance_gap_mean, r.balance_gap_lo, r.balance_gap_hi),
+                    "at bound": str(r.at_bound),
+                    "non-finite": str(r.nonfinite),
+                }
+            )
         row["Δ final acc vs ref"] = _fmt_p(r.final_acc_diff, r.final_acc_p, r.get("final_acc_mdd", math.nan))
-        row["Δ AUC vs ref"] = _fmt_p(r.get("auc_acc_diff", math.nan), r.get("auc_acc_p", math.nan),
-                                     r.get("auc_acc_mdd", math.nan))
-        row["Δ C share CV vs ref"] = _fmt_p(r.get("c_share_cv_diff", math.nan), r.get("c_share_cv_p", math.nan),
-                                              r.get("c_share_cv_mdd", math.nan))
+        row["Δ AUC vs ref"] = _fmt_p(
+            r.get("auc_acc_diff", math.nan), r.get("auc_acc_p", math.nan), r.get("auc_acc_mdd", math.nan)
+        )
+        row["Δ C share CV vs ref"] = _fmt_p(
+            r.get("c_share_cv_diff", math.nan), r.get("c_share_cv_p", math.nan), r.get("c_share_cv_mdd", math.nan)
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -557,8 +623,11 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
     lines = [f"# Ablation `{meta.get('name', '')}`", ""]
     if meta.get("description"):
         lines += [meta["description"].strip(), ""]
-    lines += [f"Parent run `{meta.get('parent_run_id', '')}`, experiment `{meta.get('experiment', '')}`, preset "
-              f"`{meta.get('preset', '')}`, seeds {meta.get('seeds', '')}, reference arm `{meta.get('reference', '')}`.", ""]
+    lines += [
+        f"Parent run `{meta.get('parent_run_id', '')}`, experiment `{meta.get('experiment', '')}`, preset "
+        f"`{meta.get('preset', '')}`, seeds {meta.get('seeds', '')}, reference arm `{meta.get('reference', '')}`.",
+        "",
+    ]
     disp = display_table(summary)
     lines += ["| " + " | ".join(disp.columns) + " |", "|" + "---|" * len(disp.columns)]
     for _, r in disp.iterrows():
@@ -567,7 +636,7 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
     for _, r in summary.iterrows():
         lines.append(f"- `{r.arm}`: {verdict(r)}")
     target = meta.get("target_acc")
-    tdesc = (f"{target:.3f}" if isinstance(target, float) and np.isfinite(target) else "n/a")
+    tdesc = f"{target:.3f}" if isinstance(target, float) and np.isfinite(target) else "n/a"
     lines += [
         "",
         "How to read it:",
@@ -595,10 +664,12 @@ def to_markdown(summary: pd.DataFrame, meta: dict[str, Any]) -> str:
         "difference larger than the MDD, not no difference; 'no p' with fewer than two pairs.",
     ]
     if ws:
-        lines.append("- Weight var: variance across groups of the final weights; balance gap: mean distance of "
-                     "w_mu·signal_mu/C from DARO's fixed point 1 over the last window (|w_mu·L_mu| for runs older than the "
-                     "signal's record); at bound / non-finite: seeds with a "
-                     "weight on w_min/w_max at any step / with a NaN or inf (including a run that failed on one).")
+        lines.append(
+            "- Weight var: variance across groups of the final weights; balance gap: mean distance of "
+            "w_mu·signal_mu/C from DARO's fixed point 1 over the last window (|w_mu·L_mu| for runs older than the "
+            "signal's record); at bound / non-finite: seeds with a "
+            "weight on w_min/w_max at any step / with a NaN or inf (including a run that failed on one)."
+        )
     if meta.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"

@@ -116,8 +116,9 @@ def run_ablation(
     else:
         if name is None:
             raise AblationError("name an ablation grid (or pass resume=PARENT_RUN_ID)")
-        plan = make_plan(name, preset, seeds, steps, overrides, experiment, check_paths=executor != "ray",
-                         init_seed=init_seed)
+        plan = make_plan(
+            name, preset, seeds, steps, overrides, experiment, check_paths=executor != "ray", init_seed=init_seed
+        )
     ex = make_executor(executor, plan, workers, ray_address)  # e.g. Ray missing: fails before any run
     try:
         if resume:
@@ -125,8 +126,10 @@ def run_ablation(
             say(f"resuming ablation '{plan.name}' (parent run {resume}) in experiment '{plan.experiment}'")
         else:
             tracker = _start_parent(uri, plan, executor)
-            say(f"ablation '{plan.name}': parent run {tracker.run_id} in experiment '{plan.experiment}' of {uri}; "
-                f"{len(plan.arms)} arms x {len(plan.seeds)} seeds")
+            say(
+                f"ablation '{plan.name}': parent run {tracker.run_id} in experiment '{plan.experiment}' of {uri}; "
+                f"{len(plan.arms)} arms x {len(plan.seeds)} seeds"
+            )
     except BaseException:
         ex.close()
         raise
@@ -159,16 +162,35 @@ def _start_parent(uri: str, plan: Plan, executor: str):
     """The parent run: the plan as its config.json, the grid's choices as params, the arms as its note."""
     from daro_lab.tracking import Tracker
 
-    params = {"ablation.name": plan.name, "ablation.preset": plan.preset, "ablation.seeds": plan.seeds,
-              "ablation.steps": plan.steps if plan.steps is not None else "preset",
-              "ablation.arms": ", ".join(a.name for a in plan.arms), "ablation.reference": plan.reference,
-              "ablation.set": " ".join(plan.cli_set), "ablation.grid": plan.grid_path,
-              "ablation.executor": executor, "ablation.test": plan.test}
-    note = (plan.description.strip() + "\n\n" if plan.description else "") + "Arms:\n" + "\n".join(
-        f"- {a.name}{' (' + a.label + ')' if a.label else ''}: {' '.join(a.overrides) or '(preset)'}"
-        + (f"; weights frozen from arm '{a.static_from}'" if a.static_from else "") for a in plan.arms)
-    return Tracker.start(uri, plan.experiment, f"ablation-{plan.name}", params, plan.to_json(),
-                         tags={TAG_ABLATION: plan.name, TAG_ROLE: ROLE_PARENT, "mlflow.note.content": note})
+    params = {
+        "ablation.name": plan.name,
+        "ablation.preset": plan.preset,
+        "ablation.seeds": plan.seeds,
+        "ablation.steps": plan.steps if plan.steps is not None else "preset",
+        "ablation.arms": ", ".join(a.name for a in plan.arms),
+        "ablation.reference": plan.reference,
+        "ablation.set": " ".join(plan.cli_set),
+        "ablation.grid": plan.grid_path,
+        "ablation.executor": executor,
+        "ablation.test": plan.test,
+    }
+    note = (
+        (plan.description.strip() + "\n\n" if plan.description else "")
+        + "Arms:\n"
+        + "\n".join(
+            f"- {a.name}{' (' + a.label + ')' if a.label else ''}: {' '.join(a.overrides) or '(preset)'}"
+            + (f"; weights frozen from arm '{a.static_from}'" if a.static_from else "")
+            for a in plan.arms
+        )
+    )
+    return Tracker.start(
+        uri,
+        plan.experiment,
+        f"ablation-{plan.name}",
+        params,
+        plan.to_json(),
+        tags={TAG_ABLATION: plan.name, TAG_ROLE: ROLE_PARENT, "mlflow.note.content": note},
+    )
 
 
 def _prewarm(plan: Plan, say: Callable[[str], None]) -> None:
@@ -192,8 +214,9 @@ def _prewarm(plan: Plan, say: Callable[[str], None]) -> None:
             warm_start(cfg.model, cfg.task, init)
 
 
-def _schedule(plan: Plan, uri: str, parent_id: str, ex, hooks, progress: bool, retry_failed: bool,
-              say: Callable[[str], None]) -> list[ArmResult]:
+def _schedule(
+    plan: Plan, uri: str, parent_id: str, ex, hooks, progress: bool, retry_failed: bool, say: Callable[[str], None]
+) -> list[ArmResult]:
     from daro_lab.tracking import RunStore
 
     store = RunStore(uri)
@@ -236,8 +259,10 @@ def _schedule(plan: Plan, uri: str, parent_id: str, ex, hooks, progress: bool, r
                     if src is None:
                         continue  # its source is still to run
                     if src.status != "FINISHED":
-                        task.fail_with = (f"arm '{pa.static_from}' seed {seed} did not finish ({src.status}, run "
-                                          f"{src.run_id}): no final weights to freeze for arm '{arm}'")
+                        task.fail_with = (
+                            f"arm '{pa.static_from}' seed {seed} did not finish ({src.status}, run "
+                            f"{src.run_id}): no final weights to freeze for arm '{arm}'"
+                        )
                     else:
                         try:
                             K = plan.arm(arm).config["rollout"]["num_responses"]
@@ -263,16 +288,27 @@ def _schedule(plan: Plan, uri: str, parent_id: str, ex, hooks, progress: bool, r
                 r = lost_worker(store, task, e)
             results[(arm, seed)] = r
             n_done += 1
-            say(f"  {arm} seed {seed}: {r.status} run {r.run_id} ({r.seconds:.1f} s)"
-                + (f": {r.error}" if r.error else ""))
+            say(
+                f"  {arm} seed {seed}: {r.status} run {r.run_id} ({r.seconds:.1f} s)"
+                + (f": {r.error}" if r.error else "")
+            )
     except KeyboardInterrupt:
         ex.cancel(list(running))
         raise
     return [results[j] for j in jobs if j in results]
 
 
-def _task(plan: Plan, uri: str, parent_id: str, pa, seed: int, resume_id: str | None, hooks, progress,
-          threads: int | None = None) -> ArmTask:
+def _task(
+    plan: Plan,
+    uri: str,
+    parent_id: str,
+    pa,
+    seed: int,
+    resume_id: str | None,
+    hooks,
+    progress,
+    threads: int | None = None,
+) -> ArmTask:
     cfg = json.loads(json.dumps(pa.config))
     if threads:
         _set_threads(cfg, threads)
@@ -286,10 +322,23 @@ def _task(plan: Plan, uri: str, parent_id: str, pa, seed: int, resume_id: str | 
         tags[TAG_LABEL] = pa.label
     static_path = None
     if pa.static_from:
-        static_path = str(Path(cfg["trainer"]["checkpoint_dir"]) / f"ablation-{parent_id}" / f"{pa.name}-seed{seed}-weights.json")
+        static_path = str(
+            Path(cfg["trainer"]["checkpoint_dir"]) / f"ablation-{parent_id}" / f"{pa.name}-seed{seed}-weights.json"
+        )
         cfg["algo"]["daro"]["static"] = static_path
-    return ArmTask(uri, parent_id, plan.experiment, pa.name, seed, None if resume_id else cfg, tags,
-                   resume_run_id=resume_id, static_path=static_path, hooks=hooks, progress=progress)
+    return ArmTask(
+        uri,
+        parent_id,
+        plan.experiment,
+        pa.name,
+        seed,
+        None if resume_id else cfg,
+        tags,
+        resume_run_id=resume_id,
+        static_path=static_path,
+        hooks=hooks,
+        progress=progress,
+    )
 
 
 def _set_threads(cfg: dict, n: int) -> None:

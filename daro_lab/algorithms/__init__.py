@@ -1,6 +1,6 @@
 """The loss library: pure functions, usable from any training loop.
 
-    from daro_lab.algorithms import compute_advantages, policy_loss, PolicyBatch, DaroWeights
+from daro_lab.algorithms import compute_advantages, policy_loss, PolicyBatch, DaroWeights
 """
 
 from daro_lab.algorithms.advantages import ADVANTAGES, compute_advantages, kept_prompts, register_advantage
@@ -34,9 +34,38 @@ from daro_lab.algorithms.losses import (
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "METHODS", "SIGNALS", "DaroState", "DaroWeights", "GroupView", "LossSettings",
-    "LossTerms", "Method", "MetricSums", "PolicyBatch", "Scaling", "Shard", "Totals", "batch_totals", "clipped_surrogate", "compute_advantages",
-    "constant_normaliser", "group_keys", "kept_prompts", "kl_k3", "length_corrected_shape", "loss_terms", "mu_key", "parse_group_key",
-    "policy_loss", "read_signal", "register_advantage", "register_method", "seq_mean_token_mean", "shaped_methods", "static_shape",
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "METHODS",
+    "SIGNALS",
+    "DaroState",
+    "DaroWeights",
+    "GroupView",
+    "LossSettings",
+    "LossTerms",
+    "Method",
+    "MetricSums",
+    "PolicyBatch",
+    "Scaling",
+    "Shard",
+    "Totals",
+    "batch_totals",
+    "clipped_surrogate",
+    "compute_advantages",
+    "constant_normaliser",
+    "group_keys",
+    "kept_prompts",
+    "kl_k3",
+    "length_corrected_shape",
+    "loss_terms",
+    "mu_key",
+    "parse_group_key",
+    "policy_loss",
+    "read_signal",
+    "register_advantage",
+    "register_method",
+    "seq_mean_token_mean",
+    "shaped_methods",
+    "static_shape",
     "token_mean",
 ]

@@ -33,8 +33,15 @@ from daro_lab.algorithms.losses import DaroState, group_keys, mu_key
 
 
 class DaroWeights(nn.Module):
-    def __init__(self, K: int, param: str = "log", init: float = 1.0, w_min: float = 1e-3,
-                 w_max: float = 1e3, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        K: int,
+        param: str = "log",
+        init: float = 1.0,
+        w_min: float = 1e-3,
+        w_max: float = 1e3,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if K < 2:
             raise ValueError(f"K = {K}: DARO needs K >= 2 (one weight per interior pass rate, K-1 of them)")

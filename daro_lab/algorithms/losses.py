@@ -80,7 +80,9 @@ class DaroState(NamedTuple):
         return DaroState(z, z.clone(), z.new_zeros(()), z.new_zeros(()))
 
 
-def read_signal(raw: Tensor, present: Tensor, s: LossSettings, state: DaroState | None) -> tuple[Tensor, Tensor, DaroState]:
+def read_signal(
+    raw: Tensor, present: Tensor, s: LossSettings, state: DaroState | None
+) -> tuple[Tensor, Tensor, DaroState]:
     """The signal that drives the weights and the regulariser's constant, from this mini-batch's raw
     signal [K+1] and the running state: (signal [K+1], C [], the state after this update). Pure."""
     K = raw.shape[0] - 1
@@ -89,14 +91,14 @@ def read_signal(raw: Tensor, present: Tensor, s: LossSettings, state: DaroState 
     beta = float(s.signal_ema)
     m = torch.where(present, beta * state.signal_m + (1 - beta) * raw64, state.signal_m)
     n = state.signal_n + present.double()
-    signal = torch.where(present, m / (1 - beta ** n).clamp(min=1e-12), raw64)
+    signal = torch.where(present, m / (1 - beta**n).clamp(min=1e-12), raw64)
     if s.reg == "auto":
         if present.any():
             c_now = signal[present].abs().mean()
             reg_m, reg_n = REG_EMA * state.reg_m + (1 - REG_EMA) * c_now, state.reg_n + 1
         else:
             reg_m, reg_n = state.reg_m, state.reg_n
-        C = reg_m / (1 - REG_EMA ** reg_n) if reg_n > 0 else raw64.new_ones(())
+        C = reg_m / (1 - REG_EMA**reg_n) if reg_n > 0 else raw64.new_ones(())
     else:
         C = raw64.new_tensor(float(s.reg))
         reg_m, reg_n = state.reg_m, state.reg_n
@@ -189,16 +191,32 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, advantage: str, weights: str = "none", label: str | None = None, paper: str = "",
-                    shape: ShapeFn | None = None, token_sum: bool = False) -> Callable[[MethodFn], MethodFn]:
+def register_method(
+    name: str,
+    advantage: str,
+    weights: str = "none",
+    label: str | None = None,
+    paper: str = "",
+    shape: ShapeFn | None = None,
+    token_sum: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
     """Add a method to the registry: `@register_method("mine", advantage="group_std", label="Mine")`.
 
     shape(mu, n_prompts, length_ratio, token_share, sigma_batch): its static shape, if it has one;
     token_sum: its aggregation sums over tokens (per prompt, longer answers weigh more)."""
 
     def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, advantage, weights, (fn.__doc__ or "").strip().splitlines()[0],
-                               label or name, paper, shape, token_sum)
+        METHODS[name] = Method(
+            name,
+            fn,
+            advantage,
+            weights,
+            (fn.__doc__ or "").strip().splitlines()[0],
+            label or name,
+            paper,
+            shape,
+            token_sum,
+        )
         return fn
 
     return deco
@@ -236,23 +254,26 @@ def grpo(g: GroupView, s: LossSettings) -> Scaling:
     return Scaling(seq_mean_token_mean(g.mask, g.n_responses))
 
 
-@register_method("dapo", advantage="group_std", label="DAPO", paper="arXiv 2503.14476", shape=_shape_dapo,
-                 token_sum=True)
+@register_method(
+    "dapo", advantage="group_std", label="DAPO", paper="arXiv 2503.14476", shape=_shape_dapo, token_sum=True
+)
 def dapo(g: GroupView, s: LossSettings) -> Scaling:
     """DAPO (arXiv 2503.14476): group-std advantage, token-mean over the mini-batch."""
     return Scaling(token_mean(g.mask, g.n_tokens))
 
 
-@register_method("dr_grpo", advantage="mean_only", label="Dr. GRPO", paper="arXiv 2503.20783", shape=_shape_dr_grpo,
-                 token_sum=True)
+@register_method(
+    "dr_grpo", advantage="mean_only", label="Dr. GRPO", paper="arXiv 2503.20783", shape=_shape_dr_grpo, token_sum=True
+)
 def dr_grpo(g: GroupView, s: LossSettings) -> Scaling:
     """Dr. GRPO (arXiv 2503.20783): r - mu advantage, sum / (responses * max response length)."""
     L_max = s.max_response_length or g.width or g.mask.shape[1]
     return Scaling(constant_normaliser(g.mask, L_max, g.n_responses))
 
 
-@register_method("lipo", advantage="batch_std", label="LIPO", paper="Lite PPO, arXiv 2508.08221", shape=_shape_lipo,
-                 token_sum=True)
+@register_method(
+    "lipo", advantage="batch_std", label="LIPO", paper="Lite PPO, arXiv 2508.08221", shape=_shape_lipo, token_sum=True
+)
 def lipo(g: GroupView, s: LossSettings) -> Scaling:
     """LIPO as Lite PPO (arXiv 2508.08221): group mean, batch std, token-mean."""
     return Scaling(token_mean(g.mask, g.n_tokens))
@@ -285,8 +306,13 @@ def daro(g: GroupView, s: LossSettings) -> Scaling:
     return _weighted_groups(g, g.weights)
 
 
-@register_method("static", advantage="group_std", weights="frozen", label="DARO, frozen w",
-                 paper="DARO's path with frozen weights (docs/math.md, section 4)")
+@register_method(
+    "static",
+    advantage="group_std",
+    weights="frozen",
+    label="DARO, frozen w",
+    paper="DARO's path with frozen weights (docs/math.md, section 4)",
+)
 def static(g: GroupView, s: LossSettings) -> Scaling:
     """Static ablation: DARO's code path with the weights frozen (no gradient reaches them)."""
     if g.weights is None:
@@ -392,16 +418,27 @@ class Totals:
         data-parallel ranks of `shard` (two collectives: every rank must call it at the same point)."""
         if not parts:
             raise ValueError("Totals.combine needs at least one part")
-        packed = torch.stack([torch.cat([t.tokens, t.l_sum, t.mass_sum, t.responses[None],
-                                         t.responses.new_tensor([float(t.parts)])]) for t in parts]).sum(0)
+        packed = torch.stack(
+            [
+                torch.cat([t.tokens, t.l_sum, t.mass_sum, t.responses[None], t.responses.new_tensor([float(t.parts)])])
+                for t in parts
+            ]
+        ).sum(0)
         width = max(t.width for t in parts)
         shard = shard or Shard()
         if shard.world_size > 1:
             packed = shard.reduce(packed, "sum")
             width = int(shard.reduce(packed.new_tensor(float(width)), "max"))
         K1 = parts[0].tokens.shape[0]
-        return Totals(packed[:K1], packed[-2], packed[K1 : 2 * K1], packed[2 * K1 : 3 * K1], width,
-                      int(round(float(packed[-1]))), all(t.with_loss for t in parts))
+        return Totals(
+            packed[:K1],
+            packed[-2],
+            packed[K1 : 2 * K1],
+            packed[2 * K1 : 3 * K1],
+            width,
+            int(round(float(packed[-1]))),
+            all(t.with_loss for t in parts),
+        )
 
 
 def batch_totals(batch: PolicyBatch, K: int, settings: LossSettings = LossSettings(), with_loss: bool = True) -> Totals:
@@ -412,8 +449,14 @@ def batch_totals(batch: PolicyBatch, K: int, settings: LossSettings = LossSettin
         mask = batch.mask.double() * ((k > 0) & (k < K))[:, None].double()
         lengths = mask.sum(1)
         zeros = torch.zeros(K + 1, dtype=torch.float64, device=mask.device)
-        return Totals(_per_group(lengths, k, K), (lengths > 0).sum().double(), zeros, zeros.clone(), mask.shape[1],
-                      with_loss=False)
+        return Totals(
+            _per_group(lengths, k, K),
+            (lengths > 0).sum().double(),
+            zeros,
+            zeros.clone(),
+            mask.shape[1],
+            with_loss=False,
+        )
     _validate(batch, K)
     with torch.no_grad():
         return _totals_of(_tokens(batch, K, settings), K)
@@ -422,8 +465,13 @@ def batch_totals(batch: PolicyBatch, K: int, settings: LossSettings = LossSettin
 def _totals_of(t: _Tokens, K: int) -> Totals:
     l_sum = _per_group((t.l * t.mask).sum(1), t.k, K).detach()
     mass_sum = _per_group((t.adv.abs()[:, None] * t.g * t.mask).sum(1), t.k, K)
-    return Totals(_per_group(t.lengths, t.k, K).detach(), (t.lengths > 0).sum().to(t.lengths.dtype), l_sum, mass_sum,
-                  t.mask.shape[1])
+    return Totals(
+        _per_group(t.lengths, t.k, K).detach(),
+        (t.lengths > 0).sum().to(t.lengths.dtype),
+        l_sum,
+        mass_sum,
+        t.mask.shape[1],
+    )
 
 
 class LossTerms(NamedTuple):
@@ -501,7 +549,9 @@ def loss_terms(
     elif totals.tokens.shape != (K + 1,):
         raise ValueError(f"totals are of K = {totals.K}, the loss's K is {K}")
     tokens = totals.tokens.to(dt)
-    local_l = _per_group((l * mask).sum(1), k, K)  # [K+1] sum of l over each group's tokens (mask as weights), differentiable
+    local_l = _per_group(
+        (l * mask).sum(1), k, K
+    )  # [K+1] sum of l over each group's tokens (mask as weights), differentiable
     group_loss = local_l / tokens.clamp(min=1)  # [K+1] L_mu (this part's share)
     arange = torch.arange(K + 1, device=k.device)
     present = (tokens > 0) & (arange > 0) & (arange < K)
@@ -509,12 +559,16 @@ def loss_terms(
     signal = reg = new_state = None
     if spec.weights != "none":
         if weights is None or weights.shape != (K - 1,):
-            raise ValueError(f"method {method!r} needs weights of shape [{K - 1}], got "
-                             f"{None if weights is None else tuple(weights.shape)}")
+            raise ValueError(
+                f"method {method!r} needs weights of shape [{K - 1}], got "
+                f"{None if weights is None else tuple(weights.shape)}"
+            )
         weights = weights.to(dt)
         if settings.weight_signal in ("abs", "signed", "mass") and not totals.with_loss:
-            raise ValueError(f"weight_signal {settings.weight_signal!r} reads the mini-batch's L_mu: its totals must "
-                             "be summed from log-probs (batch_totals(..., with_loss=True))")
+            raise ValueError(
+                f"weight_signal {settings.weight_signal!r} reads the mini-batch's L_mu: its totals must "
+                "be summed from log-probs (batch_totals(..., with_loss=True))"
+            )
         L_global = totals.l_sum.to(dt) / tokens.clamp(min=1)  # [K+1] L_mu of the whole mini-batch, detached
         if settings.weight_signal == "abs":
             raw = L_global.abs()
@@ -531,8 +585,21 @@ def loss_terms(
             raise ValueError(f"unknown weight_signal {settings.weight_signal!r}: one of {', '.join(SIGNALS)}")
         signal, reg, new_state = read_signal(raw, present, settings, daro_state)
 
-    view = GroupView(K, k, mask, totals.responses.to(dt), group_loss, present, weights, signal, reg, tokens,
-                     tokens.sum(), totals.width, totals.parts)
+    view = GroupView(
+        K,
+        k,
+        mask,
+        totals.responses.to(dt),
+        group_loss,
+        present,
+        weights,
+        signal,
+        reg,
+        tokens,
+        tokens.sum(),
+        totals.width,
+        totals.parts,
+    )
     scaling = spec.fn(view, settings)
     contrib = _per_group((scaling.coef * l).sum(1), k, K)  # [K+1] C_mu without offsets
     if scaling.offset is not None:
@@ -548,8 +615,22 @@ def loss_terms(
 # ---------------------------------------------------------------------------------------------
 # Metrics: sums over a part, added over the parts, then finished into the record's keys
 
-_GROUP_SUMS = ("l_sum", "mass_sum", "scale", "contrib", "prompts", "offset", "n_corr", "n_inc", "len_corr", "len_inc",
-               "clip_pos", "pos", "clip_neg", "neg")
+_GROUP_SUMS = (
+    "l_sum",
+    "mass_sum",
+    "scale",
+    "contrib",
+    "prompts",
+    "offset",
+    "n_corr",
+    "n_inc",
+    "len_corr",
+    "len_inc",
+    "clip_pos",
+    "pos",
+    "clip_neg",
+    "neg",
+)
 _SCALAR_SUMS = ("loss", "responses", "empty", "clip_pos", "pos", "clip_neg", "neg", "clip_all", "ratio")
 
 
@@ -598,7 +679,11 @@ class MetricSums:
 
         L = [div(a, b) for a, b in zip(g["l_sum"], tokens)]
         cols = {
-            "loss": L, "contrib": g["contrib"], "scale": g["scale"], "prompts": g["prompts"], "tokens": tokens,
+            "loss": L,
+            "contrib": g["contrib"],
+            "scale": g["scale"],
+            "prompts": g["prompts"],
+            "tokens": tokens,
             "mass": [div(a, b) for a, b in zip(g["mass_sum"], tokens)],
             "len_correct": [div(a, b) for a, b in zip(g["len_corr"], g["n_corr"])],
             "len_incorrect": [div(a, b) for a, b in zip(g["len_inc"], g["n_inc"])],
@@ -621,18 +706,20 @@ class MetricSums:
             for name, v in cols.items():
                 out[f"{name}/{key}"] = v[kk]
         n_tok = sum(tokens[1:K])
-        out.update({
-            "loss/total": t["loss"],
-            "batch/responses": t["responses"],
-            "batch/tokens": n_tok,
-            "batch/empty_responses": t["empty"],
-            "batch/prompts": sum(g["prompts"]),
-            "clipfrac/pos": div(t["clip_pos"], t["pos"]),
-            "clipfrac/neg": div(t["clip_neg"], t["neg"]),
-            "clipfrac/all": div(t["clip_all"], n_tok),
-            "ratio/max": ratio_max if math.isfinite(ratio_max) else 1.0,
-            "ratio/mean": div(t["ratio"], n_tok),
-        })
+        out.update(
+            {
+                "loss/total": t["loss"],
+                "batch/responses": t["responses"],
+                "batch/tokens": n_tok,
+                "batch/empty_responses": t["empty"],
+                "batch/prompts": sum(g["prompts"]),
+                "clipfrac/pos": div(t["clip_pos"], t["pos"]),
+                "clipfrac/neg": div(t["clip_neg"], t["neg"]),
+                "clipfrac/all": div(t["clip_all"], n_tok),
+                "ratio/max": ratio_max if math.isfinite(ratio_max) else 1.0,
+                "ratio/mean": div(t["ratio"], n_tok),
+            }
+        )
         if self.weights is not None and self.signal is not None:
             # with the signed signal, L_mu <= 0 has no finite fixed point: the weight runs to its bound
             out["daro/nonpositive_signal"] = float(((self.signal <= 0) & self.present).sum())
@@ -669,25 +756,46 @@ def _metric_sums(K, batch, tk: _Tokens, scaling, contrib, loss, totals, present,
         "scale": per_group((scaling.coef.detach().to(dt) * adv.abs()[:, None]).sum(1)),  # S_mu
         "contrib": contrib.detach().to(dt),
         "prompts": torch.bincount(k_of_prompt, minlength=K + 1).to(dt),
-        "offset": (scaling.offset.detach().to(dt) if scaling.offset is not None
-                   else torch.zeros(K + 1, dtype=dt, device=k.device)),
-        "n_corr": per_group(correct), "n_inc": per_group(incorrect),
-        "len_corr": per_group(raw_len * correct), "len_inc": per_group(raw_len * incorrect),
-        "clip_pos": per_group((clipped * pos).sum(1)), "pos": per_group(pos.sum(1)),
-        "clip_neg": per_group((clipped * neg).sum(1)), "neg": per_group(neg.sum(1)),
+        "offset": (
+            scaling.offset.detach().to(dt)
+            if scaling.offset is not None
+            else torch.zeros(K + 1, dtype=dt, device=k.device)
+        ),
+        "n_corr": per_group(correct),
+        "n_inc": per_group(incorrect),
+        "len_corr": per_group(raw_len * correct),
+        "len_inc": per_group(raw_len * incorrect),
+        "clip_pos": per_group((clipped * pos).sum(1)),
+        "pos": per_group(pos.sum(1)),
+        "clip_neg": per_group((clipped * neg).sum(1)),
+        "neg": per_group(neg.sum(1)),
     }
     scalar = {
-        "loss": loss.detach().to(dt), "responses": (tk.lengths > 0).sum().to(dt),
+        "loss": loss.detach().to(dt),
+        "responses": (tk.lengths > 0).sum().to(dt),
         "empty": ((raw_len == 0).to(dt) * valid).sum(),
-        "clip_pos": (clipped * pos).sum(), "pos": pos.sum(), "clip_neg": (clipped * neg).sum(), "neg": neg.sum(),
-        "clip_all": (clipped * mask).sum(), "ratio": (ratio * mask).sum(),
+        "clip_pos": (clipped * pos).sum(),
+        "pos": pos.sum(),
+        "clip_neg": (clipped * neg).sum(),
+        "neg": neg.sum(),
+        "clip_all": (clipped * mask).sum(),
+        "ratio": (ratio * mask).sum(),
     }
-    sums = torch.cat([torch.stack([group[n] for n in _GROUP_SUMS]).flatten(), torch.stack([scalar[n] for n in _SCALAR_SUMS])])
+    sums = torch.cat(
+        [torch.stack([group[n] for n in _GROUP_SUMS]).flatten(), torch.stack([scalar[n] for n in _SCALAR_SUMS])]
+    )
     on = batch.mask.bool()
     top = ratio[on].max() if on.any() else ratio.new_tensor(-math.inf)
-    return MetricSums(sums, top, totals, present.clone(), None if weights is None else weights.detach(),
-                      None if signal is None else signal.detach(), None if reg is None else reg.detach(),
-                      scaling.offset is not None)
+    return MetricSums(
+        sums,
+        top,
+        totals,
+        present.clone(),
+        None if weights is None else weights.detach(),
+        None if signal is None else signal.detach(),
+        None if reg is None else reg.detach(),
+        scaling.offset is not None,
+    )
 
 
 def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
@@ -695,8 +803,14 @@ def group_keys(metrics: dict[str, float], name: str) -> dict[int, float]:
     return group_values(metrics, name)
 
 
-def static_shape(method: str, mu: float | Tensor, n_prompts: int, length_ratio: float = 1.0,
-                 token_share: float | None = None, sigma_batch: float | None = None):
+def static_shape(
+    method: str,
+    mu: float | Tensor,
+    n_prompts: int,
+    length_ratio: float = 1.0,
+    token_share: float | None = None,
+    sigma_batch: float | None = None,
+):
     """Reference loss scale S_mu per prompt at equal lengths and population std (docs/math.md), from the
     method's registry entry.
 
@@ -716,8 +830,9 @@ def shaped_methods() -> list[str]:
     return [m for m, spec in METHODS.items() if spec.shape is not None]
 
 
-def length_corrected_shape(method: str, k: int, K: int, len_correct: float, len_incorrect: float,
-                           std: str = "unbiased", eps: float = 1e-6) -> float:
+def length_corrected_shape(
+    method: str, k: int, K: int, len_correct: float, len_incorrect: float, std: str = "unbiased", eps: float = 1e-6
+) -> float:
     """S_mu per prompt of a baseline up to a factor common to the mini-batch, from the mean lengths of the
     group's right and wrong answers: (k A+ L+ + (K-k) |A-| L-) for the token-summing methods (`token_sum`:
     dapo, lipo, dr_grpo), k A+ + (K-k) |A-| for grpo (its per-response token-mean removes the lengths).

@@ -1,7 +1,7 @@
 """Benchmark evaluation: avg@k and pass@k (unbiased estimator) on local benchmark files, in the paper's table layout.
 
-    from daro_lab.eval import run_eval            # what `daro-lab eval` calls
-    from daro_lab.eval import evaluate_on_benchmarks, benchmark_metrics   # inside a training loop
+from daro_lab.eval import run_eval            # what `daro-lab eval` calls
+from daro_lab.eval import evaluate_on_benchmarks, benchmark_metrics   # inside a training loop
 """
 
 from daro_lab.eval.bench import (
@@ -28,7 +28,19 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Benchmark", "BenchResult", "avg_at_n", "benchmark_metrics", "evaluate_benchmark", "evaluate_on_benchmarks",
-    "load_benchmarks", "long_table", "mean_pass_at_k", "paper_table", "parse_spec", "pass_at_k", "pass_ks",
-    "run_eval", "to_markdown",
+    "Benchmark",
+    "BenchResult",
+    "avg_at_n",
+    "benchmark_metrics",
+    "evaluate_benchmark",
+    "evaluate_on_benchmarks",
+    "load_benchmarks",
+    "long_table",
+    "mean_pass_at_k",
+    "paper_table",
+    "parse_spec",
+    "pass_at_k",
+    "pass_ks",
+    "run_eval",
+    "to_markdown",
 ]

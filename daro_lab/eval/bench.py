@@ -57,7 +57,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise ConfigError(f"benchmark {spec!r}: expected name=path, e.g. MATH500=data/math500.jsonl")
     if not _NAME.match(name):
-        raise ConfigError(f"benchmark name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of metric keys)")
+        raise ConfigError(
+            f"benchmark name {name!r}: use letters, digits, '_', '.', '-' (it becomes part of metric keys)"
+        )
     return name, path
 
 
@@ -87,9 +89,21 @@ def load_benchmarks(specs: list[str]) -> list[Benchmark]:
 
 
 @torch.no_grad()
-def evaluate_benchmark(engine, tokenizer, reward_fn: Callable[[list[str], list[str]], list[float]], bench: Benchmark,
-                       *, n: int, greedy: bool, temperature: float, top_p: float, max_new_tokens: int,
-                       batch_size: int, seed: int, keep_samples: int = 4) -> BenchResult:
+def evaluate_benchmark(
+    engine,
+    tokenizer,
+    reward_fn: Callable[[list[str], list[str]], list[float]],
+    bench: Benchmark,
+    *,
+    n: int,
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    keep_samples: int = 4,
+) -> BenchResult:
     """Generate n responses per problem (1 when greedy) and score them with `reward_fn`.
 
     Sampling uses its own generator seeded by `seed`, so evaluating never moves another RNG.
@@ -103,8 +117,9 @@ def evaluate_benchmark(engine, tokenizer, reward_fn: Callable[[list[str], list[s
     for start in range(0, len(probs), batch_size):
         chunk = probs[start : start + batch_size]
         ids = tokenizer.encode_prompts([p.prompt for p in chunk])
-        out = engine.generate(ids, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              generator=gen, greedy=greedy)
+        out = engine.generate(
+            ids, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen, greedy=greedy
+        )
         texts = tokenizer.decode_responses(out.response_ids)
         answers = [p.answer for p in chunk for _ in range(n)]
         rewards = torch.tensor(reward_fn(texts, answers), dtype=torch.float32).view(len(chunk), n)
@@ -112,8 +127,16 @@ def evaluate_benchmark(engine, tokenizer, reward_fn: Callable[[list[str], list[s
         lengths += out.response_mask.sum(1).float().tolist()
         for i, p in enumerate(chunk):
             if len(samples) < keep_samples:
-                samples.append({"benchmark": bench.name, "index": start + i, "prompt": p.prompt, "answer": p.answer,
-                                "response": texts[i * n], "reward": float(rewards[i, 0])})
+                samples.append(
+                    {
+                        "benchmark": bench.name,
+                        "index": start + i,
+                        "prompt": p.prompt,
+                        "answer": p.answer,
+                        "response": texts[i * n],
+                        "reward": float(rewards[i, 0]),
+                    }
+                )
     mean_len = sum(lengths) / len(lengths) if lengths else float("nan")
     return BenchResult(bench.name, n, greedy, correct, [p.level for p in probs], mean_len, samples)
 
@@ -145,8 +168,9 @@ def benchmark_metrics(results: list[BenchResult], prefix: str = "bench/") -> dic
     return m
 
 
-def evaluate_on_benchmarks(model, engine, tokenizer, cfg: Config, seed: int,
-                           benchmarks: list[Benchmark] | None = None, dist=None) -> list[BenchResult]:
+def evaluate_on_benchmarks(
+    model, engine, tokenizer, cfg: Config, seed: int, benchmarks: list[Benchmark] | None = None, dist=None
+) -> list[BenchResult]:
     """Every benchmark of `cfg.eval` (or `benchmarks`) with the settings of `cfg.eval`; the model's mode is restored.
 
     Data-parallel (`dist`, a trainer's DistInfo): a collective; each rank evaluates its contiguous share of
@@ -161,10 +185,22 @@ def evaluate_on_benchmarks(model, engine, tokenizer, cfg: Config, seed: int,
     was_training = model.training
     model.eval()
     try:
-        mine = [evaluate_benchmark(engine, tokenizer, reward_fn, Benchmark(b.name, b.path, b.problems[split(len(b.problems), dist)]),
-                                   n=e.k, greedy=e.greedy, temperature=e.temperature, top_p=e.top_p,
-                                   max_new_tokens=max_new, batch_size=e.batch_size, seed=seed + 31 * i + 7919 * dist.rank)
-                for i, b in enumerate(benchmarks)]
+        mine = [
+            evaluate_benchmark(
+                engine,
+                tokenizer,
+                reward_fn,
+                Benchmark(b.name, b.path, b.problems[split(len(b.problems), dist)]),
+                n=e.k,
+                greedy=e.greedy,
+                temperature=e.temperature,
+                top_p=e.top_p,
+                max_new_tokens=max_new,
+                batch_size=e.batch_size,
+                seed=seed + 31 * i + 7919 * dist.rank,
+            )
+            for i, b in enumerate(benchmarks)
+        ]
     finally:
         model.train(was_training)
     if not dist.enabled:
@@ -180,8 +216,15 @@ def merge_results(parts: list[BenchResult]) -> BenchResult:
     lengths = [p.mean_length * c for p, c in zip(parts, counts) if c]
     mean_len = sum(lengths) / sum(counts) if sum(counts) else float("nan")
     samples = [s for p in parts for s in p.samples][: max(len(first.samples), 4)]
-    return BenchResult(first.benchmark, first.n, first.greedy, [c for p in parts for c in p.correct],
-                       [lv for p in parts for lv in p.levels], mean_len, samples)
+    return BenchResult(
+        first.benchmark,
+        first.n,
+        first.greedy,
+        [c for p in parts for c in p.correct],
+        [lv for p in parts for lv in p.levels],
+        mean_len,
+        samples,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +237,16 @@ def long_table(results_by_method: dict[str, list[BenchResult]]) -> pd.DataFrame:
     for method, results in results_by_method.items():
         for r in results:
             for metric, v in r.metrics().items():
-                rows.append({"method": method, "benchmark": r.benchmark, "metric": metric, "value": v,
-                             "problems": len(r.correct), "samples": r.n})
+                rows.append(
+                    {
+                        "method": method,
+                        "benchmark": r.benchmark,
+                        "metric": metric,
+                        "value": v,
+                        "problems": len(r.correct),
+                        "samples": r.n,
+                    }
+                )
     return pd.DataFrame(rows, columns=["method", "benchmark", "metric", "value", "problems", "samples"])
 
 
@@ -236,6 +287,7 @@ def problems_table(results_by_method: dict[str, list[BenchResult]]) -> pd.DataFr
     for method, results in results_by_method.items():
         for r in results:
             for i, (c, lv) in enumerate(zip(r.correct, r.levels)):
-                rows.append({"method": method, "benchmark": r.benchmark, "index": i, "level": lv, "samples": r.n,
-                             "correct": c})
+                rows.append(
+                    {"method": method, "benchmark": r.benchmark, "index": i, "level": lv, "samples": r.n, "correct": c}
+                )
     return pd.DataFrame(rows)

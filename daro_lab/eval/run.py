@@ -56,8 +56,9 @@ def _safe_label(text: str) -> str:
 
 def _with_eval_settings(policy_cfg: Config, base: Config, device: str) -> Config:
     """A policy's config with the evaluation settings (eval section, verifier pool, device) of `base`."""
-    task = dataclasses.replace(policy_cfg.task, reward_workers=base.task.reward_workers,
-                               reward_timeout_s=base.task.reward_timeout_s)
+    task = dataclasses.replace(
+        policy_cfg.task, reward_workers=base.task.reward_workers, reward_timeout_s=base.task.reward_timeout_s
+    )
     model = dataclasses.replace(policy_cfg.model, gradient_checkpointing=False)
     trainer = dataclasses.replace(policy_cfg.trainer, device=device)
     return dataclasses.replace(policy_cfg, eval=base.eval, task=task, model=model, trainer=trainer)
@@ -107,8 +108,11 @@ def check_benchmark_prompts(pol: Policy, benchmarks: list) -> None:
         if cfg.model.path:
             p = Path(cfg.model.path)
             conf = AutoConfig.from_pretrained(p, local_files_only=True)
-            tok = (CharTokenizer.from_pretrained(p) if (p / VOCAB_FILE).is_file()
-                   else AutoTokenizer.from_pretrained(p, local_files_only=True))
+            tok = (
+                CharTokenizer.from_pretrained(p)
+                if (p / VOCAB_FILE).is_file()
+                else AutoTokenizer.from_pretrained(p, local_files_only=True)
+            )
         else:
             tok = CharTokenizer()
             conf = tiny_config(cfg.model, tok.vocab_size)
@@ -147,8 +151,10 @@ def load_policy_for_eval(pol: Policy, uri: str) -> tuple[Any, Any]:
             local = RunStore(uri).download(pol.run_id, "checkpoint/model.safetensors", tmp)
             missing, unexpected = load_model(model, local, strict=False)
             if unexpected or [k for k in missing if not _is_tied(model, k)]:
-                raise ConfigError(f"run {pol.run_id!r}: checkpoint does not fit the run's model "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                raise ConfigError(
+                    f"run {pol.run_id!r}: checkpoint does not fit the run's model "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
         model = model.to(torch_dtype(dtype))
     model = model.to(cfg.trainer.device).eval()
     try:
@@ -159,12 +165,19 @@ def load_policy_for_eval(pol: Policy, uri: str) -> tuple[Any, Any]:
 
 def _is_tied(model, key: str) -> bool:
     """A key missing from a safetensors file because it shares storage with another (tied embeddings)."""
-    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith(("lm_head.weight",
-                                                                                      "embed_tokens.weight"))
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith(
+        ("lm_head.weight", "embed_tokens.weight")
+    )
 
 
-def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | None = None,
-             tracking_uri: str | None = None, device: str | None = None, echo=print) -> tuple[str, str]:
+def run_eval(
+    base: Config,
+    models: list[str] | None = None,
+    runs: list[str] | None = None,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+    echo=print,
+) -> tuple[str, str]:
     """Evaluate every policy on `base.eval.benchmarks`; returns (MLflow run id, markdown of the paper tables).
     SIGINT, SIGTERM and SIGHUP stop it at once with the run marked KILLED (signals.Interrupted is raised)."""
     from daro_lab.signals import StopSignals
@@ -184,10 +197,17 @@ def run_eval(base: Config, models: list[str] | None = None, runs: list[str] | No
         check_benchmark_prompts(pol, benchmarks)
 
     e = base.eval
-    params = {"eval.k": e.k, "eval.greedy": e.greedy, "eval.temperature": e.temperature, "eval.top_p": e.top_p,
-              "eval.max_new_tokens": e.max_new_tokens, "eval.reward": e.reward, "device": device,
-              **{f"benchmark.{b.name}": b.path for b in benchmarks},
-              **{f"policy.{p.label}": p.source for p in policies}}
+    params = {
+        "eval.k": e.k,
+        "eval.greedy": e.greedy,
+        "eval.temperature": e.temperature,
+        "eval.top_p": e.top_p,
+        "eval.max_new_tokens": e.max_new_tokens,
+        "eval.reward": e.reward,
+        "device": device,
+        **{f"benchmark.{b.name}": b.path for b in benchmarks},
+        **{f"policy.{p.label}": p.source for p in policies},
+    }
     tags = {"daro_lab.eval_of": ",".join(p.run_id for p in policies if p.run_id)}
     name = "eval-" + "-".join(p.label for p in policies)[:80]
     sig = StopSignals(graceful=False)  # SIGINT, SIGTERM, SIGHUP: stop at once, the run marked KILLED
@@ -207,7 +227,9 @@ def _evaluate_all(tracker, sig, policies, benchmarks, base: Config, uri: str, de
             echo(f"evaluating {pol.label} ({pol.source}) on {', '.join(b.name for b in benchmarks)}")
             model, tok = load_policy_for_eval(pol, uri)
             engine = HFEngine(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-            results[pol.label] = evaluate_on_benchmarks(model, engine, tok, pol.cfg, seed=base.seed, benchmarks=benchmarks)
+            results[pol.label] = evaluate_on_benchmarks(
+                model, engine, tok, pol.cfg, seed=base.seed, benchmarks=benchmarks
+            )
             tracker.log_metrics(benchmark_metrics(results[pol.label], prefix=f"{pol.label}/"), step=0)
             del model, engine
             if device.startswith("cuda"):

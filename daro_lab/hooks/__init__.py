@@ -12,5 +12,4 @@ a hook records what it sees, through the tracker it was built with. Write your o
 from daro_lab.hooks.base import Hook, MiniBatchView
 from daro_lab.hooks.builtin import HoeffdingHook, MetricsHook, PerMuTableHook, SamplesHook, default_hooks
 
-__all__ = ["Hook", "MiniBatchView", "HoeffdingHook", "MetricsHook", "PerMuTableHook", "SamplesHook",
-           "default_hooks"]
+__all__ = ["Hook", "MiniBatchView", "HoeffdingHook", "MetricsHook", "PerMuTableHook", "SamplesHook", "default_hooks"]

@@ -31,8 +31,9 @@ class Hook:
     def on_train_start(self, trainer: Any) -> None:
         """Once before the first step of `train()` (a resume included), with the Trainer and its cfg."""
 
-    def on_rollout(self, step: int, prompts: list[str], responses: list[str], rewards: Tensor,
-                   answers: list[str]) -> None:
+    def on_rollout(
+        self, step: int, prompts: list[str], responses: list[str], rewards: Tensor, answers: list[str]
+    ) -> None:
         """After generation and scoring: rewards [P, K] for every prompt generated this step."""
 
     def on_minibatch(self, view: MiniBatchView) -> None: ...

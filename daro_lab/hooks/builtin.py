@@ -89,8 +89,11 @@ class PerMuTableHook(Hook):
             if parsed is not None and parsed[0] == "rollout/prompts":
                 hist[(parsed[1], parsed[2])] = v
         if hist:
-            self.tracker.log_table("mu_hist", [{"step": step, "k": k, "K": K, "mu": k / K, "prompts": n}
-                                               for (k, K), n in sorted(hist.items())], step)
+            self.tracker.log_table(
+                "mu_hist",
+                [{"step": step, "k": k, "K": K, "mu": k / K, "prompts": n} for (k, K), n in sorted(hist.items())],
+                step,
+            )
 
 
 class HoeffdingHook(Hook):
@@ -126,12 +129,24 @@ class HoeffdingHook(Hook):
         group_mean = (sums / cnts.clamp(min=1))[group]
         rho_max = torch.where(m > 0, rho, torch.zeros_like(rho)).max(1).values
         cols = {
-            "k": view.num_correct, "prompt": view.prompt_index, "adv": view.advantages, "sign": sign,
-            "length": n, "g_mean": g_mean, "g_group_mean": group_mean, "rho_max": rho_max,
+            "k": view.num_correct,
+            "prompt": view.prompt_index,
+            "adv": view.advantages,
+            "sign": sign,
+            "length": n,
+            "g_mean": g_mean,
+            "g_group_mean": group_mean,
+            "rho_max": rho_max,
         }
         n_rows = int(keep.sum())
-        table = pd.DataFrame({"step": np.full(n_rows, view.step), "minibatch": np.full(n_rows, view.index),
-                              "K": np.full(n_rows, view.K), **{c: v[keep].cpu().numpy() for c, v in cols.items()}})
+        table = pd.DataFrame(
+            {
+                "step": np.full(n_rows, view.step),
+                "minibatch": np.full(n_rows, view.index),
+                "K": np.full(n_rows, view.K),
+                **{c: v[keep].cpu().numpy() for c, v in cols.items()},
+            }
+        )
         self.tracker.log_table("hoeffding", table, view.step)
 
 
@@ -146,9 +161,15 @@ class SamplesHook(Hook):
             return
         K = rewards.shape[1]
         rows = [
-            {"step": step, "prompt": prompts[p], "answer": answers[p], "response": responses[p * K + i],
-             "reward": float(rewards[p, i])}
-            for p in range(min(self.prompts, len(prompts))) for i in range(K)
+            {
+                "step": step,
+                "prompt": prompts[p],
+                "answer": answers[p],
+                "response": responses[p * K + i],
+                "reward": float(rewards[p, i]),
+            }
+            for p in range(min(self.prompts, len(prompts)))
+            for i in range(K)
         ]
         self.tracker.log_table("samples", rows, step)
 

@@ -145,8 +145,10 @@ def _rows(file: Path, fmt: str) -> Iterable[tuple[int, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise RolloutError(f"{file}:{i}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                   "a JSONL dump is UTF-8") from None
+                raise RolloutError(
+                    f"{file}:{i}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                    "a JSONL dump is UTF-8"
+                ) from None
             if not text.strip():
                 continue
             try:
@@ -190,7 +192,8 @@ def _reward(v: Any, where: str, name: str, threshold: float | None) -> float:
         raise RolloutError(
             f"{where}: reward {name!r} = {v!r} is not 0 or 1; daro-lab needs right/wrong answers: pass a threshold "
             "(--threshold T: reward > T is right) or another field (--reward-field, e.g. 'acc' for verl's DAPO "
-            "recipe, whose 'score' is +-1)")
+            "recipe, whose 'score' is +-1)"
+        )
     return r
 
 
@@ -203,8 +206,10 @@ def _measure(texts: list[str], tokenizer: Any, unit: str, file: Path, lines: lis
                 try:
                     tokenizer([text], add_special_tokens=False)
                 except Exception as exc:  # noqa: BLE001
-                    raise RolloutError(f"{_where(file, line, fmt)}: the tokenizer cannot encode the response "
-                                       f"({type(exc).__name__}: {exc})") from None
+                    raise RolloutError(
+                        f"{_where(file, line, fmt)}: the tokenizer cannot encode the response "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from None
             raise
         return [float(len(x)) for x in ids]
     if unit == "words":
@@ -230,9 +235,16 @@ def load_tokenizer(path: str | Path):
         raise RolloutError(f"tokenizer {p}: cannot load it ({type(exc).__name__}: {exc})") from None
 
 
-def read_rollouts(path: str | Path, fmt: str = "verl", *, fields: Fields | None = None,
-                  tokenizer: str | Path | None = None, length_unit: str = "chars", threshold: float | None = None,
-                  num_responses: int | None = None) -> RolloutData:
+def read_rollouts(
+    path: str | Path,
+    fmt: str = "verl",
+    *,
+    fields: Fields | None = None,
+    tokenizer: str | Path | None = None,
+    length_unit: str = "chars",
+    threshold: float | None = None,
+    num_responses: int | None = None,
+) -> RolloutData:
     """Read a dump (module docstring) and group it by prompt; RolloutError naming file and line on bad input."""
     fields = fields or default_fields(fmt)
     if length_unit not in LENGTH_UNITS:
@@ -249,37 +261,56 @@ def read_rollouts(path: str | Path, fmt: str = "verl", *, fields: Fields | None 
             where = _where(file, line, fmt)
             step = _step(_get(rec, fields.step, where, "the training step"), where, fields.step)
             pname = fields.prompt
-            if isinstance(rec, dict) and (pname not in rec or _missing(rec[pname])) and fields.prompt_fallback \
-                    and fields.prompt_fallback in rec:
+            if (
+                isinstance(rec, dict)
+                and (pname not in rec or _missing(rec[pname]))
+                and fields.prompt_fallback
+                and fields.prompt_fallback in rec
+            ):
                 pname = fields.prompt_fallback
             prompt = _get(rec, pname, where, "which prompt the response answers")
             reward = _reward(_get(rec, fields.reward, where, "the response's reward"), where, fields.reward, threshold)
-            has_text = fields.response is not None and isinstance(rec, dict) and fields.response in rec \
+            has_text = (
+                fields.response is not None
+                and isinstance(rec, dict)
+                and fields.response in rec
                 and not _missing(rec[fields.response])
+            )
             if has_text:
                 text = rec[fields.response]
                 if not isinstance(text, str):
-                    raise RolloutError(f"{where}: field {fields.response!r} (the response) must be text, "
-                                       f"got {type(text).__name__}")
+                    raise RolloutError(
+                        f"{where}: field {fields.response!r} (the response) must be text, got {type(text).__name__}"
+                    )
                 texts.append(text)
                 text_at.append(len(cols["length"]))
                 text_lines.append(line)
                 length = math.nan
                 used_text = True
-            elif fields.length is not None and isinstance(rec, dict) and fields.length in rec \
-                    and not _missing(rec[fields.length]):
+            elif (
+                fields.length is not None
+                and isinstance(rec, dict)
+                and fields.length in rec
+                and not _missing(rec[fields.length])
+            ):
                 v = rec[fields.length]
-                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                        or not 0 <= v <= MAX_LENGTH:
-                    raise RolloutError(f"{where}: field {fields.length!r} (the response length) must be a number in "
-                                       f"[0, {MAX_LENGTH:.0e}], got {v!r}")
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, (int, float, np.integer, np.floating))
+                    or not 0 <= v <= MAX_LENGTH
+                ):
+                    raise RolloutError(
+                        f"{where}: field {fields.length!r} (the response length) must be a number in "
+                        f"[0, {MAX_LENGTH:.0e}], got {v!r}"
+                    )
                 length = float(v)
                 used_length = True
             else:
                 want = " or ".join(repr(x) for x in (fields.response, fields.length) if x)
                 fields_here = ", ".join(sorted(map(str, rec))) if isinstance(rec, dict) else ""
-                raise RolloutError(f"{where}: missing field {want} (the response or its length); "
-                                   f"the row has fields: {fields_here}")
+                raise RolloutError(
+                    f"{where}: missing field {want} (the response or its length); the row has fields: {fields_here}"
+                )
             cols["file"].append(str(file))
             cols["line"].append(line)
             cols["step"].append(step)
@@ -310,8 +341,10 @@ def _group(df: pd.DataFrame, num_responses: int | None) -> RolloutData:
     sizes = Counter(len(ix) for ix in keys.values())
     K = num_responses or sizes.most_common(1)[0][0]
     if K < 2:
-        raise RolloutError(f"{_first(df, next(iter(keys.values())))}: prompts have {K} response each; a pass rate "
-                           "strictly between 0 and 1 needs at least 2 (set num_responses if the groups are mixed)")
+        raise RolloutError(
+            f"{_first(df, next(iter(keys.values())))}: prompts have {K} response each; a pass rate "
+            "strictly between 0 and 1 needs at least 2 (set num_responses if the groups are mixed)"
+        )
     group = np.empty(len(df), dtype=np.int64)
     rows, notes, split = [], [], 0
     for (step, prompt), ix in keys.items():
@@ -319,7 +352,8 @@ def _group(df: pd.DataFrame, num_responses: int | None) -> RolloutData:
         if len(ix) % K:
             raise RolloutError(
                 f"{_first(df, ix)}: the prompt of this response has {len(ix)} responses at step {step}, the others "
-                f"{K}: every prompt group must hold K = {K} responses (or set num_responses)")
+                f"{K}: every prompt group must hold K = {K} responses (or set num_responses)"
+            )
         m = len(ix) // K
         split += m > 1
         for j in range(m):
@@ -327,11 +361,23 @@ def _group(df: pd.DataFrame, num_responses: int | None) -> RolloutData:
             g = len(rows)
             group[part] = g
             k = int(df.correct.to_numpy()[part].sum())
-            rows.append({"group": g, "step": int(step), "prompt": prompt, "k": k, "K": K, "responses": K,
-                         "file": df.file.iloc[part[0]], "line": int(df.line.iloc[part[0]])})
+            rows.append(
+                {
+                    "group": g,
+                    "step": int(step),
+                    "prompt": prompt,
+                    "k": k,
+                    "K": K,
+                    "responses": K,
+                    "file": df.file.iloc[part[0]],
+                    "line": int(df.line.iloc[part[0]]),
+                }
+            )
     if split:
-        notes.append(f"{split} prompt(s) appear several times within one step: split into groups of {K} in file "
-                     "order (verl may reorder rows, so those groups' pass rates are approximate)")
+        notes.append(
+            f"{split} prompt(s) appear several times within one step: split into groups of {K} in file "
+            "order (verl may reorder rows, so those groups' pass rates are approximate)"
+        )
     groups = pd.DataFrame(rows)
     df["group"] = group
     df["k"] = groups.k.to_numpy()[group]
@@ -388,9 +434,15 @@ def _step_batch(resp: pd.DataFrame, K: int, estimator: str) -> tuple[PolicyBatch
     lengths = torch.tensor(d.length.to_numpy(dtype=float), dtype=torch.float64)
     adv = compute_advantages(rewards, estimator)
     zeros = torch.zeros(P * K, 1, dtype=torch.float64)
-    batch = PolicyBatch(logp=zeros, old_logp=zeros.clone(), mask=lengths[:, None], advantages=adv.flatten(),
-                        num_correct=rewards.sum(1).round().long().repeat_interleave(K), rewards=rewards.flatten(),
-                        prompt_index=torch.arange(P).repeat_interleave(K))
+    batch = PolicyBatch(
+        logp=zeros,
+        old_logp=zeros.clone(),
+        mask=lengths[:, None],
+        advantages=adv.flatten(),
+        num_correct=rewards.sum(1).round().long().repeat_interleave(K),
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(P).repeat_interleave(K),
+    )
     return batch, lengths
 
 
@@ -417,9 +469,19 @@ def loss_scale(data: RolloutData, methods: Iterable[str] = BASELINES) -> tuple[p
             for kk in range(1, K):
                 key = mu_key(kk, K)
                 if f"loss/{key}" in m:
-                    steps.append({"method": method, "step": int(step), "k": kk, "K": K, "mu": kk / K,
-                                  "prompts": m[f"prompts/{key}"], "S": m[f"scale/{key}"], "C": m[f"contrib/{key}"],
-                                  "L": m[f"loss/{key}"]})
+                    steps.append(
+                        {
+                            "method": method,
+                            "step": int(step),
+                            "k": kk,
+                            "K": K,
+                            "mu": kk / K,
+                            "prompts": m[f"prompts/{key}"],
+                            "S": m[f"scale/{key}"],
+                            "C": m[f"contrib/{key}"],
+                            "L": m[f"loss/{key}"],
+                        }
+                    )
     per_step = pd.DataFrame(steps, columns=["method", "step", "k", "K", "mu", "prompts", "S", "C", "L"])
     if per_step.empty:
         raise RolloutError(f"{data.source}: no prompt with 0 < mu < 1 at any step: every loss is 0 on this dump")
@@ -431,15 +493,28 @@ def loss_scale(data: RolloutData, methods: Iterable[str] = BASELINES) -> tuple[p
         pooled = d.S.groupby(d.k).sum() / d.S.sum()
         ks = sorted(d.k.unique())
         eq = np.array([static_shape(method, k / K, 1, sigma_batch=1.0) for k in ks])
-        lc = np.array([length_corrected_shape(method, k, K, max(lens.len_correct[k], 1.0), max(lens.len_incorrect[k], 1.0))
-                       for k in ks])
+        lc = np.array(
+            [
+                length_corrected_shape(method, k, K, max(lens.len_correct[k], 1.0), max(lens.len_incorrect[k], 1.0))
+                for k in ks
+            ]
+        )
         for i, k in enumerate(ks):
-            rows.append({"method": method, "k": k, "K": K, "mu": k / K, "steps": int((d.k == k).sum()),
-                         "prompts": float(d.prompts[d.k == k].sum()),
-                         "S_share_per_prompt": float(measured[k] / measured.sum()),
-                         "equal_length_share": float(eq[i] / eq.sum()),
-                         "length_corrected_share": float(lc[i] / lc.sum()),
-                         "S_share": float(pooled[k]), "L": float(d.L[d.k == k].mean())})
+            rows.append(
+                {
+                    "method": method,
+                    "k": k,
+                    "K": K,
+                    "mu": k / K,
+                    "steps": int((d.k == k).sum()),
+                    "prompts": float(d.prompts[d.k == k].sum()),
+                    "S_share_per_prompt": float(measured[k] / measured.sum()),
+                    "equal_length_share": float(eq[i] / eq.sum()),
+                    "length_corrected_share": float(lc[i] / lc.sum()),
+                    "S_share": float(pooled[k]),
+                    "L": float(d.L[d.k == k].mean()),
+                }
+            )
     return pd.DataFrame(rows), per_step
 
 
@@ -470,9 +545,15 @@ def sim_config(data: RolloutData, **overrides: Any):
     weights = [float(lens.prompts[k]) for k in range(1, K)]
     per_step = data.groups[(data.groups.k > 0) & (data.groups.k < K)].groupby("step").size()
     cvs = [x for k in range(1, K) for x in (lens.cv_correct[k], lens.cv_incorrect[k]) if np.isfinite(x)]
-    cfg = SimConfig(len_correct=lc, len_wrong=lw, K=K, prompts=max(1, int(round(per_step.mean()))), mu_weights=weights,
-                    len_cv=float(np.clip(np.mean(cvs), 0.0, 2.0)) if cvs else 0.2,
-                    max_len=max(int(np.ceil(r.length.max())), int(np.ceil(max(lc + lw))), 1))
+    cfg = SimConfig(
+        len_correct=lc,
+        len_wrong=lw,
+        K=K,
+        prompts=max(1, int(round(per_step.mean()))),
+        mu_weights=weights,
+        len_cv=float(np.clip(np.mean(cvs), 0.0, 2.0)) if cvs else 0.2,
+        max_len=max(int(np.ceil(r.length.max())), int(np.ceil(max(lc + lw))), 1),
+    )
     return replace(cfg, **overrides), notes
 
 
@@ -489,8 +570,9 @@ class RolloutAnalysis:
     notes: list[str] = field(default_factory=list)
 
 
-def analyze(data: RolloutData, methods: Iterable[str] = BASELINES, simulate: bool = True,
-            **sim_overrides: Any) -> RolloutAnalysis:
+def analyze(
+    data: RolloutData, methods: Iterable[str] = BASELINES, simulate: bool = True, **sim_overrides: Any
+) -> RolloutAnalysis:
     """The per-mu tables of a dump and, with `simulate`, what DARO's weights would do on mini-batches shaped like it
     (daro_lab.simulate, every reading in `sim_overrides['readings']`, default the simulator's)."""
     scale, scale_steps = loss_scale(data, methods)

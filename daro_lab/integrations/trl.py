@@ -116,30 +116,58 @@ TRL_ADV_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 WEIGHTS_FILE = "daro_weights.pt"
 TABLES_DIR = "tables"
 # keyword arguments of GRPOTrainer._get_per_token_logps_and_entropies taken from the inputs, as TRL's _compute_loss
-_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                 "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 @dataclass
 class DaroGRPOConfig(GRPOConfig):
     """TRL's GRPOConfig, plus daro-lab's instrumentation and DARO (`loss_type="daro"`)."""
 
-    per_mu_metrics: bool = field(default=True, metadata={
-        "help": "Record daro-lab's per-pass-rate metrics (loss/mu_kofK, contrib/, scale/, ...) and the per_mu table."})
-    pass_threshold: float | None = field(default=None, metadata={
-        "help": "A completion counts as right when its reward (weighted sum over the reward functions) exceeds this; "
-                "None: rewards must be 0 or 1."})
+    per_mu_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "Record daro-lab's per-pass-rate metrics (loss/mu_kofK, contrib/, scale/, ...) and the per_mu table."
+        },
+    )
+    pass_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "A completion counts as right when its reward (weighted sum over the reward functions) exceeds this; "
+            "None: rewards must be 0 or 1."
+        },
+    )
     daro_lr_w: float = field(default=1e-3, metadata={"help": "DARO: learning rate of the weights (no schedule)."})
-    daro_signal: str = field(default="abs", metadata={"help": "DARO: what drives the weights: abs, signed, mass or grad."})
+    daro_signal: str = field(
+        default="abs", metadata={"help": "DARO: what drives the weights: abs, signed, mass or grad."}
+    )
     daro_reg: str = field(default="1", metadata={"help": "DARO: the regulariser's constant C, a number > 0 or 'auto'."})
-    daro_signal_ema: float = field(default=0.0, metadata={"help": "DARO: EMA decay of the per-group signal, in [0, 1)."})
-    daro_param: str = field(default="log", metadata={"help": "DARO: weight parametrisation, 'log' (w = exp(s)) or 'direct'."})
+    daro_signal_ema: float = field(
+        default=0.0, metadata={"help": "DARO: EMA decay of the per-group signal, in [0, 1)."}
+    )
+    daro_param: str = field(
+        default="log", metadata={"help": "DARO: weight parametrisation, 'log' (w = exp(s)) or 'direct'."}
+    )
     daro_init: float = field(default=1.0, metadata={"help": "DARO: initial weight."})
     daro_w_min: float = field(default=1e-3, metadata={"help": "DARO: lower clamp of the weights."})
     daro_w_max: float = field(default=1e3, metadata={"help": "DARO: upper clamp of the weights."})
-    daro_arm_label: str | None = field(default=None, metadata={
-        "help": "The arm label daro-lab's analyses show for this run (MLflow tag daro_lab.arm_label); "
-                "default '<method> (TRL)'."})
+    daro_arm_label: str | None = field(
+        default=None,
+        metadata={
+            "help": "The arm label daro-lab's analyses show for this run (MLflow tag daro_lab.arm_label); "
+            "default '<method> (TRL)'."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -151,14 +179,17 @@ class DaroGRPOConfig(GRPOConfig):
         if self.daro_param not in ("log", "direct"):
             raise ValueError(f"daro_param: expected 'log' or 'direct', got {self.daro_param!r}")
         if not 0 < self.daro_w_min <= self.daro_init <= self.daro_w_max:
-            raise ValueError(f"need 0 < daro_w_min <= daro_init <= daro_w_max, got {self.daro_w_min}, "
-                             f"{self.daro_init}, {self.daro_w_max}")
+            raise ValueError(
+                f"need 0 < daro_w_min <= daro_init <= daro_w_max, got {self.daro_w_min}, "
+                f"{self.daro_init}, {self.daro_w_max}"
+            )
         self.daro_lr_w = _finite("daro_lr_w", self.daro_lr_w, "a finite number >= 0", lambda v: v >= 0)
         for name in ("daro_init", "daro_w_min", "daro_w_max", "daro_signal_ema"):
             _finite(name, getattr(self, name), "a finite number")
         if self.pass_threshold is not None:
-            self.pass_threshold = _finite("pass_threshold", self.pass_threshold,
-                                          "a finite number (a reward above it is right) or None")
+            self.pass_threshold = _finite(
+                "pass_threshold", self.pass_threshold, "a finite number (a reward above it is right) or None"
+            )
 
 
 def _finite(name: str, value, what: str, ok=lambda v: True) -> float:
@@ -204,8 +235,15 @@ def process_shard(num_processes: int) -> Shard:
     return Shard(num_processes, reduce)
 
 
-def trl_coefficients(loss_type: str, mask: Tensor, grad_accum: int, max_completion_length: int,
-                     num_items: float | None, num_processes: int, steps_per_generation: int) -> Tensor:
+def trl_coefficients(
+    loss_type: str,
+    mask: Tensor,
+    grad_accum: int,
+    max_completion_length: int,
+    num_items: float | None,
+    num_processes: int,
+    steps_per_generation: int,
+) -> Tensor:
     """[B, T] TRL's aggregation coefficient of one micro-batch (its loss is sum c * l), as GRPOTrainer._compute_loss
     (trl 1.16) normalises: grpo per-completion token-mean over the B rows, bnpo the micro-batch's token-mean,
     dr_grpo B x max_completion_length, dapo num_items_in_batch / P x G / s; each over the G accumulation steps."""
@@ -234,25 +272,35 @@ class DaroGRPOTrainer(GRPOTrainer):
         self.daro_method = METHOD_OF_LOSS_TYPE.get(self.loss_type, "dapo")
         self.K = self.num_generations
         self.daro_settings = LossSettings(
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high, dual_clip=getattr(a, "delta", None),
-            kl_beta=self.beta, max_response_length=self.max_completion_length or 0,
-            weight_signal=getattr(a, "daro_signal", "abs"), reg=parse_reg(getattr(a, "daro_reg", "1")),
+            eps_low=self.epsilon_low,
+            eps_high=self.epsilon_high,
+            dual_clip=getattr(a, "delta", None),
+            kl_beta=self.beta,
+            max_response_length=self.max_completion_length or 0,
+            weight_signal=getattr(a, "daro_signal", "abs"),
+            reg=parse_reg(getattr(a, "daro_reg", "1")),
             signal_ema=getattr(a, "daro_signal_ema", 0.0),
         )
         self.daro_shard = process_shard(self.accelerator.num_processes)
-        self.trl_terms_exact = (self.loss_type in SURROGATE_LOSS_TYPES and self.importance_sampling_level == "token"
-                                and self.top_entropy_quantile >= 1.0 and self.off_policy_mask_threshold is None
-                                and not (self.use_vllm and self.vllm_importance_sampling_correction)
-                                and not (self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False)))
+        self.trl_terms_exact = (
+            self.loss_type in SURROGATE_LOSS_TYPES
+            and self.importance_sampling_level == "token"
+            and self.top_entropy_quantile >= 1.0
+            and self.off_policy_mask_threshold is None
+            and not (self.use_vllm and self.vllm_importance_sampling_correction)
+            and not (self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False))
+        )
         self.daro_weights: DaroWeights | None = None
         if self.is_daro:
             self._check_daro()
             self.daro_weights = DaroWeights(self.K, a.daro_param, a.daro_init, a.daro_w_min, a.daro_w_max)
             self.daro_weights.to(self.accelerator.device)
         elif self.loss_type not in METHOD_OF_LOSS_TYPE and self.per_mu_metrics:
-            warnings.warn(f"loss_type {self.loss_type!r} has no daro-lab counterpart: its per-mu metrics are daro-lab's "
-                          "dapo accounting (clipped surrogate, token-mean) of the same batch, not of TRL's loss",
-                          stacklevel=2)
+            warnings.warn(
+                f"loss_type {self.loss_type!r} has no daro-lab counterpart: its per-mu metrics are daro-lab's "
+                "dapo accounting (clipped surrogate, token-mean) of the same batch, not of TRL's loss",
+                stacklevel=2,
+            )
         self._capture: list | None = None  # per-token log-probs of the running _compute_loss
         self._window: list[dict] = []  # records of the micro-batches of the running optimizer update
         self._rewards_per_func: Tensor | None = None
@@ -306,8 +354,9 @@ class DaroGRPOTrainer(GRPOTrainer):
     def _check_daro(self) -> None:
         a = self.args
         if not isinstance(a, DaroGRPOConfig):
-            raise ValueError("loss_type='daro' needs a DaroGRPOConfig (daro_lr_w, daro_signal, ...), got "
-                             f"{type(a).__name__}")
+            raise ValueError(
+                f"loss_type='daro' needs a DaroGRPOConfig (daro_lr_w, daro_signal, ...), got {type(a).__name__}"
+            )
         bad = []
         if self.importance_sampling_level != "token":
             bad.append(f"importance_sampling_level={self.importance_sampling_level!r} (DARO's loss is token-level)")
@@ -327,8 +376,10 @@ class DaroGRPOTrainer(GRPOTrainer):
             raise ValueError("loss_type='daro' computes daro-lab's loss, which does not implement: " + "; ".join(bad))
         G, s = a.gradient_accumulation_steps, a.steps_per_generation
         if s % G:
-            raise ValueError(f"loss_type='daro': steps_per_generation ({s}) must be a multiple of "
-                             f"gradient_accumulation_steps ({G}), so that an optimizer update lies in one generation batch")
+            raise ValueError(
+                f"loss_type='daro': steps_per_generation ({s}) must be a multiple of "
+                f"gradient_accumulation_steps ({G}), so that an optimizer update lies in one generation batch"
+            )
 
     def create_optimizer(self, model=None):
         """TRL's optimizer, plus DARO's weights as their own parameter group (own lr, no weight decay)."""
@@ -349,8 +400,9 @@ class DaroGRPOTrainer(GRPOTrainer):
                 sched.lr_lambdas[i] = _constant_lr
                 opt.param_groups[i]["lr"] = sched.base_lrs[i]
         elif idx:
-            warnings.warn(f"lr scheduler {type(sched).__name__} is not a LambdaLR: it also schedules DARO's weights",
-                          stacklevel=2)
+            warnings.warn(
+                f"lr scheduler {type(sched).__name__} is not a LambdaLR: it also schedules DARO's weights", stacklevel=2
+            )
         return sched
 
     # ---------------------------------------------------------------------------------------------------------
@@ -372,7 +424,8 @@ class DaroGRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"daro-lab's per-pass-rate accounting needs rewards in {{0, 1}} (the sum of the reward functions "
                 f"weighted by reward_weights), got {vals}: set pass_threshold (a completion whose reward exceeds it "
-                "counts as right), or per_mu_metrics=False")
+                "counts as right), or per_mu_metrics=False"
+            )
         return (r > 0.5).float()
 
     def _generate_and_score_completions(self, inputs):
@@ -383,8 +436,10 @@ class DaroGRPOTrainer(GRPOTrainer):
         rpf = self._rewards_per_func
         K = self.K if training else self.num_generations_eval
         if K != self.K:
-            raise ValueError(f"loss_type='daro' evaluates with num_generations_eval = num_generations ({self.K}), "
-                             f"got {K}: DARO has one weight per pass rate k/{self.K}")
+            raise ValueError(
+                f"loss_type='daro' evaluates with num_generations_eval = num_generations ({self.K}), "
+                f"got {K}: DARO has one weight per pass rate k/{self.K}"
+            )
         rewards = (rpf * self.reward_weights.to(rpf.device)[None, :]).nansum(dim=1)
         correct = self._binary(rewards, torch.isnan(rpf).all(dim=1))  # [N over all processes]
         N = correct.shape[0]
@@ -420,8 +475,14 @@ class DaroGRPOTrainer(GRPOTrainer):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         return self._get_per_token_logps_and_entropies(
-            model, ids, attn, inputs["completion_ids"].size(1), compute_entropy=entropy,
-            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _FORWARD_KEYS})
+            model,
+            ids,
+            attn,
+            inputs["completion_ids"].size(1),
+            compute_entropy=entropy,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in _FORWARD_KEYS},
+        )
 
     @staticmethod
     def _loss_mask(inputs) -> Tensor:
@@ -437,9 +498,13 @@ class DaroGRPOTrainer(GRPOTrainer):
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         logp = logp.float()
         return PolicyBatch(
-            logp=logp, old_logp=logp.detach() if old is None else old.float(),
-            mask=self._loss_mask(inputs).float(), advantages=adv.float(), num_correct=inputs["daro_k"].long(),
-            rewards=inputs["daro_reward"].float(), prompt_index=inputs["daro_prompt"].long(),
+            logp=logp,
+            old_logp=logp.detach() if old is None else old.float(),
+            mask=self._loss_mask(inputs).float(),
+            advantages=adv.float(),
+            num_correct=inputs["daro_k"].long(),
+            rewards=inputs["daro_reward"].float(),
+            prompt_index=inputs["daro_prompt"].long(),
             ref_logp=None if ref is None else ref.float(),
         )
 
@@ -454,8 +519,9 @@ class DaroGRPOTrainer(GRPOTrainer):
         finally:
             captured, self._capture = self._capture, None
         b = self.policy_batch(inputs, captured[0][0].detach())
-        self._window.append({"batch": b, "num_items": float(inputs["num_items_in_batch"]),
-                             "trl_loss": float(loss.detach())})
+        self._window.append(
+            {"batch": b, "num_items": float(inputs["num_items_in_batch"]), "trl_loss": float(loss.detach())}
+        )
         return loss
 
     def _daro_loss(self, model, inputs):
@@ -475,8 +541,10 @@ class DaroGRPOTrainer(GRPOTrainer):
         start = (self._step + 1 - M) % self.args.steps_per_generation
         passes = self._buffered_inputs[start : start + M]
         if len(passes) != M or passes[-1] is not inputs:
-            raise RuntimeError(f"DARO: the update's {M} micro-batches are not the generation batch's {start}.."
-                               f"{start + M - 1} ending with this micro-batch (found {len(passes)})")
+            raise RuntimeError(
+                f"DARO: the update's {M} micro-batches are not the generation batch's {start}.."
+                f"{start + M - 1} ending with this micro-batch (found {len(passes)})"
+            )
         runtime = TRLRuntime(self, model)
         self._daro_result = backward_minibatch("daro", passes, K, s, self.daro_shard, runtime, weights=w_mod)
         ent = self.daro_shard.reduce(torch.stack(list(runtime.entropy.values())).sum(0), "sum")  # [entropy, tokens]
@@ -529,7 +597,9 @@ class DaroGRPOTrainer(GRPOTrainer):
         G, spg = self.current_gradient_accumulation_steps, self.args.steps_per_generation
         minibatch = ((self._step - 1) % spg) // G if spg >= G else 0
         for key, v in metrics.items():
-            if not key.startswith("daro/weight/"):  # a step's daro/weight is the weight after it (_after_optimizer_step)
+            if not key.startswith(
+                "daro/weight/"
+            ):  # a step's daro/weight is the weight after it (_after_optimizer_step)
                 self._metrics["train"][key].append(float(v))
         if self.accelerator.is_main_process:
             rows = per_mu_rows(metrics, self.K, step=step, minibatch=minibatch)
@@ -540,8 +610,9 @@ class DaroGRPOTrainer(GRPOTrainer):
             self.per_mu_rows.extend(rows)
             if self._pending_hist is not None:
                 h, K = self._pending_hist, self.K
-                self.mu_hist_rows.extend({"step": step, "k": k, "K": K, "mu": k / K, "prompts": int(h[k])}
-                                         for k in range(K + 1))
+                self.mu_hist_rows.extend(
+                    {"step": step, "k": k, "K": K, "mu": k / K, "prompts": int(h[k])} for k in range(K + 1)
+                )
         self._pending_hist = None
 
     def _prompt_counts(self, batch: PolicyBatch, metrics: dict) -> dict[str, float]:
@@ -560,8 +631,13 @@ class DaroGRPOTrainer(GRPOTrainer):
         for _, k in pairs:
             counts[k] += 1
         out = {f"prompts/{mu_key(kk, K)}": float(counts[kk]) for kk in group_keys(metrics, "loss")}
-        out.update({"batch/prompts": float(sum(counts)), "batch/prompts_mu0": float(counts[0]),
-                    "batch/prompts_mu1": float(counts[K])})
+        out.update(
+            {
+                "batch/prompts": float(sum(counts)),
+                "batch/prompts_mu0": float(counts[0]),
+                "batch/prompts_mu1": float(counts[K]),
+            }
+        )
         return out
 
     def _trl_terms(self, window: list[dict], metrics: dict) -> dict[str, float]:
@@ -572,8 +648,15 @@ class DaroGRPOTrainer(GRPOTrainer):
         scale = torch.zeros(K + 1, dtype=torch.float64)
         for r in window:
             b: PolicyBatch = r["batch"]
-            c = trl_coefficients(self.loss_type, b.mask, self.current_gradient_accumulation_steps,
-                                 self.max_completion_length, r["num_items"], P, self.args.steps_per_generation)
+            c = trl_coefficients(
+                self.loss_type,
+                b.mask,
+                self.current_gradient_accumulation_steps,
+                self.max_completion_length,
+                r["num_items"],
+                P,
+                self.args.steps_per_generation,
+            )
             on = b.mask.bool()
             logp = torch.where(on, b.logp, torch.zeros_like(b.logp)).double()
             old = torch.where(on, b.old_logp, torch.zeros_like(b.old_logp)).double()
@@ -597,7 +680,10 @@ class DaroGRPOTrainer(GRPOTrainer):
     def _after_optimizer_step(self) -> None:
         if self.daro_weights is None:
             return
-        m = {**self.daro_weights.project_(), **self.daro_weights.metrics()}  # bound hits, daro/weight/mu_kofK after the step
+        m = {
+            **self.daro_weights.project_(),
+            **self.daro_weights.metrics(),
+        }  # bound hits, daro/weight/mu_kofK after the step
         self.daro_weights.set_state(self._daro_next_state)
         self._daro_next_state = None
         for p in self.daro_weights.parameters():  # TRL zeroes the model's gradients only
@@ -622,15 +708,19 @@ class DaroGRPOTrainer(GRPOTrainer):
         if self.daro_weights is not None and self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             torch.save(self.daro_weights.state_dict(), os.path.join(folder, WEIGHTS_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None and self.daro_weights is not None:
             path = os.path.join(checkpoint, WEIGHTS_FILE)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"checkpoint {checkpoint} has no {WEIGHTS_FILE}: it was not written by a "
-                                        "DaroGRPOTrainer with loss_type='daro'")
+                raise FileNotFoundError(
+                    f"checkpoint {checkpoint} has no {WEIGHTS_FILE}: it was not written by a "
+                    "DaroGRPOTrainer with loss_type='daro'"
+                )
             self.daro_weights.load_state_dict(torch.load(path, map_location=self.accelerator.device, weights_only=True))
         super()._load_optimizer_and_scheduler(checkpoint)
 
@@ -642,20 +732,35 @@ class DaroGRPOTrainer(GRPOTrainer):
         a, K = self.args, self.K
         per_update = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.accelerator.num_processes
         p = {
-            "algo.method": self.daro_method, "rollout.num_responses": K,
+            "algo.method": self.daro_method,
+            "rollout.num_responses": K,
             "trainer.mini_batch_prompts": max(per_update // K, 1),
             "trainer.prompts_per_step": max(a.generation_batch_size // K, 1),
-            "rollout.max_new_tokens": self.max_completion_length, "algo.eps_low": self.epsilon_low,
-            "algo.eps_high": self.epsilon_high, "algo.kl_beta": self.beta, "algo.dual_clip": getattr(a, "delta", None),
-            "algo.std": "unbiased", "algo.adv_eps": 1e-6 if self.is_daro else TRL_ADV_EPS,
-            "trainer.lr": a.learning_rate, "trainer.steps": a.max_steps,
+            "rollout.max_new_tokens": self.max_completion_length,
+            "algo.eps_low": self.epsilon_low,
+            "algo.eps_high": self.epsilon_high,
+            "algo.kl_beta": self.beta,
+            "algo.dual_clip": getattr(a, "delta", None),
+            "algo.std": "unbiased",
+            "algo.adv_eps": 1e-6 if self.is_daro else TRL_ADV_EPS,
+            "trainer.lr": a.learning_rate,
+            "trainer.steps": a.max_steps,
             "daro_lab.trl.loss_type": self.loss_type,
         }
         if self.is_daro:
             s = self.daro_settings
-            p.update({"algo.daro.lr_w": a.daro_lr_w, "algo.daro.signal": s.weight_signal, "algo.daro.reg": s.reg,
-                      "algo.daro.signal_ema": s.signal_ema, "algo.daro.param": a.daro_param,
-                      "algo.daro.init": a.daro_init, "algo.daro.w_min": a.daro_w_min, "algo.daro.w_max": a.daro_w_max})
+            p.update(
+                {
+                    "algo.daro.lr_w": a.daro_lr_w,
+                    "algo.daro.signal": s.weight_signal,
+                    "algo.daro.reg": s.reg,
+                    "algo.daro.signal_ema": s.signal_ema,
+                    "algo.daro.param": a.daro_param,
+                    "algo.daro.init": a.daro_init,
+                    "algo.daro.w_min": a.daro_w_min,
+                    "algo.daro.w_max": a.daro_w_max,
+                }
+            )
         return {k: str(v) for k, v in p.items()}
 
     def _recording_begin(self, state) -> None:
@@ -669,8 +774,11 @@ class DaroGRPOTrainer(GRPOTrainer):
 
         run = mlflow.active_run()
         if run is None:
-            warnings.warn("report_to includes mlflow but no MLflow run is active: daro-lab's params and tables "
-                          "are written to output_dir only", stacklevel=2)
+            warnings.warn(
+                "report_to includes mlflow but no MLflow run is active: daro-lab's params and tables "
+                "are written to output_dir only",
+                stacklevel=2,
+            )
             self._restore_local_tables(state)
             return
         uri, run_id = mlflow.get_tracking_uri(), run.info.run_id
@@ -679,8 +787,9 @@ class DaroGRPOTrainer(GRPOTrainer):
         client = store.client
         store.log_params(run_id, self.daro_lab_params())
         label = getattr(a, "daro_arm_label", None) or f"{METHODS[self.daro_method].label} (TRL)"
-        store.set_tags(run_id, {TAG_METHOD: self.daro_method, TAG_SEED: str(a.seed), TAG_ARM_LABEL: label,
-                                TAG_SOURCE: "trl"})
+        store.set_tags(
+            run_id, {TAG_METHOD: self.daro_method, TAG_SEED: str(a.seed), TAG_ARM_LABEL: label, TAG_SOURCE: "trl"}
+        )
         if state.global_step > 0:  # resumed: the rows written up to the checkpoint, none after it
             from daro_lab.tracking import TrackingError, read_table
 
@@ -739,8 +848,9 @@ class TRLRuntime:
     def batch(self, inputs, forward: bool = True) -> PolicyBatch:
         tr = self.trainer
         if not forward:
-            return tr.policy_batch(inputs, torch.zeros(inputs["completion_mask"].shape,
-                                                       device=inputs["completion_mask"].device))
+            return tr.policy_batch(
+                inputs, torch.zeros(inputs["completion_mask"].shape, device=inputs["completion_mask"].device)
+            )
         logp, entropies, _ = tr._forward(self.model, inputs, entropy=True)
         m = tr._loss_mask(inputs).float()
         self.entropy[id(inputs)] = torch.stack([(entropies.detach().float() * m).sum(), m.sum()])
@@ -758,8 +868,9 @@ class TRLRuntime:
         return flats if shard.world_size == 1 else [shard.reduce(f, "sum") for f in flats]
 
     def grad_vector(self) -> Tensor:
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                          for p in self.params])
+        return torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in self.params]
+        )
 
     def gram(self, vectors: list[Tensor]) -> Tensor:
         if not vectors:

@@ -40,11 +40,14 @@ def render(template: str, prompt: str, tokenizer: Any = None) -> str:
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("model.prompt_template='chat', but the tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     text = TEMPLATES.get(template, template)
     if "{prompt}" not in text:
-        raise ValueError(f"model.prompt_template: expected 'plain', 'qwen_math', 'chat' or a string with {{prompt}}, got {template!r}")
+        raise ValueError(
+            f"model.prompt_template: expected 'plain', 'qwen_math', 'chat' or a string with {{prompt}}, got {template!r}"
+        )
     return text.replace("{prompt}", prompt)
 
 
@@ -74,8 +77,9 @@ class PromptTokenizer:
                 raise ValueError(f"model.stop_token {stop_token!r} is not a single token of the tokenizer")
         else:
             sample = render(template, "x", tokenizer)
-            stop = next((i for t in STOP_CANDIDATES if t in sample and (i := _single_token_id(tokenizer, t)) is not None),
-                        eos)
+            stop = next(
+                (i for t in STOP_CANDIDATES if t in sample and (i := _single_token_id(tokenizer, t)) is not None), eos
+            )
         if stop is None:
             raise ValueError("the tokenizer has no eos token: set model.stop_token to the token that ends a response")
         self.eos_token_id = int(stop)
@@ -177,18 +181,32 @@ def prompt_token_limit(model_config, cfg: Config, max_new_tokens: int) -> int | 
     config is `model_config` (`task.max_prompt_tokens` when set); None when the model states no context length."""
     if cfg.task.max_prompt_tokens:
         return cfg.task.max_prompt_tokens
-    context = next((v for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(v := getattr(model_config, k, None), int) and v > 0), None)
+    context = next(
+        (
+            v
+            for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+            if isinstance(v := getattr(model_config, k, None), int) and v > 0
+        ),
+        None,
+    )
     if context is None:
         return None
     if context - max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens = {max_new_tokens} (rollout.max_new_tokens, or eval.max_new_tokens for "
-                          f"benchmarks) leaves no room for a prompt in the model's context of {context} positions")
+        raise ConfigError(
+            f"max_new_tokens = {max_new_tokens} (rollout.max_new_tokens, or eval.max_new_tokens for "
+            f"benchmarks) leaves no room for a prompt in the model's context of {context} positions"
+        )
     return context - max_new_tokens
 
 
-def check_prompts(problems: list, tokenizer, limit: int | None, policy: str, what: str,
-                  hint: str = "Set task.long_prompts=drop to leave them out, or shorten them") -> tuple[list, int]:
+def check_prompts(
+    problems: list,
+    tokenizer,
+    limit: int | None,
+    policy: str,
+    what: str,
+    hint: str = "Set task.long_prompts=drop to leave them out, or shorten them",
+) -> tuple[list, int]:
     """(the problems to use, how many were dropped). Every prompt must encode with `tokenizer` (its template
     included): a character the tokenizer lacks is a ConfigError naming it and the row. A prompt of more than
     `limit` tokens is, by `policy` (task.long_prompts): 'error', a ConfigError naming how many and the first
@@ -205,21 +223,28 @@ def check_prompts(problems: list, tokenizer, limit: int | None, policy: str, wha
                 try:
                     tokenizer.encode_prompts([p.prompt])
                 except ValueError as e:
-                    raise ConfigError(f"{_where(p, start + i, what)}: cannot be encoded: {_unencodable(p.prompt, e)}") from None
+                    raise ConfigError(
+                        f"{_where(p, start + i, what)}: cannot be encoded: {_unencodable(p.prompt, e)}"
+                    ) from None
             raise
     if limit is None:
         return problems, 0
     long = [i for i, n in enumerate(lengths) if n > limit]
     if not long:
         return problems, 0
-    first = "; ".join(f"{_where(problems[i], i, what)} ({lengths[i]} tokens, {len(problems[i].prompt)} characters)"
-                      for i in long[:3])
-    head = (f"{len(long)} of {len(problems)} {what}s are longer than {limit} tokens (the model's context less the "
-            f"longest response, or task.max_prompt_tokens)")
+    first = "; ".join(
+        f"{_where(problems[i], i, what)} ({lengths[i]} tokens, {len(problems[i].prompt)} characters)" for i in long[:3]
+    )
+    head = (
+        f"{len(long)} of {len(problems)} {what}s are longer than {limit} tokens (the model's context less the "
+        f"longest response, or task.max_prompt_tokens)"
+    )
     if policy != "drop":
         raise ConfigError(f"{head}: {first}{'; ...' if len(long) > 3 else ''}. {hint}")
-    print(f"warning: {head}; dropped them (task.long_prompts=drop): {first}{'; ...' if len(long) > 3 else ''}",
-          file=sys.stderr)
+    print(
+        f"warning: {head}; dropped them (task.long_prompts=drop): {first}{'; ...' if len(long) > 3 else ''}",
+        file=sys.stderr,
+    )
     skip = set(long)
     return [p for i, p in enumerate(problems) if i not in skip], len(long)
 

@@ -85,11 +85,17 @@ _UNSAFE_ADVICE = re.compile(r"weights_only|trust|safe_globals|allowlist|document
 def refused_pickle_reason(exc: BaseException) -> str:
     """What a weights-only load refused, without PyTorch's advice to load the file unsafely (never print that)."""
     sentences = re.split(r"(?<=[.!?])\s+|\n+", str(exc))
-    kept = [x.strip() for x in sentences if x.strip() and not _UNSAFE_ADVICE.search(x)
-            and not x.strip().startswith(("Weights only load failed", "In PyTorch", "Re-running", "Do it only"))]
+    kept = [
+        x.strip()
+        for x in sentences
+        if x.strip()
+        and not _UNSAFE_ADVICE.search(x)
+        and not x.strip().startswith(("Weights only load failed", "In PyTorch", "Re-running", "Do it only"))
+    ]
     detail = " ".join(kept)[:300]
     return "holds objects other than tensors, numbers and containers (refused, never executed)" + (
-        f": {detail}" if detail else "")
+        f": {detail}" if detail else ""
+    )
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
@@ -105,17 +111,23 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32"):
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch_dtype(dtype))
     except pickle.UnpicklingError as e:  # a .bin weights file with code in it: transformers loads weights-only
-        raise ConfigError(f"model.path {str(p)!r}: a weights file {refused_pickle_reason(e)}; use safetensors "
-                          "weights from a source you trust") from None
+        raise ConfigError(
+            f"model.path {str(p)!r}: a weights file {refused_pickle_reason(e)}; use safetensors "
+            "weights from a source you trust"
+        ) from None
     except bad as e:
-        raise ConfigError(f"model.path {str(p)!r} is not a loadable model directory "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+        raise ConfigError(
+            f"model.path {str(p)!r} is not a loadable model directory "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+        ) from None
     try:
         if (p / VOCAB_FILE).is_file():
             tokenizer = CharTokenizer.from_pretrained(p)
         else:
             tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
     except bad as e:
-        raise ConfigError(f"model.path {str(p)!r}: its tokenizer cannot be loaded "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from None
+        raise ConfigError(
+            f"model.path {str(p)!r}: its tokenizer cannot be loaded "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+        ) from None
     return model, tokenizer

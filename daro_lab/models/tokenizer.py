@@ -24,7 +24,9 @@ class UnknownCharacterError(ValueError):
     """A character the vocabulary lacks (`char`); there is no <unk> token to map it to."""
 
     def __init__(self, char: str):
-        super().__init__(f"CharTokenizer: character {char!r} (U+{ord(char[:1] or ' '):04X}) is not in the vocabulary {CHARS!r}")
+        super().__init__(
+            f"CharTokenizer: character {char!r} (U+{ord(char[:1] or ' '):04X}) is not in the vocabulary {CHARS!r}"
+        )
         self.char = char
 
 

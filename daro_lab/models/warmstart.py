@@ -40,11 +40,28 @@ GRAD_CLIP = 1.0  # max global gradient norm
 
 # Fields that do not change the warm-started model (how it is run, or data-file options of other tasks);
 # left out of the key so that, e.g., a different log-prob chunk size reuses the same cached model.
-_MODEL_NOT_IN_KEY = ("path", "cache_dir", "prompt_template", "stop_token", "gradient_checkpointing",
-                     "logprob_chunk_size", "arch_file")
-_TASK_NOT_IN_KEY = ("train_file", "eval_file", "prompt_field", "answer_field", "level_field", "answer_extract",
-                    "reward_workers", "reward_timeout_s", "max_prompt_tokens", "long_prompts",
-                    "level_mix")  # the warm start draws its own level-uniform demonstrations
+_MODEL_NOT_IN_KEY = (
+    "path",
+    "cache_dir",
+    "prompt_template",
+    "stop_token",
+    "gradient_checkpointing",
+    "logprob_chunk_size",
+    "arch_file",
+)
+_TASK_NOT_IN_KEY = (
+    "train_file",
+    "eval_file",
+    "prompt_field",
+    "answer_field",
+    "level_field",
+    "answer_extract",
+    "reward_workers",
+    "reward_timeout_s",
+    "max_prompt_tokens",
+    "long_prompts",
+    "level_mix",
+)  # the warm start draws its own level-uniform demonstrations
 
 
 def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> str:
@@ -59,8 +76,9 @@ def cache_path(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> Path:
     return Path(model_cfg.cache_dir) / cache_key(model_cfg, task_cfg, seed)
 
 
-def make_batch(problems: list[Problem], tok: CharTokenizer, targets: list[tuple[str, bool]] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    problems: list[Problem], tok: CharTokenizer, targets: list[tuple[str, bool]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded teacher-forcing batch.
 
     targets: (text, stops) per problem, default (answer, True); a target that does not stop has no </s>.
@@ -69,8 +87,10 @@ def make_batch(problems: list[Problem], tok: CharTokenizer, targets: list[tuple[
     """
     targets = targets or [(p.answer, True) for p in problems]
     prompts = tok.encode_prompts([p.prompt for p in problems])  # B x [<s> + prompt chars]
-    answers = [ids[1:] + ([tok.eos_token_id] if stops else [])
-               for ids, (_, stops) in zip(tok.encode_prompts([t for t, _ in targets]), targets)]
+    answers = [
+        ids[1:] + ([tok.eos_token_id] if stops else [])
+        for ids, (_, stops) in zip(tok.encode_prompts([t for t, _ in targets]), targets)
+    ]
     T = max(len(p) + len(a) for p, a in zip(prompts, answers))
     ids = torch.full((len(problems), T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(problems), T, dtype=torch.bool)
@@ -134,9 +154,15 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple[PreT
             if p.prompt not in held_out:
                 batch.append(p)
         targets = None
-        if run_on is not None:  # a share of the demonstrations that lose count and do not stop, most at the hardest level
-            targets = [(run_on(p, task_cfg), False) if rng.random() < model_cfg.warmstart_run_on * task.run_on_weight(p, task_cfg)
-                       else (p.answer, True) for p in batch]
+        if (
+            run_on is not None
+        ):  # a share of the demonstrations that lose count and do not stop, most at the hardest level
+            targets = [
+                (run_on(p, task_cfg), False)
+                if rng.random() < model_cfg.warmstart_run_on * task.run_on_weight(p, task_cfg)
+                else (p.answer, True)
+                for p in batch
+            ]
         input_ids, target_mask = make_batch(batch, tok, targets)
         for g in opt.param_groups:
             g["lr"] = model_cfg.warmstart_lr * lr_at(step)

@@ -33,8 +33,14 @@ class RolloutBatch:
         T = int(rm.sum(1).max()) if len(idx) else 0
         pm = self.prompt_mask[idx]
         P0 = int((~pm).all(0).sum()) if len(idx) else 0  # columns of padding in every row (left)
-        return RolloutBatch(self.prompt_ids[idx][:, P0:], pm[:, P0:], self.response_ids[idx][:, :T], rm[:, :T],
-                            self.logprobs[idx][:, :T], self.prompt_index[idx])
+        return RolloutBatch(
+            self.prompt_ids[idx][:, P0:],
+            pm[:, P0:],
+            self.response_ids[idx][:, :T],
+            rm[:, :T],
+            self.logprobs[idx][:, :T],
+            self.prompt_index[idx],
+        )
 
     @staticmethod
     def concat(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
@@ -47,9 +53,16 @@ class RolloutBatch:
         out, offset = [], 0
         for b in batches:
             dp, dt = P - b.prompt_ids.shape[1], T - b.response_ids.shape[1]
-            out.append((pad(b.prompt_ids, (dp, 0), value=pad_id), pad(b.prompt_mask, (dp, 0), value=False),
-                        pad(b.response_ids, (0, dt), value=pad_id), pad(b.response_mask, (0, dt), value=False),
-                        pad(b.logprobs, (0, dt)), b.prompt_index + offset))
+            out.append(
+                (
+                    pad(b.prompt_ids, (dp, 0), value=pad_id),
+                    pad(b.prompt_mask, (dp, 0), value=False),
+                    pad(b.response_ids, (0, dt), value=pad_id),
+                    pad(b.response_mask, (0, dt), value=False),
+                    pad(b.logprobs, (0, dt)),
+                    b.prompt_index + offset,
+                )
+            )
             offset += int(b.prompt_index.max()) + 1
         return RolloutBatch(*[torch.cat(parts) for parts in zip(*out)])
 
@@ -82,8 +95,9 @@ class RolloutBatch:
                 )
 
 
-def check_generate_args(prompts: list[list[int]], num_responses: int, max_new_tokens: int, temperature: float,
-                        top_p: float) -> None:
+def check_generate_args(
+    prompts: list[list[int]], num_responses: int, max_new_tokens: int, temperature: float, top_p: float
+) -> None:
     """The argument checks every engine's `generate` shares: ValueError naming the bad one."""
     if num_responses < 1:
         raise ValueError(f"num_responses must be >= 1, got {num_responses}")

@@ -79,8 +79,9 @@ class HFEngine:
             model.eval()
             try:
                 with torch.inference_mode():
-                    out = self._decode(prompt_ids, prompt_mask, lens, k, max_new_tokens, temperature, top_p,
-                                       generator, greedy)
+                    out = self._decode(
+                        prompt_ids, prompt_mask, lens, k, max_new_tokens, temperature, top_p, generator, greedy
+                    )
             finally:
                 model.train(was_training)
         # Outside inference mode: copies are ordinary tensors the trainer can use under autograd.

@@ -177,8 +177,13 @@ def _shared_prompt_outputs(net, prompt_ids, prompt_mask, targets, rmask, k, hidd
     kwargs = {cache_kw: cache}
     if not hidden and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1
-    o = net(input_ids=pid, attention_mask=pm_long, position_ids=(pm_long.cumsum(-1) - 1).clamp_(min=0),
-            use_cache=True, **kwargs)
+    o = net(
+        input_ids=pid,
+        attention_mask=pm_long,
+        position_ids=(pm_long.cumsum(-1) - 1).clamp_(min=0),
+        use_cache=True,
+        **kwargs,
+    )
     first = (o.last_hidden_state if hidden else o.logits)[:, -1:]  # [n, 1, .], predicts response token 0
     if cache.get_seq_length() != P:
         return None

@@ -285,8 +285,14 @@ class VLLMEngine:
         else:
             seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator, device=generator.device)
         common = dict(
-            n=1, temperature=0.0 if greedy else 1.0, top_p=1.0 if greedy else top_p, max_tokens=max_new,
-            logprobs=0, stop_token_ids=[self.eos_id], detokenize=False, skip_special_tokens=False,
+            n=1,
+            temperature=0.0 if greedy else 1.0,
+            top_p=1.0 if greedy else top_p,
+            max_tokens=max_new,
+            logprobs=0,
+            stop_token_ids=[self.eos_id],
+            detokenize=False,
+            skip_special_tokens=False,
         )
         params = [SamplingParams(seed=int(s), **common) for s in seeds.tolist()]
         reqs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts for _ in range(k)]
@@ -297,8 +303,9 @@ class VLLMEngine:
             c = out.outputs[0]
             ids = [int(t) for t in c.token_ids]
             if c.logprobs is None or len(c.logprobs) != len(ids):
-                raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for "
-                                   f"{len(ids)} tokens")
+                raise RuntimeError(
+                    f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for {len(ids)} tokens"
+                )
             rows_ids.append(ids)
             rows_lp.append([float(d[t].logprob) for t, d in zip(ids, c.logprobs)])
         T = max((len(r) for r in rows_ids), default=0)

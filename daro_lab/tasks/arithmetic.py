@@ -65,8 +65,13 @@ def level_size(cfg: TaskConfig, level: int) -> int:
 def _enumerate_level(cfg: TaskConfig, level: int) -> list[Problem]:
     lo = 0 if cfg.min_digits == 1 else 10 ** (cfg.min_digits - 1)
     nums = range(lo, 10**level)
-    return [make_problem(a, op, b) for op in dict.fromkeys(cfg.ops) for a in nums for b in nums
-            if max(len(str(a)), len(str(b))) == level]
+    return [
+        make_problem(a, op, b)
+        for op in dict.fromkeys(cfg.ops)
+        for a in nums
+        for b in nums
+        if max(len(str(a)), len(str(b))) == level
+    ]
 
 
 def _sample_in_level(cfg: TaskConfig, rng: random.Random, level: int) -> Problem:
@@ -83,9 +88,16 @@ def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     training; a level with fewer distinct prompts than its share of training (one digit: 100) repeats them."""
     _check(cfg)
     levels = list(range(cfg.min_digits, cfg.max_digits + 1))
-    return build_leveled(levels, lambda lvl: level_size(cfg, lvl), lambda rng, lvl: _sample_in_level(cfg, rng, lvl),
-                         lambda lvl: _enumerate_level(cfg, lvl), cfg.num_train, cfg.num_eval, cfg.data_seed,
-                         cfg.level_mix)
+    return build_leveled(
+        levels,
+        lambda lvl: level_size(cfg, lvl),
+        lambda rng, lvl: _sample_in_level(cfg, rng, lvl),
+        lambda lvl: _enumerate_level(cfg, lvl),
+        cfg.num_train,
+        cfg.num_eval,
+        cfg.data_seed,
+        cfg.level_mix,
+    )
 
 
 def parse_answer(text: str) -> str | None:

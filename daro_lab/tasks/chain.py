@@ -75,8 +75,16 @@ def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     task.level_mix; see tasks.leveled)."""
     _check(cfg)
     levels = list(range(cfg.min_terms, cfg.max_terms + 1))
-    return build_leveled(levels, lambda m: level_size(cfg, m), lambda rng, m: _sample_in_level(cfg, rng, m),
-                         lambda m: _enumerate_level(cfg, m), cfg.num_train, cfg.num_eval, cfg.data_seed, cfg.level_mix)
+    return build_leveled(
+        levels,
+        lambda m: level_size(cfg, m),
+        lambda rng, m: _sample_in_level(cfg, rng, m),
+        lambda m: _enumerate_level(cfg, m),
+        cfg.num_train,
+        cfg.num_eval,
+        cfg.data_seed,
+        cfg.level_mix,
+    )
 
 
 def run_on(problem: Problem, cfg: TaskConfig, extra: int | None = None) -> str:

@@ -57,11 +57,15 @@ def _check_file(path: str | Path, key: str) -> Path:
     if p.is_dir():
         raise DataFileError(f"data file {p} is a directory (config key '{key}'); give a JSONL or parquet file")
     if not p.name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
-        raise DataFileError(f"data file {p}: unknown format; expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
+        raise DataFileError(
+            f"data file {p}: unknown format; expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
+        )
     return p
 
 
-def read_rows(path: str | Path, key: str = "task.train_file", columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
+def read_rows(
+    path: str | Path, key: str = "task.train_file", columns: list[str] | None = None
+) -> Iterator[tuple[int, dict]]:
     """(row number, record) for every record of a JSONL or parquet file; row numbers are 1-based.
 
     JSONL: one JSON object per line, blank lines skipped (row number = line number); a `.json` file
@@ -95,9 +99,13 @@ def read_rows(path: str | Path, key: str = "task.train_file", columns: list[str]
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataFileError(f"data file {p}: line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise DataFileError(
+                        f"data file {p}: line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 if not isinstance(rec, dict):
-                    raise DataFileError(f"data file {p}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                    raise DataFileError(
+                        f"data file {p}: line {lineno}: expected a JSON object, got {type(rec).__name__}"
+                    )
                 yield lineno, rec
     except UnicodeDecodeError as e:
         raise DataFileError(f"data file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -193,7 +201,11 @@ def _as_text(value: Any) -> str | None:
         return str(value)
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+    ):
         return ", ".join(_as_text(v) for v in value)  # type: ignore[misc]
     return None
 
@@ -233,8 +245,7 @@ def _detect(first: dict, configured: str, candidates: tuple[str, ...], where: st
             return c
     fields = ", ".join(sorted(first)) if isinstance(first, dict) else "?"
     raise DataFileError(
-        f"{where}: no {what} field (looked for {', '.join(candidates)}; the row has: {fields}); "
-        f"set config key '{key}'"
+        f"{where}: no {what} field (looked for {', '.join(candidates)}; the row has: {fields}); set config key '{key}'"
     )
 
 
@@ -264,7 +275,9 @@ def load_problems(path: str | Path, cfg: TaskConfig, key: str = "task.train_file
             raise DataFileError(f"{where}: missing field '{pf}' (prompt; config key 'task.prompt_field')")
         prompt = _prompt_text(raw_prompt)
         if prompt is None:
-            raise DataFileError(f"{where}: field '{pf}' is not text or a list of chat messages: {str(raw_prompt)[:80]!r}")
+            raise DataFileError(
+                f"{where}: field '{pf}' is not text or a list of chat messages: {str(raw_prompt)[:80]!r}"
+            )
         if not prompt.strip():
             raise DataFileError(f"{where}: empty prompt (field '{pf}')")
         raw_answer = get_field(rec, af, None)
@@ -272,11 +285,17 @@ def load_problems(path: str | Path, cfg: TaskConfig, key: str = "task.train_file
             raise DataFileError(f"{where}: missing field '{af}' (answer; config key 'task.answer_field')")
         answer = _as_text(raw_answer)
         if answer is None:
-            raise DataFileError(f"{where}: field '{af}' is not text, a number or a list of them: {str(raw_answer)[:80]!r}")
-        if cfg.answer_extract == "boxed" or (cfg.answer_extract == "auto" and ("\\boxed" in answer or "\\fbox" in answer)):
+            raise DataFileError(
+                f"{where}: field '{af}' is not text, a number or a list of them: {str(raw_answer)[:80]!r}"
+            )
+        if cfg.answer_extract == "boxed" or (
+            cfg.answer_extract == "auto" and ("\\boxed" in answer or "\\fbox" in answer)
+        ):
             boxed = last_boxed(answer)
             if boxed is None:
-                raise DataFileError(f"{where}: no complete \\boxed{{...}} in field '{af}' (task.answer_extract='{cfg.answer_extract}')")
+                raise DataFileError(
+                    f"{where}: no complete \\boxed{{...}} in field '{af}' (task.answer_extract='{cfg.answer_extract}')"
+                )
             answer = boxed
         answer = answer.strip()
         if not answer:

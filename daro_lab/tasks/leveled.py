@@ -18,9 +18,16 @@ from daro_lab.tasks.base import Problem
 EVAL_SHARE = 0.25  # most of a level's distinct prompts the held-out set may take
 
 
-def build_leveled(levels: list[int], level_size: Callable[[int], int], sample: Callable[[random.Random, int], Problem],
-                  enumerate_level: Callable[[int], list[Problem]], num_train: int, num_eval: int, seed: int,
-                  mix: Sequence[float] = ()) -> tuple[list[Problem], list[Problem]]:
+def build_leveled(
+    levels: list[int],
+    level_size: Callable[[int], int],
+    sample: Callable[[random.Random, int], Problem],
+    enumerate_level: Callable[[int], list[Problem]],
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    mix: Sequence[float] = (),
+) -> tuple[list[Problem], list[Problem]]:
     """(train, eval), deterministic from `seed`.
 
     level_size(l): distinct prompts of level l; sample(rng, l): a uniform prompt of level l;
@@ -61,8 +68,10 @@ def build_leveled(levels: list[int], level_size: Callable[[int], int], sample: C
 
     cap = {lvl: int(EVAL_SHARE * level_size(lvl)) for lvl in levels}
     if num_eval > sum(cap.values()):
-        raise ValueError(f"task: {num_eval} held-out prompts requested, but the held-out set may take at most "
-                         f"{sum(cap.values())} (a quarter of each level's distinct prompts); lower task.num_eval")
+        raise ValueError(
+            f"task: {num_eval} held-out prompts requested, but the held-out set may take at most "
+            f"{sum(cap.values())} (a quarter of each level's distinct prompts); lower task.num_eval"
+        )
     ev: list[Problem] = []
     while len(ev) < num_eval:
         level = rng.choice([lvl for lvl in levels if cap[lvl] > 0])

@@ -63,9 +63,11 @@ def _parse_gold(answer: str, timeout: int | None):
     text = answer.strip()
     if len(text) >= 2 and text[0] == "$" and text[-1] == "$":
         text = text.strip("$")
-    return parse("\\boxed{" + text + "}", extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
-                                                              ExprExtractionConfig()],
-                 parsing_timeout=timeout)
+    return parse(
+        "\\boxed{" + text + "}",
+        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=timeout,
+    )
 
 
 def score_answer(response: str, answer: str, inner_timeout: int | None = None) -> float:
@@ -82,9 +84,11 @@ def score_answer(response: str, answer: str, inner_timeout: int | None = None) -
             return 0.0
         t = _signal_timeout(inner_timeout)
         gold = _parse_gold(answer, t)
-        target = parse("\\boxed{" + pred + "}", extraction_config=[LatexExtractionConfig(boxed_match_priority=0),
-                                                                   ExprExtractionConfig()],
-                       parsing_timeout=t)
+        target = parse(
+            "\\boxed{" + pred + "}",
+            extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+            parsing_timeout=t,
+        )
         if not gold or not target:
             return 0.0
         return 1.0 if verify(gold, target, timeout_seconds=t) else 0.0
@@ -121,8 +125,9 @@ class VerifierPool:
     (no hard timeout; math-verify's signal timeouts only in the main thread).
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, score_fn: ScoreFn = score_answer,
-                 context: str = "spawn"):
+    def __init__(
+        self, workers: int = 2, timeout_s: float = 5.0, score_fn: ScoreFn = score_answer, context: str = "spawn"
+    ):
         if workers < 0 or not timeout_s > 0:
             raise ValueError(f"VerifierPool: need workers >= 0 and timeout_s > 0, got {workers}, {timeout_s}")
         self.workers = workers
@@ -142,8 +147,9 @@ class VerifierPool:
         """Create the worker processes and wait until every one has imported math-verify (idempotent)."""
         if self.workers == 0 or self._ex is not None:
             return self
-        ex = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.context),
-                                    initializer=_worker_init)
+        ex = cf.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context(self.context), initializer=_worker_init
+        )
         # ProcessPoolExecutor starts workers on demand: `workers` simultaneous pings start all of them.
         futs = [ex.submit(_ping) for _ in range(self.workers)]
         done, not_done = cf.wait(futs, timeout=WARM_TIMEOUT_S)

@@ -12,10 +12,18 @@ from daro_lab.tasks import math as math_task
 from daro_lab.tasks.base import Problem, Task
 
 TASKS: dict[str, Task] = {
-    "arithmetic": Task("arithmetic", arithmetic.build, arithmetic.reward_batch, arithmetic.sample_problem,
-                       arithmetic.num_distinct),
-    "chain": Task("chain", chain.build, chain.reward_batch, chain.sample_problem, chain.num_distinct,  # running sums
-                  chain.run_on, chain.run_on_weight),
+    "arithmetic": Task(
+        "arithmetic", arithmetic.build, arithmetic.reward_batch, arithmetic.sample_problem, arithmetic.num_distinct
+    ),
+    "chain": Task(
+        "chain",
+        chain.build,
+        chain.reward_batch,
+        chain.sample_problem,
+        chain.num_distinct,  # running sums
+        chain.run_on,
+        chain.run_on_weight,
+    ),
     "math": Task("math", math_task.build, math_task.reward_batch),  # data files, math-verify on the last \\boxed{}
     "file": Task("file", files.build, files.reward_batch),  # data files, exact match of the stripped response
 }

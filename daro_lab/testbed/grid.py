@@ -56,8 +56,15 @@ class Cell:
 
     def config(self, base: TestbedConfig) -> TestbedConfig:
         opt, lr, clip = REGIMES[self.regime]
-        return replace(base, sharing=self.sharing, optimizer=opt, lr=lr, grad_clip=clip, level_mix=MIXES[self.mix],
-                       lengths=self.lengths)
+        return replace(
+            base,
+            sharing=self.sharing,
+            optimizer=opt,
+            lr=lr,
+            grad_clip=clip,
+            level_mix=MIXES[self.mix],
+            lengths=self.lengths,
+        )
 
     @property
     def label(self) -> str:
@@ -88,17 +95,31 @@ def _one(job: tuple[Cell, Arm, int, TestbedConfig]) -> dict:
     cell, arm, seed, base = job
     rec = run_seed(cell.config(base), arm, seed)
     steps = np.arange(len(rec.acc), dtype=float)
-    return {**asdict(cell), "arm": arm.name, "reading": arm.reading, "seed": seed, "steps": base.steps,
-            "auc": area_under_curve(steps, rec.acc), "final": float(rec.acc[-1]), "start": float(rec.acc[0]),
-            "auc_hardest": area_under_curve(steps, rec.level_acc[:, -1]),
-            "clipped": float(np.nanmean(rec.clipped)) if np.isfinite(rec.clipped).any() else math.nan,
-            "cosine": float(np.nanmean(rec.cosine)) if np.isfinite(rec.cosine).any() else math.nan,
-            "g_share_cv": float(np.nanmean(rec.g_share_cv)) if np.isfinite(rec.g_share_cv).any() else math.nan,
-            "weights": ",".join(f"{w:.3g}" for w in rec.weights.values())}
+    return {
+        **asdict(cell),
+        "arm": arm.name,
+        "reading": arm.reading,
+        "seed": seed,
+        "steps": base.steps,
+        "auc": area_under_curve(steps, rec.acc),
+        "final": float(rec.acc[-1]),
+        "start": float(rec.acc[0]),
+        "auc_hardest": area_under_curve(steps, rec.level_acc[:, -1]),
+        "clipped": float(np.nanmean(rec.clipped)) if np.isfinite(rec.clipped).any() else math.nan,
+        "cosine": float(np.nanmean(rec.cosine)) if np.isfinite(rec.cosine).any() else math.nan,
+        "g_share_cv": float(np.nanmean(rec.g_share_cv)) if np.isfinite(rec.g_share_cv).any() else math.nan,
+        "weights": ",".join(f"{w:.3g}" for w in rec.weights.values()),
+    }
 
 
-def run_grid(grid: list[Cell], arms: list[str], seeds: list[int], base: TestbedConfig | None = None,
-             workers: int = 1, progress=None) -> pd.DataFrame:
+def run_grid(
+    grid: list[Cell],
+    arms: list[str],
+    seeds: list[int],
+    base: TestbedConfig | None = None,
+    workers: int = 1,
+    progress=None,
+) -> pd.DataFrame:
     """Per-run rows (cell knobs, arm, seed, auc, final, auc_hardest, clipped, cosine, ...), all runs of the grid."""
     base = base or TestbedConfig()
     unknown = [a for a in arms if a not in ARMS]
@@ -132,8 +153,15 @@ def compare(a: pd.Series, b: pd.Series) -> dict:
     x, y = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
     diff, p, pairs = paired_test(x, y)
     _, lo, hi, _ = mean_ci(x - y)
-    return {"diff": diff, "diff_low": lo, "diff_high": hi, "p": p, "mdd": paired_mdd(x, y), "pairs": pairs,
-            "max_abs_diff": float(np.abs(x - y).max()) if len(common) else math.nan}
+    return {
+        "diff": diff,
+        "diff_low": lo,
+        "diff_high": hi,
+        "p": p,
+        "mdd": paired_mdd(x, y),
+        "pairs": pairs,
+        "max_abs_diff": float(np.abs(x - y).max()) if len(common) else math.nan,
+    }
 
 
 def summarize(per_run: pd.DataFrame, reference: str = "grpo", metric: str = "auc") -> pd.DataFrame:
@@ -147,17 +175,30 @@ def summarize(per_run: pd.DataFrame, reference: str = "grpo", metric: str = "auc
             v = d.set_index("seed")[metric]
             m, lo, hi, n = mean_ci(v.to_numpy())
             rlo, rhi = seed_range(v.to_numpy())
-            row = {**dict(zip(keys, cell)), "arm": arm, "reading": d.reading.iloc[0], "n": n, "mean": m,
-                   "ci_low": lo, "ci_high": hi, "range_low": rlo, "range_high": rhi,
-                   "cosine": float(d.cosine.mean()), "clipped": float(d.clipped.mean())}
+            row = {
+                **dict(zip(keys, cell)),
+                "arm": arm,
+                "reading": d.reading.iloc[0],
+                "n": n,
+                "mean": m,
+                "ci_low": lo,
+                "ci_high": hi,
+                "range_low": rlo,
+                "range_high": rhi,
+                "cosine": float(d.cosine.mean()),
+                "clipped": float(d.clipped.mean()),
+            }
             if arm != reference and len(ref):
                 row.update(compare(v, ref))
             out.append(row)
     return pd.DataFrame(out)
 
 
-def weight_pairs(per_run: pd.DataFrame, pairs=(("daro-mass", "frozen-1"), ("daro-mass", "frozen-mass"),
-                                                 ("daro-abs", "frozen-1")), metric: str = "auc") -> pd.DataFrame:
+def weight_pairs(
+    per_run: pd.DataFrame,
+    pairs=(("daro-mass", "frozen-1"), ("daro-mass", "frozen-mass"), ("daro-abs", "frozen-1")),
+    metric: str = "auc",
+) -> pd.DataFrame:
     """Learned against frozen weights, per cell: the paired `compare` of each pair present in the runs."""
     keys = list(asdict(Cell()))
     out = []
@@ -165,8 +206,14 @@ def weight_pairs(per_run: pd.DataFrame, pairs=(("daro-mass", "frozen-1"), ("daro
         arms = set(df.arm)
         for a, b in pairs:
             if a in arms and b in arms:
-                out.append({**dict(zip(keys, cell)), "arm": a, "against": b,
-                            **compare(df[df.arm == a].set_index("seed")[metric], df[df.arm == b].set_index("seed")[metric])})
+                out.append(
+                    {
+                        **dict(zip(keys, cell)),
+                        "arm": a,
+                        "against": b,
+                        **compare(df[df.arm == a].set_index("seed")[metric], df[df.arm == b].set_index("seed")[metric]),
+                    }
+                )
     return pd.DataFrame(out)
 
 
@@ -176,8 +223,10 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
         return "reference"
     d, p, mdd = row["diff"], row["p"], row["mdd"]
     if row.get("max_abs_diff", math.inf) < ROUNDING:
-        return (f"equal in every pair to within {row['max_abs_diff']:.1g} (< {ROUNDING:g}, float32 rounding over a "
-                "run): the same trajectory")
+        return (
+            f"equal in every pair to within {row['max_abs_diff']:.1g} (< {ROUNDING:g}, float32 rounding over a "
+            "run): the same trajectory"
+        )
     if not np.isfinite(p):
         return "identical to the reference in every pair" if d == 0 else f"{d:+.4f}, untested (zero variance)"
     if p < alpha:
@@ -187,44 +236,76 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> str:
 
 def to_markdown(summary: pd.DataFrame, meta: dict, metric: str = "auc", weights: pd.DataFrame | None = None) -> str:
     """The summary as markdown: one table per cell, then learned against frozen weights (`weight_pairs`)."""
-    lines = [f"# Testbed: {metric} by arm, paired against {meta['reference']}", "",
-             f"{meta['seeds']} paired seeds per arm and cell, {meta['steps']} steps, K = {meta['K']}, "
-             f"{meta['prompts_per_step']} prompts a step from a pool of {meta['prompts']}; exact expected accuracy "
-             "(no evaluation noise). Mean [95% t-interval]; the seed range apart; difference to the reference "
-             "[95% t-interval of the paired differences], paired t-test, MDD = the minimal detectable difference "
-             f"at 80% power. {metric}: " + {"auc": "the mean expected accuracy over training (area under the curve "
-                                                   "over the steps).", "final": "the expected accuracy after the last step.",
-                                            "auc_hardest": "the hardest level's mean expected accuracy over training."}.get(metric, ""),
-             f"Wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s).", ""]
+    lines = [
+        f"# Testbed: {metric} by arm, paired against {meta['reference']}",
+        "",
+        f"{meta['seeds']} paired seeds per arm and cell, {meta['steps']} steps, K = {meta['K']}, "
+        f"{meta['prompts_per_step']} prompts a step from a pool of {meta['prompts']}; exact expected accuracy "
+        "(no evaluation noise). Mean [95% t-interval]; the seed range apart; difference to the reference "
+        "[95% t-interval of the paired differences], paired t-test, MDD = the minimal detectable difference "
+        f"at 80% power. {metric}: "
+        + {
+            "auc": "the mean expected accuracy over training (area under the curve over the steps).",
+            "final": "the expected accuracy after the last step.",
+            "auc_hardest": "the hardest level's mean expected accuracy over training.",
+        }.get(metric, ""),
+        f"Wall time {meta['seconds']:.0f} s with {meta['workers']} worker(s).",
+        "",
+    ]
     keys = list(asdict(Cell()))
     for cell, df in summary.groupby(keys, sort=False):
-        lines += [f"## {Cell(**dict(zip(keys, cell))).label}", "",
-                  "| arm (reading) | mean | seed range | diff to reference | verdict | grad cosine | clipped |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {Cell(**dict(zip(keys, cell))).label}",
+            "",
+            "| arm (reading) | mean | seed range | diff to reference | verdict | grad cosine | clipped |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for _, r in df.iterrows():
             ci = f"{r['mean']:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]" if np.isfinite(r.ci_low) else f"{r['mean']:.4f}"
-            dd = (f"{r['diff']:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
-                  if np.isfinite(r.get("diff", math.nan)) and np.isfinite(r.get("diff_low", math.nan))
-                  else "–" if not np.isfinite(r.get("diff", math.nan)) else f"{r['diff']:+.4f}")
-            lines.append(f"| {r.arm}: {r.reading} | {ci} | {r.range_low:.4f}–{r.range_high:.4f} | {dd} | "
-                         f"{verdict(r)} | {r.cosine:.2f} | {r.clipped:.2f} |")
+            dd = (
+                f"{r['diff']:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
+                if np.isfinite(r.get("diff", math.nan)) and np.isfinite(r.get("diff_low", math.nan))
+                else "–"
+                if not np.isfinite(r.get("diff", math.nan))
+                else f"{r['diff']:+.4f}"
+            )
+            lines.append(
+                f"| {r.arm}: {r.reading} | {ci} | {r.range_low:.4f}–{r.range_high:.4f} | {dd} | "
+                f"{verdict(r)} | {r.cosine:.2f} | {r.clipped:.2f} |"
+            )
         lines.append("")
     if weights is not None and len(weights):
-        lines += ["## Learned against frozen weights", "",
-                  f"The same paired comparison of {metric}, between the arms on DARO's path: what the learned weights "
-                  "add to frozen ones.", "",
-                  "| cell | arm | against | diff [95% t-interval] | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "## Learned against frozen weights",
+            "",
+            f"The same paired comparison of {metric}, between the arms on DARO's path: what the learned weights "
+            "add to frozen ones.",
+            "",
+            "| cell | arm | against | diff [95% t-interval] | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for _, r in weights.iterrows():
             cell = Cell(**{k: r[k] for k in asdict(Cell())}).label
-            ci = (f"{r['diff']:+.5f} [{r.diff_low:+.5f}, {r.diff_high:+.5f}]" if np.isfinite(r.diff_low)
-                  else f"{r['diff']:+.5f}")
+            ci = (
+                f"{r['diff']:+.5f} [{r.diff_low:+.5f}, {r.diff_high:+.5f}]"
+                if np.isfinite(r.diff_low)
+                else f"{r['diff']:+.5f}"
+            )
             lines.append(f"| {cell} | {r.arm} | {r.against} | {ci} | {verdict(r)} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def run_experiment(grid: list[Cell], arms: list[str], seeds: list[int], out, base: TestbedConfig | None = None,
-                   workers: int = 1, reference: str = "grpo", progress=None) -> dict:
+def run_experiment(
+    grid: list[Cell],
+    arms: list[str],
+    seeds: list[int],
+    out,
+    base: TestbedConfig | None = None,
+    workers: int = 1,
+    reference: str = "grpo",
+    progress=None,
+) -> dict:
     """Run the grid; write testbed_per_run.csv, and per metric (auc, auc_hardest) testbed_summary_<metric>.csv and
     testbed_<metric>.md under `out`. {"paths", "seconds", "runs", "per_run"} (the figure: analyses/testbed.py)."""
     from pathlib import Path
@@ -238,9 +319,17 @@ def run_experiment(grid: list[Cell], arms: list[str], seeds: list[int], out, bas
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_run.to_csv(out / "testbed_per_run.csv", index=False)
-    meta = {"reference": reference, "seeds": len(seeds), "steps": base.steps, "K": base.K,
-            "prompts_per_step": base.prompts_per_step, "prompts": base.prompts, "seconds": seconds, "workers": workers,
-            "cpus": os.cpu_count()}
+    meta = {
+        "reference": reference,
+        "seeds": len(seeds),
+        "steps": base.steps,
+        "K": base.K,
+        "prompts_per_step": base.prompts_per_step,
+        "prompts": base.prompts,
+        "seconds": seconds,
+        "workers": workers,
+        "cpus": os.cpu_count(),
+    }
     (out / "testbed_meta.json").write_text(json.dumps(meta, indent=1))
     paths = {"per_run": out / "testbed_per_run.csv", **write_reports(per_run, meta, out)}
     return {"paths": paths, "seconds": seconds, "runs": len(per_run), "per_run": per_run}

@@ -60,11 +60,19 @@ class Arm:
         return spec.label
 
 
-ARMS: dict[str, Arm] = {a.name: a for a in [
-    Arm("grpo", "grpo"), Arm("dapo", "dapo"), Arm("dr_grpo", "dr_grpo"), Arm("lipo", "lipo"),
-    Arm("frozen-1", "static", static="ones"), Arm("frozen-mass", "static", static="shape:mass"),
-    Arm("daro-mass", "daro", signal="mass"), Arm("daro-abs", "daro", signal="abs", signal_ema=0.9),
-]}
+ARMS: dict[str, Arm] = {
+    a.name: a
+    for a in [
+        Arm("grpo", "grpo"),
+        Arm("dapo", "dapo"),
+        Arm("dr_grpo", "dr_grpo"),
+        Arm("lipo", "lipo"),
+        Arm("frozen-1", "static", static="ones"),
+        Arm("frozen-mass", "static", static="shape:mass"),
+        Arm("daro-mass", "daro", signal="mass"),
+        Arm("daro-abs", "daro", signal="abs", signal_ema=0.9),
+    ]
+}
 
 
 @dataclass
@@ -92,8 +100,9 @@ def _optimizer(cfg: TestbedConfig, policy: SyntheticPolicy, weights: DaroWeights
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
 
 
-def token_batch(logits: torch.Tensor, answers: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor,
-                adv: torch.Tensor) -> PolicyBatch:
+def token_batch(
+    logits: torch.Tensor, answers: torch.Tensor, lengths: torch.Tensor, rewards: torch.Tensor, adv: torch.Tensor
+) -> PolicyBatch:
     """The loss's view of n prompts' K answers: logits [n, 4], answers [n, K], lengths [n, 4] (tokens of each
     answer), rewards and advantages [n, K]. Answer i of length L_i is L_i tokens of log-prob log pi(i) / L_i."""
     n, K = answers.shape
@@ -103,8 +112,15 @@ def token_batch(logits: torch.Tensor, answers: torch.Tensor, lengths: torch.Tens
     mask = (torch.arange(T)[None, :] < L[:, None]).float()  # [n K, T]
     logp = (seq.flatten() / L)[:, None] * mask  # [n K, T]
     k = rewards.sum(1).round().long().repeat_interleave(K)
-    return PolicyBatch(logp=logp, old_logp=logp.detach(), mask=mask, advantages=adv.flatten(), num_correct=k,
-                       rewards=rewards.flatten(), prompt_index=torch.arange(n).repeat_interleave(K))
+    return PolicyBatch(
+        logp=logp,
+        old_logp=logp.detach(),
+        mask=mask,
+        advantages=adv.flatten(),
+        num_correct=k,
+        rewards=rewards.flatten(),
+        prompt_index=torch.arange(n).repeat_interleave(K),
+    )
 
 
 class TestbedRuntime:
@@ -144,8 +160,9 @@ def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
     spec = METHODS[arm.method]
     policy = SyntheticPolicy(cfg, seed)
     K, N = cfg.K, cfg.prompts_per_step
-    settings = LossSettings(max_response_length=int(policy.lengths.max()), weight_signal=arm.signal, reg=arm.reg,
-                            signal_ema=arm.signal_ema)
+    settings = LossSettings(
+        max_response_length=int(policy.lengths.max()), weight_signal=arm.signal, reg=arm.reg, signal_ema=arm.signal_ema
+    )
     weights = None
     if spec.weights != "none":
         weights = DaroWeights(K)
@@ -173,12 +190,21 @@ def run_seed(cfg: TestbedConfig, arm: Arm, seed: int) -> RunRecord:
         if keep.any():
             adv = compute_advantages(rewards[keep], spec.advantage)
             measure = bool(cfg.grad_every) and (step % cfg.grad_every == 0 or step == 1)
-            r = backward_minibatch(arm.method, [(prompts[keep], answers[keep], rewards[keep], adv)], K, settings,
-                                   Shard(), runtime, weights, measure_groups=measure)
+            r = backward_minibatch(
+                arm.method,
+                [(prompts[keep], answers[keep], rewards[keep], adv)],
+                K,
+                settings,
+                Shard(),
+                runtime,
+                weights,
+                measure_groups=measure,
+            )
             if measure:
                 rec.cosine.append(r.metrics.get("grad/cos_mean", math.nan))
-                rec.g_share_cv.append(coefficient_of_variation([v for key, v in r.metrics.items()
-                                                                 if key.startswith("gradnorm/")]))
+                rec.g_share_cv.append(
+                    coefficient_of_variation([v for key, v in r.metrics.items() if key.startswith("gradnorm/")])
+                )
             gn = float(torch.nn.utils.clip_grad_norm_(runtime.params, clip))
             grad_norm[step - 1], clipped[step - 1] = gn, float(gn > clip)
             if weights is not None and spec.weights == "learned":

@@ -71,27 +71,47 @@ class TestbedConfig:
         if not all(0 < p < 1 for p in p0):
             raise ValueError(f"levels: every starting pass rate must lie in (0, 1), got {self.levels!r}")
         if len(mix) != len(p0) or not all(math.isfinite(m) and m > 0 for m in mix):
-            raise ValueError(f"level_mix: {len(p0)} positive weights (one per level; leave a level out of `levels` "
-                             f"instead of weighting it 0), got {self.level_mix!r}")
-        ints = {"K": (2, 256), "prompts": (1, 100_000), "prompts_per_step": (1, self.prompts),
-                "len_short": (1, 4096), "len_run_on": (1, 4096), "steps": (1, 1_000_000), "grad_every": (0, 1_000_000)}
+            raise ValueError(
+                f"level_mix: {len(p0)} positive weights (one per level; leave a level out of `levels` "
+                f"instead of weighting it 0), got {self.level_mix!r}"
+            )
+        ints = {
+            "K": (2, 256),
+            "prompts": (1, 100_000),
+            "prompts_per_step": (1, self.prompts),
+            "len_short": (1, 4096),
+            "len_run_on": (1, 4096),
+            "steps": (1, 1_000_000),
+            "grad_every": (0, 1_000_000),
+        }
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValueError(f"{name}: an integer in [{lo}, {hi}], got {v!r}")
         empty = [j for j, n in enumerate(self.level_sizes()) if n == 0]
         if empty:
-            raise ValueError(f"prompts: {self.prompts} leave level(s) {empty} of level_mix {self.level_mix!r} without a "
-                             "prompt (each level's accuracy would read 0): more prompts or a flatter mix")
-        floats = {"start_jitter": (0, 10), "level_length_growth": (0, 10), "run_on_right": (0, 1),
-                  "run_on_wrong": (0, 1), "sharing": (0, 1), "lr": (0, 100), "grad_clip": (0, 1e9)}
+            raise ValueError(
+                f"prompts: {self.prompts} leave level(s) {empty} of level_mix {self.level_mix!r} without a "
+                "prompt (each level's accuracy would read 0): more prompts or a flatter mix"
+            )
+        floats = {
+            "start_jitter": (0, 10),
+            "level_length_growth": (0, 10),
+            "run_on_right": (0, 1),
+            "run_on_wrong": (0, 1),
+            "sharing": (0, 1),
+            "lr": (0, 100),
+            "grad_clip": (0, 1e9),
+        }
         for name, (lo, hi) in floats.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
                 raise ValueError(f"{name}: a number in [{lo}, {hi}], got {v!r}")
         if not 0 < self.run_on_right < 1 or not 0 < self.run_on_wrong < 1:
-            raise ValueError(f"run_on_right, run_on_wrong: each strictly between 0 and 1, got "
-                             f"{self.run_on_right}, {self.run_on_wrong}")
+            raise ValueError(
+                f"run_on_right, run_on_wrong: each strictly between 0 and 1, got "
+                f"{self.run_on_right}, {self.run_on_wrong}"
+            )
         if self.lr <= 0:
             raise ValueError(f"lr: a number > 0, got {self.lr}")
         if self.lengths not in ("learned", "fixed"):
@@ -118,11 +138,19 @@ class SyntheticPolicy(nn.Module):
         sizes = cfg.level_sizes()
         level = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])  # [P]
         p0 = torch.tensor(cfg.level_p0(), dtype=torch.float64)[level]
-        right_logit = torch.log(p0 / (1 - p0)) + cfg.start_jitter * torch.randn(len(level), generator=gen,
-                                                                                 dtype=torch.float64)
+        right_logit = torch.log(p0 / (1 - p0)) + cfg.start_jitter * torch.randn(
+            len(level), generator=gen, dtype=torch.float64
+        )
         qr, qw = cfg.run_on_right, cfg.run_on_wrong
-        start = torch.stack([right_logit + math.log(1 - qr), right_logit + math.log(qr),
-                             torch.full_like(right_logit, math.log(1 - qw)), torch.full_like(right_logit, math.log(qw))], 1)
+        start = torch.stack(
+            [
+                right_logit + math.log(1 - qr),
+                right_logit + math.log(qr),
+                torch.full_like(right_logit, math.log(1 - qw)),
+                torch.full_like(right_logit, math.log(qw)),
+            ],
+            1,
+        )
         grow = 1 + cfg.level_length_growth * level.double()
         lengths = torch.stack([cfg.len_short * grow, cfg.len_run_on * grow] * 2, 1).round().clamp(min=1).long()
         E = torch.eye(4) if cfg.lengths == "learned" else torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])

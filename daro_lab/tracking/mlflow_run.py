@@ -106,7 +106,7 @@ def _sqlite_path(uri: str) -> str | None:
         return None
     if not uri.startswith("sqlite:///"):
         return ""  # sqlite:// (in-memory) or malformed
-    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
     return "" if path in ("", ":memory:") else path
 
 
@@ -127,9 +127,7 @@ def open_client(uri: str | None = None) -> Any:
     if db_path:
         parent = Path(db_path).parent
         if not parent.is_dir():
-            raise TrackingError(
-                f"cannot open tracking URI {resolved!r}: directory {str(parent)!r} does not exist"
-            )
+            raise TrackingError(f"cannot open tracking URI {resolved!r}: directory {str(parent)!r} does not exist")
         if Path(db_path).is_dir():
             raise TrackingError(f"cannot open tracking URI {resolved!r}: {db_path!r} is a directory")
     _probe_server(resolved)
@@ -181,9 +179,7 @@ def _probe_server(uri: str, timeout_s: float = 10.0) -> None:
         with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
             pass
     except OSError as exc:
-        raise TrackingError(
-            f"cannot open tracking URI {uri!r}: no server at {parsed.hostname}:{port} ({exc})"
-        ) from exc
+        raise TrackingError(f"cannot open tracking URI {uri!r}: no server at {parsed.hostname}:{port} ({exc})") from exc
 
 
 def _short(exc: BaseException, limit: int = 500) -> str:
@@ -231,10 +227,11 @@ def out_of_space_message(uri: str, run_id: str | None) -> str:
         status = open_client(uri).get_run(run_id).info.status
     except Exception:  # noqa: BLE001 - the message is what matters here
         status = "unknown"
-    marked = ("could not be marked FAILED and still reads RUNNING" if status == "RUNNING"
-              else f"is marked {status}")
-    return (f"{msg}: run {run_id} {marked}; the metrics of its last steps may be missing. Free space on that device, "
-            f"then --resume {run_id} continues it from its last checkpoint")
+    marked = "could not be marked FAILED and still reads RUNNING" if status == "RUNNING" else f"is marked {status}"
+    return (
+        f"{msg}: run {run_id} {marked}; the metrics of its last steps may be missing. Free space on that device, "
+        f"then --resume {run_id} continues it from its last checkpoint"
+    )
 
 
 @functools.lru_cache(maxsize=8192)  # the same keys every step: check each once (errors are not cached)
@@ -576,9 +573,7 @@ class Tracker:
         """Set run tags now (values cut to 8000 characters)."""
         from mlflow.entities import RunTag
 
-        items = [
-            (validate_key(k, "tag key"), _truncate(v, MAX_TAG_VAL_LENGTH, "tag", k)) for k, v in tags.items()
-        ]
+        items = [(validate_key(k, "tag key"), _truncate(v, MAX_TAG_VAL_LENGTH, "tag", k)) for k, v in tags.items()]
         with self._lock:
             self._check_open()
             for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
@@ -612,9 +607,7 @@ class Tracker:
                     raise ValueError(f"table {name!r}: rows must be dicts, got {type(row).__name__}")
                 if step is not None:
                     if "step" in row and row["step"] != step:
-                        raise ValueError(
-                            f"table {name!r}: row has step={row['step']!r}, logged with step={step}"
-                        )
+                        raise ValueError(f"table {name!r}: row has step={row['step']!r}, logged with step={step}")
                     r = {"step": step}
                     r.update(row)
                     r["step"] = step
@@ -864,8 +857,7 @@ def _get_or_create_experiment(client: Any, name: str, artifact_location: str | N
                 raise TrackingError(f"cannot create experiment {name!r} in {uri!r}: {_short(exc)}") from exc
     if exp.lifecycle_stage != "active":
         raise TrackingError(
-            f"experiment {name!r} in {uri!r} is deleted; restore it (mlflow experiments restore) "
-            "or use another name"
+            f"experiment {name!r} in {uri!r} is deleted; restore it (mlflow experiments restore) or use another name"
         )
     return exp.experiment_id
 
@@ -931,9 +923,7 @@ def read_table(uri: Any, run_id: str, name: str) -> pd.DataFrame:
             local = _fetch_artifact(client, run_id, f"{TABLES_DIR}/{name}.parquet", tmp, run.info.artifact_uri)
         except Exception as exc:  # noqa: BLE001
             have = list_tables(client, run_id)
-            raise TrackingError(
-                f"run {run_id!r} has no table {name!r} (tables: {', '.join(have) or 'none'})"
-            ) from exc
+            raise TrackingError(f"run {run_id!r} has no table {name!r} (tables: {', '.join(have) or 'none'})") from exc
         return pd.read_parquet(local)
 
 

@@ -70,21 +70,24 @@ class RunStore:
         f = f"tags.`{TAG_PARENT}` = {_quote(parent_run_id)}"
         for key, value in (tags or {}).items():
             f += f" and tags.`{key}` = {_quote(value)}"
-        return self.client.search_runs([parent.info.experiment_id], f, max_results=50000,
-                                       order_by=["attributes.start_time DESC"])
+        return self.client.search_runs(
+            [parent.info.experiment_id], f, max_results=50000, order_by=["attributes.start_time DESC"]
+        )
 
     def experiments(self) -> list[str]:
         """Names of the store's active experiments that hold at least one run."""
-        return [e.name for e in self.client.search_experiments()
-                if self.client.search_runs([e.experiment_id], max_results=1)]
+        return [
+            e.name
+            for e in self.client.search_experiments()
+            if self.client.search_runs([e.experiment_id], max_results=1)
+        ]
 
     def experiment_runs(self, experiment: str) -> list | None:
         """The active runs of an experiment, newest first; None when no active experiment has that name."""
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None or exp.lifecycle_stage != "active":
             return None
-        return self.client.search_runs([exp.experiment_id], max_results=50000,
-                                       order_by=["attributes.start_time DESC"])
+        return self.client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time DESC"])
 
     def experiment_of(self, run: Any) -> str:
         """The name of the experiment a run belongs to."""

@@ -50,8 +50,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any],
-                    meta: dict) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any], meta: dict
+) -> Path:
     """Write a checkpoint atomically to `directory` (replacing one that is there).
 
     model: the policy, or its full state dict with tied parameters once (FSDP gathers one, `fsdp.model_state`).
@@ -86,6 +87,8 @@ class CheckpointError(ConfigError):
 
 # what every checkpoint's state.pt holds (Trainer.state_dict plus the RNG states)
 STATE_KEYS = ("step", "cursor", "order", "optimizer", "weights", "rollout_gen", "data_gen", "rng")
+
+
 def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dict[str, Any]:
     """Load weights into `model` (None: leave them, see `load_weights`) and return the state (RNG states are
     restored here). Anything wrong with the files: `CheckpointError` naming the folder and what is wrong;
@@ -99,8 +102,9 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module | None) -> dic
         except (SafetensorError, RuntimeError, OSError, ValueError, KeyError) as e:
             raise CheckpointError(directory, f"model.safetensors: {_first_line(e)}") from None
     if not zipfile.is_zipfile(directory / "state.pt"):  # what torch.save writes
-        raise CheckpointError(directory, "state.pt is not a complete torch.save file (no zip archive: truncated or "
-                                         "overwritten)")
+        raise CheckpointError(
+            directory, "state.pt is not a complete torch.save file (no zip archive: truncated or overwritten)"
+        )
     try:
         state = torch.load(directory / "state.pt", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -165,14 +169,16 @@ def resume_point(root: str | Path) -> tuple[Path | None, str | None]:
     found = latest(root)
     if found is not None:
         return found, None
-    steps = sorted((int(m.group(1)), d) for d in root.glob("step_*")
-                   if (m := _STEP_DIR.fullmatch(d.name)) and _intact(d)) if root.is_dir() else []
+    steps = (
+        sorted((int(m.group(1)), d) for d in root.glob("step_*") if (m := _STEP_DIR.fullmatch(d.name)) and _intact(d))
+        if root.is_dir()
+        else []
+    )
     if not steps:
         return None, None
     pointer = root / "latest"
     named = pointer.read_text().strip() if pointer.is_file() else None
-    why = (f"its pointer {pointer} names {named}, which is missing or incomplete" if named
-           else f"{pointer} is missing")
+    why = f"its pointer {pointer} names {named}, which is missing or incomplete" if named else f"{pointer} is missing"
     return steps[-1][1], f"resuming from {steps[-1][1]}, the newest intact checkpoint under {root}: {why}"
 
 
@@ -185,12 +191,17 @@ def trainer_state(tr) -> dict[str, Any]:
     gathered)."""
     gens = dp.gather_objects(tr.rollout_gen.get_state(), tr.dist)
     return {
-        "step": tr.step, "cursor": tr.cursor, "order": tr.order,
+        "step": tr.step,
+        "cursor": tr.cursor,
+        "order": tr.order,
         "optimizer": fsdp.optimizer_state(_state_root(tr), tr.opt) if tr.fsdp else tr.opt.state_dict(),
         "weights": tr.weights.state_dict() if tr.weights is not None else {},
-        "rollout_gen": gens[0], "data_gen": tr.data_gen.get_state(),
-        "world_size": tr.dist.world_size, "rollout_gens": torch.stack(gens),
+        "rollout_gen": gens[0],
+        "data_gen": tr.data_gen.get_state(),
+        "world_size": tr.dist.world_size,
+        "rollout_gens": torch.stack(gens),
     }
+
 
 def save_trainer(tr, directory, meta: dict | None = None):
     """Write a checkpoint (rank 0 writes; every rank must call, after checking the replicas agree)."""
@@ -206,6 +217,7 @@ def save_trainer(tr, directory, meta: dict | None = None):
         h.on_checkpoint(tr.step)
     return path
 
+
 def load_trainer(tr, directory) -> None:
     """Restore the state saved by `save` (every rank). A checkpoint that is corrupt, tampered with or not this
     run's: `CheckpointError` naming it (load_checkpoint reads state.pt weights-only)."""
@@ -214,13 +226,17 @@ def load_trainer(tr, directory) -> None:
         fsdp.load_model_state(tr.policy.forward, tr.model, load_weights(directory))
     saved_world = int(st.get("world_size", 1))
     if saved_world != tr.dist.world_size:
-        raise ConfigError(f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
-                          f"resume it with as many (this is {tr.dist.world_size})")
+        raise ConfigError(
+            f"checkpoint {directory} was written by {saved_world} data-parallel processes; "
+            f"resume it with as many (this is {tr.dist.world_size})"
+        )
     try:
         step, cursor, order = int(st["step"]), int(st["cursor"]), st["order"]
         if not isinstance(order, torch.Tensor) or order.numel() != len(tr.train_set) or not 0 <= cursor <= len(order):
-            raise ValueError(f"data position (cursor {cursor}, order of {getattr(order, 'numel', lambda: '?')()} "
-                             f"prompts) does not fit this run's {len(tr.train_set)} training prompts")
+            raise ValueError(
+                f"data position (cursor {cursor}, order of {getattr(order, 'numel', lambda: '?')()} "
+                f"prompts) does not fit this run's {len(tr.train_set)} training prompts"
+            )
         if tr.fsdp:
             fsdp.load_optimizer_state(_state_root(tr), tr.opt, st["optimizer"])
         else:
@@ -228,13 +244,15 @@ def load_trainer(tr, directory) -> None:
         if tr.weights is not None:
             tr.weights.load_state_dict(st["weights"])
         # clone: a row of the stacked states is a view at an offset, which Generator.set_state misreads
-        tr.rollout_gen.set_state(st["rollout_gens"][tr.dist.rank].clone() if "rollout_gens" in st
-                                   else st["rollout_gen"])
+        tr.rollout_gen.set_state(
+            st["rollout_gens"][tr.dist.rank].clone() if "rollout_gens" in st else st["rollout_gen"]
+        )
         tr.data_gen.set_state(st["data_gen"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise CheckpointError(directory, f"its state does not fit this run ({type(e).__name__}: {e})") from None
     tr.step, tr.cursor, tr.order = step, cursor, order
     tr._sync_engine()
+
 
 def _state_root(tr) -> torch.nn.Module:
     """FSDP: one module holding every parameter the optimizer steps, for the full optimizer state dict."""

@@ -12,8 +12,17 @@ from daro_lab.record import mu_key
 
 
 @torch.no_grad()
-def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: int, batch_size: int = 256,
-             dist: DistInfo | None = None):
+def evaluate(
+    model,
+    engine,
+    tokenizer,
+    task,
+    problems: list,
+    cfg: Config,
+    seed: int,
+    batch_size: int = 256,
+    dist: DistInfo | None = None,
+):
     """(metrics, table): `eval/greedy_acc`, `eval/sampled_acc` and per level; one table row per level.
 
     greedy: one argmax response per prompt; sampled: the mean reward of `trainer.eval_samples`
@@ -36,8 +45,15 @@ def evaluate(model, engine, tokenizer, task, problems: list, cfg: Config, seed: 
         ids = tokenizer.encode_prompts([p.prompt for p in chunk])
         answers = [p.answer for p in chunk]
         for mode, n in (("greedy", 1), ("sampled", cfg.trainer.eval_samples)):
-            out = engine.generate(ids, n, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, generator=gen, greedy=mode == "greedy")
+            out = engine.generate(
+                ids,
+                n,
+                max_new_tokens=r.max_new_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                generator=gen,
+                greedy=mode == "greedy",
+            )
             texts = tokenizer.decode_responses(out.response_ids)
             rewards = task.reward_batch(texts, [a for a in answers for _ in range(n)])
             scores[mode] += [sum(rewards[i * n : (i + 1) * n]) / n for i in range(len(chunk))]
@@ -73,8 +89,9 @@ def start_distribution(tr) -> dict[str, float]:
     r = tr.cfg.rollout
     gen = torch.Generator().manual_seed(tr.cfg.seed + 104729)
     ids = tr.tokenizer.encode_prompts([p.prompt for p in tr.eval_set])
-    out = tr.engine.generate(ids, tr.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                               top_p=r.top_p, generator=gen)
+    out = tr.engine.generate(
+        ids, tr.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, generator=gen
+    )
     texts = tr.tokenizer.decode_responses(out.response_ids)
     answers = [p.answer for p in tr.eval_set for _ in range(tr.K)]
     k = torch.tensor(tr.task.reward_batch(texts, answers)).view(-1, tr.K).sum(1).round().long()

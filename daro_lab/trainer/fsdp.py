@@ -36,8 +36,10 @@ def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(policy, "_no_split_modules", None) or [])
     layers = [m for m in policy.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(policy).__name__} names no decoder layer class (_no_split_modules); "
-                         "FSDP needs one to shard the model layer by layer")
+        raise ValueError(
+            f"{type(policy).__name__} names no decoder layer class (_no_split_modules); "
+            "FSDP needs one to shard the model layer by layer"
+        )
     return layers
 
 
@@ -70,17 +72,22 @@ def model_state(root: torch.nn.Module, policy: torch.nn.Module) -> dict[str, Ten
     (torch's cpu_offload full state dicts live on rank 0 only)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                              broadcast_from_rank0=False))
+    sd = get_model_state_dict(
+        root, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+    )
     prefix = "policy."
     keep = {n for n, _ in policy.named_parameters()} | _persistent_buffers(policy)
-    return {k[len(prefix):]: v.contiguous() for k, v in sd.items() if k[len(prefix):] in keep}
+    return {k[len(prefix) :]: v.contiguous() for k, v in sd.items() if k[len(prefix) :] in keep}
 
 
 def _persistent_buffers(module: torch.nn.Module) -> set[str]:
     """Names of the buffers a state dict holds (not e.g. rotary inv_freq, which the model recomputes)."""
-    return {f"{prefix}.{name}" if prefix else name for prefix, m in module.named_modules()
-            for name, _ in m.named_buffers(recurse=False) if name not in m._non_persistent_buffers_set}
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, m in module.named_modules()
+        for name, _ in m.named_buffers(recurse=False)
+        if name not in m._non_persistent_buffers_set
+    }
 
 
 def load_model_state(root: torch.nn.Module, policy: torch.nn.Module, sd: dict[str, Tensor]) -> None:
@@ -94,9 +101,12 @@ def load_model_state(root: torch.nn.Module, policy: torch.nn.Module, sd: dict[st
     missing = canonical - sd.keys()
     unknown = sd.keys() - names
     if missing or unknown:
-        raise KeyError(f"checkpoint does not fit the policy: missing {sorted(missing)[:5]}, unexpected {sorted(unknown)[:5]}")
-    set_model_state_dict(root, {"policy." + k: v for k, v in sd.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+        raise KeyError(
+            f"checkpoint does not fit the policy: missing {sorted(missing)[:5]}, unexpected {sorted(unknown)[:5]}"
+        )
+    set_model_state_dict(
+        root, {"policy." + k: v for k, v in sd.items()}, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
 
 
 def optimizer_state(container: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

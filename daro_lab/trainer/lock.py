@@ -29,7 +29,11 @@ class RunLockedError(ConfigError):
 
 
 def _describe(info: dict) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"])) if isinstance(info.get("time"), (int, float)) else "?"
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"]))
+        if isinstance(info.get("time"), (int, float))
+        else "?"
+    )
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} (since {when})"
 
 
@@ -58,7 +62,8 @@ class RunLock:
                     continue
                 raise RunLockedError(
                     f"run {self.run_id} is being trained by another process, {_describe(info)} (lock {self.path}); "
-                    "a second writer would interleave its steps with that one's: stop it first") from None
+                    "a second writer would interleave its steps with that one's: stop it first"
+                ) from None
             try:  # the owner we waited for may have removed the file: lock the one at the path, not a stale inode
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -67,15 +72,18 @@ class RunLock:
                 break
             os.close(fd)
         else:
-            raise RunLockedError(f"run {self.run_id}: its lock {self.path} kept changing hands in 100 tries; another "
-                                 "process is taking it: stop it first")
+            raise RunLockedError(
+                f"run {self.run_id}: its lock {self.path} kept changing hands in 100 tries; another "
+                "process is taking it: stop it first"
+            )
         info = _read(fd)
         here = socket.gethostname()
         if info.get("host") not in (None, here) and not force:
             os.close(fd)
             raise RunLockedError(
                 f"run {self.run_id} is locked by {_describe(info)} (lock {self.path}); from this host ({here}) it "
-                "cannot be told whether that process still runs. If it does not, resume with --force")
+                "cannot be told whether that process still runs. If it does not, resume with --force"
+            )
         self.previous = info
         self._fd = self._replace(fd, {"pid": os.getpid(), "host": here, "time": time.time(), "run_id": self.run_id})
         return self

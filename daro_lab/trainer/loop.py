@@ -53,16 +53,21 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         if cfg.trainer.prompts_per_step < self.dist.world_size:
-            raise ConfigError(f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
-                              f"need at least one prompt per data-parallel rank ({self.dist.world_size})")
+            raise ConfigError(
+                f"config key 'trainer.prompts_per_step' = {cfg.trainer.prompts_per_step}: "
+                f"need at least one prompt per data-parallel rank ({self.dist.world_size})"
+            )
         self.shard = dp.loss_shard(self.dist)
         self.device = torch.device(cfg.trainer.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cuda" and (not torch.cuda.is_available()
-                                           or (self.device.index or 0) >= torch.cuda.device_count()):
-            raise ConfigError(f"config key 'trainer.device' = {cfg.trainer.device!r}: no such CUDA device here "
-                              f"({torch.cuda.device_count()} visible)")
+        if self.device.type == "cuda" and (
+            not torch.cuda.is_available() or (self.device.index or 0) >= torch.cuda.device_count()
+        ):
+            raise ConfigError(
+                f"config key 'trainer.device' = {cfg.trainer.device!r}: no such CUDA device here "
+                f"({torch.cuda.device_count()} visible)"
+            )
         torch.manual_seed(cfg.seed)
         # frozen weights from a file: read (and refused, naming key and file) before the model's minutes of set-up
         static = build_static_weights(cfg) if METHODS[cfg.algo.method].weights == "frozen" else None
@@ -76,9 +81,14 @@ class Trainer:
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
         self.settings = LossSettings(
-            eps_low=cfg.algo.eps_low, eps_high=cfg.algo.eps_high, dual_clip=cfg.algo.dual_clip,
-            kl_beta=cfg.algo.kl_beta, max_response_length=cfg.rollout.max_new_tokens,
-            weight_signal=cfg.algo.daro.signal, reg=cfg.algo.daro.reg, signal_ema=cfg.algo.daro.signal_ema,
+            eps_low=cfg.algo.eps_low,
+            eps_high=cfg.algo.eps_high,
+            dual_clip=cfg.algo.dual_clip,
+            kl_beta=cfg.algo.kl_beta,
+            max_response_length=cfg.rollout.max_new_tokens,
+            weight_signal=cfg.algo.daro.signal,
+            reg=cfg.algo.daro.reg,
+            signal_ema=cfg.algo.daro.signal_ema,
         )
         d = cfg.algo.daro
         self.weights: DaroWeights | None = None
@@ -87,8 +97,14 @@ class Trainer:
             if self.method.weights == "frozen":
                 self.weights.load_values(static)
                 self.weights.requires_grad_(False)
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": cfg.trainer.lr,
-                   "weight_decay": cfg.trainer.weight_decay, "name": "policy"}]
+        groups = [
+            {
+                "params": [p for p in self.model.parameters() if p.requires_grad],
+                "lr": cfg.trainer.lr,
+                "weight_decay": cfg.trainer.weight_decay,
+                "name": "policy",
+            }
+        ]
         if self.weights is not None and self.method.weights == "learned":
             groups.append(self.weights.param_group(d.lr_w))
         self.opt = torch.optim.AdamW(groups, lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas))
@@ -132,8 +148,14 @@ class Trainer:
         """K responses per problem, scored: (rollout, rewards [P, K], response texts)."""
         r = self.cfg.rollout
         ids = self.tokenizer.encode_prompts([p.prompt for p in problems])
-        batch = self.engine.generate(ids, self.K, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, generator=self.rollout_gen)
+        batch = self.engine.generate(
+            ids,
+            self.K,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            generator=self.rollout_gen,
+        )
         texts = self.tokenizer.decode_responses(batch.response_ids)
         answers = [p.answer for p in problems for _ in range(self.K)]
         rewards = torch.tensor(self.task.reward_batch(texts, answers), dtype=torch.float32).view(-1, self.K)
@@ -154,8 +176,11 @@ class Trainer:
             b, r, tx = self.generate(probs[dp.split(len(probs), self.dist)])  # this rank's slice
             if self.dist.enabled:  # every rank gets the whole batch, in prompt order
                 parts = dp.gather_objects((b, r, tx), self.dist)
-                b, r, tx = RolloutBatch.concat([x[0] for x in parts], self.tokenizer.pad_token_id), torch.cat([x[1] for x in parts]), \
-                    [t for x in parts for t in x[2]]
+                b, r, tx = (
+                    RolloutBatch.concat([x[0] for x in parts], self.tokenizer.pad_token_id),
+                    torch.cat([x[1] for x in parts]),
+                    [t for x in parts for t in x[2]],
+                )
             rollouts.append(b), rewards.append(r), problems.extend(probs), texts.extend(tx)
             n_batches += 1
             n_kept += int(kept_prompts(r).sum())
@@ -179,14 +204,23 @@ class Trainer:
         if self.weights is not None and self.method.weights == "learned":
             m["lr/weights"] = self._group("daro_weights")["lr"]
         dt = time.perf_counter() - t0
-        m.update({"time/generate": t_gen, "time/old_logprobs": t_old, "time/update": t_upd, "time/step": dt,
-                  "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9),
-                  "perf/threads": torch.get_num_threads()})  # the run's count, unless other code changed it
+        m.update(
+            {
+                "time/generate": t_gen,
+                "time/old_logprobs": t_old,
+                "time/update": t_upd,
+                "time/step": dt,
+                "perf/tokens_per_s": float(roll.response_mask.sum()) / max(dt, 1e-9),
+                "perf/threads": torch.get_num_threads(),
+            }
+        )  # the run's count, unless other code changed it
         for h in self.hooks:
             h.on_step_end(step, dict(m))
         return m
 
-    def update(self, step: int, roll: RolloutBatch, rewards: torch.Tensor) -> tuple[list[dict[str, float]], float, float]:
+    def update(
+        self, step: int, roll: RolloutBatch, rewards: torch.Tensor
+    ) -> tuple[list[dict[str, float]], float, float]:
         """The policy (and DARO weights) update of one step on its scored rollouts, rewards [P, K].
 
         Keeps the prompts with 0 < mu < 1 (at most N), computes their advantages once, plans the mini-batches
@@ -201,8 +235,13 @@ class Trainer:
         if not len(kept):
             return [], 0.0, 0.0
         adv = compute_advantages(rewards[kept], self.method.advantage, cfg.algo.std, cfg.algo.adv_eps)  # [P, K]
-        plans = plan_minibatches(len(kept), cfg.trainer.mini_batch_prompts, cfg.trainer.micro_batch_prompts,
-                                 self.dist.world_size, self.dist.rank)
+        plans = plan_minibatches(
+            len(kept),
+            cfg.trainer.mini_batch_prompts,
+            cfg.trainer.micro_batch_prompts,
+            self.dist.world_size,
+            self.dist.rank,
+        )
         t1 = time.perf_counter()
         with torch.no_grad():  # every pass's old (off-policy) and reference log-probs, before any update
             passes = [[self._pass(roll, rewards, kept, adv, p, plan.on_policy) for p in plan.passes] for plan in plans]
@@ -212,16 +251,26 @@ class Trainer:
         self._sync_engine()  # the next generation samples from the updated policy
         return out, t_old, time.perf_counter() - t2
 
-    def _pass(self, roll: RolloutBatch, rewards: torch.Tensor, kept: torch.Tensor, adv: torch.Tensor, p: PassPlan,
-              on_policy: bool) -> Pass:
+    def _pass(
+        self,
+        roll: RolloutBatch,
+        rewards: torch.Tensor,
+        kept: torch.Tensor,
+        adv: torch.Tensor,
+        p: PassPlan,
+        on_policy: bool,
+    ) -> Pass:
         """The data of one planned pass: its rows, advantages and rewards, old and reference log-probs (no grad).
         A filler pass (this rank holds fewer prompts than another) has rows without tokens: its forwards keep the
         collectives in step and count for nothing."""
         K = self.K
         if p.filler:
             first = roll.rows(torch.arange(K) + K * int(kept[p.first]))
-            rows = dataclasses.replace(first, response_mask=torch.zeros_like(first.response_mask),
-                                       prompt_index=torch.full_like(first.prompt_index, -1))
+            rows = dataclasses.replace(
+                first,
+                response_mask=torch.zeros_like(first.response_mask),
+                prompt_index=torch.full_like(first.prompt_index, -1),
+            )
             adv_p, rewards_p = torch.zeros(1, K), torch.zeros(1, K)
         else:
             prompts = kept[p.positions]
@@ -238,9 +287,17 @@ class Trainer:
         cfg, K = self.cfg, self.K
         self.model.train()
         every = cfg.trainer.grad_norm_every
-        r = backward_minibatch(cfg.algo.method, passes, K, self.settings, self.shard, self.runtime, self.weights,
-                               measure_groups=index == 0 and every > 0 and (step % every == 0 or step == 1),
-                               cosines=cfg.trainer.grad_cosines)
+        r = backward_minibatch(
+            cfg.algo.method,
+            passes,
+            K,
+            self.settings,
+            self.shard,
+            self.runtime,
+            self.weights,
+            measure_groups=index == 0 and every > 0 and (step % every == 0 or step == 1),
+            cosines=cfg.trainer.grad_cosines,
+        )
         metrics = r.metrics
         if index == 0:  # on-policy: the trainer's log-probs are the sampler's, up to the engine's numerics
             metrics.update(engine_gap(r.batch, [p.rows.logprobs for p in passes], self.dist))
@@ -257,8 +314,19 @@ class Trainer:
             metrics.update(self.weights.project_())
             self.weights.set_state(r.daro_state)  # the signal's EMA and the running regulariser constant
         b, factor = self._whole_minibatch(r.batch, r.factor)
-        view = MiniBatchView(step, index, K, b.logp.detach(), b.old_logp.detach(), b.mask, b.advantages,
-                             b.num_correct, b.prompt_index, metrics, factor)
+        view = MiniBatchView(
+            step,
+            index,
+            K,
+            b.logp.detach(),
+            b.old_logp.detach(),
+            b.mask,
+            b.advantages,
+            b.num_correct,
+            b.prompt_index,
+            metrics,
+            factor,
+        )
         for h in self.hooks:
             h.on_minibatch(view)
         return metrics
@@ -274,14 +342,23 @@ class Trainer:
         whole = cat_batches([PolicyBatch(**d) for d, _ in parts])
         g = pad_cat([f for _, f in parts])
         real = whole.prompt_index >= 0
-        return PolicyBatch(**{k: (v[real] if isinstance(v, torch.Tensor) else v)
-                              for k in fields for v in [getattr(whole, k)]}), g[real]
+        return PolicyBatch(
+            **{k: (v[real] if isinstance(v, torch.Tensor) else v) for k in fields for v in [getattr(whole, k)]}
+        ), g[real]
 
     # -- evaluation and state -----------------------------------------------------------------
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
-        m, table = evaluate(self.generation_model, self.engine, self.tokenizer, self.task, self.eval_set, self.cfg,
-                            seed=self.cfg.seed + 7919 * (self.step + 1), dist=self.dist)
+        m, table = evaluate(
+            self.generation_model,
+            self.engine,
+            self.tokenizer,
+            self.task,
+            self.eval_set,
+            self.cfg,
+            seed=self.cfg.seed + 7919 * (self.step + 1),
+            dist=self.dist,
+        )
         for h in self.hooks:
             h.on_eval(self.step, m, table)
         return m, table

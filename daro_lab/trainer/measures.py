@@ -48,5 +48,7 @@ def engine_gap(b: PolicyBatch, engine_logprobs: list[torch.Tensor], dist: dp.Dis
     top = gap.max().double() if gap.numel() else torch.zeros((), dtype=torch.float64, device=gap.device)
     if dist.enabled:
         stats, top = dp.all_reduce(stats), dp.all_reduce(top, "max")
-    return {"rollout/engine_logprob_gap_mean": float(stats[0] / stats[1].clamp(min=1)),
-            "rollout/engine_logprob_gap_max": float(top)}
+    return {
+        "rollout/engine_logprob_gap_mean": float(stats[0] / stats[1].clamp(min=1)),
+        "rollout/engine_logprob_gap_max": float(top),
+    }

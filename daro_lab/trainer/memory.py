@@ -89,8 +89,10 @@ def architecture(cfg: Config):
         where = f"{m.arch_file}" + (f" (model.path {m.path} is not here)" if m.path else "")
         return load_arch_file(m.arch_file), where
     if m.path:
-        raise ConfigError(f"model.path {m.path!r} has no config.json here and model.arch_file is empty: "
-                          "nothing to build the architecture from")
+        raise ConfigError(
+            f"model.path {m.path!r} has no config.json here and model.arch_file is empty: "
+            "nothing to build the architecture from"
+        )
     from daro_lab.models.tiny import tiny_config
     from daro_lab.models.tokenizer import CharTokenizer
 
@@ -209,8 +211,14 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         g["unsharded_in_flight"] = a * (embedding_params + 2 * layer_params)
     if cfg.algo.kl_beta > 0:
         g["reference_model"] = params * a / (gpus if fsdp else 1)
-    static = g["weights"] + g["adamw_states_fp32"] + g.get("reference_model", 0) + g.get("generation_copy", 0) \
-        + g.get("unsharded_in_flight", 0) + g.get("vllm_reserved", 0)
+    static = (
+        g["weights"]
+        + g["adamw_states_fp32"]
+        + g.get("reference_model", 0)
+        + g.get("generation_copy", 0)
+        + g.get("unsharded_in_flight", 0)
+        + g.get("vllm_reserved", 0)
+    )
 
     def update_peak(ckpt: bool, chunked: bool) -> float:
         """Weights + optimizer states + the larger of two phases: the end of the forward / start of backward
@@ -229,28 +237,61 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS, gpus: int = 1) -> Memo
         notes.append(f"responses of {T} tokens leave no room for a prompt in the model's {max_pos} positions")
     # sequences of one pass that would fit: what a sequence adds to the larger phase, against what is left
     lg = LOGIT_BYTES * V * (T if not cfg.model.logprob_chunk_size else 0)
-    per_seq = (a * h * L * S + per_tok_layer * S if cfg.model.gradient_checkpointing else per_tok_layer * L * (T + prompt_tokens / K)) + lg
+    per_seq = (
+        a * h * L * S + per_tok_layer * S
+        if cfg.model.gradient_checkpointing
+        else per_tok_layer * L * (T + prompt_tokens / K)
+    ) + lg
     fixed = static + out_grad + (logits_chunk if cfg.model.logprob_chunk_size else 0)
     free = GPU_GIB * GIB - max(fixed, static + g["gradients"])
     fit = int(free // per_seq) if free > 0 and per_seq > 0 else 0
     static_all = static + g["gradients"]
     if static_all > GPU_GIB * GIB:
-        notes.append(f"weights, gradients and AdamW states alone ({static_all / GIB:.0f} GiB) exceed one {GPU_GIB:.0f} GiB GPU: "
-                     "this model needs them sharded over GPUs (trainer.parallel = 'fsdp' under torchrun; plan it with --gpus N)")
+        notes.append(
+            f"weights, gradients and AdamW states alone ({static_all / GIB:.0f} GiB) exceed one {GPU_GIB:.0f} GiB GPU: "
+            "this model needs them sharded over GPUs (trainer.parallel = 'fsdp' under torchrun; plan it with --gpus N)"
+        )
     elif g["update_peak_as_configured"] > GPU_GIB * GIB:
-        notes.append(f"one pass of {seqs} sequences does not fit one {GPU_GIB:.0f} GiB GPU; about {fit} sequences of "
-                     f"{S} tokens would: " + (f"set trainer.micro_batch_prompts to {fit // K} or less (gradient accumulation)"
-                                              if fit >= K else f"not even one prompt's {K} responses: shorten them "
-                                              "or shard over more GPUs"))
+        notes.append(
+            f"one pass of {seqs} sequences does not fit one {GPU_GIB:.0f} GiB GPU; about {fit} sequences of "
+            f"{S} tokens would: "
+            + (
+                f"set trainer.micro_batch_prompts to {fit // K} or less (gradient accumulation)"
+                if fit >= K
+                else f"not even one prompt's {K} responses: shorten them or shard over more GPUs"
+            )
+        )
     if not vllm and kv_cache > GPU_GIB * GIB - g["weights"]:
         notes.append(f"the rollout KV cache of {gen_seqs} sequences at once exceeds one GPU: generation needs batching")
     if dtype == "bfloat16" and cfg.trainer.lr < 1e-4 and not mixed:
-        notes.append(f"bf16 parameters updated in place by torch AdamW (bf16 states): steps of lr {cfg.trainer.lr:g} "
-                     "are below bf16 resolution (~0.4% of a weight) and mostly round away; set "
-                     "trainer.mixed_precision = true (fp32 master weights)")
-    return MemoryPlan(type(model).__name__, source, params, embedding_params, tied, V, h, L, heads, kvh, inter,
-                      int(getattr(hf, "max_position_embeddings", 0) or 0), dtype, seqs, S, resp_tokens,
-                      {k: v / GIB for k, v in g.items()}, notes, gpus, fsdp, mixed)
+        notes.append(
+            f"bf16 parameters updated in place by torch AdamW (bf16 states): steps of lr {cfg.trainer.lr:g} "
+            "are below bf16 resolution (~0.4% of a weight) and mostly round away; set "
+            "trainer.mixed_precision = true (fp32 master weights)"
+        )
+    return MemoryPlan(
+        type(model).__name__,
+        source,
+        params,
+        embedding_params,
+        tied,
+        V,
+        h,
+        L,
+        heads,
+        kvh,
+        inter,
+        int(getattr(hf, "max_position_embeddings", 0) or 0),
+        dtype,
+        seqs,
+        S,
+        resp_tokens,
+        {k: v / GIB for k, v in g.items()},
+        notes,
+        gpus,
+        fsdp,
+        mixed,
+    )
 
 
 def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
@@ -262,7 +303,8 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         + (f", lr_w {cfg.algo.daro.lr_w:g}" if cfg.algo.method == "daro" else "")
         + f", eps {cfg.algo.eps_low:g}/{cfg.algo.eps_high:g}, kl {cfg.algo.kl_beta:g}"
         + (f", dynamic sampling up to {t.dynamic_sampling_max_batches} batches" if t.dynamic_sampling else ""),
-        f"  task {cfg.task.name}" + (f", train {cfg.task.train_file}" if cfg.task.train_file else "")
+        f"  task {cfg.task.name}"
+        + (f", train {cfg.task.train_file}" if cfg.task.train_file else "")
         + f", template {cfg.model.prompt_template!r}",
         f"  model {p.model_class} from {p.source}",
         f"  parameters {_count(p.params)} (embeddings {_count(p.embedding_params)}, tied: {'yes' if p.tied else 'no'}), "
@@ -292,7 +334,9 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         "update_peak_no_ckpt_unchunked": "update peak, neither",
     }
     for key, v in p.gib.items():
-        label = labels.get(key) or key.replace("logits_chunked_", "log-prob logits, chunks of ") + (" tokens" if key.startswith("logits_chunked_") else "")
+        label = labels.get(key) or key.replace("logits_chunked_", "log-prob logits, chunks of ") + (
+            " tokens" if key.startswith("logits_chunked_") else ""
+        )
         lines.append(f"    {label:58s} {v:12.2f}")
     for n in p.notes:
         lines.append(f"  note: {n}")
@@ -315,8 +359,15 @@ def dry_run(cfg: Config, config_path: Any = None, gpus: int = 1) -> tuple[Memory
     """
     p = plan(cfg, gpus=gpus)
     text = format_plan(p, cfg, config_path)
-    missing = [f"{k} {v}" for k, v in (("model.path", cfg.model.path), ("task.train_file", cfg.task.train_file),
-                                        ("task.eval_file", cfg.task.eval_file)) if v and not Path(v).exists()]
+    missing = [
+        f"{k} {v}"
+        for k, v in (
+            ("model.path", cfg.model.path),
+            ("task.train_file", cfg.task.train_file),
+            ("task.eval_file", cfg.task.eval_file),
+        )
+        if v and not Path(v).exists()
+    ]
     missing += [f"benchmark {b}" for b in cfg.eval.benchmarks if not Path(b.partition("=")[2]).exists()]
     if missing:
         text += "\n  not on this machine (needed to train): " + "; ".join(missing)

@@ -46,13 +46,16 @@ class MiniBatchPlan:
         return self.index == 0
 
 
-def plan_minibatches(P: int, mini_batch_prompts: int, micro_batch_prompts: int = 0, world_size: int = 1,
-                     rank: int = 0) -> list[MiniBatchPlan]:
+def plan_minibatches(
+    P: int, mini_batch_prompts: int, micro_batch_prompts: int = 0, world_size: int = 1, rank: int = 0
+) -> list[MiniBatchPlan]:
     """The mini-batches of a step with P kept prompts, and this rank's passes in each (module docstring).
     micro_batch_prompts 0: a rank's whole share in one pass."""
     if mini_batch_prompts < 1 or micro_batch_prompts < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad plan: mini_batch_prompts={mini_batch_prompts}, micro_batch_prompts="
-                         f"{micro_batch_prompts}, world_size={world_size}, rank={rank}")
+        raise ValueError(
+            f"bad plan: mini_batch_prompts={mini_batch_prompts}, micro_batch_prompts="
+            f"{micro_batch_prompts}, world_size={world_size}, rank={rank}"
+        )
     plans = []
     for index, start in enumerate(range(0, P, mini_batch_prompts)):
         positions = torch.arange(start, min(start + mini_batch_prompts, P))

@@ -47,8 +47,9 @@ class Policy:
         # engine generates from `gen`, a copy in model.dtype (FSDP needs one in any case: ranks generate out of
         # step); vLLM holds its own copy, synced from the masters (shards gathered one by one)
         self.compute = next(model.parameters()).dtype
-        mixed, copy_for_engine = precision_plan(self.compute == torch.float32, cfg.trainer.mixed_precision, self.fsdp,
-                                                cfg.rollout.engine)
+        mixed, copy_for_engine = precision_plan(
+            self.compute == torch.float32, cfg.trainer.mixed_precision, self.fsdp, cfg.rollout.engine
+        )
         self.gen = GenerationCopy(model, self.compute) if copy_for_engine else None
         self.autocast = None  # the compute dtype of the policy's forwards under autocast (fp32 masters)
         if self.fsdp:
@@ -85,9 +86,15 @@ class Policy:
             fn = partial(sequence_logprobs, model)
         mixed = self.autocast is not None and not ref
         with torch.autocast(self.device.type, dtype=self.autocast) if mixed else contextlib.nullcontext():
-            return fn(s.prompt_ids, s.prompt_mask, s.response_ids, s.response_mask,
-                      temperature=self.cfg.rollout.temperature, group_size=self.K,
-                      chunk_size=self.cfg.model.logprob_chunk_size or None)  # 0: unchunked
+            return fn(
+                s.prompt_ids,
+                s.prompt_mask,
+                s.response_ids,
+                s.response_mask,
+                temperature=self.cfg.rollout.temperature,
+                group_size=self.K,
+                chunk_size=self.cfg.model.logprob_chunk_size or None,
+            )  # 0: unchunked
 
     def no_sync(self, skip: bool):
         """DDP: no gradient all-reduce in this backward (accumulating); otherwise a no-op context."""

@@ -115,8 +115,10 @@ def _claim(uri: str, run_id: str, force: bool):
     cfg = config_of_run(store, run_id)
     run = store.run(run_id)
     if run.info.status == "FINISHED":
-        raise ConfigError(f"run {run_id!r} is FINISHED: there is nothing to resume (its config and final checkpoint "
-                          "stay as they are); start a new run to train more")
+        raise ConfigError(
+            f"run {run_id!r} is FINISHED: there is nothing to resume (its config and final checkpoint "
+            "stay as they are); start a new run to train more"
+        )
     tag = run.data.tags.get(TAG_CKPT)
     # the root the run recorded when it started: resuming from another directory must not move it
     root = Path(tag) if tag else Path(cfg.trainer.checkpoint_dir).resolve() / run_id
@@ -127,8 +129,11 @@ def _claim(uri: str, run_id: str, force: bool):
         lock.release()
         raise
     if run.info.status == "RUNNING" and lock.previous:
-        print(f"run {run_id} was left RUNNING by pid {lock.previous.get('pid')} on {lock.previous.get('host')}, "
-              "which has ended; continuing it", file=sys.stderr)
+        print(
+            f"run {run_id} was left RUNNING by pid {lock.previous.get('pid')} on {lock.previous.get('host')}, "
+            "which has ended; continuing it",
+            file=sys.stderr,
+        )
     return cfg, root, lock, ckpt
 
 
@@ -147,9 +152,13 @@ def _resume_checkpoint(store, run, cfg: Config, root: Path) -> Path | None:
             f"run {run.info.run_id} saved checkpoints (the last at step {saved}) under {root}, but none is there "
             f"(looked for {root / 'latest'} and {root}/step_NNNNNN folders holding model.safetensors and state.pt); "
             "move the folder back (or copy a checkpoint into it) and resume again: restarting from step 0 would "
-            "drop what the run recorded. The run is unchanged")
-    print(f"run {run.info.run_id} never wrote a checkpoint (none under {root}): it restarts from step 0, and what "
-          "it logged is redone", file=sys.stderr)
+            "drop what the run recorded. The run is unchanged"
+        )
+    print(
+        f"run {run.info.run_id} never wrote a checkpoint (none under {root}): it restarts from step 0, and what "
+        "it logged is redone",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -164,8 +173,19 @@ def _saved_step(store, run, cfg: Config) -> int | None:
     return every if every and logged is not None and logged > every else None
 
 
-def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | None, root: Path | None, lock, hooks,
-             progress: bool, parent_run_id: str | None, tags: dict | None) -> str:
+def _tracked(
+    trainer: Trainer,
+    d,
+    uri: str,
+    resume: str | None,
+    ckpt: Path | None,
+    root: Path | None,
+    lock,
+    hooks,
+    progress: bool,
+    parent_run_id: str | None,
+    tags: dict | None,
+) -> str:
     """Start or reopen the MLflow run and train to the end, leaving the run FINISHED, KILLED or FAILED."""
     from daro_lab.tracking import Tracker
 
@@ -182,11 +202,21 @@ def _tracked(trainer: Trainer, d, uri: str, resume: str | None, ckpt: Path | Non
                     # no checkpoint: the run starts over, and everything it logged is dropped (-1)
                     tracker = Tracker.resume(uri, resume, truncate_after_step=trainer.step if ckpt is not None else -1)
                 elif d.is_main:
-                    tracker = Tracker.start(uri, cfg.tracking.experiment, _run_name(cfg), cfg.flat(), cfg.to_json(),
-                                            tags={"daro_lab.method": cfg.algo.method, "daro_lab.seed": cfg.seed,
-                                                  "daro_lab.world_size": d.world_size, **_dropped_tag(trainer),
-                                                  **(tags or {})},
-                                            parent_run_id=parent_run_id)
+                    tracker = Tracker.start(
+                        uri,
+                        cfg.tracking.experiment,
+                        _run_name(cfg),
+                        cfg.flat(),
+                        cfg.to_json(),
+                        tags={
+                            "daro_lab.method": cfg.algo.method,
+                            "daro_lab.seed": cfg.seed,
+                            "daro_lab.world_size": d.world_size,
+                            **_dropped_tag(trainer),
+                            **(tags or {}),
+                        },
+                        parent_run_id=parent_run_id,
+                    )
                 run_id = dp.broadcast_object(tracker.run_id if tracker else None, d)
                 root = Path(root) if root is not None else Path(cfg.trainer.checkpoint_dir).resolve() / run_id
                 if d.is_main and lock is None:  # a new run: its lock is taken here, and released below
@@ -256,8 +286,11 @@ def _log_start(trainer: Trainer, tracker) -> None:
         tracker.log_dict(info, "warmstart.json")
     hist = start_distribution(trainer)
     tracker.log_metrics({f"start/prompts/{k}": v for k, v in hist.items()}, 0)
-    tracker.log_table("start_mu_hist", [{"k": int(k.split("_")[1].split("of")[0]), "K": trainer.K,
-                                         "prompts": v} for k, v in hist.items()], 0)
+    tracker.log_table(
+        "start_mu_hist",
+        [{"k": int(k.split("_")[1].split("of")[0]), "K": trainer.K, "prompts": v} for k, v in hist.items()],
+        0,
+    )
 
 
 def _save(trainer: Trainer, root: Path, run_id: str, tracker=None) -> Path | None:
@@ -271,15 +304,17 @@ def _save(trainer: Trainer, root: Path, run_id: str, tracker=None) -> Path | Non
     return d
 
 
-def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSignals, state: _Progress,
-          tracker=None) -> None:
+def _loop(
+    trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSignals, state: _Progress, tracker=None
+) -> None:
     t = trainer.cfg.trainer
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=trainer.step, desc=_run_name(trainer.cfg), file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps, initial=trainer.step, desc=_run_name(trainer.cfg), file=sys.stderr, dynamic_ncols=True
+        )
     acc = float("nan")
     while trainer.step < t.steps:
         state.boundary = None  # from here until the step's evaluation and checkpoint are done, a stop discards it
@@ -294,7 +329,9 @@ def _loop(trainer: Trainer, run_id: str, root: Path, progress: bool, sig: StopSi
             state.saved = step
         state.boundary = step
         if bar is not None:
-            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{acc:.3f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
+            bar.set_postfix(
+                reward=f"{m['reward/mean']:.3f}", acc=f"{acc:.3f}", s_per_step=f"{time.perf_counter() - t0:.2f}"
+            )
             bar.update(1)
         if not last:
             sig.check()  # a stop asked for during the step (the first Ctrl-C) happens here

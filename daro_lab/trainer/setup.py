@@ -95,9 +95,14 @@ def build_engine(cfg: Config, model, tokenizer, dtype=None):
         from daro_lab.rollout.vllm_engine import VLLMEngine, VLLMNotInstalledError, VLLMUnsupportedModelError
 
         try:  # colocated: vLLM is built from the live policy and receives its weights after every update
-            return VLLMEngine(model, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
-                              gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
-                              dtype=str(dtype).removeprefix("torch.") if dtype is not None else None)
+            return VLLMEngine(
+                model,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                seed=cfg.seed,
+                gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
+                dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+            )
         except (VLLMNotInstalledError, VLLMUnsupportedModelError) as e:
             raise ConfigError(f"config key 'rollout.engine': {e}") from e
     raise ConfigError(f"config key 'rollout.engine': expected 'hf' or 'vllm', got {cfg.rollout.engine!r}")
@@ -112,8 +117,10 @@ def static_shape_weights(method: str, K: int) -> dict[int, float]:
     Dr. GRPO and LIPO give w proportional to sqrt(mu(1-mu)). No frozen weights reproduce a baseline
     itself: a baseline weighs each group by its number of prompts, which changes every step.
     """
-    shape = [float(static_shape(method, k / K, n_prompts=1, sigma_batch=1.0)) / (2 * math.sqrt(k / K * (1 - k / K)))
-             for k in range(1, K)]
+    shape = [
+        float(static_shape(method, k / K, n_prompts=1, sigma_batch=1.0)) / (2 * math.sqrt(k / K * (1 - k / K)))
+        for k in range(1, K)
+    ]
     mean = sum(shape) / len(shape)
     return {k: v / mean for k, v in enumerate(shape, start=1)}
 
@@ -158,8 +165,10 @@ def build_static_weights(cfg: Config) -> dict[int, float]:
         except ValueError:
             raise ConfigError(f"{where}: key {key!r} is not a number of right answers k") from None
         if not 1 <= k <= K - 1:
-            raise ConfigError(f"{where}: key {key!r} is outside k = 1..{K - 1} (K = rollout.num_responses = {K}): "
-                              "weights of a run with another K?")
+            raise ConfigError(
+                f"{where}: key {key!r} is outside k = 1..{K - 1} (K = rollout.num_responses = {K}): "
+                "weights of a run with another K?"
+            )
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"{where}: the weight of k = {key} must be a finite number > 0, got {v!r}")
         weights[k] = float(v)

@@ -79,9 +79,17 @@ class MinibatchResult:
 Pick = Callable[[LossTerms], torch.Tensor]
 
 
-def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: LossSettings, shard: Shard,
-                       runtime: Runtime, weights=None, measure_groups: bool = False,
-                       cosines: bool = True) -> MinibatchResult:
+def backward_minibatch(
+    method: str,
+    passes: Sequence[Any],
+    K: int,
+    settings: LossSettings,
+    shard: Shard,
+    runtime: Runtime,
+    weights=None,
+    measure_groups: bool = False,
+    cosines: bool = True,
+) -> MinibatchResult:
     """The exact update of one mini-batch given as `passes` (this rank's; every rank calls it with as many):
     leaves the gradient of the whole mini-batch's loss (this rank's share, DDP-summed) in .grad.
 
@@ -97,8 +105,9 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
 
     def terms(b: PolicyBatch, totals: Totals, group_norms) -> LossTerms:
         w = weights() if weights is not None else None  # a fresh graph for each backward
-        return loss_terms(method, b, K, settings, weights=w, group_grad_norms=group_norms, totals=totals,
-                          daro_state=state)
+        return loss_terms(
+            method, b, K, settings, weights=w, group_grad_norms=group_norms, totals=totals, daro_state=state
+        )
 
     kept = None  # one pass: its batch with the graph, shared by the totals, the norms and the backward
     if M == 1:
@@ -108,8 +117,10 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
     else:
         reads_loss = spec.weights != "none"  # DARO's signal (and its record on the frozen path) reads L_mu
         with torch.no_grad():
-            totals = Totals.combine([batch_totals(runtime.batch(p, forward=reads_loss), K, settings,
-                                                  with_loss=reads_loss) for p in passes], shard)
+            totals = Totals.combine(
+                [batch_totals(runtime.batch(p, forward=reads_loss), K, settings, with_loss=reads_loss) for p in passes],
+                shard,
+            )
 
     def vectors(picks: list[Pick], group_norms, t1: LossTerms | None = None) -> list[torch.Tensor]:
         """The whole mini-batch's gradient of pick(terms) for each pick: from the kept graph, or M passes each."""
@@ -134,18 +145,26 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
     group_norms = None  # DARO's 'grad' reading: [K-1] ||grad L_mu||, measured with the signal zeroed
     if spec.weights == "learned" and settings.weight_signal == "grad":
         dev = kept.logp.device if kept is not None else totals.tokens.device
-        group_norms = torch.tensor(norms([_pick("group_loss", kk) for kk in range(1, K)],
-                                         torch.zeros(K - 1, device=dev)), device=dev)
+        group_norms = torch.tensor(
+            norms([_pick("group_loss", kk) for kk in range(1, K)], torch.zeros(K - 1, device=dev)), device=dev
+        )
     t1 = terms(kept, totals, group_norms) if kept is not None else None
     present = t1.present if t1 is not None else (totals.tokens > 0)  # [K+1]; t1's is the interior groups'
     ks = [kk for kk in range(1, K) if bool(present[kk])]
     geometry = {}
     if measure_groups and ks:  # before the update's backward (M passes zero the gradients; one pass keeps its graph)
         C = [_pick("contrib", kk) for kk in ks]
-        geometry = (group_geometry(runtime.gram(vectors(C, group_norms, t1)), ks, K) if cosines
-                    else {f"gradnorm/{mu_key(kk, K)}": v for kk, v in zip(ks, norms(C, group_norms, t1))})
-        geometry.update({f"gradnorm_L/{mu_key(kk, K)}": v for kk, v in
-                         zip(ks, norms([_pick("group_loss", kk) for kk in ks], group_norms, t1))})
+        geometry = (
+            group_geometry(runtime.gram(vectors(C, group_norms, t1)), ks, K)
+            if cosines
+            else {f"gradnorm/{mu_key(kk, K)}": v for kk, v in zip(ks, norms(C, group_norms, t1))}
+        )
+        geometry.update(
+            {
+                f"gradnorm_L/{mu_key(kk, K)}": v
+                for kk, v in zip(ks, norms([_pick("group_loss", kk) for kk in ks], group_norms, t1))
+            }
+        )
     runtime.zero_grad()
     out: list[tuple[LossTerms, PolicyBatch]] = []
     for i, p in enumerate(passes):
@@ -155,8 +174,13 @@ def backward_minibatch(method: str, passes: Sequence[Any], K: int, settings: Los
             runtime.backward(t.loss * world)  # this rank's share of the mini-batch's loss; DDP averages, so scale up
         out.append((t, dataclasses.replace(b, logp=b.logp.detach())))
     metrics = {**MetricSums.combine([t.stats for t, _ in out], shard).finish(), **geometry}
-    return MinibatchResult(metrics, out[0][0].present, cat_batches([b for _, b in out]),
-                           pad_cat([t.factor for t, _ in out]), out[0][0].daro_state)
+    return MinibatchResult(
+        metrics,
+        out[0][0].present,
+        cat_batches([b for _, b in out]),
+        pad_cat([t.factor for t, _ in out]),
+        out[0][0].daro_state,
+    )
 
 
 def group_geometry(gram: torch.Tensor, ks: list[int], K: int) -> dict[str, float]:
@@ -213,14 +237,20 @@ class PolicyRuntime:
         return next(g["params"] for g in self.opt.param_groups if g.get("name") == "policy")
 
     def batch(self, p: Pass, forward: bool = True) -> PolicyBatch:
-        logp = (self.policy.logprobs(p.rows) if forward
-                else torch.zeros(p.rows.response_mask.shape, device=self.device))  # [B, T]
+        logp = (
+            self.policy.logprobs(p.rows) if forward else torch.zeros(p.rows.response_mask.shape, device=self.device)
+        )  # [B, T]
         dev = logp.device
         k = p.rewards.sum(1).round().long().repeat_interleave(self.K).to(dev)  # filler rows: k = 0, no tokens
         return PolicyBatch(
-            logp=logp, old_logp=logp.detach() if p.old_logp is None else p.old_logp,
-            mask=p.rows.response_mask.to(dev, logp.dtype), advantages=p.advantages.flatten().to(dev), num_correct=k,
-            rewards=p.rewards.flatten().to(dev), prompt_index=p.rows.prompt_index.to(dev), ref_logp=p.ref_logp,
+            logp=logp,
+            old_logp=logp.detach() if p.old_logp is None else p.old_logp,
+            mask=p.rows.response_mask.to(dev, logp.dtype),
+            advantages=p.advantages.flatten().to(dev),
+            num_correct=k,
+            rewards=p.rewards.flatten().to(dev),
+            prompt_index=p.rows.prompt_index.to(dev),
+            ref_logp=p.ref_logp,
         )
 
     def no_sync(self, skip: bool):
@@ -234,8 +264,9 @@ class PolicyRuntime:
 
     def grad_vector(self) -> torch.Tensor:
         """Under FSDP this rank's shards (local tensors of the sharded gradients)."""
-        return torch.cat([_local(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                          for p in self.params])
+        return torch.cat(
+            [_local(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in self.params]
+        )
 
     def grad_vectors(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         params = self.params
@@ -262,8 +293,11 @@ class PolicyRuntime:
 
 def flat_grad(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     """d x / d params as one flat vector (zeros where x does not reach), keeping the graph."""
-    grads = (torch.autograd.grad(x, params, retain_graph=True, allow_unused=True) if x.requires_grad
-             else [None] * len(params))
+    grads = (
+        torch.autograd.grad(x, params, retain_graph=True, allow_unused=True)
+        if x.requires_grad
+        else [None] * len(params)
+    )
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
@@ -280,6 +314,7 @@ def pad_cat(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def cat_batches(bs: list[PolicyBatch]) -> PolicyBatch:
     """Concatenate policy batches over rows, right-padding the token dimension to the widest."""
+
     def cat(name):
         xs = [getattr(b, name) for b in bs]
         if xs[0] is None:
