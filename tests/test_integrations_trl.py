@@ -73,6 +73,10 @@ class SpyTrainer(DaroGRPOTrainer):
 
 def _trainer(tmp_path, loss_type, cls=SpyTrainer, **kw):
     model, tok, ds = _parts()
+    if kw.get("beta", 0.0) != 0.0:  # TRL loads the reference model from the policy's path: a local copy
+        ref = tmp_path / f"ref-{loss_type}"
+        model.save_pretrained(ref)
+        model.config._name_or_path = str(ref)
     args = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=16,
@@ -128,6 +132,7 @@ def _rebuilt(trainer, records) -> tuple[PolicyBatch, list[dict]]:
                 num_correct=k_of[prompt[n : n + B]],
                 rewards=r,
                 prompt_index=prompt[n : n + B],
+                ref_logp=None if x.get("ref_per_token_logps") is None else x["ref_per_token_logps"].float(),
             )
         )
         n += B
@@ -481,3 +486,34 @@ def test_trl_daro_runs_every_update_through_daro_labs_update_unit(tmp_path, monk
     for step, (_, _, total) in zip((1, 2), calls):
         losses = [r["loss"] for r in trainer.spy if r["step"] == step]
         assert losses[0] == 0.0 and losses[1] == pytest.approx(total, rel=1e-6)  # zero, then the update's loss
+
+
+def test_trl_kl_with_its_default_bias_correction_for_the_metrics_and_for_daro(tmp_path):
+    """beta > 0 under TRL 1.16's default use_bias_correction_kl=True (the KL times the differentiable ratio): the
+    per-mu accounting of a dapo run gives TRL's own loss (trl/loss = the sum of its micro-batch losses), and
+    loss_type='daro' trains with it, its update's loss daro-lab's one-pass loss with kl_ratio."""
+    dapo = _trainer(tmp_path, "dapo", beta=0.1, max_steps=2)
+    assert dapo.args.use_bias_correction_kl and dapo.daro_settings.kl_ratio and dapo.trl_terms_exact
+    dapo.train()
+    settings = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8, kl_beta=0.1, kl_ratio=True)
+    for step in (1, 2):
+        records = [r for r in dapo.spy if r["step"] == step]
+        logged, *_ = _check_update(dapo, step, "dapo", settings)
+        assert logged["trl/loss"] == pytest.approx(sum(r["loss"] for r in records), **TOL)  # TRL's own loss
+    daro = _trainer(
+        tmp_path,
+        "daro",
+        beta=0.1,
+        max_steps=1,
+        num_iterations=1,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        daro_lr_w=0.05,
+    )
+    daro.train()
+    batch, _ = _rebuilt(daro, [r for r in daro.spy if r["step"] == 1])
+    assert batch.ref_logp is not None
+    s = LossSettings(eps_low=0.2, eps_high=0.2, max_response_length=8, kl_beta=0.1, kl_ratio=True)
+    one_pass = loss_terms("daro", batch, K, s, weights=torch.ones(K - 1))
+    assert sum(r["loss"] for r in daro.spy if r["step"] == 1) == pytest.approx(float(one_pass.loss), **TOL)
+    assert any(abs(w - 1.0) > 1e-3 for w in daro.daro_weights.as_dict().values())

@@ -85,7 +85,7 @@ def naive_loss(method, rewards, mask, logp, old, ref, s: LossSettings, w=None, e
             v = torch.minimum(v, torch.tensor(-s.dual_clip * a, dtype=DT))
         if s.kl_beta > 0:
             d = ref[b, t] - logp[b, t]
-            v = v + s.kl_beta * (torch.exp(d) - d - 1)
+            v = v + s.kl_beta * (torch.exp(d) - d - 1) * (rho if s.kl_ratio else 1.0)
         return v
 
     resp = {}  # b -> list of token losses
@@ -152,12 +152,13 @@ SETTINGS = [
     LossSettings(max_response_length=9, dual_clip=3.0, kl_beta=0.05, weight_signal="mass", reg=0.1),
     LossSettings(max_response_length=7, eps_low=0.1, eps_high=0.4, weight_signal="signed"),
     LossSettings(max_response_length=7, dual_clip=1.5, weight_signal="mass", reg=2.0),
+    LossSettings(max_response_length=8, kl_beta=0.1, kl_ratio=True, reg=0.5),  # TRL's bias-corrected KL
 ]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("K", [2, 4, 8, 16])
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_vectorised_matches_naive_loop(method, K, seed):
     s = SETTINGS[seed % len(SETTINGS)]
     rewards, mask, logp0, old, ref = random_batch(P=6, K=K, T=7, seed=seed * 100 + K)
@@ -185,6 +186,25 @@ def test_vectorised_matches_naive_loop(method, K, seed):
         assert w_v.grad is None or torch.all(w_v.grad == 0)
     # the sum of the group contributions C_mu is the loss, exactly
     assert sum(group_keys(metrics, "contrib").values()) == pytest.approx(loss_v.item(), abs=1e-9)
+
+
+def test_bias_corrected_kl_changes_the_gradient_even_on_policy():
+    """kl_ratio multiplies the KL by pi/pi_old: on-policy its value is 1, the loss unchanged, its gradient not
+    (TRL's use_bias_correction_kl: d/dlogp of rho k3 = k3 + d k3/dlogp at rho = 1)."""
+    rewards, mask, logp0, _, ref = random_batch(P=6, K=4, T=5, seed=3, p_extreme=0)
+    grads, losses = [], []
+    for kl_ratio in (False, True):
+        logp = logp0.clone().requires_grad_()
+        s = LossSettings(kl_beta=0.2, kl_ratio=kl_ratio)
+        loss, _ = policy_loss("dapo", make_batch("dapo", rewards, mask, logp, logp0.clone(), ref), 4, s)
+        loss.backward()
+        grads.append(logp.grad.clone()), losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-12)
+    d = ref - logp0
+    k3 = (torch.exp(d) - d - 1) * mask
+    n_tok = (mask * (rewards.sum(1).repeat_interleave(4)[:, None] % 4 > 0)).sum()
+    kept = (rewards.sum(1) % 4 > 0).repeat_interleave(4)[:, None] * mask
+    torch.testing.assert_close(grads[1] - grads[0], 0.2 * k3 * kept / n_tok, atol=1e-9, rtol=1e-7)
 
 
 def test_daro_weight_gradient_is_signal_minus_inverse_weight():

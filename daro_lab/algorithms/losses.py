@@ -47,6 +47,8 @@ class LossSettings:
     eps_high: float = 0.28  # upper clip range (clip-higher)
     dual_clip: float | None = None  # dual-clip constant c > 1, or None
     kl_beta: float = 0.0  # coefficient of the k3 KL term
+    kl_ratio: bool = False  # the per-token KL times the importance ratio pi/pi_old, differentiable: the unbiased
+    # reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default in TRL 1.16)
     max_response_length: int = 0  # Dr. GRPO's constant normaliser L_max (0: the batch's T)
     weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed', 'grad' or 'mass' (see SIGNALS)
     reg: float | str = 1.0  # DARO: the regulariser's constant C in sum (w L - C ln w); 'auto': running mean signal
@@ -375,7 +377,8 @@ def _tokens(batch: PolicyBatch, K: int, s: LossSettings) -> _Tokens:
     if s.kl_beta > 0:
         if batch.ref_logp is None:
             raise ValueError("kl_beta > 0 needs batch.ref_logp")
-        l = l + s.kl_beta * kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))
+        kl = kl_k3(logp, torch.where(on, batch.ref_logp.to(dt), torch.zeros_like(logp)))  # [B, T]
+        l = l + s.kl_beta * (kl * torch.exp(logp - old_logp) if s.kl_ratio else kl)
     l = torch.where(mask.bool(), l, torch.zeros_like(l))  # no NaN from padding can leak
     return _Tokens(k, mask, mask.sum(1), adv, sur, l, sur.factor.detach())
 

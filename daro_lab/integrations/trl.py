@@ -276,6 +276,7 @@ class DaroGRPOTrainer(GRPOTrainer):
             eps_high=self.epsilon_high,
             dual_clip=getattr(a, "delta", None),
             kl_beta=self.beta,
+            kl_ratio=self.beta != 0.0 and bool(getattr(a, "use_bias_correction_kl", False)),
             max_response_length=self.max_completion_length or 0,
             weight_signal=getattr(a, "daro_signal", "abs"),
             reg=parse_reg(getattr(a, "daro_reg", "1")),
@@ -288,7 +289,6 @@ class DaroGRPOTrainer(GRPOTrainer):
             and self.top_entropy_quantile >= 1.0
             and self.off_policy_mask_threshold is None
             and not (self.use_vllm and self.vllm_importance_sampling_correction)
-            and not (self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False))
         )
         self.daro_weights: DaroWeights | None = None
         if self.is_daro:
@@ -370,8 +370,6 @@ class DaroGRPOTrainer(GRPOTrainer):
             bad.append("vllm_importance_sampling_correction=True")
         if self.aux_loss_enabled:
             bad.append("a router auxiliary loss (output_router_logits; the update is daro-lab's loss alone)")
-        if self.beta != 0.0 and getattr(a, "use_bias_correction_kl", False):
-            bad.append("use_bias_correction_kl=True with beta > 0 (daro-lab's KL is the plain k3 estimator)")
         if bad:
             raise ValueError("loss_type='daro' computes daro-lab's loss, which does not implement: " + "; ".join(bad))
         G, s = a.gradient_accumulation_steps, a.steps_per_generation
@@ -664,7 +662,8 @@ class DaroGRPOTrainer(GRPOTrainer):
             l = clipped_surrogate(logp, old, adv, s.eps_low, s.eps_high, s.dual_clip).loss
             if s.kl_beta > 0:
                 ref = torch.where(on, b.ref_logp, torch.zeros_like(b.ref_logp)).double()
-                l = l + s.kl_beta * kl_k3(logp, ref)
+                kl = kl_k3(logp, ref)
+                l = l + s.kl_beta * (kl * torch.exp(logp - old) if s.kl_ratio else kl)
             l = torch.where(on, l, torch.zeros_like(l))
             k = b.num_correct.cpu()
             contrib.index_add_(0, k, (c * l).sum(1).cpu())
