@@ -57,6 +57,7 @@ TAG_WORLD_SIZE = "daro_lab.world_size"
 TAG_CHECKPOINT_DIR = "daro_lab.checkpoint_dir"
 TAG_CHECKPOINT_STEP = "daro_lab.checkpoint_step"  # the step of the last checkpoint the run wrote
 TAG_SOURCE = "daro_lab.source"  # what trained the run when not daro-lab's trainer ('trl')
+TAG_RIGHT_ANSWER = "daro_lab.right_answer"  # TRL runs: which completions count as right (DaroGRPOConfig.right_answer)
 TAG_ABLATION = "daro_lab.ablation"
 TAG_ARM = "daro_lab.arm"
 TAG_ARM_LABEL = "daro_lab.arm_label"

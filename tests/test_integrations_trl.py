@@ -295,34 +295,93 @@ def test_trl_daro_weights_step_accumulate_exactly_and_survive_a_checkpoint(tmp_p
     assert second.state.global_step == 3 and any(abs(w3[k] - w2[k]) > 1e-6 for k in w2)
 
 
-def test_trl_non_binary_reward_is_a_clear_error(tmp_path):
-    from datasets import Dataset
+def _length_reward(completions, **kw):
+    """A non-binary reward (the issue's repro: a length reward, as format or reward-model scores are)."""
+    return [float(len(c)) for c in completions]
 
-    model, tok, _ = _parts()
-    args = DaroGRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=K,
-        max_completion_length=4,
-        max_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-        loss_type="dapo",
-    )
-    tr = DaroGRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **kw: [0.5] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
-        processing_class=tok,
-    )
-    with pytest.raises(ValueError, match=r"rewards in \{0, 1\}.*got \[0\.5\].*pass_threshold"):
-        tr.train()
+
+def _pair(tmp_path, loss_type="dapo", **kw):
+    """(stock GRPOTrainer, DaroGRPOTrainer) constructors with the same model, data, reward and arguments (build each
+    just before training it: a trainer seeds torch when it is built, and sampling draws from torch's RNG)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    out = []
+    for cls, cfg_cls in ((GRPOTrainer, GRPOConfig), (DaroGRPOTrainer, DaroGRPOConfig)):
+        model, tok, _ = _parts()
+        args = dict(
+            output_dir=str(tmp_path / cls.__name__),
+            per_device_train_batch_size=8,
+            num_generations=K,
+            max_completion_length=6,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            logging_steps=1,
+            loss_type=loss_type,
+        )
+        own = ("daro_", "right_answer", "pass_threshold", "per_mu_metrics")  # DaroGRPOConfig's keys
+        args.update({k: v for k, v in kw.items() if cls is DaroGRPOTrainer or not k.startswith(own)})
+        out.append(
+            lambda cls=cls, cfg_cls=cfg_cls, model=model, tok=tok, args=args: cls(
+                model=model,
+                reward_funcs=_length_reward,
+                args=cfg_cls(**args),
+                train_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+                processing_class=tok,
+            )
+        )
+    return out
+
+
+def test_trl_non_binary_rewards_train_as_stock_and_are_recorded_above_the_prompts_mean(tmp_path, capsys):
+    """The issue's repro: a length reward. DaroGRPOTrainer with its defaults trains exactly as GRPOTrainer (same
+    losses, same parameters); its per-mu record counts a completion right when its reward is above its prompt's
+    mean (right_answer='auto' switches to 'above_mean', said once on stderr)."""
+    make_stock, make_daro = _pair(tmp_path)
+    stock = make_stock()
+    stock.train()
+    daro = make_daro()
+    with pytest.warns(UserWarning, match="above its prompt's mean"):
+        daro.train()
+    assert capsys.readouterr().err.count("rewards are not all 0 or 1") == 1
+    assert [h["loss"] for h in daro.state.log_history if "loss" in h] == [
+        h["loss"] for h in stock.state.log_history if "loss" in h
+    ]
+    for (n, a), b in zip(stock.model.named_parameters(), daro.model.parameters()):
+        assert torch.equal(a, b), n
+    assert daro.right_answer == "above_mean" and daro.right_answer_text() == "above_mean (auto)"
+    rows = daro.per_mu_rows
+    assert rows and {r["step"] for r in rows} == {1, 2}
+    b = daro.last_update_batch  # k of every completion = its prompt's count of rewards above the prompt's mean
+    assert torch.all((b.num_correct > 0) & (b.num_correct < K) | (b.advantages.abs() < 1e-6))
+
+
+def test_trl_right_answer_binary_refuses_other_rewards_and_bad_values(tmp_path):
+    daro = _pair(tmp_path, right_answer="binary")[1]()
+    with pytest.raises(ValueError, match=r"right_answer='binary' needs rewards in \{0, 1\}.*got \[.*pass_threshold"):
+        daro.train()
+    with pytest.raises(ValueError, match="right_answer: expected one of auto, above_mean, binary, got 'best'"):
+        DaroGRPOConfig(output_dir=str(tmp_path), right_answer="best", use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="daro_reg"):
         DaroGRPOConfig(output_dir=str(tmp_path), loss_type="daro", daro_reg="often", use_cpu=True, bf16=False)
+
+
+def test_trl_daro_trains_on_a_non_binary_reward(tmp_path):
+    """loss_type='daro' with a reward-model-like score: pass rates from the same notion (above the prompt's mean),
+    so DARO trains wherever TRL's advantages are not all 0, instead of on nothing."""
+    daro = _pair(tmp_path, loss_type="daro", max_steps=1, daro_lr_w=0.05)[1]()
+    before = [p.detach().clone() for p in daro.model.parameters()]
+    with pytest.warns(UserWarning, match="above its prompt's mean"):
+        daro.train()
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, daro.model.parameters()))
+    assert changed == len(before)
+    assert any(abs(w - 1.0) > 1e-3 for w in daro.daro_weights.as_dict().values())
 
 
 def test_readme_trl_example_runs(tmp_path):

@@ -13,9 +13,12 @@
 1. **Per-pass-rate metrics** (`per_mu_metrics`, on by default). For every optimizer update the trainer builds
    daro-lab's `PolicyBatch` from TRL's own tensors (completion mask (x tool mask), TRL's advantages, the new and
    old per-token log-probs TRL computed, the reference log-probs when beta > 0) plus what TRL does not keep: each
-   completion's reward (the weighted sum of the reward functions, which must be 0 or 1, or `pass_threshold` set)
-   and its prompt's k (right answers among the prompt's `num_generations`, counted over every process's
-   completions). `algorithms.loss_terms` with daro-lab's method of the same name (grpo -> grpo, dapo -> dapo,
+   completion's right/wrong and its prompt's k (right answers among the prompt's `num_generations`, counted over
+   every process's completions). Right is read from the reward (the weighted sum of the reward functions) by
+   `right_answer`: 0/1 rewards as they are; any other reward (reward models, length or format rewards, binary
+   functions under `reward_weights`) above its prompt's mean reward, i.e. the completions TRL's advantage pushes
+   up, so the record covers every prompt TRL trains on (the switch is said once on stderr and in the MLflow tag
+   `daro_lab.right_answer`); or above `pass_threshold` when set. Nothing of this changes TRL's training. `algorithms.loss_terms` with daro-lab's method of the same name (grpo -> grpo, dapo -> dapo,
    dr_grpo -> dr_grpo with L_max = `max_completion_length`; bnpo -> dapo; TRL's other loss types are accounted
    as dapo, their per-token losses are not the clipped surrogate) gives the metrics under daro-lab's keys
    (`loss/mu_3of8`, `contrib/`, `scale/`, `prompts/`, `tokens/`, `len_correct/`, `len_incorrect/`,
@@ -49,7 +52,8 @@
    importance-sampling correction).
 
 3. **DARO as a loss** (`loss_type="daro"`): daro-lab's `loss_terms("daro", ...)` on daro-lab's group-std
-   advantages (recomputed from the binary rewards; TRL's `scale_rewards` does not apply), with DARO's K-1
+   advantages (recomputed from the right/wrong of each completion, by the same `right_answer`; TRL's
+   `scale_rewards` does not apply), with DARO's K-1
    weights (`DaroWeights`) in their own optimizer parameter group (lr `daro_lr_w`, no weight decay, no learning
    rate schedule, not in gradient clipping), every reading daro-lab has (`daro_signal` abs | signed | mass |
    grad, `daro_reg` a number or 'auto', `daro_signal_ema`), the weights of groups absent from an update not
@@ -75,6 +79,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -105,7 +110,7 @@ from daro_lab.algorithms import (
     mu_key,
 )
 from daro_lab.hooks.builtin import per_mu_rows
-from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_SEED, TAG_SOURCE
+from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_RIGHT_ANSWER, TAG_SEED, TAG_SOURCE
 from daro_lab.trainer.update import MinibatchResult, backward_minibatch, cat_batches, flat_grad
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
@@ -114,6 +119,7 @@ METHOD_OF_LOSS_TYPE = {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "dr_grpo", "bn
 SURROGATE_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TRL_ADV_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 WEIGHTS_FILE = "daro_weights.pt"
+RIGHT_ANSWERS = ("auto", "above_mean", "binary")  # DaroGRPOConfig.right_answer
 TABLES_DIR = "tables"
 # keyword arguments of GRPOTrainer._get_per_token_logps_and_entropies taken from the inputs, as TRL's _compute_loss
 _FORWARD_KEYS = (
@@ -144,7 +150,18 @@ class DaroGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "A completion counts as right when its reward (weighted sum over the reward functions) exceeds this; "
-            "None: rewards must be 0 or 1."
+            "None: `right_answer` decides."
+        },
+    )
+    right_answer: str = field(
+        default="auto",
+        metadata={
+            "help": "Which completions count as right for the per-pass-rate record and DARO's pass rates, when "
+            "pass_threshold is None: 'auto' (rewards that are all 0 or 1 as they are; the first other reward switches "
+            "the run to 'above_mean', said once on stderr and in the MLflow tag daro_lab.right_answer); 'above_mean' "
+            "(reward above its prompt's mean: the completions GRPO's advantage (r - mean)/std pushes up, so k > 0 "
+            "exactly where TRL's advantages are not all 0; a prompt whose rewards are all equal counts as mu = 0); "
+            "'binary' (rewards must be 0 or 1, else an error). daro-lab docs/math.md, section 1 (mu = k/K)."
         },
     )
     daro_lr_w: float = field(default=1e-3, metadata={"help": "DARO: learning rate of the weights (no schedule)."})
@@ -186,6 +203,8 @@ class DaroGRPOConfig(GRPOConfig):
         self.daro_lr_w = _finite("daro_lr_w", self.daro_lr_w, "a finite number >= 0", lambda v: v >= 0)
         for name in ("daro_init", "daro_w_min", "daro_w_max", "daro_signal_ema"):
             _finite(name, getattr(self, name), "a finite number")
+        if self.right_answer not in RIGHT_ANSWERS:
+            raise ValueError(f"right_answer: expected one of {', '.join(RIGHT_ANSWERS)}, got {self.right_answer!r}")
         if self.pass_threshold is not None:
             self.pass_threshold = _finite(
                 "pass_threshold", self.pass_threshold, "a finite number (a reward above it is right) or None"
@@ -268,6 +287,14 @@ class DaroGRPOTrainer(GRPOTrainer):
         a = self.args
         self.per_mu_metrics = bool(getattr(a, "per_mu_metrics", True))
         self.pass_threshold = getattr(a, "pass_threshold", None)
+        # the notion of a right completion in use: "threshold", "binary" or "above_mean" ('auto' starts as binary)
+        self.right_answer = (
+            "threshold"
+            if self.pass_threshold is not None
+            else "binary"
+            if getattr(a, "right_answer", "auto") in ("auto", "binary")
+            else "above_mean"
+        )
         self.is_daro = self.loss_type == "daro"
         self.daro_method = METHOD_OF_LOSS_TYPE.get(self.loss_type, "dapo")
         self.K = self.num_generations
@@ -411,20 +438,43 @@ class DaroGRPOTrainer(GRPOTrainer):
         self._rewards_per_func = out  # every process's completions (TRL gathers them)
         return out
 
-    def _binary(self, rewards: Tensor, unscorable: Tensor) -> Tensor:
-        """[N] 0/1 right answers from the summed rewards; unscorable completions count as wrong."""
+    def _binary(self, rewards: Tensor, unscorable: Tensor, K: int) -> Tensor:
+        """[N] 0/1 right answers from the summed rewards [N] (K completions per prompt, in order), by the notion in
+        use (`right_answer`); unscorable completions count as wrong (reward 0)."""
         r = torch.where(unscorable, torch.zeros_like(rewards), torch.nan_to_num(rewards, nan=0.0))
-        if self.pass_threshold is not None:
+        if self.right_answer == "threshold":
             return (r > float(self.pass_threshold)).float()
-        bad = ~((r - 0).abs() < 1e-6) & ~((r - 1).abs() < 1e-6)
-        if bad.any():
+        if self.right_answer == "binary":
+            bad = ~((r - 0).abs() < 1e-6) & ~((r - 1).abs() < 1e-6)
+            if not bad.any():
+                return (r > 0.5).float()
             vals = sorted({round(float(v), 6) for v in r[bad].tolist()})[:5]
-            raise ValueError(
-                f"daro-lab's per-pass-rate accounting needs rewards in {{0, 1}} (the sum of the reward functions "
-                f"weighted by reward_weights), got {vals}: set pass_threshold (a completion whose reward exceeds it "
-                "counts as right), or per_mu_metrics=False"
-            )
-        return (r > 0.5).float()
+            if getattr(self.args, "right_answer", "auto") == "binary":
+                raise ValueError(
+                    f"right_answer='binary' needs rewards in {{0, 1}} (the sum of the reward functions weighted by "
+                    f"reward_weights), got {vals}: set pass_threshold (a completion whose reward exceeds it counts "
+                    "as right) or right_answer='above_mean' or 'auto'"
+                )
+            self._switch_to_above_mean(vals)
+        grid = r.view(-1, K)  # [prompts, K]
+        mean = grid.mean(1, keepdim=True)
+        tol = 1e-6 * mean.abs().clamp(min=1.0)  # equal rewards stay equal up to float rounding of the mean
+        return (grid - mean > tol).float().flatten()
+
+    def _switch_to_above_mean(self, vals: list[float]) -> None:
+        """right_answer='auto' meets a reward other than 0 or 1: above its prompt's mean from now on, said once."""
+        self.right_answer = "above_mean"
+        msg = (
+            f"daro-lab: rewards are not all 0 or 1 (e.g. {vals}): from now on a completion counts as right when its "
+            "reward is above its prompt's mean reward (right_answer='auto' -> 'above_mean'; set pass_threshold or "
+            "right_answer to choose)"
+        )
+        warnings.warn(msg, stacklevel=3)
+        print(msg, file=sys.stderr)
+        if self._mlflow is not None and self.accelerator.is_main_process:
+            from daro_lab.tracking import RunStore
+
+            RunStore(self._mlflow[0]).set_tags(self._mlflow[1], {TAG_RIGHT_ANSWER: "above_mean (auto)"})
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -439,7 +489,7 @@ class DaroGRPOTrainer(GRPOTrainer):
                 f"got {K}: DARO has one weight per pass rate k/{self.K}"
             )
         rewards = (rpf * self.reward_weights.to(rpf.device)[None, :]).nansum(dim=1)
-        correct = self._binary(rewards, torch.isnan(rpf).all(dim=1))  # [N over all processes]
+        correct = self._binary(rewards, torch.isnan(rpf).all(dim=1), K)  # [N over all processes]
         N = correct.shape[0]
         grid = correct.view(-1, K)
         k_prompt = grid.sum(1).round().long()  # [prompts]
@@ -726,6 +776,13 @@ class DaroGRPOTrainer(GRPOTrainer):
     # ---------------------------------------------------------------------------------------------------------
     # recording: daro-lab's params and tags, the per_mu and mu_hist tables
 
+    def right_answer_text(self) -> str:
+        """The notion of a right completion in use, as the run's tag says it."""
+        if self.right_answer == "threshold":
+            return f"reward > {self.pass_threshold}"
+        configured = getattr(self.args, "right_answer", "auto")
+        return self.right_answer + (" (auto)" if configured == "auto" else "")
+
     def daro_lab_params(self) -> dict[str, str]:
         """The params daro-lab's analyses read, with daro-lab's names."""
         a, K = self.args, self.K
@@ -745,6 +802,8 @@ class DaroGRPOTrainer(GRPOTrainer):
             "trainer.lr": a.learning_rate,
             "trainer.steps": a.max_steps,
             "daro_lab.trl.loss_type": self.loss_type,
+            "daro_lab.trl.right_answer": getattr(a, "right_answer", "auto"),
+            "daro_lab.trl.pass_threshold": self.pass_threshold,
         }
         if self.is_daro:
             s = self.daro_settings
@@ -787,7 +846,14 @@ class DaroGRPOTrainer(GRPOTrainer):
         store.log_params(run_id, self.daro_lab_params())
         label = getattr(a, "daro_arm_label", None) or f"{METHODS[self.daro_method].label} (TRL)"
         store.set_tags(
-            run_id, {TAG_METHOD: self.daro_method, TAG_SEED: str(a.seed), TAG_ARM_LABEL: label, TAG_SOURCE: "trl"}
+            run_id,
+            {
+                TAG_METHOD: self.daro_method,
+                TAG_SEED: str(a.seed),
+                TAG_ARM_LABEL: label,
+                TAG_SOURCE: "trl",
+                TAG_RIGHT_ANSWER: self.right_answer_text(),
+            },
         )
         if state.global_step > 0:  # resumed: the rows written up to the checkpoint, none after it
             from daro_lab.tracking import TrackingError, read_table
