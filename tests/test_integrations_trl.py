@@ -14,6 +14,8 @@ character tokenizer, a few CPU steps.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -300,7 +302,7 @@ def _length_reward(completions, **kw):
     return [float(len(c)) for c in completions]
 
 
-def _pair(tmp_path, loss_type="dapo", **kw):
+def _pair(tmp_path, loss_type="dapo", reward_funcs=None, prompts=None, chat=False, **kw):
     """(stock GRPOTrainer, DaroGRPOTrainer) constructors with the same model, data, reward and arguments (build each
     just before training it: a trainer seeds torch when it is built, and sampling draws from torch's RNG)."""
     from datasets import Dataset
@@ -309,6 +311,11 @@ def _pair(tmp_path, loss_type="dapo", **kw):
     out = []
     for cls, cfg_cls in ((GRPOTrainer, GRPOConfig), (DaroGRPOTrainer, DaroGRPOConfig)):
         model, tok, _ = _parts()
+        if chat:  # conversational prompts: a chat template for the character tokenizer
+            tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        if kw.get("beta", 0.0) != 0.0:  # TRL loads the reference model from the policy's path: a local copy
+            model.save_pretrained(tmp_path / f"ref-{cls.__name__}")
+            model.config._name_or_path = str(tmp_path / f"ref-{cls.__name__}")
         args = dict(
             output_dir=str(tmp_path / cls.__name__),
             per_device_train_batch_size=8,
@@ -330,9 +337,9 @@ def _pair(tmp_path, loss_type="dapo", **kw):
         out.append(
             lambda cls=cls, cfg_cls=cfg_cls, model=model, tok=tok, args=args: cls(
                 model=model,
-                reward_funcs=_length_reward,
+                reward_funcs=reward_funcs or _length_reward,
                 args=cfg_cls(**args),
-                train_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+                train_dataset=Dataset.from_dict({"prompt": prompts or PROMPTS[:4]}),
                 processing_class=tok,
             )
         )
@@ -360,6 +367,64 @@ def test_trl_non_binary_rewards_train_as_stock_and_are_recorded_above_the_prompt
     assert rows and {r["step"] for r in rows} == {1, 2}
     b = daro.last_update_batch  # k of every completion = its prompt's count of rewards above the prompt's mean
     assert torch.all((b.num_correct > 0) & (b.num_correct < K) | (b.advantages.abs() < 1e-6))
+
+
+def _text(c) -> str:
+    """A completion's text: a string, or a conversational completion's message list."""
+    return c if isinstance(c, str) else "".join(m["content"] for m in c)
+
+
+def _parity(completions, **kw):
+    return [float(len(_text(c)) % 2 == 0) for c in completions]
+
+
+def _has_digit(completions, **kw):
+    return [float(any(ch.isdigit() for ch in _text(c))) for c in completions]
+
+
+# A representative set of the configurations TRL's own GRPO trainer tests exercise (trl/tests/test_grpo_trainer.py,
+# TRL 1.16: loss types, scale_rewards, beta > 0, num_iterations, steps_per_generation, gradient accumulation,
+# several weighted reward functions, mask_truncated_completions, conversational prompts), offline on the tiny model.
+TRL_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "dapo-scale-batch": dict(loss_type="dapo", scale_rewards="batch"),
+    "grpo-scale-none": dict(loss_type="grpo", scale_rewards="none"),
+    "beta": dict(loss_type="dapo", beta=0.1),
+    "num-iterations": dict(loss_type="grpo", num_iterations=2),
+    "steps-per-generation": dict(
+        loss_type="dapo", per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4
+    ),
+    "grad-accumulation": dict(loss_type="grpo", per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    "weighted-rewards": dict(loss_type="dapo", reward_funcs=[_parity, _has_digit], reward_weights=[0.7, 0.3]),
+    "mask-truncated": dict(loss_type="dapo", mask_truncated_completions=True, reward_funcs=[_parity]),
+    "conversational": dict(
+        loss_type="grpo",
+        chat=True,
+        reward_funcs=[_parity],
+        prompts=[[{"role": "user", "content": p}] for p in PROMPTS[:4]],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRL_CASES))
+def test_trl_configurations_train_as_stock_with_the_per_mu_record(tmp_path, case):
+    """For each configuration: GRPOTrainer and DaroGRPOTrainer with its defaults train identically (every logged
+    loss, every parameter), and the Daro run records the per-pass-rate metrics and table."""
+    make_stock, make_daro = _pair(tmp_path, **TRL_CASES[case])
+    stock = make_stock()
+    stock.train()
+    daro = make_daro()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # right_answer's switch on non-binary rewards
+        daro.train()
+    losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
+    assert len(losses) == 2 and losses == [h["loss"] for h in daro.state.log_history if "loss" in h]
+    for (n, a), b in zip(stock.model.named_parameters(), daro.model.parameters()):
+        assert torch.equal(a, b), n
+    assert daro.per_mu_rows and {r["step"] for r in daro.per_mu_rows} <= {1, 2}
+    assert any(k.startswith("loss/mu_") for h in daro.state.log_history for k in h)
 
 
 def test_trl_right_answer_binary_refuses_other_rewards_and_bad_values(tmp_path):
