@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,15 @@ import torch
 from typer.testing import CliRunner
 
 from daro_lab.cli import app
-from daro_lab.integrations.rollouts import Fields, RolloutError, analyze, lengths_by_mu, mu_histogram, read_rollouts
+from daro_lab.integrations.rollouts import (
+    VERL_FIELDS,
+    Fields,
+    RolloutError,
+    analyze,
+    lengths_by_mu,
+    mu_histogram,
+    read_rollouts,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rollouts"
 VERL = FIXTURES / "verl"
@@ -254,6 +263,34 @@ def test_dapo_recipe_scores_and_parquet_rows(tmp_path):
             r"must be a number in \[0, 1e\+07\], got ",
         ):
             read_rollouts(tmp_path / "bad.parquet", "parquet")
+
+
+def test_reward_extras_moved_off_their_rows_are_refused_and_the_score_still_reads(tmp_path):
+    """The DAPO recipe's reordering: the extras ('acc', 'pred') of each row moved to another row, 'score' kept.
+    Read by --reward-field acc the pass rates would be wrong (exit 0 before): refused, naming rows and the way out;
+    read by 'score' with --threshold 0 the true k come back."""
+    rows = [json.loads(x) for x in (FIXTURES / "verl_dapo" / "5.jsonl").read_text().splitlines()]
+    moved = [
+        dict(r, acc=rows[(i + 3) % len(rows)]["acc"], pred=rows[(i + 3) % len(rows)]["pred"])
+        for i, r in enumerate(rows)
+    ]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "5.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in moved) + "\n")
+    with pytest.raises(RolloutError) as e:
+        read_rollouts(dump, "verl", fields=replace(VERL_FIELDS, reward="acc"))
+    msg = str(e.value)
+    assert "the reward extras do not belong to their rows" in msg and "5.jsonl:1: pred" in msg
+    assert "'acc' disagrees with the sign of the row's 'score'" in msg and "--threshold 0" in msg
+    res = CliRunner().invoke(
+        app, ["analyze-rollouts", str(dump), "--reward-field", "acc", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2 and "DAPO recipe reorders the batch" in res.output
+    assert sorted(read_rollouts(dump, "verl", threshold=0.0).groups.k) == [1, 3]  # the truth, from 'score'
+    # the committed dump, extras on their own rows, reads as it did
+    assert sorted(
+        read_rollouts(FIXTURES / "verl_dapo", "verl", fields=replace(VERL_FIELDS, reward="acc")).groups.k
+    ) == [1, 3]
 
 
 def test_out_that_cannot_be_written_is_refused_before_the_dump_is_read(tmp_path):

@@ -197,6 +197,60 @@ def _reward(v: Any, where: str, name: str, threshold: float | None) -> float:
     return r
 
 
+MISALIGNED_SHARE = 0.5  # refuse when more of the rows' 'pred' extras than this are absent from their own output
+DISAGREE_SHARE = 0.05  # ... or more rows than this have a right/wrong extra of the other sign than their 'score'
+
+
+class _ExtrasCheck:
+    """Do a verl dump's reward extras belong to their rows? verl's DAPO recipe reorders the batch after computing
+    rewards (without filter_groups), so the dumped extras ('acc', 'pred', ...) land on other rows than the responses
+    they scored, while the base 'score' (token-level scores, moved with the batch) stays with its row. Two checks,
+    on a read of an extra as the reward: the row's 'pred' (the extracted answer) occurs in its own output, and the
+    extra read as right/wrong agrees with the sign of the row's 'score' (the DAPO recipe: +1 right, -1 wrong, an
+    overlong penalty in between)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.pred: list[tuple[str, bool, str]] = []  # (where, pred in output, pred)
+        self.sign: list[tuple[str, bool, float, float]] = []  # (where, disagrees, extra, score)
+
+    def add(self, rec: Any, where: str, reward: float, text: str | None) -> None:
+        if not self.on or not isinstance(rec, dict):
+            return
+        pred = rec.get("pred")
+        if text is not None and isinstance(pred, str) and pred.strip():
+            self.pred.append((where, pred.strip() in text, pred.strip()))
+        score = rec.get("score")
+        if isinstance(score, (int, float, np.integer, np.floating)) and not isinstance(score, bool):
+            score = float(score)
+            if math.isfinite(score):
+                self.sign.append((where, (reward == 1.0 and score < 0) or (reward == 0.0 and score > 0), reward, score))
+
+    def verdict(self, path: Path, reward_field: str) -> None:
+        problems = []
+        absent = [(w, p) for w, ok, p in self.pred if not ok]
+        if self.pred and len(absent) > MISALIGNED_SHARE * len(self.pred):
+            eg = "; ".join(f"{w}: pred {p!r}" for w, p in absent[:3])
+            problems.append(
+                f"'pred' does not occur in its row's output in {len(absent)} of {len(self.pred)} rows ({eg})"
+            )
+        bad = [(w, r, sc) for w, dis, r, sc in self.sign if dis]
+        if self.sign and len(bad) > DISAGREE_SHARE * len(self.sign):
+            eg = "; ".join(f"{w}: {reward_field} {'right' if r else 'wrong'}, score {sc:g}" for w, r, sc in bad[:3])
+            problems.append(
+                f"{reward_field!r} disagrees with the sign of the row's 'score' in {len(bad)} of {len(self.sign)} rows "
+                f"({eg})"
+            )
+        if problems:
+            raise RolloutError(
+                f"{path}: the reward extras do not belong to their rows: " + "; and ".join(problems) + ". verl's "
+                "DAPO recipe reorders the batch after computing the rewards (without filter_groups), so the dumped "
+                "extras land on other rows than the responses they scored, while 'score' moves with its row: read "
+                "this dump by its 'score' with a threshold instead (DAPO: +1 right, -1 wrong: --threshold 0), not "
+                f"by --reward-field {reward_field}"
+            )
+
+
 def _measure(texts: list[str], tokenizer: Any, unit: str, file: Path, lines: list[int], fmt: str) -> list[float]:
     if tokenizer is not None:
         try:
@@ -252,6 +306,7 @@ def read_rollouts(
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     path = Path(path)
     cols: dict[str, list] = {k: [] for k in ("file", "line", "step", "prompt", "length", "correct")}
+    extras = _ExtrasCheck(fmt == "verl" and fields.reward != "score")
     used_text = used_length = False
     for file in _files(path, "parquet" if fmt == "parquet" else "jsonl"):
         texts: list[str] = []
@@ -311,6 +366,7 @@ def read_rollouts(
                 raise RolloutError(
                     f"{where}: missing field {want} (the response or its length); the row has fields: {fields_here}"
                 )
+            extras.add(rec, where, reward, rec[fields.response] if has_text else None)
             cols["file"].append(str(file))
             cols["line"].append(line)
             cols["step"].append(step)
@@ -322,6 +378,7 @@ def read_rollouts(
                 cols["length"][i] = n
     if not cols["step"]:
         raise RolloutError(f"{path}: no responses in it")
+    extras.verdict(path, fields.reward)
     df = pd.DataFrame(cols)
     if tok is not None:
         unit = f"tokens ({Path(tokenizer).name} tokenizer)"
