@@ -161,3 +161,16 @@ def test_the_memory_plan_of_an_fsdp_job_shards_the_training_state(model, monkeyp
     )
     ddp = plan(load_config(PAPER / model / "daro.toml", ["trainer.parallel=ddp"]), gpus=8)
     assert not ddp.fsdp and ddp.gib["weights"] == one.gib["weights"]
+
+
+def test_experiment_files_cite_nothing_outside_the_clone():
+    """A user's clone has only itself: configs cite the paper, docs/ or experiments/, never a path outside it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    outside = [
+        str(p.relative_to(root))
+        for p in sorted((root / "experiments").rglob("*"))
+        if p.is_file() and p.suffix in (".toml", ".md") and ("shared/" in p.read_text() or "../" in p.read_text())
+    ]
+    assert outside == []
