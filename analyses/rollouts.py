@@ -91,14 +91,13 @@ def plot_rollouts(analysis, out_dir: str | Path | None = None) -> FigureResult:
             Line2D([], [], color="0.3", linestyle="--", label="equal lengths"),
             Line2D([], [], color="0.3", linestyle=":", label="the dump's lengths"),
         ]
-        ax_s.legend(handles=h, loc="best", fontsize=5, ncol=2)
+        legend = list(h)  # one legend under the figure, off every panel's data
         ax_s.set(title="(c) S$_\\mu$ per prompt: share over μ", xlabel="pass rate μ", ylabel="share", xlim=(0, 1))
         n_groups = scale.groupby("method").size().max()
         ax_g.axhline(1 / n_groups, color="0.4", linestyle=":", linewidth=0.9)
         ax_g.set(
             title="(d) share of ΣS$_\\mu$ (prompts included)", xlabel="pass rate μ", ylabel="share of ΣS", xlim=(0, 1)
         )
-        ax_g.legend(loc="best", fontsize=5.5)
         if readings:
             for i, run in enumerate(readings):
                 t = summary[summary.run == run].sort_values("mu")
@@ -119,15 +118,17 @@ def plot_rollouts(analysis, out_dir: str | Path | None = None) -> FigureResult:
             ax_f.set(
                 title="(f) DARO: w·signal/C", xlabel="pass rate μ", ylabel="w·signal/C (1: fixed point)", xlim=(0, 1)
             )
-            ax_w.legend(loc="best", fontsize=5)
+            legend += ax_w.get_legend_handles_labels()[0]
         else:
             for ax in (ax_w, ax_f):
                 style.empty_panel(ax, "no DARO simulation\n(simulate=False)")
+        legend += [Line2D([], [], color=colors[k], linewidth=4, label=f"(a) k={k}") for k in range(K + 1)]
         fig.legend(
-            handles=[Line2D([], [], color=colors[k], linewidth=4, label=f"k={k}") for k in range(K + 1)],
+            handles=legend,
             loc="outside lower center",
-            ncol=K + 1,
-            title="panel (a): right answers k of K",
+            ncol=min(len(legend), 6),
+            fontsize=6,
+            title="methods (c, d), line styles (c), DARO readings (e, f), right answers k of K (a)",
         )
         fig.suptitle(
             f"{data.source} ({data.fmt}): {len(data.groups)} prompt groups of K={K} over "
@@ -186,6 +187,12 @@ def _caption(analysis, summary, readings) -> str:
             f"{style.method_label(method)}'s per-prompt S_μ departs from its equal-length shape by up to "
             f"{dev_eq:.3f} and from its length-corrected shape by up to {dev_lc:.3f} (in share)"
         )
+    hidden = []  # curves drawn on top of each other
+    for panel, col in (("(c)", "S_share_per_prompt"), ("(d)", "S_share")):
+        curves = {
+            style.method_label(m): t.sort_values("mu")[col].to_numpy() for m, t in scale.groupby("method", sort=False)
+        }
+        hidden += [f"in {panel} {a} and {b} coincide" for a, b in style.coinciding(curves, 2e-3)]
     if readings:
         for run in readings:
             s = summary[summary.run == run]
@@ -193,4 +200,9 @@ def _caption(analysis, summary, readings) -> str:
                 f"DARO {run}: w from {s.w_final.min():.3g} to {s.w_final.max():.3g}, "
                 f"max |w·signal/C − 1| {float((s.wS - 1).abs().max()):.3g}"
             )
+        for panel, col in (("(e)", "w_final"), ("(f)", "wS")):
+            curves = {r: summary[summary.run == r].sort_values("mu")[col].to_numpy() for r in readings}
+            hidden += [f"in {panel} {a} and {b} coincide" for a, b in style.coinciding(curves, 2e-3)]
+    if hidden:
+        parts.append("curves that hide each other: " + ", ".join(hidden))
     return "Rollout dump " + data.source + ": " + "; ".join(parts) + "."

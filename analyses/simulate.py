@@ -72,7 +72,12 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
         ]
         ax_s.legend(handles=h, loc="lower center", fontsize=5.5, ncol=2)
         ax_c.set(title="(b) |C$_\\mu$| share (coefficient part)", ylabel="share of Σ|C|", xlabel="pass rate μ")
-        ax_c.legend(loc="upper right", fontsize=5)
+        spare = [a for row in axes[1:] for a in row][len(readings) :]  # grid cells no reading uses
+        if spare:  # (b)'s legend in a free cell, off the data
+            spare[0].set_axis_off()
+            spare[0].legend(*ax_c.get_legend_handles_labels(), loc="center", fontsize=6, title="lines of (b)")
+        else:
+            ax_c.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize=5, ncol=2)
         ax_l.set(title="(c) L$_\\mu$ (token-mean loss)", ylabel="L$_\\mu$", xlabel="pass rate μ")
         ax_l.axhline(0, color="0.4", linewidth=0.6)
         colors = style.mu_colors(K)
@@ -80,7 +85,8 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
         panels = [a for row in axes[1:] for a in row]
         for i, ax in enumerate(panels):
             if i >= len(readings):
-                ax.set_visible(False)
+                if ax is not (spare[0] if spare else None):
+                    ax.set_visible(False)
                 continue
             run = readings[i]
             d = groups[groups.run == run]
@@ -113,6 +119,16 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
             f"{run}: w from {s.w_final.min():.3g} to {s.w_final.max():.3g}, max |w·signal/C − 1| "
             f"{(s.wS - 1).abs().max():.3g} ({'reached' if reached(summary, run) else 'not reached'})"
         )
+    hidden = []  # curves drawn on top of each other
+    base = [r for r in dict.fromkeys(summary.run) if r in BASELINES]
+    for panel, col in (("(a)", "S_share"), ("(b)", "C_abs_share"), ("(c)", "L")):
+        curves = {style.method_label(r): summary[summary.run == r].sort_values("mu")[col].to_numpy() for r in base}
+        curves = {k: v for k, v in curves.items() if np.isfinite(v).any()}
+        hidden += [f"in {panel} {a} and {b} coincide" for a, b in style.coinciding(curves, 2e-3)]
+    for i, run in enumerate(readings):
+        d = groups[groups.run == run].pivot_table(index="update", columns="k", values="daro/weight")
+        if d.shape[1] > 1 and float((d.max(axis=1) / d.min(axis=1)).max()) <= 1.03:
+            hidden.append(f"in ({letters[i]}) every group's weight lies within 3% of the others' (one curve)")
     caption = (
         f"Simulated loss scale, K={K}, {cfg.prompts} prompts per mini-batch, {cfg.updates} updates, lengths "
         f"of right answers {_span(lc)} and of wrong ones {_span(lw)} tokens (CV {cfg.len_cv:g}), "
@@ -127,6 +143,7 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
             if zero
             else ""
         )
+        + (f" Curves that hide each other: {'; '.join(hidden)}." if hidden else "")
     )
     res = FigureResult(
         NAME,

@@ -249,19 +249,71 @@ def mu_handles(K: int) -> list:
     return [Line2D([], [], color=colors[k], marker="o", markersize=3, label=mu_label(k, K)) for k in range(1, K)]
 
 
-def log_axis(ax, axis: str = "y") -> None:
-    """Log scale with plain tick labels ('0.5', '2', '30', not '5×10⁻¹'), minor ticks labelled
-    where matplotlib would label them (axes spanning about a decade or less)."""
-    from matplotlib.ticker import LogFormatterSciNotation
+LOG_SUBS = (
+    (1.0,),
+    (1.0, 3.0),
+    (1.0, 2.0, 5.0),
+    (1.0, 1.5, 2.0, 3.0, 5.0, 7.0),
+    (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 4, 5, 6, 7, 8, 9),
+)
 
-    class _Plain(LogFormatterSciNotation):
-        def __call__(self, x, pos=None):
-            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+def log_ticks(lo: float, hi: float, least: int = 4, most: int = 8) -> list[float]:
+    """Tick values of a log axis over [lo, hi]: the coarsest 'nice' mantissas (1; 1, 3; 1, 2, 5; ...) that put at
+    least `least` ticks inside, thinned to at most `most` (wide ranges keep every n-th decade)."""
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= 0:
+        return []
+    lo = max(lo, hi * 1e-12)
+    e0, e1 = int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1
+    ticks: list[float] = []
+    for subs in LOG_SUBS:
+        ticks = [
+            m * 10.0**e for e in range(e0, e1 + 1) for m in subs if lo * (1 - 1e-9) <= m * 10.0**e <= hi * (1 + 1e-9)
+        ]
+        if len(ticks) >= least:
+            break
+    else:  # under a few tenths of a decade: linear 'nice' steps (0.9, 0.95, 1, 1.05)
+        from matplotlib.ticker import MaxNLocator
+
+        ticks = [
+            t for t in MaxNLocator(most - 2).tick_values(lo, hi) if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9) and t > 0
+        ]
+    step = int(np.ceil(len(ticks) / most)) if len(ticks) > most else 1
+    return ticks[::step]
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """Log scale with plain tick labels ('0.5', '2', '30', not '5×10⁻¹') spread across the plotted range, whatever
+    it spans (`log_ticks`, computed when the figure is drawn, so limits set later count); minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, Locator, LogLocator, NullFormatter
+
+    class _Nice(Locator):
+        def __call__(self):
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin, vmax):
+            return log_ticks(vmin, vmax)
 
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log", nonpositive="mask")
     a = ax.yaxis if axis == "y" else ax.xaxis
-    a.set_major_formatter(_Plain())
-    a.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    a.set_major_locator(_Nice())
+    a.set_major_formatter(FuncFormatter(lambda x, pos=None: f"{x:.3g}"))
+    a.set_minor_locator(LogLocator(subs="auto"))
+    a.set_minor_formatter(NullFormatter())
+
+
+def coinciding(curves: dict[str, np.ndarray], tol: float) -> list[tuple[str, str]]:
+    """Pairs (a, b) of named curves on the same x whose values differ by at most `tol` everywhere: drawn, one hides
+    the other, which a caption must say."""
+    names = list(curves)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            x, y = np.asarray(curves[a], float), np.asarray(curves[b], float)
+            if x.shape == y.shape and x.size and np.nanmax(np.abs(x - y)) <= tol:
+                out.append((a, b))
+    return out
 
 
 def arm_curve(

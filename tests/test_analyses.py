@@ -934,3 +934,24 @@ def test_plot_and_report_refuse_an_out_that_is_a_file_before_reading_runs(store,
     for args in (("plot", "loss-scale"), ("report",)):
         r = _cli(*args, "--experiment", "full", "--tracking-uri", store["uri"], "--out", str(tmp_path / "f" / "sub"))
         assert r.exit_code == 2 and f"--out {tmp_path / 'f' / 'sub'}: {tmp_path / 'f'} is a file" in r.output, r.output
+
+
+@pytest.mark.parametrize("lo,hi", [(1, 10), (0.85, 1.9), (0.9, 1.05), (0.99, 1.003), (1e-6, 10), (0.2, 80), (3, 3.5)])
+def test_log_ticks_label_the_plotted_range_whatever_it_spans(lo, hi):
+    """A log axis gets 3 to 8 ticks inside its range, spread over it (not only the powers of ten)."""
+    import numpy as np
+
+    from analyses.style import log_ticks
+
+    t = log_ticks(lo, hi)
+    assert 3 <= len(t) <= 8 and all(lo * (1 - 1e-9) <= x <= hi * (1 + 1e-9) for x in t)
+    assert np.log(t[-1] / t[0]) >= 0.4 * np.log(hi / lo)  # the ticks cover most of the range
+
+
+def test_coinciding_curves_are_found():
+    import numpy as np
+
+    from analyses.style import coinciding
+
+    x = np.linspace(0, 1, 5)
+    assert coinciding({"a": x, "b": x + 1e-4, "c": x + 0.1}, 1e-3) == [("a", "b")]

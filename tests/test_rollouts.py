@@ -116,6 +116,8 @@ def test_cli_writes_figures_and_tables(tmp_path):
             "abs:1",
             "--reading",
             "mass:auto",
+            "--reading",
+            "signed:1",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -127,8 +129,10 @@ def test_cli_writes_figures_and_tables(tmp_path):
     assert len(pd.read_csv(out / "rollout_lengths.csv")) == K + 1
     assert len(pd.read_csv(out / "rollout_groups.csv")) == 12
     daro = pd.read_csv(out / "rollout_daro.csv")
-    assert set(daro.run) == {"daro[abs, C=1]", "daro[mass, C=auto]"} and len(daro) == 2 * 3
-    assert (daro.w_final != 1.0).all()  # the weights moved in the simulated updates
+    assert set(daro.run) == {"daro[abs, C=1]", "daro[mass, C=auto]", "daro[signed, C=1]"} and len(daro) == 3 * 3
+    assert daro.w_final.notna().all() and (daro.w_final != 1.0).all()  # every group's weight moved (none missing)
+    # |L_mu| = L_mu > 0 here: the abs and signed readings draw the same curve, and the caption says so
+    assert "in (e) daro[abs, C=1] and daro[signed, C=1] coincide" in " ".join(res.output.split())
     cfg = pd.read_csv(out / "rollout_sim_config.csv").iloc[0]
     assert cfg.K == K and cfg.updates == 12 and cfg.prompts == 3  # 10 interior prompts over 3 steps
     assert [float(x) for x in cfg.mu_weights.split(",")] == [3.0, 4.0, 3.0]  # prompts at k = 1, 2, 3 in PASS
