@@ -165,6 +165,15 @@ def bench(preset: str, steps: int, warmup: int, threads: int) -> None:
     print(f"  peak resident memory of this process:            {peak_mb:.0f} MiB")
 
 
+def _spread(xs: list[float]) -> str:
+    """'mean 0.2292, median 0.2298, p10-p90 0.2201-0.2410, max 0.4120' of step times in seconds."""
+    q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
+    return (
+        f"mean {statistics.mean(xs):.4f}, median {statistics.median(xs):.4f}, p10-p90 {q[0]:.4f}-{q[-1]:.4f}, "
+        f"max {max(xs):.4f}"
+    )
+
+
 def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
     """TRL's GRPOTrainer and daro-lab's trainer on the `trl` workload, steps interleaved (module docstring)."""
     try:
@@ -271,13 +280,13 @@ def bench_vs_trl(steps: int, warmup: int, threads: int) -> None:
     print(
         f"  load average (1 min) at start / end:             {load0:.2f} / {load1:.2f}  (2 cores: above 2, other work shares them)"
     )
+    print("  s/step: mean, median, 10th-90th percentile, max (a few slow steps can pull a mean far above the median)")
+    print(f"  s/step, TRL GRPOTrainer (report_to none):        {_spread(times['trl'])}")
+    print(f"  s/step, daro-lab (hooks off):                    {_spread(times['ours'])}")
+    m_trl, m_ours = statistics.median(times["trl"]), statistics.median(times["ours"])
     print(
-        f"  s/step, TRL GRPOTrainer (report_to none):        {t_trl:.4f}  (median {statistics.median(times['trl']):.4f})"
+        f"  ratio daro-lab / TRL, per step:                  {t_ours / t_trl:.3f} of the means, {m_ours / m_trl:.3f} of the medians"
     )
-    print(
-        f"  s/step, daro-lab (hooks off):                    {t_ours:.4f}  (median {statistics.median(times['ours']):.4f})"
-    )
-    print(f"  ratio daro-lab / TRL, per step:                  {t_ours / t_trl:.3f}")
     print(
         f"  sequences updated per step, TRL:                 {n_trl}  (with a non-zero advantage: {n_signal_trl:.1f})"
     )
