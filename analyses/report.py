@@ -39,10 +39,11 @@ import pandas as pd
 
 from analyses import FIGURES, figure_function, style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, fmt_ci, mean_ci
+from daro_lab.algorithms import METHODS
 
 ACC = "eval/greedy_acc"
 SAMPLED = "eval/sampled_acc"
-PAPER_METHODS = ("grpo", "dapo", "dr_grpo", "lipo", "daro")
+PAPER_METHODS = tuple(m for m, spec in METHODS.items() if spec.weights != "frozen")  # the registry's, less 'static'
 TEMPLATE = Path(__file__).resolve().parent.parent / "reports" / "template.html"
 _FALLBACK_TEMPLATE = (
     "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>$title</title></head>"

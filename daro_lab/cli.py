@@ -148,7 +148,11 @@ def _quiet() -> None:
 @app.command()
 def train(
     config: Optional[Path] = ConfigOpt,
-    algo: Optional[str] = typer.Option(None, "--algo", help="method: grpo, dapo, dr_grpo, lipo, daro, static"),
+    algo: Optional[str] = typer.Option(
+        None,
+        "--algo",
+        help="method: a name of the registry (daro_lab.algorithms.METHODS: grpo, dapo, dr_grpo, lipo, daro, static, ...)",
+    ),
     set_: Optional[List[str]] = SetOpt,
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id to continue from its last checkpoint"),
     tracking_uri: Optional[str] = typer.Option(

@@ -631,7 +631,7 @@ def longest_chain_answer(task: TaskConfig) -> int:
 def validate(cfg: Config) -> None:
     """Every value in its declared range (`check_ranges`; types and Literal choices were checked by `build`), then
     the choices users extend (registries) and the constraints between fields."""
-    from daro_lab.algorithms import METHODS, SIGNALS  # local import: config must not need torch to parse
+    from daro_lab.algorithms import METHODS, SIGNALS, shaped_methods  # local: config must not need torch to parse
 
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"config key '{key}': {why}")
@@ -642,7 +642,7 @@ def validate(cfg: Config) -> None:
     d = cfg.algo.daro
     if d.signal not in SIGNALS:
         bad("algo.daro.signal", f"expected one of {', '.join(map(repr, SIGNALS))}, got {d.signal!r}")
-    shapes = ("grpo", "dapo", "dr_grpo", "lipo")
+    shapes = tuple(shaped_methods())
     if d.static in shapes or d.static in METHODS:
         bad(
             "algo.daro.static",

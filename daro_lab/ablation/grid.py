@@ -52,6 +52,7 @@ from typing import Any, Literal
 import tomllib
 
 from daro_lab.ablation.summary import acc_key
+from daro_lab.algorithms import METHODS
 from daro_lab.config import (
     REQUIRED,
     Config,
@@ -543,12 +544,12 @@ def make_plan(
             raise AblationError(f"{g.path}: arm '{a.name}': {e}") from None
         if a.static_from is not None:
             src = next(p for p in planned if p.name == a.static_from)
-            if cfg.algo.method != "static":
+            if METHODS[cfg.algo.method].weights != "frozen":
                 raise AblationError(
                     f"{g.path}: arm '{a.name}': key 'static_from' needs algo.method = 'static', "
                     f"the arm has {cfg.algo.method!r}"
                 )
-            if src.method != "daro":
+            if METHODS[src.method].weights != "learned":
                 raise AblationError(
                     f"{g.path}: arm '{a.name}': key 'static_from': arm '{src.name}' has method "
                     f"{src.method!r}; its weights are learned only with 'daro'"

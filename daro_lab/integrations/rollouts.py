@@ -51,12 +51,13 @@ from daro_lab.algorithms import (
     length_corrected_shape,
     loss_terms,
     mu_key,
+    shaped_methods,
     static_shape,
 )
 
 FORMATS = ("verl", "jsonl", "parquet")
 LENGTH_UNITS = ("chars", "words")
-BASELINES = ("grpo", "dapo", "dr_grpo", "lipo")
+BASELINES = tuple(shaped_methods())  # the methods with a static shape (the registry's baselines)
 
 
 class RolloutError(ValueError):

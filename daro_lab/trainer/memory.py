@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from daro_lab.algorithms import METHODS
 from daro_lab.config import Config, ConfigError
 
 GIB = 1024**3
@@ -300,7 +301,7 @@ def format_plan(p: MemoryPlan, cfg: Config, config_path: Any = None) -> str:
         f"daro-lab dry run{f': {config_path}' if config_path else ''}",
         f"  method {cfg.algo.method}, K {r.num_responses}, {t.prompts_per_step} prompts/step, mini-batch "
         f"{t.mini_batch_prompts}, {t.steps} steps, lr {t.lr:g}"
-        + (f", lr_w {cfg.algo.daro.lr_w:g}" if cfg.algo.method == "daro" else "")
+        + (f", lr_w {cfg.algo.daro.lr_w:g}" if METHODS[cfg.algo.method].weights == "learned" else "")
         + f", eps {cfg.algo.eps_low:g}/{cfg.algo.eps_high:g}, kl {cfg.algo.kl_beta:g}"
         + (f", dynamic sampling up to {t.dynamic_sampling_max_batches} batches" if t.dynamic_sampling else ""),
         f"  task {cfg.task.name}"
