@@ -126,7 +126,16 @@ def run_summary(run, window: tuple[int, int] | None = None) -> pd.DataFrame:
     present = df.groupby("k")
     out["S_per_prompt"] = out.k.map((df.scale / df.prompts).groupby(df.k).mean())
     out["prompts"] = out.k.map(present.prompts.mean())
-    for col in ("daro/weight", "daro/wL", "loss", "daro/wS", "mass", "daro/signal", "len_correct", "len_incorrect"):
+    for col in (
+        "daro/weight_used",
+        "daro/wL",
+        "loss",
+        "daro/wS",
+        "mass",
+        "daro/signal",
+        "len_correct",
+        "len_incorrect",
+    ):
         out[col] = out.k.map(present[col].mean()) if col in df.columns else np.nan
     out["wL_abs"] = out.k.map(df["daro/wL"].abs().groupby(df.k).mean()) if "daro/wL" in df.columns else np.nan
     out["rows"] = out.k.map(present.size())
@@ -184,7 +193,7 @@ PROMPT_SHARES = ("S_share_per_prompt", "ref_share", "lc_share")  # per prompt: m
 MEANS = (
     "S_per_prompt",
     "prompts",
-    "daro/weight",
+    "daro/weight_used",
     "daro/wL",
     "wL_abs",
     "daro/wS",
@@ -260,7 +269,7 @@ def loss_scale_tables(
             "len_correct",
             "len_incorrect",
             "mass",
-            "daro/weight",
+            "daro/weight_used",
             "daro/wL",
             "wL_abs",
             "daro/signal",

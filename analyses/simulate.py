@@ -92,7 +92,7 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
             d = groups[groups.run == run]
             s = summary[summary.run == run]
             for k, dk in d.groupby("k"):
-                ax.plot(dk["update"], dk["daro/weight"], color=colors[int(k)], linewidth=1.0)
+                ax.plot(dk["update"], dk["daro/weight_used"], color=colors[int(k)], linewidth=1.0)
                 row = s[s.k == k]
                 if len(row) and np.isfinite(row.wS.iloc[0]) and row.wS.iloc[0] > 0:
                     target = float(row.w_final.iloc[0] / row.wS.iloc[0])  # C / signal over the window
@@ -126,7 +126,7 @@ def plot_simulation(result, out_dir: str | Path | None = None) -> FigureResult:
         curves = {k: v for k, v in curves.items() if np.isfinite(v).any()}
         hidden += [f"in {panel} {a} and {b} coincide" for a, b in style.coinciding(curves, 2e-3)]
     for i, run in enumerate(readings):
-        d = groups[groups.run == run].pivot_table(index="update", columns="k", values="daro/weight")
+        d = groups[groups.run == run].pivot_table(index="update", columns="k", values="daro/weight_used")
         if d.shape[1] > 1 and float((d.max(axis=1) / d.min(axis=1)).max()) <= 1.03:
             hidden.append(f"in ({letters[i]}) every group's weight lies within 3% of the others' (one curve)")
     caption = (

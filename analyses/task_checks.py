@@ -115,7 +115,7 @@ def balance_by_group(runs: RunSet, window: int = 50) -> pd.DataFrame:
                 continue
             last = int(t.step.max())
             win = t[t.step > last - window]
-            final = t.sort_values("step").groupby("k")["daro/weight"].last()  # its last logged value
+            final = t.sort_values("step").groupby("k")["daro/weight_used"].last()  # its last logged value
             per_run.append((win.groupby("k")["daro/wS"].mean(), final, int(win.step.min()), last, int(t.K.iloc[0])))
         if not per_run:
             continue

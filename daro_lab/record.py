@@ -4,8 +4,9 @@ A leaf module (no torch, no MLflow): every writer (the loss library, the hooks, 
 integration) and every reader (the analyses, the ablation summary) takes its names from here.
 
 Per-pass-rate quantities are MLflow metrics keyed `<name>/mu_<k>of<K>` (`group_key`) and columns of the
-`per_mu` table under the same `<name>`; DARO's weight has one name, `daro/weight`: in a mini-batch's metrics
-(and the per_mu table) the weight the loss used, in a step's metrics the weight after the step.
+`per_mu` table under the same `<name>`. Each name has one meaning: DARO's weight is `daro/weight_used` where a
+mini-batch's loss used it (the mini-batch's metrics and the per_mu table) and `daro/weight` after the step (the
+step's metrics).
 
 Runs recorded before this vocabulary have per_mu tables with short column names (L, C, S, w, ...):
 `normalise_per_mu` renames them, so the analyses read old and new runs alike.
@@ -31,14 +32,18 @@ PER_MU: dict[str, str] = {
     "gradnorm": "G_mu = ||grad_theta C_mu|| (every trainer.grad_norm_every steps)",
     "gradnorm_L": "||grad_theta L_mu||",
     "gradcos": "cosine between grad_theta C_mu and the summed gradient of the other groups (trainer.grad_cosines)",
-    "daro/weight": "DARO's w_mu: the weight the loss used (mini-batch), the weight after the step (step)",
+    "daro/weight_used": "DARO's w_mu as the mini-batch's loss used it (the per_mu table's weight column)",
+    "daro/weight": "DARO's w_mu after the step (a step metric, DaroWeights.metrics; not a per_mu column)",
     "daro/wL": "w_mu L_mu",
     "daro/wS": "w_mu signal_mu / C: 1 at the fixed point of the run's reading",
     "daro/signal": "what drives w_mu (algo.daro.signal), after its EMA",
 }
 
+# per-pass-rate step metrics that are not per_mu columns (the table has the mini-batch's own: daro/weight_used)
+STEP_ONLY = ("daro/weight",)
+
 # per_mu quantities kept out of the MLflow step metrics (the tables hold them; the SQL store costs ~0.2 ms a value)
-TABLE_ONLY = ("prompts", "tokens", "mass", "contrib_offset", "daro/signal")
+TABLE_ONLY = ("prompts", "tokens", "mass", "contrib_offset", "daro/signal", "daro/weight_used")
 
 # the tables a run writes (artifacts tables/<name>.parquet) -> one row per
 TABLES: dict[str, str] = {
@@ -75,7 +80,8 @@ LEGACY_PER_MU = {
     "C": "contrib",
     "C_offset": "contrib_offset",
     "S": "scale",
-    "w": "daro/weight",
+    "w": "daro/weight_used",
+    "daro/weight": "daro/weight_used",  # per_mu tables written before the two weights had their own names
     "wL": "daro/wL",
     "wS": "daro/wS",
     "signal": "daro/signal",
@@ -119,7 +125,7 @@ def per_mu_rows(metrics: Mapping[str, float], K: int, **fixed) -> list[dict]:
     rows: dict[int, dict] = {}
     for key, v in metrics.items():
         parsed = parse_group_key(key)
-        if parsed is not None and parsed[0] in PER_MU:
+        if parsed is not None and parsed[0] in PER_MU and parsed[0] not in STEP_ONLY:
             rows.setdefault(parsed[1], {})[parsed[0]] = v
     extra = {"reg": metrics["daro/reg"]} if "daro/reg" in metrics else {}
     return [{**fixed, "k": k, "K": K, "mu": k / K, **rows[k], **extra} for k in sorted(rows) if "loss" in rows[k]]

@@ -272,10 +272,10 @@ class SimResult:
                 lcs = [length_corrected_shape(method, k, cfg.K, lc[k - 1], lw[k - 1], cfg.std) for k in out.k]
                 out["equal_length_share"] = [x / sum(eq) for x in eq]
                 out["length_corrected_share"] = [x / sum(lcs) for x in lcs]
-            if "daro/weight" in d:
+            if "daro/weight_used" in d:
                 # each group's weight at its last update in the window (a group absent from the very last mini-batch
                 # keeps the weight it had: absent groups are not stepped)
-                out["w_final"] = out.k.map(d.sort_values("update").groupby("k")["daro/weight"].last())
+                out["w_final"] = out.k.map(d.sort_values("update").groupby("k")["daro/weight_used"].last())
                 out["wS"] = out.k.map(per_k["daro/wS"].mean())  # window means of the record's daro/wS, daro/signal
                 out["signal"] = out.k.map(per_k["daro/signal"].mean())
                 out["reg"] = float(d.reg.iloc[-1])

@@ -877,7 +877,7 @@ def test_daro_shares_leave_the_offset_out():
             "loss": 0.1 * k,
             "contrib": 0.1 * k * w - np.log(w),
             "contrib_offset": -np.log(w),
-            "daro/weight": w,
+            "daro/weight_used": w,
             "daro/wS": 1.0,
             "len_correct": 2.0,
             "len_incorrect": 3.0,

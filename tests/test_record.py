@@ -21,7 +21,8 @@ def test_per_mu_rows_carry_the_metric_names():
     m = {
         "loss/mu_1of4": 0.1,
         "contrib/mu_1of4": 0.2,
-        "daro/weight/mu_1of4": 1.5,
+        "daro/weight_used/mu_1of4": 1.5,
+        "daro/weight/mu_1of4": 1.6,  # the weight after the step: a step metric, not a per_mu column
         "daro/wS/mu_1of4": 0.9,
         "prompts/mu_1of4": 2.0,
         "scale/mu_2of4": 0.5,
@@ -38,7 +39,7 @@ def test_per_mu_rows_carry_the_metric_names():
             "mu": 0.25,
             "loss": 0.1,
             "contrib": 0.2,
-            "daro/weight": 1.5,
+            "daro/weight_used": 1.5,
             "daro/wS": 0.9,
             "prompts": 2.0,
             "reg": 0.7,
@@ -51,10 +52,16 @@ def test_older_runs_columns_are_renamed_and_table_only_keys_are_known():
         {"step": [1], "k": [1], "L": [0.1], "C": [0.2], "S": [0.3], "w": [1.1], "wL": [0.11], "G": [2.0]}
     )
     new = record.normalise_per_mu(old)
-    assert list(new.columns) == ["step", "k", "loss", "contrib", "scale", "daro/weight", "daro/wL", "gradnorm"]
+    assert list(new.columns) == ["step", "k", "loss", "contrib", "scale", "daro/weight_used", "daro/wL", "gradnorm"]
+    # tables written while the per_mu column of the used weight was called daro/weight
+    assert list(record.normalise_per_mu(pd.DataFrame({"k": [1], "daro/weight": [1.2]})).columns) == [
+        "k",
+        "daro/weight_used",
+    ]
     assert record.normalise_per_mu(new) is new  # current tables pass through
     assert record.is_table_only("prompts/mu_2of8") and record.is_table_only("rollout/prompts/mu_0of8")
     assert not record.is_table_only("daro/weight/mu_2of8") and not record.is_table_only("prompts/total")
+    assert record.is_table_only("daro/weight_used/mu_2of8")  # the used weight: in the per_mu table only
 
 
 def test_wide_frame_of_one_quantity():

@@ -19,7 +19,7 @@ def test_compact_batches_equal_one_column_per_token():
     L, mass and weights as one column per token."""
     cfg = SimConfig(len_correct=LC, len_wrong=LW, prompts=4, updates=2, readings=["abs:1", "mass:auto:0.5"])
     a, b = simulate(cfg, compact=True).groups, simulate(cfg, compact=False).groups
-    cols = ["scale", "contrib", "contrib_offset", "loss", "mass", "daro/weight", "daro/signal", "daro/wS"]
+    cols = ["scale", "contrib", "contrib_offset", "loss", "mass", "daro/weight_used", "daro/signal", "daro/wS"]
     assert a[["run", "update", "k"]].equals(b[["run", "update", "k"]])
     np.testing.assert_allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), rtol=1e-9, atol=1e-12)
 

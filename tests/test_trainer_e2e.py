@@ -59,7 +59,7 @@ def test_every_method_trains_and_is_recorded(small_cfg, store, method):
         "clipfrac_neg",
     } <= set(per_mu.columns)
     if METHODS[method].weights != "none":
-        assert {"daro/weight", "daro/wL", "daro/wS", "daro/signal", "contrib_offset", "reg"} <= set(per_mu.columns)
+        assert {"daro/weight_used", "daro/wL", "daro/wS", "daro/signal", "contrib_offset", "reg"} <= set(per_mu.columns)
     assert not keys & {"batch/prompts_mu0", "batch/prompts_mu1"}  # never emitted: the rollout's rollout/prompts_mu0|1
     assert {"reward/mean", "eval/greedy_acc", "grad/norm", "time/generate", "rollout/prompts_mu0"} <= keys
     assert any(k.startswith("gradnorm/mu_") for k in keys)

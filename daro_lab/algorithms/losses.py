@@ -699,7 +699,7 @@ class MetricSums:
             w_full = [1.0, *self.weights.double().tolist(), 1.0]
             signal = self.signal.double().tolist()
             reg = float(self.reg)
-            cols["daro/weight"] = w_full  # the weights this loss used
+            cols["daro/weight_used"] = w_full  # the weights this loss used (the step records the weights after it)
             cols["daro/wL"] = [w * x for w, x in zip(w_full, L)]
             cols["daro/signal"] = signal
             cols["daro/wS"] = [w * x / reg for w, x in zip(w_full, signal)]  # 1 at the fixed point w = C / signal

@@ -644,11 +644,8 @@ class DaroGRPOTrainer(GRPOTrainer):
         step = self.state.global_step + 1
         G, spg = self.current_gradient_accumulation_steps, self.args.steps_per_generation
         minibatch = ((self._step - 1) % spg) // G if spg >= G else 0
-        for key, v in metrics.items():
-            if not key.startswith(
-                "daro/weight/"
-            ):  # a step's daro/weight is the weight after it (_after_optimizer_step)
-                self._metrics["train"][key].append(float(v))
+        for key, v in metrics.items():  # daro/weight/ (the weights after the step) comes in _after_optimizer_step
+            self._metrics["train"][key].append(float(v))
         if self.accelerator.is_main_process:
             rows = per_mu_rows(metrics, self.K, step=step, minibatch=minibatch)
             for r in rows:
