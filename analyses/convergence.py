@@ -24,11 +24,10 @@ import pandas as pd
 
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, mean_ci
+from daro_lab.record import EVAL_GREEDY, EVAL_SAMPLED, REWARD_MEAN
 
 NAME = "convergence"
-ACC = "eval/greedy_acc"
-SAMPLED = "eval/sampled_acc"
-REWARD = "reward/mean"
+ACC, SAMPLED, REWARD = EVAL_GREEDY, EVAL_SAMPLED, REWARD_MEAN
 FIG_HEIGHT_IN = 4.6
 PANEL_HEIGHT_IN = 1.5  # a panel's axes, about, under the legend: what the bar labels of (d) share
 

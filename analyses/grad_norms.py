@@ -17,9 +17,10 @@ import pandas as pd
 
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, mean_ci
+from daro_lab.record import GRAD_NORM
 
 NAME = "grad-norms"
-TOTAL = "grad/norm"
+TOTAL = GRAD_NORM
 COLUMNS = ["arm", "method", "quantity", "step", "k", "K", "mu", "mean", "ci", "n_runs"]
 
 

@@ -23,10 +23,10 @@ import pandas as pd
 
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure
+from daro_lab.record import GRAD_CLIPPED, GRAD_NORM
 
 NAME = "grad-share"
-TOTAL = "grad/norm"
-CLIPPED = "grad/clipped"
+TOTAL, CLIPPED = GRAD_NORM, GRAD_CLIPPED
 
 
 def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:

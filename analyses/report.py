@@ -40,9 +40,9 @@ import pandas as pd
 from analyses import FIGURES, figure_function, style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, fmt_ci, mean_ci
 from daro_lab.algorithms import METHODS
+from daro_lab.record import EVAL_GREEDY, EVAL_SAMPLED
 
-ACC = "eval/greedy_acc"
-SAMPLED = "eval/sampled_acc"
+ACC, SAMPLED = EVAL_GREEDY, EVAL_SAMPLED
 PAPER_METHODS = tuple(m for m, spec in METHODS.items() if spec.weights != "frozen")  # the registry's, less 'static'
 TEMPLATE = Path(__file__).resolve().parent.parent / "reports" / "template.html"
 _FALLBACK_TEMPLATE = (

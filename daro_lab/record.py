@@ -39,6 +39,14 @@ PER_MU: dict[str, str] = {
     "daro/signal": "what drives w_mu (algo.daro.signal), after its EMA",
 }
 
+# scalar metrics read back by name (writers and readers import them from here)
+REWARD_MEAN = "reward/mean"  # a step's mean reward over its rollout
+LOSS_TOTAL = "loss/total"  # the update's loss (the sum of its groups' contrib/)
+GRAD_NORM = "grad/norm"  # the policy gradient's norm before clipping (a step's mean over its updates)
+GRAD_CLIPPED = "grad/clipped"  # the share of a step's updates the clip cut
+EVAL_GREEDY = "eval/greedy_acc"  # held-out accuracy, greedy decoding
+EVAL_SAMPLED = "eval/sampled_acc"  # held-out accuracy, avg@n at the rollout temperature
+
 # per-pass-rate step metrics that are not per_mu columns (the table has the mini-batch's own: daro/weight_used)
 STEP_ONLY = ("daro/weight",)
 

@@ -21,7 +21,7 @@ import pandas as pd
 from daro_lab.ablation import summary as S
 from daro_lab.ablation.executors import ArmResult
 from daro_lab.ablation.grid import AblationError, Plan
-from daro_lab.record import ROLE_PARENT, TAG_ARM, TAG_ROLE, TAG_SEED, reading_label
+from daro_lab.record import LOSS_TOTAL, ROLE_PARENT, TAG_ARM, TAG_ROLE, TAG_SEED, reading_label
 from daro_lab.tracking import RunStore, TrackingError
 
 SUMMARY_TABLE = "ablation_summary"  # tables/ablation_summary.parquet on the parent (read_table)
@@ -94,7 +94,7 @@ def summarize_ablation(
         key = (run.data.tags.get(TAG_ARM), int(run.data.tags.get(TAG_SEED, -1)))
         children.setdefault(key, run)
     acc_key = S.acc_key(plan.accuracy)
-    wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "gradnorm/", "daro/weight/", "daro/at_bound", "loss/total")
+    wanted = (acc_key, "daro/wL/", "daro/wS/", "contrib/", "gradnorm/", "daro/weight/", "daro/at_bound", LOSS_TOTAL)
     rows, frames = [], {}
     for seed in plan.seeds:
         for pa in plan.arms:

@@ -69,10 +69,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from daro_lab.record import wide
+from daro_lab.record import EVAL_GREEDY, EVAL_SAMPLED, LOSS_TOTAL, wide
 
-ACC = "eval/greedy_acc"
-ACC_KEYS = {"greedy": "eval/greedy_acc", "sampled": "eval/sampled_acc"}  # the grid's `accuracy`
+ACC = EVAL_GREEDY
+ACC_KEYS = {"greedy": EVAL_GREEDY, "sampled": EVAL_SAMPLED}  # the grid's `accuracy`
 _LEVEL_RE = re.compile(r"^(greedy|sampled):level_(-?\d+)$")
 
 
@@ -362,7 +362,7 @@ def run_stats(
                 hit = hit or bool(((allw <= lo * (1 + 1e-6)) | (allw >= hi * (1 - 1e-6))).any())
             out["at_bound"] = int(hit)
             watched = metrics[
-                metrics.key.str.startswith(("daro/weight/", "daro/wL/", "daro/wS/")) | (metrics.key == "loss/total")
+                metrics.key.str.startswith(("daro/weight/", "daro/wL/", "daro/wS/")) | (metrics.key == LOSS_TOTAL)
             ]
             out["nonfinite"] = int(not np.isfinite(watched.value.to_numpy()).all())
         else:

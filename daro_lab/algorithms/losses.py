@@ -36,7 +36,7 @@ from torch import Tensor
 
 from daro_lab.algorithms.aggregation import constant_normaliser, seq_mean_token_mean, token_mean
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
-from daro_lab.record import group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
+from daro_lab.record import LOSS_TOTAL, group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
 
 
 @dataclass(frozen=True)
@@ -711,7 +711,7 @@ class MetricSums:
         n_tok = sum(tokens[1:K])
         out.update(
             {
-                "loss/total": t["loss"],
+                LOSS_TOTAL: t["loss"],
                 "batch/responses": t["responses"],
                 "batch/tokens": n_tok,
                 "batch/empty_responses": t["empty"],

@@ -110,7 +110,7 @@ from daro_lab.algorithms import (
     mu_key,
 )
 from daro_lab.hooks.builtin import per_mu_rows
-from daro_lab.record import TAG_ARM_LABEL, TAG_METHOD, TAG_RIGHT_ANSWER, TAG_SEED, TAG_SOURCE
+from daro_lab.record import GRAD_NORM, LOSS_TOTAL, TAG_ARM_LABEL, TAG_METHOD, TAG_RIGHT_ANSWER, TAG_SEED, TAG_SOURCE
 from daro_lab.trainer.update import MinibatchResult, backward_minibatch, cat_batches, flat_grad
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting
@@ -598,7 +598,7 @@ class DaroGRPOTrainer(GRPOTrainer):
         ent = self.daro_shard.reduce(torch.stack(list(runtime.entropy.values())).sum(0), "sum")  # [entropy, tokens]
         self._metrics["train"]["entropy"].append(float(ent[0] / ent[1].clamp(min=1)))
         # what HF logs as this update's loss (its backward is a no-op: the unit has done the update's)
-        return torch.zeros((), device=dev, requires_grad=True) + self._daro_result.metrics["loss/total"]
+        return torch.zeros((), device=dev, requires_grad=True) + self._daro_result.metrics[LOSS_TOTAL]
 
     # ---------------------------------------------------------------------------------------------------------
     # per update: metrics, table rows; after the optimizer step: DARO's weights
@@ -742,8 +742,8 @@ class DaroGRPOTrainer(GRPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # daro-lab's name of the policy's gradient norm before clipping (analyses' grad-norms figure)
-        if logs.get("grad_norm") is not None and "grad/norm" not in logs:
-            logs["grad/norm"] = logs["grad_norm"]
+        if logs.get("grad_norm") is not None and GRAD_NORM not in logs:
+            logs[GRAD_NORM] = logs["grad_norm"]
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from daro_lab import distributed as dp
 from daro_lab.algorithms import METHODS, DaroWeights, LossSettings, PolicyBatch, compute_advantages, kept_prompts
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks.base import Hook, MiniBatchView
+from daro_lab.record import GRAD_CLIPPED, GRAD_NORM
 from daro_lab.rollout import RolloutBatch
 from daro_lab.trainer import fsdp
 from daro_lab.trainer.checkpoint import load_trainer, save_trainer
@@ -303,9 +304,9 @@ class Trainer:
             metrics.update(engine_gap(r.batch, [p.rows.logprobs for p in passes], self.dist))
         clip = cfg.trainer.grad_clip if cfg.trainer.grad_clip > 0 else float("inf")
         gnorm = fsdp.full(torch.nn.utils.clip_grad_norm_(self.runtime.params, clip))  # FSDP: over all ranks' shards
-        metrics["grad/norm"] = float(gnorm)  # before clipping
-        metrics["grad/clipped"] = float(gnorm > clip)  # the step's mean: the share of its updates the clip cut
-        if not math.isfinite(metrics["grad/norm"]):
+        metrics[GRAD_NORM] = float(gnorm)  # before clipping
+        metrics[GRAD_CLIPPED] = float(gnorm > clip)  # the step's mean: the share of its updates the clip cut
+        if not math.isfinite(metrics[GRAD_NORM]):
             raise FloatingPointError(f"non-finite policy gradient norm at step {step}, mini-batch {index}")
         if self.weights is not None and self.method.weights == "learned":
             self.weights.release_absent(r.present[1:K])

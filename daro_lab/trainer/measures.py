@@ -7,7 +7,7 @@ import torch
 
 from daro_lab import distributed as dp
 from daro_lab.algorithms import PolicyBatch
-from daro_lab.record import mu_key
+from daro_lab.record import REWARD_MEAN, mu_key
 from daro_lab.rollout import RolloutBatch
 
 
@@ -20,7 +20,7 @@ def rollout_metrics(roll: RolloutBatch, rewards: torch.Tensor, keep: torch.Tenso
     k_all = rewards.sum(1).round().long()
     hist = torch.bincount(k_all, minlength=K + 1)
     m = {
-        "reward/mean": float(rewards.mean()),
+        REWARD_MEAN: float(rewards.mean()),
         "rollout/prompts": float(len(rewards)),
         "rollout/kept_prompts": float(keep.sum()),
         "rollout/prompts_mu0": float(hist[0]),

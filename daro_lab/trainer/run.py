@@ -21,7 +21,7 @@ from typing import Callable
 from daro_lab import distributed as dp
 from daro_lab.config import Config, ConfigError
 from daro_lab.hooks import Hook, default_hooks
-from daro_lab.record import TAG_CHECKPOINT_DIR, TAG_CHECKPOINT_STEP
+from daro_lab.record import EVAL_GREEDY, REWARD_MEAN, TAG_CHECKPOINT_DIR, TAG_CHECKPOINT_STEP
 from daro_lab.signals import StopSignals
 from daro_lab.trainer.checkpoint import latest, resume_point, write_pointer
 from daro_lab.trainer.evaluate import start_distribution
@@ -169,7 +169,7 @@ def _saved_step(store, run, cfg: Config) -> int | None:
     if tag is not None:
         return int(tag)
     every = cfg.trainer.checkpoint_every
-    logged = store.last_step(run.info.run_id, "reward/mean")
+    logged = store.last_step(run.info.run_id, REWARD_MEAN)
     return every if every and logged is not None and logged > every else None
 
 
@@ -323,7 +323,7 @@ def _loop(
         step = trainer.step
         last = step == t.steps
         if (t.eval_every and step % t.eval_every == 0) or last:  # every rank: a share of the problems each
-            acc = trainer.evaluate()[0]["eval/greedy_acc"]
+            acc = trainer.evaluate()[0][EVAL_GREEDY]
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or last:
             _save(trainer, root, run_id, tracker)
             state.saved = step
