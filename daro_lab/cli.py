@@ -443,6 +443,11 @@ def report(
     ablation: Optional[str] = typer.Option(
         None, "--ablation", help="parent run id of an ablation: its summary, then every figure"
     ),
+    against: Optional[List[str]] = typer.Option(
+        None,
+        "--against",
+        help="with --ablation: also pair every arm against this arm (repeatable; ablation_summary_vs_ARM.md)",
+    ),
 ) -> None:
     """Write a paper-style report (self-contained HTML and a PDF) of an experiment or an ablation."""
     _quiet_analysis()
@@ -457,7 +462,7 @@ def report(
         from daro_lab.ablation.report import write_ablation_report
 
         try:
-            rep, _ = write_ablation_report(tracking_uri, ablation, out)
+            rep, _ = write_ablation_report(tracking_uri, ablation, out, against=list(against or []))
         except (AnalysisError, TrackingError, AblationError) as e:
             _fail(str(e))
         typer.echo(f"html    {rep.html}\npdf     {rep.pdf}")

@@ -647,7 +647,9 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
     from daro_lab.ablation.report import write_ablation_report
 
     uri, res = sweep
-    rep, again = write_ablation_report(uri, res.parent_run_id, tmp_path / "rep", figures=["convergence"])
+    rep, again = write_ablation_report(
+        uri, res.parent_run_id, tmp_path / "rep", figures=["convergence"], against=["grpo"]
+    )
     page = Path(rep.html).read_text()
     assert "<section id='ablation'>" in page and "Ablation summary" in page
     assert "daro-lab ablation &#x27;g&#x27;" in page or "daro-lab ablation 'g'" in page  # the report's title
@@ -658,6 +660,15 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
     assert len(rep.results), "the analyses' results table is empty"
     # one steps-to-target definition: the figure's panel (d) uses the summary's target
     assert rep.figures["convergence"].summary["target"] == pytest.approx(again.summary.attrs["target_acc"])
+    # every arm also paired against another (--against grpo): its differences are the per-seed differences to grpo
+    vs = pd.read_csv(tmp_path / "rep" / "ablation_summary_vs_grpo.csv").set_index("arm")
+    per = again.per_seed.pivot(index="seed", columns="arm", values="final_acc")
+    assert bool(vs.loc["grpo", "reference"]) and vs.loc["learned", "final_acc_diff"] == pytest.approx(
+        (per["learned"] - per["grpo"]).mean()
+    )
+    assert "reference arm `grpo`" in (tmp_path / "rep" / "ablation_summary_vs_grpo.md").read_text()
+    with pytest.raises(AblationError, match="--against: no arm named 'nope'"):
+        write_ablation_report(uri, res.parent_run_id, tmp_path / "rep2", figures=["convergence"], against=["nope"])
 
 
 def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from daro_lab.ablation.collect import AblationResult, summarize_ablation
+from daro_lab.ablation.grid import AblationError
 from daro_lab.ablation.summary import acc_mode, display_table, verdict
 
 
@@ -70,10 +72,16 @@ def summary_preface(res: AblationResult):
 
 
 def write_ablation_report(
-    uri: str | None, parent_run_id: str, out_dir: str | Path | None = None, figures: list[str] | None = None
+    uri: str | None,
+    parent_run_id: str,
+    out_dir: str | Path | None = None,
+    figures: list[str] | None = None,
+    against: list[str] | None = None,
 ) -> tuple[Any, AblationResult]:
     """Write the report of the ablation `parent_run_id` into `out_dir` (default
-    reports/ablation-<name>-<first 8 of the id>); return (analyses' ReportResult, the summary).
+    reports/ablation-<name>-<first 8 of the id>); return (analyses' ReportResult, the summary). `against`: arms every
+    arm is also paired against, beside the plan's reference (ablation_summary_vs_<arm>.md / .csv; with a one-level
+    endpoint also over all levels).
 
     The summary files are written first, so they exist even when the analyses cannot draw a
     report (AnalysisError, e.g. no child finished), which is then re-raised."""
@@ -89,6 +97,16 @@ def write_ablation_report(
         (out / "ablation_summary_all_levels.md").write_text(every.markdown)
         every.summary.to_csv(out / "ablation_summary_all_levels.csv", index=False)
         every.per_seed.to_csv(out / "ablation_per_seed_all_levels.csv", index=False)
+    arms = [a.name for a in res.plan.arms]
+    for ref in against or []:
+        if ref not in arms:
+            raise AblationError(
+                f"--against: no arm named {ref!r} in ablation '{res.plan.name}' (arms: {', '.join(arms)})"
+            )
+        for acc, suffix in ((res.plan.accuracy, ""), *(((mode, "_all_levels"),) if mode != res.plan.accuracy else ())):
+            vs = summarize_ablation(uri, parent_run_id, replace(res.plan, reference=ref), accuracy=acc)
+            (out / f"ablation_summary_vs_{ref}{suffix}.md").write_text(vs.markdown)
+            vs.summary.to_csv(out / f"ablation_summary_vs_{ref}{suffix}.csv", index=False)
     from analyses.report import write_report
 
     finished = res.per_seed.loc[res.per_seed.status == "FINISHED", "run_id"].tolist()
