@@ -427,6 +427,29 @@ def test_trl_configurations_train_as_stock_with_the_per_mu_record(tmp_path, case
     assert any(k.startswith("loss/mu_") for h in daro.state.log_history for k in h)
 
 
+def test_trl_batches_the_record_cannot_read_are_skipped_with_one_warning(tmp_path, monkeypatch, capsys):
+    """Where the per-mu record cannot be defined (e.g. TRL advantages that are not one per completion), it stops with
+    one warning and TRL trains on as stock."""
+    make_stock, make_daro = _pair(tmp_path, reward_funcs=[_parity])
+    stock = make_stock()
+    stock.train()
+
+    def unreadable(self, inputs, logp):
+        raise ValueError("daro-lab needs one advantage per completion, TRL's batch has shape (8, 2)")
+
+    monkeypatch.setattr(DaroGRPOTrainer, "policy_batch", unreadable)
+    daro = make_daro()
+    with pytest.warns(UserWarning, match="the per-pass-rate record stops here"):
+        daro.train()
+    assert capsys.readouterr().err.count("the per-pass-rate record stops here") == 1
+    assert daro.per_mu_rows == [] and not daro.per_mu_metrics
+    assert [h["loss"] for h in daro.state.log_history if "loss" in h] == [
+        h["loss"] for h in stock.state.log_history if "loss" in h
+    ]
+    for a, b in zip(stock.model.parameters(), daro.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_trl_right_answer_binary_refuses_other_rewards_and_bad_values(tmp_path):
     daro = _pair(tmp_path, right_answer="binary")[1]()
     with pytest.raises(ValueError, match=r"right_answer='binary' needs rewards in \{0, 1\}.*got \[.*pass_threshold"):

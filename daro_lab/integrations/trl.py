@@ -566,11 +566,22 @@ class DaroGRPOTrainer(GRPOTrainer):
             loss = super()._compute_loss(model, inputs)
         finally:
             captured, self._capture = self._capture, None
-        b = self.policy_batch(inputs, captured[0][0].detach())
+        try:
+            b = self.policy_batch(inputs, captured[0][0].detach())
+        except (ValueError, KeyError) as e:  # a batch the record cannot read: TRL's training goes on without it
+            self._stop_per_mu(f"{type(e).__name__}: {e}")
+            return loss
         self._window.append(
             {"batch": b, "num_items": float(inputs["num_items_in_batch"]), "trl_loss": float(loss.detach())}
         )
         return loss
+
+    def _stop_per_mu(self, reason: str) -> None:
+        """The per-pass-rate record cannot be made of this run's batches: stop recording (said once), never stop TRL."""
+        msg = f"daro-lab: the per-pass-rate record stops here, TRL's training goes on: {reason}"
+        warnings.warn(msg, stacklevel=3)
+        print(msg, file=sys.stderr)
+        self.per_mu_metrics, self._window, self._pending_hist = False, [], None
 
     def _daro_loss(self, model, inputs):
         """Training: the whole optimizer update runs at its last micro-batch, through daro-lab's update unit
