@@ -10,7 +10,8 @@ gradient norm before clipping (`grad/norm`, the mean over a step's updates) agai
 updates whose norm exceeded the clip; runs recorded before it: the share of steps whose mean norm did): where
 almost every update is clipped, reweighting the groups mostly rescales one direction that the clip then removes.
 Tables `grad_share.csv` (arm, method, k, K, mu, g_share, g_share_per_prompt, n_steps) and `clipping.csv` (arm,
-method, runs, steps, clipped_fraction, median_norm, clip).
+method, runs, steps, clipped_fraction, median_norm, clip, and the groups' gradient alignment: cos_mean, cos_p10,
+cos_p90 over the measured steps of `grad/cos_mean`, cos_steps).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from daro_lab.record import GRAD_CLIPPED, GRAD_NORM
 
 NAME = "grad-share"
 TOTAL, CLIPPED = GRAD_NORM, GRAD_CLIPPED
+COS = "grad/cos_mean"  # mean pairwise cosine between the groups' grad C_mu, on the measured steps
 
 
 def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -72,6 +74,9 @@ def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                 frac = float(np.nanmean(pd.concat(cut).to_numpy(dtype=float)))
             else:
                 frac = float((v > clip).mean()) if clip and np.isfinite(clip) and clip > 0 else np.nan
+            cos = [r.series(COS) for r in members if r.has_metric(COS)]  # on the grad_norm_every steps
+            c = pd.concat(cos).to_numpy(dtype=float) if cos else np.array([])
+            c = c[np.isfinite(c)]
             clips.append(
                 {
                     "arm": arm,
@@ -81,6 +86,10 @@ def share_tables(runs: RunSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                     "clipped_fraction": frac,
                     "median_norm": float(np.median(v)) if len(v) else np.nan,
                     "clip": clip,
+                    "cos_mean": float(c.mean()) if len(c) else np.nan,
+                    "cos_p10": float(np.quantile(c, 0.1)) if len(c) else np.nan,
+                    "cos_p90": float(np.quantile(c, 0.9)) if len(c) else np.nan,
+                    "cos_steps": len(c),
                 }
             )
     if not shares and not clips:
@@ -109,10 +118,24 @@ def _caption(share: pd.DataFrame, clips: pd.DataFrame) -> str:
         for r in clips.itertuples()
         if np.isfinite(r.clipped_fraction)
     ]
+    cos = [
+        f"{r.arm} {r.cos_mean:.2f} (10th-90th percentile {r.cos_p10:.2f} to {r.cos_p90:.2f}, {r.cos_steps} steps)"
+        for r in clips.itertuples()
+        if "cos_mean" in clips and np.isfinite(r.cos_mean)
+    ]
     return (
         "Share of the update's gradient per pass-rate group, G_μ = ‖∇θ C_μ‖ over the sum across groups, (a) per "
         "group and (b) per prompt (mean over the measured steps and runs); (c) the gradient norm before "
-        "clipping. " + "; ".join(parts) + "." + (" Updates clipped: " + "; ".join(clip) + "." if clip else "")
+        "clipping. "
+        + "; ".join(parts)
+        + "."
+        + (" Updates clipped: " + "; ".join(clip) + "." if clip else "")
+        + (
+            " Mean pairwise cosine between the groups' gradients of C_μ (grad/cos_mean; 1: one direction, which a "
+            "binding clip rescales whatever the weights): " + "; ".join(cos) + "."
+            if cos
+            else ""
+        )
     )
 
 

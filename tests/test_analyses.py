@@ -163,7 +163,8 @@ def make_run(
     for step, v in (reward or {}).items():
         tr.log_metrics({"reward/mean": v}, step)
     for step, v in (gnorm or {}).items():
-        tr.log_metrics({"grad/norm": v}, step)
+        # the groups' gradient cosine on the even steps (as grad_norm_every measures it), only where G is logged
+        tr.log_metrics({"grad/norm": v, **({"grad/cos_mean": v / 10} if step % 2 == 0 else {})}, step)
     for step, ws in (weights or {}).items():
         tr.log_metrics({f"daro/weight/mu_{k}of{K}": w for k, w in enumerate(ws, start=1)}, step)
     if per_mu:
@@ -589,6 +590,9 @@ def test_grad_share_per_group_per_prompt_and_clipping(full_report):
     c = saved(full_report, "clipping").set_index("arm")
     assert c.loc["GRPO"].clipped_fraction == pytest.approx(2 / 4)  # norms 2, 4, 6, 8 against the clip 5
     assert c.loc["DAPO"].clipped_fraction == 0 and c.loc["GRPO"].median_norm == pytest.approx(5.0)
+    # the groups' gradient cosine (grad/cos_mean, logged on step 2 of each run as norm / 10): GRPO 0.4 and 0.8
+    assert (c.loc["GRPO"].cos_mean, c.loc["GRPO"].cos_steps) == (pytest.approx(0.6), 2)
+    assert (c.loc["GRPO"].cos_p10, c.loc["GRPO"].cos_p90) == (pytest.approx(0.44), pytest.approx(0.76))
 
 
 # --------------------------------------------------------------------------------------------
