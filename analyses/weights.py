@@ -158,7 +158,7 @@ def plot_weights(
                 ax_l.set_ylim(min(lo, 1.0) / 1.5, max(hi, 1.0) * 1.5)
             what = "w$_\\mu$·signal$_\\mu$/C" if d.wS.notna().any() else "w$_\\mu$·|L$_\\mu$|"
             ax_l.set(
-                title=f"balance, {SMOOTH}-step median",
+                title=f"balance\n({SMOOTH}-step median)",  # two lines: fits the narrowest column
                 xlabel="training step",
                 ylabel=f"{what} (log)" if col == 0 else None,
             )

@@ -389,6 +389,11 @@ TRL_CASES = {
     "grpo": dict(loss_type="grpo"),
     "dr_grpo": dict(loss_type="dr_grpo"),
     "bnpo": dict(loss_type="bnpo"),
+    # TRL's loss types without a daro-lab counterpart: the record is daro-lab's dapo accounting of the same batch
+    "cispo": dict(loss_type="cispo"),
+    "sapo": dict(loss_type="sapo"),
+    "vespo": dict(loss_type="vespo"),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
     "dapo-scale-batch": dict(loss_type="dapo", scale_rewards="batch"),
     "grpo-scale-none": dict(loss_type="grpo", scale_rewards="none"),
     "beta": dict(loss_type="dapo", beta=0.1),
@@ -415,9 +420,9 @@ def test_trl_configurations_train_as_stock_with_the_per_mu_record(tmp_path, case
     make_stock, make_daro = _pair(tmp_path, **TRL_CASES[case])
     stock = make_stock()
     stock.train()
-    daro = make_daro()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # right_answer's switch on non-binary rewards
+        warnings.simplefilter("ignore", UserWarning)  # right_answer's switch; a loss type without a counterpart
+        daro = make_daro()
         daro.train()
     losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
     assert len(losses) == 2 and losses == [h["loss"] for h in daro.state.log_history if "loss" in h]
