@@ -18,7 +18,8 @@
    `right_answer`: 0/1 rewards as they are; any other reward (reward models, length or format rewards, binary
    functions under `reward_weights`) above its prompt's mean reward, i.e. the completions TRL's advantage pushes
    up, so the record covers every prompt TRL trains on (the switch is said once on stderr and in the MLflow tag
-   `daro_lab.right_answer`); or above `pass_threshold` when set. Nothing of this changes TRL's training. `algorithms.loss_terms` with daro-lab's method of the same name (grpo -> grpo, dapo -> dapo,
+   `daro_lab.right_answer`); or above `pass_threshold` when set. Nothing of this changes TRL's training.
+   `algorithms.loss_terms` with daro-lab's method of the same name (grpo -> grpo, dapo -> dapo,
    dr_grpo -> dr_grpo with L_max = `max_completion_length`; bnpo -> dapo; TRL's other loss types are accounted
    as dapo, their per-token losses are not the clipped surrogate) gives the metrics under daro-lab's keys
    (`loss/mu_3of8`, `contrib/`, `scale/`, `prompts/`, `tokens/`, `len_correct/`, `len_incorrect/`,
@@ -51,22 +52,20 @@
    bnpo, dr_grpo, dapo; token-level importance sampling; no entropy mask, off-policy mask or vLLM
    importance-sampling correction).
 
-3. **DARO as a loss** (`loss_type="daro"`): daro-lab's `loss_terms("daro", ...)` on daro-lab's group-std
-   advantages (recomputed from the right/wrong of each completion, by the same `right_answer`; TRL's
-   `scale_rewards` does not apply), with DARO's K-1
-   weights (`DaroWeights`) in their own optimizer parameter group (lr `daro_lr_w`, no weight decay, no learning
-   rate schedule, not in gradient clipping), every reading daro-lab has (`daro_signal` abs | signed | mass |
-   grad, `daro_reg` a number or 'auto', `daro_signal_ema`), the weights of groups absent from an update not
-   stepped, clamped to [w_min, w_max] after each step, and saved with TRL's checkpoints (`daro_weights.pt` in
-   the checkpoint folder: weights and signal state; the optimizer state holds their AdamW moments) and restored
-   by `train(resume_from_checkpoint=...)`. One optimizer update is daro-lab's mini-batch, run by the trainer's
-   own update unit (`daro_lab.trainer.update.backward_minibatch` with `TRLRuntime`) at the update's last
-   micro-batch, over all of its micro-batches: with gradient accumulation the update's totals (`Totals`: tokens
-   per group, L_mu, ...) come from a no-grad forward of its micro-batches first and each micro-batch's backward
-   is its exact share of the whole update's loss, as in daro-lab's trainer ('grad' signal included). HF's loop
-   backpropagates a zero for each micro-batch (the unit has done the update's backward) and logs the update's loss.
-   Needs steps_per_generation to be a multiple of gradient_accumulation_steps (an update within one generation
-   batch); no router auxiliary loss.
+3. **DARO as a loss** (`loss_type="daro"`): daro-lab's `loss_terms("daro", ...)` on daro-lab's group-std advantages
+   (recomputed from the right/wrong of each completion, by the same `right_answer`; TRL's `scale_rewards` does not
+   apply), with DARO's K-1 weights (`DaroWeights`) in their own optimizer parameter group (lr `daro_lr_w`, no weight
+   decay, no learning rate schedule, not in gradient clipping), every reading daro-lab has (`daro_signal` abs |
+   signed | mass | grad, `daro_reg` a number or 'auto', `daro_signal_ema`), the weights of groups absent from an
+   update not stepped, clamped to [w_min, w_max] after each step, and saved with TRL's checkpoints (`daro_weights.pt`
+   in the checkpoint folder: weights and signal state; the optimizer state holds their AdamW moments) and restored by
+   `train(resume_from_checkpoint=...)`. One optimizer update is daro-lab's mini-batch, run by the trainer's own
+   update unit (`daro_lab.trainer.update.backward_minibatch` with `TRLRuntime`) at the update's last micro-batch,
+   over all of its micro-batches: with gradient accumulation the update's totals (`Totals`: tokens per group, L_mu,
+   ...) come from a no-grad forward of its micro-batches first and each micro-batch's backward is its exact share of
+   the whole update's loss, as in daro-lab's trainer ('grad' signal included). HF's loop backpropagates a zero for
+   each micro-batch (the unit has done the update's backward) and logs the update's loss. Needs steps_per_generation
+   to be a multiple of gradient_accumulation_steps (an update within one generation batch); no router auxiliary loss.
 
 Several processes (accelerate / torchrun): the totals and metric sums are all-reduced over a `Shard`, as daro-lab's
 trainer does; this path follows daro-lab's data-parallel accounting but is not exercised by the tests here (one
