@@ -669,6 +669,7 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
     assert "reference arm `grpo`" in (tmp_path / "rep" / "ablation_summary_vs_grpo.md").read_text()
     with pytest.raises(AblationError, match="--against: no arm named 'nope'"):
         write_ablation_report(uri, res.parent_run_id, tmp_path / "rep2", figures=["convergence"], against=["nope"])
+    assert not (tmp_path / "rep2").exists()  # refused before anything was written
 
 
 def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):

@@ -86,6 +86,12 @@ def write_ablation_report(
     The summary files are written first, so they exist even when the analyses cannot draw a
     report (AnalysisError, e.g. no child finished), which is then re-raised."""
     res = summarize_ablation(uri, parent_run_id)
+    arms = [a.name for a in res.plan.arms]
+    for ref in against or []:  # before anything is written
+        if ref not in arms:
+            raise AblationError(
+                f"--against: no arm named {ref!r} in ablation '{res.plan.name}' (arms: {', '.join(arms)})"
+            )
     out = Path(out_dir) if out_dir else Path("reports") / f"ablation-{res.plan.name}-{parent_run_id[:8]}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation_summary.md").write_text(res.markdown)
@@ -97,12 +103,7 @@ def write_ablation_report(
         (out / "ablation_summary_all_levels.md").write_text(every.markdown)
         every.summary.to_csv(out / "ablation_summary_all_levels.csv", index=False)
         every.per_seed.to_csv(out / "ablation_per_seed_all_levels.csv", index=False)
-    arms = [a.name for a in res.plan.arms]
     for ref in against or []:
-        if ref not in arms:
-            raise AblationError(
-                f"--against: no arm named {ref!r} in ablation '{res.plan.name}' (arms: {', '.join(arms)})"
-            )
         for acc, suffix in ((res.plan.accuracy, ""), *(((mode, "_all_levels"),) if mode != res.plan.accuracy else ())):
             vs = summarize_ablation(uri, parent_run_id, replace(res.plan, reference=ref), accuracy=acc)
             (out / f"ablation_summary_vs_{ref}{suffix}.md").write_text(vs.markdown)
