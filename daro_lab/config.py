@@ -5,11 +5,12 @@ project's math page (docs/math.md) or another paper, the help says so. A field's
 a closed set of choices is a `Literal`, a number declares its interval (`setting(..., range="[0, inf)")`).
 `load_config` rejects unknown keys, wrong types and values outside the choices or the interval with an error
 naming the key, so a typo never silently runs the default. Choices that users extend (algo.method,
-algo.daro.signal) are checked against their registries in `daro_lab.algorithms`.
+algo.daro.signal, task.name, eval.reward) are checked against their registries in `daro_lab.algorithms` and
+`daro_lab.tasks`; a task's own rules (its levels, its longest answer) come from its registration.
 
 The same reader (`read_toml`) and typed builder (`build`, `check_ranges`, with a noun for their messages) load
-the ablation grid files (`daro_lab.ablation.grid.GridSpec`): one TOML path, one set of error messages. A leaf
-module: it imports nothing of daro_lab but the algorithms' registries.
+the ablation grid files (`daro_lab.ablation.grid.GridSpec`): one TOML path, one set of error messages. Field
+declarations (`setting`, `Range`) live in `daro_lab.fields`, below the task section (`daro_lab.tasks.base`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,64 +26,10 @@ from typing import Any, Literal
 
 import tomllib
 
-
-class ConfigError(ValueError):
-    """A config file, key or value that cannot be used; the message names it."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric field accepts, written as an interval: "[0, inf)", "(0, 1]", "[1, inf)".
-
-    Every float is also checked to be finite (NaN and +-inf are refused everywhere); a list of numbers
-    is checked item by item; None (an optional field left unset) passes."""
-
-    lo: float
-    hi: float
-    lo_open: bool
-    hi_open: bool
-
-    @classmethod
-    def parse(cls, text: str) -> Range:
-        m = re.fullmatch(r"\s*([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(-?inf|[-+0-9.e]+)\s*([\])])\s*", text)
-        if not m:
-            raise ValueError(f"bad range {text!r}: write an interval such as '[0, inf)' or '(0, 1]'")
-        return cls(float(m[2]), float(m[3]), m[1] == "(", m[4] == ")")
-
-    def __contains__(self, x: float) -> bool:
-        above = x > self.lo if self.lo_open else x >= self.lo
-        below = x < self.hi if self.hi_open else x <= self.hi
-        return above and below
-
-    def __str__(self) -> str:
-        def num(v: float) -> str:
-            return str(int(v)) if v.is_integer() else repr(v)
-
-        if math.isinf(self.hi):
-            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
-
-
-REQUIRED: Any = dataclasses.MISSING  # the default of a field that a file must set (`setting(REQUIRED, ...)`)
-
-
-def setting(default: Any, help: str, range: str | None = None, **kw: Any) -> Any:  # noqa: A002 - `help`, `range` read best here
-    """A field of a config section (or of a grid file): its default (or REQUIRED), one line of help and, for
-    numbers, the interval of valid values (`Range`)."""
-    meta: dict[str, Any] = {"help": help}
-    if range is not None:
-        meta["range"] = Range.parse(range)
-    if default is REQUIRED:
-        return field(metadata=meta, **kw)
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
+from daro_lab.fields import ConfigError, setting
+from daro_lab.tasks import TASKS, TaskConfig
 
 _f = setting  # the field tables below read best with a short name
-
-# the built-in tasks (daro_lab.tasks.registry.TASKS has one entry for each; tests/test_tasks.py checks they agree)
-TaskName = Literal["arithmetic", "chain", "math", "file"]
 
 
 @dataclass
@@ -135,80 +81,6 @@ class ModelConfig:
     arch_file: str = _f(
         "",
         "HF config.json of the architecture, for `train --dry-run` when model.path has none (experiments/paper/arch/)",
-    )
-
-
-@dataclass
-class TaskConfig:
-    name: TaskName = _f(
-        "arithmetic",
-        "'arithmetic' or 'chain' (built in), 'math' (data files, math-verify on the last \\boxed{}) or 'file' (data files, exact match)",
-    )
-    min_digits: int = _f(1, "arithmetic, chain: fewest digits of an operand", range="[1, inf)")
-    max_digits: int = _f(
-        3,
-        "arithmetic, chain: most digits of an operand; arithmetic: more digits, harder and longer answers",
-        range="[1, inf)",
-    )
-    ops: list[Literal["+", "-", "*"]] = _f(["+"], "arithmetic: operations drawn from ('+', '-', '*')")
-    min_terms: int = _f(
-        2, "chain: fewest operands (the answer lists the partial sums after the first)", range="[2, inf)"
-    )
-    max_terms: int = _f(5, "chain: most operands; more operands, harder and longer answers", range="[2, inf)")
-    num_train: int = _f(
-        4096,
-        "number of training prompts (math/file tasks: at most this many rows, drawn by data_seed; 0 = all)",
-        range="[0, inf)",
-    )
-    num_eval: int = _f(
-        256, "number of held-out prompts for periodic evaluation (math/file tasks: at most; 0 = all)", range="[0, inf)"
-    )
-    level_mix: list[float] = _f(
-        [],
-        "arithmetic, chain: relative frequency of each level in the training prompts, easiest "
-        "first, one positive weight per level (chain: min_terms..max_terms; arithmetic: "
-        "min_digits..max_digits), e.g. [8, 4, 2, 1] easy-heavy; empty: levels equally common. The "
-        "held-out set stays level-uniform, so every level's accuracy is measured alike",
-        range="(0, inf)",
-    )
-    data_seed: int = _f(1234, "seed of the prompt generator (independent of the training seed)", range="[0, inf)")
-    train_file: str = _f(
-        "", "math/file tasks: local JSONL or parquet of training problems (MATH, DAPO-Math-17k, OpenR1-Math layouts)"
-    )
-    eval_file: str = _f("", "math/file tasks: held-out problems; empty holds out num_eval rows of train_file")
-    prompt_field: str = _f(
-        "", "field of the problem text, dotted for nesting ('a.b.0'); empty: first of problem, prompt, question"
-    )
-    answer_field: str = _f(
-        "",
-        "field of the answer, dotted (DAPO-Math-17k: reward_model.ground_truth); empty: first of answer, reward_model.ground_truth, solution, ground_truth",
-    )
-    level_field: str = _f("", "optional difficulty field ('Level 3' -> 3); empty: 'level' when the row has it, else 0")
-    answer_extract: Literal["auto", "none", "boxed"] = _f(
-        "auto",
-        "'boxed': the last \\boxed{} of the answer field (MATH solutions); 'none': as is; 'auto': boxed when it has one",
-    )
-    reward_workers: int = _f(
-        2,
-        "math task: processes verifying answers with math-verify, 2 for a 2-core machine; 0: in-process, no hard timeout",
-        range="[0, inf)",
-    )
-    reward_timeout_s: float = _f(
-        5.0,
-        "math task: seconds per answer before it scores 0 (math-verify's own per-call default is 5 s)",
-        range="(0, inf)",
-    )
-    max_prompt_tokens: int = _f(
-        0,
-        "longest prompt in tokens, prompt template included; 0: the model's context "
-        "(max_position_embeddings) less the longest response (rollout/eval max_new_tokens)",
-        range="[0, inf)",
-    )
-    long_prompts: Literal["error", "drop"] = _f(
-        "error",
-        "training and held-out prompts longer than that: 'error' stops before any run exists, "
-        "naming the rows; 'drop' leaves them out, counted on stderr and in the run's tag "
-        "daro_lab.dropped_prompts (a benchmark's long prompts are always an error)",
     )
 
 
@@ -385,8 +257,10 @@ class EvalConfig:
         "prompts generated at once during evaluation (64: our choice, half the paper's 128-prompt batch)",
         range="[1, inf)",
     )
-    reward: TaskName = _f(
-        "math", "task whose verifier scores benchmark answers: 'math' (math-verify), 'file' (exact match), 'arithmetic'"
+    reward: str = _f(
+        "math",
+        "registered task whose verifier scores benchmark answers: 'math' (math-verify), 'file' (exact match), "
+        "'arithmetic', 'chain'",
     )
     experiment: str = _f("daro-lab-eval", "MLflow experiment of `daro-lab eval` runs")
 
@@ -621,13 +495,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{e}{where}") from None
 
 
-def longest_chain_answer(task: TaskConfig) -> int:
-    """Characters of the chain task's longest possible answer (every operand at its largest): `validate` needs it
-    for rollout.max_new_tokens, the task (daro_lab.tasks.chain) for its problems."""
-    top = 10**task.max_digits - 1
-    return sum(len(str(top * j)) for j in range(2, task.max_terms + 1)) + task.max_terms - 2
-
-
 def validate(cfg: Config) -> None:
     """Every value in its declared range (`check_ranges`; types and Literal choices were checked by `build`), then
     the choices users extend (registries) and the constraints between fields."""
@@ -683,32 +550,24 @@ def validate(cfg: Config) -> None:
         torch.device(t.device)
     except (RuntimeError, ValueError):
         bad("trainer.device", f"not a torch device: {t.device!r} (e.g. 'cpu', 'cuda', 'cuda:1')")
-    tk = cfg.task
-    if tk.max_digits < tk.min_digits:
-        bad("task.max_digits", f"must be >= task.min_digits ({tk.min_digits}), got {tk.max_digits}")
-    if tk.max_terms < tk.min_terms:
-        bad("task.max_terms", f"must be >= task.min_terms ({tk.min_terms}), got {tk.max_terms}")
-    if tk.level_mix and tk.name in ("chain", "arithmetic"):
-        lo, hi = (tk.min_terms, tk.max_terms) if tk.name == "chain" else (tk.min_digits, tk.max_digits)
-        if len(tk.level_mix) != hi - lo + 1:
-            bad(
-                "task.level_mix",
-                f"expected one weight per level {lo}..{hi} ({hi - lo + 1}), got {len(tk.level_mix)}: "
-                f"{list(tk.level_mix)}",
-            )
-    elif tk.level_mix:
+    for key, name in (("task.name", cfg.task.name), ("eval.reward", cfg.eval.reward)):
+        if name not in TASKS:
+            bad(key, f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    task = TASKS[cfg.task.name]
+    if cfg.task.level_mix and task.levels is None:
         bad(
             "task.level_mix",
-            f"only the generated tasks (chain, arithmetic) have levels to mix; task.name is {tk.name!r}",
+            f"only the generated tasks ({', '.join(n for n, t in sorted(TASKS.items()) if t.levels)}) "
+            f"have levels to mix; task.name is {cfg.task.name!r}",
         )
-    if not tk.ops:
-        bad("task.ops", "expected a non-empty list drawn from '+', '-', '*', got []")
-    if tk.name == "chain" and cfg.rollout.max_new_tokens <= (longest := longest_chain_answer(tk)):
+    if cfg.task.level_mix and len(cfg.task.level_mix) != len(levels := task.levels(cfg.task)):
         bad(
-            "rollout.max_new_tokens",
-            f"the chain task's longest answer has {longest} characters; the cap must "
-            f"exceed it (so that an answer that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}",
+            "task.level_mix",
+            f"expected one weight per level {levels[0]}..{levels[-1]} ({len(levels)}), got "
+            f"{len(cfg.task.level_mix)}: {list(cfg.task.level_mix)}",
         )
+    for key, why in task.check(cfg) if task.check else ():
+        bad(key, why)
     for key, name in (("tracking.experiment", cfg.tracking.experiment), ("eval.experiment", cfg.eval.experiment)):
         if not name.strip():
             bad(key, "an MLflow experiment needs a name, got an empty string")

@@ -75,7 +75,7 @@ BAD_VALUES = [
     ("model.num_heads=0", "'model.num_heads': must be an integer >= 1, got 0"),
     ("model.num_heads=3", r"'model.num_heads': must divide model.hidden_size \(64\), got 3"),
     ("model.arch=gpt2", "'model.arch': expected 'llama' or 'qwen2', got 'gpt2'"),
-    ("task.name=sudoku", "'task.name': expected one of 'arithmetic', 'chain', 'math', 'file', got 'sudoku'"),
+    ("task.name=sudoku", "'task.name': unknown task 'sudoku'; choose one of arithmetic, chain, file, math"),
     ("task.max_digits=0", "'task.max_digits': must be an integer >= 1, got 0"),
     ("task.ops=['/']", r"'task.ops\[0\]': expected one of '\+', '-', '\*', got '/'"),
     ("task.ops=[]", r"'task.ops': expected a non-empty list drawn from '\+', '-', '\*', got \[\]"),
@@ -90,7 +90,7 @@ BAD_VALUES = [
     ("model.dtype=fp8", "'model.dtype': expected one of 'float32', 'bfloat16', 'float16', 'auto', got 'fp8'"),
     ("trainer.lr_schedule=linear", "'trainer.lr_schedule': expected 'constant' or 'cosine', got 'linear'"),
     ("task.answer_extract=last", "'task.answer_extract': expected one of 'auto', 'none', 'boxed', got 'last'"),
-    ("eval.reward=gsm8k", "'eval.reward': expected one of 'arithmetic', 'chain', 'math', 'file', got 'gsm8k'"),
+    ("eval.reward=gsm8k", "'eval.reward': unknown task 'gsm8k'; choose one of arithmetic, chain, file, math"),
     ("rollout.engine=1", "'rollout.engine': expected 'hf' or 'vllm', got 1"),
     ("seed=-1", "'seed': must be an integer >= 0, got -1"),
 ]
@@ -107,7 +107,7 @@ def test_every_numeric_field_declares_its_range():
     import dataclasses
     import typing
 
-    from daro_lab.config import Range
+    from daro_lab.fields import Range
 
     def walk(cls, prefix=""):
         hints = typing.get_type_hints(cls)

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from daro_lab.config import ConfigError, TaskConfig, load_config
-from daro_lab.tasks import Problem, get_task
+from daro_lab.config import ConfigError, load_config
+from daro_lab.tasks import Problem, TaskConfig, get_task
 from daro_lab.tasks.files import DataFileError, build, exact_match, get_field, last_boxed, load_problems, reward_batch
 
 

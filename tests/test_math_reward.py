@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from daro_lab.config import TaskConfig
-from daro_lab.tasks import get_task
+from daro_lab.tasks import TaskConfig, get_task
 from daro_lab.tasks import math as math_task
 from daro_lab.tasks.math import VerifierPool, score_answer
 

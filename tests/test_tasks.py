@@ -4,8 +4,7 @@ import dataclasses
 
 import pytest
 
-from daro_lab.config import TaskConfig
-from daro_lab.tasks import Problem, build_task, get_task
+from daro_lab.tasks import Problem, TaskConfig, build_task, get_task
 from daro_lab.tasks.arithmetic import num_distinct, parse_answer, reward_batch, verify
 
 SMALL = TaskConfig(num_train=300, num_eval=60)
@@ -103,14 +102,47 @@ def test_unknown_task_name_raises_clear_error():
     assert get_task("arithmetic").name == "arithmetic"
 
 
-def test_the_config_choices_of_task_name_are_the_registered_tasks():
-    import typing
+def test_a_new_task_is_one_registration_with_its_own_config_rules():
+    """A task registered from outside the package: the config accepts its name (task.name and eval.reward), its
+    own rule is checked with the key it names, the generic level rule follows its `levels`, and it builds."""
+    from daro_lab.config import ConfigError, load_config
+    from daro_lab.tasks import TASKS, Task, register_task
 
-    from daro_lab.config import TaskName
-    from daro_lab.tasks import TASKS
+    def build(c):
+        problems = [Problem(f"{i}?", str(i % 2), level=1 + i % 2) for i in range(c.num_train + c.num_eval)]
+        return problems[: c.num_train], problems[c.num_train :]
 
-    assert set(typing.get_args(TaskName)) == set(TASKS)
-    assert all(TASKS[name].name == name for name in TASKS)
+    def check(c):
+        if c.rollout.max_new_tokens < 2:
+            yield "rollout.max_new_tokens", f"parity answers need 2 tokens, got {c.rollout.max_new_tokens}"
+
+    register_task(
+        Task(
+            "parity",
+            build,
+            lambda rs, ans: [float(r == a) for r, a in zip(rs, ans)],
+            levels=lambda c: [1, 2],
+            check=check,
+        )
+    )
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(Task("parity", build, lambda rs, ans: []))
+        c = load_config(None, ["task.name=parity", "eval.reward=parity", "task.num_train=6", "task.num_eval=2"])
+        train, ev = build_task(c.task)
+        assert [p.prompt for p in train] == [f"{i}?" for i in range(6)] and len(ev) == 2
+        assert get_task("parity").reward_batch(["1", "0"], ["1", "1"]) == [1.0, 0.0]
+        with pytest.raises(ConfigError, match=r"'rollout.max_new_tokens': parity answers need 2 tokens, got 1"):
+            load_config(None, ["task.name=parity", "rollout.max_new_tokens=1"])
+        load_config(None, ["task.name=parity", "task.level_mix=[3, 1]"])  # two levels: two weights
+        with pytest.raises(ConfigError, match=r"'task.level_mix': expected one weight per level 1..2 \(2\), got 3"):
+            load_config(None, ["task.name=parity", "task.level_mix=[3, 1, 1]"])
+        with pytest.raises(
+            ConfigError, match=r"'task.level_mix': only the generated tasks \(arithmetic, chain, parity\)"
+        ):
+            load_config(None, ["task.name=math", "task.level_mix=[3, 1]"])
+    finally:
+        TASKS.pop("parity")
 
 
 # -- verifier -------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from daro_lab.config import ModelConfig, TaskConfig
+from daro_lab.config import ModelConfig
 from daro_lab.models import CharTokenizer, build_tiny_model, load_policy, warm_start
 from daro_lab.models import warmstart as ws
-from daro_lab.tasks import Problem, build_task
+from daro_lab.tasks import Problem, TaskConfig, build_task
 from daro_lab.tasks.arithmetic import reward_batch
 
 TASK = TaskConfig(num_train=200, num_eval=50)

@@ -53,17 +53,8 @@ import tomllib
 
 from daro_lab.ablation.summary import acc_key
 from daro_lab.algorithms import METHODS
-from daro_lab.config import (
-    REQUIRED,
-    Config,
-    ConfigError,
-    apply_overrides,
-    build,
-    check_ranges,
-    config_from_dict,
-    read_toml,
-    setting,
-)
+from daro_lab.config import Config, ConfigError, apply_overrides, build, check_ranges, config_from_dict, read_toml
+from daro_lab.fields import REQUIRED, setting
 
 
 class AblationError(ValueError):

@@ -14,8 +14,9 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from daro_lab.config import Config, ConfigError, TaskConfig
+from daro_lab.config import Config, ConfigError
 from daro_lab.eval.metrics import avg_at_n, mean_pass_at_k, pass_ks
+from daro_lab.tasks import TaskConfig
 from daro_lab.tasks.base import Problem
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a benchmark name is part of metric keys and table columns

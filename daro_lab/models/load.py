@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from daro_lab.config import ModelConfig, TaskConfig
+from daro_lab.config import ModelConfig
 from daro_lab.models.tiny import load_pretrained
 from daro_lab.models.warmstart import warm_start
+from daro_lab.tasks import TaskConfig
 
 
 def load_policy(cfg: ModelConfig, seed: int, task: TaskConfig | None = None):

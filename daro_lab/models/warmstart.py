@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from daro_lab.config import ModelConfig, TaskConfig
+from daro_lab.config import ModelConfig
 from daro_lab.models.tiny import build_tiny_model, torch_dtype
 from daro_lab.models.tokenizer import CharTokenizer
-from daro_lab.tasks import Problem, build_task, get_task
+from daro_lab.tasks import Problem, TaskConfig, build_task, get_task
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any, Iterator
 
-from daro_lab.config import TaskConfig
-from daro_lab.tasks.base import Problem
+from daro_lab.tasks.base import Problem, TaskConfig
 from daro_lab.tasks.leveled import build_leveled
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -25,6 +25,20 @@ def _check(cfg: TaskConfig) -> None:
     bad = [op for op in cfg.ops if op not in OPS]
     if not cfg.ops or bad:
         raise ValueError(f"task.ops: expected a non-empty list drawn from {list(OPS)}, got {cfg.ops!r}")
+
+
+def levels(cfg: TaskConfig) -> list[int]:
+    """The levels (digits of the longer operand) that task.level_mix weighs, easiest first."""
+    return list(range(cfg.min_digits, cfg.max_digits + 1))
+
+
+def check(cfg: Any) -> Iterator[tuple[str, str]]:
+    """(config key, why) for each arithmetic-task rule the whole config (daro_lab.config.Config) breaks."""
+    tk = cfg.task
+    if tk.max_digits < tk.min_digits:
+        yield "task.max_digits", f"must be >= task.min_digits ({tk.min_digits}), got {tk.max_digits}"
+    if not tk.ops:
+        yield "task.ops", f"expected a non-empty list drawn from {', '.join(map(repr, OPS))}, got []"
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -87,9 +101,8 @@ def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     operand) equally common in both (`tasks.leveled`; training: or mixed by task.level_mix): the held-out set has distinct prompts, disjoint from
     training; a level with fewer distinct prompts than its share of training (one digit: 100) repeats them."""
     _check(cfg)
-    levels = list(range(cfg.min_digits, cfg.max_digits + 1))
     return build_leveled(
-        levels,
+        levels(cfg),
         lambda lvl: level_size(cfg, lvl),
         lambda rng, lvl: _sample_in_level(cfg, rng, lvl),
         lambda lvl: _enumerate_level(cfg, lvl),

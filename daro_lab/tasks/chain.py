@@ -15,10 +15,9 @@ missed stop costs the whole cap), which is what makes the loss scale issue visib
 from __future__ import annotations
 
 import random
+from typing import Any, Iterator
 
-from daro_lab.config import TaskConfig
-from daro_lab.config import longest_chain_answer as max_answer_length  # noqa: F401 - the config's check needs it too
-from daro_lab.tasks.base import Problem
+from daro_lab.tasks.base import Problem, TaskConfig
 from daro_lab.tasks.leveled import build_leveled
 
 
@@ -27,6 +26,33 @@ def _check(cfg: TaskConfig) -> None:
         raise ValueError(f"task: need 1 <= min_digits <= max_digits, got {cfg.min_digits}, {cfg.max_digits}")
     if cfg.min_terms < 2 or cfg.max_terms < cfg.min_terms:
         raise ValueError(f"task: need 2 <= min_terms <= max_terms, got {cfg.min_terms}, {cfg.max_terms}")
+
+
+def max_answer_length(cfg: TaskConfig) -> int:
+    """Characters of the longest possible answer (every operand at its largest)."""
+    top = 10**cfg.max_digits - 1
+    return sum(len(str(top * j)) for j in range(2, cfg.max_terms + 1)) + cfg.max_terms - 2
+
+
+def levels(cfg: TaskConfig) -> list[int]:
+    """The levels (operand counts) that task.level_mix weighs, easiest first."""
+    return list(range(cfg.min_terms, cfg.max_terms + 1))
+
+
+def check(cfg: Any) -> Iterator[tuple[str, str]]:
+    """(config key, why) for each chain-task rule the whole config (daro_lab.config.Config) breaks: bounds in order,
+    and a response cap above the longest answer, so that a response that equals the chain has stopped by itself."""
+    tk = cfg.task
+    if tk.max_digits < tk.min_digits:
+        yield "task.max_digits", f"must be >= task.min_digits ({tk.min_digits}), got {tk.max_digits}"
+    if tk.max_terms < tk.min_terms:
+        yield "task.max_terms", f"must be >= task.min_terms ({tk.min_terms}), got {tk.max_terms}"
+    elif cfg.rollout.max_new_tokens <= (longest := max_answer_length(tk)):
+        yield (
+            "rollout.max_new_tokens",
+            f"the chain task's longest answer has {longest} characters; the cap must exceed it (so that an answer "
+            f"that equals the chain has stopped by itself), got {cfg.rollout.max_new_tokens}",
+        )
 
 
 def make_problem(operands: list[int]) -> Problem:
@@ -74,9 +100,8 @@ def build(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, eval), deterministic from cfg.data_seed, levels equally common (training: or mixed by
     task.level_mix; see tasks.leveled)."""
     _check(cfg)
-    levels = list(range(cfg.min_terms, cfg.max_terms + 1))
     return build_leveled(
-        levels,
+        levels(cfg),
         lambda m: level_size(cfg, m),
         lambda rng, m: _sample_in_level(cfg, rng, m),
         lambda m: _enumerate_level(cfg, m),

@@ -27,8 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from daro_lab.config import ConfigError, TaskConfig
-from daro_lab.tasks.base import Problem
+from daro_lab.fields import ConfigError
+from daro_lab.tasks.base import Problem, TaskConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,8 @@ import threading
 import time
 from typing import Callable
 
-from daro_lab.config import TaskConfig
 from daro_lab.tasks import files
-from daro_lab.tasks.base import Problem
+from daro_lab.tasks.base import Problem, TaskConfig
 from daro_lab.tasks.files import last_boxed
 
 log = logging.getLogger(__name__)

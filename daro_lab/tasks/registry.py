@@ -1,32 +1,53 @@
-"""The registry of tasks: name -> `Task` (how to build its problems, how to score responses).
+"""The registry of tasks: name -> `Task` (how to build its problems, how to score responses, its config rules).
 
-The names are the config's `TaskName` choices (task.name, eval.reward); tests/test_tasks.py checks that both
-list the same tasks.
+The config's task.name and eval.reward accept exactly these names (`daro_lab.config.validate`). A new task is
+one module (build, reward_batch, and optionally levels and check) plus one `register_task(Task(...))`, here for a
+built-in task or in the user's own code before the config is loaded.
 """
 
 from __future__ import annotations
 
-from daro_lab.config import TaskConfig
 from daro_lab.tasks import arithmetic, chain, files
 from daro_lab.tasks import math as math_task
-from daro_lab.tasks.base import Problem, Task
+from daro_lab.tasks.base import Problem, Task, TaskConfig
 
-TASKS: dict[str, Task] = {
-    "arithmetic": Task(
-        "arithmetic", arithmetic.build, arithmetic.reward_batch, arithmetic.sample_problem, arithmetic.num_distinct
-    ),
-    "chain": Task(
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add `task` under `task.name` (config keys task.name, eval.reward); a name taken is an error."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+register_task(
+    Task(
+        "arithmetic",
+        arithmetic.build,
+        arithmetic.reward_batch,
+        sample=arithmetic.sample_problem,
+        num_distinct=arithmetic.num_distinct,
+        levels=arithmetic.levels,
+        check=arithmetic.check,
+    )
+)
+register_task(  # running sums
+    Task(
         "chain",
         chain.build,
         chain.reward_batch,
-        chain.sample_problem,
-        chain.num_distinct,  # running sums
-        chain.run_on,
-        chain.run_on_weight,
-    ),
-    "math": Task("math", math_task.build, math_task.reward_batch),  # data files, math-verify on the last \\boxed{}
-    "file": Task("file", files.build, files.reward_batch),  # data files, exact match of the stripped response
-}
+        sample=chain.sample_problem,
+        num_distinct=chain.num_distinct,
+        run_on=chain.run_on,
+        run_on_weight=chain.run_on_weight,
+        levels=chain.levels,
+        check=chain.check,
+    )
+)
+register_task(Task("math", math_task.build, math_task.reward_batch))  # data files, math-verify on the last \\boxed{}
+register_task(Task("file", files.build, files.reward_batch))  # data files, exact match of the stripped response
 
 
 def task_names() -> list[str]:
