@@ -155,6 +155,11 @@ class AlgoConfig:
         "DeepSeekMath setting 0.04); above 100 the penalty swamps every reward",
         range="[0, 100]",
     )
+    kl_ratio: bool = _f(
+        False,
+        "with kl_beta > 0: the per-token k3 KL times the importance ratio pi/pi_old (differentiable), the unbiased "
+        "reverse-KL gradient (DeepSeek-V3.2, arXiv 2512.02556; TRL 1.16's use_bias_correction_kl, on by default there)",
+    )
     std: Literal["unbiased", "population"] = _f(
         "unbiased", "group std for the advantage: 'unbiased' (verl, TRL) or 'population'"
     )

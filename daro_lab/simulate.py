@@ -23,6 +23,7 @@ and coefficients come out the same; `tests/test_simulate.py` checks this against
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -294,14 +295,12 @@ def simulate(cfg: SimConfig, compact: bool = True, progress: bool = False) -> Si
         if m not in BASELINES:
             raise ValueError(f"method {m!r}: the simulator runs the baselines {', '.join(BASELINES)} (DARO: readings)")
     rows: list[dict] = []
-    base = LossSettings(eps_low=cfg.eps_low, eps_high=cfg.eps_high, max_response_length=cfg.max_len)
+    base = LossSettings.read("sim", lambda name: getattr(cfg, name))
     darow = []
     for r in readings:
         dw = DaroWeights(K, dtype=torch.float64)
         opt = torch.optim.AdamW(dw.param_group(cfg.lr_w)["params"], lr=cfg.lr_w, weight_decay=0.0)
-        s = LossSettings(
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, weight_signal=r.signal, reg=r.reg, signal_ema=r.ema
-        )
+        s = dataclasses.replace(base, weight_signal=r.signal, reg=r.reg, signal_ema=r.ema)  # the reading's DARO
         darow.append((r, dw, opt, s))
     baselines_every = max(1, cfg.updates // 100)  # their shapes do not depend on the update: sample 100 of them
     bar = None

@@ -669,3 +669,37 @@ def test_trl_kl_with_its_default_bias_correction_for_the_metrics_and_for_daro(tm
     one_pass = loss_terms("daro", batch, K, s, weights=torch.ones(K - 1))
     assert sum(r["loss"] for r in daro.spy if r["step"] == 1) == pytest.approx(float(one_pass.loss), **TOL)
     assert any(abs(w - 1.0) > 1e-3 for w in daro.daro_weights.as_dict().values())
+
+
+def test_trl_reads_every_loss_setting_from_its_declared_attribute(tmp_path):
+    """DaroGRPOTrainer's LossSettings come from the TRL attributes LossSettings declares (no hand mapping)."""
+    import dataclasses
+
+    t = _trainer(
+        tmp_path,
+        "daro",
+        cls=DaroGRPOTrainer,
+        epsilon=0.15,
+        epsilon_high=0.35,
+        delta=3.0,
+        beta=0.05,
+        use_bias_correction_kl=True,
+        max_completion_length=11,
+        daro_signal="mass",
+        daro_reg="0.5",
+        daro_signal_ema=0.5,
+    )
+    want = dict(
+        eps_low=0.15,
+        eps_high=0.35,
+        dual_clip=3.0,
+        kl_beta=0.05,
+        kl_ratio=True,
+        max_response_length=11,
+        weight_signal="mass",
+        reg=0.5,
+        signal_ema=0.5,
+    )
+    assert set(want) == {f.name for f in dataclasses.fields(LossSettings)}  # a new setting: add it here
+    assert dataclasses.asdict(t.daro_settings) == want
+    assert all(want[f.name] != f.default for f in dataclasses.fields(LossSettings))

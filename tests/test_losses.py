@@ -656,3 +656,35 @@ def test_mass_signal_weights_reach_their_fixed_point(reg):
         assert dw.as_dict()[k] == pytest.approx(C / mass[k], rel=2e-2)
     if reg == "auto":  # C is the mean mass over the groups, so the weights' geometric centre is near 1
         assert C == pytest.approx(sum(mass[k] for k in ws) / len(ws), rel=1e-6)
+
+
+def test_every_loss_setting_is_declared_once_and_read_by_the_trainer_trl_and_simulator(tmp_path):
+    """Each LossSettings field names its config key and its TRL attribute; a config (and a simulator config)
+    with every named value changed gives settings with exactly those values, so a new setting needs no mapping."""
+    import dataclasses
+
+    from daro_lab.config import describe, load_config
+    from daro_lab.simulate import SimConfig
+
+    fields = dataclasses.fields(LossSettings)
+    keys = {k for k, _, _ in describe()}
+    assert all(f.metadata["config"] in keys and f.metadata["trl"] for f in fields)
+    changed = {  # a value other than the default for every setting, as the config writes it
+        "algo.eps_low": ("0.15", 0.15),
+        "algo.eps_high": ("0.35", 0.35),
+        "algo.dual_clip": ("3.0", 3.0),
+        "algo.kl_beta": ("0.05", 0.05),
+        "algo.kl_ratio": ("true", True),
+        "rollout.max_new_tokens": ("11", 11),
+        "algo.daro.signal": ("mass", "mass"),
+        "algo.daro.reg": ("'auto'", "auto"),
+        "algo.daro.signal_ema": ("0.5", 0.5),
+    }
+    assert set(changed) == {f.metadata["config"] for f in fields}  # a new field: add it here
+    cfg = load_config(None, [f"{k}={text}" for k, (text, _) in changed.items()])
+    got = LossSettings.from_config(cfg)
+    assert all(getattr(got, f.name) == changed[f.metadata["config"]][1] for f in fields)
+    assert all(getattr(LossSettings.from_config(load_config()), f.name) != getattr(got, f.name) for f in fields)
+    sim = SimConfig(eps_low=0.1, eps_high=0.3, max_len=9)
+    s = LossSettings.read("sim", lambda name: getattr(sim, name))
+    assert (s.eps_low, s.eps_high, s.max_response_length, s.weight_signal) == (0.1, 0.3, 9, "abs")

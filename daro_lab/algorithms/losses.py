@@ -39,20 +39,58 @@ from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
 from daro_lab.record import LOSS_TOTAL, group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
 
 
+def _setting(default: Any, config: str, trl: str, sim: str = "") -> Any:
+    """A loss setting, declared once with where each caller reads it: `config`, its key in daro_lab.config;
+    `trl`, the GRPOTrainer attribute ('args.x': of its GRPOConfig) that daro_lab.integrations.trl reads;
+    `sim`, its option in the simulator's SimConfig ('' where the simulator has none: the default, or per reading)."""
+    return dataclasses.field(default=default, metadata={"config": config, "trl": trl, "sim": sim})
+
+
 @dataclass(frozen=True)
 class LossSettings:
-    """The numbers the loss needs, a view of `AlgoConfig` and `RolloutConfig`."""
+    """The numbers the loss needs. A new one is a field here (with its config key and its TRL attribute) plus
+    its config field: the trainer, the TRL integration and the simulator read it through `read`."""
 
-    eps_low: float = 0.2  # lower clip range
-    eps_high: float = 0.28  # upper clip range (clip-higher)
-    dual_clip: float | None = None  # dual-clip constant c > 1, or None
-    kl_beta: float = 0.0  # coefficient of the k3 KL term
-    kl_ratio: bool = False  # the per-token KL times the importance ratio pi/pi_old, differentiable: the unbiased
-    # reverse-KL gradient (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default in TRL 1.16)
-    max_response_length: int = 0  # Dr. GRPO's constant normaliser L_max (0: the batch's T)
-    weight_signal: str = "abs"  # DARO: what drives w: 'abs', 'signed', 'grad' or 'mass' (see SIGNALS)
-    reg: float | str = 1.0  # DARO: the regulariser's constant C in sum (w L - C ln w); 'auto': running mean signal
-    signal_ema: float = 0.0  # DARO: decay of the per-group EMA of the signal across updates (0: this mini-batch's)
+    eps_low: float = _setting(0.2, "algo.eps_low", "epsilon_low", "eps_low")  # lower clip range
+    eps_high: float = _setting(0.28, "algo.eps_high", "epsilon_high", "eps_high")  # upper clip range (clip-higher)
+    dual_clip: float | None = _setting(None, "algo.dual_clip", "args.delta")  # dual-clip constant c > 1, or None
+    kl_beta: float = _setting(0.0, "algo.kl_beta", "beta")  # coefficient of the k3 KL term
+    # the per-token KL times the importance ratio pi/pi_old, differentiable: the unbiased reverse-KL gradient
+    # (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default in TRL 1.16); nothing without kl_beta
+    kl_ratio: bool = _setting(False, "algo.kl_ratio", "args.use_bias_correction_kl")
+    # Dr. GRPO's constant normaliser L_max (0: the batch's T)
+    max_response_length: int = _setting(0, "rollout.max_new_tokens", "max_completion_length", "max_len")
+    # DARO: what drives w: 'abs', 'signed', 'grad' or 'mass' (see SIGNALS)
+    weight_signal: str = _setting("abs", "algo.daro.signal", "args.daro_signal")
+    # DARO: the regulariser's constant C in sum (w L - C ln w); 'auto': running mean signal
+    reg: float | str = _setting(1.0, "algo.daro.reg", "args.daro_reg")
+    # DARO: decay of the per-group EMA of the signal across updates (0: this mini-batch's)
+    signal_ema: float = _setting(0.0, "algo.daro.signal_ema", "args.daro_signal_ema")
+
+    def __post_init__(self):
+        if isinstance(self.reg, str) and self.reg.strip() != "auto":  # TRL's daro_reg is text: '1', '0.5'
+            object.__setattr__(self, "reg", float(self.reg))
+        if self.max_response_length is None:
+            object.__setattr__(self, "max_response_length", 0)
+
+    @classmethod
+    def read(cls, source: str, get: Callable[[str], Any], **over: Any) -> LossSettings:
+        """The settings a caller holds: get(name) for every field's name in `source` ('config', 'trl' or
+        'sim'; see `_setting`), the defaults for fields it does not name, then `over`."""
+        values = {f.name: get(f.metadata[source]) for f in dataclasses.fields(cls) if f.metadata[source]}
+        return cls(**{**values, **over})
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LossSettings:
+        """The settings of a daro_lab.config.Config (the trainer's)."""
+
+        def get(key: str) -> Any:
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+        return cls.read("config", get)
 
 
 # What drives DARO's weights (the w-gradient is signal_mu - C / w_mu, fixed point w_mu = C / signal_mu).

@@ -297,16 +297,12 @@ class DaroGRPOTrainer(GRPOTrainer):
         self.is_daro = self.loss_type == "daro"
         self.daro_method = METHOD_OF_LOSS_TYPE.get(self.loss_type, "dapo")
         self.K = self.num_generations
-        self.daro_settings = LossSettings(
-            eps_low=self.epsilon_low,
-            eps_high=self.epsilon_high,
-            dual_clip=getattr(a, "delta", None),
-            kl_beta=self.beta,
-            kl_ratio=self.beta != 0.0 and bool(getattr(a, "use_bias_correction_kl", False)),
-            max_response_length=self.max_completion_length or 0,
-            weight_signal=getattr(a, "daro_signal", "abs"),
-            reg=parse_reg(getattr(a, "daro_reg", "1")),
-            signal_ema=getattr(a, "daro_signal_ema", 0.0),
+        # each loss setting from its TRL attribute (LossSettings declares which); a stock GRPOConfig lacks the
+        # daro_* options: their defaults
+        defaults = {f.metadata["trl"]: f.default for f in dataclasses.fields(LossSettings)}
+        self.daro_settings = LossSettings.read(
+            "trl",
+            lambda n: getattr(a, n[5:], defaults[n]) if n.startswith("args.") else getattr(self, n),
         )
         self.daro_shard = process_shard(self.accelerator.num_processes)
         self.trl_terms_exact = (

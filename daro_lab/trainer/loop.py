@@ -81,16 +81,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.policy.generation_model, self.tokenizer, dtype=self.policy.compute)
         self.method = METHODS[cfg.algo.method]
         self.K = cfg.rollout.num_responses
-        self.settings = LossSettings(
-            eps_low=cfg.algo.eps_low,
-            eps_high=cfg.algo.eps_high,
-            dual_clip=cfg.algo.dual_clip,
-            kl_beta=cfg.algo.kl_beta,
-            max_response_length=cfg.rollout.max_new_tokens,
-            weight_signal=cfg.algo.daro.signal,
-            reg=cfg.algo.daro.reg,
-            signal_ema=cfg.algo.daro.signal_ema,
-        )
+        self.settings = LossSettings.from_config(cfg)
         d = cfg.algo.daro
         self.weights: DaroWeights | None = None
         if self.method.weights != "none":
