@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from daro_lab.config import ConfigError, describe, load_config
+from daro_lab.record import EVAL_ACC
 
 app = typer.Typer(
     help="daro-lab: train and study GRPO-family losses and DARO, recorded in MLflow.",
@@ -820,7 +821,7 @@ def demo(
     for method, cfg in configs.items():
         run_id = _run_training(cfg, tracking_uri=uri)
         m = read_metrics(uri, run_id)
-        acc = {k: m[m.key == f"eval/{k}_acc"].sort_values("step").value for k in ("sampled", "greedy")}
+        acc = {k: m[m.key == EVAL_ACC[k]].sort_values("step").value for k in ("sampled", "greedy")}
         results.append((method, run_id, *(a.iloc[i] for a in acc.values() for i in (0, -1))))
     typer.echo(f"\nexperiment '{cfg.tracking.experiment}' in {uri}; held-out accuracy at start -> end")
     typer.echo(

@@ -46,6 +46,13 @@ GRAD_NORM = "grad/norm"  # the policy gradient's norm before clipping (a step's 
 GRAD_CLIPPED = "grad/clipped"  # the share of a step's updates the clip cut
 EVAL_GREEDY = "eval/greedy_acc"  # held-out accuracy, greedy decoding
 EVAL_SAMPLED = "eval/sampled_acc"  # held-out accuracy, avg@n at the rollout temperature
+EVAL_ACC = {"greedy": EVAL_GREEDY, "sampled": EVAL_SAMPLED}  # evaluation mode -> its accuracy metric
+
+
+def eval_level_key(mode: str, level: int | str) -> str:
+    """The held-out accuracy of one level's prompts: eval_level_key('sampled', 5) = 'eval/sampled_acc/level_5'."""
+    return f"{EVAL_ACC[mode]}/level_{level}"
+
 
 # per-pass-rate step metrics that are not per_mu columns (the table has the mini-batch's own: daro/weight_used)
 STEP_ONLY = ("daro/weight",)

@@ -69,10 +69,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from daro_lab.record import EVAL_GREEDY, EVAL_SAMPLED, LOSS_TOTAL, wide
+from daro_lab.record import EVAL_ACC, EVAL_GREEDY, LOSS_TOTAL, eval_level_key, wide
 
 ACC = EVAL_GREEDY
-ACC_KEYS = {"greedy": EVAL_GREEDY, "sampled": EVAL_SAMPLED}  # the grid's `accuracy`
+ACC_KEYS = EVAL_ACC  # the grid's `accuracy`: an evaluation mode
 _LEVEL_RE = re.compile(r"^(greedy|sampled):level_(-?\d+)$")
 
 
@@ -85,7 +85,7 @@ def acc_key(accuracy: str) -> str:
     m = _LEVEL_RE.match(accuracy)
     if not m:
         raise ValueError(f"expected 'greedy', 'sampled', 'greedy:level_N' or 'sampled:level_N', got {accuracy!r}")
-    return f"{ACC_KEYS[m.group(1)]}/level_{m.group(2)}"
+    return eval_level_key(m.group(1), m.group(2))
 
 
 def acc_mode(accuracy: str) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from daro_lab.config import Config
 from daro_lab.distributed import DistInfo, gather_objects, split
-from daro_lab.record import mu_key
+from daro_lab.record import EVAL_ACC, eval_level_key, mu_key
 
 
 @torch.no_grad()
@@ -65,14 +65,14 @@ def evaluate(
         for mode in scores:
             by_level[p.level][mode].append(scores[mode][i])
     n = max(len(problems), 1)
-    metrics = {f"eval/{mode}_acc": sum(v) / n for mode, v in scores.items()}
+    metrics = {EVAL_ACC[mode]: sum(v) / n for mode, v in scores.items()}
     table = []
     for level in sorted(by_level):
         d = by_level[level]
         row = {"level": level, "n": len(d["greedy"])}
         for mode in scores:
             acc = sum(d[mode]) / len(d[mode])
-            metrics[f"eval/{mode}_acc/level_{level}"] = acc
+            metrics[eval_level_key(mode, level)] = acc
             row[f"{mode}_acc"] = acc
         table.append(row)
     if cfg.eval.benchmarks:  # the benchmarks of `eval` (avg@k, pass@k), as metrics 'bench/<name>/<metric>'
