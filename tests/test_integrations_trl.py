@@ -21,8 +21,9 @@ import torch
 
 pytest.importorskip("trl", reason='TRL is not installed: pip install -e ".[trl]" (the `trl` extra)')
 
-from daro_lab.algorithms import LossSettings, PolicyBatch, group_keys, loss_terms, mu_key, policy_loss  # noqa: E402
+from daro_lab.algorithms import LossSettings, PolicyBatch, group_keys, loss_terms, policy_loss  # noqa: E402
 from daro_lab.integrations.trl import DaroGRPOConfig, DaroGRPOTrainer, cat_batches  # noqa: E402
+from daro_lab.record import mu_key  # noqa: E402
 
 K = 4
 PROMPTS = ["1+2=", "3+4=", "12+5=", "7*8=", "9-3=", "22+11=", "5*5=", "8+0="]  # distinct: k is counted by prompt text

@@ -4,7 +4,8 @@ table columns, older runs' column names read alike."""
 import pandas as pd
 
 from daro_lab import record
-from daro_lab.algorithms import group_keys, mu_key
+from daro_lab.algorithms import group_keys
+from daro_lab.record import mu_key
 
 
 def test_group_keys_round_trip_and_reject_lookalikes():

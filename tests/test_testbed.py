@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from daro_lab.algorithms import LossSettings, compute_advantages, kept_prompts, loss_terms, mu_key
+from daro_lab.algorithms import LossSettings, compute_advantages, kept_prompts, loss_terms
 from daro_lab.cli import app
+from daro_lab.record import mu_key
 from daro_lab.testbed import ARMS, Arm, SyntheticPolicy, TestbedConfig, run_seed
 from daro_lab.testbed.grid import Cell, cells, run_grid, summarize, to_markdown
 from daro_lab.testbed.loop import token_batch

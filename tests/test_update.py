@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from daro_lab.algorithms import DaroWeights, LossSettings, Shard, compute_advantages, kept_prompts, mu_key
+from daro_lab.algorithms import DaroWeights, LossSettings, Shard, compute_advantages, kept_prompts
+from daro_lab.record import mu_key
 from daro_lab.testbed import SyntheticPolicy, TestbedConfig
 from daro_lab.testbed.loop import TestbedRuntime
 from daro_lab.testbed.model import RIGHT

@@ -63,7 +63,7 @@ def _has_checkpoint(run: Any) -> bool:
 
 def _final_weights(uri: str, run_id: str, K: int) -> dict[int, float]:
     """The final DARO weights {k: w} a finished child logged (last step of `daro/weight/mu_kofK`)."""
-    from daro_lab.algorithms import mu_key
+    from daro_lab.record import mu_key
     from daro_lab.tracking import read_metrics
 
     keys = [f"daro/weight/{mu_key(k, K)}" for k in range(1, K)]

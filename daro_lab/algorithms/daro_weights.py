@@ -29,7 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from daro_lab.algorithms.losses import DaroState, group_keys, mu_key
+from daro_lab.algorithms.losses import DaroState, group_keys
+from daro_lab.record import mu_key
 
 
 class DaroWeights(nn.Module):

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from daro_lab.algorithms.aggregation import constant_normaliser, seq_mean_token_mean, token_mean
 from daro_lab.algorithms.surrogate import clipped_surrogate, kl_k3
-from daro_lab.record import LOSS_TOTAL, group_values, mu_key, parse_group_key  # noqa: F401 - the vocabulary, re-exported
+from daro_lab.record import LOSS_TOTAL, group_values, mu_key
 
 
 def _setting(default: Any, config: str, trl: str, sim: str = "") -> Any:

@@ -50,10 +50,10 @@ from daro_lab.algorithms import (
     compute_advantages,
     length_corrected_shape,
     loss_terms,
-    mu_key,
     shaped_methods,
     static_shape,
 )
+from daro_lab.record import mu_key
 
 FORMATS = ("verl", "jsonl", "parquet")
 LENGTH_UNITS = ("chars", "words")

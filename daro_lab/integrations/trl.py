@@ -106,10 +106,18 @@ from daro_lab.algorithms import (
     group_keys,
     kl_k3,
     loss_terms,
-    mu_key,
 )
 from daro_lab.hooks.builtin import per_mu_rows
-from daro_lab.record import GRAD_NORM, LOSS_TOTAL, TAG_ARM_LABEL, TAG_METHOD, TAG_RIGHT_ANSWER, TAG_SEED, TAG_SOURCE
+from daro_lab.record import (
+    GRAD_NORM,
+    LOSS_TOTAL,
+    TAG_ARM_LABEL,
+    TAG_METHOD,
+    TAG_RIGHT_ANSWER,
+    TAG_SEED,
+    TAG_SOURCE,
+    mu_key,
+)
 from daro_lab.trainer.update import MinibatchResult, backward_minibatch, cat_batches, flat_grad
 
 # TRL loss type -> daro-lab method of the per-pass-rate accounting

@@ -34,8 +34,8 @@ from daro_lab.algorithms import (
     Totals,
     batch_totals,
     loss_terms,
-    mu_key,
 )
+from daro_lab.record import mu_key
 from daro_lab.rollout import RolloutBatch
 from daro_lab.trainer import fsdp
 
