@@ -919,7 +919,7 @@ class TRLRuntime:
     def __init__(self, trainer: DaroGRPOTrainer, model):
         self.trainer, self.model = trainer, model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.entropy: dict[int, Tensor] = {}  # id(pass) -> [entropy sum, tokens] of its last forward
+        self.entropy: dict[int, Tensor] = {}  # id(pass) -> [entropy sum, tokens] of its first forward
 
     def batch(self, inputs, forward: bool = True) -> PolicyBatch:
         tr = self.trainer
@@ -927,9 +927,11 @@ class TRLRuntime:
             return tr.policy_batch(
                 inputs, torch.zeros(inputs["completion_mask"].shape, device=inputs["completion_mask"].device)
             )
-        logp, entropies, _ = tr._forward(self.model, inputs, entropy=True)
-        m = tr._loss_mask(inputs).float()
-        self.entropy[id(inputs)] = torch.stack([(entropies.detach().float() * m).sum(), m.sum()])
+        first = id(inputs) not in self.entropy  # a pass's forwards all see the update's parameters: one entropy
+        logp, entropies, _ = tr._forward(self.model, inputs, entropy=first)
+        if first:
+            m = tr._loss_mask(inputs).float()
+            self.entropy[id(inputs)] = torch.stack([(entropies.detach().float() * m).sum(), m.sum()])
         return tr.policy_batch(inputs, logp)
 
     def no_sync(self, skip: bool):
