@@ -218,7 +218,7 @@ def plot_convergence(
         xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])
         ax.set_xlim(0, xmax * 1.35)
         ax.grid(axis="y", visible=False)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
+        style.arm_legend(fig, runs, arms)
     result = FigureResult(
         NAME,
         fig,

@@ -162,7 +162,7 @@ def plot_grad_norms(
                 ax.legend(loc="best", ncol=2, fontsize=5.5)
         for ax in flat[n:]:
             ax.set_visible(False)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
+        style.arm_legend(fig, runs, arms)
         if len(Ks) == 1:
             fig.legend(
                 handles=style.mu_handles(int(Ks[0])),

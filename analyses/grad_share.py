@@ -181,7 +181,7 @@ def plot_grad_share(
         else:
             style.empty_panel(ax, f"no {TOTAL} logged")
         ax.set(title="(c) pre-clip gradient norm", xlabel="training step", ylabel="‖∇θ loss‖ (log; dotted: clip)")
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
+        style.arm_legend(fig, runs, arms)
     return finish_figure(
         FigureResult(NAME, fig, {"grad_share": share, "clipping": clips}, caption=_caption(share, clips), notes=notes),
         out_dir,

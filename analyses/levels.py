@@ -96,5 +96,5 @@ def plot_levels(
             )
         for ax in flat[len(levels) :]:
             ax.set_visible(False)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
+        style.arm_legend(fig, runs, arms)
     return finish_figure(FigureResult(NAME, fig, {"levels": table}, caption=_caption(table)), out_dir)

@@ -395,11 +395,11 @@ def plot_loss_scale(
         n_groups = table.groupby("arm").size().max()
         for ax in (ax_c, ax_g):
             ax.axhline(1 / n_groups, color="0.4", linestyle=":", linewidth=0.9, label="equal shares")
-            ax.legend(handles=ax.get_lines()[-1:], loc="upper right")
+            ax.legend(handles=ax.get_lines()[-1:], loc="best")
         if set(table.method) & set(shaped_methods()):
             ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="equal lengths")
             ax_s.plot([], [], color="0.3", linestyle=":", linewidth=1.1, label="logged lengths")
-            ax_s.legend(handles=ax_s.get_lines()[-2:], loc="upper right", fontsize=5.5)
+            ax_s.legend(handles=ax_s.get_lines()[-2:], loc="best", fontsize=5.5)
         ax_s.set(title="(a) loss scale S$_\\mu$ per prompt", ylabel="share (Σ over μ = 1)")
         ax_c.set(title="(b) |C$_\\mu$|: share of the loss", ylabel="share of Σ|C| (θ-part)")
         ax_g.set(title="(c) G$_\\mu$ = ‖∇C$_\\mu$‖: share", ylabel="share of Σ G")
@@ -448,7 +448,7 @@ def plot_loss_scale(
             )
             if len(Ks) > 1:
                 ax.legend(loc="upper right", ncol=2, fontsize=5.5)
-        fig.legend(handles=style.arm_handles(runs, arms), loc="outside upper center", ncol=style.legend_columns(arms))
+        style.arm_legend(fig, runs, arms)
         if len(Ks) == 1:
             span = "(e)" if len(arms) == 1 else f"(e)–({letters[len(arms) - 1]})"
             fig.legend(

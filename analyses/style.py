@@ -241,6 +241,19 @@ def arm_handles(runs, arms) -> list:
     return out
 
 
+def arm_legend(fig: Figure, runs, arms) -> None:
+    """The figure's legend of arms, above its panels (constrained layout). The figure grows by the legend's
+    height, so that a long legend (many arms, wrapped labels) does not squeeze the panels or cover their labels."""
+    handles = arm_handles(runs, arms)
+    ncol = legend_columns(arms)
+    rows = [handles[i : i + ncol] for i in range(0, len(handles), ncol)]
+    lines = sum(max(h.get_label().count("\n") + 1 for h in row) for row in rows)
+    points = matplotlib.font_manager.FontProperties(size=matplotlib.rcParams["legend.fontsize"]).get_size_in_points()
+    line_in = 1.3 * points / 72  # a text line of the legend, in inches
+    fig.set_figheight(fig.get_figheight() + lines * line_in + 0.12)
+    fig.legend(handles=handles, loc="outside upper center", ncol=ncol)
+
+
 def mu_handles(K: int) -> list:
     """Legend entries for the pass-rate groups k = 1..K-1."""
     from matplotlib.lines import Line2D

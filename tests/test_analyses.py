@@ -261,6 +261,38 @@ def test_row_labels_are_cut_to_the_lines_a_row_has_room_for():
     assert many[1] == "b"
 
 
+def _legend_overlaps(grow: bool) -> tuple[float, list[bool]]:
+    """(figure height, whether the arm legend overlaps each panel's labels and ticks) for 8 long arm labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analyses import style
+
+    class Runs:  # what arm_legend reads of a RunSet
+        def arm_style(self, arm):
+            return {"color": "C0", "linestyle": "-", "marker": "o"}
+
+    arms = [f"frozen at the final weights of 'learned' (same seed) [.../optimal-static-seed{i}.json]" for i in range(8)]
+    with style.paper_style():
+        fig, axes = style.new_figure(1, 3, height=2.6)
+        for ax in axes[0]:
+            ax.plot([0, 1], [0, 1])
+            ax.set(title="(a) share", ylabel="share (sums to 1 over groups)", xlabel="pass rate")
+        if grow:
+            style.arm_legend(fig, Runs(), arms)
+        else:  # the legend as drawn before arm_legend: the figure keeps its height
+            fig.legend(handles=style.arm_handles(Runs(), arms), loc="outside upper center", ncol=2)
+        FigureCanvasAgg(fig).draw()
+        r = fig.canvas.get_renderer()
+        legend = fig.legends[0].get_window_extent(r)
+        return fig.get_figheight(), [legend.overlaps(ax.get_tightbbox(r)) for ax in axes[0]]
+
+
+def test_a_long_arm_legend_grows_the_figure_and_covers_no_panel():
+    height, overlaps = _legend_overlaps(grow=True)
+    assert height > 2.6 + 0.5 and not any(overlaps)
+    assert any(_legend_overlaps(grow=False)[1])  # the check can fail: at a fixed height the legend covers panels
+
+
 def test_many_arms_of_one_method_get_colours_of_their_own():
     from analyses import style
     from analyses.runs import Run, RunSet
