@@ -370,6 +370,27 @@ def test_trl_non_binary_rewards_train_as_stock_and_are_recorded_above_the_prompt
     assert torch.all((b.num_correct > 0) & (b.num_correct < K) | (b.advantages.abs() < 1e-6))
 
 
+def test_trl_right_answer_in_use_is_the_runs_mlflow_tag(tmp_path, monkeypatch):
+    """The run's tag daro_lab.right_answer says which completions counted as right: 'binary' at the start of a run
+    with 0/1 rewards, switched to 'above_mean (auto)' by the first non-binary reward."""
+    import mlflow
+
+    from daro_lab.record import TAG_RIGHT_ANSWER
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tags = {}
+    for name, reward in (("binary", parity_reward), ("length", _length_reward)):
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"trl-{name}")
+        _, make_daro = _pair(tmp_path / name, reward_funcs=[reward], report_to=["mlflow"], max_steps=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_daro().train()
+        (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.get_experiment_by_name(f"trl-{name}").experiment_id])
+        tags[name] = run.data.tags.get(TAG_RIGHT_ANSWER)
+    assert tags == {"binary": "binary (auto)", "length": "above_mean (auto)"}
+
+
 def _text(c) -> str:
     """A completion's text: a string, or a conversational completion's message list."""
     return c if isinstance(c, str) else "".join(m["content"] for m in c)
