@@ -6,7 +6,8 @@ Metrics: `eval/greedy_acc` (held-out, greedy; step 0 is the starting policy), `e
 (held-out, the mean reward of `trainer.eval_samples` responses per prompt at the rollout temperature:
 what training optimises) and `reward/mean` (mean verifier reward of the step's rollouts). At each step
 the mean and CI are over the arm's runs that logged that step (`n_runs`). Steps to target, on the
-sampled accuracy when every run logged it (greedy otherwise; `accuracy` chooses): the first step at
+sampled accuracy when every run logged it (greedy otherwise; `accuracy` chooses, and 'MODE:level_N', an ablation's
+one-level endpoint, puts that level's accuracy in panel (b) and under steps to target): the first step at
 which the arm's mean curve reaches `target`; per run, the first step at which that run does. The
 default target is the ablation summary's: 80% of the way from the mean starting accuracy to the best arm's mean final
 accuracy (`daro_lab.ablation.summary.progress_target`), so a report's table and figure use one target.
@@ -102,10 +103,16 @@ def steps_to_target(runs: RunSet, acc: pd.DataFrame, target: float, key: str = A
     )
 
 
-def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> str:
+def _words(accuracy: str) -> str:
+    """'sampled' -> 'sampled'; 'sampled:level_5' -> 'sampled level-5'."""
+    mode, _, level = accuracy.partition(":")
+    return f"{mode} {level.replace('_', '-')}" if level else mode
+
+
+def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str, accuracy: str) -> str:
     parts = []
     acc = c[c.metric == key]
-    what = "sampled" if key == SAMPLED else "greedy"
+    what = _words(accuracy)
     for arm, a in acc.groupby("arm", sort=False):
         a = a.sort_values("step")
         last = a.iloc[-1]
@@ -119,7 +126,7 @@ def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> s
             f"{arm}'s {what} accuracy goes from {a['mean'].iloc[0]:.3f} to {last['mean']:.3f} at step "
             f"{int(last.step)} (best {a['mean'].max():.3f}) and {reach}"
         )
-        if key == SAMPLED:
+        if key != ACC:
             g = c[(c.metric == ACC) & (c.arm == arm)].sort_values("step")
             if len(g):
                 txt += f"; greedy {g['mean'].iloc[0]:.3f} → {g['mean'].iloc[-1]:.3f}"
@@ -135,8 +142,12 @@ def _caption(c: pd.DataFrame, steps: pd.DataFrame, target: float, key: str) -> s
     if not improved:
         band += "; no arm improved on its starting accuracy, so the target is the best accuracy reached after the start"
     sampled = c[c.metric == SAMPLED]
+    mode, _, level = accuracy.partition(":")
     panels = (
-        "held-out greedy accuracy (a), held-out sampled accuracy (b: avg@n at the rollout temperature, what "
+        f"held-out greedy accuracy (a), held-out {mode} accuracy on the {level.replace('_', '-')} prompts only (b: "
+        "the ablation's endpoint), training reward (c)"
+        if level
+        else "held-out greedy accuracy (a), held-out sampled accuracy (b: avg@n at the rollout temperature, what "
         "training optimises), training reward (c)"
         if len(sampled)
         else "held-out greedy accuracy (a), training reward (c)"
@@ -157,18 +168,22 @@ def plot_convergence(
     target: float | None = None,
     accuracy: str | None = None,
 ) -> FigureResult:
-    """Draw the convergence figure; save it and its tables in `out_dir`. accuracy: 'greedy' or 'sampled', the
-    accuracy of steps-to-target (default: sampled when every run logged it, else greedy)."""
+    """Draw the convergence figure; save it and its tables in `out_dir`. accuracy: the accuracy of steps-to-target,
+    'greedy' or 'sampled' (default: sampled when every run logged it, else greedy) or 'MODE:level_N' (one level's,
+    drawn in panel (b))."""
+    from daro_lab.ablation.summary import acc_key
+
     runs = as_runset(runs, uri, experiment, run_ids)
-    c = curves(runs)
+    if accuracy is None:
+        accuracy = "sampled" if all(r.has_metric(SAMPLED) for r in runs) else "greedy"
+    try:
+        key = acc_key(accuracy)
+    except ValueError as e:
+        raise AnalysisError(f"{NAME}: accuracy: {e}") from None
+    c = curves(runs, (ACC, SAMPLED, REWARD) + ((key,) if key not in (ACC, SAMPLED) else ()))
     if c[c.metric == ACC].empty:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged held-out accuracy ({ACC})")
     notes = [f"run {r.name} ({r.run_id}) logged no {ACC}" for r in runs if not r.has_metric(ACC)]
-    if accuracy is None:
-        accuracy = "sampled" if all(r.has_metric(SAMPLED) for r in runs) else "greedy"
-    if accuracy not in ("greedy", "sampled"):
-        raise AnalysisError(f"{NAME}: accuracy must be 'greedy' or 'sampled', got {accuracy!r}")
-    key = SAMPLED if accuracy == "sampled" else ACC
     acc = c[c.metric == key]
     if acc.empty:
         raise AnalysisError(f"{NAME}: no run of {runs.source} logged {key}")
@@ -178,9 +193,12 @@ def plot_convergence(
     arms = list(dict.fromkeys(c.arm))
     with style.paper_style():
         fig, axes = style.new_figure(2, 2, height=FIG_HEIGHT_IN)
+        mode, _, level = accuracy.partition(":")
         for ax, metric, title in (
             (axes[0, 0], ACC, "(a) held-out accuracy (greedy)"),
-            (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
+            (axes[0, 1], key, f"(b) held-out accuracy, {level.replace('_', ' ')} ({mode})")
+            if level
+            else (axes[0, 1], SAMPLED, "(b) held-out accuracy (sampled, avg@n)"),
             (axes[1, 0], REWARD, "(c) training reward"),
         ):
             d = c[c.metric == metric]
@@ -189,7 +207,7 @@ def plot_convergence(
             ax.set(title=title, xlabel="training step", ylabel="mean reward" if metric == REWARD else "accuracy")
             if d.empty:
                 style.empty_panel(ax, f"no {metric} logged")
-        target_ax = axes[0, 1] if key == SAMPLED else axes[0, 0]
+        target_ax = axes[0, 0] if key == ACC else axes[0, 1]
         target_ax.axhline(target, color="0.4", linestyle=":", linewidth=0.9)
         target_ax.annotate(
             f"target {target:.3f}",
@@ -214,7 +232,7 @@ def plot_convergence(
             )
         ax.set_yticks(y, style.wrap_rows(steps.arm, 26, PANEL_HEIGHT_IN), fontsize=6)
         ax.invert_yaxis()
-        ax.set(title=f"(d) steps to {accuracy} accuracy {target:.3f}", xlabel="training step")
+        ax.set(title=f"(d) steps to {_words(accuracy)} accuracy {target:.3f}", xlabel="training step")
         xmax = max([v for v in vals if not math.isnan(v)] + list(steps.last_step) + [1])
         ax.set_xlim(0, xmax * 1.35)
         ax.grid(axis="y", visible=False)
@@ -223,7 +241,7 @@ def plot_convergence(
         NAME,
         fig,
         {"convergence": c, "convergence_steps": steps},
-        caption=_caption(c, steps, target, key),
+        caption=_caption(c, steps, target, key, accuracy),
         notes=notes,
         summary={"target": target, "accuracy": accuracy},
     )

@@ -672,6 +672,36 @@ def test_report_of_the_ablation_through_the_analyses(sweep, tmp_path):
     assert not (tmp_path / "rep2").exists()  # refused before anything was written
 
 
+def test_report_of_a_one_level_endpoint_draws_that_level_to_the_summarys_target(sweep, tmp_path, monkeypatch):
+    """A grid whose accuracy is one level's ('greedy:level_N'): the convergence figure's steps to target are of that
+    level, to the summary's target (the stored plan of the fixture's sweep is 'greedy': the summary it gets is the
+    one-level summary of the same runs)."""
+    pytest.importorskip("analyses.report")
+    import daro_lab.ablation.report as report
+
+    uri, res = sweep
+    level = max(
+        int(k.rsplit("_", 1)[1])
+        for k in read_metrics(uri, res.per_seed.run_id.iloc[0]).key
+        if k.startswith("eval/greedy_acc/level_")
+    )
+    real = report.summarize_ablation
+
+    def one_level(uri_, parent, plan=None, accuracy=None, **kw):
+        return real(uri_, parent, plan, accuracy=accuracy or f"greedy:level_{level}", **kw)
+
+    monkeypatch.setattr(report, "summarize_ablation", one_level)
+    rep, lv = report.write_ablation_report(uri, res.parent_run_id, tmp_path / "rep", figures=["convergence"])
+    conv = rep.figures["convergence"]
+    assert conv.summary == {
+        "target": pytest.approx(lv.summary.attrs["target_acc"]),
+        "accuracy": f"greedy:level_{level}",
+    }
+    steps = conv.tables["convergence_steps"]
+    assert list(steps.target) == pytest.approx([lv.summary.attrs["target_acc"]] * len(steps))
+    assert (tmp_path / "rep" / "ablation_summary_all_levels.md").is_file()  # all levels beside the endpoint
+
+
 def test_command_line_runs_a_sweep_and_prints_the_summary(tmp_path, template_db, small_env):
     uri = new_store(template_db, tmp_path)
     grid = write_grid(

@@ -581,6 +581,23 @@ def test_convergence_curves_and_steps_to_target(full_report, store):
     assert never.step_mean_curve.isna().all()
 
 
+def test_convergence_on_one_levels_endpoint(store, tmp_path):
+    """accuracy='MODE:level_N' (an ablation's one-level endpoint): that level's curve in panel (b) and its steps to
+    target, the same steps as the all-levels curve at a target shifted by the level's fixed offset (LEVEL)."""
+    from analyses.convergence import plot_convergence
+
+    runs = select_runs(store["uri"], experiment="full")
+    res = plot_convergence(runs, tmp_path, accuracy="greedy:level_1", target=0.62 + LEVEL[1])
+    c = res.tables["convergence"]
+    assert "eval/greedy_acc/level_1" in set(c.metric)
+    s = res.tables["convergence_steps"].set_index("arm")
+    assert s.loc["DAPO"].step_mean_curve == 1 and s.loc["GRPO"].step_mean_curve == 2
+    assert s.loc["GRPO"].steps_per_run == "-;2"
+    assert "greedy accuracy on the level-1 prompts only (b" in res.caption and "greedy level-1 accuracy" in res.caption
+    with pytest.raises(AnalysisError, match="accuracy: expected 'greedy', 'sampled'"):
+        plot_convergence(runs, tmp_path, accuracy="greedy:lvl_1")
+
+
 def test_grad_norms_table(full_report):
     t = saved(full_report, "grad_norms")
     tot = t[t.quantity == "total"].set_index(["arm", "step"])
