@@ -3,6 +3,7 @@ resume after a kill, crashed arms, and the Ray executor on a local instance."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -871,6 +872,45 @@ def test_null_verdict_states_the_minimal_detectable_difference():
     same = per_seed.assign(final_acc=[0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
     s2 = summarize(same, ["a", "b"], reference="b").set_index("arm")
     assert verdict(s2.loc["a"]) == "identical to the reference in all 4 paired seeds (nothing to test)"
+
+
+@pytest.mark.slow
+def test_per_seed_warm_starts_are_prewarmed_in_parallel_equal_to_serial(tmp_path):
+    """init_seed = 'per_seed' with 2 workers: the seeds' warm starts train in 2 processes at once, and each equals the
+    warm start trained here, one after another (one thread each, whatever the process)."""
+    import torch
+
+    from daro_lab.ablation.sweep import _prewarm
+    from daro_lab.config import config_from_dict
+    from daro_lab.models.warmstart import INFO_FILE, cache_path, warm_start
+
+    small = ["model.warmstart_steps=30", "model.hidden_size=32", "model.intermediate_size=64"]
+    plans = {
+        where: make_plan(
+            "static-weights", "tiny", seeds=[3, 5], init_seed="per_seed", overrides=[*small, f"model.cache_dir={where}"]
+        )
+        for where in (tmp_path / "parallel", tmp_path / "serial")
+    }
+    said = []
+    _prewarm(plans[tmp_path / "parallel"], said.append, workers=2)
+    assert said == ["warm-starting the tiny model for the parallel arms: 2 warm start(s), 2 at a time"]
+    c = config_from_dict(plans[tmp_path / "serial"].arms[0].config)
+    in_parallel = dataclasses.replace(c.model, cache_dir=str(tmp_path / "parallel"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the serial warm starts run here, at another thread count than the workers'
+    try:
+        for seed in (3, 5):
+            serial, _ = warm_start(c.model, c.task, seed)
+            assert json.loads((cache_path(in_parallel, c.task, seed) / INFO_FILE).read_text())["threads"] == 1
+            parallel, _ = warm_start(in_parallel, c.task, seed)  # from the cache the workers wrote
+            for a, b in zip(serial.parameters(), parallel.parameters()):
+                assert torch.equal(a, b)
+        assert torch.get_num_threads() == 2  # the warm start gave the caller its thread count back
+    finally:
+        torch.set_num_threads(before)
+    said.clear()
+    _prewarm(plans[tmp_path / "parallel"], said.append, workers=2)  # cached: nothing to do
+    assert said == []
 
 
 def test_per_seed_init_seed_gives_each_seed_its_own_warm_start():

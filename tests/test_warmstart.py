@@ -4,6 +4,7 @@ determinism, held-out eval prompts, and (slow) that pass rates really spread ove
 import collections
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,25 @@ def test_a_held_out_set_that_would_leave_too_few_prompts_to_train_on_is_refused(
     task = TaskConfig(min_digits=1, max_digits=1, num_train=0, num_eval=100)
     with pytest.raises(ValueError, match=r"at most 25 .* lower task.num_eval"):
         ws.train(tiny_cfg(tmp_path), task, seed=0)
+
+
+def test_warm_start_is_the_same_at_any_thread_count_of_its_caller(tmp_path):
+    """The warm start trains at WARMSTART_THREADS whatever its caller runs at (a trainer's trainer.threads may depend on
+    the load), and gives the caller its count back. Without the fixed count, 1 and 2 threads differ (checked)."""
+    if (torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2) or ws.WARMSTART_THREADS != 1:
+        pytest.skip("needs 2 cores to compare two thread counts")
+    # the preset's width and batch (at the test preset's, one and two threads split no sum differently)
+    cfg = ModelConfig(warmstart_steps=40, cache_dir=str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = ws.train(cfg, TASK, seed=0)[0]
+            assert torch.get_num_threads() == n
+        assert same_weights(got[1], got[2])
+        torch.set_num_threads(2)
+        if same_weights(got[1], ws._train(cfg, TASK, seed=0)[0]):  # the training loop itself at 2 threads
+            pytest.skip("these kernels give the same weights at 1 and 2 threads: the fixed count is not tested here")
+    finally:
+        torch.set_num_threads(before)

@@ -136,7 +136,7 @@ def run_ablation(
     parent_id = tracker.run_id
     try:
         if ex.parallel and (executor == "local" or ray_address is None):
-            _prewarm(plan, say)
+            _prewarm(plan, say, getattr(ex, "workers", 1))
         results = _schedule(plan, uri, parent_id, ex, hooks, progress and not ex.parallel, retry_failed, say)
         res = summarize_ablation(uri, parent_id, plan=plan, write=True)
         res.results = results
@@ -193,25 +193,43 @@ def _start_parent(uri: str, plan: Plan, executor: str):
     )
 
 
-def _prewarm(plan: Plan, say: Callable[[str], None]) -> None:
-    """Warm-start (and cache) the tiny model of the arms once here, before parallel workers start,
-    so that they do not all train the same warm start at once (it is keyed by model and task
-    config and model.init_seed, shared by every training seed)."""
+def _prewarm(plan: Plan, say: Callable[[str], None], workers: int = 1) -> None:
+    """Warm-start (and cache) the tiny models of the arms here, before parallel workers start, so that they do not
+    all train the same warm start at once (it is keyed by model and task config and model.init_seed). Distinct warm
+    starts (init_seed = 'per_seed': one a seed) train in up to `workers` processes at once; each trains at one
+    thread (models.warmstart.WARMSTART_THREADS), so the parallel warm start equals the serial one."""
     from daro_lab.config import config_from_dict
-    from daro_lab.models.warmstart import INFO_FILE, cache_path, warm_start
+    from daro_lab.models.warmstart import INFO_FILE, cache_path
 
-    seen: set[Path] = set()
+    todo: dict[Path, tuple] = {}
     for pa in plan.arms:
         cfg = config_from_dict(json.loads(json.dumps(pa.config)))
         if cfg.model.path:
             continue
         for init in plan.seeds if plan.init_seed == "per_seed" else [cfg.model.init_seed]:
             p = cache_path(cfg.model, cfg.task, init)
-            if p in seen or (p / INFO_FILE).is_file():
-                continue
-            seen.add(p)
-            say(f"warm-starting the tiny model once for the parallel arms ({p})")
-            warm_start(cfg.model, cfg.task, init)
+            if p not in todo and not (p / INFO_FILE).is_file():
+                todo[p] = (cfg.model, cfg.task, init)
+    if not todo:
+        return
+    n = max(1, min(workers, len(todo)))
+    say(f"warm-starting the tiny model for the parallel arms: {len(todo)} warm start(s), {n} at a time")
+    if n == 1:
+        for job in todo.values():
+            _warm_start(job)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(n, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(_warm_start, todo.values()))  # a worker's error is raised here
+
+
+def _warm_start(job: tuple) -> None:
+    """One warm start, cached (a process pool's job: module level so that it pickles)."""
+    from daro_lab.models.warmstart import warm_start
+
+    warm_start(*job)
 
 
 def _schedule(

@@ -33,7 +33,12 @@ from daro_lab.tasks import Problem, TaskConfig, build_task, get_task
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3  # bump when the training recipe (or a task's problem sets) changes, so old caches are not reused
+RECIPE_VERSION = 4  # bump when the training recipe (or a task's problem sets) changes, so old caches are not reused
+# torch threads of the warm start's training, whatever the calling process runs at: the thread count decides how some
+# kernels split their sums, so a warm start trained at a load-dependent count (trainer.threads = 0) would depend on
+# the machine's load when its cache was made (measured: 1 vs 2 threads differ by 4e-4 after 150 steps). One thread:
+# the same warm start in a trainer, an ablation's prewarm or a parallel worker; 1.3x the 2-thread time on 2 cores.
+WARMSTART_THREADS = 1
 INFO_FILE = "warmstart.json"
 GRAD_CLIP = 1.0  # max global gradient norm
 
@@ -110,9 +115,20 @@ def answer_loss(model: PreTrainedModel, input_ids: torch.Tensor, target_mask: to
     return (nll * target_mask).sum() / target_mask.sum()
 
 
-@torch.enable_grad()  # trains even when called under torch.no_grad()
 def train(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple[PreTrainedModel, CharTokenizer, dict]:
-    """Build the tiny model from `seed` and fit it for warmstart_steps; deterministic on one machine.
+    """Build the tiny model from `seed` and fit it for warmstart_steps at WARMSTART_THREADS torch threads (the
+    caller's count is restored after); deterministic on one machine, whatever the caller's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(WARMSTART_THREADS)
+    try:
+        return _train(model_cfg, task_cfg, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.enable_grad()  # trains even when called under torch.no_grad()
+def _train(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple[PreTrainedModel, CharTokenizer, dict]:
+    """The warm start's training loop (`train`).
 
     Problems are drawn fresh each step (from a generator seeded by `seed`), never from the eval
     split, so held-out evaluation stays held out. Schedule: 5% linear warm-up, cosine to 10% of lr;
@@ -172,7 +188,13 @@ def train(model_cfg: ModelConfig, task_cfg: TaskConfig, seed: int) -> tuple[PreT
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
     model.eval()
-    info = {"steps": steps, "final_loss": loss.item(), "seconds": time.perf_counter() - t0, "seed": seed}
+    info = {
+        "steps": steps,
+        "final_loss": loss.item(),
+        "seconds": time.perf_counter() - t0,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+    }
     return model, tok, info
 
 
