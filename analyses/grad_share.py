@@ -123,6 +123,7 @@ def _caption(share: pd.DataFrame, clips: pd.DataFrame) -> str:
         for r in clips.itertuples()
         if "cos_mean" in clips and np.isfinite(r.cos_mean)
     ]
+    unmeasured = [r.arm for r in clips.itertuples() if not ("cos_mean" in clips and np.isfinite(r.cos_mean))]
     return (
         "Share of the update's gradient per pass-rate group, G_μ = ‖∇θ C_μ‖ over the sum across groups, (a) per "
         "group and (b) per prompt (mean over the measured steps and runs); (c) the gradient norm before "
@@ -134,6 +135,12 @@ def _caption(share: pd.DataFrame, clips: pd.DataFrame) -> str:
             " Mean pairwise cosine between the groups' gradients of C_μ (grad/cos_mean; 1: one direction, which a "
             "binding clip rescales whatever the weights): " + "; ".join(cos) + "."
             if cos
+            else ""
+        )
+        + (
+            f" The groups' gradient cosine was not measured for {', '.join(unmeasured)} (it is logged on the steps "
+            "that measure G_μ, every trainer.grad_norm_every steps), so this figure says nothing of their alignment."
+            if unmeasured
             else ""
         )
     )

@@ -644,6 +644,42 @@ def test_grad_share_per_group_per_prompt_and_clipping(full_report):
     assert (c.loc["GRPO"].cos_p10, c.loc["GRPO"].cos_p90) == (pytest.approx(0.44), pytest.approx(0.76))
 
 
+def test_grad_share_caption_says_where_the_cosine_was_not_measured():
+    from analyses.grad_share import _caption
+
+    share = pd.DataFrame(columns=["arm", "g_share", "g_share_per_prompt"])
+    clips = pd.DataFrame(
+        [
+            {
+                "arm": "a",
+                "clipped_fraction": 0.5,
+                "median_norm": 2.0,
+                "steps": 4,
+                "clip": 1.0,
+                "cos_mean": 0.1,
+                "cos_p10": 0.0,
+                "cos_p90": 0.2,
+                "cos_steps": 2,
+            },
+            {
+                "arm": "b",
+                "clipped_fraction": 0.5,
+                "median_norm": 2.0,
+                "steps": 4,
+                "clip": 1.0,
+                "cos_mean": np.nan,
+                "cos_p10": np.nan,
+                "cos_p90": np.nan,
+                "cos_steps": 0,
+            },
+        ]
+    )
+    text = _caption(share, clips)
+    assert "a 0.10 (10th-90th percentile 0.00 to 0.20, 2 steps)" in text
+    assert "not measured for b (it is logged on the steps that measure G_μ" in text
+    assert "not measured" not in _caption(share, clips.iloc[:1])
+
+
 # --------------------------------------------------------------------------------------------
 # the Hoeffding check, both ways
 
