@@ -17,7 +17,9 @@ Then it runs the file twice in fresh processes: as is (stock) and with the test 
 trainer's pass/fail/skip counts and every test whose outcome differs between the two, with the daro run's
 error; exit 1 when a test passes stock and fails under daro. By default it runs the text-only class
 `TestGRPOTrainer` (`-k TestGRPOTrainer and not VLM and not Slow`); vision, vLLM, PEFT-only and GPU tests skip or
-fail alike in both runs (the stand-ins have no vision models).
+fail alike in both runs (the stand-ins have no vision models). The tests import `trl` as Python finds it from the
+checkout's root: a full checkout's own `trl/` package, else the installed TRL (check out only `tests/` to test the
+installed one: `git clone --no-checkout URL trl && git -C trl checkout HEAD -- tests`).
 
 This file is also the pytest plugin of those runs (`-p trl_upstream_tests`, with this folder on PYTHONPATH):
 `load_dataset` of the test module answers from the stand-in, and under DARO_TRL_TRAINER=daro the trainer is
@@ -36,7 +38,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ORG = "trl-internal-testing"
-STANDIN_MODELS = {  # repository name -> (architecture, config class, model class)
+STANDIN_MODELS = {  # repository name -> the transformers class of its stand-in
     "tiny-Qwen2ForCausalLM-2.5": "Qwen2ForCausalLM",
     "tiny-Qwen2ForSequenceClassification-2.5": "Qwen2ForSequenceClassification",
     "tiny-Qwen3ForCausalLM": "Qwen3ForCausalLM",
