@@ -446,11 +446,11 @@ def plot_loss_scale(
                 ylabel=f"share of Σ|C| ({STEP_SMOOTHING}-step mean)",
                 ylim=(-0.02, 1.02),
             )
-            if len(Ks) > 1:
-                ax.legend(loc="upper right", ncol=2, fontsize=5.5)
         style.arm_legend(fig, runs, arms)
-        if len(Ks) == 1:
-            span = "(e)" if len(arms) == 1 else f"(e)–({letters[len(arms) - 1]})"
+        span = "(e)" if len(arms) == 1 else f"(e)–({letters[len(arms) - 1]})"
+        if len(Ks) > 1:
+            style.mu_colorbar(fig, [ax for ax in step_axes if ax.get_visible()], f"panels {span}")
+        else:
             fig.legend(
                 handles=style.mu_handles(int(Ks[0])),
                 loc="outside lower center",

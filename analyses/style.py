@@ -101,6 +101,22 @@ def mu_colors(K: int) -> dict[int, tuple]:
     return {k: cmap(0.9 * (k - 1) / max(n - 1, 1)) for k in range(1, K)}
 
 
+def mu_colorbar(fig: Figure, axes, what: str):
+    """One colour scale for panels of runs with different K (mu_colors is linear in k for every K): dark the
+    hardest group of a panel's own K (mu = 1/K), light its easiest ((K-1)/K). Below the figure, in place of a
+    legend per panel, which at K = 16 (15 groups) covers the curves."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    cmap = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, 1024)))
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), cmap), ax=axes, location="bottom", shrink=0.5, aspect=40, ticks=[0, 1]
+    )
+    bar.ax.set_xticklabels(["μ = 1/K (hardest)", "μ = (K−1)/K (easiest)"])
+    bar.set_label(f"{what}: pass-rate group, in each panel's own K", fontsize=7)
+    return bar
+
+
 def mu_label(k: int, K: int) -> str:
     return f"μ={k}/{K}"
 

@@ -162,13 +162,13 @@ def plot_weights(
                 xlabel="training step",
                 ylabel=f"{what} (log)" if col == 0 else None,
             )
-            if len(Ks) > 1:
-                ax_w.legend(loc="best", ncol=2, fontsize=5.5)
         for j in range(n, arm_rows * ncols):
             row, col = 2 * (j // ncols), j % ncols
             axes[row, col].set_visible(False)
             axes[row + 1, col].set_visible(False)
-        if len(Ks) == 1:
+        if len(Ks) > 1:
+            style.mu_colorbar(fig, [ax for ax in axes.flat if ax.get_visible()], "curves")
+        else:
             from matplotlib.lines import Line2D
 
             handles = style.mu_handles(int(Ks[0])) + [

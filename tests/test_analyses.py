@@ -293,6 +293,28 @@ def test_a_long_arm_legend_grows_the_figure_and_covers_no_panel():
     assert any(_legend_overlaps(grow=False)[1])  # the check can fail: at a fixed height the legend covers panels
 
 
+def test_one_colour_scale_reads_every_ks_groups():
+    """Panels of runs with different K share one colour bar: its colour at (k-1)/(K-2) is mu_colors(K)[k] for every
+    K, so 'dark = mu 1/K, light = (K-1)/K' reads each panel exactly; it sits below the panels, no panel legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analyses import style
+
+    with style.paper_style():
+        fig, axes = style.new_figure(1, 2)
+        for ax, K in zip(axes[0], (4, 16)):
+            for k, c in style.mu_colors(K).items():
+                ax.plot([0, 1], [k, k], color=c)
+        cb = style.mu_colorbar(fig, list(axes[0]), "curves")
+        FigureCanvasAgg(fig).draw()
+    for K in (4, 8, 16):
+        for k, c in style.mu_colors(K).items():
+            assert np.allclose(cb.cmap((k - 1) / max(K - 2, 1)), c, atol=0.01), (K, k)
+    assert [t.get_text() for t in cb.ax.get_xticklabels()] == ["μ = 1/K (hardest)", "μ = (K−1)/K (easiest)"]
+    assert cb.ax.get_position().y1 < min(ax.get_position().y0 for ax in axes[0])  # below the panels
+    assert all(ax.get_legend() is None for ax in axes[0])
+
+
 def test_many_arms_of_one_method_get_colours_of_their_own():
     from analyses import style
     from analyses.runs import Run, RunSet
