@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 
 from analyses import style
 from analyses.runs import AnalysisError, FigureResult, RunSet, as_runset, finish_figure, require_table
@@ -392,10 +393,27 @@ def plot_loss_scale(
                 ax_w.plot(t.mu, t["daro/wS"], **kw)
             elif t.wL_abs.notna().any():
                 ax_w.plot(t.mu, t.wL_abs, **kw)
-        n_groups = table.groupby("arm").size().max()
+        # equal shares: 1 / (groups of the arm); one line per group count when the arms' K differ, each labelled
+        counts = sorted(set(table.groupby("arm").size()), reverse=True)
         for ax in (ax_c, ax_g):
-            ax.axhline(1 / n_groups, color="0.4", linestyle=":", linewidth=0.9, label="equal shares")
-            ax.legend(handles=ax.get_lines()[-1:], loc="best")
+            for n in counts:
+                ax.axhline(1 / n, color="0.4", linestyle=":", linewidth=0.9)
+                if len(counts) > 1:
+                    ax.annotate(
+                        f"1/{n}",  # beside the axes, off the curves (the caption: grey dotted, equal shares)
+                        (1.01, 1 / n),
+                        xycoords=("axes fraction", "data"),
+                        ha="left",
+                        va="center",
+                        annotation_clip=False,
+                        fontsize=5.5,
+                        color="0.35",
+                    )
+            if len(counts) == 1:  # several: each line carries its own label, no legend box over the curves
+                ax.legend(
+                    handles=[Line2D([], [], color="0.4", linestyle=":", linewidth=0.9, label="equal shares")],
+                    loc="best",
+                )
         if set(table.method) & set(shaped_methods()):
             ax_s.plot([], [], color="0.3", linestyle="--", linewidth=0.9, label="equal lengths")
             ax_s.plot([], [], color="0.3", linestyle=":", linewidth=1.1, label="logged lengths")

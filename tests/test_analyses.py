@@ -443,6 +443,39 @@ def test_loss_scale_reference_curves_are_static_shape(full_report):
     np.testing.assert_allclose(r.static_shape, [2 * math.sqrt(m * (1 - m)) / N_MB for m in r.mu], rtol=1e-12)
 
 
+def test_loss_scale_of_runs_with_different_k_has_their_equal_shares_and_one_colour_scale(store, tmp_path):
+    """A K = 4 run (3 groups) beside a K = 8 run (7 groups): panels (b), (c) draw equal shares for each group count,
+    each labelled, and the by-step panels share one colour scale instead of a legend each."""
+    from analyses.loss_scale import plot_loss_scale
+
+    k8 = [
+        {**pm(step, 0, k, 1.0 + k, 1.0 if k % 2 else -1.0, 1, G=1.0 + k), "K": 8, "mu": k / 8}
+        for step in (1, 2)
+        for k in range(1, 8)
+    ]
+    make_run(store["uri"], str(store["root"] / "artifacts"), "mixed-k", "grpo", 0, GRPO0, ACC[("grpo", 0)])
+    make_run(
+        store["uri"],
+        str(store["root"] / "artifacts"),
+        "mixed-k",
+        "dapo",
+        0,
+        k8,
+        ACC[("grpo", 0)],
+        **{"rollout.num_responses": 8},
+    )
+    res = plot_loss_scale(select_runs(store["uri"], experiment="mixed-k"), tmp_path)
+    fig = res.figure
+    for title in ("(b)", "(c)"):
+        (ax,) = [a for a in fig.axes if a.get_title().startswith(title)]
+        assert ax.get_legend() is None  # the lines carry their labels
+        assert sorted(line.get_ydata()[0] for line in ax.get_lines()[-2:]) == pytest.approx([1 / 7, 1 / 3])
+        assert sorted(t.get_text() for t in ax.texts) == ["1/3", "1/7"]
+    step_axes = [a for a in fig.axes if "share of |C| by step" in a.get_title()]
+    assert len(step_axes) == 2 and all(a.get_legend() is None for a in step_axes)
+    assert any("pass-rate group, in each panel's own K" in a.get_xlabel() for a in fig.axes)
+
+
 def test_loss_scale_steps_and_window(store):
     from analyses.loss_scale import loss_scale_tables
 
