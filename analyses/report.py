@@ -5,7 +5,7 @@
     rep.html, rep.pdf, rep.missing, rep.results
 
 Writes into `out_dir`:
-- `report.html`: self-contained (figures embedded as base64 PNG, CSS inline; no network needed),
+- `report.html`: self-contained (figures embedded as base64 PNG, screen-sized, CSS inline; no network needed),
   from the template `reports/template.html`;
 - `report.pdf`: the same content as pages made with matplotlib (text pages, the results table, one
   page per figure with its caption);
@@ -311,8 +311,27 @@ def results_display(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+EMBED_WIDTH_PX = 1100  # the HTML page's figures: about its text width on a screen; full resolution is linked
+
+
+def embedded_png(path: str | Path) -> bytes:
+    """The page's copy of a figure PNG: at most EMBED_WIDTH_PX wide, 256-colour palette (flat plot colours survive
+    it), so that a report of a dozen figures stays a few MB; the 200-dpi PNG, the PDF and the SVG sit beside it."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > EMBED_WIDTH_PX:
+            im = im.resize((EMBED_WIDTH_PX, round(im.height * EMBED_WIDTH_PX / im.width)), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        im.quantize(256, method=Image.Quantize.MEDIANCUT).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 def _figure_html(name: str, res: FigureResult, rel_dir: str) -> str:
-    png = base64.b64encode(Path(res.paths["png"]).read_bytes()).decode("ascii")
+    png = base64.b64encode(embedded_png(res.paths["png"])).decode("ascii")
     files = " · ".join(
         f"<a href='{_esc(rel_dir)}/{_esc(Path(p).name)}'>{_esc(Path(p).name)}</a>"
         for k, p in res.paths.items()

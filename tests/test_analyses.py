@@ -918,6 +918,20 @@ def test_report_html_is_self_contained_and_has_every_figure(full_report):
     for name in FIGURES:
         assert f"id='fig-{name}'" in html
     assert html.count("data:image/png;base64,") == len(FIGURES)
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from analyses.report import EMBED_WIDTH_PX
+
+    first = re.search(r"id='fig-([\w-]+)'><img src='data:image/png;base64,([^']+)'", html)
+    page = base64.b64decode(first.group(2))
+    full = (full_report.out_dir / "figures" / f"{first.group(1)}.png").read_bytes()
+    with Image.open(io.BytesIO(page)) as a, Image.open(io.BytesIO(full)) as b:  # the page's copy: screen-sized
+        assert a.width == min(b.width, EMBED_WIDTH_PX) and abs(a.height / a.width - b.height / b.width) < 0.01
+    assert len(page) < len(full)
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert "0.700 ± " in html  # GRPO's final accuracy, mean ± CI
     assert "Hoeffding verdict" in html
