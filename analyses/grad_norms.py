@@ -158,12 +158,12 @@ def plot_grad_norms(
                 xlabel="training step",
                 ylabel="G$_\\mu$ (log)",
             )
-            if len(Ks) > 1:
-                ax.legend(loc="best", ncol=2, fontsize=5.5)
         for ax in flat[n:]:
             ax.set_visible(False)
         style.arm_legend(fig, runs, arms)
-        if len(Ks) == 1:
+        if len(Ks) > 1:  # one colour scale, not a legend over each panel's curves
+            style.mu_colorbar(fig, flat[1:n], "G_μ panels")
+        elif len(Ks) == 1:
             fig.legend(
                 handles=style.mu_handles(int(Ks[0])),
                 loc="outside lower center",

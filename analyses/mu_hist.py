@@ -100,6 +100,8 @@ def plot_mu_hist(
             )
         for ax in flat[len(arms) :]:
             ax.set_visible(False)
+        if len(Ks) > 1:  # the interior groups on one colour scale; the grey bands are k = 0 (light) and k = K (dark)
+            style.mu_colorbar(fig, flat[: len(arms)], "bands (grey: light k = 0, dark k = K)")
         if len(Ks) == 1:
             from matplotlib.patches import Patch
 

@@ -474,6 +474,12 @@ def test_loss_scale_of_runs_with_different_k_has_their_equal_shares_and_one_colo
     step_axes = [a for a in fig.axes if "share of |C| by step" in a.get_title()]
     assert len(step_axes) == 2 and all(a.get_legend() is None for a in step_axes)
     assert any("pass-rate group, in each panel's own K" in a.get_xlabel() for a in fig.axes)
+    from analyses.grad_norms import plot_grad_norms  # the same colour scale for the G_mu panels
+
+    fig = plot_grad_norms(select_runs(store["uri"], experiment="mixed-k"), tmp_path).figure
+    g_axes = [a for a in fig.axes if "G$_\\mu$ = " in a.get_title()]
+    assert len(g_axes) == 2 and all(a.get_legend() is None for a in g_axes)
+    assert any(a.get_xlabel().startswith("G_μ panels: pass-rate group") for a in fig.axes)
 
 
 def test_loss_scale_steps_and_window(store):
