@@ -153,8 +153,6 @@ def plot_length_vs_mu(
             Line2D([], [], color="0.3", linestyle="-", label="correct"),
             Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white", label="incorrect"),
         ]
-        fig.legend(
-            handles=handles, loc="outside upper center", ncol=style.legend_columns([h.get_label() for h in handles], 8)
-        )
+        style.top_legend(fig, handles, style.legend_columns([h.get_label() for h in handles], 8))
     result = FigureResult(NAME, fig, {"length_vs_mu": table}, caption=_caption(table), notes=notes)
     return finish_figure(result, out_dir)

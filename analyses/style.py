@@ -258,12 +258,16 @@ def arm_handles(runs, arms) -> list:
 
 
 def arm_legend(fig: Figure, runs, arms) -> None:
-    """The figure's legend of arms, above its panels (constrained layout). The figure grows by the legend's
-    height, so that a long legend (many arms, wrapped labels) does not squeeze the panels or cover their labels."""
-    handles = arm_handles(runs, arms)
-    ncol = legend_columns(arms)
-    rows = [handles[i : i + ncol] for i in range(0, len(handles), ncol)]
-    lines = sum(max(h.get_label().count("\n") + 1 for h in row) for row in rows)
+    """The figure's legend of arms, above its panels (`top_legend`)."""
+    top_legend(fig, arm_handles(runs, arms), legend_columns(arms))
+
+
+def top_legend(fig: Figure, handles: list, ncol: int) -> None:
+    """A figure legend above the panels (constrained layout). The figure grows by the legend's height, so that a
+    long legend (many entries, wrapped labels) does not squeeze the panels or cover their labels."""
+    nrows = -(-len(handles) // ncol)
+    # matplotlib fills a legend's columns first: row r holds entries r, r + nrows, ...
+    lines = sum(max(h.get_label().count("\n") + 1 for h in handles[r::nrows]) for r in range(nrows))
     points = matplotlib.font_manager.FontProperties(size=matplotlib.rcParams["legend.fontsize"]).get_size_in_points()
     line_in = 1.3 * points / 72  # a text line of the legend, in inches
     fig.set_figheight(fig.get_figheight() + lines * line_in + 0.12)
